@@ -1,0 +1,1 @@
+"""Shared floor of medvl: nothing here knows any one pipeline."""

@@ -1,0 +1,61 @@
+"""Device and precision choice: CUDA > MPS > CPU, with guards for bf16 and 4-bit."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from common.errors import ConfigError
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """Return the device a user asked for, or the best one present for ``auto``."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device", f"{requested!r} asked for but no CUDA device is visible")
+    return device
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """bf16 autocast is worth it on Ampere+ GPUs; on CPU it is slower than fp32 for our models."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def mixed_precision(requested: str, device: torch.device) -> str:
+    """Map ``--precision auto|fp32|bf16|fp16`` to Accelerate's ``mixed_precision`` value."""
+    if requested == "auto":
+        if device.type != "cuda":
+            return "no"
+        return "bf16" if bf16_supported(device) else "fp16"
+    mapping = {"fp32": "no", "no": "no", "bf16": "bf16", "fp16": "fp16"}
+    if requested not in mapping:
+        raise ConfigError("--precision", f"unknown precision {requested!r}; choose auto, fp32, bf16 or fp16")
+    if requested == "fp16" and device.type != "cuda":
+        raise ConfigError("--precision", "fp16 autocast needs a CUDA device; use fp32 or bf16 on CPU")
+    return mapping[requested]
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """Dtype for frozen weights and 4-bit compute: bf16 where the hardware has it, else fp16 on GPU, fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.bfloat16 if bf16_supported(device) else torch.float16
+    return torch.float32
+
+
+def check_bitsandbytes(flag: str = "--quantization") -> None:
+    """Raise one clear line when bitsandbytes cannot run here, instead of a CUDA traceback later."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(flag, "4-bit/8-bit loading needs bitsandbytes (pip install bitsandbytes), or pass none")
+    try:
+        import bitsandbytes  # noqa: F401
+        from bitsandbytes.functional import quantize_4bit  # noqa: F401
+    except Exception as err:  # bitsandbytes raises many types when its native library is missing
+        raise ConfigError(flag, f"bitsandbytes cannot run on this machine ({type(err).__name__}: {err}); "
+                                "pass --quantization none") from err
