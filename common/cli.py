@@ -69,7 +69,8 @@ def load_config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict:
 
 def save_config(args: argparse.Namespace, run_dir: Path) -> Path:
     """Write the resolved arguments as ``config.yaml`` so a run can be repeated with ``--config``."""
-    resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("config", "resume")}
+    skipped = ("config", "resume")
+    resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in skipped}
     path = Path(run_dir) / "config.yaml"
     atomic_write_text(path, yaml.safe_dump(resolved, sort_keys=True))
     return path

@@ -312,8 +312,8 @@ def fit(
             break
 
         record: dict[str, Any] = {"epoch": epoch + 1, "step": state.global_step,
-                                  "train_loss": state.loss_sum / max(1, state.loss_count), "lr": scheduler.get_last_lr()[0],
-                                  "elapsed_s": round(time.time() - start, 2)}
+                                  "train_loss": state.loss_sum / max(1, state.loss_count),
+                                  "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - start, 2)}
         if val_loader is not None and (epoch + 1) % config.eval_every == 0:
             record.update(_validate(accelerator, model, val_loader, task))
             value = record.get(config.monitor)
