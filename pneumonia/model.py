@@ -1,0 +1,107 @@
+"""ResNet for PneumoniaMNIST: the MedMNIST ResNet-18 adaptation for small images, with a retrieval embedding.
+
+At 28x28 the ImageNet stem (7x7 stride-2 conv + max-pool) would shrink the image to 7x7 before the first
+residual stage; MedMNIST's reference replaces it by a 3x3 stride-1 conv with no pooling. Larger inputs keep
+the same stem here so that 28 and 224 px runs differ only in resolution.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+from torch import nn
+
+from common.checkpoint import find_model_dir, load_model_files
+from common.errors import ConfigError, DataError
+from pneumonia.data import LABELS, to_tensor
+
+ARCHS = {
+    "resnet18": {"model_name": "resnet18"},
+    "resnet50": {"model_name": "resnet50"},
+    # Same timm ResNet class with one BasicBlock per stage: for tests and CPU demos.
+    "resnet-tiny": {"model_name": "resnet18", "layers": [1, 1, 1, 1]},
+}
+
+
+class PneumoniaNet(nn.Module):
+    """timm ResNet with a small-image stem and one logit (sigmoid = P(pneumonia))."""
+
+    def __init__(self, arch: str = "resnet18", in_chans: int = 1):
+        super().__init__()
+        if arch not in ARCHS:
+            raise ConfigError("--arch", f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+        spec = dict(ARCHS[arch])
+        name = spec.pop("model_name")
+        self.arch = arch
+        self.backbone = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **spec)
+        self.backbone.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        self.backbone.maxpool = nn.Identity()
+        self.head = nn.Linear(self.backbone.num_features, 1)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.backbone.num_features
+
+    @property
+    def target_layer(self) -> nn.Module:
+        """The last residual stage, where Grad-CAM looks."""
+        return self.backbone.layer4
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Global-average-pooled features (512-d for ResNet-18): the classifier head replaced by identity."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x)).squeeze(-1)
+
+
+def build_model(arch: str = "resnet18", image_size: int = 28) -> PneumoniaNet:
+    """Build an untrained network; ``image_size`` is recorded by training, the network itself is size-agnostic."""
+    del image_size
+    return PneumoniaNet(arch)
+
+
+def preprocess(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W) -> normalised float (N, 1, H, W), exactly as during training."""
+    return to_tensor(images)
+
+
+def load_trained(run_dir: Path | str, device: str | torch.device = "cpu") -> tuple[PneumoniaNet, dict[str, Any]]:
+    """Rebuild the best model of a run from ``best/model.safetensors`` and ``model.json``."""
+    directory = find_model_dir(Path(run_dir))
+    state, meta = load_model_files(directory)
+    if meta.get("pipeline") != "pneumonia":
+        raise DataError(directory / "model.json", f"not a pneumonia model (pipeline={meta.get('pipeline')!r})")
+    model = PneumoniaNet(meta["arch"])
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise DataError(directory / "model.safetensors", f"weights do not fit arch {meta['arch']!r}") from err
+    meta.setdefault("labels", list(LABELS))
+    return model.to(device).eval(), meta
+
+
+@torch.no_grad()
+def predict_proba(model: PneumoniaNet, images: np.ndarray, batch_size: int = 256,
+                  device: str | torch.device = "cpu") -> np.ndarray:
+    """P(pneumonia) for uint8 images (N, H, W)."""
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = preprocess(images[start : start + batch_size]).to(device)
+        out.append(torch.sigmoid(model(batch)).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+@torch.no_grad()
+def embed_images(model: PneumoniaNet, images: np.ndarray, batch_size: int = 256,
+                 device: str | torch.device = "cpu") -> np.ndarray:
+    """512-d embeddings (float32) for uint8 images (N, H, W)."""
+    model.eval()
+    out = [model.embed(preprocess(images[s : s + batch_size]).to(device)).float().cpu().numpy()
+           for s in range(0, len(images), batch_size)]
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, model.embedding_dim), np.float32)

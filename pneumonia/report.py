@@ -1,0 +1,424 @@
+"""Radiology reports from a vision-language model beside the trained CNN's probability, per prompt strategy.
+
+Example:
+    python -m pneumonia.report --run-dir runs/pneumonia/r18 --vlm medgemma-4b --quantization 4bit --prompt all
+
+For each image of the split the CNN's P(pneumonia) and the VLM's report are written side by side to
+RUN/reports/<prompt>.jsonl (id, label, cnn_prob, prompt, report, parsed_verdict). A rule-based parser reads a
+verdict (normal / pneumonia / unclear) from each report; RUN/reports/comparison.md (+ .json) scores the verdicts
+of each prompt strategy against the labels and against the CNN's decision at its validation-chosen threshold.
+
+Prompt strategies: ``zero-shot`` (the bare question), ``clinical-role`` (a radiologist persona and a report
+structure), ``context-aware`` (the same, plus the CNN's probability and label and the image's true resolution).
+The 28 px images are upsampled to the processor's input size (896 px for MedGemma) and made RGB; generation is
+greedy and batched with left padding, so a run is repeatable. VLMs: ``medgemma-4b`` (google/medgemma-4b-it),
+``tiny-gemma3`` (random weights, built in memory: exercises the pipeline, says nothing about MedGemma), or a
+directory holding a model saved with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, Gemma3ForConditionalGeneration
+
+from common import hf
+from common.checkpoint import atomic_write_json, atomic_write_text
+from common.cli import base_parser, parse_args
+from common.device import compute_dtype, pick_device
+from common.errors import ConfigError, DataError, cli_entry
+from common.tables import markdown_table
+from common.tiny import save_tiny_gemma3, tiny_gemma3
+from pneumonia.data import LABELS, SPLITS, load_medmnist
+from pneumonia.model import load_trained, predict_proba
+
+VLM_PRESETS = {"medgemma-4b": "google/medgemma-4b-it", "tiny-gemma3": None}
+PROMPTS = ("zero-shot", "clinical-role", "context-aware")
+VERDICTS = ("normal", "pneumonia", "unclear")
+REPORTS_DIR = "reports"
+FIELDS = ("id", "label", "cnn_prob", "prompt", "report", "parsed_verdict")
+
+_SYSTEM = ("You are an expert thoracic radiologist. You read chest radiographs and write concise, factual "
+           "reports. Describe only what the image shows.")
+_STRUCTURE = ("Write a short report with a Findings section and an Impression. End the impression with one word, "
+              "normal or pneumonia.")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, parents=[base_parser()],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", type=Path, required=True, help="a trained pneumonia run (RUN/best/model.json)")
+    parser.add_argument("--vlm", default="medgemma-4b",
+                        help=f"preset ({', '.join(VLM_PRESETS)}), a save_pretrained directory or a hub id owner/name")
+    parser.add_argument("--prompt", default="all", help=f"{', '.join(PROMPTS)} or all")
+    parser.add_argument("--split", default="test", choices=SPLITS)
+    parser.add_argument("--limit", type=int, default=None,
+                        help="report on this many images, alternating classes in index order (default: all)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--data-root", type=Path, default=None, help="defaults to the data the run was trained on")
+    parser.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub checkpoint")
+    return parser
+
+
+def prompt_names(prompt: str) -> tuple[str, ...]:
+    """``all`` or one strategy name -> the strategies to run."""
+    if prompt == "all":
+        return PROMPTS
+    if prompt not in PROMPTS:
+        raise ConfigError("--prompt", f"unknown prompt {prompt!r}; choose one of {', '.join(PROMPTS)} or all")
+    return (prompt,)
+
+
+def prompt_text(prompt: str, cnn_prob: float, threshold: float, image_size: int) -> tuple[str | None, str]:
+    """(system text or None, user text) of one strategy; only ``context-aware`` sees the CNN's output."""
+    if prompt == "zero-shot":
+        return None, "Is there pneumonia in this chest X-ray? Answer normal or pneumonia, then explain briefly."
+    if prompt == "clinical-role":
+        return _SYSTEM, f"Read this frontal chest radiograph. {_STRUCTURE}"
+    if prompt == "context-aware":
+        cnn_label = LABELS[int(cnn_prob >= threshold)]
+        return _SYSTEM, (
+            f"Read this frontal chest radiograph. It was downsampled to {image_size}x{image_size} pixels and "
+            f"enlarged again, so fine detail is lost. A CNN classifier trained on such images gives "
+            f"P(pneumonia) = {cnn_prob:.2f}, i.e. {cnn_label} at its decision threshold of {threshold:.2f}; it is "
+            f"often right but can be wrong. Weigh it against what you see. {_STRUCTURE}")
+    raise ConfigError("--prompt", f"unknown prompt {prompt!r}; choose one of {', '.join(PROMPTS)} or all")
+
+
+def build_messages(image: Image.Image, system: str | None, user: str) -> list[dict[str, Any]]:
+    """A chat in the Hugging Face multimodal format: optional system turn, then the image and the question."""
+    messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+    messages.append({"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": user}]})
+    return messages
+
+
+def to_rgb(image: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """uint8 grey (H, W) -> RGB PIL image of ``size`` (height, width), bicubic, as the VLM's processor expects."""
+    height, width = size
+    return Image.fromarray(image).resize((width, height), Image.BICUBIC).convert("RGB")
+
+
+# Verdict parsing --------------------------------------------------------------------------------------------------
+
+_FINDING = re.compile(r"\b(pneumonias?|consolidations?|consolidative|infiltrates?|airspace (?:disease|opacit(?:y|ies))"
+                      r"|lobar opacit(?:y|ies))\b")
+_PRE_NEGATION = re.compile(r"\b(no|not|without|negative for|free of|absence of|absent|unlikely|neither|nor|"
+                           r"resolved|resolution of)\b")
+_POST_NEGATION = re.compile(r"\b(not (?:seen|present|identified|visible|evident|demonstrated)|(?:is|are) absent|"
+                            r"(?:is|are) unlikely|(?:has|have) resolved|(?:is|are|been) excluded|ruled out)\b")
+_HEDGE = re.compile(r"\b(possible|possibly|cannot (?:be )?(?:excluded?|ruled? out)|can ?not (?:be )?(?:excluded?|"
+                    r"ruled? out)|not (?:be )?excluded|(?:to )?rule out|r/o|questionable|equivocal|indeterminate|"
+                    r"versus|vs\.?|differential|uncertain|may|might|could)\b")
+_NORMAL = re.compile(r"\b(normal (?:chest|study|radiograph|x-?ray|lungs?|examination)|no acute (?:cardio)?pulmonary|"
+                     r"no acute (?:disease|process|abnormalit(?:y|ies)|findings?)|lungs? (?:are|is) clear|clear lungs?|"
+                     r"lungs? (?:are|is) normal|no (?:radiographic )?abnormalit(?:y|ies)|unremarkable (?:chest|study|"
+                     r"radiograph|lungs?))\b")
+_VERDICT_WORD = re.compile(r"^\W*(normal|negative|healthy|pneumonia|positive|abnormal)\s*(?:$|[,\-(])")
+_SECTION = re.compile(r"\b(impression|conclusion|verdict|answer|diagnosis)\s*[:\-]")
+_CLAUSE_SPLIT = re.compile(r"[.;:!?\n]|\b(?:but|however|although|though|except|whereas)\b")
+
+
+def _mentions(clause: str) -> tuple[bool, bool]:
+    """(asserted finding, negated finding or normal statement) in one clause."""
+    positive = negative = False
+    for match in _FINDING.finditer(clause):
+        before, after = clause[: match.start()], clause[match.end():]
+        if _HEDGE.search(before) or _HEDGE.search(after):
+            continue
+        if _PRE_NEGATION.search(before) or _POST_NEGATION.search(after):
+            negative = True
+        else:
+            positive = True
+    if _NORMAL.search(clause):
+        negative = True
+    return positive, negative
+
+
+def _decide(text: str, verdict_section: bool) -> str:
+    positive = negative = False
+    clauses = [c.strip() for c in _CLAUSE_SPLIT.split(text) if c and c.strip()]
+    for clause in clauses:
+        pos, neg = _mentions(clause)
+        positive, negative = positive or pos, negative or neg
+    if verdict_section and not positive and not negative and clauses:
+        word = _VERDICT_WORD.match(clauses[0])
+        if word:
+            positive = word.group(1) in ("pneumonia", "positive", "abnormal")
+            negative = not positive
+    if positive == negative:
+        return "unclear"
+    return "pneumonia" if positive else "normal"
+
+
+def parse_verdict(text: str) -> str:
+    """Read ``normal``, ``pneumonia`` or ``unclear`` from a free-text report.
+
+    Mentions of pneumonia or its signs (consolidation, infiltrate, airspace opacity) count for pneumonia unless a
+    negation precedes them in the same clause ("no evidence of pneumonia") or follows them ("pneumonia is not
+    seen"); hedged mentions ("possible", "cannot be excluded", "may") count for neither. Negated mentions and
+    normal statements ("lungs are clear", "no acute cardiopulmonary process") count for normal. The impression
+    (or conclusion / answer) decides when it is conclusive; otherwise the whole text does. Evidence for both
+    sides, or for neither, is ``unclear``.
+    """
+    text = re.sub(r"[*#_`]", " ", text.lower())
+    sections = list(_SECTION.finditer(text))
+    if sections:
+        verdict = _decide(text[sections[-1].end():], verdict_section=True)
+        if verdict != "unclear":
+            return verdict
+    return _decide(text, verdict_section=bool(re.match(r"^\W*(normal|pneumonia)\b", text)))
+
+
+# Models -----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class VLM:
+    """A loaded vision-language model with its processor and where it came from."""
+
+    model: torch.nn.Module
+    processor: Any
+    source: str
+    memory_bytes: int
+
+
+def vlm_source(name: str) -> tuple[type, str | None]:
+    """(model class, hub id or directory) for ``--vlm``; ``None`` for the in-memory tiny preset."""
+    if name in VLM_PRESETS:
+        return Gemma3ForConditionalGeneration, VLM_PRESETS[name]
+    if Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") == 1:
+        return AutoModelForImageTextToText, name
+    raise ConfigError("--vlm", f"unknown VLM {name!r}; choose one of {', '.join(VLM_PRESETS)}, a save_pretrained "
+                               "directory or a hub id owner/name")
+
+
+def load_vlm(name: str, quantization: str = "none", device: torch.device | str = "cpu", precision: str = "auto",
+             cache_dir: Path | None = None, trust_remote_code: bool = False, seed: int = 0) -> VLM:
+    """Resolve ``--vlm`` and load it through ``common.hf`` (the tiny preset quantizes via a temporary save)."""
+    device = torch.device(device)
+    dtype = {"auto": compute_dtype(device), "fp32": torch.float32, "bf16": torch.bfloat16,
+             "fp16": torch.float16}[precision]
+    cls, source = vlm_source(name)
+    if source is not None:
+        return _load(cls, source, source, quantization, device, dtype, cache_dir, trust_remote_code)
+    label = f"{name} (random weights)"
+    if quantization == "none":
+        model, processor = tiny_gemma3(seed)
+        model = model.to(device=device, dtype=dtype)
+        return VLM(model, processor, label, hf.model_memory_bytes(model))
+    with tempfile.TemporaryDirectory(prefix=f"{name}-") as tmp:
+        save_tiny_gemma3(Path(tmp), seed)
+        return _load(cls, tmp, label, quantization, device, dtype, None, False)
+
+
+def _load(cls, source: str, label: str, quantization: str, device: torch.device, dtype: torch.dtype,
+          cache_dir: Path | None, trust_remote_code: bool) -> VLM:
+    model = hf.load_pretrained(cls, source, quantization=quantization, dtype=dtype, cache_dir=cache_dir,
+                               trust_remote_code=trust_remote_code, device=device)
+    processor = hf.load_processor(AutoProcessor, source, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+    return VLM(model, processor, label, hf.model_memory_bytes(model))
+
+
+def processor_image_size(processor) -> tuple[int, int]:
+    """(height, width) the processor resizes images to."""
+    size = processor.image_processor.size
+    if "height" in size:
+        return int(size["height"]), int(size["width"])
+    side = int(size.get("shortest_edge", size.get("longest_edge")))
+    return side, side
+
+
+@torch.no_grad()
+def generate_reports(vlm: VLM, conversations: list[list[dict]], max_new_tokens: int, seed: int = 0) -> list[str]:
+    """Greedy replies to a batch of conversations, padded on the left so every reply starts at the same column."""
+    processor = vlm.processor
+    processor.tokenizer.padding_side = "left"
+    inputs = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
+                                           return_dict=True, return_tensors="pt", processor_kwargs={"padding": True})
+    device = next(vlm.model.parameters()).device
+    inputs = inputs.to(device, dtype=vlm.model.dtype)
+    torch.manual_seed(seed)
+    output = vlm.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    replies = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [reply.strip() for reply in replies]
+
+
+# Scoring ----------------------------------------------------------------------------------------------------------
+
+def select_ids(labels: np.ndarray, limit: int | None) -> np.ndarray:
+    """All ids, or the first ``limit`` taking the classes in turn (index order within each), so both appear."""
+    if limit is None or limit >= len(labels):
+        return np.arange(len(labels))
+    if limit < 1:
+        raise ConfigError("--limit", "must be at least 1")
+    per_class = [list(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    order = []
+    while len(order) < limit:
+        for ids in per_class:
+            if ids and len(order) < limit:
+                order.append(ids.pop(0))
+    return np.sort(np.asarray(order))
+
+
+def score(records: list[dict[str, Any]], threshold: float) -> dict[str, float | int]:
+    """Verdicts against labels and against the CNN's thresholded decision; unclear counts as wrong in ``overall``."""
+    n = len(records)
+    verdicts = np.array([r["parsed_verdict"] for r in records])
+    labels = np.array([r["label"] for r in records])
+    cnn = np.array([LABELS[int(r["cnn_prob"] >= threshold)] for r in records])
+    decided = verdicts != "unclear"
+    n_decided = int(decided.sum())
+
+    def share(mask: np.ndarray, over: np.ndarray) -> float:
+        return float(mask[over].mean()) if over.any() else float("nan")
+
+    return {
+        "n": n, "n_decided": n_decided, "unclear_share": float((~decided).mean()) if n else float("nan"),
+        "acc_decided": share(verdicts == labels, decided), "acc_overall": share(verdicts == labels, np.ones(n, bool)),
+        "cnn_agreement_decided": share(verdicts == cnn, decided),
+        "cnn_agreement_overall": share(verdicts == cnn, np.ones(n, bool)),
+        "pred_pneumonia_share": share(verdicts == "pneumonia", np.ones(n, bool)),
+    }
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of one ``<prompt>.jsonl``; a line that is not a JSON object with every field is a DataError."""
+    records = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(path, f"line {number} is not JSON ({err.msg})") from err
+        missing = [f for f in FIELDS if not isinstance(record, dict) or f not in record]
+        if missing:
+            raise DataError(path, f"line {number} lacks {', '.join(missing)}")
+        records.append(record)
+    return records
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
+    return atomic_write_text(path, "".join(json.dumps({f: r[f] for f in FIELDS}) + "\n" for r in records))
+
+
+def comparison_markdown(summary: dict[str, Any], records: dict[str, list[dict[str, Any]]], examples: int = 4) -> str:
+    """The per-strategy table, the CNN on the same images, and a few reports side by side."""
+    rows = [{"prompt": name, **scores} for name, scores in summary["prompts"].items()]
+    lines = [f"# VLM reports vs CNN ({summary['vlm']}, {summary['split']} split)", "",
+             f"VLM `{summary['vlm']}` ({summary['quantization']}, {summary['memory_gb']:.3f} GB of weights on "
+             f"{summary['device']}); CNN `{summary['cnn_arch']}` at threshold {summary['threshold']:.3f}, accuracy "
+             f"{summary['cnn_acc']:.4f} on the same {summary['n']} images. Verdicts are parsed from the reports by "
+             "`pneumonia.report.parse_verdict`; `*_overall` counts unclear as wrong, `*_decided` leaves it out.", "",
+             markdown_table(rows, ["prompt", "n", "n_decided", "unclear_share", "acc_decided", "acc_overall",
+                                   "cnn_agreement_decided", "cnn_agreement_overall", "pred_pneumonia_share"])]
+    for name, recs in records.items():
+        lines += [f"## {name}: first {min(examples, len(recs))} reports", ""]
+        shown = [{"id": r["id"], "label": r["label"], "cnn_prob": round(r["cnn_prob"], 3),
+                  "verdict": r["parsed_verdict"], "report": _clip(r["report"], 160)} for r in recs[:examples]]
+        lines += [markdown_table(shown, ["id", "label", "cnn_prob", "verdict", "report"])]
+    return "\n".join(lines)
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+# Pipeline ---------------------------------------------------------------------------------------------------------
+
+def run_reports(run_dir: Path, vlm_name: str, prompts: Sequence[str], out_dir: Path | None = None,
+                split: str = "test", limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 200,
+                data_root: Path | None = None, quantization: str = "none", device: str = "auto",
+                precision: str = "auto", cache_dir: Path | None = None, trust_remote_code: bool = False,
+                seed: int = 0) -> dict[str, Any]:
+    """Write ``<prompt>.jsonl`` per strategy and ``comparison.md``/``.json`` into ``out_dir`` (RUN/reports)."""
+    if batch_size < 1:
+        raise ConfigError("--batch-size", "must be at least 1")
+    if max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens", "must be at least 1")
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / REPORTS_DIR
+    torch_device = pick_device(device)
+    cnn, meta = load_trained(run_dir, torch_device)
+    data = load_medmnist(data_root or meta["data_root"], meta["image_size"], splits=(split,))
+    ids = select_ids(data.labels[split], limit)
+    images, labels = data.images[split][ids], data.labels[split][ids]
+    probs = predict_proba(cnn, images, device=torch_device)
+    threshold = float(meta["threshold"])
+
+    vlm = load_vlm(vlm_name, quantization, torch_device, precision, cache_dir, trust_remote_code, seed)
+    print(f"{vlm.source}: {vlm.memory_bytes / 1e9:.3f} GB of weights ({quantization}) on {torch_device}")
+    size = processor_image_size(vlm.processor)
+    pictures = [to_rgb(image, size) for image in images]
+
+    all_records: dict[str, list[dict[str, Any]]] = {}
+    for name in prompts:
+        records = []
+        for start in range(0, len(ids), batch_size):
+            batch = range(start, min(start + batch_size, len(ids)))
+            texts = [prompt_text(name, float(probs[i]), threshold, int(meta["image_size"])) for i in batch]
+            replies = generate_reports(vlm, [build_messages(pictures[i], *t) for i, t in zip(batch, texts)],
+                                       max_new_tokens, seed)
+            for i, (system, user), reply in zip(batch, texts, replies):
+                records.append({"id": int(ids[i]), "label": LABELS[int(labels[i])], "cnn_prob": float(probs[i]),
+                                "prompt": f"{system}\n\n{user}" if system else user, "report": reply,
+                                "parsed_verdict": parse_verdict(reply)})
+        write_jsonl(out_dir / f"{name}.jsonl", records)
+        all_records[name] = records
+
+    summary = {
+        "vlm": vlm.source, "quantization": quantization, "device": str(torch_device),
+        "memory_gb": vlm.memory_bytes / 1e9, "split": split, "n": int(len(ids)), "seed": seed,
+        "max_new_tokens": max_new_tokens, "threshold": threshold,
+        "cnn_arch": meta["arch"], "cnn_acc": float(((probs >= threshold).astype(int) == labels).mean()),
+        "prompts": {name: score(records, threshold) for name, records in all_records.items()},
+    }
+    atomic_write_json(out_dir / "comparison.json", summary)
+    atomic_write_text(out_dir / "comparison.md", comparison_markdown(summary, all_records))
+    return summary
+
+
+def demo_section(run_dir: Path, out_dir: Path, limit: int = 8) -> str:
+    """tiny-gemma3 reports for the three prompts on ``limit`` test images, as a Markdown section of the demo."""
+    reports = Path(out_dir) / "pneumonia_reports"
+    summary = run_reports(Path(run_dir), "tiny-gemma3", PROMPTS, reports, limit=limit, batch_size=limit,
+                          max_new_tokens=24, device="cpu")
+    rows = [{"prompt": name, **scores} for name, scores in summary["prompts"].items()]
+    return "\n".join([
+        "## Pneumonia: VLM reports beside the CNN", "",
+        "`python -m pneumonia.report --vlm tiny-gemma3 --prompt all` on "
+        f"{summary['n']} test images. **tiny-gemma3 has random weights, so its text is noise**: this section shows "
+        "that prompts, batched generation, verdict parsing and scoring run end to end, not how well MedGemma "
+        "reports (run `--vlm medgemma-4b --quantization 4bit` on a GPU for that).", "",
+        markdown_table(rows, ["prompt", "n", "unclear_share", "acc_decided", "cnn_agreement_decided"]),
+        f"Reports: `{reports.name}/<prompt>.jsonl`; full table: [comparison.md]({reports.name}/comparison.md)",
+        "",
+    ])
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(get_args_parser(), argv)
+    prompts = prompt_names(args.prompt)
+    vlm_source(args.vlm)
+    run_reports(args.run_dir, args.vlm, prompts, args.output_dir, args.split, args.limit, args.batch_size,
+                args.max_new_tokens, args.data_root, args.quantization, args.device, args.precision, args.cache_dir,
+                args.trust_remote_code, args.seed)
+    out_dir = args.output_dir or args.run_dir / REPORTS_DIR
+    print((out_dir / "comparison.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

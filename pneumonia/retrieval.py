@@ -1,0 +1,494 @@
+"""Case retrieval over the trained classifier's 512-d embeddings with FAISS: build, query and evaluate indexes.
+
+Example:
+    python -m pneumonia.retrieval build --run-dir runs/pneumonia/r18 --index all
+    python -m pneumonia.retrieval query --run-dir runs/pneumonia/r18 --index cosine --ids 0 20 70
+    python -m pneumonia.retrieval evaluate --run-dir runs/pneumonia/r18
+
+The archive (``--archive``, default the train split: a hospital's history) is indexed; queries come from
+``--query-split`` (default test: the new cases). With ``--archive test`` the seed's setting is reproduced, and a
+query is then never returned as its own neighbour. Indexes: ``flat-l2`` (exact, the seed's), ``cosine`` (exact
+inner product on L2-normalised embeddings), ``ivf-flat`` and ``hnsw`` (approximate; ``--ann-metric`` picks L2 or
+cosine). Each is saved under RUN/retrieval/ as ``<name>.faiss`` with a ``<name>.json`` sidecar (dimension,
+metric, archive split, ids, labels, the sha256 of the model weights), beside the archive embeddings.
+``evaluate`` scores neighbours by label agreement (precision@k, mAP@k) and the approximate indexes by their
+recall against exact search of the same metric, and writes results.md/json/csv and a gallery figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from common.checkpoint import (
+    WEIGHTS_FILE,
+    atomic_save_figure,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    find_model_dir,
+)
+from common.cli import base_parser, parse_args
+from common.device import pick_device
+from common.errors import ConfigError, DataError, cli_entry
+from common.metrics.retrieval import (
+    average_precision_at_k,
+    precision_at_k_per_query,
+    recall_against_exact,
+    relevant_counts,
+)
+from common.tables import markdown_table, results_with_ci, write_results
+from pneumonia.data import SPLITS, load_medmnist
+from pneumonia.model import embed_images, load_trained
+
+INDEXES = ("flat-l2", "cosine", "ivf-flat", "hnsw")
+EXACT_INDEXES = ("flat-l2", "cosine")
+COMMANDS = ("build", "query", "evaluate")
+RETRIEVAL_DIR = "retrieval"
+EVAL_KS = (1, 5, 10)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, parents=[base_parser()],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=COMMANDS)
+    parser.add_argument("--run-dir", type=Path, required=True, help="a trained pneumonia run (RUN/best/model.json)")
+    parser.add_argument("--index", default="all", choices=(*INDEXES, "all"),
+                        help="which index; 'all' builds every kind, or uses every one built for query/evaluate")
+    parser.add_argument("--archive", default="train", choices=SPLITS, help="split to index")
+    parser.add_argument("--query-split", default="test", choices=SPLITS, help="split the queries come from")
+    parser.add_argument("--k", type=int, default=10, help="neighbours per query")
+    parser.add_argument("--data-root", type=Path, default=None, help="defaults to the data the run was trained on")
+    parser.add_argument("--ids", type=int, nargs="+", default=None, help="query ids (indices into the query split)")
+    parser.add_argument("--n-queries", type=int, default=5, help="query: how many first queries without --ids")
+    parser.add_argument("--ann-metric", default="l2", choices=("l2", "cosine"), help="metric of ivf-flat and hnsw")
+    parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default round(sqrt(archive size)))")
+    parser.add_argument("--nprobe", type=int, default=None, help="IVF lists searched (build default 8)")
+    parser.add_argument("--hnsw-m", type=int, default=32, help="HNSW neighbours per node")
+    parser.add_argument("--ef-construction", type=int, default=64)
+    parser.add_argument("--ef-search", type=int, default=None, help="HNSW search breadth (build default 64)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per embedding batch")
+    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    parser.add_argument("--gallery-queries", type=int, default=4, help="evaluate: queries shown in the gallery")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Indexes and their sidecars
+
+
+def model_sha256(run_dir: Path) -> str:
+    """Digest of the weights, so an index is never searched with embeddings from another model."""
+    digest = hashlib.sha256()
+    with (find_model_dir(run_dir) / WEIGHTS_FILE).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _normalised(vectors: np.ndarray) -> np.ndarray:
+    out = np.array(vectors, dtype=np.float32, copy=True)
+    faiss.normalize_L2(out)
+    return out
+
+
+def make_index(kind: str, vectors: np.ndarray, ann_metric: str = "l2", nlist: int | None = None, nprobe: int = 8,
+               hnsw_m: int = 32, ef_construction: int = 64, ef_search: int = 64, seed: int = 0,
+               ) -> tuple[faiss.Index, dict[str, Any]]:
+    """Build one index over ``vectors`` (N, D) and describe it for the sidecar."""
+    if kind not in INDEXES:
+        raise ConfigError("--index", f"unknown index {kind!r}; choose one of {', '.join(INDEXES)}")
+    cosine = kind == "cosine" or (kind not in EXACT_INDEXES and ann_metric == "cosine")
+    metric = faiss.METRIC_INNER_PRODUCT if cosine else faiss.METRIC_L2
+    data = _normalised(vectors) if cosine else np.ascontiguousarray(vectors, dtype=np.float32)
+    n, dim = data.shape
+    params: dict[str, Any] = {}
+    if kind in EXACT_INDEXES:
+        index = faiss.IndexFlat(dim, metric)
+    elif kind == "ivf-flat":
+        nlist = nlist or max(1, round(math.sqrt(n)))
+        if nlist > n:
+            raise ConfigError("--nlist", f"{nlist} lists for {n} archive vectors; use at most {n}")
+        index = faiss.IndexIVFFlat(faiss.IndexFlat(dim, metric), dim, nlist, metric)
+        index.cp.seed = seed
+        index.train(data)
+        params = {"nlist": nlist, "nprobe": min(nprobe, nlist)}
+    else:
+        index = faiss.IndexHNSWFlat(dim, hnsw_m, metric)
+        index.hnsw.efConstruction = ef_construction
+        params = {"hnsw_m": hnsw_m, "ef_construction": ef_construction, "ef_search": ef_search}
+    index.add(data)
+    info = {"index": kind, "faiss_class": type(index).__name__, "dim": dim,
+            "metric": "inner_product" if cosine else "l2", "normalised": cosine, "params": params}
+    set_search_params(index, info)
+    return index, info
+
+
+def set_search_params(index: faiss.Index, info: dict[str, Any], nprobe: int | None = None,
+                      ef_search: int | None = None) -> None:
+    """Apply the sidecar's search breadth, or the one asked for now."""
+    params = info.get("params", {})
+    if info["index"] == "ivf-flat":
+        index.nprobe = min(nprobe or params["nprobe"], params["nlist"])
+    elif info["index"] == "hnsw":
+        index.hnsw.efSearch = ef_search or params["ef_search"]
+
+
+def index_paths(directory: Path, name: str) -> tuple[Path, Path]:
+    return directory / f"{name}.faiss", directory / f"{name}.json"
+
+
+def save_index(directory: Path, index: faiss.Index, info: dict[str, Any]) -> Path:
+    """Write ``<name>.faiss`` (FAISS's own format) and its sidecar, each atomically, the index first."""
+    index_path, sidecar_path = index_paths(directory, info["index"])
+    atomic_write_bytes(index_path, faiss.serialize_index(index).tobytes())
+    atomic_write_json(sidecar_path, info)
+    return index_path
+
+
+def load_index(directory: Path, name: str, model_dim: int, sha: str | None = None) -> tuple[faiss.Index, dict]:
+    """Read an index and check it against the model that will embed the queries.
+
+    Raises:
+        DataError: missing or unreadable files, a dimension other than the model's embedding size, a sidecar
+            that does not describe the index, or weights other than those the index was built from.
+    """
+    index_path, sidecar_path = index_paths(directory, name)
+    for path in (sidecar_path, index_path):
+        if not path.is_file():
+            raise DataError(path, f"no {name} index here; run `python -m pneumonia.retrieval build --index {name}`")
+    try:
+        info = json.loads(sidecar_path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(sidecar_path, f"not valid JSON ({err.msg})") from err
+    missing = {"index", "dim", "metric", "normalised", "archive_split", "ids", "labels", "model_sha256"} - set(info)
+    if missing:
+        raise DataError(sidecar_path, f"sidecar lacks {sorted(missing)}; rebuild the index")
+    try:
+        index = faiss.read_index(str(index_path))
+    except RuntimeError as err:
+        raise DataError(index_path, f"not a readable FAISS index ({str(err).splitlines()[0][:120]})") from err
+    if index.d != model_dim:
+        raise DataError(index_path, f"index holds {index.d}-d vectors but the model embeds in {model_dim}-d; "
+                                    "rebuild it with `build`")
+    if index.d != info["dim"] or index.ntotal != len(info["ids"]) or len(info["ids"]) != len(info["labels"]):
+        raise DataError(sidecar_path, f"describes {len(info['ids'])} {info['dim']}-d vectors but the index holds "
+                                      f"{index.ntotal} {index.d}-d vectors; rebuild the index")
+    if sha is not None and info["model_sha256"] != sha:
+        raise DataError(index_path, "built from other model weights than this run's; rebuild it with `build`")
+    set_search_params(index, info)
+    return index, info
+
+
+def available_indexes(directory: Path) -> list[str]:
+    return [name for name in INDEXES if all(p.is_file() for p in index_paths(directory, name))]
+
+
+def search(index: faiss.Index, info: dict[str, Any], queries: np.ndarray, k: int,
+           self_positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (distances, archive positions), nearest first, skipping each query's own archive position.
+
+    ``self_positions[i]`` is query i's position in the archive, or -1 when it is not there. Distances are
+    FAISS's: squared L2, or cosine similarity for normalised inner-product indexes.
+    """
+    queries = _normalised(queries) if info["normalised"] else np.ascontiguousarray(queries, dtype=np.float32)
+    extra = 0 if self_positions is None else 1
+    distances, positions = index.search(queries, min(k + extra, index.ntotal))
+    if self_positions is not None:
+        drop = (positions == np.asarray(self_positions)[:, None]) | (positions < 0)
+        order = np.argsort(drop, axis=1, kind="stable")
+        distances = np.take_along_axis(distances, order, axis=1)
+        positions = np.take_along_axis(positions, order, axis=1)
+    return distances[:, :k], positions[:, :k]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run-level steps
+
+
+@dataclass
+class RetrievalContext:
+    """The model, its data and where the indexes live, loaded once per command."""
+
+    run_dir: Path
+    directory: Path
+    model: Any
+    meta: dict
+    device: Any
+    sha: str
+    data: Any
+    batch_size: int
+
+    @property
+    def dim(self) -> int:
+        return self.model.embedding_dim
+
+    def embed(self, split: str) -> np.ndarray:
+        return embed_images(self.model, self.data.images[split], self.batch_size, self.device)
+
+    def self_positions(self, info: dict, query_split: str, query_ids: np.ndarray) -> np.ndarray | None:
+        if info["archive_split"] != query_split:
+            return None
+        position = {int(i): p for p, i in enumerate(info["ids"])}
+        return np.array([position.get(int(q), -1) for q in query_ids], dtype=np.int64)
+
+
+def open_run(run_dir: Path, data_root: Path | None = None, output_dir: Path | None = None, device: str = "auto",
+             batch_size: int = 256) -> RetrievalContext:
+    run_dir = Path(run_dir)
+    sha = model_sha256(run_dir)
+    torch_device = pick_device(device)
+    model, meta = load_trained(run_dir, torch_device)
+    root = data_root or meta.get("data_root")
+    if root is None:
+        raise ConfigError("--data-root", "not given, and the run's model.json names no data")
+    data = load_medmnist(root, meta["image_size"])
+    return RetrievalContext(run_dir, Path(output_dir) if output_dir else run_dir / RETRIEVAL_DIR, model, meta,
+                            torch_device, sha, data, batch_size)
+
+
+def _selected(ctx: RetrievalContext, index: str) -> list[str]:
+    if index != "all":
+        return [index]
+    names = available_indexes(ctx.directory)
+    if not names:
+        raise DataError(ctx.directory, "no index built here; run `python -m pneumonia.retrieval build` first")
+    return names
+
+
+def build(ctx: RetrievalContext, names: Sequence[str], archive: str = "train", ann_metric: str = "l2",
+          nlist: int | None = None, nprobe: int | None = None, hnsw_m: int = 32, ef_construction: int = 64,
+          ef_search: int | None = None, seed: int = 0) -> list[dict]:
+    """Embed the archive split once and write each index with its sidecar and the embeddings."""
+    vectors = ctx.embed(archive)
+    labels = ctx.data.labels[archive]
+    embeddings_file = f"embeddings_{archive}.npy"
+    buffer = io.BytesIO()
+    np.save(buffer, vectors)
+    atomic_write_bytes(ctx.directory / embeddings_file, buffer.getvalue())
+    infos = []
+    for name in names:
+        start = time.perf_counter()
+        index, info = make_index(name, vectors, ann_metric, nlist, nprobe or 8, hnsw_m, ef_construction,
+                                 ef_search or 64, seed)
+        info.update({"archive_split": archive, "ids": list(range(len(labels))), "labels": labels.tolist(),
+                     "model_sha256": ctx.sha, "embeddings_file": embeddings_file, "data_file": ctx.data.path.name,
+                     "image_size": ctx.meta["image_size"], "build_s": round(time.perf_counter() - start, 4)})
+        save_index(ctx.directory, index, info)
+        infos.append(info)
+    return infos
+
+
+def exact_reference(ctx: RetrievalContext, info: dict) -> tuple[faiss.Index, dict]:
+    """Exact search with the same metric as ``info`` over the stored archive embeddings."""
+    path = ctx.directory / info.get("embeddings_file", f"embeddings_{info['archive_split']}.npy")
+    try:
+        vectors = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise DataError(path, f"archive embeddings missing or unreadable ({err}); rebuild with `build`") from err
+    if vectors.shape != (len(info["ids"]), info["dim"]):
+        raise DataError(path, f"holds {vectors.shape} embeddings, the index {len(info['ids'])}x{info['dim']}")
+    kind = "cosine" if info["normalised"] else "flat-l2"
+    index, exact_info = make_index(kind, vectors)
+    return index, exact_info
+
+
+def query(ctx: RetrievalContext, names: Sequence[str], query_split: str, query_ids: np.ndarray, k: int,
+          nprobe: int | None = None, ef_search: int | None = None) -> pd.DataFrame:
+    """Neighbours of the given queries in each index, one row per (index, query, rank), also written as CSV."""
+    _check_ids(ctx, query_split, query_ids)
+    embeddings = embed_images(ctx.model, ctx.data.images[query_split][query_ids], ctx.batch_size, ctx.device)
+    labels = ctx.data.labels[query_split][query_ids]
+    class_names = ctx.meta["labels"]
+    frames = []
+    for name in names:
+        index, info = load_index(ctx.directory, name, ctx.dim, ctx.sha)
+        set_search_params(index, info, nprobe, ef_search)
+        distances, positions = search(index, info, embeddings, k, ctx.self_positions(info, query_split, query_ids))
+        archive_ids, archive_labels = np.asarray(info["ids"]), np.asarray(info["labels"])
+        rows = [{"index": name, "query_split": query_split, "query_id": int(q), "query_label": class_names[lab],
+                 "rank": r + 1, "archive_split": info["archive_split"], "neighbour_id": int(archive_ids[p]),
+                 "neighbour_label": class_names[archive_labels[p]], "distance": float(d)}
+                for q, lab, ds, ps in zip(query_ids, labels, distances, positions)
+                for r, (d, p) in enumerate(zip(ds, ps)) if p >= 0]
+        frame = pd.DataFrame(rows)
+        atomic_write_text(ctx.directory / f"query_{name}.csv", frame.to_csv(index=False))
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _check_ids(ctx: RetrievalContext, split: str, ids: np.ndarray) -> None:
+    n = len(ctx.data.labels[split])
+    bad = [int(i) for i in ids if not 0 <= i < n]
+    if bad:
+        raise ConfigError("--ids", f"{bad} outside the {split} split (ids 0..{n - 1})")
+
+
+def evaluate(ctx: RetrievalContext, names: Sequence[str], query_split: str = "test", k: int = 10,
+             nprobe: int | None = None, ef_search: int | None = None, n_boot: int = 1000, seed: int = 0,
+             gallery_queries: int = 4, gallery_ids: Sequence[int] | None = None) -> dict[str, Any]:
+    """Score every index on all queries of ``query_split``; write results.md/json/csv and a gallery figure."""
+    ks = tuple(sorted({kk for kk in EVAL_KS if kk <= k} | {k}))
+    query_embeddings = ctx.embed(query_split)
+    query_labels = ctx.data.labels[query_split]
+    query_ids = np.arange(len(query_labels))
+    results: dict[str, Any] = {"query_split": query_split, "n_queries": int(len(query_labels))}
+    summary, gallery_source = [], None
+    for name in names:
+        index, info = load_index(ctx.directory, name, ctx.dim, ctx.sha)
+        set_search_params(index, info, nprobe, ef_search)
+        self_positions = ctx.self_positions(info, query_split, query_ids)
+        start = time.perf_counter()
+        distances, positions = search(index, info, query_embeddings, k, self_positions)
+        ms_per_query = 1000 * (time.perf_counter() - start) / len(query_ids)
+        if (positions < 0).any():
+            raise DataError(index_paths(ctx.directory, name)[0], f"returned fewer than k={k} neighbours; lower --k "
+                                                                 "or raise --nprobe")
+        archive_labels = np.asarray(info["labels"])
+        neighbour_labels = archive_labels[positions]
+        n_relevant = relevant_counts(query_labels, archive_labels, query_in_archive=self_positions is not None)
+        exact_positions = positions
+        if name not in EXACT_INDEXES:
+            exact_index, exact_info = exact_reference(ctx, info)
+            _, exact_positions = search(exact_index, exact_info, query_embeddings, k, self_positions)
+        fns = {}
+        for kk in ks:
+            fns[f"{name}/precision_at_{kk}"] = lambda q, n, r, a, e, kk=kk: precision_at_k_per_query(q, n, kk).mean()
+            fns[f"{name}/map_at_{kk}"] = lambda q, n, r, a, e, kk=kk: average_precision_at_k(q, n, kk, r).mean()
+        if name not in EXACT_INDEXES:
+            fns[f"{name}/recall_at_{k}_vs_exact"] = lambda q, n, r, a, e: recall_against_exact(a, e, k)
+        scored = results_with_ci(fns, query_labels, neighbour_labels, n_relevant, positions, exact_positions,
+                                 n_boot=n_boot, seed=seed)
+        results.update(scored)
+        results[f"{name}/ms_per_query"] = ms_per_query
+        row = {"index": name, "metric": _metric_name(info), "archive": f"{info['archive_split']} ({len(info['ids'])})"}
+        row.update({f"P@{kk}": scored[f"{name}/precision_at_{kk}"] for kk in ks})
+        row[f"mAP@{k}"] = scored[f"{name}/map_at_{k}"]
+        row[f"recall@{k} vs exact"] = scored.get(f"{name}/recall_at_{k}_vs_exact", 1.0)
+        row["ms/query"] = ms_per_query
+        row["settings"] = ", ".join(f"{key}={value}" for key, value in info["params"].items()) or "exact"
+        summary.append(row)
+        if gallery_source is None:
+            gallery_source = (name, info, distances, positions)
+
+    name, info, distances, positions = gallery_source
+    chosen = _gallery_queries(query_labels, gallery_queries) if gallery_ids is None else np.asarray(gallery_ids)
+    _check_ids(ctx, query_split, chosen)
+    gallery_path = ctx.directory / f"gallery_{name}.png"
+    retrieval_gallery(ctx.data.images[query_split], query_labels, chosen, ctx.data.images[info["archive_split"]],
+                      np.asarray(info["labels"]), positions[chosen], distances[chosen], ctx.meta["labels"],
+                      _metric_name(info), gallery_path)
+    write_results(ctx.directory, results, f"PneumoniaMNIST retrieval ({ctx.meta['arch']}, {ctx.meta['image_size']} px)",
+                  _extra_markdown(summary, info, query_split, gallery_path.name, k))
+    return {"results": results, "summary": summary, "gallery": gallery_path}
+
+
+def _metric_name(info: dict) -> str:
+    return "cosine" if info["normalised"] else "squared L2"
+
+
+def _gallery_queries(labels: np.ndarray, n: int) -> np.ndarray:
+    """The first queries of each class in turn, so both classes appear."""
+    per_class = [np.flatnonzero(labels == c).tolist() for c in np.unique(labels)]
+    chosen = []
+    while len(chosen) < min(n, len(labels)):
+        for ids in per_class:
+            if ids and len(chosen) < n:
+                chosen.append(ids.pop(0))
+    return np.array(chosen, dtype=np.int64)
+
+
+def _extra_markdown(summary: list[dict], info: dict, query_split: str, gallery_name: str, k: int) -> str:
+    excluded = " Each query is excluded from its own neighbours." if info["archive_split"] == query_split else ""
+    return ("## Indexes\n\n" + markdown_table(summary) +
+            f"\nQueries: the {query_split} split; archive: the {info['archive_split']} split.{excluded} A neighbour is "
+            "relevant when it has the query's label. AP@k = sum over relevant ranks i <= k of P@i, divided by "
+            f"min(k, relevant items in the archive). Recall@{k} vs exact: share of the exact top-{k} (same metric) "
+            f"that the approximate index returns.\n\n![gallery]({gallery_name})\n")
+
+
+def retrieval_gallery(query_images: np.ndarray, query_labels: np.ndarray, query_ids: np.ndarray,
+                      archive_images: np.ndarray, archive_labels: np.ndarray, positions: np.ndarray,
+                      distances: np.ndarray, class_names: Sequence[str], metric: str, path: Path) -> Path:
+    """One row per query: the query, then its neighbours titled by label and distance, green when labels agree."""
+    nrows, ncols = len(query_ids), positions.shape[1] + 1
+    fig = Figure(figsize=(1.35 * ncols, 1.6 * nrows))
+    short = "cos" if metric == "cosine" else "d²"
+    for row, (q, ps, ds) in enumerate(zip(query_ids, positions, distances)):
+        ax = fig.add_subplot(nrows, ncols, row * ncols + 1)
+        ax.imshow(query_images[q], cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"query {q}\n{class_names[query_labels[q]]}", fontsize=7, fontweight="bold")
+        ax.set_axis_off()
+        for col, (p, d) in enumerate(zip(ps, ds)):
+            ax = fig.add_subplot(nrows, ncols, row * ncols + col + 2)
+            ax.imshow(archive_images[p], cmap="gray", vmin=0, vmax=255)
+            agree = archive_labels[p] == query_labels[q]
+            ax.set_title(f"#{col + 1} {class_names[archive_labels[p]]}\n{short}={d:.2f}", fontsize=6,
+                         color="tab:green" if agree else "tab:red")
+            ax.set_axis_off()
+    fig.suptitle(f"Query (left) and its nearest archive cases; green = same label ({metric})", fontsize=8)
+    fig.tight_layout()
+    atomic_save_figure(fig, path)
+    return path
+
+
+def demo_section(run_dir: Path, out_dir: Path) -> str:
+    """Build every index for a trained run, evaluate it, and return the Markdown section of the demo report."""
+    ctx = open_run(run_dir)
+    build(ctx, INDEXES)
+    outcome = evaluate(ctx, INDEXES, n_boot=200)
+    gallery = os.path.relpath(outcome["gallery"], out_dir)
+    return ("## Pneumonia: case retrieval\n\n"
+            "Train-split archive, test-split queries, 512-d embeddings of the trained classifier; a neighbour counts "
+            "as relevant when its label matches the query's.\n\n" + markdown_table(outcome["summary"]) +
+            f"\n![retrieval gallery]({gallery})\n")
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(get_args_parser(), argv)
+    for flag in ("k", "n_queries", "batch_size", "n_boot", "hnsw_m", "ef_construction"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')}", "must be at least 1")
+    for flag in ("nlist", "nprobe", "ef_search"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')}", "must be at least 1")
+    ctx = open_run(args.run_dir, args.data_root, args.output_dir, args.device, args.batch_size)
+    if args.command == "build":
+        names = INDEXES if args.index == "all" else (args.index,)
+        for info in build(ctx, names, args.archive, args.ann_metric, args.nlist, args.nprobe, args.hnsw_m,
+                          args.ef_construction, args.ef_search, args.seed):
+            print(f"{info['index']}: {len(info['ids'])} {info['archive_split']} vectors, {info['dim']}-d, "
+                  f"{_metric_name(info)}, built in {info['build_s']:.2f} s -> {ctx.directory / info['index']}.faiss")
+        return 0
+    names = _selected(ctx, args.index)
+    if args.command == "query":
+        n = len(ctx.data.labels[args.query_split])
+        ids = np.asarray(args.ids if args.ids is not None else range(min(args.n_queries, n)), dtype=np.int64)
+        frame = query(ctx, names, args.query_split, ids, args.k, args.nprobe, args.ef_search)
+        print(frame.to_string(index=False))
+        return 0
+    if len(ctx.data.labels[args.query_split]) == 0:
+        raise DataError(ctx.data.path, f"the {args.query_split} split is empty")
+    evaluate(ctx, names, args.query_split, args.k, args.nprobe, args.ef_search, args.n_boot, args.seed,
+             args.gallery_queries, args.ids)
+    print((ctx.directory / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

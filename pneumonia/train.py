@@ -1,0 +1,105 @@
+"""Train the PneumoniaMNIST classifier; the best epoch and the decision threshold are chosen on validation.
+
+Example:
+    python -m pneumonia.train --data-root data/samples/medmnist --output-dir runs/pneumonia/r18 --epochs 10
+
+The test split is never read here: ``python -m pneumonia.evaluate --run-dir RUN`` does that once, afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from common.checkpoint import save_model
+from common.cli import base_parser, parse_args, save_config
+from common.engine import add_train_args, config_from_args, fit
+from common.errors import ConfigError, cli_entry
+from common.metrics.classification import best_threshold, binary_metrics
+from pneumonia.data import LABELS, SIZES, PneumoniaDataset, load_medmnist
+from pneumonia.model import ARCHS, build_model
+
+THRESHOLD_RULES = ("youden", "f1", "acc")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, parents=[base_parser()],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", type=Path, default=None, help="directory with pneumoniamnist[_SIZE].npz")
+    parser.add_argument("--image-size", type=int, default=28, choices=SIZES)
+    parser.add_argument("--arch", default="resnet18", choices=sorted(ARCHS))
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                        help="small random affine jitter on training images (no flips)")
+    parser.add_argument("--threshold-rule", default="youden", choices=THRESHOLD_RULES,
+                        help="how the decision threshold is picked on validation")
+    parser.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
+    add_train_args(parser, epochs=10, batch_size=64, lr=1e-3, weight_decay=1e-4, monitor="val_auroc", mode="max")
+    return parser
+
+
+class PneumoniaTask:
+    """Binary cross-entropy on one logit; validation keeps its scores so the best model stores its threshold."""
+
+    def __init__(self, meta: dict, val_labels: np.ndarray, threshold_rule: str):
+        self.meta, self.val_labels, self.threshold_rule = meta, val_labels, threshold_rule
+        self.last_scores: np.ndarray | None = None
+
+    def training_loss(self, model, batch):
+        images, labels = batch
+        return F.binary_cross_entropy_with_logits(model(images).float(), labels.float())
+
+    def validate(self, model, loader: DataLoader, device) -> dict[str, float]:
+        logits = torch.cat([model(images.to(device)).float().cpu() for images, _ in loader])
+        labels = torch.as_tensor(self.val_labels, dtype=torch.float32)
+        scores = torch.sigmoid(logits).numpy()
+        self.last_scores = scores
+        metrics = binary_metrics(self.val_labels, scores, threshold=0.5)
+        metrics["loss"] = F.binary_cross_entropy_with_logits(logits, labels).item()
+        return metrics
+
+    def save_best(self, model, metrics, directory: Path) -> None:
+        threshold = best_threshold(self.val_labels, self.last_scores, metric=self.threshold_rule)
+        at_threshold = binary_metrics(self.val_labels, self.last_scores, threshold=threshold)
+        save_model(directory, model, {**self.meta, "threshold": float(threshold), "threshold_rule": self.threshold_rule,
+                                      "val_metrics": metrics, "val_metrics_at_threshold": at_threshold})
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(get_args_parser(), argv)
+    if args.output_dir is None:
+        raise ConfigError("--output-dir", "required: where the run is written")
+    data = load_medmnist(args.data_root, args.image_size, splits=("train", "val"))
+    train_images, train_labels = data.images["train"], data.labels["train"]
+    if args.train_limit:
+        train_images, train_labels = train_images[: args.train_limit], train_labels[: args.train_limit]
+    logging.getLogger("medvl").info("train %s, val %s", data.counts()["train"], data.counts()["val"])
+    torch.manual_seed(args.seed)
+    model = build_model(args.arch, args.image_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    meta = {"pipeline": "pneumonia", "arch": args.arch, "image_size": args.image_size, "labels": list(LABELS),
+            "data_root": str(Path(args.data_root).resolve()), "data_file": data.path.name,
+            "normalization": {"mean": 0.5, "std": 0.5}, "monitor": args.monitor}
+    task = PneumoniaTask(meta, data.labels["val"], args.threshold_rule)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    save_config(args, args.output_dir)
+    result = fit(model, optimizer, PneumoniaDataset(train_images, train_labels, augment=args.augment),
+                 PneumoniaDataset(data.images["val"], data.labels["val"]), task, config_from_args(args),
+                 args.output_dir)
+    if result.best_value is not None:
+        print(f"best {args.monitor} {result.best_value:.4f} at epoch {result.best_epoch}; model in "
+              f"{args.output_dir / 'best'}")
+    else:
+        print(f"stopped at step {result.global_step}; continue with --resume")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

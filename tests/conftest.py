@@ -1,0 +1,48 @@
+"""Shared fixtures: offline hub, headless plots, few threads, the real data beside the repo, a tiny trained run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data beside the repo (real data kept for development); tests using it skip where it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def pneumonia_phantom(tmp_path_factory) -> Path:
+    """A PneumoniaMNIST-format phantom .npz (28 px) whose classes differ by learnable opacities."""
+    from common.phantoms.cxr import write_medmnist
+
+    return write_medmnist(tmp_path_factory.mktemp("pneumonia_phantom"), n=500, seed=3, size=28)
+
+
+@pytest.fixture(scope="session")
+def trained_pneumonia_run(tmp_path_factory, pneumonia_phantom) -> tuple[Path, Path]:
+    """A small ResNet trained on the phantom through the real CLI: (run_dir, npz_path)."""
+    from pneumonia import train
+
+    run_dir = tmp_path_factory.mktemp("pneumonia_run")
+    code = train.main(["--data-root", str(pneumonia_phantom.parent), "--output-dir", str(run_dir),
+                       "--arch", "resnet-tiny", "--epochs", "4", "--batch-size", "32", "--lr", "3e-3",
+                       "--no-progress", "--seed", "0"])
+    assert code == 0
+    return run_dir, pneumonia_phantom

@@ -1,0 +1,190 @@
+"""Retrieval: FAISS indexes against numpy brute force, save/load round trips, self-exclusion, CLI errors, and an
+end-to-end build + evaluate on the phantom run whose numbers are recomputed by hand."""
+
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+import pandas as pd
+import pytest
+
+from common.metrics.retrieval import average_precision_at_k, relevant_counts
+from pneumonia import retrieval
+from pneumonia.data import load_medmnist
+from pneumonia.model import embed_images, load_trained
+
+
+def _vectors(n=300, n_queries=25, dim=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, dim)).astype(np.float32), rng.normal(size=(n_queries, dim)).astype(np.float32)
+
+
+def _numpy_knn(archive, queries, k, cosine=False):
+    if cosine:
+        archive = archive / np.linalg.norm(archive, axis=1, keepdims=True)
+        queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+        scores = -(queries @ archive.T)
+    else:
+        scores = ((queries[:, None, :].astype(np.float64) - archive[None].astype(np.float64)) ** 2).sum(-1)
+    order = np.argsort(scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, axis=1), order
+
+
+@pytest.mark.parametrize("kind,cosine", [("flat-l2", False), ("cosine", True)])
+def test_exact_indexes_equal_numpy_brute_force(kind, cosine):
+    archive, queries = _vectors()
+    index, info = retrieval.make_index(kind, archive)
+    distances, positions = retrieval.search(index, info, queries, 10)
+    ref_scores, ref_positions = _numpy_knn(archive, queries, 10, cosine)
+    np.testing.assert_array_equal(positions, ref_positions)
+    np.testing.assert_allclose(distances, -ref_scores if cosine else ref_scores, rtol=1e-4, atol=1e-4)
+    assert info["normalised"] is cosine
+
+
+def test_query_is_never_its_own_neighbour():
+    archive, _ = _vectors()
+    queries = archive[:40]
+    index, info = retrieval.make_index("flat-l2", archive)
+    _, with_self = retrieval.search(index, info, queries, 5)
+    assert (with_self[:, 0] == np.arange(40)).all()  # without exclusion each query finds itself first
+    _, positions = retrieval.search(index, info, queries, 5, self_positions=np.arange(40))
+    assert not (positions == np.arange(40)[:, None]).any()
+    scores = ((queries[:, None] - archive[None]) ** 2).sum(-1)
+    scores[np.arange(40), np.arange(40)] = np.inf
+    np.testing.assert_array_equal(positions, np.argsort(scores, axis=1)[:, :5])
+    # Queries outside the archive (-1) keep their plain top-k.
+    _, mixed = retrieval.search(index, info, queries, 5, self_positions=np.full(40, -1))
+    np.testing.assert_array_equal(mixed, with_self)
+
+
+@pytest.mark.parametrize("kind", retrieval.INDEXES)
+def test_save_load_gives_identical_results(kind, tmp_path):
+    archive, queries = _vectors(n=400)
+    index, info = retrieval.make_index(kind, archive, nlist=8, nprobe=3, hnsw_m=8, ef_search=16)
+    info.update({"archive_split": "train", "ids": list(range(400)), "labels": [0] * 400, "model_sha256": "abc"})
+    before = retrieval.search(index, info, queries, 10)
+    retrieval.save_index(tmp_path, index, info)
+    loaded, loaded_info = retrieval.load_index(tmp_path, kind, model_dim=16, sha="abc")
+    after = retrieval.search(loaded, loaded_info, queries, 10)
+    np.testing.assert_array_equal(before[1], after[1])
+    np.testing.assert_array_equal(before[0], after[0])
+    assert loaded_info == json.loads(json.dumps(info))
+    if kind == "ivf-flat":
+        assert loaded.nprobe == 3 and loaded.nlist == 8
+    if kind == "hnsw":
+        assert loaded.hnsw.efSearch == 16
+
+
+def test_ann_indexes_reach_exact_at_full_breadth():
+    """IVF probing every list is exhaustive; HNSW with a wide search finds nearly all exact neighbours."""
+    from common.metrics.retrieval import recall_against_exact
+
+    archive, queries = _vectors(n=500, dim=8)
+    exact_index, exact_info = retrieval.make_index("flat-l2", archive)
+    _, exact = retrieval.search(exact_index, exact_info, queries, 10)
+    ivf, ivf_info = retrieval.make_index("ivf-flat", archive, nlist=10)
+    retrieval.set_search_params(ivf, ivf_info, nprobe=1)
+    _, narrow = retrieval.search(ivf, ivf_info, queries, 10)
+    retrieval.set_search_params(ivf, ivf_info, nprobe=10)
+    _, full = retrieval.search(ivf, ivf_info, queries, 10)
+    assert recall_against_exact(full, exact, 10) == 1.0
+    assert recall_against_exact(narrow, exact, 10) < 1.0
+    hnsw, hnsw_info = retrieval.make_index("hnsw", archive, hnsw_m=16, ef_search=200)
+    _, approx = retrieval.search(hnsw, hnsw_info, queries, 10)
+    assert recall_against_exact(approx, exact, 10) >= 0.95
+
+
+def test_run_dir_without_model_exits_2(tmp_path, capsys):
+    assert retrieval.main(["build", "--run-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "no trained model" in err
+
+
+def _run(trained_pneumonia_run, out, *args):
+    run_dir, npz = trained_pneumonia_run
+    return retrieval.main([*args, "--run-dir", str(run_dir), "--data-root", str(npz.parent),
+                           "--output-dir", str(out), "--n-boot", "50"])
+
+
+def test_wrong_dimension_index_exits_2(trained_pneumonia_run, tmp_path, capsys):
+    out = tmp_path / "retrieval"
+    assert _run(trained_pneumonia_run, out, "build", "--index", "flat-l2") == 0
+    info = json.loads((out / "flat-l2.json").read_text())
+    small = faiss.IndexFlatL2(64)
+    small.add(np.zeros((len(info["ids"]), 64), np.float32))
+    retrieval.save_index(out, small, {**info, "dim": 64})
+    capsys.readouterr()
+    assert _run(trained_pneumonia_run, out, "query", "--index", "flat-l2") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "flat-l2.faiss" in err and "64-d" in err and "512-d" in err
+
+
+def test_index_from_other_weights_or_missing_exits_2(trained_pneumonia_run, tmp_path, capsys):
+    out = tmp_path / "retrieval"
+    assert _run(trained_pneumonia_run, out, "evaluate") == 2
+    assert "no index built" in capsys.readouterr().err
+    assert _run(trained_pneumonia_run, out, "build", "--index", "cosine") == 0
+    sidecar = out / "cosine.json"
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "model_sha256": "0" * 64}))
+    capsys.readouterr()
+    assert _run(trained_pneumonia_run, out, "evaluate", "--index", "cosine") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "other model weights" in err
+
+
+def test_build_evaluate_end_to_end(trained_pneumonia_run, tmp_path):
+    run_dir, npz = trained_pneumonia_run
+    out = tmp_path / "retrieval"
+    assert _run(trained_pneumonia_run, out, "build", "--index", "all") == 0
+    assert _run(trained_pneumonia_run, out, "evaluate", "--nprobe", "100000") == 0
+    results = json.loads((out / "results.json").read_text())
+
+    # Recompute flat-L2 P@5 and mAP@10 from scratch: numpy kNN of test embeddings in the train embeddings.
+    model, _ = load_trained(run_dir)
+    data = load_medmnist(npz.parent)
+    archive = np.load(out / "embeddings_train.npy")
+    np.testing.assert_allclose(archive, embed_images(model, data.images["train"]), rtol=1e-5, atol=1e-5)
+    queries = embed_images(model, data.images["test"])
+    _, order = _numpy_knn(archive, queries, 10)
+    query_labels, archive_labels = data.labels["test"], data.labels["train"]
+    neighbour_labels = archive_labels[order]
+    expected_p5 = (neighbour_labels[:, :5] == query_labels[:, None]).mean()
+    expected_map = average_precision_at_k(query_labels, neighbour_labels, 10,
+                                          relevant_counts(query_labels, archive_labels)).mean()
+    assert results["flat-l2/precision_at_5"] == pytest.approx(expected_p5)
+    assert results["flat-l2/map_at_10"] == pytest.approx(expected_map)
+    assert results["flat-l2/precision_at_5_ci_low"] <= expected_p5 <= results["flat-l2/precision_at_5_ci_high"]
+
+    # The embedding was trained to separate the classes: neighbours agree far above chance.
+    chance = sum(np.mean(query_labels == c) * np.mean(archive_labels == c) for c in (0, 1))
+    assert results["flat-l2/precision_at_5"] > chance + 0.15, (results, chance)
+    # IVF probing every list is exact search.
+    assert results["ivf-flat/recall_at_10_vs_exact"] == 1.0
+    assert 0.5 < results["hnsw/recall_at_10_vs_exact"] <= 1.0
+    assert (out / "gallery_flat-l2.png").stat().st_size > 5000
+    markdown = (out / "results.md").read_text()
+    assert "| hnsw |" in markdown and "gallery_flat-l2.png" in markdown
+
+
+def test_test_archive_excludes_each_query(trained_pneumonia_run, tmp_path):
+    out = tmp_path / "retrieval"
+    assert _run(trained_pneumonia_run, out, "build", "--index", "flat-l2", "--archive", "test") == 0
+    assert _run(trained_pneumonia_run, out, "query", "--index", "flat-l2", "--ids", "0", "1", "2", "--k", "4") == 0
+    frame = pd.read_csv(out / "query_flat-l2.csv")
+    assert len(frame) == 12 and frame["archive_split"].eq("test").all()
+    assert not (frame["query_id"] == frame["neighbour_id"]).any()
+    assert frame.groupby("query_id")["distance"].apply(lambda d: d.is_monotonic_increasing).all()
+    assert _run(trained_pneumonia_run, out, "evaluate", "--index", "flat-l2") == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["flat-l2/precision_at_1"] < 1.0 or results["n_queries"] < 20  # not the query matching itself
+
+
+def test_demo_section(trained_pneumonia_run, tmp_path, monkeypatch):
+    run_dir, _ = trained_pneumonia_run
+    section = retrieval.demo_section(run_dir, run_dir.parent)
+    assert section.startswith("## Pneumonia: case retrieval")
+    assert f"]({run_dir.name}/retrieval/gallery_flat-l2.png)" in section
+    assert "| cosine |" in section and "| ivf-flat |" in section
