@@ -40,9 +40,10 @@ def resolve_npz(data_root: Path | str | None, size: int = 28) -> Path:
     root = Path(data_root)
     path = root if root.suffix == ".npz" else root / npz_name(size)
     if not path.is_file():
+        folder = root.parent if root.suffix == ".npz" else root
+        fetch = f"import medmnist; medmnist.PneumoniaMNIST(split='train', size={size}, download=True, root='{folder}')"
         raise DataError(path, f"file not found; download {npz_name(size)} from {DOWNLOAD_PAGE} "
-                              f"(or `python -c \"import medmnist; medmnist.PneumoniaMNIST(split='train', size={size}, "
-                              f"download=True, root='{root}')\"`) and put it in {root if root.suffix != '.npz' else root.parent}")
+                              f"(or python -c \"{fetch}\") and put it in {folder}")
     return path
 
 
