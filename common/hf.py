@@ -1,6 +1,7 @@
 """The one place that calls ``from_pretrained``: hub ids and local directories, 4-bit / 8-bit, clear errors.
 
-    python -c "import transformers as t, common.hf as h; print(h.load_pretrained(t.AutoModel, 'runs/tiny-bert'))"
+    python -c "from common.tiny import save_tiny_bert; save_tiny_bert('runs/tiny-bert')"
+    python -c "import transformers as t, common.hf as h; print(h.load_pretrained(t.AutoModel, './runs/tiny-bert'))"
 
 A hub id (``google/medgemma-4b-it``) and a directory written by ``save_pretrained`` go through the same call, so
 code tested on a tiny local checkpoint runs the published one unchanged. Quantized loading uses one
@@ -131,6 +132,15 @@ def load_processor(cls_or_auto, name_or_path: str | Path, *, cache_dir: str | Pa
     source = resolve_source(name_or_path)
     return _call(cls_or_auto.from_pretrained, source, Path(source).is_dir(), cache_dir=cache_dir,
                  trust_remote_code=trust_remote_code, **kwargs)
+
+
+def load_config(name_or_path: str | Path, *, cache_dir: str | Path | None = None, trust_remote_code: bool = False):
+    """A checkpoint's ``config.json`` as its config class (to choose a model class before loading weights)."""
+    from transformers import AutoConfig
+
+    source = resolve_source(name_or_path)
+    return _call(AutoConfig.from_pretrained, source, Path(source).is_dir(), cache_dir=cache_dir,
+                 trust_remote_code=trust_remote_code)
 
 
 def model_memory_bytes(model: torch.nn.Module) -> int:

@@ -213,9 +213,10 @@ def load_encoder_init(model_encoder: nn.Module, run_dir: Path, encoder: str) -> 
         raise DataError(directory, "not a phase-1 encoder (run python -m cxr_localize.pretrain first)")
     if meta.get("encoder") != encoder:
         raise ConfigError("--encoder", f"phase-1 run has a {meta.get('encoder')} encoder, not {encoder}")
-    missing, unexpected = model_encoder.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise DataError(directory, f"encoder weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    try:
+        model_encoder.load_state_dict(state)
+    except RuntimeError as err:
+        raise DataError(directory, f"encoder weights do not fit ({str(err).splitlines()[0]})") from err
     return meta
 
 

@@ -7,6 +7,7 @@ For each image of the split the CNN's P(pneumonia) and the VLM's report are writ
 RUN/reports/<prompt>.jsonl (id, label, cnn_prob, prompt, report, parsed_verdict). A rule-based parser reads a
 verdict (normal / pneumonia / unclear) from each report; RUN/reports/comparison.md (+ .json) scores the verdicts
 of each prompt strategy against the labels and against the CNN's decision at its validation-chosen threshold.
+``--output-dir`` writes them elsewhere; ``--limit N`` takes N images, the classes in turn.
 
 Prompt strategies: ``zero-shot`` (the bare question), ``clinical-role`` (a radiologist persona and a report
 structure), ``context-aware`` (the same, plus the CNN's probability and label and the image's true resolution).
@@ -37,7 +38,7 @@ from common.checkpoint import atomic_write_json, atomic_write_text
 from common.cli import base_parser, parse_args
 from common.device import compute_dtype, pick_device
 from common.errors import ConfigError, DataError, cli_entry
-from common.tables import markdown_table
+from common.tables import json_safe, markdown_table
 from common.tiny import save_tiny_gemma3, tiny_gemma3
 from pneumonia.data import LABELS, SPLITS, load_medmnist
 from pneumonia.model import load_trained, predict_proba
@@ -124,7 +125,7 @@ _NORMAL = re.compile(r"\b(normal (?:chest|study|radiograph|x-?ray|lungs?|examina
                      r"no acute (?:disease|process|abnormalit(?:y|ies)|findings?)|lungs? (?:are|is) clear|clear lungs?|"
                      r"lungs? (?:are|is) normal|no (?:radiographic )?abnormalit(?:y|ies)|unremarkable (?:chest|study|"
                      r"radiograph|lungs?))\b")
-_VERDICT_WORD = re.compile(r"^\W*(normal|negative|healthy|pneumonia|positive|abnormal)\s*(?:$|[,\-(])")
+_VERDICT_WORD = re.compile(r"^\W*(normal|negative|healthy|pneumonia|positive)\s*(?:$|[,\-(])")
 _SECTION = re.compile(r"\b(impression|conclusion|verdict|answer|diagnosis)\s*[:\-]")
 _CLAUSE_SPLIT = re.compile(r"[.;:!?\n]|\b(?:but|however|although|though|except|whereas)\b")
 
@@ -145,16 +146,16 @@ def _mentions(clause: str) -> tuple[bool, bool]:
     return positive, negative
 
 
-def _decide(text: str, verdict_section: bool) -> str:
+def _decide(text: str) -> str:
     positive = negative = False
     clauses = [c.strip() for c in _CLAUSE_SPLIT.split(text) if c and c.strip()]
     for clause in clauses:
         pos, neg = _mentions(clause)
         positive, negative = positive or pos, negative or neg
-    if verdict_section and not positive and not negative and clauses:
+    if not positive and not negative and clauses:
         word = _VERDICT_WORD.match(clauses[0])
         if word:
-            positive = word.group(1) in ("pneumonia", "positive", "abnormal")
+            positive = word.group(1) in ("pneumonia", "positive")
             negative = not positive
     if positive == negative:
         return "unclear"
@@ -168,16 +169,17 @@ def parse_verdict(text: str) -> str:
     negation precedes them in the same clause ("no evidence of pneumonia") or follows them ("pneumonia is not
     seen"); hedged mentions ("possible", "cannot be excluded", "may") count for neither. Negated mentions and
     normal statements ("lungs are clear", "no acute cardiopulmonary process") count for normal. The impression
-    (or conclusion / answer) decides when it is conclusive; otherwise the whole text does. Evidence for both
-    sides, or for neither, is ``unclear``.
+    (or conclusion / answer) decides when it is conclusive; otherwise the whole text does. A bare answer word
+    opening the text or the impression ("Normal.", "Answer: positive") decides when nothing else does. Evidence
+    for both sides, or for neither, is ``unclear``.
     """
     text = re.sub(r"[*#_`]", " ", text.lower())
     sections = list(_SECTION.finditer(text))
     if sections:
-        verdict = _decide(text[sections[-1].end():], verdict_section=True)
+        verdict = _decide(text[sections[-1].end():])
         if verdict != "unclear":
             return verdict
-    return _decide(text, verdict_section=bool(re.match(r"^\W*(normal|pneumonia)\b", text)))
+    return _decide(text)
 
 
 # Models -----------------------------------------------------------------------------------------------------------
@@ -316,8 +318,8 @@ def comparison_markdown(summary: dict[str, Any], records: dict[str, list[dict[st
     """The per-strategy table, the CNN on the same images, and a few reports side by side."""
     rows = [{"prompt": name, **scores} for name, scores in summary["prompts"].items()]
     lines = [f"# VLM reports vs CNN ({summary['vlm']}, {summary['split']} split)", "",
-             f"VLM `{summary['vlm']}` ({summary['quantization']}, {summary['memory_gb']:.3f} GB of weights on "
-             f"{summary['device']}); CNN `{summary['cnn_arch']}` at threshold {summary['threshold']:.3f}, accuracy "
+             f"VLM `{summary['vlm']}` ({summary['quantization']}, {format_bytes(summary['memory_bytes'])} of weights "
+             f"on {summary['device']}); CNN `{summary['cnn_arch']}` at threshold {summary['threshold']:.3f}, accuracy "
              f"{summary['cnn_acc']:.4f} on the same {summary['n']} images. Verdicts are parsed from the reports by "
              "`pneumonia.report.parse_verdict`; `*_overall` counts unclear as wrong, `*_decided` leaves it out.", "",
              markdown_table(rows, ["prompt", "n", "n_decided", "unclear_share", "acc_decided", "acc_overall",
@@ -328,6 +330,10 @@ def comparison_markdown(summary: dict[str, Any], records: dict[str, list[dict[st
                   "verdict": r["parsed_verdict"], "report": _clip(r["report"], 160)} for r in recs[:examples]]
         lines += [markdown_table(shown, ["id", "label", "cnn_prob", "verdict", "report"])]
     return "\n".join(lines)
+
+
+def format_bytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 def _clip(text: str, width: int) -> str:
@@ -358,7 +364,7 @@ def run_reports(run_dir: Path, vlm_name: str, prompts: Sequence[str], out_dir: P
     threshold = float(meta["threshold"])
 
     vlm = load_vlm(vlm_name, quantization, torch_device, precision, cache_dir, trust_remote_code, seed)
-    print(f"{vlm.source}: {vlm.memory_bytes / 1e9:.3f} GB of weights ({quantization}) on {torch_device}")
+    print(f"{vlm.source}: {format_bytes(vlm.memory_bytes)} of weights ({quantization}) on {torch_device}")
     size = processor_image_size(vlm.processor)
     pictures = [to_rgb(image, size) for image in images]
 
@@ -379,12 +385,12 @@ def run_reports(run_dir: Path, vlm_name: str, prompts: Sequence[str], out_dir: P
 
     summary = {
         "vlm": vlm.source, "quantization": quantization, "device": str(torch_device),
-        "memory_gb": vlm.memory_bytes / 1e9, "split": split, "n": int(len(ids)), "seed": seed,
+        "memory_bytes": vlm.memory_bytes, "split": split, "n": int(len(ids)), "seed": seed,
         "max_new_tokens": max_new_tokens, "threshold": threshold,
         "cnn_arch": meta["arch"], "cnn_acc": float(((probs >= threshold).astype(int) == labels).mean()),
         "prompts": {name: score(records, threshold) for name, records in all_records.items()},
     }
-    atomic_write_json(out_dir / "comparison.json", summary)
+    atomic_write_json(out_dir / "comparison.json", json_safe(summary))
     atomic_write_text(out_dir / "comparison.md", comparison_markdown(summary, all_records))
     return summary
 

@@ -343,21 +343,23 @@ def evaluate(ctx: RetrievalContext, names: Sequence[str], query_split: str = "te
              gallery_queries: int = 4, gallery_ids: Sequence[int] | None = None) -> dict[str, Any]:
     """Score every index on all queries of ``query_split``; write results.md/json/csv and a gallery figure."""
     ks = tuple(sorted({kk for kk in EVAL_KS if kk <= k} | {k}))
-    query_embeddings = ctx.embed(query_split)
+    loaded = [load_index(ctx.directory, name, ctx.dim, ctx.sha) for name in names]
     query_labels = ctx.data.labels[query_split]
     query_ids = np.arange(len(query_labels))
+    chosen = _gallery_queries(query_labels, gallery_queries) if gallery_ids is None else np.asarray(gallery_ids)
+    _check_ids(ctx, query_split, chosen)
+    query_embeddings = ctx.embed(query_split)
     results: dict[str, Any] = {"query_split": query_split, "n_queries": int(len(query_labels))}
     summary, gallery_source = [], None
-    for name in names:
-        index, info = load_index(ctx.directory, name, ctx.dim, ctx.sha)
+    for name, (index, info) in zip(names, loaded):
         set_search_params(index, info, nprobe, ef_search)
         self_positions = ctx.self_positions(info, query_split, query_ids)
         start = time.perf_counter()
         distances, positions = search(index, info, query_embeddings, k, self_positions)
         ms_per_query = 1000 * (time.perf_counter() - start) / len(query_ids)
-        if (positions < 0).any():
-            raise DataError(index_paths(ctx.directory, name)[0], f"returned fewer than k={k} neighbours; lower --k "
-                                                                 "or raise --nprobe")
+        if positions.shape[1] < k or (positions < 0).any():
+            raise DataError(index_paths(ctx.directory, name)[0], f"returned fewer than k={k} neighbours for some "
+                                                                 "queries; lower --k or raise --nprobe")
         archive_labels = np.asarray(info["labels"])
         neighbour_labels = archive_labels[positions]
         n_relevant = relevant_counts(query_labels, archive_labels, query_in_archive=self_positions is not None)
@@ -386,14 +388,12 @@ def evaluate(ctx: RetrievalContext, names: Sequence[str], query_split: str = "te
             gallery_source = (name, info, distances, positions)
 
     name, info, distances, positions = gallery_source
-    chosen = _gallery_queries(query_labels, gallery_queries) if gallery_ids is None else np.asarray(gallery_ids)
-    _check_ids(ctx, query_split, chosen)
     gallery_path = ctx.directory / f"gallery_{name}.png"
     retrieval_gallery(ctx.data.images[query_split], query_labels, chosen, ctx.data.images[info["archive_split"]],
-                      np.asarray(info["labels"]), positions[chosen], distances[chosen], ctx.meta["labels"],
-                      _metric_name(info), gallery_path)
+                      np.asarray(info["ids"]), np.asarray(info["labels"]), positions[chosen], distances[chosen],
+                      ctx.meta["labels"], _metric_name(info), gallery_path)
     write_results(ctx.directory, results, f"PneumoniaMNIST retrieval ({ctx.meta['arch']}, {ctx.meta['image_size']} px)",
-                  _extra_markdown(summary, info, query_split, gallery_path.name, k))
+                  _extra_markdown(summary, query_split, gallery_path.name, k))
     return {"results": results, "summary": summary, "gallery": gallery_path}
 
 
@@ -412,21 +412,21 @@ def _gallery_queries(labels: np.ndarray, n: int) -> np.ndarray:
     return np.array(chosen, dtype=np.int64)
 
 
-def _extra_markdown(summary: list[dict], info: dict, query_split: str, gallery_name: str, k: int) -> str:
-    excluded = " Each query is excluded from its own neighbours." if info["archive_split"] == query_split else ""
+def _extra_markdown(summary: list[dict], query_split: str, gallery_name: str, k: int) -> str:
     return ("## Indexes\n\n" + markdown_table(summary) +
-            f"\nQueries: the {query_split} split; archive: the {info['archive_split']} split.{excluded} A neighbour is "
-            "relevant when it has the query's label. AP@k = sum over relevant ranks i <= k of P@i, divided by "
-            f"min(k, relevant items in the archive). Recall@{k} vs exact: share of the exact top-{k} (same metric) "
-            f"that the approximate index returns.\n\n![gallery]({gallery_name})\n")
+            f"\nQueries: every image of the {query_split} split; a query that lies in the archive is never its own "
+            "neighbour. A neighbour is relevant when it has the query's label. AP@k = sum over relevant ranks i <= k "
+            f"of P@i, divided by min(k, relevant items in the archive). Recall@{k} vs exact: share of the exact "
+            f"top-{k} (same metric) that the approximate index returns.\n\n![gallery]({gallery_name})\n")
 
 
 def retrieval_gallery(query_images: np.ndarray, query_labels: np.ndarray, query_ids: np.ndarray,
-                      archive_images: np.ndarray, archive_labels: np.ndarray, positions: np.ndarray,
-                      distances: np.ndarray, class_names: Sequence[str], metric: str, path: Path) -> Path:
+                      archive_images: np.ndarray, archive_ids: np.ndarray, archive_labels: np.ndarray,
+                      positions: np.ndarray, distances: np.ndarray, class_names: Sequence[str], metric: str,
+                      path: Path) -> Path:
     """One row per query: the query, then its neighbours titled by label and distance, green when labels agree."""
     nrows, ncols = len(query_ids), positions.shape[1] + 1
-    fig = Figure(figsize=(1.35 * ncols, 1.6 * nrows))
+    fig = Figure(figsize=(1.35 * ncols, 1.75 * nrows))
     short = "cos" if metric == "cosine" else "d²"
     for row, (q, ps, ds) in enumerate(zip(query_ids, positions, distances)):
         ax = fig.add_subplot(nrows, ncols, row * ncols + 1)
@@ -435,10 +435,10 @@ def retrieval_gallery(query_images: np.ndarray, query_labels: np.ndarray, query_
         ax.set_axis_off()
         for col, (p, d) in enumerate(zip(ps, ds)):
             ax = fig.add_subplot(nrows, ncols, row * ncols + col + 2)
-            ax.imshow(archive_images[p], cmap="gray", vmin=0, vmax=255)
+            ax.imshow(archive_images[archive_ids[p]], cmap="gray", vmin=0, vmax=255)
             agree = archive_labels[p] == query_labels[q]
-            ax.set_title(f"#{col + 1} {class_names[archive_labels[p]]}\n{short}={d:.2f}", fontsize=6,
-                         color="tab:green" if agree else "tab:red")
+            ax.set_title(f"#{col + 1} id {archive_ids[p]}\n{class_names[archive_labels[p]]} {short}={d:.2f}",
+                         fontsize=6, color="tab:green" if agree else "tab:red")
             ax.set_axis_off()
     fig.suptitle(f"Query (left) and its nearest archive cases; green = same label ({metric})", fontsize=8)
     fig.tight_layout()
@@ -461,7 +461,7 @@ def demo_section(run_dir: Path, out_dir: Path) -> str:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
-    for flag in ("k", "n_queries", "batch_size", "n_boot", "hnsw_m", "ef_construction"):
+    for flag in ("k", "n_queries", "batch_size", "n_boot", "hnsw_m", "ef_construction", "gallery_queries"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')}", "must be at least 1")
     for flag in ("nlist", "nprobe", "ef_search"):

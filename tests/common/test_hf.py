@@ -36,6 +36,7 @@ def _generate(model, inputs, seed=0):
 
 
 def test_local_directory_loads_like_in_memory_model(tiny_dir):
+    assert hf.load_config(tiny_dir).model_type == "gemma3"
     model = hf.load_pretrained(Gemma3ForConditionalGeneration, tiny_dir)
     processor = hf.load_processor(AutoProcessor, str(tiny_dir))
     reference, _ = tiny_gemma3(seed=0)
@@ -91,13 +92,15 @@ def test_missing_bitsandbytes_is_one_config_line(monkeypatch):
     assert info.value.source == "--quantization" and "pip install bitsandbytes" in info.value.message
 
 
-@pytest.mark.parametrize("loader", ["model", "processor"])
+@pytest.mark.parametrize("loader", ["model", "processor", "config"])
 def test_offline_uncached_hub_id_is_one_config_line(tmp_path, loader):
     with pytest.raises(ConfigError) as info:
         if loader == "model":
             hf.load_pretrained(Gemma3ForConditionalGeneration, "medvl-test/not-cached", cache_dir=tmp_path)
-        else:
+        elif loader == "processor":
             hf.load_processor(AutoProcessor, "medvl-test/not-cached", cache_dir=tmp_path)
+        else:
+            hf.load_config("medvl-test/not-cached", cache_dir=tmp_path)
     assert info.value.source == "medvl-test/not-cached"
     assert info.value.message == hf.OFFLINE_MESSAGE and "\n" not in str(info.value)
 

@@ -7,7 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from common.errors import DataError
+from common import hf
+from common.errors import ConfigError, DataError
+from common.tables import json_safe
 from pneumonia import report
 from pneumonia.data import load_medmnist
 from pneumonia.model import load_trained, predict_proba
@@ -33,6 +35,8 @@ VERDICT_CASES = [
     ("**Impression:** Normal chest radiograph.", "normal"),
     ("Answer: normal. The lungs appear clear.", "normal"),
     ("Pneumonia. There is an opacity in the right lower lobe.", "pneumonia"),
+    ("Normal. No focal opacity.", "normal"),
+    ("Answer: positive, with right basal opacity.", "pneumonia"),
     ("Heart size is normal. Patchy airspace opacities in both lower lobes, compatible with pneumonia.", "pneumonia"),
 ]
 
@@ -115,7 +119,7 @@ def test_end_to_end_tiny_gemma3(trained_pneumonia_run, tmp_path, capsys):
                         "--data-root", str(npz.parent)])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "GB of weights (none)" in printed and "| zero-shot |" in printed
+    assert "MB of weights (none)" in printed and "| zero-shot |" in printed
 
     data = load_medmnist(npz.parent, 28, splits=("test",))
     ids = report.select_ids(data.labels["test"], 5)
@@ -130,7 +134,7 @@ def test_end_to_end_tiny_gemma3(trained_pneumonia_run, tmp_path, capsys):
         assert np.allclose([r["cnn_prob"] for r in records], probs, atol=1e-6)
         assert all(r["parsed_verdict"] == report.parse_verdict(r["report"]) for r in records)
         assert ("P(pneumonia) = " in records[0]["prompt"]) == (name == "context-aware")
-        assert summary["prompts"][name] == pytest.approx(report.score(records, meta["threshold"]), nan_ok=True)
+        assert summary["prompts"][name] == json_safe(report.score(records, meta["threshold"]))
     assert (out / "comparison.md").read_text().startswith("# VLM reports vs CNN")
 
 
@@ -139,3 +143,21 @@ def test_demo_section_says_weights_are_random(trained_pneumonia_run, tmp_path):
     section = report.demo_section(run_dir, tmp_path, limit=2)
     assert "random weights" in section and section.startswith("## Pneumonia: VLM reports")
     assert len(report.read_jsonl(tmp_path / "pneumonia_reports" / "context-aware.jsonl")) == 2
+
+
+def test_vlm_presets_resolve_through_common_hf(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        report.load_vlm("medgemma-4b", cache_dir=tmp_path)
+    assert info.value.source == "google/medgemma-4b-it" and info.value.message == hf.OFFLINE_MESSAGE
+
+
+@pytest.mark.bitsandbytes
+def test_tiny_gemma3_4bit_loads_through_a_saved_copy():
+    import bitsandbytes as bnb
+
+    vlm = report.load_vlm("tiny-gemma3", quantization="4bit")
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in vlm.model.modules())
+    assert report.processor_image_size(vlm.processor) == (64, 64)
+    picture = report.to_rgb(np.zeros((28, 28), np.uint8), (64, 64))
+    replies = report.generate_reports(vlm, [report.build_messages(picture, None, "Is there pneumonia?")] * 2, 4)
+    assert len(replies) == 2 and replies[0] == replies[1]

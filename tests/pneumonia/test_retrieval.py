@@ -4,6 +4,8 @@ end-to-end build + evaluate on the phantom run whose numbers are recomputed by h
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -108,9 +110,20 @@ def _run(trained_pneumonia_run, out, *args):
                            "--output-dir", str(out), "--n-boot", "50"])
 
 
-def test_wrong_dimension_index_exits_2(trained_pneumonia_run, tmp_path, capsys):
-    out = tmp_path / "retrieval"
-    assert _run(trained_pneumonia_run, out, "build", "--index", "flat-l2") == 0
+@pytest.fixture(scope="module")
+def built(trained_pneumonia_run, tmp_path_factory):
+    """Every index built once from the phantom run; tests that alter files work on a copy."""
+    out = tmp_path_factory.mktemp("retrieval") / "built"
+    assert _run(trained_pneumonia_run, out, "build", "--index", "all") == 0
+    return out
+
+
+def _copy(built, tmp_path):
+    return Path(shutil.copytree(built, tmp_path / "retrieval"))
+
+
+def test_wrong_dimension_index_exits_2(trained_pneumonia_run, built, tmp_path, capsys):
+    out = _copy(built, tmp_path)
     info = json.loads((out / "flat-l2.json").read_text())
     small = faiss.IndexFlatL2(64)
     small.add(np.zeros((len(info["ids"]), 64), np.float32))
@@ -122,25 +135,27 @@ def test_wrong_dimension_index_exits_2(trained_pneumonia_run, tmp_path, capsys):
     assert "flat-l2.faiss" in err and "64-d" in err and "512-d" in err
 
 
-def test_index_from_other_weights_or_missing_exits_2(trained_pneumonia_run, tmp_path, capsys):
-    out = tmp_path / "retrieval"
-    assert _run(trained_pneumonia_run, out, "evaluate") == 2
+def test_index_from_other_weights_or_missing_exits_2(trained_pneumonia_run, built, tmp_path, capsys):
+    assert _run(trained_pneumonia_run, tmp_path / "empty", "evaluate") == 2
     assert "no index built" in capsys.readouterr().err
-    assert _run(trained_pneumonia_run, out, "build", "--index", "cosine") == 0
+    out = _copy(built, tmp_path)
     sidecar = out / "cosine.json"
     sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "model_sha256": "0" * 64}))
-    capsys.readouterr()
     assert _run(trained_pneumonia_run, out, "evaluate", "--index", "cosine") == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "other model weights" in err
+    assert len(err.splitlines()) == 1 and "cosine.faiss" in err and "other model weights" in err
+    assert _run(trained_pneumonia_run, out, "query", "--index", "hnsw", "--ids", "100000") == 2
+    assert "--ids" in capsys.readouterr().err
 
 
-def test_build_evaluate_end_to_end(trained_pneumonia_run, tmp_path):
+def test_build_evaluate_end_to_end(trained_pneumonia_run, built, tmp_path):
     run_dir, npz = trained_pneumonia_run
-    out = tmp_path / "retrieval"
-    assert _run(trained_pneumonia_run, out, "build", "--index", "all") == 0
+    out = _copy(built, tmp_path)
     assert _run(trained_pneumonia_run, out, "evaluate", "--nprobe", "100000") == 0
     results = json.loads((out / "results.json").read_text())
+    sidecar = json.loads((out / "ivf-flat.json").read_text())
+    assert sidecar["archive_split"] == "train" and sidecar["dim"] == 512 and sidecar["metric"] == "l2"
+    assert sidecar["model_sha256"] == retrieval.model_sha256(run_dir)
 
     # Recompute flat-L2 P@5 and mAP@10 from scratch: numpy kNN of test embeddings in the train embeddings.
     model, _ = load_trained(run_dir)
@@ -150,6 +165,7 @@ def test_build_evaluate_end_to_end(trained_pneumonia_run, tmp_path):
     queries = embed_images(model, data.images["test"])
     _, order = _numpy_knn(archive, queries, 10)
     query_labels, archive_labels = data.labels["test"], data.labels["train"]
+    assert sidecar["labels"] == archive_labels.tolist()
     neighbour_labels = archive_labels[order]
     expected_p5 = (neighbour_labels[:, :5] == query_labels[:, None]).mean()
     expected_map = average_precision_at_k(query_labels, neighbour_labels, 10,
@@ -182,7 +198,7 @@ def test_test_archive_excludes_each_query(trained_pneumonia_run, tmp_path):
     assert results["flat-l2/precision_at_1"] < 1.0 or results["n_queries"] < 20  # not the query matching itself
 
 
-def test_demo_section(trained_pneumonia_run, tmp_path, monkeypatch):
+def test_demo_section(trained_pneumonia_run):
     run_dir, _ = trained_pneumonia_run
     section = retrieval.demo_section(run_dir, run_dir.parent)
     assert section.startswith("## Pneumonia: case retrieval")
