@@ -56,6 +56,8 @@ _FINDING = re.compile(
     r"effusions?|pneumothorax|lesions?|granulomas?|scarring|pneumonia|cardiomegaly|enlarged|enlargement|edema|"
     r"fractures?|emphysema|fibrosis|calcifi\w*)\b", re.IGNORECASE)
 _NEGATION = re.compile(r"\b(no|without|negative for|free of|resolved|not)\b", re.IGNORECASE)
+_NO_CHANGE = re.compile(r"\bno (significant |interval )?change\b", re.IGNORECASE)
+_NEGATIVE_START = re.compile(r"^\s*(there (is|are) )?no\b", re.IGNORECASE)
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 _SIDE_WORD = re.compile(r"\b(left|right)(?=(ward|wards|sided)?\b)", re.IGNORECASE)
 
@@ -65,11 +67,12 @@ def split_sentences(text: str) -> list[str]:
 
 
 def is_boilerplate(sentence: str) -> bool:
-    """A templated normal statement: says something is normal/absent and reports no finding that is present.
+    """A templated normal statement: says something is normal or absent, and no finding in it is present.
 
     A finding word counts as present unless a negation ("no", "without", ...) comes before it in the sentence.
     """
-    if not _NORMAL.search(sentence):
+    sentence = _NO_CHANGE.sub("unchanged", sentence)
+    if not (_NORMAL.search(sentence) or _NEGATIVE_START.search(sentence)):
         return False
     for match in _FINDING.finditer(sentence):
         if not _NEGATION.search(sentence[: match.start()]):

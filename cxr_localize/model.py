@@ -123,31 +123,52 @@ def load_text_encoder(spec: str, *, cache_dir: Path | None = None, device: str |
     return TextEncoder(model, tokenizer, "pooler" if is_clip else "mean", spec, device)
 
 
+def coordinate_channels(features: torch.Tensor) -> torch.Tensor:
+    """(B, 2, h, w) maps of x (image left to right) and y (top to bottom), each from -1 to 1."""
+    batch, _, height, width = features.shape
+    ys = torch.linspace(-1, 1, height, device=features.device, dtype=features.dtype)
+    xs = torch.linspace(-1, 1, width, device=features.device, dtype=features.dtype)
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([grid_x, grid_y]).expand(batch, -1, -1, -1)
+
+
 class FiLMFusion(nn.Module):
-    """Per-channel scale and shift from the text; starts as the identity so training begins from the image path."""
+    """Per-channel scale and shift from the text, over the bottleneck features and two coordinate channels.
+
+    Scaling the coordinate channels by the text gives a report-dependent spatial ramp ("left" lights up one
+    side), which plain FiLM cannot express: it only reweights features that must already know where they are.
+    A 1x1 conv maps back to the bottleneck width. Starts as the identity so training begins from the image path.
+    """
 
     def __init__(self, text_dim: int, channels: int):
         super().__init__()
-        self.proj = nn.Sequential(nn.Linear(text_dim, channels), nn.ReLU(inplace=True),
-                                  nn.Linear(channels, 2 * channels))
+        width = channels + 2
+        self.proj = nn.Sequential(nn.Linear(text_dim, width), nn.ReLU(inplace=True), nn.Linear(width, 2 * width))
         nn.init.zeros_(self.proj[-1].weight)
         nn.init.zeros_(self.proj[-1].bias)
+        self.out = nn.Conv2d(width, channels, kernel_size=1)
+        with torch.no_grad():
+            self.out.weight.zero_()
+            self.out.weight[:, :channels, 0, 0].copy_(torch.eye(channels))
+            self.out.bias.zero_()
 
     def forward(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        gamma, beta = self.proj(text).to(features.dtype)[..., None, None].chunk(2, dim=1)
-        return features * (1 + gamma) + beta
+        z = torch.cat([features, coordinate_channels(features)], dim=1)
+        gamma, beta = self.proj(text).to(z.dtype)[..., None, None].chunk(2, dim=1)
+        return self.out(z * (1 + gamma) + beta)
 
 
 class ConcatFusion(nn.Module):
-    """The original design: tile the text vector over the bottleneck, concatenate, 1x1 conv back to its width."""
+    """The original design: tile the text over the bottleneck, concatenate (with the two coordinate channels),
+    and mix back to the bottleneck width with a 1x1 conv."""
 
     def __init__(self, text_dim: int, channels: int):
         super().__init__()
-        self.mix = nn.Conv2d(channels + text_dim, channels, kernel_size=1)
+        self.mix = nn.Conv2d(channels + 2 + text_dim, channels, kernel_size=1)
 
     def forward(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         tiled = text.to(features.dtype)[..., None, None].expand(-1, -1, *features.shape[-2:])
-        return self.mix(torch.cat([features, tiled], dim=1))
+        return self.mix(torch.cat([features, coordinate_channels(features), tiled], dim=1))
 
 
 class ReportUNet(nn.Module):

@@ -12,7 +12,8 @@ inner product on L2-normalised embeddings), ``ivf-flat`` and ``hnsw`` (approxima
 cosine). Each is saved under RUN/retrieval/ as ``<name>.faiss`` with a ``<name>.json`` sidecar (dimension,
 metric, archive split, ids, labels, the sha256 of the model weights), beside the archive embeddings.
 ``evaluate`` scores neighbours by label agreement (precision@k, mAP@k) and the approximate indexes by their
-recall against exact search of the same metric, and writes results.md/json/csv and a gallery figure.
+recall against exact search of the same metric, and writes results.md/json/csv and a gallery figure there.
+``--output-dir`` moves that directory elsewhere; ``query`` and ``evaluate`` take the archive from the sidecar.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 import faiss
 import numpy as np
 import pandas as pd
+import torch
 from matplotlib.figure import Figure
 
 from common.checkpoint import (
@@ -52,8 +54,8 @@ from common.metrics.retrieval import (
     relevant_counts,
 )
 from common.tables import markdown_table, results_with_ci, write_results
-from pneumonia.data import SPLITS, load_medmnist
-from pneumonia.model import embed_images, load_trained
+from pneumonia.data import SPLITS, MedMNISTSplits, load_medmnist
+from pneumonia.model import PneumoniaNet, embed_images, load_trained
 
 INDEXES = ("flat-l2", "cosine", "ivf-flat", "hnsw")
 EXACT_INDEXES = ("flat-l2", "cosine")
@@ -69,7 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-dir", type=Path, required=True, help="a trained pneumonia run (RUN/best/model.json)")
     parser.add_argument("--index", default="all", choices=(*INDEXES, "all"),
                         help="which index; 'all' builds every kind, or uses every one built for query/evaluate")
-    parser.add_argument("--archive", default="train", choices=SPLITS, help="split to index")
+    parser.add_argument("--archive", default="train", choices=SPLITS, help="build: split to index")
     parser.add_argument("--query-split", default="test", choices=SPLITS, help="split the queries come from")
     parser.add_argument("--k", type=int, default=10, help="neighbours per query")
     parser.add_argument("--data-root", type=Path, default=None, help="defaults to the data the run was trained on")
@@ -226,11 +228,11 @@ class RetrievalContext:
 
     run_dir: Path
     directory: Path
-    model: Any
+    model: PneumoniaNet
     meta: dict
-    device: Any
+    device: torch.device
     sha: str
-    data: Any
+    data: MedMNISTSplits
     batch_size: int
 
     @property

@@ -146,6 +146,10 @@ def test_index_from_other_weights_or_missing_exits_2(trained_pneumonia_run, buil
     assert len(err.splitlines()) == 1 and "cosine.faiss" in err and "other model weights" in err
     assert _run(trained_pneumonia_run, out, "query", "--index", "hnsw", "--ids", "100000") == 2
     assert "--ids" in capsys.readouterr().err
+    (out / "ivf-flat.faiss").write_bytes(b"not an index")
+    assert _run(trained_pneumonia_run, out, "query", "--index", "ivf-flat") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a readable FAISS index" in err
 
 
 def test_build_evaluate_end_to_end(trained_pneumonia_run, built, tmp_path):
