@@ -5,9 +5,10 @@
 The image path is segmentation-models-pytorch's U-Net (ResNet34 encoder, 1x1 conv head; sigmoid at inference).
 The report is embedded once by a frozen text encoder (CLIP's pooled output, or mean-pooled BERT states) and
 enters at the bottleneck, either tiled, concatenated and mixed by a 1x1 conv (``concat``) or as a per-channel
-scale and shift (``film``). Text vectors are centred on the training reports' mean and scaled to unit RMS
-before fusion (buffers saved with the model), because report embeddings of one encoder share a large common
-component that would otherwise drown the words that differ (left/right, upper/lower).
+scale and shift (``film``); both see two coordinate channels beside the bottleneck features, so that a report
+can name a place. Text vectors are centred on the training reports' mean and whitened (buffers saved with the
+model), because report embeddings of one encoder share a large common component and differ along a few weak
+directions: in a sentence encoder "left" and "right" versions of a report are nearly the same vector.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ TEXT_PRESETS = {
 }
 OFFLINE_TEXT_CHOICES = "tiny-clip, minilm, or a local Hugging Face directory"
 FUSIONS = ("film", "concat")
+TEXT_WHITENINGS = ("zca", "scale")
 ENCODER_WEIGHTS = ("imagenet", "none")
 DEFAULT_DECODER_CHANNELS = (128, 64, 32, 16, 16)
 
@@ -185,21 +187,37 @@ class ReportUNet(nn.Module):
         bottleneck = self.unet.encoder.out_channels[-1]
         self.fusion = (FiLMFusion if fusion == "film" else ConcatFusion)(text_dim, bottleneck)
         self.register_buffer("text_mean", torch.zeros(text_dim))
-        self.register_buffer("text_scale", torch.ones(()))
+        self.register_buffer("text_transform", torch.eye(text_dim))
         self.freeze_encoder = freeze_encoder
         self.unet.encoder.requires_grad_(not freeze_encoder)
 
     @torch.no_grad()
-    def set_text_statistics(self, embeddings: torch.Tensor) -> None:
-        """Centre on the mean report and scale to unit RMS (computed on the training reports)."""
-        mean = embeddings.float().mean(0)
-        rms = (embeddings.float() - mean).pow(2).sum(1).mean().sqrt()
-        self.text_mean.copy_(mean)
-        self.text_scale.fill_(float(rms) if rms > 1e-8 else 1.0)
+    def set_text_statistics(self, embeddings: torch.Tensor, whitening: str = "zca", shrink: float = 0.1) -> None:
+        """Fit the text standardisation on the training reports' embeddings (one row per distinct report).
+
+        ``zca``: centre, then whiten with eigenvalues shrunk by ``shrink`` times their mean, so that rare
+        contrasts such as left/right get about the weight of common ones without blowing up noise directions.
+        ``scale``: centre and scale to unit RMS only. Both give whitened training vectors of unit RMS norm.
+        """
+        if whitening not in TEXT_WHITENINGS:
+            raise ConfigError("--text-whitening", f"choose one of {', '.join(TEXT_WHITENINGS)}")
+        x = embeddings.double()
+        mean = x.mean(0)
+        centred = x - mean
+        dim = x.shape[1]
+        if whitening == "zca" and len(x) > 1:
+            eigvals, eigvecs = torch.linalg.eigh(centred.T @ centred / len(x))
+            eigvals = eigvals.clamp_min(0)
+            transform = eigvecs @ torch.diag((eigvals + shrink * eigvals.mean() + 1e-12).rsqrt()) @ eigvecs.T
+        else:
+            transform = torch.eye(dim, dtype=torch.float64)
+        rms = (centred @ transform).pow(2).sum(1).mean().sqrt()
+        self.text_mean.copy_(mean.float())
+        self.text_transform.copy_((transform / (rms if rms > 1e-12 else 1.0)).float())
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         features = list(self.unet.encoder(image))
-        text = (text.float() - self.text_mean) / self.text_scale
+        text = (text.float() - self.text_mean) @ self.text_transform
         features[-1] = self.fusion(features[-1], text)
         return self.unet.segmentation_head(self.unet.decoder(features))
 

@@ -7,8 +7,9 @@ Example:
 With ``--mask-ratio 0`` the U-Net copies its input through the skip connections, which teaches the encoder
 little; by default half the patches are blanked and the loss is taken on the blanked pixels only (masked image
 modelling), so the encoder has to model lung, heart and rib context. Images of validation and test patients are
-not trained on (the same patient split as phase 2). Reported on the validation images: PSNR and SSIM of the full
-reconstruction, plus sample reconstructions; ``best/`` holds the encoder alone, for
+not trained on (the same patient split as phase 2). Reported on the validation images: PSNR and SSIM of the
+reconstructed image (visible pixels kept, blanked ones predicted), plus samples; ``best/`` holds the encoder alone,
+for
 ``python -m cxr_localize.train --encoder-init RUN``.
 """
 
@@ -104,7 +105,7 @@ class ReconstructionTask:
             output, target, mask = self._forward(model, images, generator)
             losses.append(self._loss(output, target, mask).item() * len(images))
             shown.append(to_unit(images[:, :1] * (1 - mask))[:, 0].cpu().numpy())
-            recon.append(to_unit(output.float())[:, 0].cpu().numpy())
+            recon.append(to_unit(output.float() * mask + target * (1 - mask))[:, 0].cpu().numpy())
             truth.append(to_unit(target)[:, 0].cpu().numpy())
         shown, recon, truth = (np.concatenate(a) for a in (shown, recon, truth))
         psnr = np.array([peak_signal_noise_ratio(t, r, data_range=1.0) for t, r in zip(truth, recon)])

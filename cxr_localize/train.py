@@ -33,7 +33,14 @@ from common.metrics.segmentation import per_image_metrics
 from common.plots import loss_curves
 from cxr_localize.common_args import add_data_args, add_encoder_args, require, write_split
 from cxr_localize.data import IMAGENET_MEAN, IMAGENET_STD, TEXT_SOURCES, LocalizationDataset, load_iu, swap_left_right
-from cxr_localize.model import FUSIONS, TEXT_PRESETS, ReportUNet, load_encoder_init, load_text_encoder
+from cxr_localize.model import (
+    FUSIONS,
+    TEXT_PRESETS,
+    TEXT_WHITENINGS,
+    ReportUNet,
+    load_encoder_init,
+    load_text_encoder,
+)
 
 log = logging.getLogger("medvl.cxr_localize")
 
@@ -48,17 +55,19 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help=f"preset ({', '.join(TEXT_PRESETS)}) or a local Hugging Face directory")
     group.add_argument("--text-source", choices=TEXT_SOURCES, default="findings")
     group.add_argument("--fusion", choices=FUSIONS, default="film", help="film, or concat (tile + concat + 1x1 conv)")
+    group.add_argument("--text-whitening", choices=TEXT_WHITENINGS, default="zca",
+                       help="standardisation of report embeddings fitted on the training reports")
     group.add_argument("--text-aware-flip", action="store_true",
                        help="flip half the training images horizontally and swap left/right in their reports")
     group = parser.add_argument_group("phase 2")
     group.add_argument("--encoder-init", type=Path, default=None, help="phase-1 run whose encoder starts training")
     group.add_argument("--train-encoder", action=argparse.BooleanOptionalAction, default=False,
                        help="also train the image encoder (default: frozen, as in the original recipe)")
-    group.add_argument("--pos-weight", type=float, default=10.0, help="BCE weight of lesion pixels")
+    group.add_argument("--pos-weight", type=float, default=3.0, help="BCE weight of lesion pixels")
     group.add_argument("--dice-weight", type=float, default=1.0)
     group.add_argument("--threshold", type=float, default=0.5, help="probability at which a pixel is lesion")
-    add_train_args(parser, epochs=30, batch_size=16, lr=2e-3, weight_decay=1e-4, monitor="val_dice", mode="max")
-    parser.set_defaults(patience=8)
+    add_train_args(parser, epochs=30, batch_size=16, lr=3e-3, weight_decay=1e-4, monitor="val_dice", mode="max")
+    parser.set_defaults(patience=10)
     return parser
 
 
@@ -158,11 +167,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         init_meta = load_encoder_init(model.unet.encoder, args.encoder_init, args.encoder)
     elif weights == "none" and not args.train_encoder:
         log.warning("the image encoder is random and frozen; pass --encoder-init or --train-encoder")
-    model.set_text_statistics(train_table)
+    model.set_text_statistics(train_table, args.text_whitening)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     meta = {"kind": "cxr_localize.report_unet", "encoder": args.encoder, "decoder_channels": args.decoder_channels,
-            "fusion": args.fusion, "text_dim": encoder.dim, "text_encoder": args.text_encoder,
+            "fusion": args.fusion, "text_dim": encoder.dim, "text_whitening": args.text_whitening,
+            "text_encoder": args.text_encoder,
             "text_source": args.text_source, "image_size": args.image_size, "threshold": args.threshold,
             "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "channels": "grey x3"},
             "data_root": str(Path(args.data_root).resolve()), "projection": args.projection,

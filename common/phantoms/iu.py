@@ -6,7 +6,8 @@ Every frontal image holds two opacities of the same look in two different lung z
 the report names one of them and the mask outlines that one. The image alone cannot say which is meant, so a
 model that ignores the report reaches at best Dice 2/3 by outlining both (1/2 on average by guessing one), and
 a report naming another zone points at empty lung or at the wrong lesion. Half of the second lesions lie in the
-other lung and half in another zone of the same lung, so both the side and the zone words matter.
+same zone of the other lung and half in another zone of the same lung, so the side word alone and the zone word
+alone each resolve only half the images.
 
 Layout written (as the Kaggle copy of IU X-ray, plus two phantom-only extras)::
 
@@ -97,9 +98,10 @@ def _lesion(image: np.ndarray, lung: np.ndarray, zone: np.ndarray, rng: np.rando
 
 
 def _second_zone(side: str, zone: str, rng: np.random.Generator) -> tuple[str, str]:
-    """Half the time the other lung (any zone), otherwise another zone of the same lung."""
+    """Half the time the mirror zone in the other lung (only the side word tells them apart), otherwise another
+    zone of the same lung (only the zone word does)."""
     if rng.uniform() < 0.5:
-        return ("right" if side == "left" else "left"), str(rng.choice(ZONES))
+        return ("right" if side == "left" else "left"), zone
     return side, str(rng.choice([z for z in ZONES if z != zone]))
 
 
