@@ -31,6 +31,7 @@ from common.errors import ConfigError, cli_entry
 from common.metrics.retrieval import recall_against_exact
 
 DATA_KINDS = ("clustered", "gaussian")
+ANN_FAMILIES = ("ivf", "hnsw")
 INTRINSIC_DIM = 16  # each mixture component spreads along its own random 16-d subspace
 SPREAD = 4.0  # std along that subspace; centres are N(0, I) so components sit ~32 apart and overlap a little
 NOISE_STD = 0.1  # isotropic noise off the subspace
@@ -47,6 +48,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="FAISS OpenMP threads (default: all cores)")
     parser.add_argument("--nprobe", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64, 128], help="IVF sweep")
     parser.add_argument("--ef-search", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512], help="HNSW sweep")
+    parser.add_argument("--indexes", nargs="+", choices=ANN_FAMILIES, default=list(ANN_FAMILIES),
+                        help="ANN families to build beside the exact flat index (HNSW builds slowly on few cores)")
+    parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default: 4 sqrt(N))")
     parser.add_argument("--hnsw-m", type=int, default=32)
     parser.add_argument("--ef-construction", type=int, default=64)
     parser.add_argument("--target-recall", type=float, default=0.95)
@@ -115,7 +119,16 @@ def bench_one(kind: str, size: int, args: argparse.Namespace) -> list[Row]:
     rows.append(Row(size, kind, "flat-l2", "exact", build_s, qps, 1.0))
     del index
 
-    nlist = max(1, int(round(4 * math.sqrt(size))))
+    if "ivf" in args.indexes:
+        rows.extend(_bench_ivf(data, queries, exact, size, kind, args))
+    if "hnsw" in args.indexes:
+        rows.extend(_bench_hnsw(data, queries, exact, size, kind, args))
+    return rows
+
+
+def _bench_ivf(data, queries, exact, size: int, kind: str, args: argparse.Namespace) -> list[Row]:
+    k, rows = args.k, []
+    nlist = args.nlist or max(1, int(round(4 * math.sqrt(size))))
 
     def ivf() -> faiss.Index:
         quantizer = faiss.IndexFlatL2(args.dim)
@@ -130,7 +143,11 @@ def bench_one(kind: str, size: int, args: argparse.Namespace) -> list[Row]:
         ids, qps = _search(index, queries, k, args.repeats)
         rows.append(Row(size, kind, f"ivf-flat (nlist={nlist})", f"nprobe={nprobe}", build_s, qps,
                         recall_against_exact(ids, exact, k)))
-    del index
+    return rows
+
+
+def _bench_hnsw(data, queries, exact, size: int, kind: str, args: argparse.Namespace) -> list[Row]:
+    k, rows = args.k, []
 
     def hnsw() -> faiss.Index:
         index = faiss.IndexHNSWFlat(args.dim, args.hnsw_m)
