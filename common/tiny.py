@@ -119,6 +119,24 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
+TOKENIZER_ASSETS = Path(__file__).resolve().parent / "assets" / "tiny_tokenizers.json"
+
+
+def _frozen(name: str, vocab_size: int, train) -> dict:
+    """The trained tokenizer model stored in ``assets/``, or a fresh training when it is absent.
+
+    The ``tokenizers`` trainers break frequency ties in hash-map order, which changes from process to process;
+    reading the model trained once keeps token ids, and so every tiny model's outputs, identical across
+    processes (a killed run resumes to the same result). ``python -m common.tiny`` rewrites the file.
+    """
+    key = f"{name}-{vocab_size}"
+    if TOKENIZER_ASSETS.is_file():
+        stored = json.loads(TOKENIZER_ASSETS.read_text())
+        if key in stored:
+            return stored[key]
+    return train()
+
+
 def _train(backend: Tokenizer, trainer) -> dict:
     """Train ``backend``'s model in its own normalizer/pre-tokenizer pipeline and return the model as JSON."""
     backend.train_from_iterator(radiology_corpus(), trainer=trainer)
@@ -131,13 +149,17 @@ def _merges(model_json: dict) -> list[tuple[str, str]]:
 
 @functools.cache
 def _gemma_vocab(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    model = _frozen("gemma", vocab_size, lambda: _train_gemma(vocab_size))
+    return model["vocab"], _merges(model)
+
+
+def _train_gemma(vocab_size: int) -> dict:
     backend = GemmaTokenizer().backend_tokenizer
     backend.model = BPE(unk_token="<unk>", fuse_unk=True)
     specials = [*_GEMMA_SPECIAL.values(), *_GEMMA_TURN_TOKENS, *_GEMMA_IMAGE_TOKENS.values()]
     trainer = BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=_ALPHABET,
                          show_progress=False)
-    model = _train(backend, trainer)
-    return model["vocab"], _merges(model)
+    return _train(backend, trainer)
 
 
 def tiny_gemma_tokenizer(vocab_size: int = 700) -> GemmaTokenizer:
@@ -201,12 +223,16 @@ def save_tiny_gemma3(directory: Path, seed: int = 0) -> Path:
 
 @functools.cache
 def _clip_vocab(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    model = _frozen("clip", vocab_size, lambda: _train_clip(vocab_size))
+    return model["vocab"], _merges(model)
+
+
+def _train_clip(vocab_size: int) -> dict:
     backend = CLIPTokenizer().backend_tokenizer
     backend.model = BPE(end_of_word_suffix="</w>", continuing_subword_prefix="")
     trainer = BpeTrainer(vocab_size=vocab_size, special_tokens=list(_CLIP_SPECIAL), end_of_word_suffix="</w>",
                          show_progress=False)
-    model = _train(backend, trainer)
-    return model["vocab"], _merges(model)
+    return _train(backend, trainer)
 
 
 def tiny_clip_tokenizer(vocab_size: int = 600) -> CLIPTokenizer:
@@ -242,10 +268,22 @@ def save_tiny_clip_text(directory: Path, seed: int = 0) -> Path:
 
 @functools.cache
 def _bert_vocab(vocab_size: int) -> dict[str, int]:
+    return _frozen("bert", vocab_size, lambda: _train_bert(vocab_size))["vocab"]
+
+
+def _train_bert(vocab_size: int) -> dict:
     backend = BertTokenizer().backend_tokenizer
     backend.model = WordPiece(unk_token="[UNK]")
     trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(_BERT_SPECIAL), show_progress=False)
-    return _train(backend, trainer)["vocab"]
+    return _train(backend, trainer)
+
+
+def write_tokenizer_assets() -> Path:
+    """Train the three tiny tokenizers once and store them (see ``_frozen``)."""
+    from common.checkpoint import atomic_write_json
+
+    models = {"gemma-700": _train_gemma(700), "clip-600": _train_clip(600), "bert-500": _train_bert(500)}
+    return atomic_write_json(TOKENIZER_ASSETS, models)
 
 
 def tiny_bert_tokenizer(vocab_size: int = 500) -> BertTokenizer:
@@ -300,3 +338,7 @@ def medgemma_4b_config() -> Gemma3Config:
                                 hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
     return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=256, boi_token_index=255_999,
                         eoi_token_index=256_000, image_token_index=262_144)
+
+
+if __name__ == "__main__":
+    print(f"wrote {write_tokenizer_assets()}")

@@ -48,16 +48,18 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _NORMAL = re.compile(
-    r"\b(normal|unremarkable|clear|intact|within (normal )?limits|no acute|stable|negative|"
+    r"\b(normal|normally|unremarkable|clear|intact|midline|within (normal )?limits|no acute|stable|negative|free of|"
+    r"without (acute|evidence|focal)|"
     r"no (evidence|focal|pleural|pneumothorax|effusion|consolidation|edema|infiltrate|airspace|acute|large|"
     r"displaced|definite|typical|active|significant))\b", re.IGNORECASE)
 _FINDING = re.compile(
     r"\b(opacit(y|ies)|nodul(e|es|ar)|mass(es)?|density|densities|consolidation|infiltrates?|atelectasis|"
     r"effusions?|pneumothorax|lesions?|granulomas?|scarring|pneumonia|cardiomegaly|enlarged|enlargement|edema|"
     r"fractures?|emphysema|fibrosis|calcifi\w*)\b", re.IGNORECASE)
-_NEGATION = re.compile(r"\b(no|without|negative for|free of|resolved|not)\b", re.IGNORECASE)
+_NEGATION = re.compile(r"\b(no|without|negative for|free of|clear of|resolved|not)\b", re.IGNORECASE)
 _NO_CHANGE = re.compile(r"\bno (significant |interval )?change\b", re.IGNORECASE)
 _NEGATIVE_START = re.compile(r"^\s*(there (is|are) )?no\b", re.IGNORECASE)
+_WORD = re.compile(r"[A-Za-z]{2}")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 _SIDE_WORD = re.compile(r"\b(left|right)(?=(ward|wards|sided)?\b)", re.IGNORECASE)
 
@@ -81,8 +83,8 @@ def is_boilerplate(sentence: str) -> bool:
 
 
 def strip_boilerplate(text: str) -> str:
-    """Drop templated normal sentences, so the text that reaches the encoder is what is abnormal."""
-    return " ".join(s for s in split_sentences(text) if not is_boilerplate(s))
+    """Drop templated normal sentences and list debris ("1.", "."), so what reaches the encoder is abnormal."""
+    return " ".join(s for s in split_sentences(text) if _WORD.search(s) and not is_boilerplate(s))
 
 
 def _clean(value) -> str:

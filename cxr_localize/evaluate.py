@@ -197,7 +197,7 @@ def _short(text: str, width: int = 38) -> str:
 def text_test_markdown(results: dict, figures: list[Path]) -> str:
     links = " ".join(f"[{p.stem}](figures/{p.name})" for p in figures)
     return "\n".join([
-        "## Does the report steer the mask?", "",
+        "### Does the report steer the mask?", "",
         "| test | Dice | share of predicted mass in the named lung |", "|---|---|---|",
         f"| reports as written | {results['dice']:.4f} | {results['mass_named_side']:.3f} |",
         f"| reports shuffled across images | {results['dice_shuffled']:.4f} | |",

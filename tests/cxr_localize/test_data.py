@@ -149,3 +149,14 @@ def test_skip_bad_skips_and_counts(iu_copy, caplog):
     assert dict(data.skipped) == {"bad mask": 2, "bad image": 1, "uid without report": n_dropped}
     assert len(data) == len(train_rows) - 3 - n_dropped
     assert f"skipped {3 + n_dropped} bad row(s)" in caplog.text
+
+
+def test_real_iu_reports_are_cleaned(shared_data):
+    reports, projections = read_tables(shared_data / "iu_xray")
+    assert set(projections["uid"]) <= set(reports["uid"])
+    texts = [report_text(f, i) for f, i in zip(reports["findings"], reports["impression"])]
+    by_uid = dict(zip(reports["uid"], texts))
+    assert by_uid["1"] == EMPTY_TEXT
+    assert "irregular opacities in the left lung apex" in by_uid["4"]
+    assert "cardiomediastinal silhouette is normal" not in by_uid["4"]
+    assert 0.2 < sum(t == EMPTY_TEXT for t in texts) / len(texts) < 0.5

@@ -24,7 +24,8 @@ def test_phantom_to_evaluation_uses_the_text(tmp_path):
     assert (phase1 / "best" / "model.safetensors").is_file() and (phase1 / "figures" / "reconstructions.png").is_file()
     assert {"psnr", "ssim"} <= set(json.loads((phase1 / "results.json").read_text()))
     assert train.main(["--data-root", str(data), "--output-dir", str(run), "--encoder-init", str(phase1),
-                       "--text-encoder", "minilm", "--epochs", "12", "--no-progress", *E2E_SIZE]) == 0
+                       "--text-encoder", "minilm", "--epochs", "12", "--batch-size", "8", "--no-progress",
+                       *E2E_SIZE]) == 0
     assert evaluate.main(["--run-dir", str(run), "--n-boot", "50"]) == 0
     results = json.loads((run / "results.json").read_text())
     assert {"dice", "iou", "pixel_acc", "dice_shuffled", "dice_lr_swapped", "mass_named_side",
