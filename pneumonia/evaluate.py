@@ -23,8 +23,8 @@ from common.cli import base_parser, parse_args
 from common.device import pick_device
 from common.errors import ConfigError, cli_entry
 from common.tables import results_with_ci, write_results
-from pneumonia.data import SPLITS, load_medmnist
-from pneumonia.model import load_trained, predict_proba
+from pneumonia.data import SPLITS
+from pneumonia.model import load_run, predict_proba
 
 _LABEL_METRICS = {
     "acc": metrics.accuracy_score,
@@ -59,8 +59,7 @@ def evaluate_run(run_dir: Path, split: str = "test", data_root: Path | None = No
                  gallery: int = 10, device: str = "auto", seed: int = 0) -> dict:
     """Predict ``split`` with the run's best model and write predictions, results and figures into the run dir."""
     device = pick_device(device)
-    model, meta = load_trained(run_dir, device)
-    data = load_medmnist(data_root or meta["data_root"], meta["image_size"], splits=(split,))
+    model, meta, data = load_run(run_dir, data_root, (split,), device)
     images, labels = data.images[split], data.labels[split]
     scores = predict_proba(model, images, device=device)
     threshold = float(meta["threshold"])

@@ -28,8 +28,8 @@ from common.checkpoint import atomic_write_text
 from common.cli import base_parser, parse_args
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
-from pneumonia.data import SPLITS, load_medmnist
-from pneumonia.model import load_trained, predict_proba, preprocess
+from pneumonia.data import SPLITS
+from pneumonia.model import load_run, predict_proba, preprocess
 
 GROUPS = {"tp": "true positives", "fp": "false positives", "fn": "false negatives"}
 CASES_FILE = "gradcam_cases.csv"
@@ -73,11 +73,7 @@ def explain_run(run_dir: Path, split: str = "test", n: int = 8, data_root: Path 
     """Write the Grad-CAM figures and the case list for one split of a trained run; return the case list."""
     run_dir = Path(run_dir)
     torch_device = pick_device(device)
-    model, meta = load_trained(run_dir, torch_device)
-    root = data_root or meta.get("data_root")
-    if root is None:
-        raise ConfigError("--data-root", "not given, and the run's model.json names no data")
-    data = load_medmnist(root, meta["image_size"], splits=(split,))
+    model, meta, data = load_run(run_dir, data_root, (split,), torch_device)
     images, labels = data.images[split], data.labels[split]
     if len(labels) == 0:
         raise DataError(data.path, f"the {split} split is empty")

@@ -17,7 +17,7 @@ from torch import nn
 
 from common.checkpoint import find_model_dir, load_model_files
 from common.errors import ConfigError, DataError
-from pneumonia.data import LABELS, to_tensor
+from pneumonia.data import LABELS, SPLITS, MedMNISTSplits, load_medmnist, to_tensor
 
 ARCHS = {
     "resnet18": {"model_name": "resnet18"},
@@ -83,6 +83,16 @@ def load_trained(run_dir: Path | str, device: str | torch.device = "cpu") -> tup
         raise DataError(directory / "model.safetensors", f"weights do not fit arch {meta['arch']!r}") from err
     meta.setdefault("labels", list(LABELS))
     return model.to(device).eval(), meta
+
+
+def load_run(run_dir: Path | str, data_root: Path | str | None = None, splits: tuple[str, ...] = SPLITS,
+             device: str | torch.device = "cpu") -> tuple[PneumoniaNet, dict[str, Any], MedMNISTSplits]:
+    """A run's best model and the data it was trained on (or ``data_root``), the shared start of every tool."""
+    model, meta = load_trained(run_dir, device)
+    root = data_root or meta.get("data_root")
+    if root is None:
+        raise ConfigError("--data-root", "not given, and the run's model.json names no data")
+    return model, meta, load_medmnist(root, meta["image_size"], splits=splits)
 
 
 @torch.no_grad()

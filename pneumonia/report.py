@@ -40,8 +40,8 @@ from common.device import compute_dtype, pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.tables import json_safe, markdown_table
 from common.tiny import save_tiny_gemma3, tiny_gemma3
-from pneumonia.data import LABELS, SPLITS, load_medmnist
-from pneumonia.model import load_trained, predict_proba
+from pneumonia.data import LABELS, SPLITS
+from pneumonia.model import load_run, predict_proba
 
 VLM_PRESETS = {"medgemma-4b": "google/medgemma-4b-it", "tiny-gemma3": None}
 PROMPTS = ("zero-shot", "clinical-role", "context-aware")
@@ -356,8 +356,7 @@ def run_reports(run_dir: Path, vlm_name: str, prompts: Sequence[str], out_dir: P
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / REPORTS_DIR
     torch_device = pick_device(device)
-    cnn, meta = load_trained(run_dir, torch_device)
-    data = load_medmnist(data_root or meta["data_root"], meta["image_size"], splits=(split,))
+    cnn, meta, data = load_run(run_dir, data_root, (split,), torch_device)
     ids = select_ids(data.labels[split], limit)
     images, labels = data.images[split][ids], data.labels[split][ids]
     probs = predict_proba(cnn, images, device=torch_device)

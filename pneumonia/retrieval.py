@@ -54,8 +54,8 @@ from common.metrics.retrieval import (
     relevant_counts,
 )
 from common.tables import markdown_table, results_with_ci, write_results
-from pneumonia.data import SPLITS, MedMNISTSplits, load_medmnist
-from pneumonia.model import PneumoniaNet, embed_images, load_trained
+from pneumonia.data import SPLITS, MedMNISTSplits
+from pneumonia.model import PneumoniaNet, embed_images, load_run
 
 INDEXES = ("flat-l2", "cosine", "ivf-flat", "hnsw")
 EXACT_INDEXES = ("flat-l2", "cosine")
@@ -254,11 +254,7 @@ def open_run(run_dir: Path, data_root: Path | None = None, output_dir: Path | No
     run_dir = Path(run_dir)
     sha = model_sha256(run_dir)
     torch_device = pick_device(device)
-    model, meta = load_trained(run_dir, torch_device)
-    root = data_root or meta.get("data_root")
-    if root is None:
-        raise ConfigError("--data-root", "not given, and the run's model.json names no data")
-    data = load_medmnist(root, meta["image_size"])
+    model, meta, data = load_run(run_dir, data_root, device=torch_device)
     return RetrievalContext(run_dir, Path(output_dir) if output_dir else run_dir / RETRIEVAL_DIR, model, meta,
                             torch_device, sha, data, batch_size)
 

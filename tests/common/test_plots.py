@@ -58,7 +58,7 @@ def test_gallery_and_panels(tmp_path):
 
 def test_mask_overlay_values():
     image = np.full((4, 4), 0.5, dtype=np.float32)
-    mask = np.zeros((4, 4), dtype=bool)
+    mask = np.zeros((4, 4), np.bool_)
     mask[1, 2] = True
     out = plots.mask_overlay(image, mask, color=(1, 0, 0), alpha=0.4)
     assert out.shape == (4, 4, 3)
