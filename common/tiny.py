@@ -213,12 +213,16 @@ def tiny_gemma3(seed: int = 0) -> tuple[Gemma3ForConditionalGeneration, Gemma3Pr
     return model, processor
 
 
-def save_tiny_gemma3(directory: Path, seed: int = 0) -> Path:
-    """Write ``tiny_gemma3(seed)`` in Hugging Face format, loadable by ``common.hf`` like a hub checkpoint."""
-    model, processor = tiny_gemma3(seed)
+def _save_pair(model, processor, directory: Path) -> Path:
+    """Write a model and its processor/tokenizer side by side, as a hub checkpoint is laid out."""
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return Path(directory)
+
+
+def save_tiny_gemma3(directory: Path, seed: int = 0) -> Path:
+    """Write ``tiny_gemma3(seed)`` in Hugging Face format, loadable by ``common.hf`` like a hub checkpoint."""
+    return _save_pair(*tiny_gemma3(seed), directory)
 
 
 @functools.cache
@@ -260,10 +264,7 @@ def tiny_clip_text(seed: int = 0) -> tuple[CLIPTextModel, CLIPTokenizer]:
 
 def save_tiny_clip_text(directory: Path, seed: int = 0) -> Path:
     """Write ``tiny_clip_text(seed)`` (model and tokenizer) in Hugging Face format."""
-    model, tokenizer = tiny_clip_text(seed)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return Path(directory)
+    return _save_pair(*tiny_clip_text(seed), directory)
 
 
 @functools.cache
@@ -304,10 +305,7 @@ def tiny_bert(seed: int = 0) -> tuple[BertModel, BertTokenizer]:
 
 def save_tiny_bert(directory: Path, seed: int = 0) -> Path:
     """Write ``tiny_bert(seed)`` (model and tokenizer) in Hugging Face format."""
-    model, tokenizer = tiny_bert(seed)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return Path(directory)
+    return _save_pair(*tiny_bert(seed), directory)
 
 
 MEDGEMMA_4B_PARAMETERS = 4.3e9

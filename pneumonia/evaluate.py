@@ -97,9 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
     if args.n_boot < 1:
         raise ConfigError("--n-boot", "must be at least 1")
-    results = evaluate_run(args.run_dir, args.split, args.data_root, args.n_boot, args.gallery, args.device, args.seed)
+    evaluate_run(args.run_dir, args.split, args.data_root, args.n_boot, args.gallery, args.device, args.seed)
     print((args.run_dir / "results.md").read_text())
-    del results
     return 0
 
 

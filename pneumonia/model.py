@@ -59,9 +59,8 @@ class PneumoniaNet(nn.Module):
         return self.head(self.embed(x)).squeeze(-1)
 
 
-def build_model(arch: str = "resnet18", image_size: int = 28) -> PneumoniaNet:
-    """Build an untrained network; ``image_size`` is recorded by training, the network itself is size-agnostic."""
-    del image_size
+def build_model(arch: str = "resnet18") -> PneumoniaNet:
+    """Build an untrained network; it is size-agnostic (training records the image size in model.json)."""
     return PneumoniaNet(arch)
 
 

@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_images, train_labels = train_images[: args.train_limit], train_labels[: args.train_limit]
     logging.getLogger("medvl").info("train %s, val %s", data.counts()["train"], data.counts()["val"])
     torch.manual_seed(args.seed)
-    model = build_model(args.arch, args.image_size)
+    model = build_model(args.arch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     meta = {"pipeline": "pneumonia", "arch": args.arch, "image_size": args.image_size, "labels": list(LABELS),
             "data_root": str(Path(args.data_root).resolve()), "data_file": data.path.name,
