@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from common.cli import base_parser, parse_args
+from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int, unit_interval
 from common.errors import ConfigError, cli_entry
 from common.metrics.retrieval import recall_against_exact
 
@@ -38,23 +38,25 @@ NOISE_STD = 0.1  # isotropic noise off the subspace
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("FAISS retrieval benchmark", parents=[base_parser()])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="archive sizes")
+    parser = MedvlArgumentParser("FAISS retrieval benchmark", parents=[base_parser()])
+    parser.add_argument("--sizes", type=positive_int, nargs="+", default=[10_000, 100_000], help="archive sizes")
     parser.add_argument("--data", nargs="+", choices=DATA_KINDS, default=list(DATA_KINDS), help="data kinds")
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--queries", type=int, default=1000, help="queries per measurement (one batch search)")
-    parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3, help="time each batch search as the best of this many")
-    parser.add_argument("--threads", type=int, default=None, help="FAISS OpenMP threads (default: all cores)")
-    parser.add_argument("--nprobe", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64, 128], help="IVF sweep")
-    parser.add_argument("--ef-search", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512], help="HNSW sweep")
+    parser.add_argument("--dim", type=positive_int, default=512)
+    parser.add_argument("--queries", type=positive_int, default=1000, help="queries per measurement (one batch search)")
+    parser.add_argument("--k", type=positive_int, default=10)
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="time each batch search as the best of this many")
+    parser.add_argument("--threads", type=positive_int, default=None, help="FAISS OpenMP threads (default: all cores)")
+    parser.add_argument("--nprobe", type=positive_int, nargs="+", default=[1, 4, 8, 16, 32, 64, 128], help="IVF sweep")
+    parser.add_argument("--ef-search", type=positive_int, nargs="+", default=[16, 32, 64, 128, 256, 512],
+                        help="HNSW sweep")
     parser.add_argument("--indexes", nargs="+", choices=ANN_FAMILIES, default=list(ANN_FAMILIES),
                         help="ANN families to build beside the exact flat index (HNSW builds slowly on few cores)")
-    parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default: 4 sqrt(N))")
-    parser.add_argument("--hnsw-m", type=int, default=32)
-    parser.add_argument("--ef-construction", type=int, default=64)
-    parser.add_argument("--target-recall", type=float, default=0.95)
-    parser.add_argument("--clusters", type=int, default=100, help="mixture components of the clustered data")
+    parser.add_argument("--nlist", type=positive_int, default=None, help="IVF lists (default: 4 sqrt(N))")
+    parser.add_argument("--hnsw-m", type=positive_int, default=32)
+    parser.add_argument("--ef-construction", type=positive_int, default=64)
+    parser.add_argument("--target-recall", type=unit_interval, default=0.95)
+    parser.add_argument("--clusters", type=positive_int, default=100, help="mixture components of the clustered data")
     return parser
 
 

@@ -28,7 +28,7 @@ from transformers import Gemma3ForConditionalGeneration
 
 from common import hf
 from common.checkpoint import atomic_write_text
-from common.cli import base_parser, parse_args
+from common.cli import MedvlArgumentParser, base_parser, parse_args
 from common.device import pick_device
 from common.errors import ConfigError, cli_entry
 from common.tables import markdown_table
@@ -40,8 +40,8 @@ GB = 1e9
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, parents=[base_parser()],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = MedvlArgumentParser(description=__doc__, parents=[base_parser()],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="medgemma-4b", choices=ARCHS)
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
     parser.add_argument("--work-dir", type=Path, default=None,

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.errors import DataError
+
+log = logging.getLogger("medvl.checkpoint")
 
 BEST_DIR = "best"
 LAST_DIR = "checkpoints/last"
@@ -87,7 +93,8 @@ def environment_versions() -> dict[str, str]:
 def save_model(directory: Path, model: torch.nn.Module, meta: dict[str, Any]) -> Path:
     """Save weights as safetensors plus ``model.json`` (how to rebuild the model, and provenance).
 
-    The weights file is written before the metadata, so a directory with ``model.json`` always has weights.
+    Into a fresh directory that is then swapped in whole (``staged_dir``), so weights and metadata always come
+    from the same epoch; the training loop hands ``save_best`` such a directory.
     """
     directory = Path(directory)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -127,12 +134,160 @@ def load_model_files(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str
     return state, meta
 
 
+def require_keys(meta: dict[str, Any], path: Path, types: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
+    """Check that ``model.json`` (or any JSON record) has each key with a value of the expected type."""
+    if not isinstance(meta, dict):
+        raise DataError(path, "expected a JSON object")
+    for key, kind in types.items():
+        if key not in meta:
+            raise DataError(path, f"missing key {key!r}")
+        value = meta[key]
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise DataError(path, f"key {key!r} has the wrong type (bool)")
+        if not isinstance(value, kind):
+            raise DataError(path, f"key {key!r} has the wrong type ({type(value).__name__})")
+    return meta
+
+
 def find_model_dir(run_dir: Path) -> Path:
     """Accept a run directory or its ``best/`` directory and return the one holding the model files."""
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise DataError(run_dir, "run directory does not exist")
-    for candidate in (run_dir / BEST_DIR, run_dir):
+    if not run_dir.is_dir():
+        raise DataError(run_dir, "not a directory")
+    recover_results(run_dir)
+    for candidate in (committed_dir(run_dir / BEST_DIR), run_dir):
         if (candidate / META_FILE).is_file():
             return candidate
     raise DataError(run_dir, f"no trained model here (expected {BEST_DIR}/{META_FILE}); train first")
+
+
+# --- directories swapped in whole -------------------------------------------------------------------------------
+
+def _sibling(final: Path, suffix: str) -> Path:
+    return final.with_name(final.name + suffix)
+
+
+def committed_dir(final: Path) -> Path:
+    """``final``, or its previous version when a kill fell between the two renames of ``swap_dir``."""
+    final = Path(final)
+    old = _sibling(final, ".old")
+    return old if not final.exists() and old.is_dir() else final
+
+
+def swap_dir(staged: Path, final: Path) -> None:
+    """Replace directory ``final`` by the complete directory ``staged``; a reader sees one or the other.
+
+    Two renames: ``final -> final.old`` then ``staged -> final``. A kill between them leaves ``final.old``
+    (found by ``committed_dir``) and is repaired by the next swap.
+    """
+    staged, final = Path(staged), Path(final)
+    old = _sibling(final, ".old")
+    if not final.exists() and old.is_dir():
+        os.replace(old, final)
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staged, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """Yield an empty sibling directory to fill; on success it replaces ``final`` whole, on error it is dropped."""
+    final = Path(final)
+    staged = _sibling(final, ".tmp")
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    try:
+        yield staged
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    swap_dir(staged, final)
+
+
+# --- result sets: several files of a run directory replaced together ------------------------------------------
+
+PENDING_DIR = ".pending"
+COMMIT_FILE = "COMMIT.json"
+
+
+@contextlib.contextmanager
+def result_set(run_dir: Path) -> Iterator[Path]:
+    """Yield a staging root that mirrors ``run_dir``; on success every file in it replaces its twin together.
+
+    Files are written under ``run_dir/.pending/`` (``predictions/test.csv``, ``results.json`` ...). The commit
+    point is one atomic write of ``.pending/COMMIT.json`` listing them; the files are then renamed into place.
+    A failure before the commit point leaves the old set untouched; a kill after it is finished by
+    ``recover_results``, which every medvl tool calls before it reads or writes a run directory, so the set seen
+    is always the old one or the new one.
+    """
+    run_dir = Path(run_dir)
+    recover_results(run_dir)
+    pending = run_dir / PENDING_DIR
+    shutil.rmtree(pending, ignore_errors=True)
+    pending.mkdir(parents=True)
+    try:
+        yield pending
+    except BaseException:
+        shutil.rmtree(pending, ignore_errors=True)
+        raise
+    files = sorted(str(p.relative_to(pending)) for p in pending.rglob("*") if p.is_file())
+    atomic_write_json(pending / COMMIT_FILE, {"files": files})
+    recover_results(run_dir)
+
+
+def recover_results(run_dir: Path) -> None:
+    """Finish a committed result set (move its files into place) or drop an uncommitted one."""
+    pending = Path(run_dir) / PENDING_DIR
+    if not pending.is_dir():
+        return
+    commit = pending / COMMIT_FILE
+    try:
+        files = json.loads(commit.read_text())["files"] if commit.is_file() else None
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        files = None
+    if files is None:
+        shutil.rmtree(pending, ignore_errors=True)
+        return
+    for name in files:
+        source = pending / name
+        if source.is_file():
+            target = Path(run_dir) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
+    shutil.rmtree(pending, ignore_errors=True)
+
+
+# --- JSON lines ---------------------------------------------------------------------------------------------------
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a ``.jsonl`` file; an unterminated last line (a write cut short) is dropped with a warning.
+
+    Any other line that is not a JSON object is a DataError naming the file and line.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(path, f"not UTF-8 text (byte {err.start})") from err
+    except OSError as err:
+        raise DataError(path, f"cannot read ({err.strerror})") from err
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                log.warning("%s: dropped an unfinished last line", path)
+                continue
+            raise DataError(path, f"line {number} is not valid JSON") from None
+        if not isinstance(record, dict):
+            raise DataError(path, f"line {number} is not a JSON object")
+        records.append(record)
+    return records

@@ -1,10 +1,19 @@
-"""Parent argparse parser shared by every script, YAML ``--config`` defaults, and the saved resolved config."""
+"""Parent argparse parser shared by every script, YAML ``--config`` defaults, and the saved resolved config.
+
+Flags and YAML keys go through the same converters (the ``type=`` of each flag: ``positive_int``,
+``finite_float`` ...), so ``epochs: ten`` in a config and ``--epochs ten`` on the command line fail alike, with
+one line that names the file or the flag. Argparse's own errors (unknown flag, bad choice) are turned into the
+same one-line ``ConfigError`` instead of a usage dump.
+"""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import math
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -12,19 +21,61 @@ from common.checkpoint import atomic_write_text
 from common.errors import ConfigError
 
 
+class MedvlArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are ``ConfigError``s naming the flag, printed by ``cli_entry`` in one line."""
+
+    def error(self, message: str):
+        match = re.match(r"argument (\S+?)(?:/\S+)?: (.*)", message)
+        if match:
+            raise ConfigError(match.group(1), match.group(2))
+        raise ConfigError(self.prog, message)
+
+
+def _number(kind: type, text: Any, what: str) -> Any:
+    if isinstance(text, bool):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    try:
+        value = kind(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {str(text)!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {str(text)!r}")
+    return value
+
+
+def _bounded(kind: type, what: str, check: Callable[[Any], bool]) -> Callable[[Any], Any]:
+    def convert(text: Any) -> Any:
+        value = _number(kind, text, what)
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    convert.__name__ = what.replace(" ", "_")
+    return convert
+
+
+integer = _bounded(int, "an integer", lambda v: True)
+positive_int = _bounded(int, "an integer >= 1", lambda v: v >= 1)
+nonnegative_int = _bounded(int, "an integer >= 0", lambda v: v >= 0)
+finite_float = _bounded(float, "a finite number", lambda v: True)
+positive_float = _bounded(float, "a number > 0", lambda v: v > 0)
+nonnegative_float = _bounded(float, "a number >= 0", lambda v: v >= 0)
+unit_interval = _bounded(float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
+
+
 def base_parser() -> argparse.ArgumentParser:
     """Flags every medvl script understands; pipelines add theirs on top via ``parents=[base_parser()]``."""
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = MedvlArgumentParser(add_help=False)
     group = parser.add_argument_group("common")
     group.add_argument("--config", type=Path, default=None, help="YAML file of defaults; flags on the command line win")
     group.add_argument("--output-dir", type=Path, default=None, help="run directory (created)")
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--seed", type=integer, default=0)
     group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     group.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     group.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"])
     group.add_argument("--cache-dir", type=Path, default=None, help="Hugging Face cache directory")
     group.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoints/last")
-    group.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    group.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
     return parser
 
 
@@ -34,6 +85,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     YAML keys use the flag names with ``-`` or ``_``; a key the parser does not know is a ConfigError so a
     typo in a config never silently does nothing.
     """
+    if not isinstance(parser, MedvlArgumentParser):
+        parser.error = MedvlArgumentParser.error.__get__(parser)  # one-line errors for any parser
     pre, _ = parser.parse_known_args(argv)
     config_path = getattr(pre, "config", None)
     if config_path is not None:
@@ -41,12 +94,57 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     return parser.parse_args(argv)
 
 
+def _is_boolean(action: argparse.Action) -> bool:
+    return isinstance(action, argparse.BooleanOptionalAction | argparse._StoreTrueAction | argparse._StoreFalseAction)
+
+
+def _convert(action: argparse.Action, key: str, value: Any, path: Path) -> Any:
+    """Convert one YAML value by the rules of its flag (type, booleans, nargs, choices)."""
+    if value is None:
+        return None
+    if _is_boolean(action):
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"{key}: expected true or false, got {value!r}")
+        return value
+    if isinstance(value, dict):
+        raise ConfigError(path, f"{key}: expected a value, got a mapping")
+    many = action.nargs not in (None, "?")
+    if isinstance(value, list) != many:
+        raise ConfigError(path, f"{key}: expected {'a list' if many else 'one value'}, got {value!r}")
+    items = value if many else [value]
+    if isinstance(action.nargs, int) and len(items) != action.nargs:
+        raise ConfigError(path, f"{key}: expected {action.nargs} values, got {len(items)}")
+    converted = []
+    for item in items:
+        if isinstance(item, list | dict):
+            raise ConfigError(path, f"{key}: expected a plain value, got {item!r}")
+        if action.type is not None:
+            if isinstance(item, bool):
+                raise ConfigError(path, f"{key}: expected {getattr(action.type, '__name__', 'a value')}, got {item}")
+            try:
+                item = action.type(item if isinstance(item, str) else str(item))
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
+                raise ConfigError(path, f"{key}: {err}") from None
+        elif not isinstance(item, str | int | float):
+            raise ConfigError(path, f"{key}: expected text, got {item!r}")
+        if action.choices is not None and item not in action.choices:
+            raise ConfigError(path, f"{key}: {item!r} is not one of {sorted(map(str, action.choices))}")
+        converted.append(item)
+    return converted if many else converted[0]
+
+
 def load_config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict:
     """Read a YAML config and map its keys onto the parser's destinations, checking each one."""
     if not path.is_file():
-        raise ConfigError(path, "config file not found")
+        raise ConfigError(path, "config file not found" if not path.exists() else "not a file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(path, f"not UTF-8 text (byte {err.start})") from err
+    except OSError as err:
+        raise ConfigError(path, f"cannot read ({err.strerror})") from err
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(path, f"not valid YAML ({str(err).splitlines()[0]})") from err
     if not isinstance(data, dict):
@@ -58,19 +156,21 @@ def load_config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict:
         if dest not in actions:
             known = ", ".join(sorted(actions))
             raise ConfigError(path, f"unknown key {key!r} (known: {known})")
-        action = actions[dest]
-        if action.type is not None and value is not None and not isinstance(value, list | bool):
-            value = action.type(value)
-        if action.choices is not None and value not in action.choices:
-            raise ConfigError(path, f"{key}: {value!r} is not one of {sorted(map(str, action.choices))}")
-        defaults[dest] = value
+        defaults[dest] = _convert(actions[dest], str(key), value, path)
     return defaults
+
+
+UNSAVED_KEYS = ("config", "resume", "overwrite")
+
+
+def config_text(args: argparse.Namespace) -> str:
+    """The resolved arguments as YAML, as ``config.yaml`` holds them (reusable with ``--config``)."""
+    resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in UNSAVED_KEYS}
+    return yaml.safe_dump(resolved, sort_keys=True)
 
 
 def save_config(args: argparse.Namespace, run_dir: Path) -> Path:
     """Write the resolved arguments as ``config.yaml`` so a run can be repeated with ``--config``."""
-    skipped = ("config", "resume")
-    resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in skipped}
     path = Path(run_dir) / "config.yaml"
-    atomic_write_text(path, yaml.safe_dump(resolved, sort_keys=True))
+    atomic_write_text(path, config_text(args))
     return path

@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 
 from common.checkpoint import atomic_write_text, git_sha
+from common.cli import MedvlArgumentParser
 from common.errors import ConfigError, cli_entry
 
 SECTIONS = ("pneumonia", "cxr_localize")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = MedvlArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=Path("runs/demo"))
     parser.add_argument("--only", nargs="+", default=list(SECTIONS), help=f"subset of {', '.join(SECTIONS)}")
     return parser

@@ -17,9 +17,20 @@ def pick_device(requested: str = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device", f"{requested!r} asked for but no CUDA device is visible")
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError):
+        raise ConfigError("--device", f"unknown device {requested!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError("--device", f"unsupported device {requested!r}; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device", f"{requested!r} asked for but no CUDA device is visible")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError("--device", f"{requested!r} asked for but only {torch.cuda.device_count()} CUDA "
+                                          "device(s) are visible")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("--device", "'mps' asked for but this machine has no usable MPS device")
     return device
 
 

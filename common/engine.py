@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -26,12 +25,25 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, send_to_device, set_seed
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from common.checkpoint import LAST_DIR, atomic_write_text
+from common import train_state
+from common.checkpoint import (
+    BEST_DIR,
+    LAST_DIR,
+    PENDING_DIR,
+    atomic_write_text,
+    committed_dir,
+    read_jsonl,
+    recover_results,
+    staged_dir,
+    swap_dir,
+)
+from common.cli import nonnegative_float, nonnegative_int, positive_float, positive_int, unit_interval
 from common.device import mixed_precision, pick_device
 from common.errors import ConfigError, DataError
 
@@ -64,30 +76,51 @@ class TrainConfig:
     max_steps: int | None = None
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False
     num_workers: int = 0
     progress: bool = True
 
     def __post_init__(self) -> None:
+        """The same rules as the flags' converters, for code that builds a TrainConfig directly."""
         if self.scheduler not in SCHEDULERS:
             raise ConfigError("--scheduler", f"unknown scheduler {self.scheduler!r}; choose {', '.join(SCHEDULERS)}")
         if self.mode not in ("min", "max"):
             raise ConfigError("--mode", f"mode must be min or max, not {self.mode!r}")
-        for name in ("epochs", "batch_size", "grad_accum", "eval_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')}", "must be at least 1")
+        at_least = {"epochs": 1, "batch_size": 1, "grad_accum": 1, "eval_every": 1, "step_size_epochs": 1,
+                    "warmup_steps": 0, "num_workers": 0, "eval_batch_size": 1, "patience": 1, "checkpoint_every": 1,
+                    "max_steps": 1}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ConfigError(f"--{name.replace('_', '-')}", f"expected an integer >= {low}, got {value!r}")
+        for name, low, high in (("clip_grad_norm", 0, math.inf), ("step_gamma", 0, math.inf),
+                                ("min_lr_ratio", 0, 1)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, int | float) or not math.isfinite(value) or not low <= value <= high or (
+                    name != "min_lr_ratio" and value == 0):
+                raise ConfigError(f"--{name.replace('_', '-')}", f"out of range: {value!r}")
 
 
 class TrainTask(Protocol):
-    """What a pipeline tells the loop about its problem."""
+    """What a pipeline tells the loop about its problem.
+
+    Both ``training_loss`` and ``validate`` receive batches already on the model's device (``validate`` iterates
+    a ``DeviceBatches``, which also has ``.dataset`` and ``len``). ``metric_names`` lists the keys ``validate``
+    returns (without ``val_``) so that a wrong ``--monitor`` fails before training.
+    """
+
+    metric_names: tuple[str, ...]
 
     def training_loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         """Scalar loss of one (device-resident) batch."""
 
-    def validate(self, model: torch.nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+    def validate(self, model: torch.nn.Module, loader: DeviceBatches, device: torch.device) -> dict[str, float]:
         """Metrics on the validation set; must include the monitored key."""
 
     def save_best(self, model: torch.nn.Module, metrics: dict[str, float], directory: Path) -> None:
-        """Write the best model (``best/model.safetensors`` + ``model.json``, or an adapter)."""
+        """Write the best model into ``directory`` (a fresh folder the loop swaps in as ``best/`` whole)."""
 
 
 class EpochSampler(Sampler[int]):
@@ -139,17 +172,27 @@ class _LoopState:
         return dict(vars(self))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        expected = self.state_dict()
+        if not isinstance(state, dict) or set(state) != set(expected):
+            raise KeyError(f"loop state keys {sorted(state) if isinstance(state, dict) else state!r}")
         for key, value in state.items():
+            default = expected[key]
+            kind = (int, float) if isinstance(default, float) or default is None else type(default)
+            if value is not None and (not isinstance(value, kind) or isinstance(value, bool) != (kind is bool)):
+                raise TypeError(f"loop state {key!r} is {value!r}")
             setattr(self, key, value)
 
 
 @dataclass
 class FitResult:
+    """What ``fit`` ends with; ``completed`` is False when ``max_steps`` stopped it before the last epoch."""
+
     best_value: float | None
     best_epoch: int | None
     global_step: int
     stopped_early: bool
     history: list[dict[str, Any]] = field(default_factory=list)
+    completed: bool = True
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
@@ -170,52 +213,146 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _save_last(accelerator: Accelerator, run_dir: Path) -> None:
+def check_output_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a run directory that would lose work: a file, or a previous run without ``--resume``/``--overwrite``.
+
+    Reads only; nothing is written, so it can run before the data is loaded.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError("--output-dir", f"{run_dir} is a file, not a directory")
+    if resume and overwrite:
+        raise ConfigError("--overwrite", "cannot be combined with --resume")
+    if resume:
+        find_resume_dir(run_dir)
+        return
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+        raise ConfigError("--output-dir", f"{run_dir} already holds a run; pass --resume to continue it or "
+                                          "--overwrite to replace it")
+
+
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "train.log", "split.csv", "checkpoints", "best", "best.old",
+               "best.tmp", "predictions", "figures", "results.json", "results.md", "results.csv", PENDING_DIR,
+               "reports", "retrieval")
+
+
+def _clear_run(run_dir: Path, extra: tuple[str, ...] = ()) -> None:
+    """``--overwrite``: remove what an earlier run wrote (and only that), once the new run has been validated."""
+    for name in (*RUN_OUTPUTS, *extra):
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def _save_last(accelerator: Accelerator, model, optimizer, scheduler, state: _LoopState, run_dir: Path,
+               identity: dict[str, Any]) -> None:
     """Write the resumable state into a fresh folder, then swap it in: a kill never leaves half a checkpoint."""
     last = run_dir / LAST_DIR
-    tmp, old = last.with_name("last.tmp"), last.with_name("last.old")
+    tmp = last.with_name("last.tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+        tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        shutil.rmtree(old, ignore_errors=True)
-        if last.exists():
-            os.replace(last, old)
-        os.replace(tmp, last)
-        shutil.rmtree(old, ignore_errors=True)
+        train_state.save_model_state(accelerator.unwrap_model(model), tmp)
+        train_state.save_optimizer(optimizer, tmp)
+        scaler = getattr(accelerator, "scaler", None)
+        train_state.save_trainer(tmp, {"loop": state.state_dict(), "scheduler": scheduler.state_dict(),
+                                       "scaler": scaler.state_dict() if scaler is not None else None,
+                                       "num_processes": accelerator.num_processes, "identity": identity})
+    train_state.save_rng(tmp, accelerator.process_index)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        swap_dir(tmp, last)
     accelerator.wait_for_everyone()
 
 
 def find_resume_dir(run_dir: Path) -> Path:
     """The checkpoint ``--resume`` continues from; a missing one is a one-line error."""
-    last = Path(run_dir) / LAST_DIR
-    for candidate in (last, last.with_name("last.old")):
-        if candidate.is_dir() and any(candidate.iterdir()):
-            return candidate
-    raise DataError(last, "--resume given but there is no checkpoint to resume from")
+    last = committed_dir(Path(run_dir) / LAST_DIR)
+    if last.is_dir() and any(last.iterdir()):
+        return last
+    raise DataError(Path(run_dir) / LAST_DIR, "--resume given but there is no checkpoint to resume from")
 
 
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as handle:
-        handle.write(json.dumps(record, default=float) + "\n")
+RESUMABLE_CHANGES = ("max_steps", "progress", "num_workers", "device", "cache_dir", "checkpoint_every",
+                     "eval_batch_size", "output_dir")
+"""config.yaml keys ``--resume`` lets differ: they do not change which batches are drawn or how weights move."""
 
 
-def _truncate_history(path: Path, step: int) -> list[dict[str, Any]]:
-    """Drop records written after the checkpoint we resume from, so ``metrics.jsonl`` matches one clean run."""
-    if not path.is_file():
-        return []
-    kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in kept if r.get("step", 0) <= step]
-    atomic_write_text(path, "".join(json.dumps(r, default=float) + "\n" for r in kept))
-    return kept
+def _identity(config: TrainConfig, train_size: int, num_processes: int) -> dict[str, Any]:
+    """The loop settings a resumed run must share with the interrupted one to end at the same weights."""
+    keys = ("epochs", "batch_size", "grad_accum", "clip_grad_norm", "scheduler", "warmup_steps", "step_size_epochs",
+            "step_gamma", "min_lr_ratio", "precision", "monitor", "mode", "patience", "eval_every", "seed")
+    return {**{k: getattr(config, k) for k in keys}, "train_size": train_size, "num_processes": num_processes}
+
+
+def _check_resume(resume_dir: Path, saved: dict[str, Any], identity: dict[str, Any], run_dir: Path,
+                  run_files: dict[str, str]) -> None:
+    """Refuse a resume whose settings or data differ from the interrupted run's, naming what changed."""
+    before = saved.get("identity") or {}
+    changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in identity.items() if before.get(k) != v]
+    for name, text in run_files.items():
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        old = path.read_text(encoding="utf-8", errors="replace")
+        if name.endswith((".yaml", ".yml")):
+            try:
+                old_cfg, new_cfg = yaml.safe_load(old) or {}, yaml.safe_load(text) or {}
+            except yaml.YAMLError as err:
+                raise DataError(path, f"not valid YAML ({str(err).splitlines()[0]})") from err
+            if not isinstance(old_cfg, dict):
+                raise DataError(path, "not a mapping of settings")
+            keys = sorted((set(old_cfg) | set(new_cfg)) - set(RESUMABLE_CHANGES) - set(identity))
+            changed += [f"{k} {old_cfg.get(k)!r} -> {new_cfg.get(k)!r}" for k in keys
+                        if old_cfg.get(k) != new_cfg.get(k)]
+        elif old != text:
+            changed.append(f"{name} (the data or its split changed)")
+    if changed:
+        raise ConfigError("--resume", f"settings differ from the interrupted run in {run_dir}: {'; '.join(changed)}. "
+                                      "Resume with the original settings, or start a new run")
+
+
+def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
+    """Rewrite ``metrics.jsonl`` whole (it is small): a kill never leaves a partial line."""
+    atomic_write_text(path, "".join(json.dumps(r, default=float) + "\n" for r in history))
 
 
 def _improved(value: float, best: float | None, mode: str) -> bool:
     if best is None or math.isnan(best):
         return not math.isnan(value)
     return value < best if mode == "min" else value > best
+
+
+class DeviceBatches:
+    """A validation loader whose batches arrive on the model's device, as ``training_loss`` receives them."""
+
+    def __init__(self, loader: DataLoader, device: torch.device):
+        self.loader, self.device, self.dataset = loader, device, loader.dataset
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            yield send_to_device(batch, self.device)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def check_monitor(config: TrainConfig, task: TrainTask, has_val: bool) -> None:
+    """Fail before any work when ``--monitor`` names a metric this task's validation never returns."""
+    names = getattr(task, "metric_names", None)
+    if not has_val:
+        if config.monitor != "train_loss":
+            raise ConfigError("--monitor", f"{config.monitor!r} needs a validation split, and this run has none")
+        return
+    if names is None:
+        return
+    known = sorted({f"val_{n}" for n in names} | {"train_loss"})
+    if config.monitor not in known:
+        raise ConfigError("--monitor", f"unknown metric {config.monitor!r}; this task reports {', '.join(known)}")
 
 
 def fit(
@@ -227,14 +364,37 @@ def fit(
     config: TrainConfig,
     run_dir: Path,
     collate_fn: Callable | None = None,
+    run_files: dict[str, str] | None = None,
 ) -> FitResult:
-    """Train ``model`` and keep the best checkpoint by ``config.monitor``; see the module docstring."""
+    """Train ``model`` and keep the best checkpoint by ``config.monitor``; see the module docstring.
+
+    Everything is checked before the run directory is touched: the data is not empty, the monitored metric
+    exists, the directory is fresh (or ``overwrite``), and on ``resume`` the checkpoint is readable and the
+    settings and ``run_files`` match the interrupted run's. ``run_files`` (``config.yaml``, ``split.csv`` ...)
+    are then written for a new run, or compared with the saved ones on resume and left as they are.
+    """
     run_dir = Path(run_dir)
+    run_files = dict(run_files or {})
+    if len(train_dataset) == 0:
+        raise DataError("training data", "the training split is empty; nothing to train on")
+    if val_dataset is not None and len(val_dataset) == 0:
+        raise DataError("validation data", "the validation split is empty")
+    check_monitor(config, task, val_dataset is not None)
+    check_output_dir(run_dir, config.resume, config.overwrite)
     device = pick_device(config.device)
     accelerator = Accelerator(
         cpu=device.type == "cpu",
         mixed_precision=mixed_precision(config.precision, device),
     )
+    identity = _identity(config, len(train_dataset), accelerator.num_processes)
+    saved_state = None
+    if config.resume:
+        resume_dir = find_resume_dir(run_dir)
+        saved_state = train_state.load_trainer(resume_dir)
+        if saved_state["num_processes"] != accelerator.num_processes:
+            raise ConfigError("--resume", f"the checkpoint was written by {saved_state['num_processes']} process(es), "
+                                          f"this run has {accelerator.num_processes}; resume with the same number")
+        _check_resume(resume_dir, saved_state, identity, run_dir, run_files)
     set_seed(config.seed)
     state = _LoopState()
     sampler = EpochSampler(len(train_dataset), config.seed, True, accelerator.process_index, accelerator.num_processes)
@@ -249,22 +409,42 @@ def fit(
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
-    accelerator.register_for_checkpointing(scheduler, state)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
-    _attach_log_file(run_dir / "train.log", accelerator.is_main_process)
     history: list[dict[str, Any]] = []
     if config.resume:
-        resume_dir = find_resume_dir(run_dir)
-        accelerator.load_state(str(resume_dir))
+        train_state.load_model_state(accelerator.unwrap_model(model), resume_dir)
+        train_state.load_optimizer(optimizer, resume_dir)
+        try:
+            scheduler.load_state_dict(saved_state["scheduler"])
+            state.load_state_dict(saved_state["loop"])
+            scaler = getattr(accelerator, "scaler", None)
+            if scaler is not None and saved_state.get("scaler"):
+                scaler.load_state_dict(saved_state["scaler"])
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise DataError(resume_dir / train_state.TRAINER_JSON, f"does not load ({type(err).__name__}: {err})") \
+                from err
+        train_state.load_rng(resume_dir, accelerator.process_index)
         if accelerator.is_main_process:
-            history = _truncate_history(metrics_path, state.global_step)
+            recover_results(run_dir)
+            history = [r for r in (read_jsonl(metrics_path) if metrics_path.is_file() else [])
+                       if r.get("step", 0) <= state.global_step]
+            _write_history(metrics_path, history)
         log.info("resumed from %s at epoch %d, step %d", resume_dir, state.epoch, state.global_step)
-    elif accelerator.is_main_process and metrics_path.exists():
-        metrics_path.unlink()
+    elif accelerator.is_main_process:
+        if config.overwrite:
+            _clear_run(run_dir, tuple(run_files))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in run_files.items():
+            atomic_write_text(run_dir / name, text)
+    accelerator.wait_for_everyone()
+    _attach_log_file(run_dir / "train.log", accelerator.is_main_process)
+
+    def save_last() -> None:
+        _save_last(accelerator, model, optimizer, scheduler, state, run_dir, identity)
 
     stopped_early = False
+    hit_max_steps = False
     start = time.time()
     while not state.finished and state.epoch < config.epochs:
         epoch = state.epoch
@@ -273,7 +453,6 @@ def fit(
         model.train()
         bar = tqdm(total=batches_per_epoch, initial=state.batches_done, desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=not (config.progress and accelerator.is_local_main_process), leave=False)
-        hit_max_steps = False
         for batch in train_loader:
             index = state.batches_done
             group_end = min(batches_per_epoch, (index // config.grad_accum + 1) * config.grad_accum)
@@ -303,10 +482,10 @@ def fit(
                     hit_max_steps = True
                     break
                 if config.checkpoint_every and state.global_step % config.checkpoint_every == 0:
-                    _save_last(accelerator, run_dir)
+                    save_last()
         bar.close()
         if hit_max_steps and state.batches_done < batches_per_epoch:
-            _save_last(accelerator, run_dir)
+            save_last()
             log.info("stopped at --max-steps %d (epoch %d, batch %d); --resume continues", state.global_step,
                      epoch + 1, state.batches_done)
             break
@@ -314,35 +493,40 @@ def fit(
         record: dict[str, Any] = {"epoch": epoch + 1, "step": state.global_step,
                                   "train_loss": state.loss_sum / max(1, state.loss_count),
                                   "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - start, 2)}
-        if val_loader is not None and (epoch + 1) % config.eval_every == 0:
+        evaluated = val_loader is not None and (epoch + 1) % config.eval_every == 0
+        if evaluated:
             record.update(_validate(accelerator, model, val_loader, task))
+        if evaluated or val_loader is None:
             value = record.get(config.monitor)
             if value is None:
                 raise ConfigError("--monitor", f"validation returned no {config.monitor!r} (has {sorted(record)})")
             if _improved(float(value), state.best_value, config.mode):
                 state.best_value, state.best_epoch, state.bad_evals = float(value), epoch + 1, 0
                 if accelerator.is_main_process:
-                    task.save_best(accelerator.unwrap_model(model), record, run_dir / "best")
+                    with staged_dir(run_dir / BEST_DIR) as staged:
+                        task.save_best(accelerator.unwrap_model(model), record, staged)
                 record["is_best"] = True
             else:
                 state.bad_evals += 1
             if config.patience is not None and state.bad_evals >= config.patience:
                 stopped_early = True
-        elif val_loader is None and accelerator.is_main_process:
-            task.save_best(accelerator.unwrap_model(model), record, run_dir / "best")
         state.epoch, state.batches_done, state.loss_sum, state.loss_count = epoch + 1, 0, 0.0, 0
         state.finished = stopped_early or state.epoch >= config.epochs
         if accelerator.is_main_process:
-            _append_jsonl(metrics_path, record)
             history.append(record)
+            _write_history(metrics_path, history)
             log.info("epoch %d: %s", epoch + 1, _format_record(record))
-        _save_last(accelerator, run_dir)
+        save_last()
         if stopped_early:
             log.info("early stop: %s has not improved for %d evaluations", config.monitor, config.patience)
         if hit_max_steps:
             break
     accelerator.wait_for_everyone()
-    return FitResult(state.best_value, state.best_epoch, state.global_step, stopped_early, history)
+    completed = state.finished
+    if completed and state.best_value is None:
+        raise DataError(metrics_path, f"{config.monitor} was never a finite number, so no best model was saved; "
+                                      "check the validation data or choose another --monitor")
+    return FitResult(state.best_value, state.best_epoch, state.global_step, stopped_early, history, completed)
 
 
 def _validate(accelerator: Accelerator, model, loader: DataLoader, task: TrainTask) -> dict[str, float]:
@@ -353,7 +537,7 @@ def _validate(accelerator: Accelerator, model, loader: DataLoader, task: TrainTa
         unwrapped.eval()
         rng = torch.get_rng_state()
         with torch.no_grad(), accelerator.autocast():
-            metrics = task.validate(unwrapped, loader, accelerator.device)
+            metrics = task.validate(unwrapped, DeviceBatches(loader, accelerator.device), accelerator.device)
         torch.set_rng_state(rng)
         unwrapped.train()
         payload = [{f"val_{k}" if not k.startswith("val_") else k: float(v) for k, v in metrics.items()}]
@@ -392,23 +576,27 @@ def add_train_args(parser, *, epochs: int, batch_size: int, lr: float, monitor: 
                    scheduler: str = "cosine", weight_decay: float = 0.0) -> None:
     """Training flags shared by all pipelines, with each pipeline's own defaults."""
     group = parser.add_argument_group("training")
-    group.add_argument("--epochs", type=int, default=epochs)
-    group.add_argument("--batch-size", type=int, default=batch_size)
-    group.add_argument("--eval-batch-size", type=int, default=None)
-    group.add_argument("--lr", type=float, default=lr)
-    group.add_argument("--weight-decay", type=float, default=weight_decay)
-    group.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    group.add_argument("--clip-grad-norm", type=float, default=None)
+    group.add_argument("--epochs", type=positive_int, default=epochs)
+    group.add_argument("--batch-size", type=positive_int, default=batch_size)
+    group.add_argument("--eval-batch-size", type=positive_int, default=None)
+    group.add_argument("--lr", type=positive_float, default=lr)
+    group.add_argument("--weight-decay", type=nonnegative_float, default=weight_decay)
+    group.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    group.add_argument("--clip-grad-norm", type=positive_float, default=None)
     group.add_argument("--scheduler", choices=SCHEDULERS, default=scheduler)
-    group.add_argument("--warmup-steps", type=int, default=0)
-    group.add_argument("--min-lr-ratio", type=float, default=0.0)
+    group.add_argument("--warmup-steps", type=nonnegative_int, default=0)
+    group.add_argument("--min-lr-ratio", type=unit_interval, default=0.0)
     group.add_argument("--monitor", default=monitor, help="validation metric that picks the best epoch")
     group.add_argument("--mode", choices=["min", "max"], default=mode)
-    group.add_argument("--patience", type=int, default=None, help="early stop after this many evals without gain")
-    group.add_argument("--checkpoint-every", type=int, default=None, help="also checkpoint every N optimizer steps")
-    group.add_argument("--num-workers", type=int, default=0)
+    group.add_argument("--patience", type=positive_int, default=None,
+                       help="early stop after this many evals without gain")
+    group.add_argument("--checkpoint-every", type=positive_int, default=None,
+                       help="also checkpoint every N optimizer steps")
+    group.add_argument("--num-workers", type=nonnegative_int, default=0)
     group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in --output-dir (without it, a non-empty run dir is refused)")
 
 
 __all__ = ["TrainConfig", "TrainTask", "FitResult", "fit", "add_train_args", "config_from_args", "EpochSampler",
-           "build_scheduler", "find_resume_dir"]
+           "build_scheduler", "find_resume_dir", "check_output_dir", "check_monitor", "DeviceBatches"]

@@ -85,17 +85,22 @@ def check_no_leakage(groups, assignments, source: str | Path) -> None:
             raise DataError(source, f"group {group} appears in splits {seen} and {split}")
 
 
-def save_split_csv(path: str | Path, ids, groups, assignments) -> Path:
-    """Write ``id,group,split`` rows atomically; a split that leaks a group is refused."""
+def split_csv_text(ids, groups, assignments, source: str | Path = "split.csv") -> str:
+    """``id,group,split`` rows as CSV text; a split that leaks a group is refused."""
     ids, groups, assignments = (np.asarray(a) for a in (ids, groups, assignments))
     if not len(ids) == len(groups) == len(assignments):
-        raise DataError(path, f"ids, groups and splits differ in length: {len(ids)}, {len(groups)}, "
-                              f"{len(assignments)}")
-    check_no_leakage(groups, assignments, path)
+        raise DataError(source, f"ids, groups and splits differ in length: {len(ids)}, {len(groups)}, "
+                                f"{len(assignments)}")
+    check_no_leakage(groups, assignments, source)
     frame = pd.DataFrame({"id": ids, "group": groups, "split": assignments})
     buffer = io.StringIO()
     frame.to_csv(buffer, index=False)
-    return atomic_write_text(Path(path), buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_split_csv(path: str | Path, ids, groups, assignments) -> Path:
+    """Write ``id,group,split`` rows atomically; a split that leaks a group is refused."""
+    return atomic_write_text(Path(path), split_csv_text(ids, groups, assignments, path))
 
 
 def load_split_csv(path: str | Path) -> pd.DataFrame:

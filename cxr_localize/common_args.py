@@ -7,22 +7,32 @@ from pathlib import Path
 
 import pandas as pd
 
+from common.cli import integer, positive_int
 from common.errors import ConfigError
-from common.splits import save_split_csv
+from common.splits import split_csv_text
 from cxr_localize.data import MASK_DIR, PROJECTIONS, SPLIT_LEVELS, read_tables, split_assignments
 from cxr_localize.model import DEFAULT_DECODER_CHANNELS, ENCODER_WEIGHTS
+
+
+def image_side(text) -> int:
+    """An image side the U-Net can take: its encoder halves the image five times."""
+    value = positive_int(text)
+    if value < 32 or value % 32:
+        raise argparse.ArgumentTypeError(f"expected a multiple of 32 (at least 32), got {value}")
+    return value
 
 
 def add_data_args(parser: argparse.ArgumentParser, projection: str) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--data-root", type=Path, default=None, help="directory in the IU X-ray layout")
-    group.add_argument("--image-size", type=int, default=128, help="side the images are padded and resized to")
+    group.add_argument("--image-size", type=image_side, default=128,
+                       help="side the images are padded and resized to (a multiple of 32, the U-Net's stride)")
     group.add_argument("--projection", choices=PROJECTIONS, default=projection)
     group.add_argument("--split-level", choices=SPLIT_LEVELS, default="patient",
                        help="patient: all images of a uid in one split; image: the original per-image split")
-    group.add_argument("--split-seed", type=int, default=0, help="seed of the split (the same in both phases)")
+    group.add_argument("--split-seed", type=integer, default=0, help="seed of the split (the same in both phases)")
     group.add_argument("--skip-bad", action="store_true", help="skip and count bad rows instead of stopping")
-    group.add_argument("--limit", type=int, default=None, help="use at most this many images per split")
+    group.add_argument("--limit", type=positive_int, default=None, help="use at most this many images per split")
     group.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                        help="small shifts and contrast changes (never a flip)")
 
@@ -32,7 +42,7 @@ def add_encoder_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--encoder", default="resnet34", help="segmentation-models-pytorch encoder name")
     group.add_argument("--encoder-weights", choices=ENCODER_WEIGHTS, default="imagenet",
                        help="initial encoder weights (imagenet needs the hub or its cache)")
-    group.add_argument("--decoder-channels", type=int, nargs=5, default=list(DEFAULT_DECODER_CHANNELS))
+    group.add_argument("--decoder-channels", type=positive_int, nargs=5, default=list(DEFAULT_DECODER_CHANNELS))
 
 
 def require(args: argparse.Namespace, *names: str) -> None:
@@ -41,8 +51,11 @@ def require(args: argparse.Namespace, *names: str) -> None:
             raise ConfigError(f"--{name.replace('_', '-')}", "required")
 
 
-def write_split(args: argparse.Namespace, run_dir: Path, with_masks: bool) -> pd.DataFrame:
-    """Save ``split.csv`` (id = image file, group = uid, or the file at image level, split) for this phase's images."""
+def split_table(args: argparse.Namespace, with_masks: bool) -> tuple[pd.DataFrame, str]:
+    """This phase's ``split.csv`` (id = image file, group = uid, or the file at image level, split) and its text.
+
+    Returned rather than written: the training loop writes it with the run's other files, after validation.
+    """
     _, projections = read_tables(args.data_root)
     assignment = split_assignments(projections, args.split_level, args.split_seed)
     if args.projection != "all":
@@ -52,5 +65,4 @@ def write_split(args: argparse.Namespace, run_dir: Path, with_masks: bool) -> pd
     groups = projections["uid"] if args.split_level == "patient" else projections["filename"]
     frame = pd.DataFrame({"id": projections["filename"].to_numpy(), "group": groups.to_numpy(),
                           "split": assignment[projections["filename"]].to_numpy()})
-    save_split_csv(run_dir / "split.csv", frame["id"], frame["group"], frame["split"])
-    return frame
+    return frame, split_csv_text(frame["id"], frame["group"], frame["split"])

@@ -25,10 +25,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from common.errors import DataError
+from common.images import read_grey
 from common.splits import group_split
 
 log = logging.getLogger("medvl.cxr_localize")
@@ -148,7 +149,17 @@ def read_tables(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         raise DataError(root, "data directory does not exist")
     reports = _read_csv(root / REPORTS_CSV, REPORT_COLUMNS)
     projections = _read_csv(root / PROJECTIONS_CSV, PROJECTION_COLUMNS)
-    projections["filename"] = projections["filename"].astype(str)
+    if projections.empty:
+        raise DataError(root / PROJECTIONS_CSV, "lists no images (only a header)")
+    if reports.empty:
+        raise DataError(root / REPORTS_CSV, "holds no reports (only a header)")
+    projections["filename"] = projections["filename"].astype(str).str.strip()
+    if (projections["filename"] == "").any() or projections["filename"].isin(["nan"]).any():
+        row = int(np.flatnonzero((projections["filename"] == "") | (projections["filename"] == "nan"))[0]) + 2
+        raise DataError(root / PROJECTIONS_CSV, f"line {row}: empty filename")
+    duplicated = projections["filename"][projections["filename"].duplicated()]
+    if len(duplicated):
+        raise DataError(root / PROJECTIONS_CSV, f"file name {duplicated.iloc[0]!r} is listed more than once")
     projections = projections.sort_values("filename", kind="stable").reset_index(drop=True)
     return reports, projections
 
@@ -175,14 +186,8 @@ def _square(image: Image.Image, size: int, resample: Image.Resampling) -> np.nda
 
 
 def _open(path: Path, what: str) -> Image.Image:
-    if not path.is_file():
-        raise DataError(path, f"{what} file not found")
-    try:
-        with Image.open(path) as handle:
-            handle.load()
-            return handle.convert("L")
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DataError(path, f"{what} does not decode ({err})") from err
+    """Any bit depth or mode as 8-bit grey (16-bit rescaled, alpha over black); see ``common.images``."""
+    return read_grey(path, what)
 
 
 def load_mask(path: Path, image_size: tuple[int, int]) -> Image.Image:

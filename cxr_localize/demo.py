@@ -36,9 +36,9 @@ def demo_section(out_dir: Path, n: int = DEFAULT_N, image_size: int = DEMO_IMAGE
     write_iu(data, n=n, seed=0)
     size = ["--image-size", str(image_size)]
     _run(pretrain.main, ["--data-root", str(data), "--output-dir", str(phase1), "--encoder-weights", "none",
-                         "--epochs", "1", "--no-progress", *size])
+                         "--epochs", "1", "--no-progress", "--overwrite", *size])
     _run(train.main, ["--data-root", str(data), "--encoder-init", str(phase1), "--text-encoder", text_encoder,
-                      "--output-dir", str(run_dir), "--epochs", str(epochs), "--no-progress", *size])
+                      "--output-dir", str(run_dir), "--epochs", str(epochs), "--no-progress", "--overwrite", *size])
     _run(evaluate.main, ["--run-dir", str(run_dir)])
     results = json.loads((run_dir / "results.json").read_text())
     link = lambda path: os.path.relpath(path, out_dir)  # noqa: E731

@@ -28,8 +28,8 @@ import pandas as pd
 import torch
 import yaml
 
-from common.checkpoint import atomic_write_text
-from common.cli import base_parser, parse_args
+from common.checkpoint import atomic_write_text, result_set
+from common.cli import MedvlArgumentParser, base_parser, nonnegative_int, parse_args, positive_int
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.metrics.segmentation import per_image_metrics
@@ -43,14 +43,14 @@ CONDITIONS = ("report", "shuffled", "lr_swapped")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, parents=[base_parser()],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = MedvlArgumentParser(description=__doc__, parents=[base_parser()],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, default=None, help="phase-2 run directory")
     parser.add_argument("--data-root", type=Path, default=None, help="default: the run's data root")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--n-figures", type=int, default=6, help="test images drawn in each figure")
-    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95% intervals")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--n-figures", type=nonnegative_int, default=6, help="test images drawn in each figure")
+    parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
     parser.add_argument("--skip-bad", action="store_true", help="skip and count bad rows instead of stopping")
     return parser
 
@@ -101,10 +101,22 @@ def _share(named: np.ndarray, other: np.ndarray) -> float:
 
 
 def load_run_config(run_dir: Path) -> dict:
+    """The run's saved settings; only ``data_root`` and ``limit`` are read here, and both are checked."""
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise DataError(path, "run has no config.yaml (is this a cxr_localize.train run directory?)")
-    return yaml.safe_load(path.read_text()) or {}
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise DataError(path, f"not valid YAML ({str(err).splitlines()[0]})") from err
+    if not isinstance(config, dict):
+        raise DataError(path, "not a mapping of settings")
+    if not isinstance(config.get("data_root"), str):
+        raise DataError(path, "missing key 'data_root' (or it is not a path)")
+    limit = config.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise DataError(path, f"limit must be a positive integer, not {limit!r}")
+    return config
 
 
 @cli_entry
@@ -166,10 +178,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "mass_named_lr_swapped": named_sw, "mass_other_lr_swapped": other_sw})
     buffer = io.StringIO()
     frame.to_csv(buffer, index=False)
-    atomic_write_text(run_dir / "predictions" / f"{args.split}.csv", buffer.getvalue())
-    figures = draw_figures(run_dir, samples, probs, threshold, args.n_figures)
-    write_results(run_dir, results, f"cxr_localize: report-conditioned localisation ({args.split} split)",
-                  text_test_markdown(results, figures))
+    with result_set(run_dir) as staging:
+        atomic_write_text(staging / "predictions" / f"{args.split}.csv", buffer.getvalue())
+        figures = draw_figures(staging, samples, probs, threshold, args.n_figures)
+        write_results(staging, results, f"cxr_localize: report-conditioned localisation ({args.split} split)",
+                      text_test_markdown(results, figures))
     print(f"dice {results['dice']:.4f}  shuffled {results['dice_shuffled']:.4f}  lr-swapped "
           f"{results['dice_lr_swapped']:.4f}  mass in named lung {results['mass_named_side']:.3f} -> "
           f"{results['mass_named_side_lr_swapped']:.3f} after swap; {run_dir / 'results.md'}")
@@ -178,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def draw_figures(run_dir: Path, samples, probs: dict[str, np.ndarray], threshold: float, n: int) -> list[Path]:
     k = min(n, len(samples))
+    if k == 0:
+        return []
     image = lambda i: samples.images[i] / 255.0  # noqa: E731
     pred = lambda c, i: mask_overlay(image(i), probs[c][i] >= threshold, color=(1, 0.2, 0.2))  # noqa: E731
     rows = [[image(i), mask_overlay(image(i), samples.masks[i], color=(0.2, 1, 0.2)), pred("report", i)]

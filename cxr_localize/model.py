@@ -266,14 +266,31 @@ def model_kwargs(meta: dict) -> dict:
 
 def load_trained(run_dir: Path) -> tuple[ReportUNet, dict]:
     """The best phase-2 model of a run (eval mode) and its metadata."""
-    from common.checkpoint import find_model_dir, load_model_files
+    from common.checkpoint import find_model_dir, load_model_files, require_keys
 
     directory = find_model_dir(run_dir)
     state, meta = load_model_files(directory)
-    if meta.get("kind") != "cxr_localize.report_unet":
-        raise DataError(directory, "not a cxr_localize phase-2 model (run python -m cxr_localize.train)")
-    model = ReportUNet(**model_kwargs(meta), encoder_weights=None)
-    model.load_state_dict(state)
+    meta_path = directory / "model.json"
+    if not isinstance(meta, dict) or meta.get("kind") != "cxr_localize.report_unet":
+        raise DataError(meta_path, "not a cxr_localize phase-2 model (run python -m cxr_localize.train)")
+    require_keys(meta, meta_path, {"text_dim": int, "encoder": str, "fusion": str, "decoder_channels": list,
+                                   "image_size": int, "text_source": str, "text_encoder": str, "projection": str,
+                                   "split_level": str, "split_seed": int, "threshold": (int, float)})
+    if meta["text_dim"] < 1 or meta["image_size"] < 32 or meta["image_size"] % 32:
+        raise DataError(meta_path, f"text_dim {meta['text_dim']} / image_size {meta['image_size']} out of range")
+    if len(meta["decoder_channels"]) != 5 or not all(isinstance(c, int) and c > 0 for c in meta["decoder_channels"]):
+        raise DataError(meta_path, "decoder_channels must be five positive integers")
+    if not 0 <= meta["threshold"] <= 1:
+        raise DataError(meta_path, f"threshold {meta['threshold']} is not a probability")
+    try:
+        model = ReportUNet(**model_kwargs(meta), encoder_weights=None)
+    except ConfigError as err:
+        raise DataError(meta_path, err.message) from err
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise DataError(directory / "model.safetensors", f"weights do not fit the model that model.json describes "
+                                                         f"({str(err).splitlines()[0][:120]})") from err
     return model.eval(), meta
 
 

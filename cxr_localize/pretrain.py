@@ -25,29 +25,47 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch.utils.data import DataLoader
 
-from common.checkpoint import save_model
-from common.cli import base_parser, parse_args, save_config
-from common.engine import add_train_args, config_from_args, fit
+from common.checkpoint import result_set, save_model
+from common.cli import (
+    MedvlArgumentParser,
+    base_parser,
+    config_text,
+    finite_float,
+    nonnegative_float,
+    nonnegative_int,
+    parse_args,
+    positive_int,
+)
+from common.engine import add_train_args, check_output_dir, config_from_args, fit
 from common.errors import ConfigError, cli_entry
 from common.plots import overlay_panels
 from common.tables import results_with_ci, write_results
-from cxr_localize.common_args import add_data_args, add_encoder_args, require, write_split
+from cxr_localize.common_args import add_data_args, add_encoder_args, require, split_table
 from cxr_localize.data import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, load_iu
 from cxr_localize.model import build_unet
 
 log = logging.getLogger("medvl.cxr_localize")
 
 
+def mask_ratio(text) -> float:
+    """Share of patches blanked: 1 would leave nothing to reconstruct from."""
+    value = finite_float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
+    return value
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, parents=[base_parser()],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = MedvlArgumentParser(description=__doc__, parents=[base_parser()],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(parser, projection="all")
     add_encoder_args(parser)
     group = parser.add_argument_group("reconstruction")
-    group.add_argument("--mask-ratio", type=float, default=0.5, help="fraction of patches blanked (0: plain)")
-    group.add_argument("--mask-patch", type=int, default=8, help="patch side in pixels")
-    group.add_argument("--ssim-weight", type=float, default=0.0, help="add this times (1 - SSIM) to the MSE")
-    group.add_argument("--n-figures", type=int, default=4, help="validation reconstructions drawn")
+    group.add_argument("--mask-ratio", type=mask_ratio, default=0.5, help="fraction of patches blanked (0: plain)")
+    group.add_argument("--mask-patch", type=positive_int, default=8, help="patch side in pixels")
+    group.add_argument("--ssim-weight", type=nonnegative_float, default=0.0,
+                       help="add this times (1 - SSIM) to the MSE")
+    group.add_argument("--n-figures", type=nonnegative_int, default=4, help="validation reconstructions drawn")
     add_train_args(parser, epochs=3, batch_size=16, lr=1e-3, weight_decay=1e-4, monitor="val_psnr", mode="max")
     return parser
 
@@ -67,6 +85,10 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 
 
 class ReconstructionTask:
+    """Masked-patch MSE (plus optional SSIM); validation PSNR/SSIM of the reconstructed images."""
+
+    metric_names = ("psnr", "ssim", "loss")
+
     def __init__(self, meta: dict, mask_ratio: float, mask_patch: int, ssim_weight: float, run_dir: Path,
                  n_figures: int, seed: int):
         self.meta, self.mask_ratio, self.mask_patch, self.ssim_weight = meta, mask_ratio, mask_patch, ssim_weight
@@ -101,7 +123,7 @@ class ReconstructionTask:
         generator = torch.Generator().manual_seed(self.seed)
         shown, recon, truth, losses = [], [], [], []
         for batch in loader:
-            images = batch["image"].to(device)
+            images = batch["image"]
             output, target, mask = self._forward(model, images, generator)
             losses.append(self._loss(output, target, mask).item() * len(images))
             shown.append(to_unit(images[:, :1] * (1 - mask))[:, 0].cpu().numpy())
@@ -120,24 +142,26 @@ class ReconstructionTask:
         k = min(self.n_figures, len(self.last["truth"]))
         rows = [[self.last["shown"][i], self.last["recon"][i], self.last["truth"][i]] for i in range(k)]
         titles = [["input (masked)" if self.mask_ratio > 0 else "input", "reconstruction", "original"]] * k
-        figure = overlay_panels(rows, titles, self.run_dir / "figures" / "reconstructions.png")
         results = results_with_ci({"psnr": lambda p, s: p.mean(), "ssim": lambda p, s: s.mean()},
                                   self.last["psnr"], self.last["ssim"], n_boot=1000, seed=self.seed)
         results.update({"epoch": metrics.get("epoch"), "n_val_images": len(self.last["truth"]),
                         "mask_ratio": self.mask_ratio})
-        write_results(self.run_dir, results, "cxr_localize phase 1: reconstruction (validation images)",
-                      f"Full-image reconstruction of masked inputs. Samples: [{figure.name}](figures/{figure.name})")
+        with result_set(self.run_dir) as staging:
+            links = ""
+            if k:
+                figure = overlay_panels(rows, titles, staging / "figures" / "reconstructions.png")
+                links = f" Samples: [{figure.name}](figures/{figure.name})"
+            write_results(staging, results, "cxr_localize phase 1: reconstruction (validation images)",
+                          f"Full-image reconstruction of masked inputs.{links}")
 
 
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
     require(args, "output_dir", "data_root")
-    if not 0 <= args.mask_ratio < 1:
-        raise ConfigError("--mask-ratio", f"must lie in [0, 1), got {args.mask_ratio}")
     run_dir = args.output_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_split(args, run_dir, with_masks=False)
+    check_output_dir(run_dir, args.resume, args.overwrite)
+    _, split_text = split_table(args, with_masks=False)
     samples = load_iu(args.data_root, image_size=args.image_size, projection=args.projection, with_masks=False,
                       splits=("train", "val"), split_level=args.split_level, seed=args.split_seed,
                       skip_bad=args.skip_bad, limit=args.limit)
@@ -150,15 +174,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "image_size": args.image_size, "mask_ratio": args.mask_ratio, "mask_patch": args.mask_patch,
             "data_root": str(Path(args.data_root).resolve()), "split_level": args.split_level,
             "split_seed": args.split_seed, "skipped": dict(samples.skipped)}
-    save_config(args, run_dir)
     task = ReconstructionTask(meta, args.mask_ratio, args.mask_patch, args.ssim_weight, run_dir, args.n_figures,
                               args.seed)
     val_set = ImageDataset(val.images) if len(val) else None
     monitor = {} if val_set is not None else {"monitor": "train_loss"}
     result = fit(model, optimizer, ImageDataset(train.images, args.augment), val_set, task,
-                 config_from_args(args, **monitor), run_dir)
-    if result.best_value is None and val_set is not None:
-        print(f"stopped at step {result.global_step}; continue with --resume")
+                 config_from_args(args, **monitor), run_dir,
+                 run_files={"config.yaml": config_text(args), "split.csv": split_text})
+    if not result.completed:
+        print(f"stopped at step {result.global_step} (--max-steps); continue with --resume")
     else:
         print(f"phase-1 encoder in {run_dir / 'best'} (val PSNR {result.best_value})")
     return 0

@@ -13,7 +13,6 @@ here (``python -m cxr_localize.evaluate --run-dir RUN`` does that). Images are n
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,12 +25,12 @@ import yaml
 from torch.utils.data import DataLoader
 
 from common.checkpoint import save_model
-from common.cli import base_parser, parse_args, save_config
-from common.engine import add_train_args, config_from_args, fit
+from common.cli import MedvlArgumentParser, base_parser, config_text, nonnegative_float, parse_args, unit_interval
+from common.engine import add_train_args, check_output_dir, config_from_args, fit
 from common.errors import DataError, cli_entry
 from common.metrics.segmentation import per_image_metrics
 from common.plots import loss_curves
-from cxr_localize.common_args import add_data_args, add_encoder_args, require, write_split
+from cxr_localize.common_args import add_data_args, add_encoder_args, require, split_table
 from cxr_localize.data import IMAGENET_MEAN, IMAGENET_STD, TEXT_SOURCES, LocalizationDataset, load_iu, swap_left_right
 from cxr_localize.model import (
     FUSIONS,
@@ -46,8 +45,8 @@ log = logging.getLogger("medvl.cxr_localize")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, parents=[base_parser()],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = MedvlArgumentParser(description=__doc__, parents=[base_parser()],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(parser, projection="Frontal")
     add_encoder_args(parser)
     group = parser.add_argument_group("report conditioning")
@@ -63,9 +62,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--encoder-init", type=Path, default=None, help="phase-1 run whose encoder starts training")
     group.add_argument("--train-encoder", action=argparse.BooleanOptionalAction, default=False,
                        help="also train the image encoder (default: frozen, as in the original recipe)")
-    group.add_argument("--pos-weight", type=float, default=3.0, help="BCE weight of lesion pixels")
-    group.add_argument("--dice-weight", type=float, default=1.0)
-    group.add_argument("--threshold", type=float, default=0.5, help="probability at which a pixel is lesion")
+    group.add_argument("--pos-weight", type=nonnegative_float, default=3.0, help="BCE weight of lesion pixels")
+    group.add_argument("--dice-weight", type=nonnegative_float, default=1.0)
+    group.add_argument("--threshold", type=unit_interval, default=0.5, help="probability at which a pixel is lesion")
     add_train_args(parser, epochs=30, batch_size=16, lr=3e-3, weight_decay=1e-4, monitor="val_dice", mode="max")
     parser.set_defaults(patience=10)
     return parser
@@ -81,6 +80,8 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
 class LocalizationTask:
     """Dice + weighted BCE; validation Dice/IoU at the model's threshold."""
 
+    metric_names = ("dice", "iou", "loss")
+
     def __init__(self, meta: dict, pos_weight: float, dice_weight: float, threshold: float):
         self.meta, self.dice_weight, self.threshold = meta, dice_weight, threshold
         self.pos_weight = torch.tensor(pos_weight)
@@ -93,7 +94,6 @@ class LocalizationTask:
     def validate(self, model, loader: DataLoader, device) -> dict[str, float]:
         probs, masks, losses = [], [], []
         for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
             losses.append(self.training_loss(model, batch).item() * len(batch["image"]))
             probs.append(torch.sigmoid(model(batch["image"], batch["text"]).float())[:, 0].cpu().numpy())
             masks.append(batch["mask"][:, 0].cpu().numpy() > 0.5)
@@ -145,8 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
     require(args, "output_dir", "data_root")
     run_dir = args.output_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    split = write_split(args, run_dir, with_masks=True)
+    check_output_dir(run_dir, args.resume, args.overwrite)
+    split, split_text = split_table(args, with_masks=True)
     if args.split_level == "image":
         log.warning("image-level split: images of one patient may sit in train and test")
     if args.encoder_init is not None:
@@ -179,16 +179,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "split_level": args.split_level, "split_seed": args.split_seed, "monitor": args.monitor,
             "encoder_init": None if init_meta is None else str(args.encoder_init),
             "skipped": dict(samples.skipped)}
-    save_config(args, run_dir)
     task = LocalizationTask(meta, args.pos_weight, args.dice_weight, args.threshold)
-    result = fit(model, optimizer, train_set, val_set, task, config_from_args(args), run_dir)
-    metrics_path = run_dir / "metrics.jsonl"
-    if metrics_path.is_file():
-        history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-        if history:
-            loss_curves(history, run_dir / "figures" / "loss_curves.png")
-    if result.best_value is None:
-        print(f"stopped at step {result.global_step}; continue with --resume")
+    result = fit(model, optimizer, train_set, val_set, task, config_from_args(args), run_dir,
+                 run_files={"config.yaml": config_text(args), "split.csv": split_text})
+    if result.history:
+        loss_curves(result.history, run_dir / "figures" / "loss_curves.png")
+    if not result.completed:
+        print(f"stopped at step {result.global_step} (--max-steps); continue with --resume")
     else:
         print(f"best {args.monitor} {result.best_value:.4f} at epoch {result.best_epoch}; model in {run_dir / 'best'}")
     return 0

@@ -21,7 +21,7 @@ def demo_section(out_dir: Path, data_root: Path = EMBEDDED_DATA, epochs: int = D
     run_dir = Path(out_dir) / "pneumonia" / "run"
     code = train.main(["--config", str(Path(__file__).resolve().parents[1] / "configs" / "pneumonia" / "train.yaml"),
                        "--data-root", str(data_root), "--output-dir", str(run_dir), "--epochs", str(epochs),
-                       "--no-progress"])
+                       "--no-progress", "--overwrite"])
     if code != 0:
         raise SystemExit(code)
     results = evaluate.evaluate_run(run_dir, "test")

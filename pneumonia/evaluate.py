@@ -9,7 +9,6 @@ Uses the decision threshold chosen on validation during training (``best/model.j
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,10 +17,10 @@ import pandas as pd
 from sklearn import metrics
 
 from common import plots
-from common.checkpoint import atomic_write_text
-from common.cli import base_parser, parse_args
+from common.checkpoint import atomic_write_text, read_jsonl, result_set
+from common.cli import MedvlArgumentParser, base_parser, nonnegative_int, parse_args, positive_int
 from common.device import pick_device
-from common.errors import ConfigError, cli_entry
+from common.errors import DataError, cli_entry
 from common.tables import results_with_ci, write_results
 from pneumonia.data import SPLITS
 from pneumonia.model import load_run, predict_proba
@@ -38,13 +37,13 @@ _LABEL_METRICS = {
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, parents=[base_parser()],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = MedvlArgumentParser(description=__doc__, parents=[base_parser()],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--split", default="test", choices=SPLITS)
     parser.add_argument("--data-root", type=Path, default=None, help="defaults to the data the run was trained on")
-    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
-    parser.add_argument("--gallery", type=int, default=10, help="how many confident failures to show")
+    parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    parser.add_argument("--gallery", type=nonnegative_int, default=10, help="how many confident failures to show")
     return parser
 
 
@@ -57,46 +56,52 @@ def metric_fns(threshold: float) -> dict:
 
 def evaluate_run(run_dir: Path, split: str = "test", data_root: Path | None = None, n_boot: int = 1000,
                  gallery: int = 10, device: str = "auto", seed: int = 0) -> dict:
-    """Predict ``split`` with the run's best model and write predictions, results and figures into the run dir."""
+    """Predict ``split`` with the run's best model and write predictions, results and figures into the run dir.
+
+    The files are written as one result set (``common.checkpoint.result_set``): a failure or a kill leaves the
+    previous evaluation's files as they were, or the new set complete.
+    """
+    run_dir = Path(run_dir)
     device = pick_device(device)
     model, meta, data = load_run(run_dir, data_root, (split,), device)
     images, labels = data.images[split], data.labels[split]
+    if len(labels) == 0:
+        raise DataError(data.path, f"the {split} split is empty; nothing to evaluate")
     scores = predict_proba(model, images, device=device)
     threshold = float(meta["threshold"])
     predicted = (scores >= threshold).astype(int)
     frame = pd.DataFrame({"index": np.arange(len(labels)), "label": labels, "prob_pneumonia": scores,
                           "predicted": predicted})
-    atomic_write_text(run_dir / "predictions" / f"{split}.csv", frame.to_csv(index=False))
-
     results = results_with_ci(metric_fns(threshold), labels, scores, n_boot=n_boot, seed=seed)
     results.update({"threshold": threshold, "n": int(len(labels)), "n_positive": int(labels.sum()), "split": split,
                     "best_epoch_metric": meta.get("monitor")})
-    figures = run_dir / "figures"
-    plots.confusion_matrix(labels, predicted, meta["labels"], figures / f"confusion_{split}.png")
-    plots.roc_curve(labels, scores, figures / f"roc_{split}.png")
     history_path = run_dir / "metrics.jsonl"
-    if history_path.is_file():
-        history = [json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
-        plots.loss_curves(history, figures / "loss_curves.png")
-    wrong = np.flatnonzero(predicted != labels)
-    if len(wrong) and gallery:
-        confidence = np.abs(scores[wrong] - threshold)
-        worst = wrong[np.argsort(-confidence)[:gallery]]
-        plots.image_gallery([images[i] / 255.0 for i in worst],
-                            [f"#{i} true {meta['labels'][labels[i]]}\np={scores[i]:.2f}" for i in worst],
-                            figures / f"failures_{split}.png")
-    extra = (f"Threshold {threshold:.3f} chosen on validation ({meta.get('threshold_rule', '?')}); "
-             f"{len(labels)} images, {int(labels.sum())} pneumonia.\n\n"
-             f"![confusion](figures/confusion_{split}.png) ![roc](figures/roc_{split}.png)\n")
-    write_results(run_dir, results, f"PneumoniaMNIST {meta['arch']} ({meta['image_size']} px), {split} split", extra)
+    history = read_jsonl(history_path) if history_path.is_file() else []
+    with result_set(run_dir) as staging:
+        atomic_write_text(staging / "predictions" / f"{split}.csv", frame.to_csv(index=False))
+        figures = staging / "figures"
+        plots.confusion_matrix(labels, predicted, meta["labels"], figures / f"confusion_{split}.png")
+        plots.roc_curve(labels, scores, figures / f"roc_{split}.png")
+        if history:
+            plots.loss_curves(history, figures / "loss_curves.png")
+        wrong = np.flatnonzero(predicted != labels)
+        if len(wrong) and gallery:
+            confidence = np.abs(scores[wrong] - threshold)
+            worst = wrong[np.argsort(-confidence)[:gallery]]
+            plots.image_gallery([images[i] / 255.0 for i in worst],
+                                [f"#{i} true {meta['labels'][labels[i]]}\np={scores[i]:.2f}" for i in worst],
+                                figures / f"failures_{split}.png")
+        extra = (f"Threshold {threshold:.3f} chosen on validation ({meta.get('threshold_rule', '?')}); "
+                 f"{len(labels)} images, {int(labels.sum())} pneumonia.\n\n"
+                 f"![confusion](figures/confusion_{split}.png) ![roc](figures/roc_{split}.png)\n")
+        write_results(staging, results, f"PneumoniaMNIST {meta['arch']} ({meta['image_size']} px), {split} split",
+                      extra)
     return results
 
 
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
-    if args.n_boot < 1:
-        raise ConfigError("--n-boot", "must be at least 1")
     evaluate_run(args.run_dir, args.split, args.data_root, args.n_boot, args.gallery, args.device, args.seed)
     print((args.run_dir / "results.md").read_text())
     return 0

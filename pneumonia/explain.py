@@ -25,7 +25,7 @@ from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
 from common import plots
 from common.checkpoint import atomic_write_text
-from common.cli import base_parser, parse_args
+from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from pneumonia.data import SPLITS
@@ -36,11 +36,11 @@ CASES_FILE = "gradcam_cases.csv"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, parents=[base_parser()],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = MedvlArgumentParser(description=__doc__, parents=[base_parser()],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, required=True, help="a trained pneumonia run (RUN/best/model.json)")
     parser.add_argument("--split", default="test", choices=SPLITS)
-    parser.add_argument("--n", type=int, default=8, help="cases per group")
+    parser.add_argument("--n", type=positive_int, default=8, help="cases per group")
     parser.add_argument("--data-root", type=Path, default=None, help="defaults to the data the run was trained on")
     return parser
 

@@ -15,9 +15,9 @@ import timm
 import torch
 from torch import nn
 
-from common.checkpoint import find_model_dir, load_model_files
+from common.checkpoint import find_model_dir, load_model_files, require_keys
 from common.errors import ConfigError, DataError
-from pneumonia.data import LABELS, SPLITS, MedMNISTSplits, load_medmnist, to_tensor
+from pneumonia.data import LABELS, SIZES, SPLITS, MedMNISTSplits, load_medmnist, to_tensor
 
 ARCHS = {
     "resnet18": {"model_name": "resnet18"},
@@ -73,14 +73,25 @@ def load_trained(run_dir: Path | str, device: str | torch.device = "cpu") -> tup
     """Rebuild the best model of a run from ``best/model.safetensors`` and ``model.json``."""
     directory = find_model_dir(Path(run_dir))
     state, meta = load_model_files(directory)
-    if meta.get("pipeline") != "pneumonia":
-        raise DataError(directory / "model.json", f"not a pneumonia model (pipeline={meta.get('pipeline')!r})")
+    meta_path = directory / "model.json"
+    if not isinstance(meta, dict) or meta.get("pipeline") != "pneumonia":
+        pipeline = meta.get("pipeline") if isinstance(meta, dict) else None
+        raise DataError(meta_path, f"not a pneumonia model (pipeline={pipeline!r})")
+    require_keys(meta, meta_path, {"arch": str, "image_size": int, "threshold": (int, float)})
+    if meta["arch"] not in ARCHS:
+        raise DataError(meta_path, f"unknown arch {meta['arch']!r} (known: {', '.join(ARCHS)})")
+    if meta["image_size"] not in SIZES:
+        raise DataError(meta_path, f"image_size {meta['image_size']} is not one of {SIZES}")
+    if not 0 <= meta["threshold"] <= 1:
+        raise DataError(meta_path, f"threshold {meta['threshold']} is not a probability")
+    labels = meta.setdefault("labels", list(LABELS))
+    if not isinstance(labels, list) or len(labels) != 2:
+        raise DataError(meta_path, "labels must be a list of two class names")
     model = PneumoniaNet(meta["arch"])
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
         raise DataError(directory / "model.safetensors", f"weights do not fit arch {meta['arch']!r}") from err
-    meta.setdefault("labels", list(LABELS))
     return model.to(device).eval(), meta
 
 

@@ -35,7 +35,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, Gemma3ForCo
 
 from common import hf
 from common.checkpoint import atomic_write_json, atomic_write_text
-from common.cli import base_parser, parse_args
+from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
 from common.device import compute_dtype, pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.tables import json_safe, markdown_table
@@ -56,17 +56,17 @@ _STRUCTURE = ("Write a short report with a Findings section and an Impression. E
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, parents=[base_parser()],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = MedvlArgumentParser(description=__doc__, parents=[base_parser()],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, required=True, help="a trained pneumonia run (RUN/best/model.json)")
     parser.add_argument("--vlm", default="medgemma-4b",
                         help=f"preset ({', '.join(VLM_PRESETS)}), a save_pretrained directory or a hub id owner/name")
     parser.add_argument("--prompt", default="all", help=f"{', '.join(PROMPTS)} or all")
     parser.add_argument("--split", default="test", choices=SPLITS)
-    parser.add_argument("--limit", type=int, default=None,
+    parser.add_argument("--limit", type=positive_int, default=None,
                         help="report on this many images, alternating classes in index order (default: all)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=200)
     parser.add_argument("--data-root", type=Path, default=None, help="defaults to the data the run was trained on")
     parser.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub checkpoint")
     return parser

@@ -44,7 +44,7 @@ from common.checkpoint import (
     atomic_write_text,
     find_model_dir,
 )
-from common.cli import base_parser, parse_args
+from common.cli import MedvlArgumentParser, base_parser, nonnegative_int, parse_args, positive_int
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.metrics.retrieval import (
@@ -65,27 +65,30 @@ EVAL_KS = (1, 5, 10)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, parents=[base_parser()],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = MedvlArgumentParser(description=__doc__, parents=[base_parser()],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=COMMANDS)
     parser.add_argument("--run-dir", type=Path, required=True, help="a trained pneumonia run (RUN/best/model.json)")
     parser.add_argument("--index", default="all", choices=(*INDEXES, "all"),
                         help="which index; 'all' builds every kind, or uses every one built for query/evaluate")
     parser.add_argument("--archive", default="train", choices=SPLITS, help="build: split to index")
     parser.add_argument("--query-split", default="test", choices=SPLITS, help="split the queries come from")
-    parser.add_argument("--k", type=int, default=10, help="neighbours per query")
+    parser.add_argument("--k", type=positive_int, default=10, help="neighbours per query")
     parser.add_argument("--data-root", type=Path, default=None, help="defaults to the data the run was trained on")
-    parser.add_argument("--ids", type=int, nargs="+", default=None, help="query ids (indices into the query split)")
-    parser.add_argument("--n-queries", type=int, default=5, help="query: how many first queries without --ids")
+    parser.add_argument("--ids", type=nonnegative_int, nargs="+", default=None,
+                        help="query ids (indices into the query split)")
+    parser.add_argument("--n-queries", type=positive_int, default=5, help="query: how many first queries without --ids")
     parser.add_argument("--ann-metric", default="l2", choices=("l2", "cosine"), help="metric of ivf-flat and hnsw")
-    parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default round(sqrt(archive size)))")
-    parser.add_argument("--nprobe", type=int, default=None, help="IVF lists searched (build default 8)")
-    parser.add_argument("--hnsw-m", type=int, default=32, help="HNSW neighbours per node")
-    parser.add_argument("--ef-construction", type=int, default=64)
-    parser.add_argument("--ef-search", type=int, default=None, help="HNSW search breadth (build default 64)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per embedding batch")
-    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
-    parser.add_argument("--gallery-queries", type=int, default=4, help="evaluate: queries shown in the gallery")
+    parser.add_argument("--nlist", type=positive_int, default=None,
+                        help="IVF lists (default round(sqrt(archive size)))")
+    parser.add_argument("--nprobe", type=positive_int, default=None, help="IVF lists searched (build default 8)")
+    parser.add_argument("--hnsw-m", type=positive_int, default=32, help="HNSW neighbours per node")
+    parser.add_argument("--ef-construction", type=positive_int, default=64)
+    parser.add_argument("--ef-search", type=positive_int, default=None, help="HNSW search breadth (build default 64)")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="images per embedding batch")
+    parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    parser.add_argument("--gallery-queries", type=nonnegative_int, default=4,
+                        help="evaluate: queries shown in the gallery")
     return parser
 
 
@@ -174,9 +177,11 @@ def load_index(directory: Path, name: str, model_dim: int, sha: str | None = Non
         if not path.is_file():
             raise DataError(path, f"no {name} index here; run `python -m pneumonia.retrieval build --index {name}`")
     try:
-        info = json.loads(sidecar_path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(sidecar_path, f"not valid JSON ({err.msg})") from err
+        info = json.loads(sidecar_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(sidecar_path, f"not valid JSON ({type(err).__name__})") from err
+    if not isinstance(info, dict):
+        raise DataError(sidecar_path, "not a JSON object; rebuild the index")
     missing = {"index", "dim", "metric", "normalised", "archive_split", "ids", "labels", "model_sha256"} - set(info)
     if missing:
         raise DataError(sidecar_path, f"sidecar lacks {sorted(missing)}; rebuild the index")

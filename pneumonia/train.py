@@ -9,6 +9,8 @@ The test split is never read here: ``python -m pneumonia.evaluate --run-dir RUN`
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,9 +21,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from common.checkpoint import save_model
-from common.cli import base_parser, parse_args, save_config
-from common.engine import add_train_args, config_from_args, fit
-from common.errors import ConfigError, cli_entry
+from common.cli import MedvlArgumentParser, base_parser, config_text, parse_args, positive_int
+from common.engine import add_train_args, check_output_dir, config_from_args, fit
+from common.errors import ConfigError, DataError, cli_entry
 from common.metrics.classification import best_threshold, binary_metrics
 from pneumonia.data import LABELS, SIZES, PneumoniaDataset, load_medmnist
 from pneumonia.model import ARCHS, build_model
@@ -30,8 +32,8 @@ THRESHOLD_RULES = ("youden", "f1", "acc")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, parents=[base_parser()],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = MedvlArgumentParser(description=__doc__, parents=[base_parser()],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", type=Path, default=None, help="directory with pneumoniamnist[_SIZE].npz")
     parser.add_argument("--image-size", type=int, default=28, choices=SIZES)
     parser.add_argument("--arch", default="resnet18", choices=sorted(ARCHS))
@@ -39,13 +41,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="small random affine jitter on training images (no flips)")
     parser.add_argument("--threshold-rule", default="youden", choices=THRESHOLD_RULES,
                         help="how the decision threshold is picked on validation")
-    parser.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
+    parser.add_argument("--train-limit", type=positive_int, default=None, help="use only the first N training images")
     add_train_args(parser, epochs=10, batch_size=64, lr=1e-3, weight_decay=1e-4, monitor="val_auroc", mode="max")
     return parser
 
 
 class PneumoniaTask:
     """Binary cross-entropy on one logit; validation keeps its scores so the best model stores its threshold."""
+
+    metric_names = ("auroc", "acc", "precision", "recall", "specificity", "f1", "balanced_acc", "mcc", "loss")
 
     def __init__(self, meta: dict, val_labels: np.ndarray, threshold_rule: str):
         self.meta, self.val_labels, self.threshold_rule = meta, val_labels, threshold_rule
@@ -56,7 +60,7 @@ class PneumoniaTask:
         return F.binary_cross_entropy_with_logits(model(images).float(), labels.float())
 
     def validate(self, model, loader: DataLoader, device) -> dict[str, float]:
-        logits = torch.cat([model(images.to(device)).float().cpu() for images, _ in loader])
+        logits = torch.cat([model(images).float().cpu() for images, _ in loader])
         labels = torch.as_tensor(self.val_labels, dtype=torch.float32)
         scores = torch.sigmoid(logits).numpy()
         self.last_scores = scores
@@ -71,15 +75,41 @@ class PneumoniaTask:
                                       "val_metrics": metrics, "val_metrics_at_threshold": at_threshold})
 
 
+def check_training_data(path: Path, train_labels: np.ndarray, val_labels: np.ndarray) -> None:
+    """Refuse data that would train nothing or could never produce the monitored metric."""
+    if len(train_labels) == 0:
+        raise DataError(path, "the training split is empty")
+    if len(val_labels) == 0:
+        raise DataError(path, "the validation split is empty; the best epoch and threshold are chosen on it")
+    present = np.unique(val_labels)
+    if len(present) < 2:
+        only = LABELS[int(present[0])]
+        raise DataError(path, f"the validation split holds only '{only}' images ({len(val_labels)}); the decision "
+                              "threshold and val AUROC are chosen on it and need both classes: put images of both "
+                              "classes in val_images/val_labels")
+
+
+def data_record(path: Path, images: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> str:
+    """``data.json``: the file and a digest of each split a run trains on, so ``--resume`` notices changed data."""
+    splits = {}
+    for split in images:
+        digest = hashlib.sha256(np.ascontiguousarray(images[split]).tobytes())
+        digest.update(np.ascontiguousarray(labels[split]).tobytes())
+        splits[split] = {"n": int(len(labels[split])), "sha256": digest.hexdigest()}
+    return json.dumps({"file": path.name, "splits": splits}, indent=2, sort_keys=True) + "\n"
+
+
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
     if args.output_dir is None:
         raise ConfigError("--output-dir", "required: where the run is written")
+    check_output_dir(args.output_dir, args.resume, args.overwrite)
     data = load_medmnist(args.data_root, args.image_size, splits=("train", "val"))
     train_images, train_labels = data.images["train"], data.labels["train"]
     if args.train_limit:
         train_images, train_labels = train_images[: args.train_limit], train_labels[: args.train_limit]
+    check_training_data(data.path, train_labels, data.labels["val"])
     logging.getLogger("medvl").info("train %s, val %s", data.counts()["train"], data.counts()["val"])
     torch.manual_seed(args.seed)
     model = build_model(args.arch)
@@ -88,16 +118,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             "data_root": str(Path(args.data_root).resolve()), "data_file": data.path.name,
             "normalization": {"mean": 0.5, "std": 0.5}, "monitor": args.monitor}
     task = PneumoniaTask(meta, data.labels["val"], args.threshold_rule)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    save_config(args, args.output_dir)
+    run_files = {"config.yaml": config_text(args),
+                 "data.json": data_record(data.path, {"train": train_images, "val": data.images["val"]},
+                                          {"train": train_labels, "val": data.labels["val"]})}
     result = fit(model, optimizer, PneumoniaDataset(train_images, train_labels, augment=args.augment),
                  PneumoniaDataset(data.images["val"], data.labels["val"]), task, config_from_args(args),
-                 args.output_dir)
-    if result.best_value is not None:
+                 args.output_dir, run_files=run_files)
+    if result.completed:
         print(f"best {args.monitor} {result.best_value:.4f} at epoch {result.best_epoch}; model in "
               f"{args.output_dir / 'best'}")
     else:
-        print(f"stopped at step {result.global_step}; continue with --resume")
+        print(f"stopped at step {result.global_step} (--max-steps); continue with --resume")
     return 0
 
 

@@ -11,29 +11,46 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from common.cli import MedvlArgumentParser, integer, parse_args, positive_int
 from common.errors import ConfigError, cli_entry
 
 FORMATS = ("medmnist", "iu")
+MEDMNIST_SIZES = (28, 64, 128, 224)
+MIN_IU_SIZE = 32
+"""Below this side a lesion (3.5-5.5% of the side) is under one pixel and the lung zones blur together."""
+MIN_IU_PATIENTS = 10
+"""Fewer patients cannot fill a 70/10/20 patient split with at least one patient in each part."""
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m common.phantoms", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="kind", required=True)
+    parser = MedvlArgumentParser(prog="python -m common.phantoms", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="kind", required=True, parser_class=MedvlArgumentParser)
     cxr = sub.add_parser("cxr", help="chest radiograph phantoms")
     cxr.add_argument("--format", required=True, help=f"one of {', '.join(FORMATS)}")
     cxr.add_argument("--out", type=Path, required=True)
-    cxr.add_argument("--n", type=int, default=None, help="number of images (default depends on the format)")
-    cxr.add_argument("--seed", type=int, default=0)
-    cxr.add_argument("--size", type=int, default=None, help="image side in pixels")
+    cxr.add_argument("--n", type=positive_int, default=None,
+                     help="number of images (medmnist) or patients (iu); default depends on the format")
+    cxr.add_argument("--seed", type=integer, default=0)
+    cxr.add_argument("--size", type=positive_int, default=None,
+                     help=f"image side in pixels (medmnist: one of {MEDMNIST_SIZES}; iu: at least {MIN_IU_SIZE})")
     return parser
 
 
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    args = parse_args(get_args_parser(), argv)
     if args.format not in FORMATS:
         raise ConfigError("--format", f"unknown format {args.format!r}; choose one of {', '.join(FORMATS)}")
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError("--out", f"{args.out} is a file, not a directory")
+    if args.format == "medmnist" and args.size is not None and args.size not in MEDMNIST_SIZES:
+        raise ConfigError("--size", f"PneumoniaMNIST comes in sizes {MEDMNIST_SIZES}, not {args.size}")
+    if args.format == "iu" and args.size is not None and args.size < MIN_IU_SIZE:
+        raise ConfigError("--size", f"{args.size} px is too small to draw lesions in lung zones; use at least "
+                                    f"{MIN_IU_SIZE}")
+    if args.format == "iu" and args.n is not None and args.n < MIN_IU_PATIENTS:
+        raise ConfigError("--n", f"{args.n} patients cannot fill train/val/test; use at least {MIN_IU_PATIENTS}")
     if args.format == "medmnist":
         from common.phantoms.cxr import write_medmnist
 

@@ -20,7 +20,8 @@ def test_two_process_training(tmp_path):
     torchrun = str(Path(sys.executable).parent / "torchrun")
     base = ["-m", "pneumonia.train", "--data-root", str(tmp_path / "data"), "--arch", "resnet-tiny", "--epochs", "1",
             "--batch-size", "16", "--no-progress", "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Two CPU processes (gloo); hiding CUDA keeps a GPU machine from giving both ranks the same device.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([torchrun, "--nproc_per_node", "2", *base, "--output-dir", str(tmp_path / "ddp")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -110,7 +110,8 @@ def test_grad_accumulation_matches_large_batch(tmp_path):
     for batch, accum in ((32, 1), (8, 4)):
         model, opt = linear()
         fit(model, opt, data, None, ToyTask(), TrainConfig(epochs=1, batch_size=batch, grad_accum=accum,
-                                                           scheduler="constant", progress=False),
+                                                           scheduler="constant", progress=False, device="cpu",
+                                                           precision="fp32", monitor="train_loss"),
             tmp_path / f"b{batch}")
         results.append(model.weight.detach().clone())
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)

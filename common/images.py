@@ -1,0 +1,58 @@
+"""Image files of any bit depth and mode read as 8-bit greyscale, the way radiographs are exported in the wild.
+
+PIL's ``convert("L")`` clips 16-bit and 32-bit pixels to 255, so a 16-bit PNG (the usual export of a DICOM
+radiograph) becomes a white image without a word. Here such images are rescaled from their own value range,
+alpha is composited over black, and modes with no meaningful grey conversion are refused with one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from common.errors import DataError
+
+_EIGHT_BIT = {"1", "L", "P", "RGB", "CMYK", "YCbCr", "LAB", "HSV"}
+_ALPHA = {"LA", "La", "RGBA", "RGBa", "PA"}
+_WIDE = {"I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+
+
+def to_grey8(image: Image.Image, path: Path | str = "image") -> np.ndarray:
+    """(H, W) uint8 grey pixels of a PIL image.
+
+    8-bit modes convert as PIL does; alpha is composited over black (transparent = background); 16-bit, 32-bit
+    integer and float images are rescaled linearly from their minimum..maximum to 0..255 (a constant image maps
+    to 0), so a 12-bit radiograph stored in a 16-bit PNG keeps its contrast.
+    """
+    mode = image.mode
+    if mode in _ALPHA:
+        rgba = image.convert("RGBA")
+        grey = np.asarray(rgba.convert("L"), dtype=np.float32)
+        alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32) / 255.0
+        return np.round(grey * alpha).astype(np.uint8)
+    if mode in _EIGHT_BIT:
+        return np.asarray(image.convert("L"), dtype=np.uint8)
+    if mode in _WIDE:
+        values = np.asarray(image).astype(np.float64)
+        if not np.isfinite(values).all():
+            raise DataError(path, "image holds non-finite pixel values")
+        low, high = float(values.min()), float(values.max())
+        if high <= low:
+            return np.zeros(values.shape, np.uint8)
+        return np.round((values - low) / (high - low) * 255.0).astype(np.uint8)
+    raise DataError(path, f"unsupported image mode {mode!r}; save it as 8- or 16-bit greyscale or RGB")
+
+
+def read_grey(path: Path, what: str = "image") -> Image.Image:
+    """Open an image file as an 8-bit greyscale PIL image; a missing or undecodable file is a DataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, f"{what} file not found")
+    try:
+        with Image.open(path) as handle:
+            handle.load()
+            return Image.fromarray(to_grey8(handle, path))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise DataError(path, f"{what} does not decode ({err})") from err
