@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 
 from common.errors import DataError
 
-_EIGHT_BIT = {"1", "L", "P", "RGB", "CMYK", "YCbCr", "LAB", "HSV"}
+_EIGHT_BIT = {"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
 _ALPHA = {"LA", "La", "RGBA", "RGBa", "PA"}
 _WIDE = {"I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 

@@ -125,18 +125,21 @@ def check_pretrain_leakage(encoder_init: Path, data_root: Path, split: pd.DataFr
                                     f"uid {leaked[0]}); pre-train with the same --split-seed and --split-level")
 
 
-def build_datasets(args, samples, encoder) -> tuple[LocalizationDataset, LocalizationDataset | None, torch.Tensor]:
+def build_datasets(args, samples, encoder) -> tuple[LocalizationDataset, LocalizationDataset, torch.Tensor]:
     """Datasets over one precomputed text table (train reports, their left/right swaps if flipping, val reports)."""
     train, val = samples.subset("train"), samples.subset("val")
     if len(train) == 0:
         raise DataError(args.data_root, "no training images with masks in this split")
+    if len(val) == 0:
+        raise DataError(args.data_root, "no validation images with masks in this split; the best epoch is chosen on "
+                                        "them (add annotated patients or change --split-seed)")
     swapped = [swap_left_right(t) for t in train.texts] if args.text_aware_flip else []
     table, index = encoder.table(train.texts + swapped + val.texts)
     n = len(train)
     flip = index[n : 2 * n] if args.text_aware_flip else None
     train_set = LocalizationDataset(train.images, train.masks, table, index[:n], args.augment, flip)
     val_index = index[n + len(swapped) :]
-    val_set = LocalizationDataset(val.images, val.masks, table, val_index) if len(val) else None
+    val_set = LocalizationDataset(val.images, val.masks, table, val_index)
     return train_set, val_set, table[np.unique(index[:n])]
 
 
@@ -157,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     encoder = load_text_encoder(args.text_encoder, cache_dir=args.cache_dir)
     train_set, val_set, train_table = build_datasets(args, samples, encoder)
     log.info("train %d, val %d images; %d distinct training reports; text encoder %s (%d-d)", len(train_set),
-             len(val_set or []), len(train_table), args.text_encoder, encoder.dim)
+             len(val_set), len(train_table), args.text_encoder, encoder.dim)
     torch.manual_seed(args.seed)
     weights = None if args.encoder_init is not None else args.encoder_weights
     model = ReportUNet(encoder.dim, args.encoder, weights, args.fusion, args.decoder_channels,

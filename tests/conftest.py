@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -56,3 +57,17 @@ def trained_pneumonia_run(tmp_path_factory, pneumonia_phantom) -> tuple[Path, Pa
                        "--no-progress", "--seed", "0"])
     assert code == 0
     return run_dir, pneumonia_phantom
+
+
+@pytest.fixture(scope="session")
+def small_iu(tmp_path_factory) -> Path:
+    """24 patients at 64 px: enough for the loader and error paths."""
+    from common.phantoms.iu import write_iu
+
+    return write_iu(tmp_path_factory.mktemp("iu_small") / "iu", n=24, seed=1, size=64)
+
+
+@pytest.fixture
+def iu_copy(small_iu, tmp_path) -> Path:
+    """A private copy of the small phantom that a test may break."""
+    return Path(shutil.copytree(small_iu, tmp_path / "iu"))

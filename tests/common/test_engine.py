@@ -54,7 +54,8 @@ def _history(run_dir):
 
 
 def _config(**kw):
-    base = dict(epochs=3, batch_size=8, grad_accum=2, warmup_steps=2, clip_grad_norm=1.0, progress=False)
+    base = dict(epochs=3, batch_size=8, grad_accum=2, warmup_steps=2, clip_grad_norm=1.0, progress=False,
+                device="cpu", precision="fp32")
     return TrainConfig(**{**base, **kw})
 
 
@@ -80,7 +81,8 @@ def test_training_learns_and_keeps_best_by_mode(tmp_path):
     data = _data()
     model, opt = _model()
     scripted = [0.2, 0.9, 0.5]
-    result = fit(model, opt, data, data, ToyTask(scripted), _config(monitor="val_score", mode="max"), tmp_path)
+    config = _config(monitor="val_score", mode="max", device="auto", precision="auto")  # the GPU path where present
+    result = fit(model, opt, data, data, ToyTask(scripted), config, tmp_path)
     assert result.best_epoch == 2 and result.best_value == 0.9
     _, meta = load_model_files(tmp_path / "best")
     assert meta["metrics"]["val_score"] == 0.9

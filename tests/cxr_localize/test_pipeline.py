@@ -41,7 +41,7 @@ def test_phantom_to_evaluation_uses_the_text(tmp_path):
 def _tiny_args(data: Path, phase: str) -> list[str]:
     args = ["--data-root", str(data), "--encoder-weights", "none", "--encoder", "resnet18", "--decoder-channels",
             "16", "16", "8", "8", "8", "--image-size", "32", "--epochs", "2", "--batch-size", "4", "--limit", "12",
-            "--no-progress"]
+            "--no-progress", "--device", "cpu", "--precision", "fp32"]
     return args + (["--text-encoder", "tiny-clip"] if phase == "train" else [])
 
 

@@ -107,7 +107,7 @@ def test_run_dir_without_model_exits_2(tmp_path, capsys):
 def _run(trained_pneumonia_run, out, *args):
     run_dir, npz = trained_pneumonia_run
     return retrieval.main([*args, "--run-dir", str(run_dir), "--data-root", str(npz.parent),
-                           "--output-dir", str(out), "--n-boot", "50"])
+                           "--output-dir", str(out), "--n-boot", "50", "--device", "cpu"])
 
 
 @pytest.fixture(scope="module")

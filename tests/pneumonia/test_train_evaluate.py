@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from sklearn.metrics import roc_auc_score
 
 from pneumonia import evaluate
@@ -47,3 +50,21 @@ def test_training_never_reads_test_split(pneumonia_phantom, tmp_path, monkeypatc
     code = train.main(["--data-root", str(tmp_path), "--output-dir", str(tmp_path / "run"), "--arch", "resnet-tiny",
                        "--epochs", "1", "--train-limit", "64", "--batch-size", "32", "--no-progress"])
     assert code == 0 and (tmp_path / "run" / "best" / "model.safetensors").is_file()
+
+
+def test_evaluation_killed_midway_keeps_the_previous_result_set(trained_pneumonia_run, tmp_path, monkeypatch):
+    from common import plots
+
+    run_dir = Path(shutil.copytree(trained_pneumonia_run[0], tmp_path / "run"))
+    assert evaluate.main(["--run-dir", str(run_dir), "--n-boot", "30", "--gallery", "0"]) == 0
+    names = ("results.json", "results.md", "results.csv", "predictions/test.csv")
+    before = {name: (run_dir / name).read_bytes() for name in names}
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "roc_curve", killed)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main(["--run-dir", str(run_dir), "--n-boot", "60", "--gallery", "0"])
+    assert {name: (run_dir / name).read_bytes() for name in names} == before
+    assert not (run_dir / ".pending").exists()
