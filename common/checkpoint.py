@@ -194,17 +194,23 @@ def swap_dir(staged: Path, final: Path) -> None:
 
 
 @contextlib.contextmanager
+def _scratch(path: Path) -> Iterator[Path]:
+    """A fresh empty directory that is removed if the block fails (a kill leaves it for the next writer)."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    try:
+        yield path
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
 def staged_dir(final: Path) -> Iterator[Path]:
     """Yield an empty sibling directory to fill; on success it replaces ``final`` whole, on error it is dropped."""
     final = Path(final)
-    staged = _sibling(final, ".tmp")
-    shutil.rmtree(staged, ignore_errors=True)
-    staged.mkdir(parents=True)
-    try:
+    with _scratch(_sibling(final, ".tmp")) as staged:
         yield staged
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
     swap_dir(staged, final)
 
 
@@ -226,14 +232,8 @@ def result_set(run_dir: Path) -> Iterator[Path]:
     """
     run_dir = Path(run_dir)
     recover_results(run_dir)
-    pending = run_dir / PENDING_DIR
-    shutil.rmtree(pending, ignore_errors=True)
-    pending.mkdir(parents=True)
-    try:
+    with _scratch(run_dir / PENDING_DIR) as pending:
         yield pending
-    except BaseException:
-        shutil.rmtree(pending, ignore_errors=True)
-        raise
     files = sorted(str(p.relative_to(pending)) for p in pending.rglob("*") if p.is_file())
     atomic_write_json(pending / COMMIT_FILE, {"files": files})
     recover_results(run_dir)

@@ -24,7 +24,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
 from common import plots
-from common.checkpoint import atomic_write_text
+from common.checkpoint import atomic_write_text, result_set
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
@@ -82,8 +82,7 @@ def explain_run(run_dir: Path, split: str = "test", n: int = 8, data_root: Path 
     threshold = float(meta["threshold"])
     scores = predict_proba(model, images, device=torch_device)
     cases = select_cases(labels, scores, threshold, n)
-    figures = run_dir / "figures"
-    rows = []
+    rows, panels = [], {}
     for group, ids in cases.items():
         if len(ids) == 0:
             print(f"no {GROUPS[group]} on {split} at threshold {threshold:.3f}")
@@ -93,8 +92,7 @@ def explain_run(run_dir: Path, split: str = "test", n: int = 8, data_root: Path 
         originals = [images[i] / 255.0 for i in ids]
         overlays = [plots.heatmap_overlay(image, heat) for image, heat in zip(originals, maps)]
         titles = [f"#{i} {meta['labels'][labels[i]]}\np={scores[i]:.2f}" for i in ids]
-        plots.overlay_panels([originals, overlays], [titles, ["Grad-CAM"] * len(ids)],
-                             figures / f"gradcam_{group}.png")
+        panels[f"gradcam_{group}.png"] = ([originals, overlays], [titles, ["Grad-CAM"] * len(ids)])
         for i, cls, heat in zip(ids, classes, maps):
             peak_row, peak_col = np.unravel_index(int(np.argmax(heat)), heat.shape)
             rows.append({"group": group, "split": split, "id": int(i), "label": meta["labels"][labels[i]],
@@ -104,7 +102,10 @@ def explain_run(run_dir: Path, split: str = "test", n: int = 8, data_root: Path 
     columns = ["group", "split", "id", "label", "prob_pneumonia", "threshold", "explained_class", "cam_peak_row",
                "cam_peak_col"]
     frame = pd.DataFrame(rows, columns=columns)
-    atomic_write_text(figures / CASES_FILE, frame.to_csv(index=False))
+    with result_set(run_dir) as staging:  # the figures and their case table replace the old ones together
+        for name, (images, titles) in panels.items():
+            plots.overlay_panels(images, titles, staging / "figures" / name)
+        atomic_write_text(staging / "figures" / CASES_FILE, frame.to_csv(index=False))
     return frame
 
 

@@ -34,7 +34,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, Gemma3ForConditionalGeneration
 
 from common import hf
-from common.checkpoint import atomic_write_json, atomic_write_text
+from common.checkpoint import atomic_write_json, atomic_write_text, result_set
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
 from common.device import compute_dtype, pick_device
 from common.errors import ConfigError, DataError, cli_entry
@@ -379,7 +379,6 @@ def run_reports(run_dir: Path, vlm_name: str, prompts: Sequence[str], out_dir: P
                 records.append({"id": int(ids[i]), "label": LABELS[int(labels[i])], "cnn_prob": float(probs[i]),
                                 "prompt": f"{system}\n\n{user}" if system else user, "report": reply,
                                 "parsed_verdict": parse_verdict(reply)})
-        write_jsonl(out_dir / f"{name}.jsonl", records)
         all_records[name] = records
 
     summary = {
@@ -389,8 +388,11 @@ def run_reports(run_dir: Path, vlm_name: str, prompts: Sequence[str], out_dir: P
         "cnn_arch": meta["arch"], "cnn_acc": float(((probs >= threshold).astype(int) == labels).mean()),
         "prompts": {name: score(records, threshold) for name, records in all_records.items()},
     }
-    atomic_write_json(out_dir / "comparison.json", json_safe(summary))
-    atomic_write_text(out_dir / "comparison.md", comparison_markdown(summary, all_records))
+    with result_set(out_dir) as staging:  # every prompt's reports and the comparison replace the old set together
+        for name, records in all_records.items():
+            write_jsonl(staging / f"{name}.jsonl", records)
+        atomic_write_json(staging / "comparison.json", json_safe(summary))
+        atomic_write_text(staging / "comparison.md", comparison_markdown(summary, all_records))
     return summary
 
 

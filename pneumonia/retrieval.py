@@ -43,6 +43,8 @@ from common.checkpoint import (
     atomic_write_json,
     atomic_write_text,
     find_model_dir,
+    recover_results,
+    result_set,
 )
 from common.cli import MedvlArgumentParser, base_parser, nonnegative_int, parse_args, positive_int
 from common.device import pick_device
@@ -87,7 +89,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ef-search", type=positive_int, default=None, help="HNSW search breadth (build default 64)")
     parser.add_argument("--batch-size", type=positive_int, default=256, help="images per embedding batch")
     parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
-    parser.add_argument("--gallery-queries", type=nonnegative_int, default=4,
+    parser.add_argument("--gallery-queries", type=positive_int, default=4,
                         help="evaluate: queries shown in the gallery")
     return parser
 
@@ -260,8 +262,11 @@ def open_run(run_dir: Path, data_root: Path | None = None, output_dir: Path | No
     sha = model_sha256(run_dir)
     torch_device = pick_device(device)
     model, meta, data = load_run(run_dir, data_root, device=torch_device)
-    return RetrievalContext(run_dir, Path(output_dir) if output_dir else run_dir / RETRIEVAL_DIR, model, meta,
-                            torch_device, sha, data, batch_size)
+    directory = Path(output_dir) if output_dir else run_dir / RETRIEVAL_DIR
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError("--output-dir", f"{directory} is a file, not a directory")
+    recover_results(directory)  # finish or drop a set of files that a kill interrupted
+    return RetrievalContext(run_dir, directory, model, meta, torch_device, sha, data, batch_size)
 
 
 def _selected(ctx: RetrievalContext, index: str) -> list[str]:
@@ -282,17 +287,19 @@ def build(ctx: RetrievalContext, names: Sequence[str], archive: str = "train", a
     embeddings_file = f"embeddings_{archive}.npy"
     buffer = io.BytesIO()
     np.save(buffer, vectors)
-    atomic_write_bytes(ctx.directory / embeddings_file, buffer.getvalue())
     infos = []
-    for name in names:
-        start = time.perf_counter()
-        index, info = make_index(name, vectors, ann_metric, nlist, nprobe or 8, hnsw_m, ef_construction,
-                                 ef_search or 64, seed)
-        info.update({"archive_split": archive, "ids": list(range(len(labels))), "labels": labels.tolist(),
-                     "model_sha256": ctx.sha, "embeddings_file": embeddings_file, "data_file": ctx.data.path.name,
-                     "image_size": ctx.meta["image_size"], "build_s": round(time.perf_counter() - start, 4)})
-        save_index(ctx.directory, index, info)
-        infos.append(info)
+    with result_set(ctx.directory) as staging:  # embeddings, indexes and sidecars replace the old ones together
+        atomic_write_bytes(staging / embeddings_file, buffer.getvalue())
+        for name in names:
+            start = time.perf_counter()
+            index, info = make_index(name, vectors, ann_metric, nlist, nprobe or 8, hnsw_m, ef_construction,
+                                     ef_search or 64, seed)
+            info.update({"archive_split": archive, "ids": list(range(len(labels))), "labels": labels.tolist(),
+                         "model_sha256": ctx.sha, "embeddings_file": embeddings_file,
+                         "data_file": ctx.data.path.name, "image_size": ctx.meta["image_size"],
+                         "build_s": round(time.perf_counter() - start, 4)})
+            save_index(staging, index, info)
+            infos.append(info)
     return infos
 
 
@@ -317,7 +324,7 @@ def query(ctx: RetrievalContext, names: Sequence[str], query_split: str, query_i
     embeddings = embed_images(ctx.model, ctx.data.images[query_split][query_ids], ctx.batch_size, ctx.device)
     labels = ctx.data.labels[query_split][query_ids]
     class_names = ctx.meta["labels"]
-    frames = []
+    frames, tables = [], {}
     for name in names:
         index, info = load_index(ctx.directory, name, ctx.dim, ctx.sha)
         set_search_params(index, info, nprobe, ef_search)
@@ -329,8 +336,11 @@ def query(ctx: RetrievalContext, names: Sequence[str], query_split: str, query_i
                 for q, lab, ds, ps in zip(query_ids, labels, distances, positions)
                 for r, (d, p) in enumerate(zip(ds, ps)) if p >= 0]
         frame = pd.DataFrame(rows)
-        atomic_write_text(ctx.directory / f"query_{name}.csv", frame.to_csv(index=False))
+        tables[f"query_{name}.csv"] = frame.to_csv(index=False)
         frames.append(frame)
+    with result_set(ctx.directory) as staging:
+        for file_name, text in tables.items():
+            atomic_write_text(staging / file_name, text)
     return pd.concat(frames, ignore_index=True)
 
 
@@ -392,11 +402,13 @@ def evaluate(ctx: RetrievalContext, names: Sequence[str], query_split: str = "te
 
     name, info, distances, positions = gallery_source
     gallery_path = ctx.directory / f"gallery_{name}.png"
-    retrieval_gallery(ctx.data.images[query_split], query_labels, chosen, ctx.data.images[info["archive_split"]],
-                      np.asarray(info["ids"]), np.asarray(info["labels"]), positions[chosen], distances[chosen],
-                      ctx.meta["labels"], _metric_name(info), gallery_path)
-    write_results(ctx.directory, results, f"PneumoniaMNIST retrieval ({ctx.meta['arch']}, {ctx.meta['image_size']} px)",
-                  _extra_markdown(summary, query_split, gallery_path.name, k))
+    with result_set(ctx.directory) as staging:
+        retrieval_gallery(ctx.data.images[query_split], query_labels, chosen,
+                          ctx.data.images[info["archive_split"]], np.asarray(info["ids"]), np.asarray(info["labels"]),
+                          positions[chosen], distances[chosen], ctx.meta["labels"], _metric_name(info),
+                          staging / gallery_path.name)
+        write_results(staging, results, f"PneumoniaMNIST retrieval ({ctx.meta['arch']}, {ctx.meta['image_size']} px)",
+                      _extra_markdown(summary, query_split, gallery_path.name, k))
     return {"results": results, "summary": summary, "gallery": gallery_path}
 
 
@@ -464,12 +476,6 @@ def demo_section(run_dir: Path, out_dir: Path) -> str:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
-    for flag in ("k", "n_queries", "batch_size", "n_boot", "hnsw_m", "ef_construction", "gallery_queries"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')}", "must be at least 1")
-    for flag in ("nlist", "nprobe", "ef_search"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')}", "must be at least 1")
     ctx = open_run(args.run_dir, args.data_root, args.output_dir, args.device, args.batch_size)
     if args.command == "build":
         names = INDEXES if args.index == "all" else (args.index,)
