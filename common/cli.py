@@ -28,6 +28,12 @@ class MedvlArgumentParser(argparse.ArgumentParser):
         match = re.match(r"argument (\S+?)(?:/\S+)?: (.*)", message)
         if match:
             raise ConfigError(match.group(1), match.group(2))
+        match = re.match(r"the following arguments are required: (.*)", message)
+        if match:
+            raise ConfigError(match.group(1), "required")
+        match = re.match(r"unrecognized arguments: (.*)", message)
+        if match:
+            raise ConfigError(match.group(1), f"unknown flag for {self.prog} (see --help)")
         raise ConfigError(self.prog, message)
 
 

@@ -274,7 +274,8 @@ def find_resume_dir(run_dir: Path) -> Path:
     last = committed_dir(Path(run_dir) / LAST_DIR)
     if last.is_dir() and any(last.iterdir()):
         return last
-    raise DataError(Path(run_dir) / LAST_DIR, "--resume given but there is no checkpoint to resume from")
+    raise DataError(Path(run_dir) / LAST_DIR, "--resume given but there is no checkpoint to resume from (a run "
+                                              "stopped before its first checkpoint starts again with --overwrite)")
 
 
 RESUMABLE_CHANGES = ("max_steps", "progress", "num_workers", "device", "cache_dir", "checkpoint_every",

@@ -106,6 +106,7 @@ TRAIN_CASES = {
     "absent cuda index": _flag("--device", "cuda:7"),
     "bad monitor": _flag("--monitor", "val_auc"),
     "bad choice": _flag("--arch", "resnet1000"),
+    "unknown flag": _flag("--epoch", "3"),
     "output dir is a file": _output_is_file,
     "yaml wrong type": _config("epochs: ten\n", "epochs"),
     "yaml string for boolean": _config('augment: "no"\n', "augment"),
@@ -208,6 +209,7 @@ EVALUATE_CASES = {
     "n-boot 0": lambda tmp, run: (["--run-dir", str(run), "--n-boot", "0"], ["--n-boot"], run),
     "bad split": lambda tmp, run: (["--run-dir", str(run), "--split", "holdout"], ["--split"], run),
     "missing run dir": lambda tmp, run: (["--run-dir", str(tmp / "nope")], [str(tmp / "nope")], run),
+    "no run dir flag": lambda tmp, run: ([], ["--run-dir", "required"], run),
 }
 
 
