@@ -22,7 +22,15 @@ from common.errors import ConfigError
 
 
 class MedvlArgumentParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are ``ConfigError``s naming the flag, printed by ``cli_entry`` in one line."""
+    """An ArgumentParser whose errors are ``ConfigError``s naming the flag, printed by ``cli_entry`` in one line.
+
+    Abbreviated flags are off: ``--epoch`` must not silently mean ``--epochs``, nor change meaning when a
+    pipeline adds a flag that shares its prefix.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         match = re.match(r"argument (\S+?)(?:/\S+)?: (.*)", message)
