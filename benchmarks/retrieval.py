@@ -38,7 +38,8 @@ NOISE_STD = 0.1  # isotropic noise off the subspace
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = MedvlArgumentParser("FAISS retrieval benchmark", parents=[base_parser()])
+    parent = base_parser(seed=True)
+    parser = MedvlArgumentParser("FAISS retrieval benchmark", parents=[parent])
     parser.add_argument("--sizes", type=positive_int, nargs="+", default=[10_000, 100_000], help="archive sizes")
     parser.add_argument("--data", nargs="+", choices=DATA_KINDS, default=list(DATA_KINDS), help="data kinds")
     parser.add_argument("--dim", type=positive_int, default=512)

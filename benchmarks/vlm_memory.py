@@ -40,7 +40,8 @@ GB = 1e9
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = MedvlArgumentParser(description=__doc__, parents=[base_parser()],
+    parent = base_parser(output_dir=True, seed=True, device=True)
+    parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="medgemma-4b", choices=ARCHS)
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))

@@ -77,19 +77,33 @@ nonnegative_float = _bounded(float, "a number >= 0", lambda v: v >= 0)
 unit_interval = _bounded(float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
 
 
-def base_parser() -> argparse.ArgumentParser:
-    """Flags every medvl script understands; pipelines add theirs on top via ``parents=[base_parser()]``."""
+def base_parser(*, output_dir: bool = False, seed: bool = False, device: bool = False, precision: bool = False,
+                cache_dir: bool = False, quantization: bool = False) -> argparse.ArgumentParser:
+    """The parent parser of every medvl script: ``--config`` plus the groups the script opts into.
+
+    A script shows and accepts only flags it reads (the training group comes from ``engine.add_train_args``):
+    ``output_dir`` and ``seed`` (the run), ``device`` and ``precision``, ``cache_dir`` and ``quantization``
+    (models loaded through ``common.hf``).
+    """
     parser = MedvlArgumentParser(add_help=False)
     group = parser.add_argument_group("common")
     group.add_argument("--config", type=Path, default=None, help="YAML file of defaults; flags on the command line win")
-    group.add_argument("--output-dir", type=Path, default=None, help="run directory (created)")
-    group.add_argument("--seed", type=integer, default=0)
-    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    group.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    group.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"])
-    group.add_argument("--cache-dir", type=Path, default=None, help="Hugging Face cache directory")
-    group.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoints/last")
-    group.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
+    if output_dir:
+        group.add_argument("--output-dir", type=Path, default=None, help="directory the script writes into")
+    if seed:
+        group.add_argument("--seed", type=integer, default=0, help="seed of every random choice the script makes")
+    if device:
+        group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    if precision:
+        group.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                           help="autocast dtype; auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU")
+    if cache_dir or quantization:
+        models = parser.add_argument_group("model loading")
+        if cache_dir:
+            models.add_argument("--cache-dir", type=Path, default=None, help="Hugging Face cache directory")
+        if quantization:
+            models.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"],
+                                help="load the weights in 4-bit NF4 or 8-bit (bitsandbytes)")
     return parser
 
 

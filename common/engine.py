@@ -575,7 +575,10 @@ def config_from_args(args, **overrides: Any) -> TrainConfig:
 
 def add_train_args(parser, *, epochs: int, batch_size: int, lr: float, monitor: str, mode: str,
                    scheduler: str = "cosine", weight_decay: float = 0.0) -> None:
-    """Training flags shared by all pipelines, with each pipeline's own defaults."""
+    """Training and resume flags shared by all pipelines, with each pipeline's own defaults.
+
+    A training script's parent parser should opt into ``output_dir``, ``seed``, ``device`` and ``precision``.
+    """
     group = parser.add_argument_group("training")
     group.add_argument("--epochs", type=positive_int, default=epochs)
     group.add_argument("--batch-size", type=positive_int, default=batch_size)
@@ -595,8 +598,12 @@ def add_train_args(parser, *, epochs: int, batch_size: int, lr: float, monitor: 
                        help="also checkpoint every N optimizer steps")
     group.add_argument("--num-workers", type=nonnegative_int, default=0)
     group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    group = parser.add_argument_group("resume")
+    group.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoints/last")
     group.add_argument("--overwrite", action="store_true",
                        help="replace the run already in --output-dir (without it, a non-empty run dir is refused)")
+    group.add_argument("--max-steps", type=positive_int, default=None,
+                       help="stop after this many optimizer steps (the schedule still spans --epochs)")
 
 
 __all__ = ["TrainConfig", "TrainTask", "FitResult", "fit", "add_train_args", "config_from_args", "EpochSampler",

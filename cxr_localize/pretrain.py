@@ -56,7 +56,8 @@ def mask_ratio(text) -> float:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = MedvlArgumentParser(description=__doc__, parents=[base_parser()],
+    parent = base_parser(output_dir=True, seed=True, device=True, precision=True)
+    parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(parser, projection="all")
     add_encoder_args(parser)

@@ -45,7 +45,8 @@ log = logging.getLogger("medvl.cxr_localize")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = MedvlArgumentParser(description=__doc__, parents=[base_parser()],
+    parent = base_parser(output_dir=True, seed=True, device=True, precision=True, cache_dir=True)
+    parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(parser, projection="Frontal")
     add_encoder_args(parser)

@@ -17,14 +17,11 @@ from torch import nn
 
 from common.checkpoint import find_model_dir, load_model_files, require_keys
 from common.errors import ConfigError, DataError
+from common.presets import get_preset, preset_names
 from pneumonia.data import LABELS, SIZES, SPLITS, MedMNISTSplits, load_medmnist, to_tensor
 
-ARCHS = {
-    "resnet18": {"model_name": "resnet18"},
-    "resnet50": {"model_name": "resnet50"},
-    # Same timm ResNet class with one BasicBlock per stage: for tests and CPU demos.
-    "resnet-tiny": {"model_name": "resnet18", "layers": [1, 1, 1, 1]},
-}
+ARCHS = tuple(preset_names("cnn"))
+"""``--arch`` choices: the ``cnn`` presets of ``common.presets`` (resnet18, resnet50, resnet-tiny)."""
 
 
 class PneumoniaNet(nn.Module):
@@ -32,9 +29,7 @@ class PneumoniaNet(nn.Module):
 
     def __init__(self, arch: str = "resnet18", in_chans: int = 1):
         super().__init__()
-        if arch not in ARCHS:
-            raise ConfigError("--arch", f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
-        spec = dict(ARCHS[arch])
+        spec = dict(get_preset(arch, "cnn", "--arch").options)
         name = spec.pop("model_name")
         self.arch = arch
         self.backbone = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **spec)

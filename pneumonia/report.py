@@ -38,12 +38,14 @@ from common.checkpoint import atomic_write_json, atomic_write_text, result_set
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
 from common.device import compute_dtype, pick_device
 from common.errors import ConfigError, DataError, cli_entry
+from common.presets import get_preset, preset_names
 from common.tables import json_safe, markdown_table
-from common.tiny import save_tiny_gemma3, tiny_gemma3
+from common.tiny import save_tiny_gemma3
 from pneumonia.data import LABELS, SPLITS
 from pneumonia.model import load_run, predict_proba
 
-VLM_PRESETS = {"medgemma-4b": "google/medgemma-4b-it", "tiny-gemma3": None}
+VLM_PRESETS = tuple(preset_names("vlm"))
+"""``--vlm`` presets: the ``vlm`` kind of ``common.presets`` (medgemma-4b and its tiny twin)."""
 PROMPTS = ("zero-shot", "clinical-role", "context-aware")
 VERDICTS = ("normal", "pneumonia", "unclear")
 REPORTS_DIR = "reports"
@@ -56,7 +58,8 @@ _STRUCTURE = ("Write a short report with a Findings section and an Impression. E
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = MedvlArgumentParser(description=__doc__, parents=[base_parser()],
+    parent = base_parser(output_dir=True, seed=True, device=True, precision=True, cache_dir=True, quantization=True)
+    parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, required=True, help="a trained pneumonia run (RUN/best/model.json)")
     parser.add_argument("--vlm", default="medgemma-4b",
@@ -195,9 +198,10 @@ class VLM:
 
 
 def vlm_source(name: str) -> tuple[type, str | None]:
-    """(model class, hub id or directory) for ``--vlm``; ``None`` for the in-memory tiny preset."""
+    """(model class, hub id or directory) for ``--vlm``; ``None`` for a tiny preset built in memory."""
     if name in VLM_PRESETS:
-        return Gemma3ForConditionalGeneration, VLM_PRESETS[name]
+        preset = get_preset(name, "vlm", "--vlm")
+        return Gemma3ForConditionalGeneration, (None if preset.build is not None else preset.source)
     if Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") == 1:
         return AutoModelForImageTextToText, name
     raise ConfigError("--vlm", f"unknown VLM {name!r}; choose one of {', '.join(VLM_PRESETS)}, a save_pretrained "
@@ -215,7 +219,7 @@ def load_vlm(name: str, quantization: str = "none", device: torch.device | str =
         return _load(cls, source, source, quantization, device, dtype, cache_dir, trust_remote_code)
     label = f"{name} (random weights)"
     if quantization == "none":
-        model, processor = tiny_gemma3(seed)
+        model, processor = get_preset(name, "vlm", "--vlm").build(seed=seed)
         model = model.to(device=device, dtype=dtype)
         return VLM(model, processor, label, hf.model_memory_bytes(model))
     with tempfile.TemporaryDirectory(prefix=f"{name}-") as tmp:

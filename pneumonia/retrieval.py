@@ -67,7 +67,8 @@ EVAL_KS = (1, 5, 10)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = MedvlArgumentParser(description=__doc__, parents=[base_parser()],
+    parent = base_parser(output_dir=True, seed=True, device=True)
+    parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=COMMANDS)
     parser.add_argument("--run-dir", type=Path, required=True, help="a trained pneumonia run (RUN/best/model.json)")

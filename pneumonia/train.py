@@ -32,7 +32,8 @@ THRESHOLD_RULES = ("youden", "f1", "acc")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = MedvlArgumentParser(description=__doc__, parents=[base_parser()],
+    parent = base_parser(output_dir=True, seed=True, device=True, precision=True)
+    parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", type=Path, default=None, help="directory with pneumoniamnist[_SIZE].npz")
     parser.add_argument("--image-size", type=int, default=28, choices=SIZES)

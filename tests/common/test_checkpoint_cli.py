@@ -59,7 +59,7 @@ def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path):
 
 
 def _parser():
-    parser = argparse.ArgumentParser(parents=[base_parser()])
+    parser = argparse.ArgumentParser(parents=[base_parser(seed=True)])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--arch", choices=["a", "b"], default="a")

