@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from common.checkpoint import atomic_write_json, atomic_write_text
+
+log = logging.getLogger("medvl.tables")
 
 CI_LOW, CI_HIGH = "_ci_low", "_ci_high"
 
@@ -69,6 +72,51 @@ def results_with_ci(metric_fns: dict[str, Callable[..., float]], *arrays, n_boot
     for name, fn in metric_fns.items():
         point, low, high = bootstrap_ci(fn, *arrays, n_boot=n_boot, seed=seed, alpha=alpha)
         out[name], out[name + CI_LOW], out[name + CI_HIGH] = point, low, high
+    return out
+
+
+def metrics_with_ci(metric_fn: Callable[[dict[str, np.ndarray]], dict[str, float]], arrays: Mapping[str, Any],
+                    keys: Sequence[str] | None = None, n_boot: int = 1000, seed: int = 0,
+                    alpha: float = 0.05) -> dict[str, float]:
+    """Point values and paired percentile-bootstrap intervals of every key of a dict-valued metric.
+
+    ``metric_fn`` receives the named per-sample arrays (resampled together along axis 0) and returns a flat dict,
+    as the functions of ``common.metrics`` do; it runs once per resample for all keys, so every key sees the same
+    resamples. A key whose point value is undefined (nan: AUROC on a one-class split) is reported as nan with
+    a warning, and resamples where a key is undefined are skipped for that key.
+
+    Returns:
+        ``{key: point, key_ci_low: low, key_ci_high: high}`` for each of ``keys`` (default: every numeric key).
+    """
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    arrays = {name: np.asarray(values) for name, values in arrays.items()}
+    lengths = {len(values) for values in arrays.values()}
+    if len(lengths) != 1:
+        raise ValueError(f"arrays differ in length along axis 0: { {k: len(v) for k, v in arrays.items()} }")
+    n = lengths.pop()
+    point = metric_fn(arrays)
+    keys = list(keys) if keys is not None else [k for k, v in point.items()
+                                                 if isinstance(v, int | float | np.number) and not isinstance(v, bool)]
+    draws: dict[str, list[float]] = {key: [] for key in keys}
+    rng = np.random.default_rng(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(n_boot):
+            idx = rng.integers(0, n, size=n)
+            values = metric_fn({name: a[idx] for name, a in arrays.items()})
+            for key in keys:
+                value = float(values[key])
+                if math.isfinite(value):
+                    draws[key].append(value)
+    out: dict[str, float] = {}
+    for key in keys:
+        value = float(point[key])
+        if not math.isfinite(value):
+            log.warning("%s is undefined on this data (a split with one class?); reported as nan", key)
+        low, high = (np.percentile(draws[key], [100 * alpha / 2, 100 * (1 - alpha / 2)]) if draws[key]
+                     else (float("nan"), float("nan")))
+        out[key], out[key + CI_LOW], out[key + CI_HIGH] = value, float(low), float(high)
     return out
 
 

@@ -9,7 +9,6 @@ three, 25 epochs instead of 30) so that it fits a few minutes on two CPU cores; 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -39,8 +38,7 @@ def demo_section(out_dir: Path, n: int = DEFAULT_N, image_size: int = DEMO_IMAGE
                          "--epochs", "1", "--no-progress", "--overwrite", *size])
     _run(train.main, ["--data-root", str(data), "--encoder-init", str(phase1), "--text-encoder", text_encoder,
                       "--output-dir", str(run_dir), "--epochs", str(epochs), "--no-progress", "--overwrite", *size])
-    _run(evaluate.main, ["--run-dir", str(run_dir)])
-    results = json.loads((run_dir / "results.json").read_text())
+    results = evaluate.evaluate_run(run_dir)
     link = lambda path: os.path.relpath(path, out_dir)  # noqa: E731
     table = (run_dir / "results.md").read_text().split("\n", 1)[1]
     table = table.replace("](figures/", f"]({link(run_dir / 'figures')}/")

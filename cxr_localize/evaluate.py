@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
 from common.checkpoint import atomic_write_text, result_set
 from common.cli import MedvlArgumentParser, base_parser, nonnegative_int, parse_args, positive_int
@@ -35,7 +34,7 @@ from common.errors import ConfigError, DataError, cli_entry
 from common.metrics.segmentation import per_image_metrics
 from common.plots import mask_overlay, overlay_panels
 from common.splits import load_split_csv
-from common.tables import results_with_ci, write_results
+from common.tables import metrics_with_ci, write_results
 from cxr_localize.data import load_iu, named_side, normalize, swap_left_right
 from cxr_localize.model import load_text_encoder, load_trained
 
@@ -46,7 +45,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parent = base_parser(seed=True, device=True, cache_dir=True)
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", type=Path, default=None, help="phase-2 run directory")
+    parser.add_argument("--run-dir", type=Path, required=True, help="phase-2 run directory")
     parser.add_argument("--data-root", type=Path, default=None, help="default: the run's data root")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--batch-size", type=positive_int, default=32)
@@ -101,57 +100,50 @@ def _share(named: np.ndarray, other: np.ndarray) -> float:
     return float(named.sum() / total) if total > 0 else float("nan")
 
 
-def load_run_config(run_dir: Path) -> dict:
-    """The run's saved settings; only ``data_root`` and ``limit`` are read here, and both are checked."""
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise DataError(path, "run has no config.yaml (is this a cxr_localize.train run directory?)")
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise DataError(path, f"not valid YAML ({str(err).splitlines()[0]})") from err
-    if not isinstance(config, dict):
-        raise DataError(path, "not a mapping of settings")
-    if not isinstance(config.get("data_root"), str):
-        raise DataError(path, "missing key 'data_root' (or it is not a path)")
-    limit = config.get("limit")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise DataError(path, f"limit must be a positive integer, not {limit!r}")
-    return config
+def text_test_metrics(a: dict[str, np.ndarray]) -> dict[str, float]:
+    """The evaluation's bootstrapped numbers from its named per-image arrays (see ``evaluate_run``)."""
+    return {"dice": a["dice"].mean(), "iou": a["iou"].mean(), "pixel_acc": a["pixel_acc"].mean(),
+            "dice_shuffled": a["dice_shuffled"].mean(), "dice_lr_swapped": a["dice_lr_swapped"].mean(),
+            "mass_named_side": _share(a["mass_named"], a["mass_other"]),
+            "mass_named_side_lr_swapped": _share(a["mass_named_lr_swapped"], a["mass_other_lr_swapped"])}
 
 
-@cli_entry
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(get_args_parser(), argv)
-    if args.run_dir is None:
-        raise ConfigError("--run-dir", "required: the phase-2 run to evaluate")
-    run_dir = args.run_dir
-    model, meta = load_trained(run_dir)
-    config = load_run_config(run_dir)
-    data_root = args.data_root or Path(config["data_root"])
+def evaluate_run(run_dir: Path, split: str = "test", data_root: Path | None = None, batch_size: int = 32,
+                 n_figures: int = 6, n_boot: int = 1000, skip_bad: bool = False, device: str = "auto", seed: int = 0,
+                 cache_dir: Path | None = None) -> dict:
+    """Predict ``split`` of a phase-2 run with its reports, shuffled and left/right swapped; write one result set.
+
+    Returns:
+        The flat results dict also written to ``results.json``.
+    """
+    run_dir = Path(run_dir)
+    torch_device = pick_device(device)
+    model, meta = load_trained(run_dir, torch_device)
+    data = meta["data"]
+    root = data_root or data.get("root")
+    if not isinstance(root, str | Path):
+        raise ConfigError("--data-root", "not given, and the run's model.json names no data root")
     split_table = load_split_csv(run_dir / "split.csv")
-    samples = load_iu(data_root, image_size=meta["image_size"], text_source=meta["text_source"],
-                      projection=meta["projection"], with_masks=True, splits=(args.split,),
-                      split_level=meta["split_level"], seed=meta["split_seed"], skip_bad=args.skip_bad,
-                      limit=config.get("limit"))
-    listed = set(split_table.loc[split_table["split"] == args.split, "id"])
+    image_size = meta["preprocessing"]["image_size"]
+    samples = load_iu(Path(root), image_size=image_size, text_source=meta["text_source"],
+                      projection=data["projection"], with_masks=True, splits=(split,),
+                      split_level=data["split_level"], seed=data["split_seed"], skip_bad=skip_bad,
+                      limit=data.get("limit"))
+    listed = set(split_table.loc[split_table["split"] == split, "id"])
     if not set(samples.filenames) <= listed:
         first = sorted(set(samples.filenames) - listed)[0]
-        raise DataError(run_dir / "split.csv", f"image {first} is not in the {args.split} split of this run; the data "
+        raise DataError(run_dir / "split.csv", f"image {first} is not in the {split} split of this run; the data "
                                                "changed since training")
-    device = pick_device(args.device)
-    model.to(device)
-    encoder = load_text_encoder(meta["text_encoder"], cache_dir=args.cache_dir, device=device)
-    order = derangement(len(samples), args.seed) if len(samples) > 1 else np.arange(len(samples))
+    encoder = load_text_encoder(meta["text_encoder"], cache_dir=cache_dir, device=torch_device)
+    order = derangement(len(samples), seed) if len(samples) > 1 else np.arange(len(samples))
     texts = {"report": samples.texts, "shuffled": [samples.texts[j] for j in order],
              "lr_swapped": [swap_left_right(t) for t in samples.texts]}
-    threshold = float(meta.get("threshold", 0.5))
-    probs = {c: predict(model, samples.images, encoder.encode(texts[c]), args.batch_size, device)
+    threshold = float(meta["thresholds"]["mask"])
+    probs = {c: predict(model, samples.images, encoder.encode(texts[c]), batch_size, torch_device)
              for c in CONDITIONS}
-    truth = samples.masks
-    per = {c: per_image_metrics(probs[c], truth, threshold) for c in CONDITIONS}
+    per = {c: per_image_metrics(probs[c], samples.masks, threshold) for c in CONDITIONS}
     from_masks = samples.lungs is not None
-    lungs = samples.lungs if from_masks else lung_halves(len(samples), meta["image_size"])
+    lungs = samples.lungs if from_masks else lung_halves(len(samples), image_size)
     sides = [named_side(t) for t in samples.texts]
     named, other = lung_mass(probs["report"] >= threshold, lungs, sides)
     named_sw, other_sw = lung_mass(probs["lr_swapped"] >= threshold, lungs, sides)
@@ -159,34 +151,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     moved = has_side & (named + other > 0) & (named_sw + other_sw > 0)
     moved_share = float(np.mean(other_sw[moved] > named_sw[moved])) if moved.any() else float("nan")
 
-    arrays = (per["report"]["dice"], per["report"]["iou"], per["report"]["pixel_acc"], per["shuffled"]["dice"],
-              per["lr_swapped"]["dice"], named, other, named_sw, other_sw)
-    fns = {"dice": lambda *a: a[0].mean(), "iou": lambda *a: a[1].mean(), "pixel_acc": lambda *a: a[2].mean(),
-           "dice_shuffled": lambda *a: a[3].mean(), "dice_lr_swapped": lambda *a: a[4].mean(),
-           "mass_named_side": lambda *a: _share(a[5], a[6]),
-           "mass_named_side_lr_swapped": lambda *a: _share(a[7], a[8])}
-    results = results_with_ci(fns, *arrays, n_boot=args.n_boot, seed=args.seed)
+    per_image = {"dice": per["report"]["dice"], "iou": per["report"]["iou"], "pixel_acc": per["report"]["pixel_acc"],
+                 "dice_shuffled": per["shuffled"]["dice"], "dice_lr_swapped": per["lr_swapped"]["dice"],
+                 "mass_named": named, "mass_other": other, "mass_named_lr_swapped": named_sw,
+                 "mass_other_lr_swapped": other_sw}
+    results = metrics_with_ci(text_test_metrics, per_image, n_boot=n_boot, seed=seed)
     results.update({"images_mass_moved": moved_share, "n_images": len(samples), "n_images_named_side":
-                    int(has_side.sum()), "split": args.split, "text_encoder": meta["text_encoder"],
-                    "fusion": meta["fusion"], "lung_reference": "lung masks" if from_masks else "image halves",
-                    "threshold": threshold, "skipped": int(sum(samples.skipped.values()))})
+                    int(has_side.sum()), "split": split, "text_encoder": meta["text_encoder"],
+                    "fusion": meta["kwargs"].get("fusion"), "threshold": threshold,
+                    "lung_reference": "lung masks" if from_masks else "image halves",
+                    "skipped": int(sum(samples.skipped.values()))})
 
     frame = pd.DataFrame({"filename": samples.filenames, "uid": samples.uids, "text": samples.texts,
-                          "named_side": [s or "" for s in sides], "shuffled_text": texts["shuffled"],
-                          "dice": per["report"]["dice"], "iou": per["report"]["iou"],
-                          "pixel_acc": per["report"]["pixel_acc"], "dice_shuffled": per["shuffled"]["dice"],
-                          "dice_lr_swapped": per["lr_swapped"]["dice"], "mass_named": named, "mass_other": other,
-                          "mass_named_lr_swapped": named_sw, "mass_other_lr_swapped": other_sw})
+                          "named_side": [s or "" for s in sides], "shuffled_text": texts["shuffled"], **per_image})
     buffer = io.StringIO()
     frame.to_csv(buffer, index=False)
     with result_set(run_dir) as staging:
-        atomic_write_text(staging / "predictions" / f"{args.split}.csv", buffer.getvalue())
-        figures = draw_figures(staging, samples, probs, threshold, args.n_figures)
-        write_results(staging, results, f"cxr_localize: report-conditioned localisation ({args.split} split)",
+        atomic_write_text(staging / "predictions" / f"{split}.csv", buffer.getvalue())
+        figures = draw_figures(staging, samples, probs, threshold, n_figures)
+        write_results(staging, results, f"cxr_localize: report-conditioned localisation ({split} split)",
                       text_test_markdown(results, figures))
+    return results
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(get_args_parser(), argv)
+    results = evaluate_run(args.run_dir, args.split, args.data_root, args.batch_size, args.n_figures, args.n_boot,
+                           args.skip_bad, args.device, args.seed, args.cache_dir)
     print(f"dice {results['dice']:.4f}  shuffled {results['dice_shuffled']:.4f}  lr-swapped "
           f"{results['dice_lr_swapped']:.4f}  mass in named lung {results['mass_named_side']:.3f} -> "
-          f"{results['mass_named_side_lr_swapped']:.3f} after swap; {run_dir / 'results.md'}")
+          f"{results['mass_named_side_lr_swapped']:.3f} after swap; {Path(args.run_dir) / 'results.md'}")
     return 0
 
 

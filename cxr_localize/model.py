@@ -25,6 +25,7 @@ from segmentation_models_pytorch.base import SegmentationHead
 
 from common.errors import ConfigError, DataError
 from common.presets import get_preset, list_presets, minilm_dir, preset_names
+from common.runs import load_run, read_run_meta
 
 log = logging.getLogger("medvl.cxr_localize")
 
@@ -233,54 +234,48 @@ def build_unet(encoder: str, weights: str | None, classes: int, decoder_channels
 
 def load_encoder_init(model_encoder: nn.Module, run_dir: Path, encoder: str) -> dict:
     """Copy a phase-1 encoder (``cxr_localize.pretrain`` run) into ``model_encoder``; returns its metadata."""
-    from common.checkpoint import find_model_dir, load_model_files
-
-    directory = find_model_dir(run_dir)
-    state, meta = load_model_files(directory)
-    if meta.get("kind") != "cxr_localize.encoder":
-        raise DataError(directory, "not a phase-1 encoder (run python -m cxr_localize.pretrain first)")
-    if meta.get("encoder") != encoder:
-        raise ConfigError("--encoder", f"phase-1 run has a {meta.get('encoder')} encoder, not {encoder}")
+    meta, state, directory = read_run_meta(Path(run_dir), "cxr_localize", stage="pretrain")
+    if meta["preset"] != encoder:
+        raise ConfigError("--encoder", f"phase-1 run has a {meta['preset']} encoder, not {encoder}")
     try:
         model_encoder.load_state_dict(state)
     except RuntimeError as err:
-        raise DataError(directory, f"encoder weights do not fit ({str(err).splitlines()[0]})") from err
+        raise DataError(directory / "model.safetensors", f"encoder weights do not fit "
+                                                         f"({' '.join(str(err).split())[:160]})") from err
     return meta
 
 
-def model_kwargs(meta: dict) -> dict:
-    return {"text_dim": meta["text_dim"], "encoder": meta["encoder"], "fusion": meta["fusion"],
-            "decoder_channels": tuple(meta["decoder_channels"])}
+UNET_RECORD = {"text_encoder": str, "text_source": str, "text_whitening": str}
+"""Keys beyond the common schema that a phase-2 ``model.json`` holds (read by ``cxr_localize.evaluate``)."""
 
 
-def load_trained(run_dir: Path) -> tuple[ReportUNet, dict]:
-    """The best phase-2 model of a run (eval mode) and its metadata."""
-    from common.checkpoint import find_model_dir, load_model_files, require_keys
+def build_from_record(meta: dict) -> ReportUNet:
+    """The untrained ReportUNet a phase-2 ``model.json`` describes, after checking what the tools read from it."""
+    kwargs = meta["kwargs"]
+    size = meta["preprocessing"].get("image_size")
+    if not isinstance(size, int) or size < 32 or size % 32:
+        raise ValueError(f"preprocessing.image_size {size!r} is not a multiple of 32")
+    if "mask" not in meta["thresholds"]:
+        raise KeyError("thresholds.mask")
+    for key, kind in UNET_RECORD.items():
+        if not isinstance(meta.get(key), kind):
+            raise KeyError(key)
+    for key in ("projection", "split_level", "split_seed"):
+        if key not in meta["data"]:
+            raise KeyError(f"data.{key}")
+    channels = kwargs.get("decoder_channels")
+    if not isinstance(channels, list) or len(channels) != 5 or not all(isinstance(c, int) and c > 0 for c in channels):
+        raise ValueError("kwargs.decoder_channels must be five positive integers")
+    text_dim = kwargs.get("text_dim")
+    if not isinstance(text_dim, int) or text_dim < 1:
+        raise ValueError(f"kwargs.text_dim {text_dim!r} must be a positive integer")
+    return ReportUNet(text_dim, meta["preset"], None, kwargs.get("fusion", "film"), channels)
 
-    directory = find_model_dir(run_dir)
-    state, meta = load_model_files(directory)
-    meta_path = directory / "model.json"
-    if not isinstance(meta, dict) or meta.get("kind") != "cxr_localize.report_unet":
-        raise DataError(meta_path, "not a cxr_localize phase-2 model (run python -m cxr_localize.train)")
-    require_keys(meta, meta_path, {"text_dim": int, "encoder": str, "fusion": str, "decoder_channels": list,
-                                   "image_size": int, "text_source": str, "text_encoder": str, "projection": str,
-                                   "split_level": str, "split_seed": int, "threshold": (int, float)})
-    if meta["text_dim"] < 1 or meta["image_size"] < 32 or meta["image_size"] % 32:
-        raise DataError(meta_path, f"text_dim {meta['text_dim']} / image_size {meta['image_size']} out of range")
-    if len(meta["decoder_channels"]) != 5 or not all(isinstance(c, int) and c > 0 for c in meta["decoder_channels"]):
-        raise DataError(meta_path, "decoder_channels must be five positive integers")
-    if not 0 <= meta["threshold"] <= 1:
-        raise DataError(meta_path, f"threshold {meta['threshold']} is not a probability")
-    try:
-        model = ReportUNet(**model_kwargs(meta), encoder_weights=None)
-    except ConfigError as err:
-        raise DataError(meta_path, err.message) from err
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise DataError(directory / "model.safetensors", f"weights do not fit the model that model.json describes "
-                                                         f"({str(err).splitlines()[0][:120]})") from err
-    return model.eval(), meta
+
+def load_trained(run_dir: Path, device: str | torch.device = "cpu") -> tuple[ReportUNet, dict]:
+    """The best phase-2 model of a run (eval mode) and its metadata, through ``common.runs.load_run``."""
+    loaded = load_run(Path(run_dir), "cxr_localize", build_from_record, stage="train", device=device)
+    return loaded.model, loaded.meta
 
 
 __all__ = ["TEXT_PRESETS", "FUSIONS", "TextEncoder", "load_text_encoder", "FiLMFusion", "ConcatFusion",

@@ -25,7 +25,7 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch.utils.data import DataLoader
 
-from common.checkpoint import result_set, save_model
+from common.checkpoint import result_set
 from common.cli import (
     MedvlArgumentParser,
     base_parser,
@@ -39,7 +39,8 @@ from common.cli import (
 from common.engine import add_train_args, check_output_dir, config_from_args, fit
 from common.errors import ConfigError, cli_entry
 from common.plots import overlay_panels
-from common.tables import results_with_ci, write_results
+from common.runs import model_record, save_run_model
+from common.tables import metrics_with_ci, write_results
 from cxr_localize.common_args import add_data_args, add_encoder_args, require, split_table
 from cxr_localize.data import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, load_iu
 from cxr_localize.model import build_unet
@@ -137,14 +138,14 @@ class ReconstructionTask:
         return {"psnr": float(psnr.mean()), "ssim": float(ssim.mean()), "loss": sum(losses) / len(truth)}
 
     def save_best(self, model, metrics, directory: Path) -> None:
-        save_model(directory, model.encoder, {**self.meta, "val_metrics": metrics})
+        save_run_model(directory, model.encoder, {**self.meta, "val_metrics": metrics})
         if not self.last:
             return
         k = min(self.n_figures, len(self.last["truth"]))
         rows = [[self.last["shown"][i], self.last["recon"][i], self.last["truth"][i]] for i in range(k)]
         titles = [["input (masked)" if self.mask_ratio > 0 else "input", "reconstruction", "original"]] * k
-        results = results_with_ci({"psnr": lambda p, s: p.mean(), "ssim": lambda p, s: s.mean()},
-                                  self.last["psnr"], self.last["ssim"], n_boot=1000, seed=self.seed)
+        results = metrics_with_ci(lambda a: {"psnr": a["psnr"].mean(), "ssim": a["ssim"].mean()},
+                                  {"psnr": self.last["psnr"], "ssim": self.last["ssim"]}, n_boot=1000, seed=self.seed)
         results.update({"epoch": metrics.get("epoch"), "n_val_images": len(self.last["truth"]),
                         "mask_ratio": self.mask_ratio})
         with result_set(self.run_dir) as staging:
@@ -171,14 +172,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     model = build_unet(args.encoder, args.encoder_weights, classes=1, decoder_channels=args.decoder_channels)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    meta = {"kind": "cxr_localize.encoder", "encoder": args.encoder, "encoder_weights": args.encoder_weights,
-            "image_size": args.image_size, "mask_ratio": args.mask_ratio, "mask_patch": args.mask_patch,
-            "data_root": str(Path(args.data_root).resolve()), "split_level": args.split_level,
-            "split_seed": args.split_seed, "skipped": dict(samples.skipped)}
+    meta = model_record(
+        pipeline="cxr_localize", stage="pretrain", preset=args.encoder, kwargs={}, labels=[],
+        preprocessing={"image_size": args.image_size, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                       "channels": "grey x3"},
+        thresholds={}, monitor=args.monitor if len(val) else "train_loss",
+        data={"root": str(Path(args.data_root).resolve()), "projection": args.projection, "limit": args.limit,
+              "split_level": args.split_level, "split_seed": args.split_seed, "skipped": dict(samples.skipped)},
+        encoder_weights=args.encoder_weights, mask_ratio=args.mask_ratio, mask_patch=args.mask_patch)
     task = ReconstructionTask(meta, args.mask_ratio, args.mask_patch, args.ssim_weight, run_dir, args.n_figures,
                               args.seed)
     val_set = ImageDataset(val.images) if len(val) else None
-    monitor = {} if val_set is not None else {"monitor": "train_loss"}
+    monitor = {} if val_set is not None else {"monitor": "train_loss", "mode": "min"}
     result = fit(model, optimizer, ImageDataset(train.images, args.augment), val_set, task,
                  config_from_args(args, **monitor), run_dir,
                  run_files={"config.yaml": config_text(args), "split.csv": split_text})

@@ -24,12 +24,12 @@ import torch.nn.functional as F
 import yaml
 from torch.utils.data import DataLoader
 
-from common.checkpoint import save_model
 from common.cli import MedvlArgumentParser, base_parser, config_text, nonnegative_float, parse_args, unit_interval
 from common.engine import add_train_args, check_output_dir, config_from_args, fit
 from common.errors import DataError, cli_entry
 from common.metrics.segmentation import per_image_metrics
 from common.plots import loss_curves
+from common.runs import model_record, save_run_model
 from cxr_localize.common_args import add_data_args, add_encoder_args, require, split_table
 from cxr_localize.data import IMAGENET_MEAN, IMAGENET_STD, TEXT_SOURCES, LocalizationDataset, load_iu, swap_left_right
 from cxr_localize.model import (
@@ -103,7 +103,7 @@ class LocalizationTask:
                 "loss": sum(losses) / sum(len(m) for m in masks)}
 
     def save_best(self, model, metrics, directory: Path) -> None:
-        save_model(directory, model, {**self.meta, "val_metrics": metrics})
+        save_run_model(directory, model, {**self.meta, "val_metrics": metrics})
 
 
 def check_pretrain_leakage(encoder_init: Path, data_root: Path, split: pd.DataFrame) -> None:
@@ -174,15 +174,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     model.set_text_statistics(train_table, args.text_whitening)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    meta = {"kind": "cxr_localize.report_unet", "encoder": args.encoder, "decoder_channels": args.decoder_channels,
-            "fusion": args.fusion, "text_dim": encoder.dim, "text_whitening": args.text_whitening,
-            "text_encoder": args.text_encoder,
-            "text_source": args.text_source, "image_size": args.image_size, "threshold": args.threshold,
-            "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "channels": "grey x3"},
-            "data_root": str(Path(args.data_root).resolve()), "projection": args.projection,
-            "split_level": args.split_level, "split_seed": args.split_seed, "monitor": args.monitor,
-            "encoder_init": None if init_meta is None else str(args.encoder_init),
-            "skipped": dict(samples.skipped)}
+    meta = model_record(
+        pipeline="cxr_localize", stage="train", preset=args.encoder,
+        kwargs={"text_dim": encoder.dim, "fusion": args.fusion, "decoder_channels": list(args.decoder_channels)},
+        labels=[], preprocessing={"image_size": args.image_size, "mean": list(IMAGENET_MEAN),
+                                  "std": list(IMAGENET_STD), "channels": "grey x3"},
+        thresholds={"mask": args.threshold}, monitor=args.monitor,
+        data={"root": str(Path(args.data_root).resolve()), "projection": args.projection, "limit": args.limit,
+              "split_level": args.split_level, "split_seed": args.split_seed, "skipped": dict(samples.skipped)},
+        text_encoder=args.text_encoder, text_source=args.text_source, text_whitening=args.text_whitening,
+        encoder_init=None if init_meta is None else str(args.encoder_init))
     task = LocalizationTask(meta, args.pos_weight, args.dice_weight, args.threshold)
     result = fit(model, optimizer, train_set, val_set, task, config_from_args(args), run_dir,
                  run_files={"config.yaml": config_text(args), "split.csv": split_text})

@@ -14,26 +14,19 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn import metrics
 
 from common import plots
 from common.checkpoint import atomic_write_text, read_jsonl, result_set
 from common.cli import MedvlArgumentParser, base_parser, nonnegative_int, parse_args, positive_int
 from common.device import pick_device
 from common.errors import DataError, cli_entry
-from common.tables import results_with_ci, write_results
+from common.metrics.classification import binary_metrics
+from common.tables import metrics_with_ci, write_results
 from pneumonia.data import SPLITS
 from pneumonia.model import load_run, predict_proba
 
-_LABEL_METRICS = {
-    "acc": metrics.accuracy_score,
-    "precision": lambda y, p: metrics.precision_score(y, p, zero_division=0),
-    "recall": lambda y, p: metrics.recall_score(y, p, zero_division=0),
-    "specificity": lambda y, p: metrics.recall_score(y, p, pos_label=0, zero_division=0),
-    "f1": lambda y, p: metrics.f1_score(y, p, zero_division=0),
-    "balanced_acc": metrics.balanced_accuracy_score,
-    "mcc": metrics.matthews_corrcoef,
-}
+METRICS = ("auroc", "auprc", "acc", "precision", "recall", "specificity", "f1", "balanced_acc", "mcc")
+"""Keys of ``common.metrics.classification.binary_metrics`` reported with bootstrap intervals."""
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -46,13 +39,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
     parser.add_argument("--gallery", type=nonnegative_int, default=10, help="how many confident failures to show")
     return parser
-
-
-def metric_fns(threshold: float) -> dict:
-    """One cheap sklearn call per metric (the bootstrap calls each a thousand times); same keys as binary_metrics."""
-    fns = {name: (lambda y, s, fn=fn: fn(y, (s >= threshold).astype(int))) for name, fn in _LABEL_METRICS.items()}
-    fns["auroc"] = metrics.roc_auc_score
-    return fns
 
 
 def evaluate_run(run_dir: Path, split: str = "test", data_root: Path | None = None, n_boot: int = 1000,
@@ -69,11 +55,12 @@ def evaluate_run(run_dir: Path, split: str = "test", data_root: Path | None = No
     if len(labels) == 0:
         raise DataError(data.path, f"the {split} split is empty; nothing to evaluate")
     scores = predict_proba(model, images, device=device)
-    threshold = float(meta["threshold"])
+    threshold = float(meta["thresholds"]["decision"])
     predicted = (scores >= threshold).astype(int)
     frame = pd.DataFrame({"index": np.arange(len(labels)), "label": labels, "prob_pneumonia": scores,
                           "predicted": predicted})
-    results = results_with_ci(metric_fns(threshold), labels, scores, n_boot=n_boot, seed=seed)
+    results = metrics_with_ci(lambda a: binary_metrics(a["label"], a["score"], threshold),
+                              {"label": labels, "score": scores}, keys=METRICS, n_boot=n_boot, seed=seed)
     results.update({"threshold": threshold, "n": int(len(labels)), "n_positive": int(labels.sum()), "split": split,
                     "best_epoch_metric": meta.get("monitor")})
     history_path = run_dir / "metrics.jsonl"
@@ -95,8 +82,8 @@ def evaluate_run(run_dir: Path, split: str = "test", data_root: Path | None = No
         extra = (f"Threshold {threshold:.3f} chosen on validation ({meta.get('threshold_rule', '?')}); "
                  f"{len(labels)} images, {int(labels.sum())} pneumonia.\n\n"
                  f"![confusion](figures/confusion_{split}.png) ![roc](figures/roc_{split}.png)\n")
-        write_results(staging, results, f"PneumoniaMNIST {meta['arch']} ({meta['image_size']} px), {split} split",
-                      extra)
+        title = f"PneumoniaMNIST {meta['preset']} ({meta['preprocessing']['image_size']} px), {split} split"
+        write_results(staging, results, title, extra)
     return results
 
 

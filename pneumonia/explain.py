@@ -78,9 +78,7 @@ def explain_run(run_dir: Path, split: str = "test", n: int = 8, data_root: Path 
     images, labels = data.images[split], data.labels[split]
     if len(labels) == 0:
         raise DataError(data.path, f"the {split} split is empty")
-    if "threshold" not in meta:
-        raise DataError(run_dir / "best" / "model.json", "no decision threshold stored; retrain with pneumonia.train")
-    threshold = float(meta["threshold"])
+    threshold = float(meta["thresholds"]["decision"])
     scores = predict_proba(model, images, device=torch_device)
     cases = select_cases(labels, scores, threshold, n)
     rows, panels = [], {}

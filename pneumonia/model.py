@@ -15,10 +15,10 @@ import timm
 import torch
 from torch import nn
 
-from common.checkpoint import find_model_dir, load_model_files, require_keys
-from common.errors import ConfigError, DataError
+from common.errors import ConfigError
 from common.presets import get_preset, preset_names
-from pneumonia.data import LABELS, SIZES, SPLITS, MedMNISTSplits, load_medmnist, to_tensor
+from common.runs import load_run as load_run_model
+from pneumonia.data import SIZES, SPLITS, MedMNISTSplits, load_medmnist, to_tensor
 
 ARCHS = tuple(preset_names("cnn"))
 """``--arch`` choices: the ``cnn`` presets of ``common.presets`` (resnet18, resnet50, resnet-tiny)."""
@@ -64,40 +64,32 @@ def preprocess(images: np.ndarray) -> torch.Tensor:
     return to_tensor(images)
 
 
+def build_from_record(meta: dict[str, Any]) -> PneumoniaNet:
+    """The untrained network ``model.json`` describes, after checking the keys the pneumonia tools read."""
+    size = meta["preprocessing"].get("image_size")
+    if size not in SIZES:
+        raise ValueError(f"preprocessing.image_size {size!r} is not one of {SIZES}")
+    if "decision" not in meta["thresholds"]:
+        raise KeyError("thresholds.decision")
+    if len(meta["labels"]) != 2:
+        raise ValueError("labels must name the two classes")
+    return PneumoniaNet(meta["preset"], **meta["kwargs"])
+
+
 def load_trained(run_dir: Path | str, device: str | torch.device = "cpu") -> tuple[PneumoniaNet, dict[str, Any]]:
-    """Rebuild the best model of a run from ``best/model.safetensors`` and ``model.json``."""
-    directory = find_model_dir(Path(run_dir))
-    state, meta = load_model_files(directory)
-    meta_path = directory / "model.json"
-    if not isinstance(meta, dict) or meta.get("pipeline") != "pneumonia":
-        pipeline = meta.get("pipeline") if isinstance(meta, dict) else None
-        raise DataError(meta_path, f"not a pneumonia model (pipeline={pipeline!r})")
-    require_keys(meta, meta_path, {"arch": str, "image_size": int, "threshold": (int, float)})
-    if meta["arch"] not in ARCHS:
-        raise DataError(meta_path, f"unknown arch {meta['arch']!r} (known: {', '.join(ARCHS)})")
-    if meta["image_size"] not in SIZES:
-        raise DataError(meta_path, f"image_size {meta['image_size']} is not one of {SIZES}")
-    if not 0 <= meta["threshold"] <= 1:
-        raise DataError(meta_path, f"threshold {meta['threshold']} is not a probability")
-    labels = meta.setdefault("labels", list(LABELS))
-    if not isinstance(labels, list) or len(labels) != 2:
-        raise DataError(meta_path, "labels must be a list of two class names")
-    model = PneumoniaNet(meta["arch"])
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise DataError(directory / "model.safetensors", f"weights do not fit arch {meta['arch']!r}") from err
-    return model.to(device).eval(), meta
+    """Rebuild the best model of a run from ``best/model.safetensors`` and ``model.json`` (``common.runs``)."""
+    loaded = load_run_model(run_dir, "pneumonia", build_from_record, stage="train", device=device)
+    return loaded.model, loaded.meta
 
 
 def load_run(run_dir: Path | str, data_root: Path | str | None = None, splits: tuple[str, ...] = SPLITS,
              device: str | torch.device = "cpu") -> tuple[PneumoniaNet, dict[str, Any], MedMNISTSplits]:
     """A run's best model and the data it was trained on (or ``data_root``), the shared start of every tool."""
     model, meta = load_trained(run_dir, device)
-    root = data_root or meta.get("data_root")
-    if root is None:
-        raise ConfigError("--data-root", "not given, and the run's model.json names no data")
-    return model, meta, load_medmnist(root, meta["image_size"], splits=splits)
+    root = data_root or meta["data"].get("root")
+    if not isinstance(root, str | Path):
+        raise ConfigError("--data-root", "not given, and the run's model.json names no data root")
+    return model, meta, load_medmnist(root, meta["preprocessing"]["image_size"], splits=splits)
 
 
 @torch.no_grad()

@@ -364,7 +364,7 @@ def run_reports(run_dir: Path, vlm_name: str, prompts: Sequence[str], out_dir: P
     ids = select_ids(data.labels[split], limit)
     images, labels = data.images[split][ids], data.labels[split][ids]
     probs = predict_proba(cnn, images, device=torch_device)
-    threshold = float(meta["threshold"])
+    threshold = float(meta["thresholds"]["decision"])
 
     vlm = load_vlm(vlm_name, quantization, torch_device, precision, cache_dir, trust_remote_code, seed)
     print(f"{vlm.source}: {format_bytes(vlm.memory_bytes)} of weights ({quantization}) on {torch_device}")
@@ -376,7 +376,8 @@ def run_reports(run_dir: Path, vlm_name: str, prompts: Sequence[str], out_dir: P
         records = []
         for start in range(0, len(ids), batch_size):
             batch = range(start, min(start + batch_size, len(ids)))
-            texts = [prompt_text(name, float(probs[i]), threshold, int(meta["image_size"])) for i in batch]
+            size = int(meta["preprocessing"]["image_size"])
+            texts = [prompt_text(name, float(probs[i]), threshold, size) for i in batch]
             replies = generate_reports(vlm, [build_messages(pictures[i], *t) for i, t in zip(batch, texts)],
                                        max_new_tokens, seed)
             for i, (system, user), reply in zip(batch, texts, replies):
@@ -389,7 +390,7 @@ def run_reports(run_dir: Path, vlm_name: str, prompts: Sequence[str], out_dir: P
         "vlm": vlm.source, "quantization": quantization, "device": str(torch_device),
         "memory_bytes": vlm.memory_bytes, "split": split, "n": int(len(ids)), "seed": seed,
         "max_new_tokens": max_new_tokens, "threshold": threshold,
-        "cnn_arch": meta["arch"], "cnn_acc": float(((probs >= threshold).astype(int) == labels).mean()),
+        "cnn_arch": meta["preset"], "cnn_acc": float(((probs >= threshold).astype(int) == labels).mean()),
         "prompts": {name: score(records, threshold) for name, records in all_records.items()},
     }
     with result_set(out_dir) as staging:  # every prompt's reports and the comparison replace the old set together

@@ -297,7 +297,7 @@ def build(ctx: RetrievalContext, names: Sequence[str], archive: str = "train", a
                                      ef_search or 64, seed)
             info.update({"archive_split": archive, "ids": list(range(len(labels))), "labels": labels.tolist(),
                          "model_sha256": ctx.sha, "embeddings_file": embeddings_file,
-                         "data_file": ctx.data.path.name, "image_size": ctx.meta["image_size"],
+                         "data_file": ctx.data.path.name, "image_size": ctx.meta["preprocessing"]["image_size"],
                          "build_s": round(time.perf_counter() - start, 4)})
             save_index(staging, index, info)
             infos.append(info)
@@ -408,7 +408,8 @@ def evaluate(ctx: RetrievalContext, names: Sequence[str], query_split: str = "te
                           ctx.data.images[info["archive_split"]], np.asarray(info["ids"]), np.asarray(info["labels"]),
                           positions[chosen], distances[chosen], ctx.meta["labels"], _metric_name(info),
                           staging / gallery_path.name)
-        write_results(staging, results, f"PneumoniaMNIST retrieval ({ctx.meta['arch']}, {ctx.meta['image_size']} px)",
+        size = ctx.meta["preprocessing"]["image_size"]
+        write_results(staging, results, f"PneumoniaMNIST retrieval ({ctx.meta['preset']}, {size} px)",
                       _extra_markdown(summary, query_split, gallery_path.name, k))
     return {"results": results, "summary": summary, "gallery": gallery_path}
 

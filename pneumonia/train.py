@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from common.checkpoint import save_model
 from common.cli import MedvlArgumentParser, base_parser, config_text, parse_args, positive_int
 from common.engine import add_train_args, check_output_dir, config_from_args, fit
 from common.errors import ConfigError, DataError, cli_entry
 from common.metrics.classification import best_threshold, binary_metrics
-from pneumonia.data import LABELS, SIZES, PneumoniaDataset, load_medmnist
+from common.runs import model_record, save_run_model
+from pneumonia.data import LABELS, MEAN, SIZES, STD, PneumoniaDataset, load_medmnist
 from pneumonia.model import ARCHS, build_model
 
 THRESHOLD_RULES = ("youden", "f1", "acc")
@@ -72,8 +72,9 @@ class PneumoniaTask:
     def save_best(self, model, metrics, directory: Path) -> None:
         threshold = best_threshold(self.val_labels, self.last_scores, metric=self.threshold_rule)
         at_threshold = binary_metrics(self.val_labels, self.last_scores, threshold=threshold)
-        save_model(directory, model, {**self.meta, "threshold": float(threshold), "threshold_rule": self.threshold_rule,
-                                      "val_metrics": metrics, "val_metrics_at_threshold": at_threshold})
+        record = model_record(**self.meta, thresholds={"decision": float(threshold)}, val_metrics=metrics,
+                              threshold_rule=self.threshold_rule, val_metrics_at_threshold=at_threshold)
+        save_run_model(directory, model, record)
 
 
 def check_training_data(path: Path, train_labels: np.ndarray, val_labels: np.ndarray) -> None:
@@ -115,9 +116,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     model = build_model(args.arch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    meta = {"pipeline": "pneumonia", "arch": args.arch, "image_size": args.image_size, "labels": list(LABELS),
-            "data_root": str(Path(args.data_root).resolve()), "data_file": data.path.name,
-            "normalization": {"mean": 0.5, "std": 0.5}, "monitor": args.monitor}
+    meta = {"pipeline": "pneumonia", "stage": "train", "preset": args.arch, "kwargs": {}, "labels": list(LABELS),
+            "preprocessing": {"image_size": args.image_size, "mean": MEAN, "std": STD},
+            "data": {"root": str(Path(args.data_root).resolve()), "file": data.path.name,
+                     "train_limit": args.train_limit},
+            "monitor": args.monitor}
     task = PneumoniaTask(meta, data.labels["val"], args.threshold_rule)
     run_files = {"config.yaml": config_text(args),
                  "data.json": data_record(data.path, {"train": train_images, "val": data.images["val"]},

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.checkpoint import save_model
 from common.phantoms import __main__ as phantoms
 from common.phantoms.cxr import write_medmnist
+from common.runs import model_record, save_run_model
 from cxr_localize import evaluate as cxr_evaluate
 from cxr_localize import pretrain as cxr_pretrain
 from cxr_localize import train as cxr_train
@@ -196,12 +196,18 @@ def _empty_test_split(tmp, run):
 
 
 EVALUATE_CASES = {
-    "model.json without threshold": _edit_meta(threshold=None),
-    "model.json without arch": _edit_meta(arch=None),
-    "model.json threshold as text": _edit_meta(threshold="high"),
-    "model.json unknown arch": _edit_meta(arch="vgg"),
-    "model.json size not an int": _edit_meta(image_size="28"),
+    "model.json without threshold": _edit_meta(thresholds={}),
+    "model.json without preset": _edit_meta(preset=None),
+    "model.json without format": _edit_meta(format=None),
+    "model.json older format": _edit_meta(format="medvl-model-0"),
+    "model.json threshold as text": _edit_meta(thresholds={"decision": "high"}),
+    "model.json threshold above 1": _edit_meta(thresholds={"decision": 1.5}),
+    "model.json unknown preset": _edit_meta(preset="vgg"),
+    "model.json size not an int": _edit_meta(preprocessing={"image_size": "28"}),
+    "model.json kwargs not a dict": _edit_meta(kwargs=[]),
+    "model.json unknown kwarg": _edit_meta(kwargs={"depth": 3}),
     "model.json of another pipeline": _edit_meta(pipeline="cxr_localize"),
+    "model.json of another stage": _edit_meta(stage="pretrain"),
     "model.json not JSON": _damage("best/model.json", b"{oops", "not valid JSON"),
     "weights garbage": _damage("best/model.safetensors", b"\x00" * 16, "cannot read weights"),
     "metrics.jsonl broken line": _damage("metrics.jsonl", b'{"epoch": 1}\nnot json\n{"epoch": 2}\n', "line 2"),
@@ -272,12 +278,12 @@ def _fake_cxr_run(root: Path, run: Path, fusion_in_json: str) -> Path:
     from cxr_localize.model import ReportUNet
 
     model = ReportUNet(8, "resnet18", None, "film", (16, 16, 8, 8, 8))
-    meta = {"kind": "cxr_localize.report_unet", "encoder": "resnet18", "decoder_channels": [16, 16, 8, 8, 8],
-            "fusion": fusion_in_json, "text_dim": 8, "text_whitening": "scale", "text_encoder": "minilm",
-            "text_source": "findings", "image_size": 64, "threshold": 0.5, "projection": "Frontal",
-            "split_level": "patient", "split_seed": 0}
-    save_model(run / "best", model, meta)
-    (run / "config.yaml").write_text(f"data_root: {root}\n")
+    meta = model_record(pipeline="cxr_localize", stage="train", preset="resnet18",
+                        kwargs={"text_dim": 8, "fusion": fusion_in_json, "decoder_channels": [16, 16, 8, 8, 8]},
+                        labels=[], preprocessing={"image_size": 64}, thresholds={"mask": 0.5}, monitor="val_dice",
+                        data={"root": str(root), "projection": "Frontal", "split_level": "patient", "split_seed": 0},
+                        text_encoder="minilm", text_source="findings", text_whitening="scale")
+    save_run_model(run / "best", model, meta)
     return run / "best"
 
 
@@ -287,10 +293,15 @@ def test_cxr_model_json_that_does_not_fit_its_weights(iu_copy, tmp_path, capsys)
     assert cxr_evaluate.main(["--run-dir", str(tmp_path / "run")]) == 2
     _assert_one_line(capsys, [str(best / "model.safetensors"), "do not fit"])
     meta = json.loads((best / "model.json").read_text())
-    meta.pop("text_dim")
+    meta["kwargs"].pop("text_dim")
     (best / "model.json").write_text(json.dumps(meta))
     assert cxr_evaluate.main(["--run-dir", str(tmp_path / "run")]) == 2
     _assert_one_line(capsys, [str(best / "model.json"), "text_dim"])
+    meta["kwargs"]["text_dim"] = 8
+    meta["data"].pop("split_seed")
+    (best / "model.json").write_text(json.dumps(meta))
+    assert cxr_evaluate.main(["--run-dir", str(tmp_path / "run")]) == 2
+    _assert_one_line(capsys, [str(best / "model.json"), "data.split_seed"])
 
 
 # --- common.phantoms -----------------------------------------------------------------------------------------------

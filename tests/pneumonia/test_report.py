@@ -134,7 +134,7 @@ def test_end_to_end_tiny_gemma3(trained_pneumonia_run, tmp_path, capsys):
         assert np.allclose([r["cnn_prob"] for r in records], probs, atol=1e-6)
         assert all(r["parsed_verdict"] == report.parse_verdict(r["report"]) for r in records)
         assert ("P(pneumonia) = " in records[0]["prompt"]) == (name == "context-aware")
-        assert summary["prompts"][name] == json_safe(report.score(records, meta["threshold"]))
+        assert summary["prompts"][name] == json_safe(report.score(records, meta["thresholds"]["decision"]))
     assert (out / "comparison.md").read_text().startswith("# VLM reports vs CNN")
 
 

@@ -65,4 +65,4 @@ def test_kill_mid_epoch_then_resume(pneumonia_phantom, tmp_path, monkeypatch):
     full, full_meta = load_model_files(tmp_path / "full" / "best")
     resumed, resumed_meta = load_model_files(tmp_path / "killed" / "best")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
-    assert full_meta["threshold"] == resumed_meta["threshold"]
+    assert full_meta["thresholds"] == resumed_meta["thresholds"]

@@ -17,7 +17,7 @@ from pneumonia import evaluate
 def test_phantom_run_learns_and_evaluates(trained_pneumonia_run):
     run_dir, npz = trained_pneumonia_run
     meta = json.loads((run_dir / "best" / "model.json").read_text())
-    assert 0.0 < meta["threshold"] < 1.0 and meta["threshold_rule"] == "youden"
+    assert 0.0 < meta["thresholds"]["decision"] < 1.0 and meta["threshold_rule"] == "youden"
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     best = max(history, key=lambda h: h["val_auroc"])
@@ -31,7 +31,7 @@ def test_phantom_run_learns_and_evaluates(trained_pneumonia_run):
     assert results["auroc"] > 0.9, results
     assert abs(results["auroc"] - roc_auc_score(labels, predictions["prob_pneumonia"])) < 1e-12
     assert results["auroc_ci_low"] <= results["auroc"] <= results["auroc_ci_high"]
-    predicted = (predictions["prob_pneumonia"] >= meta["threshold"]).astype(int)
+    predicted = (predictions["prob_pneumonia"] >= meta["thresholds"]["decision"]).astype(int)
     assert (predicted == predictions["predicted"]).all()
     assert abs(results["acc"] - (predicted == labels).mean()) < 1e-12
     for name in ("confusion_test.png", "roc_test.png", "loss_curves.png"):

@@ -1,0 +1,121 @@
+"""One run format for every pipeline: the ``best/model.json`` schema, and the loader every tool uses.
+
+``model.json`` (beside ``model.safetensors``) holds:
+
+    format         "medvl-model-1"
+    pipeline       the package that trained it: "pneumonia", "cxr_localize", ...
+    stage          the training script that wrote it: "train", "pretrain", ...
+    preset         the model preset (``common.presets``) or architecture the pipeline's builder takes
+    kwargs         the builder's keyword arguments, so the model is rebuilt from this file alone
+    labels         class names (empty where the task has none)
+    preprocessing  what an input goes through before the model (image size, normalisation, ...)
+    thresholds     decision thresholds chosen on validation ({"decision": 0.26}, {"mask": 0.5})
+    monitor        the validation metric that chose this epoch
+    data           where the training data came from ({"root": ..., ...}); tools default to it
+    val_metrics    that epoch's validation numbers
+    git_sha, versions   provenance, added by ``common.checkpoint.save_model``
+
+Pipelines may add keys of their own (``cxr_localize`` records its text encoder); these are the ones every
+tool can rely on. ``load_run`` checks them, rebuilds the model with the pipeline's builder and loads the weights,
+turning every way that can fail into one line naming the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.checkpoint import META_FILE, WEIGHTS_FILE, find_model_dir, load_model_files, require_keys, save_model
+from common.errors import ConfigError, DataError
+
+MODEL_FORMAT = "medvl-model-1"
+SCHEMA: dict[str, type | tuple[type, ...]] = {
+    "format": str, "pipeline": str, "stage": str, "preset": str, "kwargs": dict, "labels": list,
+    "preprocessing": dict, "thresholds": dict, "monitor": (str, type(None)), "data": dict,
+}
+
+
+def model_record(*, pipeline: str, stage: str, preset: str, kwargs: dict[str, Any], labels: list[str],
+                 preprocessing: dict[str, Any], thresholds: dict[str, float], monitor: str | None,
+                 data: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A ``model.json`` record in the one schema (keyword-only, so no field is forgotten)."""
+    return {"format": MODEL_FORMAT, "pipeline": pipeline, "stage": stage, "preset": preset, "kwargs": dict(kwargs),
+            "labels": list(labels), "preprocessing": dict(preprocessing), "thresholds": dict(thresholds),
+            "monitor": monitor, "data": dict(data), **extra}
+
+
+def save_run_model(directory: Path, model: torch.nn.Module, record: dict[str, Any]) -> Path:
+    """Write ``model.safetensors`` + ``model.json`` after checking the record against the schema."""
+    check_record(record, Path(directory) / META_FILE)
+    return save_model(directory, model, record)
+
+
+def check_record(meta: Any, path: Path) -> dict[str, Any]:
+    """Every schema key present with its type, and thresholds that are probabilities."""
+    require_keys(meta, path, {"format": str})
+    if meta["format"] != MODEL_FORMAT:
+        raise DataError(path, f"format {meta['format']!r} is not {MODEL_FORMAT!r} (written by another medvl "
+                              "version; retrain)")
+    require_keys(meta, path, SCHEMA)
+    for name, value in meta["thresholds"].items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise DataError(path, f"thresholds.{name} must be a number in [0, 1], not {value!r}")
+    if not all(isinstance(label, str) for label in meta["labels"]):
+        raise DataError(path, "labels must be a list of class names")
+    return meta
+
+
+@dataclass
+class LoadedRun:
+    """A run's best model (eval mode, on the requested device), its ``model.json`` and the folder they came from."""
+
+    model: torch.nn.Module
+    meta: dict[str, Any]
+    directory: Path
+
+
+def read_run_meta(run_dir: Path, pipeline: str, stage: str | None = None) -> tuple[dict[str, Any], dict, Path]:
+    """``(meta, weights, directory)`` of a run's best model, checked to be ``pipeline``'s (and ``stage``'s)."""
+    directory = find_model_dir(Path(run_dir))
+    state, meta = load_model_files(directory)
+    path = directory / META_FILE
+    if isinstance(meta, dict) and "format" not in meta and ("arch" in meta or "kind" in meta):
+        raise DataError(path, "written by an older medvl (no 'format' key); retrain to use it here")
+    check_record(meta, path)
+    if meta["pipeline"] != pipeline:
+        raise DataError(path, f"pipeline is {meta['pipeline']!r}: not a {pipeline} model")
+    if stage is not None and meta["stage"] != stage:
+        raise DataError(path, f"stage is {meta['stage']!r}: this needs a {pipeline} {stage} model")
+    return meta, state, directory
+
+
+def load_run(run_dir: Path, pipeline: str, build: Callable[[dict[str, Any]], torch.nn.Module],
+             stage: str | None = None, device: str | torch.device = "cpu") -> LoadedRun:
+    """Rebuild a run's best model from ``model.json`` with ``build(meta)`` and load its weights.
+
+    Raises:
+        DataError: no model, a model of another pipeline or stage, a key missing or of the wrong type, a record
+            the builder rejects, or weights that do not fit the rebuilt model; each names the file.
+    """
+    meta, state, directory = read_run_meta(run_dir, pipeline, stage)
+    try:
+        model = build(meta)
+    except TypeError as err:
+        raise DataError(directory / META_FILE, f"kwargs do not fit preset {meta['preset']!r} ({err})") from err
+    except (ConfigError, KeyError, ValueError) as err:
+        reason = err.message if isinstance(err, ConfigError) else f"{type(err).__name__}: {err}"
+        raise DataError(directory / META_FILE, f"does not describe a buildable model ({reason})") from err
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise DataError(directory / WEIGHTS_FILE, f"weights do not fit the model that model.json describes "
+                                                  f"({' '.join(str(err).split())[:200]})") from err
+    return LoadedRun(model.to(device).eval(), meta, directory)
+
+
+__all__ = ["MODEL_FORMAT", "SCHEMA", "model_record", "save_run_model", "check_record", "read_run_meta", "load_run",
+           "LoadedRun"]
