@@ -29,6 +29,7 @@ import numpy as np
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int, unit_interval
 from common.errors import ConfigError, cli_entry
 from common.metrics.retrieval import recall_against_exact
+from common.retrieval import make_index, set_search_params
 
 DATA_KINDS = ("clustered", "gaussian")
 ANN_FAMILIES = ("ivf", "hnsw")
@@ -101,27 +102,21 @@ def _search(index: faiss.Index, queries: np.ndarray, k: int, repeats: int) -> tu
     return ids, queries.shape[0] / best
 
 
-def _timed_build(make) -> tuple[faiss.Index, float]:
+def _timed_build(kind: str, data: np.ndarray, args: argparse.Namespace, nlist: int | None = None):
+    """An index from ``common.retrieval.make_index`` (the one the pipelines use) and its build time."""
     start = time.perf_counter()
-    index = make()
-    return index, time.perf_counter() - start
+    index, info = make_index(kind, data, "l2", nlist=nlist, hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
+                             seed=args.seed)
+    return index, info, time.perf_counter() - start
 
 
 def bench_one(kind: str, size: int, args: argparse.Namespace) -> list[Row]:
     data, queries = make_data(kind, size, args.queries, args.dim, args.clusters, args.seed)
     k = args.k
-    rows = []
-
-    def flat() -> faiss.Index:
-        index = faiss.IndexFlatL2(args.dim)
-        index.add(data)
-        return index
-
-    index, build_s = _timed_build(flat)
+    index, _, build_s = _timed_build("flat-l2", data, args)
     exact, qps = _search(index, queries, k, args.repeats)
-    rows.append(Row(size, kind, "flat-l2", "exact", build_s, qps, 1.0))
+    rows = [Row(size, kind, "flat-l2", "exact", build_s, qps, 1.0)]
     del index
-
     if "ivf" in args.indexes:
         rows.extend(_bench_ivf(data, queries, exact, size, kind, args))
     if "hnsw" in args.indexes:
@@ -132,17 +127,9 @@ def bench_one(kind: str, size: int, args: argparse.Namespace) -> list[Row]:
 def _bench_ivf(data, queries, exact, size: int, kind: str, args: argparse.Namespace) -> list[Row]:
     k, rows = args.k, []
     nlist = args.nlist or max(1, int(round(4 * math.sqrt(size))))
-
-    def ivf() -> faiss.Index:
-        quantizer = faiss.IndexFlatL2(args.dim)
-        index = faiss.IndexIVFFlat(quantizer, args.dim, nlist)
-        index.train(data)
-        index.add(data)
-        return index
-
-    index, build_s = _timed_build(ivf)
+    index, info, build_s = _timed_build("ivf-flat", data, args, nlist)
     for nprobe in sorted(p for p in args.nprobe if p <= nlist):
-        index.nprobe = nprobe
+        set_search_params(index, info, nprobe=nprobe)
         ids, qps = _search(index, queries, k, args.repeats)
         rows.append(Row(size, kind, f"ivf-flat (nlist={nlist})", f"nprobe={nprobe}", build_s, qps,
                         recall_against_exact(ids, exact, k)))
@@ -151,16 +138,9 @@ def _bench_ivf(data, queries, exact, size: int, kind: str, args: argparse.Namesp
 
 def _bench_hnsw(data, queries, exact, size: int, kind: str, args: argparse.Namespace) -> list[Row]:
     k, rows = args.k, []
-
-    def hnsw() -> faiss.Index:
-        index = faiss.IndexHNSWFlat(args.dim, args.hnsw_m)
-        index.hnsw.efConstruction = args.ef_construction
-        index.add(data)
-        return index
-
-    index, build_s = _timed_build(hnsw)
+    index, info, build_s = _timed_build("hnsw", data, args)
     for ef in sorted(args.ef_search):
-        index.hnsw.efSearch = max(ef, k)
+        set_search_params(index, info, ef_search=max(ef, k))
         ids, qps = _search(index, queries, k, args.repeats)
         rows.append(Row(size, kind, f"hnsw (M={args.hnsw_m})", f"efSearch={ef}", build_s, qps,
                         recall_against_exact(ids, exact, k)))

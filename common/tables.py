@@ -62,19 +62,6 @@ def bootstrap_ci(metric_fn: Callable[..., float], *arrays, n_boot: int = 1000, s
     return point, float(low), float(high)
 
 
-def results_with_ci(metric_fns: dict[str, Callable[..., float]], *arrays, n_boot: int = 1000, seed: int = 0,
-                    alpha: float = 0.05) -> dict[str, float]:
-    """``{name: point, name_ci_low: low, name_ci_high: high}`` for each metric.
-
-    Every metric sees the same resamples (same seed), so the intervals are paired across metrics.
-    """
-    out: dict[str, float] = {}
-    for name, fn in metric_fns.items():
-        point, low, high = bootstrap_ci(fn, *arrays, n_boot=n_boot, seed=seed, alpha=alpha)
-        out[name], out[name + CI_LOW], out[name + CI_HIGH] = point, low, high
-    return out
-
-
 def metrics_with_ci(metric_fn: Callable[[dict[str, np.ndarray]], dict[str, float]], arrays: Mapping[str, Any],
                     keys: Sequence[str] | None = None, n_boot: int = 1000, seed: int = 0,
                     alpha: float = 0.05) -> dict[str, float]:

@@ -19,10 +19,7 @@ recall against exact search of the same metric, and writes results.md/json/csv a
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
-import json
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -40,7 +37,6 @@ from common.checkpoint import (
     WEIGHTS_FILE,
     atomic_save_figure,
     atomic_write_bytes,
-    atomic_write_json,
     atomic_write_text,
     find_model_dir,
     recover_results,
@@ -55,12 +51,22 @@ from common.metrics.retrieval import (
     recall_against_exact,
     relevant_counts,
 )
-from common.tables import markdown_table, results_with_ci, write_results
+from common.retrieval import (
+    EXACT_INDEXES,
+    INDEXES,
+    available_indexes,
+    file_sha256,
+    index_paths,
+    load_index,
+    make_index,
+    save_index,
+    search,
+    set_search_params,
+)
+from common.tables import markdown_table, metrics_with_ci, write_results
 from pneumonia.data import SPLITS, MedMNISTSplits
 from pneumonia.model import PneumoniaNet, embed_images, load_run
 
-INDEXES = ("flat-l2", "cosine", "ivf-flat", "hnsw")
-EXACT_INDEXES = ("flat-l2", "cosine")
 COMMANDS = ("build", "query", "evaluate")
 RETRIEVAL_DIR = "retrieval"
 EVAL_KS = (1, 5, 10)
@@ -101,129 +107,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def model_sha256(run_dir: Path) -> str:
     """Digest of the weights, so an index is never searched with embeddings from another model."""
-    digest = hashlib.sha256()
-    with (find_model_dir(run_dir) / WEIGHTS_FILE).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _normalised(vectors: np.ndarray) -> np.ndarray:
-    out = np.array(vectors, dtype=np.float32, copy=True)
-    faiss.normalize_L2(out)
-    return out
-
-
-def make_index(kind: str, vectors: np.ndarray, ann_metric: str = "l2", nlist: int | None = None, nprobe: int = 8,
-               hnsw_m: int = 32, ef_construction: int = 64, ef_search: int = 64, seed: int = 0,
-               ) -> tuple[faiss.Index, dict[str, Any]]:
-    """Build one index over ``vectors`` (N, D) and describe it for the sidecar."""
-    if kind not in INDEXES:
-        raise ConfigError("--index", f"unknown index {kind!r}; choose one of {', '.join(INDEXES)}")
-    cosine = kind == "cosine" or (kind not in EXACT_INDEXES and ann_metric == "cosine")
-    metric = faiss.METRIC_INNER_PRODUCT if cosine else faiss.METRIC_L2
-    data = _normalised(vectors) if cosine else np.ascontiguousarray(vectors, dtype=np.float32)
-    n, dim = data.shape
-    params: dict[str, Any] = {}
-    if kind in EXACT_INDEXES:
-        index = faiss.IndexFlat(dim, metric)
-    elif kind == "ivf-flat":
-        nlist = nlist or max(1, round(math.sqrt(n)))
-        if nlist > n:
-            raise ConfigError("--nlist", f"{nlist} lists for {n} archive vectors; use at most {n}")
-        index = faiss.IndexIVFFlat(faiss.IndexFlat(dim, metric), dim, nlist, metric)
-        index.cp.seed = seed
-        index.train(data)
-        params = {"nlist": nlist, "nprobe": min(nprobe, nlist)}
-    else:
-        index = faiss.IndexHNSWFlat(dim, hnsw_m, metric)
-        index.hnsw.efConstruction = ef_construction
-        params = {"hnsw_m": hnsw_m, "ef_construction": ef_construction, "ef_search": ef_search}
-    index.add(data)
-    info = {"index": kind, "faiss_class": type(index).__name__, "dim": dim,
-            "metric": "inner_product" if cosine else "l2", "normalised": cosine, "params": params}
-    set_search_params(index, info)
-    return index, info
-
-
-def set_search_params(index: faiss.Index, info: dict[str, Any], nprobe: int | None = None,
-                      ef_search: int | None = None) -> None:
-    """Apply the sidecar's search breadth, or the one asked for now."""
-    params = info.get("params", {})
-    if info["index"] == "ivf-flat":
-        index.nprobe = min(nprobe or params["nprobe"], params["nlist"])
-    elif info["index"] == "hnsw":
-        index.hnsw.efSearch = ef_search or params["ef_search"]
-
-
-def index_paths(directory: Path, name: str) -> tuple[Path, Path]:
-    return directory / f"{name}.faiss", directory / f"{name}.json"
-
-
-def save_index(directory: Path, index: faiss.Index, info: dict[str, Any]) -> Path:
-    """Write ``<name>.faiss`` (FAISS's own format) and its sidecar, each atomically, the index first."""
-    index_path, sidecar_path = index_paths(directory, info["index"])
-    atomic_write_bytes(index_path, faiss.serialize_index(index).tobytes())
-    atomic_write_json(sidecar_path, info)
-    return index_path
-
-
-def load_index(directory: Path, name: str, model_dim: int, sha: str | None = None) -> tuple[faiss.Index, dict]:
-    """Read an index and check it against the model that will embed the queries.
-
-    Raises:
-        DataError: missing or unreadable files, a dimension other than the model's embedding size, a sidecar
-            that does not describe the index, or weights other than those the index was built from.
-    """
-    index_path, sidecar_path = index_paths(directory, name)
-    for path in (sidecar_path, index_path):
-        if not path.is_file():
-            raise DataError(path, f"no {name} index here; run `python -m pneumonia.retrieval build --index {name}`")
-    try:
-        info = json.loads(sidecar_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(sidecar_path, f"not valid JSON ({type(err).__name__})") from err
-    if not isinstance(info, dict):
-        raise DataError(sidecar_path, "not a JSON object; rebuild the index")
-    missing = {"index", "dim", "metric", "normalised", "archive_split", "ids", "labels", "model_sha256"} - set(info)
-    if missing:
-        raise DataError(sidecar_path, f"sidecar lacks {sorted(missing)}; rebuild the index")
-    try:
-        index = faiss.read_index(str(index_path))
-    except RuntimeError as err:
-        raise DataError(index_path, f"not a readable FAISS index ({str(err).splitlines()[0][:120]})") from err
-    if index.d != model_dim:
-        raise DataError(index_path, f"index holds {index.d}-d vectors but the model embeds in {model_dim}-d; "
-                                    "rebuild it with `build`")
-    if index.d != info["dim"] or index.ntotal != len(info["ids"]) or len(info["ids"]) != len(info["labels"]):
-        raise DataError(sidecar_path, f"describes {len(info['ids'])} {info['dim']}-d vectors but the index holds "
-                                      f"{index.ntotal} {index.d}-d vectors; rebuild the index")
-    if sha is not None and info["model_sha256"] != sha:
-        raise DataError(index_path, "built from other model weights than this run's; rebuild it with `build`")
-    set_search_params(index, info)
-    return index, info
-
-
-def available_indexes(directory: Path) -> list[str]:
-    return [name for name in INDEXES if all(p.is_file() for p in index_paths(directory, name))]
-
-
-def search(index: faiss.Index, info: dict[str, Any], queries: np.ndarray, k: int,
-           self_positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (distances, archive positions), nearest first, skipping each query's own archive position.
-
-    ``self_positions[i]`` is query i's position in the archive, or -1 when it is not there. Distances are
-    FAISS's: squared L2, or cosine similarity for normalised inner-product indexes.
-    """
-    queries = _normalised(queries) if info["normalised"] else np.ascontiguousarray(queries, dtype=np.float32)
-    extra = 0 if self_positions is None else 1
-    distances, positions = index.search(queries, min(k + extra, index.ntotal))
-    if self_positions is not None:
-        drop = (positions == np.asarray(self_positions)[:, None]) | (positions < 0)
-        order = np.argsort(drop, axis=1, kind="stable")
-        distances = np.take_along_axis(distances, order, axis=1)
-        positions = np.take_along_axis(positions, order, axis=1)
-    return distances[:, :k], positions[:, :k]
+    return file_sha256(find_model_dir(run_dir) / WEIGHTS_FILE)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,6 +133,13 @@ class RetrievalContext:
 
     def embed(self, split: str) -> np.ndarray:
         return embed_images(self.model, self.data.images[split], self.batch_size, self.device)
+
+    def load_index(self, name: str) -> tuple[faiss.Index, dict]:
+        """An index of this run's directory, checked against this model's embeddings and weights."""
+        return load_index(self.directory, name, self.dim, required=("archive_split", "labels", "model_sha256"),
+                          expect={"model_sha256": self.sha},
+                          build_hint=f"run `python -m pneumonia.retrieval build --index {name}`",
+                          mismatch="built from other model weights than this run's")
 
     def self_positions(self, info: dict, query_split: str, query_ids: np.ndarray) -> np.ndarray | None:
         if info["archive_split"] != query_split:
@@ -327,7 +218,7 @@ def query(ctx: RetrievalContext, names: Sequence[str], query_split: str, query_i
     class_names = ctx.meta["labels"]
     frames, tables = [], {}
     for name in names:
-        index, info = load_index(ctx.directory, name, ctx.dim, ctx.sha)
+        index, info = ctx.load_index(name)
         set_search_params(index, info, nprobe, ef_search)
         distances, positions = search(index, info, embeddings, k, ctx.self_positions(info, query_split, query_ids))
         archive_ids, archive_labels = np.asarray(info["ids"]), np.asarray(info["labels"])
@@ -357,7 +248,7 @@ def evaluate(ctx: RetrievalContext, names: Sequence[str], query_split: str = "te
              gallery_queries: int = 4, gallery_ids: Sequence[int] | None = None) -> dict[str, Any]:
     """Score every index on all queries of ``query_split``; write results.md/json/csv and a gallery figure."""
     ks = tuple(sorted({kk for kk in EVAL_KS if kk <= k} | {k}))
-    loaded = [load_index(ctx.directory, name, ctx.dim, ctx.sha) for name in names]
+    loaded = [ctx.load_index(name) for name in names]
     query_labels = ctx.data.labels[query_split]
     query_ids = np.arange(len(query_labels))
     chosen = _gallery_queries(query_labels, gallery_queries) if gallery_ids is None else np.asarray(gallery_ids)
@@ -381,14 +272,19 @@ def evaluate(ctx: RetrievalContext, names: Sequence[str], query_split: str = "te
         if name not in EXACT_INDEXES:
             exact_index, exact_info = exact_reference(ctx, info)
             _, exact_positions = search(exact_index, exact_info, query_embeddings, k, self_positions)
-        fns = {}
-        for kk in ks:
-            fns[f"{name}/precision_at_{kk}"] = lambda q, n, r, a, e, kk=kk: precision_at_k_per_query(q, n, kk).mean()
-            fns[f"{name}/map_at_{kk}"] = lambda q, n, r, a, e, kk=kk: average_precision_at_k(q, n, kk, r).mean()
-        if name not in EXACT_INDEXES:
-            fns[f"{name}/recall_at_{k}_vs_exact"] = lambda q, n, r, a, e: recall_against_exact(a, e, k)
-        scored = results_with_ci(fns, query_labels, neighbour_labels, n_relevant, positions, exact_positions,
-                                 n_boot=n_boot, seed=seed)
+        def retrieval_metrics(a: dict[str, np.ndarray], name: str = name) -> dict[str, float]:
+            out = {}
+            for kk in ks:
+                out[f"{name}/precision_at_{kk}"] = precision_at_k_per_query(a["query"], a["neighbours"], kk).mean()
+                out[f"{name}/map_at_{kk}"] = average_precision_at_k(a["query"], a["neighbours"], kk,
+                                                                    a["relevant"]).mean()
+            if name not in EXACT_INDEXES:
+                out[f"{name}/recall_at_{k}_vs_exact"] = recall_against_exact(a["positions"], a["exact"], k)
+            return out
+
+        arrays = {"query": query_labels, "neighbours": neighbour_labels, "relevant": n_relevant,
+                  "positions": positions, "exact": exact_positions}
+        scored = metrics_with_ci(retrieval_metrics, arrays, n_boot=n_boot, seed=seed)
         results.update(scored)
         results[f"{name}/ms_per_query"] = ms_per_query
         row = {"index": name, "metric": _metric_name(info), "archive": f"{info['archive_split']} ({len(info['ids'])})"}

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
-from common.tables import bootstrap_ci, markdown_table, results_with_ci, to_csv, to_markdown, write_results
+from common.tables import bootstrap_ci, markdown_table, metrics_with_ci, to_csv, to_markdown, write_results
 
 
 def _auroc(y, s):
@@ -61,16 +61,31 @@ def test_bootstrap_rejects_unequal_lengths():
         bootstrap_ci(_auroc, np.zeros(3), np.zeros(4))
 
 
-def test_results_with_ci_matches_bootstrap_ci():
+def test_metrics_with_ci_matches_bootstrap_ci_key_by_key():
     rng = np.random.default_rng(2)
     y = rng.integers(0, 2, 100)
     s = 0.4 * y + rng.random(100)
     fns = {"auroc": _auroc, "acc": lambda y, s: skm.accuracy_score(y, s >= 0.7)}
-    results = results_with_ci(fns, y, s, n_boot=100, seed=5)
+    results = metrics_with_ci(lambda a: {name: fn(a["y"], a["s"]) for name, fn in fns.items()}, {"y": y, "s": s},
+                              n_boot=100, seed=5)
     assert list(results) == ["auroc", "auroc_ci_low", "auroc_ci_high", "acc", "acc_ci_low", "acc_ci_high"]
     for name, fn in fns.items():
         point, low, high = bootstrap_ci(fn, y, s, n_boot=100, seed=5)
-        assert (results[name], results[f"{name}_ci_low"], results[f"{name}_ci_high"]) == (point, low, high)
+        assert results[name] == pytest.approx(point) and results[f"{name}_ci_low"] == pytest.approx(low)
+        assert results[f"{name}_ci_high"] == pytest.approx(high)
+
+
+def test_metrics_with_ci_one_class_gives_nan_and_a_warning(caplog):
+    from common.metrics.classification import binary_metrics
+
+    y, s = np.ones(30, int), np.linspace(0, 1, 30)
+    results = metrics_with_ci(lambda a: binary_metrics(a["y"], a["s"]), {"y": y, "s": s}, keys=("auroc", "recall"),
+                              n_boot=50)
+    assert np.isnan([results["auroc"], results["auroc_ci_low"], results["auroc_ci_high"]]).all()
+    assert results["recall"] == pytest.approx(0.5) and results["recall_ci_low"] < 0.5 < results["recall_ci_high"]
+    assert "auroc is undefined" in caplog.text
+    with pytest.raises(ValueError, match="differ in length"):
+        metrics_with_ci(lambda a: {}, {"y": y, "s": s[:3]})
 
 
 def test_to_markdown_pairs_intervals_and_formats():
@@ -92,7 +107,7 @@ def test_write_results_round_trip(tmp_path):
     rng = np.random.default_rng(3)
     y = rng.integers(0, 2, 80)
     s = 0.4 * y + rng.random(80)
-    results = results_with_ci({"auroc": _auroc}, y, s, n_boot=100)
+    results = metrics_with_ci(lambda a: {"auroc": _auroc(a["y"], a["s"])}, {"y": y, "s": s}, n_boot=100)
     results.update({"n": 80, "ece": float("nan"), "threshold": np.float32(0.5)})
     write_results(tmp_path, results, "test set", extra_markdown="![roc](figures/roc.png)")
     loaded = json.loads((tmp_path / "results.json").read_text())
