@@ -6,6 +6,28 @@ from PIL import Image
 from common import plots
 
 
+@pytest.fixture
+def drawn(monkeypatch):
+    """What each figure holds when it is saved: per axes, its lines, texts, legend entries and images."""
+    seen = []
+    original = plots._save
+
+    def capture(fig, path):
+        axes = []
+        for ax in fig.axes:
+            legend = ax.get_legend()
+            axes.append({"lines": {line.get_label(): (np.asarray(line.get_xdata(), float),
+                                                      np.asarray(line.get_ydata(), float)) for line in ax.lines},
+                         "texts": [t.get_text() for t in ax.texts], "title": ax.get_title(),
+                         "legend": [t.get_text() for t in legend.get_texts()] if legend else [],
+                         "images": [np.asarray(im.get_array()) for im in ax.images]})
+        seen.append(axes)
+        return original(fig, path)
+
+    monkeypatch.setattr(plots, "_save", capture)
+    return seen
+
+
 def _assert_png(path, expected):
     assert path == expected
     assert path.stat().st_size > 1000
@@ -16,30 +38,48 @@ def _assert_png(path, expected):
     assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []
 
 
-def test_loss_curves(tmp_path):
+def test_loss_curves(tmp_path, drawn):
     history = [
         {"epoch": 1, "step": 10, "train_loss": 0.9, "lr": 1e-3, "val_loss": 0.8, "val_auroc": 0.7, "is_best": True},
         {"epoch": 2, "step": 20, "train_loss": 0.6, "lr": 5e-4},
         {"epoch": 3, "step": 30, "train_loss": 0.4, "val_loss": 0.5, "val_auroc": 0.85, "val_note": "text"},
     ]
     _assert_png(plots.loss_curves(history, tmp_path / "figures" / "loss.png"), tmp_path / "figures" / "loss.png")
+    losses, metrics = drawn[0]
+    assert set(losses["lines"]) == {"train_loss", "val_loss"} and set(metrics["lines"]) == {"val_auroc"}
+    np.testing.assert_array_equal(losses["lines"]["train_loss"][1], [0.9, 0.6, 0.4])
+    np.testing.assert_array_equal(losses["lines"]["val_loss"][0], [1, 3])  # epochs without validation are skipped
+    np.testing.assert_array_equal(metrics["lines"]["val_auroc"][1], [0.7, 0.85])
 
 
-def test_roc_curve_and_single_class(tmp_path):
+def test_roc_curve_and_single_class(tmp_path, drawn):
+    from sklearn import metrics as skm
+
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 100)
     s = 0.5 * y + rng.random(100)
     _assert_png(plots.roc_curve(y, s, tmp_path / "roc.png"), tmp_path / "roc.png")
     _assert_png(plots.roc_curve(np.ones(10), s[:10], tmp_path / "roc1.png"), tmp_path / "roc1.png")
+    (roc,), (one_class,) = drawn
+    label = f"AUROC = {skm.roc_auc_score(y, s):.3f}"
+    fpr, tpr, _ = skm.roc_curve(y, s)
+    assert roc["legend"] == ["chance", label]
+    np.testing.assert_array_equal(roc["lines"][label][0], fpr)
+    np.testing.assert_array_equal(roc["lines"][label][1], tpr)
+    assert list(one_class["lines"]) == ["chance"] and "undefined" in one_class["title"]
 
 
-def test_confusion_matrix_indices_and_strings(tmp_path):
+def test_confusion_matrix_indices_and_strings(tmp_path, drawn):
     y = np.array([0, 1, 1, 2, 2, 2])
     p = np.array([0, 1, 2, 2, 2, 0])
     names = ["normal", "bacterial", "viral"]
     _assert_png(plots.confusion_matrix(y, p, names, tmp_path / "cm.png"), tmp_path / "cm.png")
     words = np.array(names)
     _assert_png(plots.confusion_matrix(words[y], words[p], names, tmp_path / "cm2.png"), tmp_path / "cm2.png")
+    expected = [[1, 0, 0], [0, 1, 1], [1, 0, 2]]  # rows: truth
+    for axes in drawn:
+        np.testing.assert_array_equal(axes[0]["images"][0], expected)
+        assert axes[0]["texts"] == [str(v) for row in expected for v in row]
 
 
 def test_gallery_and_panels(tmp_path):

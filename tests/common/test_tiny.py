@@ -63,7 +63,8 @@ def test_tiny_gemma3_chat_template_and_generate_like_medgemma():
     new = out[0, inputs["input_ids"].shape[1]:]
     assert len(new) > 0 and int(new.max()) < len(processor.tokenizer)
     reply = processor.decode(new, skip_special_tokens=True)
-    assert any(ch.isalpha() for ch in reply) and "<unk>" not in reply
+    assert any(ch.isalpha() for ch in reply)
+    assert processor.tokenizer.unk_token_id not in new.tolist()  # checked on ids: decoding would hide <unk>
 
 
 def test_tiny_clip_text_pools_at_end_of_text_and_reloads(tmp_path):

@@ -15,8 +15,9 @@ EMBEDDED = Path(__file__).resolve().parents[2] / "data" / "samples" / "medmnist"
 
 
 @pytest.mark.parametrize("where", ["embedded", "shared"])
-def test_real_pneumoniamnist_counts_and_checksum_warning(where, shared_data, caplog):
-    root = EMBEDDED if where == "embedded" else shared_data / "medmnist"
+def test_real_pneumoniamnist_counts_and_checksum_warning(where, request, caplog):
+    # The embedded copy ships in the repository, so only the ../shared copy may be absent.
+    root = EMBEDDED if where == "embedded" else request.getfixturevalue("shared_data") / "medmnist"
     with caplog.at_level(logging.WARNING, logger="medvl.pneumonia"):
         data = load_medmnist(root, 28)
     assert data.counts() == {"train": {"normal": 1214, "pneumonia": 3494}, "val": {"normal": 135, "pneumonia": 389},

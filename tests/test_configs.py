@@ -1,0 +1,27 @@
+"""Every YAML file in configs/ loads with its own script's parser, in one key style, and each key takes effect."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from common.cli import parse_args
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*/*.yaml"))
+
+
+def test_there_are_configs_for_both_pipelines():
+    assert {p.parent.name for p in CONFIGS} >= {"pneumonia", "cxr_localize"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_config_loads_with_its_script(path):
+    script = importlib.import_module(f"{path.parent.name}.{path.stem}")
+    values = yaml.safe_load(path.read_text())
+    assert values and all(key == key.lower() and "-" not in key for key in values), "keys must be snake_case"
+    args = parse_args(script.get_args_parser(), ["--config", str(path)])
+    for key, value in values.items():
+        assert getattr(args, key) == value, key
