@@ -118,8 +118,19 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     pre, _ = parser.parse_known_args(argv)
     config_path = getattr(pre, "config", None)
     if config_path is not None:
-        parser.set_defaults(**load_config_defaults(parser, Path(config_path)))
+        target = _chosen_subparser(parser, pre)
+        target.set_defaults(**load_config_defaults(target, Path(config_path)))
     return parser.parse_args(argv)
+
+
+def _chosen_subparser(parser: argparse.ArgumentParser, namespace: argparse.Namespace) -> argparse.ArgumentParser:
+    """The subcommand's parser when there is one (its flags, and YAML defaults, live there), else ``parser``."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = action.choices.get(getattr(namespace, action.dest, None))
+            if chosen is not None:
+                return _chosen_subparser(chosen, namespace)
+    return parser
 
 
 def _is_boolean(action: argparse.Action) -> bool:

@@ -42,7 +42,7 @@ from common.checkpoint import (
     recover_results,
     result_set,
 )
-from common.cli import MedvlArgumentParser, base_parser, nonnegative_int, parse_args, positive_int
+from common.cli import MedvlArgumentParser, base_parser, integer, nonnegative_int, parse_args, positive_int
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.metrics.retrieval import (
@@ -73,31 +73,43 @@ EVAL_KS = (1, 5, 10)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parent = base_parser(output_dir=True, seed=True, device=True)
-    parser = MedvlArgumentParser(description=__doc__, parents=[parent],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=COMMANDS)
-    parser.add_argument("--run-dir", type=Path, required=True, help="a trained pneumonia run (RUN/best/model.json)")
-    parser.add_argument("--index", default="all", choices=(*INDEXES, "all"),
+    parser = MedvlArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=MedvlArgumentParser)
+    shared = base_parser(output_dir=True, device=True)
+    shared.add_argument("--run-dir", type=Path, required=True, help="a trained pneumonia run (RUN/best/model.json)")
+    shared.add_argument("--data-root", type=Path, default=None, help="defaults to the data the run was trained on")
+    shared.add_argument("--index", default="all", choices=(*INDEXES, "all"),
                         help="which index; 'all' builds every kind, or uses every one built for query/evaluate")
-    parser.add_argument("--archive", default="train", choices=SPLITS, help="build: split to index")
-    parser.add_argument("--query-split", default="test", choices=SPLITS, help="split the queries come from")
-    parser.add_argument("--k", type=positive_int, default=10, help="neighbours per query")
-    parser.add_argument("--data-root", type=Path, default=None, help="defaults to the data the run was trained on")
-    parser.add_argument("--ids", type=nonnegative_int, nargs="+", default=None,
-                        help="query ids (indices into the query split)")
-    parser.add_argument("--n-queries", type=positive_int, default=5, help="query: how many first queries without --ids")
-    parser.add_argument("--ann-metric", default="l2", choices=("l2", "cosine"), help="metric of ivf-flat and hnsw")
-    parser.add_argument("--nlist", type=positive_int, default=None,
-                        help="IVF lists (default round(sqrt(archive size)))")
-    parser.add_argument("--nprobe", type=positive_int, default=None, help="IVF lists searched (build default 8)")
-    parser.add_argument("--hnsw-m", type=positive_int, default=32, help="HNSW neighbours per node")
-    parser.add_argument("--ef-construction", type=positive_int, default=64)
-    parser.add_argument("--ef-search", type=positive_int, default=None, help="HNSW search breadth (build default 64)")
-    parser.add_argument("--batch-size", type=positive_int, default=256, help="images per embedding batch")
-    parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
-    parser.add_argument("--gallery-queries", type=positive_int, default=4,
-                        help="evaluate: queries shown in the gallery")
+    shared.add_argument("--batch-size", type=positive_int, default=256, help="images per embedding batch")
+    seeded = MedvlArgumentParser(add_help=False)
+    seeded.add_argument("--seed", type=integer, default=0, help="seed of IVF training (build) or the bootstrap")
+    search = MedvlArgumentParser(add_help=False)
+    group = search.add_argument_group("search")
+    group.add_argument("--query-split", default="test", choices=SPLITS, help="split the queries come from")
+    group.add_argument("--k", type=positive_int, default=10, help="neighbours per query")
+    group.add_argument("--ids", type=nonnegative_int, nargs="+", default=None,
+                       help="query ids (indices into the query split); evaluate: the gallery's queries")
+    group.add_argument("--nprobe", type=positive_int, default=None, help="IVF lists searched (default: the build's)")
+    group.add_argument("--ef-search", type=positive_int, default=None, help="HNSW breadth (default: the build's)")
+
+    build_cmd = commands.add_parser("build", parents=[shared, seeded], help="embed the archive and build indexes",
+                                    description="Embed the archive split and build the indexes with their sidecars.")
+    build_cmd.add_argument("--archive", default="train", choices=SPLITS, help="split to index")
+    build_cmd.add_argument("--ann-metric", default="l2", choices=("l2", "cosine"), help="metric of ivf-flat and hnsw")
+    build_cmd.add_argument("--nlist", type=positive_int, default=None,
+                           help="IVF lists (default round(sqrt(archive size)))")
+    build_cmd.add_argument("--nprobe", type=positive_int, default=8, help="IVF lists searched by default")
+    build_cmd.add_argument("--hnsw-m", type=positive_int, default=32, help="HNSW neighbours per node")
+    build_cmd.add_argument("--ef-construction", type=positive_int, default=64)
+    build_cmd.add_argument("--ef-search", type=positive_int, default=64, help="HNSW search breadth by default")
+    query_cmd = commands.add_parser("query", parents=[shared, search], help="neighbours of some queries",
+                                    description="Print (and write as CSV) the neighbours of the chosen queries.")
+    query_cmd.add_argument("--n-queries", type=positive_int, default=5, help="how many first queries without --ids")
+    evaluate_cmd = commands.add_parser("evaluate", parents=[shared, search, seeded], help="score every query",
+                                       description="Score every query of the split: P@k, mAP@k, recall vs exact.")
+    evaluate_cmd.add_argument("--n-boot", type=positive_int, default=1000,
+                              help="bootstrap resamples for the 95%% intervals")
+    evaluate_cmd.add_argument("--gallery-queries", type=positive_int, default=4, help="queries shown in the gallery")
     return parser
 
 

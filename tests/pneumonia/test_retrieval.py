@@ -37,8 +37,9 @@ def test_run_dir_without_model_exits_2(tmp_path, capsys):
 
 def _run(trained_pneumonia_run, out, *args):
     run_dir, npz = trained_pneumonia_run
+    extra = ["--n-boot", "50"] if args[0] == "evaluate" else []
     return retrieval.main([*args, "--run-dir", str(run_dir), "--data-root", str(npz.parent),
-                           "--output-dir", str(out), "--n-boot", "50", "--device", "cpu"])
+                           "--output-dir", str(out), "--device", "cpu", *extra])
 
 
 @pytest.fixture(scope="module")
