@@ -1,10 +1,10 @@
 """Memory of MedGemma-4B in bf16, 4-bit NF4 and 8-bit, measured on random weights of the published architecture.
 
     python -m benchmarks.vlm_memory --device cuda
-    python -m benchmarks.vlm_memory --arch tiny --device cpu
+    python -m benchmarks.vlm_memory --arch tiny-gemma3 --device cpu
 
-The architecture comes from ``common.tiny.medgemma_4b_config()`` (``--arch tiny``: the tiny Gemma 3 of the
-tests; ``--config`` stays the YAML defaults file of every script). It is built on the meta device, filled
+The architecture comes from the ``vlm`` presets of ``common.presets`` (``medgemma-4b``: its published
+configuration; ``--arch tiny-gemma3``: the tiny Gemma 3 of the tests). It is built on the meta device, filled
 with random bf16 weights on the target device and saved once with ``save_pretrained`` to a temporary
 directory; each precision then loads that checkpoint through ``common.hf.load_pretrained``, the same call a
 hub id or a local MedGemma copy goes through. Random weights need no download and occupy exactly the bytes
@@ -31,10 +31,11 @@ from common.checkpoint import atomic_write_text
 from common.cli import MedvlArgumentParser, base_parser, parse_args
 from common.device import pick_device
 from common.errors import ConfigError, cli_entry
+from common.presets import get_preset, preset_names
 from common.tables import markdown_table
-from common.tiny import medgemma_4b_config, tiny_gemma3
 
-ARCHS = ("medgemma-4b", "tiny")
+ARCHS = tuple(preset_names("vlm"))
+"""``--arch``: the ``vlm`` presets of ``common.presets`` (the real architecture and its tiny twin)."""
 PRECISIONS = {"bf16": "none", "4bit": "4bit", "8bit": "8bit"}
 GB = 1e9
 
@@ -51,9 +52,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def architecture(arch: str):
-    if arch == "tiny":
-        return tiny_gemma3()[0].config
-    return medgemma_4b_config()
+    """The model config of a ``vlm`` preset: the real one from its skeleton, a tiny one from its builder."""
+    preset = get_preset(arch, "vlm", "--arch")
+    if preset.build is not None:
+        return preset.build(seed=0)[0].config
+    with torch.device("meta"):
+        return preset.skeleton().config
 
 
 def write_random_checkpoint(config, directory: Path, device: torch.device, seed: int) -> int:
