@@ -231,6 +231,15 @@ def check_output_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
                                           "--overwrite to replace it")
 
 
+def check_run_setup(config: TrainConfig, run_dir: Path) -> torch.device:
+    """Everything about a training run that can be checked before its data is loaded: the device and precision
+    exist here, and the run directory can be written without losing work. Returns the device."""
+    device = pick_device(config.device)
+    mixed_precision(config.precision, device)
+    check_output_dir(run_dir, config.resume, config.overwrite)
+    return device
+
+
 RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "train.log", "split.csv", "checkpoints", "best", "best.old",
                "best.tmp", "predictions", "figures", "results.json", "results.md", "results.csv", PENDING_DIR,
                "reports", "retrieval")
@@ -381,8 +390,7 @@ def fit(
     if val_dataset is not None and len(val_dataset) == 0:
         raise DataError("validation data", "the validation split is empty")
     check_monitor(config, task, val_dataset is not None)
-    check_output_dir(run_dir, config.resume, config.overwrite)
-    device = pick_device(config.device)
+    device = check_run_setup(config, run_dir)
     accelerator = Accelerator(
         cpu=device.type == "cpu",
         mixed_precision=mixed_precision(config.precision, device),
@@ -607,4 +615,5 @@ def add_train_args(parser, *, epochs: int, batch_size: int, lr: float, monitor: 
 
 
 __all__ = ["TrainConfig", "TrainTask", "FitResult", "fit", "add_train_args", "config_from_args", "EpochSampler",
-           "build_scheduler", "find_resume_dir", "check_output_dir", "check_monitor", "DeviceBatches"]
+           "build_scheduler", "find_resume_dir", "check_output_dir", "check_run_setup", "check_monitor",
+           "DeviceBatches"]

@@ -213,6 +213,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     presets = list_presets(args.kind, args.pattern)
+    if not presets:
+        kind = f"{args.kind} " if args.kind else ""
+        raise ConfigError("pattern", f"no {kind}preset matches {args.pattern!r}; known: "
+                                     f"{', '.join(p.name for p in list_presets())}")
     print(table(presets), end="")
     if args.count:
         for preset in presets:

@@ -36,7 +36,7 @@ from common.cli import (
     parse_args,
     positive_int,
 )
-from common.engine import add_train_args, check_output_dir, config_from_args, fit
+from common.engine import add_train_args, check_run_setup, config_from_args, fit
 from common.errors import ConfigError, cli_entry
 from common.plots import overlay_panels
 from common.runs import model_record, save_run_model
@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
     require(args, "output_dir", "data_root")
     run_dir = args.output_dir
-    check_output_dir(run_dir, args.resume, args.overwrite)
+    check_run_setup(config_from_args(args), run_dir)
     _, split_text = split_table(args, with_masks=False)
     samples = load_iu(args.data_root, image_size=args.image_size, projection=args.projection, with_masks=False,
                       splits=("train", "val"), split_level=args.split_level, seed=args.split_seed,

@@ -25,7 +25,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from common.cli import MedvlArgumentParser, base_parser, config_text, nonnegative_float, parse_args, unit_interval
-from common.engine import add_train_args, check_output_dir, config_from_args, fit
+from common.engine import add_train_args, check_run_setup, config_from_args, fit
 from common.errors import DataError, cli_entry
 from common.metrics.segmentation import per_image_metrics
 from common.plots import loss_curves
@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
     require(args, "output_dir", "data_root")
     run_dir = args.output_dir
-    check_output_dir(run_dir, args.resume, args.overwrite)
+    check_run_setup(config_from_args(args), run_dir)
     split, split_text = split_table(args, with_masks=True)
     if args.split_level == "image":
         log.warning("image-level split: images of one patient may sit in train and test")

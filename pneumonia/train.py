@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from common.cli import MedvlArgumentParser, base_parser, config_text, parse_args, positive_int
-from common.engine import add_train_args, check_output_dir, config_from_args, fit
+from common.engine import add_train_args, check_run_setup, config_from_args, fit
 from common.errors import ConfigError, DataError, cli_entry
 from common.metrics.classification import best_threshold, binary_metrics
 from common.runs import model_record, save_run_model
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
     if args.output_dir is None:
         raise ConfigError("--output-dir", "required: where the run is written")
-    check_output_dir(args.output_dir, args.resume, args.overwrite)
+    check_run_setup(config_from_args(args), args.output_dir)
     data = load_medmnist(args.data_root, args.image_size, splits=("train", "val"))
     train_images, train_labels = data.images["train"], data.labels["train"]
     if args.train_limit:

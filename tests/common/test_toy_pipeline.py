@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 
 from common.checkpoint import atomic_write_text, read_jsonl, result_set
 from common.cli import MedvlArgumentParser, base_parser, config_text, parse_args, positive_int
-from common.engine import add_train_args, check_output_dir, config_from_args, fit
+from common.engine import add_train_args, check_run_setup, config_from_args, fit
 from common.errors import DataError, cli_entry
 from common.metrics.classification import binary_metrics
 from common.runs import load_run, model_record, save_run_model
@@ -84,7 +84,7 @@ def get_train_parser() -> argparse.ArgumentParser:
 @cli_entry
 def train_main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_train_parser(), argv)
-    check_output_dir(args.output_dir, args.resume, args.overwrite)
+    check_run_setup(config_from_args(args), args.output_dir)
     x, y = toy_data(args.n, seed=1)
     cut = int(0.8 * args.n)
     torch.manual_seed(args.seed)
