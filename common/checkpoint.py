@@ -235,8 +235,24 @@ def result_set(run_dir: Path) -> Iterator[Path]:
     with _scratch(run_dir / PENDING_DIR) as pending:
         yield pending
     files = sorted(str(p.relative_to(pending)) for p in pending.rglob("*") if p.is_file())
+    try:
+        for name in files:
+            _check_target(run_dir, Path(name))
+    except DataError:
+        shutil.rmtree(pending, ignore_errors=True)
+        raise
     atomic_write_json(pending / COMMIT_FILE, {"files": files})
     recover_results(run_dir)
+
+
+def _check_target(run_dir: Path, name: Path) -> None:
+    """A result file can replace its twin: no folder stands where the file goes, no file where a folder goes."""
+    target = run_dir / name
+    if target.is_dir():
+        raise DataError(target, "is a directory where the result file goes; move it away")
+    for parent in list(target.parents)[: len(name.parts) - 1]:
+        if parent.exists() and not parent.is_dir():
+            raise DataError(parent, "is a file where the results need a folder; move it away")
 
 
 def recover_results(run_dir: Path) -> None:

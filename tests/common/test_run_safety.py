@@ -298,3 +298,22 @@ def test_optimizer_state_round_trip(tmp_path):
     with pytest.raises(DataError, match="optimizer"):
         train_state.load_optimizer(other, tmp_path)
     shutil.rmtree(tmp_path)
+
+
+@pytest.mark.parametrize("blocker", ["predictions-file", "results-dir"])
+def test_result_set_refuses_a_blocked_target_before_committing(tmp_path, blocker):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "figures").mkdir()
+    (run / "figures" / "old.png").write_text("old")
+    if blocker == "predictions-file":
+        (run / "predictions").write_text("a file where a folder belongs")
+        expected = run / "predictions"
+    else:
+        (run / "results.json").mkdir()
+        expected = run / "results.json"
+    with pytest.raises(DataError) as info:
+        _write_set(run, "new")
+    assert info.value.source == str(expected)
+    assert not (run / ".pending").exists() and not (run / "results.md").exists()
+    assert (run / "figures" / "old.png").read_text() == "old"
