@@ -306,6 +306,8 @@ def _check_resume(resume_dir: Path, saved: dict[str, Any], identity: dict[str, A
     changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in identity.items() if before.get(k) != v]
     for name, text in run_files.items():
         path = run_dir / name
+        if path.exists() and not path.is_file():
+            raise DataError(path, "is not a file; the run directory was altered")
         if not path.is_file():
             continue
         old = path.read_text(encoding="utf-8", errors="replace")
@@ -324,6 +326,18 @@ def _check_resume(resume_dir: Path, saved: dict[str, Any], identity: dict[str, A
     if changed:
         raise ConfigError("--resume", f"settings differ from the interrupted run in {run_dir}: {'; '.join(changed)}. "
                                       "Resume with the original settings, or start a new run")
+
+
+def _read_history(path: Path) -> list[dict[str, Any]]:
+    """``metrics.jsonl`` records, each with an integer ``step`` (what resume truncates by)."""
+    if path.exists() and not path.is_file():
+        raise DataError(path, "is not a file")
+    records = read_jsonl(path) if path.is_file() else []
+    for number, record in enumerate(records, 1):
+        step = record.get("step")
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise DataError(path, f"record {number} has no integer 'step'")
+    return records
 
 
 def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
@@ -434,10 +448,9 @@ def fit(
             raise DataError(resume_dir / train_state.TRAINER_JSON, f"does not load ({type(err).__name__}: {err})") \
                 from err
         train_state.load_rng(resume_dir, accelerator.process_index)
+        history = [r for r in _read_history(metrics_path) if r["step"] <= state.global_step]
         if accelerator.is_main_process:
             recover_results(run_dir)
-            history = [r for r in (read_jsonl(metrics_path) if metrics_path.is_file() else [])
-                       if r.get("step", 0) <= state.global_step]
             _write_history(metrics_path, history)
         log.info("resumed from %s at epoch %d, step %d", resume_dir, state.epoch, state.global_step)
     elif accelerator.is_main_process:

@@ -145,9 +145,12 @@ def load_rng(directory: Path, rank: int) -> None:
                         f"not a medvl RNG state ({type(err).__name__}: {err})") from err
     try:
         torch.set_rng_state(cpu)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise DataError(tensor_path, f"RNG state does not load ({str(err).splitlines()[0][:120]})") from err
+    try:
         random.setstate(py_state)
         np.random.set_state(np_state)
-    except (RuntimeError, TypeError, ValueError) as err:
+    except (RuntimeError, TypeError, ValueError, IndexError) as err:
         raise DataError(json_path, f"RNG state does not load ({str(err).splitlines()[0][:120]})") from err
     cuda = [tensors[f"torch_cuda_{i}"] for i in range(len(tensors)) if f"torch_cuda_{i}" in tensors]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
@@ -165,7 +168,7 @@ def load_model_state(model: torch.nn.Module, directory: Path) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise DataError(path, f"weights do not fit this model ({str(err).splitlines()[0][:160]})") from err
+        raise DataError(path, f"weights do not fit this model ({' '.join(str(err).split())[:200]})") from err
 
 
 def save_trainer(directory: Path, record: dict[str, Any]) -> None:

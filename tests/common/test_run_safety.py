@@ -317,3 +317,19 @@ def test_result_set_refuses_a_blocked_target_before_committing(tmp_path, blocker
     assert info.value.source == str(expected)
     assert not (run / ".pending").exists() and not (run / "results.md").exists()
     assert (run / "figures" / "old.png").read_text() == "old"
+
+
+def test_damaged_history_and_rng_name_their_file(tmp_path):
+    run = tmp_path / "run"
+    last = _interrupted(run, max_steps=11)
+    metrics = run / "metrics.jsonl"
+    metrics.write_text('{"epoch": 1, "step": "eight"}\n')
+    with pytest.raises(DataError, match="record 1 has no integer 'step'"):
+        _resume(run)
+    metrics.write_text('{"epoch": 1, "step": 8}\n')
+    record = json.loads((last / "rng_0.json").read_text())
+    record["numpy"] = record["numpy"][:3]
+    (last / "rng_0.json").write_text(json.dumps(record))
+    with pytest.raises(DataError) as info:
+        _resume(run)
+    assert info.value.source == str(last / "rng_0.json")
