@@ -127,14 +127,16 @@ def load_index(directory: Path, name: str, dim: int, required: Iterable[str] = (
     missing = sorted({*SIDECAR_KEYS, *required} - set(info))
     if missing:
         raise DataError(sidecar_path, f"sidecar lacks {missing}; rebuild the index")
-    if info["index"] != name or not isinstance(info["ids"], list) or not isinstance(info["params"], dict):
-        raise DataError(sidecar_path, f"does not describe a {name} index; rebuild the index")
+    _check_sidecar(info, name, sidecar_path)
     try:
         index = faiss.read_index(str(index_path))
     except RuntimeError as err:
         raise DataError(index_path, f"not a readable FAISS index ({str(err).splitlines()[0][:120]})") from err
     if index.d != dim:
         raise DataError(index_path, f"index holds {index.d}-d vectors but the queries are {dim}-d; rebuild it")
+    metric = faiss.METRIC_INNER_PRODUCT if info["metric"] == "inner_product" else faiss.METRIC_L2
+    if index.metric_type != metric:
+        raise DataError(sidecar_path, f"says {info['metric']} but the index searches by another metric; rebuild it")
     sized = [key for key in ("ids", *required) if isinstance(info.get(key), list)]
     if index.d != info["dim"] or any(len(info[key]) != index.ntotal for key in sized):
         raise DataError(sidecar_path, f"describes {len(info['ids'])} {info['dim']}-d vectors but the index holds "
@@ -147,6 +149,33 @@ def load_index(directory: Path, name: str, dim: int, required: Iterable[str] = (
     except (KeyError, TypeError) as err:
         raise DataError(sidecar_path, f"search parameters missing or wrong ({err}); rebuild the index") from err
     return index, info
+
+
+_PARAMS = {"ivf-flat": ("nlist", "nprobe"), "hnsw": ("hnsw_m", "ef_construction", "ef_search")}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_sidecar(info: dict[str, Any], name: str, path: Path) -> None:
+    """Types and values of the keys every sidecar has, so a hand-edited file fails here in one line."""
+    problems = []
+    if info["index"] != name:
+        problems.append(f"index is {info['index']!r}, not {name!r}")
+    if not _is_int(info["dim"]) or info["dim"] < 1:
+        problems.append("dim must be a positive integer")
+    if info["metric"] not in ("l2", "inner_product"):
+        problems.append("metric must be l2 or inner_product")
+    if not isinstance(info["normalised"], bool) or info["normalised"] != (info["metric"] == "inner_product"):
+        problems.append("normalised must be true exactly for inner_product")
+    if not isinstance(info["ids"], list) or not all(_is_int(i) and i >= 0 for i in info["ids"]):
+        problems.append("ids must be a list of non-negative integers")
+    params = info["params"]
+    if not isinstance(params, dict) or not all(_is_int(params.get(k)) and params[k] > 0 for k in _PARAMS.get(name, ())):
+        problems.append(f"params must hold positive integers {', '.join(_PARAMS.get(name, ())) or '(none)'}")
+    if problems:
+        raise DataError(path, f"{'; '.join(problems)}; rebuild the index")
 
 
 def available_indexes(directory: Path) -> list[str]:

@@ -147,11 +147,22 @@ class RetrievalContext:
         return embed_images(self.model, self.data.images[split], self.batch_size, self.device)
 
     def load_index(self, name: str) -> tuple[faiss.Index, dict]:
-        """An index of this run's directory, checked against this model's embeddings and weights."""
-        return load_index(self.directory, name, self.dim, required=("archive_split", "labels", "model_sha256"),
-                          expect={"model_sha256": self.sha},
-                          build_hint=f"run `python -m pneumonia.retrieval build --index {name}`",
-                          mismatch="built from other model weights than this run's")
+        """An index of this run's directory, checked against this model's embeddings, weights and data."""
+        index, info = load_index(self.directory, name, self.dim, required=("archive_split", "labels", "model_sha256"),
+                                 expect={"model_sha256": self.sha},
+                                 build_hint=f"run `python -m pneumonia.retrieval build --index {name}`",
+                                 mismatch="built from other model weights than this run's")
+        sidecar = self.directory / f"{name}.json"
+        split = info["archive_split"]
+        if split not in self.data.labels:
+            raise DataError(sidecar, f"archive_split {split!r} is not one of {', '.join(self.data.labels)}")
+        n_classes, n_archive = len(self.meta["labels"]), len(self.data.labels[split])
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < n_classes for v in info["labels"]):
+            raise DataError(sidecar, f"labels must be class indices 0..{n_classes - 1}; rebuild the index")
+        if any(i >= n_archive for i in info["ids"]):
+            raise DataError(sidecar, f"ids beyond the {n_archive} images of the {split} split (other data?); "
+                                     "rebuild the index")
+        return index, info
 
     def self_positions(self, info: dict, query_split: str, query_ids: np.ndarray) -> np.ndarray | None:
         if info["archive_split"] != query_split:
@@ -209,7 +220,10 @@ def build(ctx: RetrievalContext, names: Sequence[str], archive: str = "train", a
 
 def exact_reference(ctx: RetrievalContext, info: dict) -> tuple[faiss.Index, dict]:
     """Exact search with the same metric as ``info`` over the stored archive embeddings."""
-    path = ctx.directory / info.get("embeddings_file", f"embeddings_{info['archive_split']}.npy")
+    name = info.get("embeddings_file", f"embeddings_{info['archive_split']}.npy")
+    if not isinstance(name, str) or Path(name).name != name:
+        raise DataError(ctx.directory / f"{info['index']}.json", "embeddings_file must be a file name in this folder")
+    path = ctx.directory / name
     try:
         vectors = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:

@@ -111,3 +111,21 @@ def test_sidecar_checks(tmp_path):
     with pytest.raises(DataError, match="not a JSON object"):
         retrieval.load_index(tmp_path, "flat-l2", 16)
     assert retrieval.file_sha256(tmp_path / "flat-l2.json") == hashlib.sha256(b"[1, 2]").hexdigest()
+
+
+@pytest.mark.parametrize("edit, needle", [
+    ({"params": {}}, "params must hold positive integers nlist, nprobe"),
+    ({"params": {"nlist": 8, "nprobe": "3"}}, "params must hold"),
+    ({"ids": 5}, "ids must be a list"),
+    ({"metric": "inner_product"}, "normalised must be true exactly"),
+    ({"metric": "inner_product", "normalised": True}, "another metric"),
+    ({"index": "hnsw"}, "index is 'hnsw'"),
+])
+def test_hand_edited_sidecars_are_one_line(tmp_path, edit, needle):
+    archive, _ = _vectors(n=100)
+    index, info = retrieval.make_index("ivf-flat", archive, nlist=8, nprobe=3)
+    info.update({"ids": list(range(100))})
+    retrieval.save_index(tmp_path, index, info)
+    (tmp_path / "ivf-flat.json").write_text(json.dumps({**info, **edit}))
+    with pytest.raises(DataError, match=needle):
+        retrieval.load_index(tmp_path, "ivf-flat", 16)
