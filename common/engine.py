@@ -127,17 +127,12 @@ class EpochSampler(Sampler[int]):
     """Data order that depends only on (seed, epoch): a resumed run sees exactly the batches it would have.
 
     Shards the permutation across processes (padding like DistributedSampler so every rank takes as many
-    steps) and can start part-way through an epoch without loading the skipped samples. With ``batch_size``,
-    a last batch that would hold a single sample is dropped (a different sample each epoch): BatchNorm cannot
-    train on one sample, and PyTorch stops with an error in the middle of an epoch.
+    steps) and can start part-way through an epoch without loading the skipped samples.
     """
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1,
-                 batch_size: int | None = None):
+    def __init__(self, size: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1):
         self.size, self.seed, self.shuffle, self.rank, self.world = size, seed, shuffle, rank, world
         self.epoch, self.skip = 0, 0
-        per_rank = math.ceil(size / world)
-        self.per_rank = per_rank - 1 if batch_size and per_rank > 1 and per_rank % batch_size == 1 else per_rank
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
@@ -150,13 +145,13 @@ class EpochSampler(Sampler[int]):
             order = list(range(self.size))
         per_rank = math.ceil(self.size / self.world)
         order += order[: per_rank * self.world - self.size]
-        return order[self.rank :: self.world][: self.per_rank]
+        return order[self.rank :: self.world]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._indices()[self.skip :])
 
     def __len__(self) -> int:
-        return self.per_rank - self.skip
+        return math.ceil(self.size / self.world) - self.skip
 
 
 class _LoopState:
@@ -370,6 +365,15 @@ class DeviceBatches:
         return len(self.loader)
 
 
+def _check_last_batch(model: torch.nn.Module, size: int, world: int, batch_size: int) -> None:
+    """A last training batch of one sample stops BatchNorm mid-epoch with a traceback; say so before training."""
+    per_rank = math.ceil(size / world)
+    if per_rank > 1 and per_rank % batch_size == 1 and any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ConfigError("--batch-size", f"{size} training samples leave a last batch of one sample per process, "
+                                          "which BatchNorm cannot train on; choose another batch size")
+
+
 def check_monitor(config: TrainConfig, task: TrainTask, has_val: bool) -> None:
     """Fail before any work when ``--monitor`` names a metric this task's validation never returns."""
     names = getattr(task, "metric_names", None)
@@ -425,11 +429,7 @@ def fit(
         _check_resume(resume_dir, saved_state, identity, run_dir, run_files)
     set_seed(config.seed)
     state = _LoopState()
-    sampler = EpochSampler(len(train_dataset), config.seed, True, accelerator.process_index, accelerator.num_processes,
-                           config.batch_size)
-    if sampler.per_rank < math.ceil(len(train_dataset) / accelerator.num_processes):
-        log.warning("the last training batch of each epoch would hold one sample; it is left out (a different one "
-                    "each epoch) because BatchNorm cannot train on a single sample")
+    sampler = EpochSampler(len(train_dataset), config.seed, True, accelerator.process_index, accelerator.num_processes)
     train_loader = DataLoader(train_dataset, batch_size=config.batch_size, sampler=sampler,
                               num_workers=config.num_workers, collate_fn=collate_fn,
                               generator=torch.Generator().manual_seed(config.seed))
@@ -437,7 +437,8 @@ def fit(
     if val_dataset is not None:
         val_loader = DataLoader(val_dataset, batch_size=config.eval_batch_size or config.batch_size, shuffle=False,
                                 num_workers=config.num_workers, collate_fn=collate_fn)
-    batches_per_epoch = math.ceil(sampler.per_rank / config.batch_size)
+    batches_per_epoch = math.ceil(len(train_dataset) / accelerator.num_processes / config.batch_size)
+    _check_last_batch(model, len(train_dataset), accelerator.num_processes, config.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
