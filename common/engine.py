@@ -365,15 +365,6 @@ class DeviceBatches:
         return len(self.loader)
 
 
-def _check_last_batch(model: torch.nn.Module, size: int, world: int, batch_size: int) -> None:
-    """A last training batch of one sample stops BatchNorm mid-epoch with a traceback; say so before training."""
-    per_rank = math.ceil(size / world)
-    if per_rank > 1 and per_rank % batch_size == 1 and any(
-            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        raise ConfigError("--batch-size", f"{size} training samples leave a last batch of one sample per process, "
-                                          "which BatchNorm cannot train on; choose another batch size")
-
-
 def check_monitor(config: TrainConfig, task: TrainTask, has_val: bool) -> None:
     """Fail before any work when ``--monitor`` names a metric this task's validation never returns."""
     names = getattr(task, "metric_names", None)
@@ -438,7 +429,6 @@ def fit(
         val_loader = DataLoader(val_dataset, batch_size=config.eval_batch_size or config.batch_size, shuffle=False,
                                 num_workers=config.num_workers, collate_fn=collate_fn)
     batches_per_epoch = math.ceil(len(train_dataset) / accelerator.num_processes / config.batch_size)
-    _check_last_batch(model, len(train_dataset), accelerator.num_processes, config.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
     model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
@@ -493,7 +483,14 @@ def fit(
             batch = send_to_device(batch, accelerator.device)
             context = accelerator.no_sync(model) if not is_step else contextlib.nullcontext()
             with context, accelerator.autocast():
-                loss = task.training_loss(model, batch)
+                try:
+                    loss = task.training_loss(model, batch)
+                except ValueError as err:
+                    if "Expected more than 1 value per channel" not in str(err):
+                        raise
+                    raise ConfigError("--batch-size", f"{len(train_dataset)} training samples leave a last batch "
+                                                      "BatchNorm cannot train on (one sample); choose another "
+                                                      "batch size") from err
             if not torch.isfinite(loss):
                 raise DataError(run_dir, f"training loss became {loss.item()} at epoch {epoch + 1}, batch {index}; "
                                          "lower --lr or check the data")
