@@ -255,22 +255,39 @@ def _check_target(run_dir: Path, name: Path) -> None:
             raise DataError(parent, "is a file where the results need a folder; move it away")
 
 
+def _inside(run_dir: Path, name: Any) -> bool:
+    """``name`` is a plain relative path whose real location (symlinks followed) stays inside ``run_dir``."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        return False
+    root = Path(run_dir).resolve()
+    return (root / name).resolve().is_relative_to(root)
+
+
 def recover_results(run_dir: Path) -> None:
-    """Finish a committed result set (move its files into place) or drop an uncommitted one."""
+    """Finish a committed result set (move its files into place) or drop an uncommitted or malformed one.
+
+    The commit record comes from the run directory, so it is not trusted: a name that is not a plain relative
+    path, or that leads outside the run directory (``..``, a symlinked folder), drops the whole set unapplied.
+    """
     pending = Path(run_dir) / PENDING_DIR
+    if pending.is_symlink() or (pending.exists() and not pending.is_dir()):
+        pending.unlink()
+        return
     if not pending.is_dir():
         return
     commit = pending / COMMIT_FILE
     try:
-        files = json.loads(commit.read_text())["files"] if commit.is_file() else None
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        files = json.loads(commit.read_text()).get("files") if commit.is_file() else None
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError, OSError):
         files = None
-    if files is None:
+    if not isinstance(files, list) or not all(_inside(run_dir, name) and _inside(pending, name) for name in files):
+        if files is not None:
+            log.warning("%s: dropped a result set whose commit record is malformed or points outside the run", pending)
         shutil.rmtree(pending, ignore_errors=True)
         return
     for name in files:
         source = pending / name
-        if source.is_file():
+        if source.is_file() and not source.is_symlink():
             target = Path(run_dir) / name
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(source, target)

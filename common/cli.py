@@ -75,6 +75,7 @@ finite_float = _bounded(float, "a finite number", lambda v: True)
 positive_float = _bounded(float, "a number > 0", lambda v: v > 0)
 nonnegative_float = _bounded(float, "a number >= 0", lambda v: v >= 0)
 unit_interval = _bounded(float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
+seed_int = _bounded(int, "a seed in 0..4294967295", lambda v: 0 <= v < 2**32)
 
 
 def base_parser(*, output_dir: bool = False, seed: bool = False, device: bool = False, precision: bool = False,
@@ -91,7 +92,7 @@ def base_parser(*, output_dir: bool = False, seed: bool = False, device: bool = 
     if output_dir:
         group.add_argument("--output-dir", type=Path, default=None, help="directory the script writes into")
     if seed:
-        group.add_argument("--seed", type=integer, default=0, help="seed of every random choice the script makes")
+        group.add_argument("--seed", type=seed_int, default=0, help="seed of every random choice the script makes")
     if device:
         group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     if precision:

@@ -226,9 +226,13 @@ def check_output_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if resume:
         find_resume_dir(run_dir)
         return
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
-        raise ConfigError("--output-dir", f"{run_dir} already holds a run; pass --resume to continue it or "
-                                          "--overwrite to replace it")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise ConfigError("--output-dir", f"{run_dir} already holds a run; pass --resume to continue it or "
+                                              "--overwrite to replace it")
+        if not any((run_dir / name).exists() for name in ("config.yaml", "metrics.jsonl", "checkpoints", "best")):
+            raise ConfigError("--overwrite", f"{run_dir} is not empty and is not a medvl run directory; choose a new "
+                                             "or empty --output-dir")
 
 
 def check_run_setup(config: TrainConfig, run_dir: Path) -> torch.device:
@@ -306,10 +310,8 @@ def _check_resume(resume_dir: Path, saved: dict[str, Any], identity: dict[str, A
     changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in identity.items() if before.get(k) != v]
     for name, text in run_files.items():
         path = run_dir / name
-        if path.exists() and not path.is_file():
-            raise DataError(path, "is not a file; the run directory was altered")
         if not path.is_file():
-            continue
+            raise DataError(path, "missing or not a file: the interrupted run's settings cannot be checked")
         old = path.read_text(encoding="utf-8", errors="replace")
         if name.endswith((".yaml", ".yml")):
             try:

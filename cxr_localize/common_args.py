@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.cli import integer, positive_int
+from common.cli import positive_int, seed_int
 from common.errors import ConfigError
 from common.splits import split_csv_text
 from cxr_localize.data import MASK_DIR, PROJECTIONS, SPLIT_LEVELS, read_tables, split_assignments
@@ -30,7 +30,7 @@ def add_data_args(parser: argparse.ArgumentParser, projection: str) -> None:
     group.add_argument("--projection", choices=PROJECTIONS, default=projection)
     group.add_argument("--split-level", choices=SPLIT_LEVELS, default="patient",
                        help="patient: all images of a uid in one split; image: the original per-image split")
-    group.add_argument("--split-seed", type=integer, default=0, help="seed of the split (the same in both phases)")
+    group.add_argument("--split-seed", type=seed_int, default=0, help="seed of the split (the same in both phases)")
     group.add_argument("--skip-bad", action="store_true", help="skip and count bad rows instead of stopping")
     group.add_argument("--limit", type=positive_int, default=None, help="use at most this many images per split")
     group.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,

@@ -42,7 +42,7 @@ from common.checkpoint import (
     recover_results,
     result_set,
 )
-from common.cli import MedvlArgumentParser, base_parser, integer, nonnegative_int, parse_args, positive_int
+from common.cli import MedvlArgumentParser, base_parser, nonnegative_int, parse_args, positive_int, seed_int
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.metrics.retrieval import (
@@ -82,7 +82,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="which index; 'all' builds every kind, or uses every one built for query/evaluate")
     shared.add_argument("--batch-size", type=positive_int, default=256, help="images per embedding batch")
     seeded = MedvlArgumentParser(add_help=False)
-    seeded.add_argument("--seed", type=integer, default=0, help="seed of IVF training (build) or the bootstrap")
+    seeded.add_argument("--seed", type=seed_int, default=0, help="seed of IVF training (build) or the bootstrap")
     search = MedvlArgumentParser(add_help=False)
     group = search.add_argument_group("search")
     group.add_argument("--query-split", default="test", choices=SPLITS, help="split the queries come from")

@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.cli import MedvlArgumentParser, integer, parse_args, positive_int
+from common.cli import MedvlArgumentParser, parse_args, positive_int, seed_int
 from common.errors import ConfigError, cli_entry
 
 FORMATS = ("medmnist", "iu")
@@ -31,7 +31,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     cxr.add_argument("--out", type=Path, required=True)
     cxr.add_argument("--n", type=positive_int, default=None,
                      help="number of images (medmnist) or patients (iu); default depends on the format")
-    cxr.add_argument("--seed", type=integer, default=0)
+    cxr.add_argument("--seed", type=seed_int, default=0)
     cxr.add_argument("--size", type=positive_int, default=None,
                      help=f"image side in pixels (medmnist: one of {MEDMNIST_SIZES}; iu: at least {MIN_IU_SIZE})")
     return parser

@@ -343,3 +343,33 @@ def test_a_one_sample_last_batch_with_batchnorm_is_one_line(tmp_path):
         fit(model, opt, _data(17), _data(32), _Task(), _config(), tmp_path / "run")  # 17 = 2 x 8 + 1
     assert info.value.source == "--batch-size"
     assert fit(model, opt, _data(18), _data(32), _Task(), _config(epochs=1), tmp_path / "ok").completed
+
+
+def test_a_planted_commit_record_cannot_write_outside_the_run(tmp_path):
+    run, outside = tmp_path / "run", tmp_path / "victim"
+    run.mkdir()
+    outside.mkdir()
+    (outside / "important.txt").write_text("safe")
+    (run / "figures").symlink_to(outside, target_is_directory=True)
+    (run / "up.txt").write_text("stays")
+    pending = run / ".pending"
+    (pending / "figures").mkdir(parents=True)
+    (pending / "figures" / "important.txt").write_text("pwned")
+    (pending / "COMMIT.json").write_text(json.dumps({"files": ["figures/important.txt", "../up.txt"]}))
+    recover_results(run)
+    assert (outside / "important.txt").read_text() == "safe" and (run / "up.txt").read_text() == "stays"
+    assert not pending.exists()
+    pending.mkdir()
+    (pending / "COMMIT.json").write_text('{"files": 5}')
+    recover_results(run)
+    assert not pending.exists()
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path):
+    folder = tmp_path / "myproject"
+    (folder / "reports").mkdir(parents=True)
+    (folder / "reports" / "thesis.tex").write_text("keep")
+    model, opt = _model()
+    with pytest.raises(ConfigError, match="not a medvl run directory"):
+        fit(model, opt, _data(), _data(32), _Task(), _config(overwrite=True), folder)
+    assert (folder / "reports" / "thesis.tex").read_text() == "keep"
