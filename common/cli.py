@@ -17,7 +17,6 @@ from typing import Any
 
 import yaml
 
-from common.checkpoint import atomic_write_text
 from common.errors import ConfigError
 
 
@@ -68,7 +67,6 @@ def _bounded(kind: type, what: str, check: Callable[[Any], bool]) -> Callable[[A
     return convert
 
 
-integer = _bounded(int, "an integer", lambda v: True)
 positive_int = _bounded(int, "an integer >= 1", lambda v: v >= 1)
 nonnegative_int = _bounded(int, "an integer >= 0", lambda v: v >= 0)
 finite_float = _bounded(float, "a finite number", lambda v: True)
@@ -207,10 +205,3 @@ def config_text(args: argparse.Namespace) -> str:
     """The resolved arguments as YAML, as ``config.yaml`` holds them (reusable with ``--config``)."""
     resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in UNSAVED_KEYS}
     return yaml.safe_dump(resolved, sort_keys=True)
-
-
-def save_config(args: argparse.Namespace, run_dir: Path) -> Path:
-    """Write the resolved arguments as ``config.yaml`` so a run can be repeated with ``--config``."""
-    path = Path(run_dir) / "config.yaml"
-    atomic_write_text(path, config_text(args))
-    return path

@@ -155,7 +155,7 @@ class EpochSampler(Sampler[int]):
 
 
 class _LoopState:
-    """Counters saved with every checkpoint (registered with Accelerate for ``save_state``)."""
+    """Counters saved with every checkpoint (``trainer.json``), type-checked when a resume reads them back."""
 
     def __init__(self) -> None:
         self.epoch = 0

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from common import checkpoint
-from common.cli import base_parser, parse_args, save_config
+from common.cli import base_parser, config_text, parse_args
 from common.errors import ConfigError, DataError, cli_entry
 
 
@@ -71,7 +71,7 @@ def test_yaml_defaults_under_flags_and_saved(tmp_path):
     config.write_text("epochs: 3\naugment: false\narch: b\nseed: 7\n")
     args = parse_args(_parser(), ["--config", str(config), "--epochs", "5"])
     assert (args.epochs, args.augment, args.arch, args.seed) == (5, False, "b", 7)
-    save_config(args, tmp_path / "run")
+    checkpoint.atomic_write_text(tmp_path / "run" / "config.yaml", config_text(args))
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["epochs"] == 5 and saved["arch"] == "b" and "config" not in saved
     again = parse_args(_parser(), ["--config", str(tmp_path / "run" / "config.yaml")])

@@ -16,17 +16,7 @@ from common.metrics.retrieval import average_precision_at_k, relevant_counts
 from pneumonia import retrieval
 from pneumonia.data import load_medmnist
 from pneumonia.model import embed_images, load_trained
-
-
-def _numpy_knn(archive, queries, k, cosine=False):
-    if cosine:
-        archive = archive / np.linalg.norm(archive, axis=1, keepdims=True)
-        queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
-        scores = -(queries @ archive.T)
-    else:
-        scores = ((queries[:, None, :].astype(np.float64) - archive[None].astype(np.float64)) ** 2).sum(-1)
-    order = np.argsort(scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(scores, order, axis=1), order
+from tests.common.test_retrieval_index import _numpy_knn
 
 
 def test_run_dir_without_model_exits_2(tmp_path, capsys):
