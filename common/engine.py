@@ -123,6 +123,22 @@ class TrainTask(Protocol):
         """Write the best model into ``directory`` (a fresh folder the loop swaps in as ``best/`` whole)."""
 
 
+class EpochTask(TrainTask, Protocol):
+    """A task that recomputes something from the model once per epoch (optional methods, found by ``hasattr``).
+
+    ``start_epoch`` runs before the epoch's first batch, without gradient and with the model in eval mode (e.g.
+    the features of the whole training split, as LRFL's truncated nuclear norm needs). What it computes lives in
+    ``task_tensors()``, which the loop saves with every checkpoint and hands back through ``load_task_tensors``
+    on ``--resume``, so a run resumed in the middle of an epoch uses the epoch's own values, not recomputed ones.
+    """
+
+    def start_epoch(self, model: torch.nn.Module, epoch: int, device: torch.device) -> None: ...
+
+    def task_tensors(self) -> dict[str, torch.Tensor]: ...
+
+    def load_task_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
+
 class EpochSampler(Sampler[int]):
     """Data order that depends only on (seed, epoch): a resumed run sees exactly the batches it would have.
 
@@ -260,7 +276,7 @@ def _clear_run(run_dir: Path, extra: tuple[str, ...] = ()) -> None:
 
 
 def _save_last(accelerator: Accelerator, model, optimizer, scheduler, state: _LoopState, run_dir: Path,
-               identity: dict[str, Any]) -> None:
+               identity: dict[str, Any], task: TrainTask) -> None:
     """Write the resumable state into a fresh folder, then swap it in: a kill never leaves half a checkpoint."""
     last = run_dir / LAST_DIR
     tmp = last.with_name("last.tmp")
@@ -275,6 +291,8 @@ def _save_last(accelerator: Accelerator, model, optimizer, scheduler, state: _Lo
         train_state.save_trainer(tmp, {"loop": state.state_dict(), "scheduler": scheduler.state_dict(),
                                        "scaler": scaler.state_dict() if scaler is not None else None,
                                        "num_processes": accelerator.num_processes, "identity": identity})
+        if hasattr(task, "task_tensors"):
+            train_state.save_task_tensors(task.task_tensors(), tmp)
     train_state.save_rng(tmp, accelerator.process_index)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -450,6 +468,8 @@ def fit(
             raise DataError(resume_dir / train_state.TRAINER_JSON, f"does not load ({type(err).__name__}: {err})") \
                 from err
         train_state.load_rng(resume_dir, accelerator.process_index)
+        if hasattr(task, "load_task_tensors"):
+            task.load_task_tensors(train_state.load_task_tensors(resume_dir))
         history = [r for r in _read_history(metrics_path) if r["step"] <= state.global_step]
         if accelerator.is_main_process:
             recover_results(run_dir)
@@ -465,7 +485,7 @@ def fit(
     _attach_log_file(run_dir / "train.log", accelerator.is_main_process)
 
     def save_last() -> None:
-        _save_last(accelerator, model, optimizer, scheduler, state, run_dir, identity)
+        _save_last(accelerator, model, optimizer, scheduler, state, run_dir, identity, task)
 
     stopped_early = False
     hit_max_steps = False
@@ -474,6 +494,8 @@ def fit(
         epoch = state.epoch
         sampler.set_epoch(epoch, skip=state.batches_done * config.batch_size)
         train_loader.generator.manual_seed(config.seed * 7_919 + epoch)
+        if state.batches_done == 0 and hasattr(task, "start_epoch"):
+            _start_epoch(accelerator, model, task, epoch)
         model.train()
         bar = tqdm(total=batches_per_epoch, initial=state.batches_done, desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=not (config.progress and accelerator.is_local_main_process), leave=False)
@@ -560,6 +582,17 @@ def fit(
     return FitResult(state.best_value, state.best_epoch, state.global_step, stopped_early, history, completed)
 
 
+def _start_epoch(accelerator: Accelerator, model, task: EpochTask, epoch: int) -> None:
+    """Every process runs the hook (each needs its result); RNG is restored so data order and dropout are unchanged."""
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.eval()
+    rng = torch.get_rng_state()
+    with torch.no_grad(), accelerator.autocast():
+        task.start_epoch(unwrapped, epoch, accelerator.device)
+    torch.set_rng_state(rng)
+    unwrapped.train()
+
+
 def _validate(accelerator: Accelerator, model, loader: DataLoader, task: TrainTask) -> dict[str, float]:
     """Validate on the main process over the whole set (no padded duplicates), then share the numbers."""
     payload: list[Any] = [None]
@@ -636,6 +669,6 @@ def add_train_args(parser, *, epochs: int, batch_size: int, lr: float, monitor: 
                        help="stop after this many optimizer steps (the schedule still spans --epochs)")
 
 
-__all__ = ["TrainConfig", "TrainTask", "FitResult", "fit", "add_train_args", "config_from_args", "EpochSampler",
-           "build_scheduler", "find_resume_dir", "check_output_dir", "check_run_setup", "check_monitor",
+__all__ = ["TrainConfig", "TrainTask", "EpochTask", "FitResult", "fit", "add_train_args", "config_from_args",
+           "EpochSampler", "build_scheduler", "find_resume_dir", "check_output_dir", "check_run_setup", "check_monitor",
            "DeviceBatches"]

