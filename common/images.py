@@ -10,10 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from common.errors import DataError
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 _EIGHT_BIT = {"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
 _ALPHA = {"LA", "La", "RGBA", "RGBa", "PA"}
 _WIDE = {"I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
@@ -56,3 +59,20 @@ def read_grey(path: Path, what: str = "image") -> Image.Image:
             return Image.fromarray(to_grey8(handle, path))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise DataError(path, f"{what} does not decode ({err})") from err
+
+
+def square_resize(image: Image.Image, size: int, resample: Image.Resampling = Image.Resampling.BILINEAR) -> np.ndarray:
+    """Pad to a centred square on black, then resize: a radiograph keeps its aspect ratio (no squashed heart)."""
+    width, height = image.size
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), 0)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return np.asarray(canvas.resize((size, size), resample))
+
+
+def imagenet_normalize(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (..., H, W) grey -> float (..., 3, H, W) with the ImageNet statistics pretrained encoders expect."""
+    x = torch.as_tensor(np.asarray(images)).float().div(255.0).unsqueeze(-3)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std

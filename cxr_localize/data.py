@@ -29,7 +29,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from common.errors import DataError
-from common.images import read_grey
+from common.images import imagenet_normalize, read_grey, square_resize
 from common.splits import group_split
 
 log = logging.getLogger("medvl.cxr_localize")
@@ -45,8 +45,6 @@ TEXT_SOURCES = ("findings", "findings+impression")
 SPLIT_LEVELS = ("patient", "image")
 PROJECTIONS = ("Frontal", "Lateral", "all")
 EMPTY_TEXT = "No findings."
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _NORMAL = re.compile(
     r"\b(normal|normally|unremarkable|clear|intact|midline|within (normal )?limits|no acute|stable|negative|free of|"
@@ -177,14 +175,6 @@ def split_assignments(projections: pd.DataFrame, level: str = "patient", seed: i
     return pd.Series(splits, index=projections["filename"].to_numpy())
 
 
-def _square(image: Image.Image, size: int, resample: Image.Resampling) -> np.ndarray:
-    width, height = image.size
-    side = max(width, height)
-    canvas = Image.new(image.mode, (side, side), 0)
-    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-    return np.asarray(canvas.resize((size, size), resample))
-
-
 def _open(path: Path, what: str) -> Image.Image:
     """Any bit depth or mode as 8-bit grey (16-bit rescaled, alpha over black); see ``common.images``."""
     return read_grey(path, what)
@@ -283,12 +273,12 @@ def load_iu(root: Path, *, image_size: int = 256, text_source: str = "findings",
         uids.append(row.uid)
         texts.append(report_text(report["findings"], report["impression"], text_source))
         split_names.append(str(assignment[row.filename]))
-        images.append(_square(image, image_size, Image.Resampling.BILINEAR))
+        images.append(square_resize(image, image_size, Image.Resampling.BILINEAR))
         if mask is not None:
-            masks.append(_square(mask, image_size, Image.Resampling.NEAREST) > 127)
+            masks.append(square_resize(mask, image_size, Image.Resampling.NEAREST) > 127)
         lung_path = lung_dir / row.filename
         if with_masks and lung_path.is_file():
-            lungs.append(_square(_open(lung_path, "lung mask"), image_size, Image.Resampling.NEAREST))
+            lungs.append(square_resize(_open(lung_path, "lung mask"), image_size, Image.Resampling.NEAREST))
     if skipped:
         log.warning("skipped %d bad row(s) of %s: %s", sum(skipped.values()), root, dict(skipped))
     if not filenames:
@@ -302,14 +292,6 @@ def load_iu(root: Path, *, image_size: int = 256, text_source: str = "findings",
         np.stack(lungs) if with_masks and len(lungs) == len(filenames) else None,
         skipped,
     )
-
-
-def normalize(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (..., H, W) grey -> float (..., 3, H, W) with the ImageNet statistics the ResNet encoder expects."""
-    x = torch.as_tensor(np.asarray(images)).float().div(255.0).unsqueeze(-3)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (x - mean) / std
 
 
 class LocalizationDataset(Dataset):
@@ -330,7 +312,7 @@ class LocalizationDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        image = normalize(self.images[i])
+        image = imagenet_normalize(self.images[i])
         mask = torch.as_tensor(self.masks[i]).float().unsqueeze(0)
         text = int(self.text_index[i])
         if self.augment:
@@ -361,7 +343,7 @@ class ImageDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        image = normalize(self.images[i])
+        image = imagenet_normalize(self.images[i])
         if self.augment:
             image, _ = jitter(image, image[:1])
         return {"image": image}

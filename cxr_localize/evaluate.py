@@ -31,11 +31,12 @@ from common.checkpoint import atomic_write_text, result_set
 from common.cli import MedvlArgumentParser, base_parser, nonnegative_int, parse_args, positive_int
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
+from common.images import imagenet_normalize
 from common.metrics.segmentation import per_image_metrics
 from common.plots import mask_overlay, overlay_panels
 from common.splits import load_split_csv
 from common.tables import metrics_with_ci, write_results
-from cxr_localize.data import load_iu, named_side, normalize, swap_left_right
+from cxr_localize.data import load_iu, named_side, swap_left_right
 from cxr_localize.model import load_text_encoder, load_trained
 
 CONDITIONS = ("report", "shuffled", "lr_swapped")
@@ -77,7 +78,7 @@ def predict(model, images: np.ndarray, text: torch.Tensor, batch_size: int, devi
     """Probabilities (N, H, W) for uint8 images and (N, D) text embeddings."""
     out = []
     for start in range(0, len(images), batch_size):
-        x = normalize(images[start : start + batch_size]).to(device)
+        x = imagenet_normalize(images[start : start + batch_size]).to(device)
         t = text[start : start + batch_size].to(device)
         out.append(torch.sigmoid(model(x, t).float())[:, 0].cpu().numpy())
     return np.concatenate(out)

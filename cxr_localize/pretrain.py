@@ -38,11 +38,12 @@ from common.cli import (
 )
 from common.engine import add_train_args, check_run_setup, config_from_args, fit
 from common.errors import ConfigError, cli_entry
+from common.images import IMAGENET_MEAN, IMAGENET_STD
 from common.plots import overlay_panels
 from common.runs import model_record, save_run_model
 from common.tables import metrics_with_ci, write_results
 from cxr_localize.common_args import add_data_args, add_encoder_args, require, split_table
-from cxr_localize.data import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, load_iu
+from cxr_localize.data import ImageDataset, load_iu
 from cxr_localize.model import build_unet
 
 log = logging.getLogger("medvl.cxr_localize")

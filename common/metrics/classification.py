@@ -140,7 +140,7 @@ def _nanmean(values: np.ndarray) -> float:
 
 
 def multilabel_metrics(y_true, proba, thresholds: float | Sequence[float] = 0.5,
-                       label_names: Sequence[str] | None = None) -> dict[str, float]:
+                       label_names: Sequence[str] | None = None, mask=None) -> dict[str, float]:
     """Metrics of a multi-label classifier (each of L labels is its own yes/no decision, e.g. CheXpert findings).
 
     Args:
@@ -148,6 +148,9 @@ def multilabel_metrics(y_true, proba, thresholds: float | Sequence[float] = 0.5,
         proba: per-label probabilities, shape (N, L); label j is called present when ``proba[:, j] >= thresholds[j]``.
         thresholds: one threshold for all labels or one per label.
         label_names: optional names of the L labels; adds per-label ``auroc_<name>`` and ``f1_<name>``.
+        mask: optional boolean (N, L) of observed cells (CheXpert's uncertain labels under an ``ignore`` policy);
+            unobserved cells count nowhere: per-label metrics use that label's observed rows, micro averages and
+            the Hamming loss the observed cells, ``acc_subset`` the rows observed in full.
 
     Returns:
         ``f1_macro, f1_micro, precision_macro, precision_micro, recall_macro, recall_micro, auroc_macro,
@@ -160,35 +163,57 @@ def multilabel_metrics(y_true, proba, thresholds: float | Sequence[float] = 0.5,
         raise ValueError(f"expected y_true and proba of equal shape (N, L), got {y_true.shape} and {proba.shape}")
     if not np.isin(y_true, (0, 1)).all():
         raise ValueError("multi-label y_true must hold only 0 and 1 (map uncertain labels before scoring)")
+    mask = np.ones(y_true.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    if mask.shape != y_true.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from y_true shape {y_true.shape}")
     n_labels = proba.shape[1]
     thr = np.broadcast_to(np.asarray(thresholds, dtype=float), (n_labels,))
     if label_names is not None and len(label_names) != n_labels:
         raise ValueError(f"{len(label_names)} label names for {n_labels} columns")
     y_pred = (proba >= thr).astype(int)
-    per_label_auroc = np.array([_binary_auroc(y_true[:, j], proba[:, j]) for j in range(n_labels)])
-    flat_true = y_true.ravel()
+    per_label_auroc = np.array([_binary_auroc(y_true[mask[:, j], j], proba[mask[:, j], j]) for j in range(n_labels)])
+    if mask.all():
+        def prf(fn, average):
+            return _quiet(fn, y_true, y_pred, average=average, zero_division=0)
 
-    def prf(fn, average):
-        return _quiet(fn, y_true, y_pred, average=average, zero_division=0)
+        per_label_f1 = skm.f1_score(y_true, y_pred, average=None, zero_division=0)
+        out = {
+            "f1_macro": prf(skm.f1_score, "macro"),
+            "f1_micro": prf(skm.f1_score, "micro"),
+            "precision_macro": prf(skm.precision_score, "macro"),
+            "precision_micro": prf(skm.precision_score, "micro"),
+            "recall_macro": prf(skm.recall_score, "macro"),
+            "recall_micro": prf(skm.recall_score, "micro"),
+            "hamming_loss": float(skm.hamming_loss(y_true, y_pred)),
+            "acc_subset": float(skm.accuracy_score(y_true, y_pred)),
+        }
+    else:
+        columns = [(y_true[mask[:, j], j], y_pred[mask[:, j], j]) for j in range(n_labels)]
 
-    out = {
-        "f1_macro": prf(skm.f1_score, "macro"),
-        "f1_micro": prf(skm.f1_score, "micro"),
-        "precision_macro": prf(skm.precision_score, "macro"),
-        "precision_micro": prf(skm.precision_score, "micro"),
-        "recall_macro": prf(skm.recall_score, "macro"),
-        "recall_micro": prf(skm.recall_score, "micro"),
-        "auroc_macro": _nanmean(per_label_auroc),
-        "auroc_micro": _binary_auroc(flat_true, proba.ravel()),
-        "hamming_loss": float(skm.hamming_loss(y_true, y_pred)),
-        "acc_subset": float(skm.accuracy_score(y_true, y_pred)),
-    }
+        def per_label(fn):
+            return np.array([_quiet(fn, t, p, zero_division=0) for t, p in columns])
+
+        flat_true, flat_pred = y_true[mask], y_pred[mask]
+        full_rows = mask.all(axis=1)
+        per_label_f1 = per_label(skm.f1_score)
+        out = {
+            "f1_macro": float(per_label_f1.mean()),
+            "f1_micro": _quiet(skm.f1_score, flat_true, flat_pred, zero_division=0),
+            "precision_macro": float(per_label(skm.precision_score).mean()),
+            "precision_micro": _quiet(skm.precision_score, flat_true, flat_pred, zero_division=0),
+            "recall_macro": float(per_label(skm.recall_score).mean()),
+            "recall_micro": _quiet(skm.recall_score, flat_true, flat_pred, zero_division=0),
+            "hamming_loss": float((flat_true != flat_pred).mean()) if flat_true.size else float("nan"),
+            "acc_subset": float((y_true[full_rows] == y_pred[full_rows]).all(axis=1).mean())
+            if full_rows.any() else float("nan"),
+        }
+    out["auroc_macro"] = _nanmean(per_label_auroc)
+    out["auroc_micro"] = _binary_auroc(y_true[mask], proba[mask])
     if label_names is not None:
-        f1 = skm.f1_score(y_true, y_pred, average=None, zero_division=0)
         for j, name in enumerate(label_names):
             key = _safe_key(name)
             out[f"auroc_{key}"] = float(per_label_auroc[j])
-            out[f"f1_{key}"] = float(f1[j])
+            out[f"f1_{key}"] = float(per_label_f1[j])
     return out
 
 

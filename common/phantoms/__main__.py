@@ -3,6 +3,7 @@
 Example:
     python -m common.phantoms cxr --format medmnist --out data/phantom --n 600 --size 28
     python -m common.phantoms cxr --format iu --out data/iu_phantom --n 200
+    python -m common.phantoms cxr --format chexpert --out data/chexpert_phantom --n 500
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ from pathlib import Path
 from common.cli import MedvlArgumentParser, parse_args, positive_int, seed_int
 from common.errors import ConfigError, cli_entry
 
-FORMATS = ("medmnist", "iu")
+FORMATS = ("medmnist", "iu", "chexpert")
 MEDMNIST_SIZES = (28, 64, 128, 224)
 MIN_IU_SIZE = 32
 """Below this side a lesion (3.5-5.5% of the side) is under one pixel and the lung zones blur together."""
 MIN_IU_PATIENTS = 10
 """Fewer patients cannot fill a 70/10/20 patient split with at least one patient in each part."""
+MIN_CHEXPERT_SIZE = 48
+"""Below this side the atelectasis band and the effusion meniscus are under a pixel."""
+MIN_CHEXPERT_PATIENTS = 10
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -30,10 +34,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     cxr.add_argument("--format", required=True, help=f"one of {', '.join(FORMATS)}")
     cxr.add_argument("--out", type=Path, required=True)
     cxr.add_argument("--n", type=positive_int, default=None,
-                     help="number of images (medmnist) or patients (iu); default depends on the format")
+                     help="number of images (medmnist) or training patients (iu, chexpert); default depends on the "
+                          "format")
     cxr.add_argument("--seed", type=seed_int, default=0)
     cxr.add_argument("--size", type=positive_int, default=None,
-                     help=f"image side in pixels (medmnist: one of {MEDMNIST_SIZES}; iu: at least {MIN_IU_SIZE})")
+                     help=f"image side in pixels (medmnist: one of {MEDMNIST_SIZES}; iu: at least {MIN_IU_SIZE}; "
+                          f"chexpert: at least {MIN_CHEXPERT_SIZE})")
     return parser
 
 
@@ -51,10 +57,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     f"{MIN_IU_SIZE}")
     if args.format == "iu" and args.n is not None and args.n < MIN_IU_PATIENTS:
         raise ConfigError("--n", f"{args.n} patients cannot fill train/val/test; use at least {MIN_IU_PATIENTS}")
+    if args.format == "chexpert" and args.size is not None and args.size < MIN_CHEXPERT_SIZE:
+        raise ConfigError("--size", f"{args.size} px is too small to draw the findings; use at least "
+                                    f"{MIN_CHEXPERT_SIZE}")
+    if args.format == "chexpert" and args.n is not None and args.n < MIN_CHEXPERT_PATIENTS:
+        raise ConfigError("--n", f"{args.n} patients cannot fill a train/val split with every finding; use at least "
+                                 f"{MIN_CHEXPERT_PATIENTS}")
     if args.format == "medmnist":
         from common.phantoms.cxr import write_medmnist
 
         path = write_medmnist(args.out, n=args.n or 600, seed=args.seed, size=args.size or 28)
+    elif args.format == "chexpert":
+        from common.phantoms import chexpert
+
+        path = chexpert.write_chexpert(args.out, n=args.n or chexpert.DEFAULT_N, seed=args.seed,
+                                       size=args.size or chexpert.DEFAULT_SIZE)
     else:
         from common.phantoms.iu import DEFAULT_N, DEFAULT_SIZE, write_iu
 

@@ -1,0 +1,81 @@
+"""What both training phases share: data flags, the run's data record, masked BCE, validation and thresholds."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.cli import unit_interval
+from common.metrics.classification import best_threshold, multilabel_metrics
+from mavl_chexpert.data import UNCERTAIN_POLICIES, VIEWS, Table, label_key
+
+log = logging.getLogger("medvl.mavl_chexpert")
+
+THRESHOLD_RULES = ("f1", "youden")
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data-root", type=Path, default=None,
+                       help="the CheXpert-v1.0-small folder holding train.csv and valid.csv (or its parent)")
+    group.add_argument("--labels", default="competition",
+                       help="competition (the 5 CheXpert competition findings), all (14), or comma-separated names")
+    group.add_argument("--uncertain", choices=UNCERTAIN_POLICIES, default="per-class",
+                       help="uncertain (-1) labels: ones (the seed), zeros, ignore (masked out of loss and metrics) "
+                            "or per-class (ones for Atelectasis and Edema, zeros otherwise; CheXpert's best)")
+    group.add_argument("--views", choices=VIEWS, default="frontal")
+    group.add_argument("--sample-frac", type=unit_interval, default=1.0,
+                       help="train on this fraction of train.csv's patients (the seed: 0.3)")
+    group.add_argument("--val-fraction", type=unit_interval, default=0.15,
+                       help="share of train.csv's patients held out for validation (best epoch, thresholds)")
+    group.add_argument("--skip-bad", action="store_true",
+                       help="skip (and count) rows whose image is missing or does not decode, instead of stopping")
+
+
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+               classes: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean BCE over observed cells (and, with ``classes``, only those label columns)."""
+    weights = mask.float()
+    if classes is not None:
+        weights = weights * classes.float().unsqueeze(0)
+    loss = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
+    return (loss * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def data_record(root: Path, table: Table, assignments: np.ndarray, settings: dict) -> str:
+    """``data.json``: the CSV, its digest and the split sizes, so ``--resume`` notices changed data."""
+    digest = hashlib.sha256(Path(table.csv).read_bytes()).hexdigest()
+    counts = {name: int((assignments == name).sum()) for name in ("train", "val")}
+    return json.dumps({"root": str(root), "csv": table.csv.name, "sha256": digest, "images": counts,
+                       "settings": settings}, indent=2, sort_keys=True) + "\n"
+
+
+def choose_thresholds(targets: np.ndarray, probs: np.ndarray, mask: np.ndarray, labels: tuple[str, ...],
+                      rule: str) -> dict[str, float]:
+    """Per-class decision thresholds on validation; a class without both outcomes there keeps 0.5 (warned)."""
+    out = {}
+    for j, name in enumerate(labels):
+        rows = mask[:, j]
+        y = targets[rows, j].astype(int)
+        if y.size == 0 or y.min() == y.max():
+            log.warning("validation has no %s for %s; its threshold stays 0.5",
+                        "positives" if y.size == 0 or y.max() == 0 else "negatives", name)
+            out[label_key(name)] = 0.5
+        else:
+            out[label_key(name)] = best_threshold(y, probs[rows, j], metric=rule)
+    return out
+
+
+def split_metrics(targets: np.ndarray, probs: np.ndarray, mask: np.ndarray, labels: tuple[str, ...],
+                  thresholds) -> dict[str, float]:
+    return multilabel_metrics(targets, probs, thresholds, [label_key(n) for n in labels], mask=mask)
+
+
+__all__ = ["THRESHOLD_RULES", "add_data_args", "masked_bce", "data_record", "choose_thresholds", "split_metrics"]

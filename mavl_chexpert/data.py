@@ -1,0 +1,258 @@
+"""CheXpert-v1.0-small loading: label policies, patient-level splits, decoded-image caches.
+
+    python -c "from mavl_chexpert.data import load_table; print(load_table('data/chexpert_phantom', 'train.csv'))"
+
+``--data-root`` is the ``CheXpert-v1.0-small`` folder that holds ``train.csv`` and ``valid.csv`` (its parent is
+accepted too). ``Path`` values such as ``CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg`` resolve
+inside that folder; a path that leaves it is refused. Labels: 1.0 positive, 0.0 negative, -1.0 uncertain, blank
+not mentioned (= 0). Uncertain labels follow ``--uncertain``:
+
+    ones       -1 -> 1 (U-Ones; the seed's choice)
+    zeros      -1 -> 0 (U-Zeros)
+    ignore     masked out of the loss and of the metrics
+    per-class  ones for Atelectasis and Edema, zeros for the others (the CheXpert paper's best policy; LRFL's)
+
+``valid.csv`` (or any CSV with ``Path`` and label columns, such as the 500-image official test set) is the test set:
+only ``evaluate`` reads it. Training and validation come from ``train.csv``, split by patient.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from common.errors import ConfigError, DataError
+from common.images import imagenet_normalize, read_grey, square_resize
+from common.splits import group_split
+
+log = logging.getLogger("medvl.mavl_chexpert")
+
+ROOT_NAME = "CheXpert-v1.0-small"
+OBSERVATIONS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+                "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+                "Fracture", "Support Devices")
+COMPETITION = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
+LABEL_SETS = {"competition": COMPETITION, "all": OBSERVATIONS}
+UNCERTAIN_POLICIES = ("ones", "zeros", "ignore", "per-class")
+PER_CLASS_ONES = ("Atelectasis", "Edema")
+"""Observations whose uncertain label becomes 1 under ``per-class`` (Irvin et al. 2019, Table 2)."""
+VIEWS = ("frontal", "all")
+_PATIENT = re.compile(r"(patient\d+)")
+
+
+def label_key(name: str) -> str:
+    """``Pleural Effusion`` -> ``pleural_effusion`` (metric keys, config values)."""
+    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
+
+
+def resolve_labels(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """``competition``, ``all``, or observation names (any case, ``_`` for spaces); unknown names are refused."""
+    if isinstance(spec, str) and spec in LABEL_SETS:
+        return LABEL_SETS[spec]
+    names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec) if n.strip()]
+    by_key = {label_key(o): o for o in OBSERVATIONS}
+    out = []
+    for name in names:
+        if label_key(name) not in by_key:
+            raise ConfigError("--labels", f"unknown label {name!r}; use competition, all, or names from "
+                                          f"{', '.join(OBSERVATIONS)}")
+        out.append(by_key[label_key(name)])
+    if not out:
+        raise ConfigError("--labels", "no label names given")
+    return tuple(dict.fromkeys(out))
+
+
+def find_root(data_root: Path) -> Path:
+    """The folder holding ``train.csv``: ``data_root`` itself or its ``CheXpert-v1.0-small`` child."""
+    data_root = Path(data_root).expanduser()
+    if not data_root.is_dir():
+        raise DataError(data_root, "--data-root does not exist or is not a directory")
+    for candidate in (data_root, data_root / ROOT_NAME):
+        if (candidate / "train.csv").is_file() or (candidate / "valid.csv").is_file():
+            return candidate
+    raise DataError(data_root, f"no train.csv or valid.csv here or in {ROOT_NAME}/ (point --data-root at the "
+                               f"{ROOT_NAME} folder)")
+
+
+def encode_labels(raw: np.ndarray, labels: tuple[str, ...], policy: str) -> tuple[np.ndarray, np.ndarray]:
+    """(targets 0/1 float32, mask bool) from raw CSV values (1, 0, -1, NaN) under an uncertainty policy."""
+    if policy not in UNCERTAIN_POLICIES:
+        raise ConfigError("--uncertain", f"unknown policy {policy!r}; choose {', '.join(UNCERTAIN_POLICIES)}")
+    raw = np.asarray(raw, dtype=np.float64)
+    targets = np.where(raw == 1, 1.0, 0.0)
+    mask = np.ones(raw.shape, dtype=bool)
+    uncertain = raw == -1
+    for j, name in enumerate(labels):
+        if policy == "ones" or (policy == "per-class" and name in PER_CLASS_ONES):
+            targets[uncertain[:, j], j] = 1.0
+        elif policy == "ignore":
+            mask[uncertain[:, j], j] = False
+    return targets.astype(np.float32), mask
+
+
+@dataclass
+class Table:
+    """Rows of one CheXpert CSV after checks: absolute image paths, patient ids, raw and encoded labels."""
+
+    csv: Path
+    rel_paths: np.ndarray
+    paths: list[Path]
+    rows: np.ndarray
+    """1-based line numbers in the CSV (header = line 1), for error messages."""
+    patients: np.ndarray
+    raw: np.ndarray
+    labels: tuple[str, ...]
+    targets: np.ndarray
+    mask: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def take(self, index: np.ndarray) -> Table:
+        index = np.asarray(index)
+        return replace(self, rel_paths=self.rel_paths[index], paths=[self.paths[i] for i in index],
+                       rows=self.rows[index], patients=self.patients[index], raw=self.raw[index],
+                       targets=self.targets[index], mask=self.mask[index])
+
+    def __repr__(self) -> str:
+        return f"Table({self.csv.name}: {len(self)} images, {len(np.unique(self.patients))} patients)"
+
+
+def _resolve(root: Path, value: str, csv: Path, line: int) -> Path:
+    rel = Path(str(value).replace("\\", "/"))
+    if rel.is_absolute():
+        raise DataError(csv, f"line {line}: path {value!r} is absolute; paths must lie inside --data-root")
+    parts = rel.parts
+    if parts and parts[0] in (ROOT_NAME, root.name):
+        rel = Path(*parts[1:]) if len(parts) > 1 else Path()
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise DataError(csv, f"line {line}: path {value!r} lies outside --data-root {root}")
+    return path
+
+
+def load_table(data_root: Path, csv_name: str | Path, labels: tuple[str, ...] | str = COMPETITION,
+               uncertain: str = "ones", views: str = "frontal") -> Table:
+    """Read and check one CSV (``train.csv``, ``valid.csv`` or a test CSV given by path) under ``data_root``."""
+    root = find_root(data_root)
+    labels = resolve_labels(labels)
+    if views not in VIEWS:
+        raise ConfigError("--views", f"choose one of {', '.join(VIEWS)}, not {views!r}")
+    csv = Path(csv_name) if Path(csv_name).is_absolute() or Path(csv_name).exists() else root / csv_name
+    if not csv.is_file():
+        raise DataError(csv, "CSV file not found")
+    try:
+        frame = pd.read_csv(csv, dtype={"Path": str}, keep_default_na=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DataError(csv, f"not a readable CSV ({str(err).splitlines()[0]})") from err
+    if "Path" not in frame.columns:
+        raise DataError(csv, f"no 'Path' column (has {', '.join(map(str, frame.columns[:8]))})")
+    missing = [name for name in labels if name not in frame.columns]
+    if missing:
+        raise DataError(csv, f"missing label column(s) {', '.join(missing)}")
+    lines = np.arange(len(frame)) + 2
+    if views == "frontal":
+        if "Frontal/Lateral" in frame.columns:
+            keep = frame["Frontal/Lateral"].astype(str).str.lower().eq("frontal").to_numpy()
+        else:
+            keep = frame["Path"].astype(str).str.contains("frontal", case=False).to_numpy()
+        frame, lines = frame[keep].reset_index(drop=True), lines[keep]
+    raw = np.empty((len(frame), len(labels)), dtype=np.float64)
+    for j, name in enumerate(labels):
+        values = pd.to_numeric(frame[name], errors="coerce").to_numpy(dtype=np.float64)
+        bad = ~np.isin(values, (1.0, 0.0, -1.0)) & ~np.isnan(values)
+        bad |= np.isnan(values) & frame[name].notna().to_numpy()
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            raise DataError(csv, f"line {lines[first]}: {name} is {frame[name].iloc[first]!r}; labels must be 1, 0, "
+                                 "-1 or blank")
+        raw[:, j] = values
+    paths = [_resolve(root, value, csv, int(line)) for value, line in zip(frame["Path"], lines)]
+    patients = np.array([(m.group(1) if (m := _PATIENT.search(str(v))) else str(Path(str(v)).parent))
+                         for v in frame["Path"]], dtype=object)
+    targets, mask = encode_labels(raw, labels, uncertain)
+    return Table(csv, frame["Path"].astype(str).to_numpy(), paths, lines, patients, raw, labels, targets, mask)
+
+
+def sample_patients(table: Table, fraction: float, seed: int) -> Table:
+    """Keep a random ``fraction`` of the patients (all their images), as the seed's 30% sample but by patient."""
+    if fraction >= 1.0:
+        return table
+    patients = np.unique(table.patients)
+    rng = np.random.default_rng(seed)
+    count = max(2, int(round(fraction * len(patients))))
+    chosen = set(rng.choice(patients, size=min(count, len(patients)), replace=False).tolist())
+    return table.take(np.flatnonzero([p in chosen for p in table.patients]))
+
+
+def split_patients(table: Table, val_fraction: float, seed: int) -> np.ndarray:
+    """``train``/``val`` per image, every patient in one part, stratified by the patient's most common pattern."""
+    pattern = np.array(["".join("1" if v else "0" for v in row) for row in table.targets.astype(bool)])
+    return group_split(table.patients, pattern, fractions=(1 - val_fraction, val_fraction), seed=seed,
+                       names=("train", "val"))
+
+
+def decode_images(table: Table, size: int, skip_bad: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 (N, size, size) images, indices kept): each JPG read once, padded to a square and resized.
+
+    A missing or undecodable image stops with its CSV line and file, or with ``skip_bad`` is skipped and counted.
+    """
+    images, kept = [], []
+    for i, (path, line) in enumerate(zip(table.paths, table.rows)):
+        try:
+            image = read_grey(path)
+        except DataError as err:
+            if not skip_bad:
+                raise DataError(table.csv, f"line {line}: {path}: {err.message}") from err
+            continue
+        images.append(square_resize(image, size, Image.Resampling.BILINEAR))
+        kept.append(i)
+    skipped = len(table) - len(kept)
+    if skipped:
+        log.warning("%s: skipped %d image(s) that are missing or do not decode (--skip-bad)", table.csv, skipped)
+    if not kept:
+        raise DataError(table.csv, "no readable images")
+    return np.stack(images), np.asarray(kept, dtype=np.int64)
+
+
+class ChexpertDataset(Dataset):
+    """``{"image", "target", "mask", "index"}`` per image; ``index`` is the row in this split (for LRF's basis).
+
+    Training augmentation follows the seed (rotation up to 10 degrees, a random resized crop of 80-100% of the
+    area, brightness/contrast jitter 0.1) and never flips: the heart belongs on the patient's left.
+    """
+
+    def __init__(self, images: np.ndarray, targets: np.ndarray, mask: np.ndarray, augment: bool = False):
+        self.images, self.targets, self.mask, self.augment = images, targets, mask, augment
+        if augment:
+            from torchvision.transforms import v2
+
+            size = images.shape[-1]
+            self.transform = v2.Compose([
+                v2.RandomRotation(10),
+                v2.RandomResizedCrop(size, scale=(0.8, 1.0), antialias=True),
+                v2.ColorJitter(brightness=0.1, contrast=0.1),
+            ])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        image = torch.from_numpy(self.images[i]).unsqueeze(0)
+        if self.augment:
+            image = self.transform(image)
+        return {"image": imagenet_normalize(image[0].numpy()), "target": torch.from_numpy(self.targets[i]),
+                "mask": torch.from_numpy(self.mask[i]), "index": torch.tensor(i)}
+
+
+__all__ = ["ROOT_NAME", "OBSERVATIONS", "COMPETITION", "LABEL_SETS", "UNCERTAIN_POLICIES", "VIEWS", "Table",
+           "label_key", "resolve_labels", "find_root", "encode_labels", "load_table", "sample_patients",
+           "split_patients", "decode_images", "ChexpertDataset"]

@@ -1,0 +1,216 @@
+"""Phase-1 image model (timm ViT + low-rank projection), the LRF terms, and the phase-3 similarity fusion.
+
+    python -c "from mavl_chexpert.model import build_image_model; print(build_image_model('vit-tiny', 5))"
+
+Phase 1: ViT -> pooled feature (CLS or mean of patch tokens) -> LayerNorm -> Linear(D -> r, no bias) -> ReLU ->
+Dropout -> Linear(r -> C). The r-dimensional ReLU output is the image embedding phase 3 builds on.
+
+LRF (Low-Rank Feature learning, arXiv 2404.18933) penalises the truncated nuclear norm of the training features:
+the singular values of the (N x D) matrix of all training features beyond a rank. A batch of 16 has only 16
+singular values, so, as in LRFL's code, the decomposition F = U S V^T of the whole training split is computed
+once per epoch without gradient; batch b then adds sum_{j >= rank} diag(U[b]^T F_b V)_j, which is differentiable
+in F_b and sums over the batches of an epoch to sum_{j >= rank} S_j when F has not moved. ``seed`` reproduces
+the seed notebook's term instead: the sum of the *top* r singular values of the batch (it pushes the leading
+directions down, the opposite of LRF).
+
+Phase 3 projects the image embedding and every aspect-sentence embedding into a shared 256-d space, takes the
+cosine similarity of the image with each aspect of each disease, aggregates over a disease's aspects (mean, or
+attention), and scales by a learnable temperature plus a bias (the seed used the raw cosine, ``--similarity seed``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.errors import ConfigError
+from common.presets import get_preset, preset_names
+
+BACKBONES = tuple(preset_names("vit"))
+POOLS = ("cls", "mean")
+LRF_VARIANTS = ("tail", "seed", "none")
+AGGREGATIONS = ("mean", "attention")
+SIMILARITIES = ("scaled", "seed")
+SHARED_DIM = 256
+HIDDEN_DIM = 128
+
+
+def build_backbone(name: str, pretrained: bool = False) -> nn.Module:
+    """A timm ViT from a ``vit`` preset (no classifier head); ``pretrained`` fetches timm's ImageNet weights."""
+    import timm
+
+    preset = get_preset(name, "vit", "--backbone")
+    options = dict(preset.options)
+    model_name = options.pop("model_name")
+    try:
+        return timm.create_model(model_name, pretrained=pretrained, num_classes=0, **options)
+    except (OSError, RuntimeError, ValueError) as err:
+        if not pretrained:
+            raise
+        first = str(err).splitlines()[0][:160]
+        raise ConfigError("--pretrained", f"ImageNet weights of {model_name} are not cached and the hub is "
+                                          f"unreachable ({first}); pass --no-pretrained to train from scratch") from err
+
+
+class ImageModel(nn.Module):
+    """ViT -> pooled feature -> LayerNorm -> low-rank projection (ReLU) -> dropout -> linear head."""
+
+    def __init__(self, backbone: str, num_classes: int, rank: int = 64, pool: str = "cls", dropout: float = 0.1,
+                 pretrained: bool = False):
+        super().__init__()
+        if pool not in POOLS:
+            raise ConfigError("--pool", f"choose one of {', '.join(POOLS)}, not {pool!r}")
+        self.backbone = build_backbone(backbone, pretrained)
+        self.pool = pool
+        dim = int(self.backbone.embed_dim)
+        self.feature_dim, self.rank, self.num_classes = dim, rank, num_classes
+        self.norm = nn.LayerNorm(dim)
+        self.project = nn.Linear(dim, rank, bias=False)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(rank, num_classes)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.backbone.patch_embed.img_size[0])
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, D) pooled ViT features: what the LRF term decomposes."""
+        tokens = self.backbone.forward_features(images)
+        prefix = int(getattr(self.backbone, "num_prefix_tokens", 1))
+        return tokens[:, 0] if self.pool == "cls" else tokens[:, prefix:].mean(1)
+
+    def embed_features(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, r) low-rank image embedding (phase 3's input)."""
+        return F.relu(self.project(self.norm(features)))
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embed_features(self.features(images))
+
+    def forward(self, images: torch.Tensor, return_features: bool = False):
+        """Logits (B, C), or ``(logits, features)`` for the LRF term (one call, so DDP sees one forward)."""
+        features = self.features(images)
+        logits = self.head(self.dropout(self.embed_features(features)))
+        return (logits, features) if return_features else logits
+
+
+def build_image_model(backbone: str, num_classes: int, **kwargs: Any) -> ImageModel:
+    return ImageModel(backbone, num_classes, **kwargs)
+
+
+# --- LRF ----------------------------------------------------------------------------------------------------------
+
+def feature_basis(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of the (N, D) training features, ``(U (N, k), S (k,), V (D, k))`` with F = U diag(S) V^T."""
+    u, s, vh = torch.linalg.svd(features.detach().double(), full_matrices=False)
+    return u.float(), s.float(), vh.T.contiguous().float()
+
+
+def tail_term(u_batch: torch.Tensor, features: torch.Tensor, v: torch.Tensor, rank: int) -> torch.Tensor:
+    """sum_{j >= rank} diag(U[b]^T F_b V)_j: this batch's share of the truncated nuclear norm (LRFL).
+
+    Args:
+        u_batch: rows of the epoch's U for the batch's samples, (B, k).
+        features: the batch's current features, (B, D), with gradient.
+        v: the epoch's right singular vectors as columns, (D, k).
+        rank: directions kept free; the ones after it are penalised.
+    """
+    if rank >= v.shape[1]:
+        return features.sum() * 0.0
+    projected = features.float() @ v[:, rank:]
+    return (u_batch[:, rank:] * projected).sum()
+
+
+def seed_term(features: torch.Tensor, rank: int) -> torch.Tensor:
+    """The seed's term: the sum of the batch's top-``rank`` singular values, with no gradient through the SVD."""
+    with torch.no_grad():
+        u, _, vh = torch.linalg.svd(features.detach().double(), full_matrices=False)
+    r = min(rank, u.shape[1])
+    projected = features.double() @ vh[:r].T
+    return (u[:, :r] * projected).sum().float()
+
+
+# --- phase 3 ------------------------------------------------------------------------------------------------------
+
+def _projector(in_dim: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, HIDDEN_DIM), nn.LayerNorm(HIDDEN_DIM), nn.ReLU(), nn.Dropout(dropout),
+                         nn.Linear(HIDDEN_DIM, SHARED_DIM))
+
+
+class FusionModel(nn.Module):
+    """Image embedding vs. the aspect sentences of every disease: one logit per disease.
+
+    ``aspects`` (C, A, Dt) and ``aspect_mask`` (C, A) are buffers saved with the model, so evaluation needs no text
+    encoder; diseases held out of training still get a logit from their descriptions (zero-shot).
+    """
+
+    def __init__(self, image_model: ImageModel, aspects: torch.Tensor, aspect_mask: torch.Tensor,
+                 aggregation: str = "mean", similarity: str = "scaled", dropout: float = 0.3,
+                 freeze_image: bool = True, init_temperature: float = 0.07):
+        super().__init__()
+        if aggregation not in AGGREGATIONS:
+            raise ConfigError("--aggregation", f"choose one of {', '.join(AGGREGATIONS)}, not {aggregation!r}")
+        if similarity not in SIMILARITIES:
+            raise ConfigError("--similarity", f"choose one of {', '.join(SIMILARITIES)}, not {similarity!r}")
+        self.image_model = image_model
+        self.freeze_image = freeze_image
+        if freeze_image:
+            image_model.requires_grad_(False)
+        self.register_buffer("aspects", aspects.float().clone())
+        self.register_buffer("aspect_mask", aspect_mask.bool().clone())
+        self.image_projector = _projector(image_model.rank, dropout)
+        self.text_projector = _projector(aspects.shape[-1], dropout)
+        self.aggregation, self.similarity = aggregation, similarity
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        self.bias = nn.Parameter(torch.zeros(()))
+        self.attention_log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+
+    def train(self, mode: bool = True) -> FusionModel:
+        super().train(mode)
+        if self.freeze_image:
+            self.image_model.eval()
+        return self
+
+    def similarities(self, embedding: torch.Tensor) -> torch.Tensor:
+        """(B, C) aggregated cosine similarity of each image with each disease's aspects."""
+        image = F.normalize(self.image_projector(embedding), dim=-1)
+        text = F.normalize(self.text_projector(self.aspects), dim=-1)
+        cosine = torch.einsum("bd,cad->bca", image, text)
+        mask = self.aspect_mask.unsqueeze(0)
+        if self.aggregation == "mean":
+            return (cosine * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+        weights = (cosine * self.attention_log_scale.exp()).masked_fill(~mask, float("-inf")).softmax(-1)
+        return (weights * cosine).sum(-1)
+
+    def logits_from_embedding(self, embedding: torch.Tensor) -> torch.Tensor:
+        similarity = self.similarities(embedding)
+        if self.similarity == "seed":
+            return similarity
+        return similarity * self.log_scale.exp().clamp(max=100.0) + self.bias
+
+    def forward(self, images: torch.Tensor | None = None, embedding: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, C) from images, or from precomputed phase-1 embeddings (frozen backbone)."""
+        if embedding is not None:
+            return self.logits_from_embedding(embedding)
+        if self.freeze_image:
+            with torch.no_grad():
+                embedding = self.image_model.embed(images)
+        else:
+            embedding = self.image_model.embed(images)
+        return self.logits_from_embedding(embedding)
+
+
+def build_fusion_model(meta_kwargs: dict[str, Any]) -> FusionModel:
+    """Rebuild a phase-3 model from ``model.json`` kwargs (weights and aspect buffers come from the safetensors)."""
+    image = build_image_model(**meta_kwargs["image"])
+    shape = meta_kwargs["aspects_shape"]
+    return FusionModel(image, torch.zeros(shape), torch.ones(shape[:2], dtype=torch.bool),
+                       aggregation=meta_kwargs["aggregation"], similarity=meta_kwargs["similarity"],
+                       dropout=meta_kwargs["dropout"], freeze_image=meta_kwargs["freeze_image"])
+
+
+__all__ = ["BACKBONES", "POOLS", "LRF_VARIANTS", "AGGREGATIONS", "SIMILARITIES", "ImageModel", "FusionModel",
+           "build_backbone", "build_image_model", "build_fusion_model", "feature_basis", "tail_term", "seed_term"]

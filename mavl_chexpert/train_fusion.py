@@ -1,0 +1,253 @@
+"""Phase 3: match phase-1 image embeddings against each disease's aspect sentences (MAVL-style similarity fusion).
+
+Example (CPU, after ``mavl_chexpert.train_image``):
+    python -m mavl_chexpert.train_fusion --data-root data/chexpert_phantom --image-run runs/mavl/image \\
+        --output-dir runs/mavl/fusion --text-encoder minilm
+
+The fusion run uses the image run's labels, uncertainty policy, views and patient split (``split.csv`` is copied,
+so no phase-1 training image validates phase 3). The phase-1 model is frozen by default, so its embeddings of the
+training and validation images are computed once and phase 3 trains on them in seconds; ``--finetune-backbone``
+trains through the ViT instead. The logit of disease c is ``exp(t) * agg_a cos(img, aspect_ca) + b`` with a
+learnable temperature t and bias b (``--similarity seed``: the raw cosine, as the seed). ``--loss contrastive``
+is the seed's variant: softmax over diseases at temperature 0.2 with one positive label drawn per image.
+``--holdout-classes`` leaves diseases out of the loss (and of model selection): their scores come from their
+descriptions alone, so ``evaluate`` reports zero-shot AUROCs for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from common.cli import MedvlArgumentParser, base_parser, config_text, nonnegative_float, parse_args
+from common.engine import add_train_args, check_run_setup, config_from_args, fit
+from common.errors import ConfigError, DataError, cli_entry
+from common.runs import load_run, model_record, save_run_model
+from common.splits import load_split_csv, split_csv_text
+from common.text_encoders import text_presets
+from mavl_chexpert.common_args import THRESHOLD_RULES, choose_thresholds, data_record, masked_bce, split_metrics
+from mavl_chexpert.data import ChexpertDataset, decode_images, find_root, label_key, load_table, resolve_labels
+from mavl_chexpert.model import AGGREGATIONS, SIMILARITIES, FusionModel, build_image_model
+from mavl_chexpert.text import (
+    DEFAULT_DESCRIPTIONS,
+    descriptions_hash,
+    embed_descriptions,
+    load_descriptions,
+    write_cache,
+)
+
+log = logging.getLogger("medvl.mavl_chexpert")
+
+LOSSES = ("bce", "contrastive")
+CONTRASTIVE_TEMPERATURE = 0.2
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parent = base_parser(output_dir=True, seed=True, device=True, precision=True, cache_dir=True)
+    parser = MedvlArgumentParser(description=__doc__, parents=[parent],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="the CheXpert-v1.0-small folder (default: the image run's)")
+    parser.add_argument("--image-run", type=Path, default=None, help="run directory of mavl_chexpert.train_image")
+    parser.add_argument("--skip-bad", action="store_true", help="skip rows whose image is missing or undecodable")
+    text = parser.add_argument_group("text")
+    text.add_argument("--text-encoder", default="bio-clinicalbert",
+                      help=f"preset ({', '.join(text_presets())}) or a local Hugging Face directory")
+    text.add_argument("--descriptions", type=Path, default=DEFAULT_DESCRIPTIONS,
+                      help="JSON {disease: {definition, aspects: {name: sentence}}}")
+    model = parser.add_argument_group("fusion")
+    model.add_argument("--aggregation", choices=AGGREGATIONS, default="mean",
+                       help="combine a disease's aspect similarities by their mean or by attention")
+    model.add_argument("--similarity", choices=SIMILARITIES, default="scaled",
+                       help="scaled: learnable temperature and bias; seed: the raw cosine")
+    model.add_argument("--loss", choices=LOSSES, default="bce")
+    model.add_argument("--dropout", type=nonnegative_float, default=0.3)
+    model.add_argument("--finetune-backbone", action="store_true", help="train the phase-1 model too")
+    model.add_argument("--holdout-classes", default="",
+                       help="comma-separated diseases left out of training (scored zero-shot from descriptions)")
+    parser.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default="f1")
+    add_train_args(parser, epochs=60, batch_size=64, lr=5e-4, weight_decay=1e-4, monitor="val_auroc_macro",
+                   mode="max")
+    return parser
+
+
+class EmbeddingDataset(Dataset):
+    """Frozen phase-1 embeddings with targets and masks (what phase 3 trains on when the backbone is frozen)."""
+
+    def __init__(self, embeddings: torch.Tensor, targets: np.ndarray, mask: np.ndarray):
+        self.embeddings, self.targets, self.mask = embeddings, torch.from_numpy(targets), torch.from_numpy(mask)
+
+    def __len__(self) -> int:
+        return len(self.embeddings)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"embedding": self.embeddings[i], "target": self.targets[i], "mask": self.mask[i]}
+
+
+def _logits(model, batch) -> torch.Tensor:
+    if "embedding" in batch:
+        return model(embedding=batch["embedding"])
+    return model(batch["image"])
+
+
+class FusionTask:
+    """BCE (or the seed's contrastive loss) over the trained diseases; selection on their val macro AUROC."""
+
+    def __init__(self, meta: dict, labels: tuple[str, ...], trained: np.ndarray, val_targets: np.ndarray,
+                 val_mask: np.ndarray, loss: str, threshold_rule: str):
+        self.meta, self.labels, self.loss, self.threshold_rule = meta, labels, loss, threshold_rule
+        self.trained = torch.from_numpy(trained)
+        self.val_targets, self.val_mask = val_targets, val_mask
+        self.seen = [n for n, t in zip(labels, trained) if t]
+        self.metric_names = ("auroc_macro", "f1_macro", "loss", *(f"auroc_{label_key(n)}" for n in labels))
+        if not trained.all():
+            self.metric_names += ("auroc_macro_unseen",)
+        self.last_probs: np.ndarray | None = None
+
+    def training_loss(self, model, batch) -> torch.Tensor:
+        logits = _logits(model, batch)
+        trained = self.trained.to(logits.device)
+        if self.loss == "bce":
+            return masked_bce(logits, batch["target"], batch["mask"], trained)
+        positives = batch["target"].bool() & batch["mask"] & trained.unsqueeze(0)
+        has_positive = positives.any(1)
+        if not has_positive.any():
+            return logits.sum() * 0.0
+        weights = positives[has_positive].float()
+        choice = torch.multinomial(weights.cpu(), 1).squeeze(1).to(logits.device)
+        scaled = logits[has_positive].float().masked_fill(~trained.unsqueeze(0), float("-inf"))
+        return F.cross_entropy(scaled / CONTRASTIVE_TEMPERATURE, choice)
+
+    def validate(self, model, loader, device) -> dict[str, float]:
+        logits = torch.cat([_logits(model, batch).float().cpu() for batch in loader])
+        probs = torch.sigmoid(logits / (CONTRASTIVE_TEMPERATURE if self.loss == "contrastive" else 1.0)).numpy()
+        self.last_probs = probs
+        seen = self.trained.numpy()
+        metrics = split_metrics(self.val_targets[:, seen], probs[:, seen], self.val_mask[:, seen],
+                                tuple(self.seen), 0.5)
+        everything = split_metrics(self.val_targets, probs, self.val_mask, self.labels, 0.5)
+        metrics.update({k: v for k, v in everything.items() if k.startswith("auroc_") and k not in metrics})
+        if not seen.all():
+            unseen = [everything[f"auroc_{label_key(n)}"] for n, t in zip(self.labels, seen) if not t]
+            metrics["auroc_macro_unseen"] = float(np.nanmean(unseen)) if np.isfinite(unseen).any() else float("nan")
+        metrics["loss"] = masked_bce(logits, torch.from_numpy(self.val_targets), torch.from_numpy(self.val_mask),
+                                     self.trained).item()
+        return metrics
+
+    def save_best(self, model, metrics, directory: Path) -> None:
+        thresholds = choose_thresholds(self.val_targets, self.last_probs, self.val_mask, self.labels,
+                                       self.threshold_rule)
+        record = model_record(**self.meta, thresholds=thresholds, val_metrics=metrics,
+                              threshold_rule=self.threshold_rule)
+        save_run_model(directory, model, record)
+
+
+@torch.no_grad()
+def embed_images(image_model, images: np.ndarray, device: torch.device, batch_size: int = 128) -> torch.Tensor:
+    """Phase-1 embeddings (eval mode, no augmentation) of uint8 images, on the CPU."""
+    image_model.eval().to(device)
+    dataset = ChexpertDataset(images, np.zeros((len(images), 1), np.float32), np.ones((len(images), 1), bool))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    return torch.cat([image_model.embed(batch["image"].to(device)).float().cpu() for batch in loader])
+
+
+def parse_holdout(spec: str, labels: tuple[str, ...]) -> np.ndarray:
+    """Boolean mask of trained diseases; naming every disease (or an unknown one) is refused."""
+    if not spec.strip():
+        return np.ones(len(labels), dtype=bool)
+    try:
+        held = resolve_labels(spec)
+    except ConfigError as err:
+        raise ConfigError("--holdout-classes", err.message) from err
+    outside = [n for n in held if n not in labels]
+    if outside:
+        raise ConfigError("--holdout-classes", f"{', '.join(outside)} not among the trained labels "
+                                               f"({', '.join(labels)})")
+    trained = np.array([n not in held for n in labels])
+    if not trained.any():
+        raise ConfigError("--holdout-classes", "holds out every class; at least one must be trained")
+    return trained
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(get_args_parser(), argv)
+    if args.output_dir is None:
+        raise ConfigError("--output-dir", "required: where the run is written")
+    if args.image_run is None:
+        raise ConfigError("--image-run", "required: the run directory of mavl_chexpert.train_image")
+    device = check_run_setup(config_from_args(args), args.output_dir)
+    image_run = load_run(args.image_run, "mavl_chexpert", lambda m: build_image_model(**m["kwargs"]), stage="image")
+    meta_in = image_run.meta
+    labels = tuple(meta_in["labels"])
+    trained = parse_holdout(args.holdout_classes, labels)
+    settings = dict(meta_in["data"])
+    root = find_root(args.data_root or Path(settings["root"]))
+    sentences = load_descriptions(args.descriptions, labels)
+    split = load_split_csv(Path(args.image_run) / "split.csv")
+    table = load_table(root, "train.csv", labels, settings["uncertain"], settings["views"])
+    where = dict(zip(split["id"], split["split"]))
+    in_split = np.array([p in where for p in table.rel_paths])
+    if not in_split.any():
+        raise DataError(Path(args.image_run) / "split.csv", f"names none of the images of {table.csv}")
+    table = table.take(np.flatnonzero(in_split))
+    assignments = np.array([where[p] for p in table.rel_paths])
+    image_size = int(meta_in["preprocessing"]["image_size"])
+    images, kept = decode_images(table, image_size, args.skip_bad)
+    table, assignments = table.take(kept), assignments[kept]
+    train_idx, val_idx = np.flatnonzero(assignments == "train"), np.flatnonzero(assignments == "val")
+
+    aspects, aspect_mask, reused = embed_descriptions(sentences, args.text_encoder,
+                                                      args.output_dir if args.resume else None, args.cache_dir,
+                                                      write=False)
+    torch.manual_seed(args.seed)
+    model = FusionModel(image_run.model, aspects, aspect_mask, aggregation=args.aggregation,
+                        similarity=args.similarity, dropout=args.dropout, freeze_image=not args.finetune_backbone)
+    if args.finetune_backbone:
+        train_set = ChexpertDataset(images[train_idx], table.targets[train_idx], table.mask[train_idx], augment=True)
+        val_set = ChexpertDataset(images[val_idx], table.targets[val_idx], table.mask[val_idx])
+    else:
+        embeddings = embed_images(image_run.model, images, device)
+        train_set = EmbeddingDataset(embeddings[train_idx], table.targets[train_idx], table.mask[train_idx])
+        val_set = EmbeddingDataset(embeddings[val_idx], table.targets[val_idx], table.mask[val_idx])
+    text_record = {"encoder": args.text_encoder, "descriptions_sha256": descriptions_hash(sentences),
+                   "sentences": {label_key(k): len(v) for k, v in sentences.items()}}
+    holdout = [n for n, t in zip(labels, trained) if not t]
+    meta = {"pipeline": "mavl_chexpert", "stage": "fusion", "preset": meta_in["preset"],
+            "kwargs": {"image": meta_in["kwargs"], "aspects_shape": list(aspects.shape),
+                       "aggregation": args.aggregation, "similarity": args.similarity, "dropout": args.dropout,
+                       "freeze_image": not args.finetune_backbone},
+            "labels": list(labels), "preprocessing": meta_in["preprocessing"],
+            "data": {**settings, "root": str(root.resolve())}, "monitor": args.monitor,
+            "image_run": str(Path(args.image_run).resolve()), "text": text_record, "holdout_classes": holdout,
+            "loss": args.loss, "lrf": meta_in.get("lrf")}
+    task = FusionTask(meta, labels, trained, table.targets[val_idx], table.mask[val_idx], args.loss,
+                      args.threshold_rule)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay)
+    run_files = {"config.yaml": config_text(args),
+                 "split.csv": split_csv_text(table.rel_paths, table.patients, assignments),
+                 "data.json": data_record(root.resolve(), table, assignments, settings),
+                 "text.json": json.dumps(text_record, indent=2, sort_keys=True) + "\n"}
+    result = fit(model, optimizer, train_set, val_set, task, config_from_args(args), args.output_dir,
+                 run_files=run_files)
+    if not reused:
+        write_cache(args.output_dir, aspects, aspect_mask, args.text_encoder, sentences)
+    if result.completed:
+        print(f"best {args.monitor} {result.best_value:.4f} at epoch {result.best_epoch}; model in "
+              f"{args.output_dir / 'best'}")
+    else:
+        print(f"stopped at step {result.global_step} (--max-steps); continue with --resume")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
