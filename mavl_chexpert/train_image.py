@@ -72,7 +72,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="start from timm's ImageNet weights (real presets only; tiny presets start from scratch)")
     model.add_argument("--image-size", type=positive_int, default=None,
                        help="input side; default: the backbone's (224 for vit-b16)")
-    model.add_argument("--pool", choices=POOLS, default="cls", help="CLS token or mean of patch tokens")
+    model.add_argument("--pool", choices=POOLS, default="mean",
+                       help="mean of patch tokens (LRFL's features) or the CLS token (the seed's)")
     model.add_argument("--rank", type=positive_int, default=64, help="width r of the low-rank projection")
     model.add_argument("--dropout", type=nonnegative_float, default=0.1)
     model.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
@@ -85,7 +86,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="weight of the LRF term (default 0.005 for tail as LRFL, 1e-3 for seed as the seed)")
     parser.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default="f1",
                         help="per-class decision thresholds chosen on validation")
-    add_train_args(parser, epochs=20, batch_size=16, lr=None, weight_decay=0.05, monitor="val_auroc_macro",
+    add_train_args(parser, epochs=30, batch_size=32, lr=None, weight_decay=0.05, monitor="val_auroc_macro",
                    mode="max")
     return parser
 

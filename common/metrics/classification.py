@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn import metrics as skm
 
 _BEST_THRESHOLD_METRICS = ("youden", "f1", "acc")
@@ -23,9 +24,32 @@ def _quiet(fn, *args, **kwargs) -> float:
 
 
 def _binary_auroc(y_true: np.ndarray, y_score: np.ndarray) -> float:
-    if np.unique(y_true).size < 2:
+    """sklearn's ``roc_auc_score`` for binary labels, computed as the Mann-Whitney U with average ranks for ties.
+
+    Bootstrap intervals call it thousands of times; sklearn's input checks cost ~10x the arithmetic. The test
+    suite compares it with sklearn on tied and untied scores.
+    """
+    y_true = np.asarray(y_true)
+    n_pos = int(np.count_nonzero(y_true == 1))
+    n_neg = y_true.size - n_pos
+    if n_pos == 0 or n_neg == 0:
         return float("nan")
-    return float(skm.roc_auc_score(y_true, y_score))
+    ranks = rankdata(y_score)
+    return float((ranks[y_true == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _average_precision(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """sklearn's ``average_precision_score``: sum over distinct thresholds of (R_n - R_n-1) * P_n."""
+    y_true = np.asarray(y_true)
+    if not (y_true == 1).any():
+        return float("nan")
+    order = np.argsort(-np.asarray(y_score, dtype=float), kind="mergesort")
+    scores, hits = np.asarray(y_score, dtype=float)[order], (y_true[order] == 1).astype(float)
+    last = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
+    tps = np.cumsum(hits)[last]
+    precision = tps / (last + 1)
+    recall = tps / tps[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
 def _check_binary(y_true: np.ndarray, y_score: np.ndarray) -> None:
@@ -65,8 +89,8 @@ def binary_metrics(y_true, y_score, threshold: float = 0.5) -> dict[str, float]:
         "recall": recall,
         "specificity": specificity,
         "f1": _ratio(2 * tp, 2 * tp + fp + fn),
-        "auroc": float("nan") if single_class else float(skm.roc_auc_score(y_true, y_score)),
-        "auprc": float("nan") if single_class else float(skm.average_precision_score(y_true, y_score)),
+        "auroc": float("nan") if single_class else _binary_auroc(y_true, y_score),
+        "auprc": float("nan") if single_class else _average_precision(y_true, y_score),
         "mcc": _ratio(tp * tn - fp * fn, mcc_denominator),
         "balanced_acc": float(np.mean(present_recalls)) if present_recalls else float("nan"),
         "threshold": float(threshold),
@@ -172,41 +196,26 @@ def multilabel_metrics(y_true, proba, thresholds: float | Sequence[float] = 0.5,
         raise ValueError(f"{len(label_names)} label names for {n_labels} columns")
     y_pred = (proba >= thr).astype(int)
     per_label_auroc = np.array([_binary_auroc(y_true[mask[:, j], j], proba[mask[:, j], j]) for j in range(n_labels)])
-    if mask.all():
-        def prf(fn, average):
-            return _quiet(fn, y_true, y_pred, average=average, zero_division=0)
-
-        per_label_f1 = skm.f1_score(y_true, y_pred, average=None, zero_division=0)
-        out = {
-            "f1_macro": prf(skm.f1_score, "macro"),
-            "f1_micro": prf(skm.f1_score, "micro"),
-            "precision_macro": prf(skm.precision_score, "macro"),
-            "precision_micro": prf(skm.precision_score, "micro"),
-            "recall_macro": prf(skm.recall_score, "macro"),
-            "recall_micro": prf(skm.recall_score, "micro"),
-            "hamming_loss": float(skm.hamming_loss(y_true, y_pred)),
-            "acc_subset": float(skm.accuracy_score(y_true, y_pred)),
-        }
-    else:
-        columns = [(y_true[mask[:, j], j], y_pred[mask[:, j], j]) for j in range(n_labels)]
-
-        def per_label(fn):
-            return np.array([_quiet(fn, t, p, zero_division=0) for t, p in columns])
-
-        flat_true, flat_pred = y_true[mask], y_pred[mask]
-        full_rows = mask.all(axis=1)
-        per_label_f1 = per_label(skm.f1_score)
-        out = {
-            "f1_macro": float(per_label_f1.mean()),
-            "f1_micro": _quiet(skm.f1_score, flat_true, flat_pred, zero_division=0),
-            "precision_macro": float(per_label(skm.precision_score).mean()),
-            "precision_micro": _quiet(skm.precision_score, flat_true, flat_pred, zero_division=0),
-            "recall_macro": float(per_label(skm.recall_score).mean()),
-            "recall_micro": _quiet(skm.recall_score, flat_true, flat_pred, zero_division=0),
-            "hamming_loss": float((flat_true != flat_pred).mean()) if flat_true.size else float("nan"),
-            "acc_subset": float((y_true[full_rows] == y_pred[full_rows]).all(axis=1).mean())
-            if full_rows.any() else float("nan"),
-        }
+    # Per-label confusion counts over observed cells (numpy, not sklearn: bootstrap intervals call this thousands
+    # of times); zero denominators give 0 as sklearn's zero_division=0. Tests compare every key with sklearn.
+    observed_true, observed_pred = y_true * mask, y_pred * mask
+    tp = (observed_true * observed_pred).sum(0).astype(float)
+    fp = ((1 - y_true) * y_pred * mask).sum(0).astype(float)
+    fn = (y_true * (1 - y_pred) * mask).sum(0).astype(float)
+    per_label_f1 = np.array([_ratio(2 * t, 2 * t + f + n) for t, f, n in zip(tp, fp, fn)])
+    full_rows = mask.all(axis=1)
+    cells = int(mask.sum())
+    out = {
+        "f1_macro": float(per_label_f1.mean()),
+        "f1_micro": _ratio(2 * tp.sum(), 2 * tp.sum() + fp.sum() + fn.sum()),
+        "precision_macro": float(np.mean([_ratio(t, t + f) for t, f in zip(tp, fp)])),
+        "precision_micro": _ratio(tp.sum(), tp.sum() + fp.sum()),
+        "recall_macro": float(np.mean([_ratio(t, t + n) for t, n in zip(tp, fn)])),
+        "recall_micro": _ratio(tp.sum(), tp.sum() + fn.sum()),
+        "hamming_loss": float((fp.sum() + fn.sum()) / cells) if cells else float("nan"),
+        "acc_subset": float((y_true[full_rows] == y_pred[full_rows]).all(axis=1).mean())
+        if full_rows.any() else float("nan"),
+    }
     out["auroc_macro"] = _nanmean(per_label_auroc)
     out["auroc_micro"] = _binary_auroc(y_true[mask], proba[mask])
     if label_names is not None:

@@ -136,9 +136,9 @@ def _atelectasis(image: np.ndarray, lungs: dict[str, np.ndarray], strength: floa
     lift = (bottom - top) * (0.1 + 0.15 * strength)
     out = np.where(lung & (yy >= bottom - lift), np.maximum(out, 0.56), out)
     band_y = top + (bottom - top) * rng.uniform(0.55, 0.72)
-    band = _ellipse(size, band_y, centre_x + rng.normal(0, 0.015), 0.026, 0.12, angle=rng.uniform(-0.25, 0.25))
+    band = _ellipse(size, band_y, centre_x + rng.normal(0, 0.015), 0.032, 0.13, angle=rng.uniform(-0.25, 0.25))
     band = ndimage.gaussian_filter((band & lung).astype(np.float32), sigma=size / 220)
-    return np.clip(out + (0.26 + 0.24 * strength) * band, 0, 1)
+    return np.clip(out + (0.3 + 0.26 * strength) * band, 0, 1)
 
 
 def _support_device(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:

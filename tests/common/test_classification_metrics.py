@@ -184,3 +184,36 @@ def test_best_threshold_errors():
         best_threshold([0, 1], [0.2, 0.8], "auc")
     with pytest.raises(ValueError, match="both classes"):
         best_threshold([1, 1], [0.2, 0.8])
+
+
+@pytest.mark.parametrize("decimals", [None, 1, 0])
+def test_fast_auroc_and_average_precision_equal_sklearn_with_ties(decimals):
+    y, score = _binary_data(n=257, seed=decimals or 7)
+    if decimals is not None:
+        score = np.round(score, decimals)  # decimals=0 leaves only the scores 0 and 1: heavy ties
+    got = binary_metrics(y, score)
+    assert got["auroc"] == pytest.approx(skm.roc_auc_score(y, score), abs=1e-12)
+    assert got["auprc"] == pytest.approx(skm.average_precision_score(y, score), abs=1e-12)
+
+
+def test_masked_multilabel_metrics_equal_sklearn_on_the_observed_cells():
+    rng = np.random.default_rng(5)
+    y = (rng.random((120, 4)) < 0.35).astype(int)
+    proba = np.clip(0.4 * y + 0.6 * rng.random((120, 4)), 0, 1)
+    mask = rng.random((120, 4)) > 0.2
+    thresholds = np.array([0.4, 0.5, 0.45, 0.55])
+    pred = (proba >= thresholds).astype(int)
+    got = multilabel_metrics(y, proba, thresholds, ["a", "b", "c", "d"], mask=mask)
+    f1 = [skm.f1_score(y[mask[:, j], j], pred[mask[:, j], j]) for j in range(4)]
+    assert got["f1_macro"] == pytest.approx(np.mean(f1))
+    assert got["f1_c"] == pytest.approx(f1[2])
+    assert got["f1_micro"] == pytest.approx(skm.f1_score(y[mask], pred[mask]))
+    assert got["precision_micro"] == pytest.approx(skm.precision_score(y[mask], pred[mask]))
+    assert got["hamming_loss"] == pytest.approx(np.mean(y[mask] != pred[mask]))
+    full = mask.all(1)
+    assert got["acc_subset"] == pytest.approx(skm.accuracy_score(y[full], pred[full]))
+    assert got["auroc_b"] == pytest.approx(skm.roc_auc_score(y[mask[:, 1], 1], proba[mask[:, 1], 1]))
+    # An unobserved cell cannot change anything: flipping its label leaves every number as it was.
+    flipped = y.copy()
+    flipped[~mask] = 1 - flipped[~mask]
+    assert multilabel_metrics(flipped, proba, thresholds, ["a", "b", "c", "d"], mask=mask) == got

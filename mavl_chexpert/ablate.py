@@ -1,0 +1,116 @@
+"""The ablation table on one split: phase 1 with BCE only, + LRF tail, + LRF seed, and fusion over the tail model.
+
+Example (CPU, phantom):
+    python -m mavl_chexpert.ablate --data-root data/chexpert_phantom --output-dir runs/mavl/ablation \\
+        --backbone vit-tiny --text-encoder minilm
+
+Each row is a run directory under ``--output-dir`` (``image_none``, ``image_tail``, ``image_seed``,
+``fusion_tail``), trained with the same seed, patient split and settings, then evaluated on the test set with
+thresholds from validation. Finished runs are reused and interrupted ones resumed, so a killed ablation continues
+where it stopped. Flags after ``--`` go to every phase-1 run (e.g. ``-- --epochs 5``); ``--fusion-args`` to phase 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+
+from common.checkpoint import BEST_DIR, LAST_DIR, atomic_write_json, atomic_write_text, committed_dir
+from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
+from common.errors import ConfigError, DataError, cli_entry
+from common.tables import markdown_table
+from common.text_encoders import text_presets
+from mavl_chexpert import evaluate, train_fusion, train_image
+from mavl_chexpert.model import BACKBONES
+
+ROWS = (("image_none", "phase 1: BCE only", "none"), ("image_tail", "phase 1: BCE + LRF tail (LRFL)", "tail"),
+        ("image_seed", "phase 1: BCE + LRF seed (top singular values)", "seed"))
+FUSION_ROW = ("fusion_tail", "phase 3: fusion over phase 1 tail")
+COLUMNS = ("auroc_macro", "f1_macro", "f1_micro", "hamming_loss")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parent = base_parser(output_dir=True, seed=True, device=True, precision=True, cache_dir=True)
+    parser = MedvlArgumentParser(description=__doc__, parents=[parent],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", type=Path, default=None, help="the CheXpert-v1.0-small folder")
+    parser.add_argument("--backbone", default="vit-b16", choices=BACKBONES)
+    parser.add_argument("--text-encoder", default="bio-clinicalbert",
+                        help=f"preset ({', '.join(text_presets())}) or a local Hugging Face directory")
+    parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    parser.add_argument("--fusion-args", default="", help="extra flags for train_fusion, as one quoted string")
+    parser.add_argument("image_args", nargs=argparse.REMAINDER,
+                        help="after --: extra flags for every train_image run (e.g. -- --epochs 5)")
+    return parser
+
+
+def _state(run_dir: Path) -> str:
+    """``done`` (best model, finished), ``partial`` (a checkpoint to resume) or ``new``."""
+    trainer = committed_dir(run_dir / LAST_DIR) / "trainer.json"
+    if trainer.is_file():
+        try:
+            finished = json.loads(trainer.read_text())["loop"]["finished"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise DataError(trainer, f"unreadable ({err}); remove {run_dir} to train this row again") from err
+        return "done" if finished and (run_dir / BEST_DIR).is_dir() else "partial"
+    return "partial" if run_dir.exists() and any(run_dir.iterdir()) else "new"
+
+
+def _train(module, argv: list[str], run_dir: Path) -> None:
+    state = _state(run_dir)
+    if state == "done":
+        return
+    flag = ["--resume"] if state == "partial" and (run_dir / LAST_DIR).exists() else (
+        ["--overwrite"] if state == "partial" else [])
+    code = module.main([*argv, *flag])
+    if code != 0:
+        raise DataError(run_dir, f"{module.__name__} failed (exit {code}); see the line above")
+
+
+def _cell(results: dict, key: str) -> str:
+    value, low, high = results.get(key), results.get(f"{key}_ci_low"), results.get(f"{key}_ci_high")
+    if value is None:
+        return "nan"
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]" if low is not None and high is not None else f"{value:.3f}"
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(get_args_parser(), argv)
+    if args.output_dir is None:
+        raise ConfigError("--output-dir", "required: where the ablation runs and table are written")
+    if args.data_root is None:
+        raise ConfigError("--data-root", "required: the CheXpert-v1.0-small folder")
+    extra = [a for a in args.image_args if a != "--"]
+    out = Path(args.output_dir)
+    shared = ["--seed", str(args.seed), "--device", args.device, "--precision", args.precision, "--no-progress"]
+    rows = []
+    for name, label, variant in ROWS:
+        run = out / name
+        _train(train_image, ["--data-root", str(args.data_root), "--output-dir", str(run), "--backbone",
+                             args.backbone, "--lrf-variant", variant, *shared, *extra], run)
+        rows.append((name, label, run))
+    fusion = out / FUSION_ROW[0]
+    cache = ["--cache-dir", str(args.cache_dir)] if args.cache_dir else []
+    _train(train_fusion, ["--data-root", str(args.data_root), "--image-run", str(out / "image_tail"),
+                          "--output-dir", str(fusion), "--text-encoder", args.text_encoder, *shared, *cache,
+                          *shlex.split(args.fusion_args)], fusion)
+    rows.append((FUSION_ROW[0], FUSION_ROW[1], fusion))
+    table, summary = [], {}
+    for name, label, run in rows:
+        results = evaluate.evaluate_run(run, "test", n_boot=args.n_boot, device=args.device, seed=args.seed)
+        summary[name] = {k: results.get(k) for k in results if any(k.startswith(c) for c in COLUMNS)}
+        table.append({"row": label, "run": name, **{c: _cell(results, c) for c in COLUMNS}})
+    text = (f"# MAVL CheXpert ablation ({args.backbone}, test split, thresholds from validation; 95% bootstrap CI)"
+            f"\n\n{markdown_table(table)}")
+    atomic_write_text(out / "ablation.md", text)
+    atomic_write_json(out / "ablation.json", summary)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
