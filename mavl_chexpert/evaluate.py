@@ -51,7 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", choices=SPLITS, default="test")
     parser.add_argument("--data-root", type=Path, default=None, help="defaults to the data the run was trained on")
     parser.add_argument("--test-csv", type=Path, default=None,
-                        help="a CSV with Path + label columns (e.g. the 500-image official test set); default valid.csv")
+                        help="CSV with Path + label columns (e.g. the official 500-image test set); default valid.csv")
     parser.add_argument("--oracle-thresholds", action="store_true",
                         help="tune thresholds on the evaluated set (optimistic; written to oracle/, labelled)")
     parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
