@@ -133,10 +133,10 @@ def _atelectasis(image: np.ndarray, lungs: dict[str, np.ndarray], strength: floa
     out = image.copy()
     # Volume loss: the hemidiaphragm rises, soft tissue replaces the lowest part of that lung.
     yy = np.mgrid[0:size, 0:size][0].astype(np.float32) / size
-    lift = (bottom - top) * (0.1 + 0.15 * strength)
+    lift = (bottom - top) * (0.06 + 0.1 * strength)
     out = np.where(lung & (yy >= bottom - lift), np.maximum(out, 0.56), out)
     band_y = top + (bottom - top) * rng.uniform(0.55, 0.72)
-    band = _ellipse(size, band_y, centre_x + rng.normal(0, 0.015), 0.032, 0.13, angle=rng.uniform(-0.25, 0.25))
+    band = _ellipse(size, band_y, centre_x + rng.normal(0, 0.015), 0.04, 0.14, angle=rng.uniform(-0.25, 0.25))
     band = ndimage.gaussian_filter((band & lung).astype(np.float32), sigma=size / 220)
     return np.clip(out + (0.3 + 0.26 * strength) * band, 0, 1)
 

@@ -1,0 +1,40 @@
+"""A small CheXpert phantom and runs of both phases trained on it through the real CLIs (shared by the tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+IMAGE_ARGS = ("--backbone", "vit-tiny", "--epochs", "8", "--batch-size", "32", "--no-progress", "--seed", "0",
+              "--device", "cpu", "--precision", "fp32")
+
+
+@pytest.fixture(scope="session")
+def chexpert_phantom(tmp_path_factory) -> Path:
+    """80 training patients (about 130 frontal images) and 32 test patients at 64 px."""
+    from common.phantoms.chexpert import write_chexpert
+
+    root = tmp_path_factory.mktemp("chexpert") / "CheXpert-v1.0-small"
+    write_chexpert(root, n=80, seed=0, size=64)
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_run(tmp_path_factory, chexpert_phantom) -> Path:
+    from mavl_chexpert import train_image
+
+    run = tmp_path_factory.mktemp("mavl_image") / "run"
+    assert train_image.main(["--data-root", str(chexpert_phantom), "--output-dir", str(run), *IMAGE_ARGS]) == 0
+    return run
+
+
+@pytest.fixture(scope="session")
+def fusion_run(tmp_path_factory, chexpert_phantom, image_run) -> Path:
+    from mavl_chexpert import train_fusion
+
+    run = tmp_path_factory.mktemp("mavl_fusion") / "run"
+    assert train_fusion.main(["--data-root", str(chexpert_phantom), "--image-run", str(image_run), "--output-dir",
+                              str(run), "--text-encoder", "tiny-bert", "--epochs", "20", "--no-progress",
+                              "--device", "cpu", "--precision", "fp32"]) == 0
+    return run

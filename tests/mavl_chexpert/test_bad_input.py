@@ -1,0 +1,136 @@
+"""Bad input to the mavl_chexpert CLIs: exit 2, one line naming the file or flag, nothing already written lost."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from common.phantoms import __main__ as phantoms
+from mavl_chexpert import evaluate, train_fusion, train_image
+
+TINY = ("--backbone", "vit-tiny", "--epochs", "1", "--no-progress", "--device", "cpu")
+
+
+def _snapshot(folder: Path | None) -> dict[str, bytes]:
+    if folder is None or not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _edit_csv(edit):
+    def case(tmp, data, image_run):
+        frame = pd.read_csv(data / "train.csv")
+        needle = edit(frame)
+        frame.to_csv(data / "train.csv", index=False)
+        return train_image, ["--data-root", str(data), "--output-dir", str(tmp / "out"), *TINY], \
+            [str(data / "train.csv"), needle], None
+    return case
+
+
+def _drop_path(frame):
+    frame.drop(columns=["Path"], inplace=True)
+    return "no 'Path' column"
+
+
+def _drop_label(frame):
+    frame.drop(columns=["Edema"], inplace=True)
+    return "missing label column(s) Edema"
+
+
+def _bad_value(frame):
+    frame.loc[2, "Cardiomegaly"] = 2.0
+    return "line 4: Cardiomegaly is 2.0"
+
+
+def _outside(frame):
+    frame.loc[0, "Path"] = "CheXpert-v1.0-small/../../secret.jpg"
+    return "lies outside --data-root"
+
+
+def _missing_image(frame):
+    frontal = frame.index[frame["Frontal/Lateral"] == "Frontal"][1]
+    frame.loc[frontal, "Path"] = "CheXpert-v1.0-small/train/patient99999/study1/view1_frontal.jpg"
+    return f"line {frontal + 2}: "
+
+
+def _image_flag(flag, value, needle=None):
+    def case(tmp, data, image_run):
+        return train_image, ["--data-root", str(data), "--output-dir", str(tmp / "out"), *TINY, flag, value], \
+            [flag] + ([needle] if needle else []), None
+    return case
+
+
+def _fusion(*extra, needles, edit_descriptions=None):
+    def case(tmp, data, image_run):
+        run = Path(shutil.copytree(image_run, tmp / "image_run"))
+        argv = ["--data-root", str(data), "--image-run", str(run), "--output-dir", str(tmp / "out"),
+                "--text-encoder", "tiny-bert", "--epochs", "1", "--no-progress", *extra]
+        named = list(needles)
+        if edit_descriptions:
+            path = tmp / "descriptions.json"
+            descriptions = json.loads((Path(train_fusion.__file__).with_name("descriptions.json")).read_text())
+            edit_descriptions(descriptions)
+            path.write_text(json.dumps(descriptions))
+            argv += ["--descriptions", str(path)]
+            named.insert(0, str(path))
+        return train_fusion, argv, named, run
+    return case
+
+
+def _evaluate_undecodable(tmp, data, image_run):
+    run = Path(shutil.copytree(image_run, tmp / "run"))
+    frame = pd.read_csv(data / "valid.csv")
+    (data / frame.loc[0, "Path"].split("/", 1)[1]).write_bytes(b"\xff\xd8 truncated")
+    return evaluate, ["--run-dir", str(run), "--data-root", str(data), "--n-boot", "5"], \
+        [str(data / "valid.csv"), "line 2", "does not decode"], run
+
+
+CASES = {
+    "no Path column": _edit_csv(_drop_path),
+    "missing label column": _edit_csv(_drop_label),
+    "label value outside 1/0/-1/blank": _edit_csv(_bad_value),
+    "path outside data root": _edit_csv(_outside),
+    "missing image": _edit_csv(_missing_image),
+    "unknown label name": _image_flag("--labels", "Atelectasis,Effusion", "unknown label 'Effusion'"),
+    "unknown backbone": _image_flag("--backbone", "vit-huge"),
+    "lrf rank beyond the features": _image_flag("--lrf-rank", "96", "leaves no tail"),
+    "negative lrf weight": _image_flag("--lrf-weight", "-1"),
+    "bad uncertainty policy": _image_flag("--uncertain", "maybe"),
+    "descriptions without a trained disease": _fusion(needles=["no description of 'Edema'"],
+                                                      edit_descriptions=lambda d: d.pop("Edema")),
+    "holdout of every class": _fusion("--holdout-classes", "competition", needles=["--holdout-classes",
+                                                                                   "every class"]),
+    "holdout of an unknown class": _fusion("--holdout-classes", "Fracture", needles=["--holdout-classes",
+                                                                                     "not among the trained"]),
+    "unknown text encoder": _fusion("--text-encoder", "gpt-9", needles=["--text-encoder"]),
+    "undecodable test image": _evaluate_undecodable,
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input(case, chexpert_phantom, image_run, tmp_path, capsys):
+    data = Path(shutil.copytree(chexpert_phantom, tmp_path / "CheXpert-v1.0-small"))
+    module, argv, needles, keep = CASES[case](tmp_path, data, image_run)
+    before = _snapshot(keep)
+    capsys.readouterr()
+    assert module.main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert _snapshot(keep) == before
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["cxr", "--format", "chexpert", "--size", "32"], "--size"),
+    (["cxr", "--format", "chexpert", "--n", "3"], "--n"),
+])
+def test_phantom_bad_sizes(argv, needle, tmp_path, capsys):
+    assert phantoms.main([*argv, "--out", str(tmp_path / "p")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {needle}")

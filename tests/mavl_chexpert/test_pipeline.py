@@ -1,0 +1,123 @@
+"""Both phases end to end on the phantom: learning, untouched test labels, exact resume, zero-shot, the ablation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+from sklearn.metrics import roc_auc_score
+
+from mavl_chexpert import ablate, evaluate, train_fusion, train_image
+from tests.mavl_chexpert.conftest import IMAGE_ARGS
+
+CLASSES = ("atelectasis", "cardiomegaly", "consolidation", "edema", "pleural_effusion")
+
+
+def _weights(run: Path) -> dict:
+    return load_file(str(run / "best" / "model.safetensors"))
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    wa, wb = _weights(a), _weights(b)
+    return wa.keys() == wb.keys() and all(np.array_equal(wa[k].numpy(), wb[k].numpy()) for k in wa)
+
+
+@pytest.mark.parametrize("which", ["image", "fusion"])
+def test_phases_learn_and_report_what_the_predictions_say(which, image_run, fusion_run, tmp_path):
+    run = Path(shutil.copytree(image_run if which == "image" else fusion_run, tmp_path / "run"))
+    results = evaluate.evaluate_run(run, n_boot=30, device="cpu")
+    assert results["auroc_macro"] > 0.75, results["auroc_macro"]
+    assert results["auroc_edema"] > 0.9  # the bilateral haze is the clearest signature
+    predictions = pd.read_csv(run / "predictions" / "test.csv")
+    for key in CLASSES:
+        assert results[f"auroc_{key}"] == pytest.approx(roc_auc_score(predictions[f"label_{key}"],
+                                                                       predictions[f"prob_{key}"]))
+    saved = json.loads((run / "results.json").read_text())
+    meta = json.loads((run / "best" / "model.json").read_text())
+    assert set(meta["thresholds"]) == set(CLASSES)
+    assert {k: saved[f"threshold_{k}"] for k in CLASSES} == pytest.approx(meta["thresholds"])
+    assert saved["auroc_macro_ci_low"] <= saved["auroc_macro"] <= saved["auroc_macro_ci_high"]
+    assert {"f1_macro", "f1_micro", "hamming_loss", "auroc_pleural_effusion"} <= set(saved)
+
+
+def test_training_never_reads_the_test_labels(image_run, chexpert_phantom, tmp_path):
+    data = Path(shutil.copytree(chexpert_phantom, tmp_path / "CheXpert-v1.0-small"))
+    test = pd.read_csv(data / "valid.csv")
+    rng = np.random.default_rng(0)
+    for column in ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"):
+        test[column] = rng.permutation(test[column].to_numpy())
+    test.to_csv(data / "valid.csv", index=False)
+    run = tmp_path / "run"
+    assert train_image.main(["--data-root", str(data), "--output-dir", str(run), *IMAGE_ARGS]) == 0
+    stored = json.loads((image_run / "best" / "model.json").read_text())["thresholds"]
+    assert json.loads((run / "best" / "model.json").read_text())["thresholds"] == stored
+    assert _same_weights(run, image_run)
+    # Evaluation applies them as they are; only --oracle-thresholds tunes on the test set, and apart.
+    honest = evaluate.evaluate_run(run, data_root=data, n_boot=10, device="cpu")
+    assert {k: honest[f"threshold_{k}"] for k in CLASSES} == pytest.approx(stored)
+    oracle = evaluate.evaluate_run(run, data_root=data, oracle=True, n_boot=10, device="cpu")
+    assert oracle["thresholds_from"].startswith("ORACLE") and (run / "oracle" / "results.md").is_file()
+    assert json.loads((run / "results.json").read_text())["thresholds_from"].startswith("validation")
+    assert "ORACLE" in (run / "oracle" / "results.md").read_text().splitlines()[0]
+
+
+def test_image_phase_resumes_mid_epoch_to_the_same_model(image_run, chexpert_phantom, tmp_path):
+    run = tmp_path / "run"
+    argv = ["--data-root", str(chexpert_phantom), "--output-dir", str(run), *IMAGE_ARGS]
+    assert train_image.main([*argv, "--max-steps", "6"]) == 0  # epoch 2 of 8, inside it (4 steps per epoch)
+    assert (run / "checkpoints" / "last" / "task.safetensors").is_file()  # the epoch's LRF basis
+    assert train_image.main([*argv, "--resume"]) == 0
+    assert _same_weights(run, image_run)
+    assert (run / "metrics.jsonl").read_text() .count("\n") == (image_run / "metrics.jsonl").read_text().count("\n")
+    assert json.loads((run / "best" / "model.json").read_text())["thresholds"] == \
+        json.loads((image_run / "best" / "model.json").read_text())["thresholds"]
+
+
+def test_fusion_resumes_to_the_same_model_and_reuses_the_text_cache(fusion_run, image_run, chexpert_phantom,
+                                                                    tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    argv = ["--data-root", str(chexpert_phantom), "--image-run", str(image_run), "--output-dir", str(run),
+            "--text-encoder", "tiny-bert", "--epochs", "20", "--no-progress", "--device", "cpu", "--precision", "fp32"]
+    assert train_fusion.main([*argv, "--max-steps", "7"]) == 0
+    assert (run / "text_embeddings.safetensors").is_file()
+    from mavl_chexpert import text
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("the cached description embeddings should have been reused")
+
+    monkeypatch.setattr(text, "load_text_encoder", no_encoder)
+    assert train_fusion.main([*argv, "--resume"]) == 0
+    assert _same_weights(run, fusion_run)
+
+
+def test_held_out_diseases_are_scored_from_their_descriptions(image_run, chexpert_phantom, tmp_path):
+    run = tmp_path / "run"
+    assert train_fusion.main(["--data-root", str(chexpert_phantom), "--image-run", str(image_run), "--output-dir",
+                              str(run), "--text-encoder", "tiny-bert", "--epochs", "5", "--no-progress",
+                              "--holdout-classes", "Edema,Cardiomegaly", "--device", "cpu"]) == 0
+    meta = json.loads((run / "best" / "model.json").read_text())
+    assert meta["holdout_classes"] == ["Edema", "Cardiomegaly"]
+    results = evaluate.evaluate_run(run, n_boot=10, device="cpu")
+    assert np.isfinite(results["auroc_edema"]) and np.isfinite(results["auroc_macro_unseen"])
+    assert "Edema (zero-shot)" in (run / "results.md").read_text()
+
+
+def test_ablation_table_has_every_row_with_intervals_and_reuses_finished_runs(chexpert_phantom, tmp_path):
+    out = tmp_path / "ablation"
+    argv = ["--data-root", str(chexpert_phantom), "--output-dir", str(out), "--backbone", "vit-tiny",
+            "--text-encoder", "tiny-bert", "--n-boot", "20", "--device", "cpu", "--fusion-args", "--epochs 3",
+            "--", "--epochs", "2"]
+    assert ablate.main(argv) == 0
+    rows = [line for line in (out / "ablation.md").read_text().splitlines() if line.startswith("| phase")]
+    assert len(rows) == 4 and all(line.count("[") == 4 for line in rows)
+    summary = json.loads((out / "ablation.json").read_text())
+    assert set(summary) == {"image_none", "image_tail", "image_seed", "fusion_tail"}
+    assert json.loads((out / "image_seed" / "best" / "model.json").read_text())["lrf"]["variant"] == "seed"
+    stamp = (out / "image_tail" / "best" / "model.safetensors").stat().st_mtime_ns
+    assert ablate.main(argv) == 0
+    assert (out / "image_tail" / "best" / "model.safetensors").stat().st_mtime_ns == stamp
