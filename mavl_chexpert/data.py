@@ -159,12 +159,6 @@ def load_table(data_root: Path, csv_name: str | Path, labels: tuple[str, ...] | 
     if missing:
         raise DataError(csv, f"missing label column(s) {', '.join(missing)}")
     lines = np.arange(len(frame)) + 2
-    if views == "frontal":
-        if "Frontal/Lateral" in frame.columns:
-            keep = frame["Frontal/Lateral"].astype(str).str.lower().eq("frontal").to_numpy()
-        else:
-            keep = frame["Path"].astype(str).str.contains("frontal", case=False).to_numpy()
-        frame, lines = frame[keep].reset_index(drop=True), lines[keep]
     raw = np.empty((len(frame), len(labels)), dtype=np.float64)
     for j, name in enumerate(labels):
         values = pd.to_numeric(frame[name], errors="coerce").to_numpy(dtype=np.float64)
@@ -172,9 +166,15 @@ def load_table(data_root: Path, csv_name: str | Path, labels: tuple[str, ...] | 
         bad |= np.isnan(values) & frame[name].notna().to_numpy()
         if bad.any():
             first = int(np.flatnonzero(bad)[0])
-            raise DataError(csv, f"line {lines[first]}: {name} is {frame[name].iloc[first]!r}; labels must be 1, 0, "
+            raise DataError(csv, f"line {lines[first]}: {name} is {frame[name].iloc[first]}; labels must be 1, 0, "
                                  "-1 or blank")
         raw[:, j] = values
+    if views == "frontal":
+        if "Frontal/Lateral" in frame.columns:
+            keep = frame["Frontal/Lateral"].astype(str).str.lower().eq("frontal").to_numpy()
+        else:
+            keep = frame["Path"].astype(str).str.contains("frontal", case=False).to_numpy()
+        frame, lines, raw = frame[keep].reset_index(drop=True), lines[keep], raw[keep]
     paths = [_resolve(root, value, csv, int(line)) for value, line in zip(frame["Path"], lines)]
     patients = np.array([(m.group(1) if (m := _PATIENT.search(str(v))) else str(Path(str(v)).parent))
                          for v in frame["Path"]], dtype=object)

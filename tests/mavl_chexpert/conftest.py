@@ -6,17 +6,17 @@ from pathlib import Path
 
 import pytest
 
-IMAGE_ARGS = ("--backbone", "vit-tiny", "--epochs", "8", "--batch-size", "32", "--no-progress", "--seed", "0",
+IMAGE_ARGS = ("--backbone", "vit-tiny", "--epochs", "12", "--batch-size", "16", "--no-progress", "--seed", "0",
               "--device", "cpu", "--precision", "fp32")
 
 
 @pytest.fixture(scope="session")
 def chexpert_phantom(tmp_path_factory) -> Path:
-    """80 training patients (about 130 frontal images) and 32 test patients at 64 px."""
+    """120 training patients (about 200 frontal images) and 48 test patients at 64 px."""
     from common.phantoms.chexpert import write_chexpert
 
     root = tmp_path_factory.mktemp("chexpert") / "CheXpert-v1.0-small"
-    write_chexpert(root, n=80, seed=0, size=64)
+    write_chexpert(root, n=120, seed=0, size=64)
     return root
 
 
@@ -35,6 +35,6 @@ def fusion_run(tmp_path_factory, chexpert_phantom, image_run) -> Path:
 
     run = tmp_path_factory.mktemp("mavl_fusion") / "run"
     assert train_fusion.main(["--data-root", str(chexpert_phantom), "--image-run", str(image_run), "--output-dir",
-                              str(run), "--text-encoder", "tiny-bert", "--epochs", "20", "--no-progress",
+                              str(run), "--text-encoder", "minilm", "--no-progress",
                               "--device", "cpu", "--precision", "fp32"]) == 0
     return run
