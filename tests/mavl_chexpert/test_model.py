@@ -1,0 +1,79 @@
+"""Phase-3 fusion pieces with values: the text decides which disease a logit belongs to, seed similarity, losses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mavl_chexpert.model import FusionModel, build_image_model
+from mavl_chexpert.train_fusion import FusionTask
+
+
+def _fusion(**kwargs) -> FusionModel:
+    torch.manual_seed(0)
+    image = build_image_model("vit-tiny", 3, rank=16)
+    aspects = torch.randn(3, 4, 24)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[2, 3] = False  # the third disease has one aspect fewer (padding)
+    return FusionModel(image, aspects, mask, **kwargs).eval()
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "attention"])
+def test_logits_follow_the_descriptions(aggregation):
+    model = _fusion(aggregation=aggregation)
+    embedding = torch.rand(5, 16)
+    before = model(embedding=embedding)
+    aspects = model.aspects.clone()
+    model.aspects[[0, 1]] = aspects[[1, 0]]  # swap the descriptions of diseases 0 and 1
+    after = model(embedding=embedding)
+    assert torch.allclose(after[:, [1, 0]], before[:, [0, 1]], atol=1e-6)
+    assert torch.allclose(after[:, 2], before[:, 2], atol=1e-6)
+
+
+def test_padded_aspects_do_not_count():
+    model = _fusion(aggregation="mean")
+    embedding = torch.rand(4, 16)
+    before = model(embedding=embedding)
+    model.aspects[2, 3] = torch.randn(24) * 100  # the padded slot
+    assert torch.allclose(model(embedding=embedding), before, atol=1e-6)
+    model.aspects[2, 2] = torch.randn(24) * 100  # a real aspect
+    assert not torch.allclose(model(embedding=embedding)[:, 2], before[:, 2], atol=1e-4)
+
+
+def test_seed_similarity_is_the_raw_cosine_and_scaled_is_affine_in_it():
+    seed = _fusion(similarity="seed")
+    scaled = _fusion(similarity="scaled")
+    embedding = torch.rand(6, 16)
+    raw = seed(embedding=embedding)
+    assert raw.abs().max() <= 1.0 + 1e-6  # sigmoid(raw) stays in [0.27, 0.73], the seed's problem
+    expected = seed.similarities(embedding) * scaled.log_scale.exp() + scaled.bias
+    assert torch.allclose(scaled(embedding=embedding), expected, atol=1e-5)
+    assert scaled(embedding=embedding).abs().max() > 1.0
+
+
+def test_frozen_image_model_gets_no_gradient_and_stays_in_eval_mode():
+    model = _fusion()
+    model.train()
+    assert not model.image_model.training and model.image_projector.training
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert all(p.grad is None for p in model.image_model.parameters())
+    assert model.text_projector[0].weight.grad is not None
+
+
+def test_contrastive_loss_uses_one_positive_of_the_trained_classes():
+    task = FusionTask({}, ("a", "b", "c"), np.array([True, True, False]), np.zeros((1, 3), np.float32),
+                      np.ones((1, 3), bool), "contrastive", "f1")
+    logits = torch.tensor([[5.0, -5.0, 50.0], [0.0, 0.0, 0.0]])
+
+    class Fixed(torch.nn.Module):
+        def forward(self, embedding=None):
+            return logits
+
+    batch = {"embedding": torch.zeros(2, 1), "target": torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]]),
+             "mask": torch.ones(2, 3, dtype=torch.bool)}
+    loss = task.training_loss(Fixed(), batch)
+    # Row 2 has no trained positive and is skipped; row 1's only trained positive is class a; class c (held
+    # out) takes no part in the softmax despite its large logit.
+    expected = torch.nn.functional.cross_entropy(torch.tensor([[5.0, -5.0]]) / 0.2, torch.tensor([0]))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
