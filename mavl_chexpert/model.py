@@ -164,9 +164,12 @@ class FusionModel(nn.Module):
         self.image_projector = _projector(image_model.rank, dropout)
         self.text_projector = _projector(aspects.shape[-1], dropout)
         self.aggregation, self.similarity = aggregation, similarity
-        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
-        self.bias = nn.Parameter(torch.zeros(()))
-        self.attention_log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        # Only the parameters the chosen variant uses exist: DDP refuses parameters that never get a gradient.
+        if similarity == "scaled":
+            self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+            self.bias = nn.Parameter(torch.zeros(()))
+        if aggregation == "attention":
+            self.attention_log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
 
     def train(self, mode: bool = True) -> FusionModel:
         super().train(mode)

@@ -64,6 +64,12 @@ def _image_flag(flag, value, needle=None):
     return case
 
 
+def _real_backbone_offline(tmp, data, image_run):
+    """vit-b16 asks timm for ImageNet weights; offline and uncached that is one line naming the way out."""
+    return train_image, ["--data-root", str(data), "--output-dir", str(tmp / "out"), *TINY, "--backbone", "vit-b16"], \
+        ["--pretrained", "not cached", "--no-pretrained"], None
+
+
 def _fusion(*extra, needles, edit_descriptions=None):
     def case(tmp, data, image_run):
         run = Path(shutil.copytree(image_run, tmp / "image_run"))
@@ -97,6 +103,7 @@ CASES = {
     "missing image": _edit_csv(_missing_image),
     "unknown label name": _image_flag("--labels", "Atelectasis,Effusion", "unknown label 'Effusion'"),
     "unknown backbone": _image_flag("--backbone", "vit-huge"),
+    "real backbone weights offline": _real_backbone_offline,
     "lrf rank beyond the features": _image_flag("--lrf-rank", "96", "leaves no tail"),
     "negative lrf weight": _image_flag("--lrf-weight", "-1"),
     "bad uncertainty policy": _image_flag("--uncertain", "maybe"),

@@ -44,6 +44,7 @@ def test_padded_aspects_do_not_count():
 def test_seed_similarity_is_the_raw_cosine_and_scaled_is_affine_in_it():
     seed = _fusion(similarity="seed")
     scaled = _fusion(similarity="scaled")
+    assert not hasattr(seed, "log_scale") and not hasattr(seed, "attention_log_scale")  # nothing DDP would miss
     embedding = torch.rand(6, 16)
     raw = seed(embedding=embedding)
     assert raw.abs().max() <= 1.0 + 1e-6  # sigmoid(raw) stays in [0.27, 0.73], the seed's problem
