@@ -159,6 +159,7 @@ class FusionModel(nn.Module):
         self.freeze_image = freeze_image
         if freeze_image:
             image_model.requires_grad_(False)
+        image_model.head.requires_grad_(False)  # phase 1's classifier takes no part in fusion (DDP needs every grad)
         self.register_buffer("aspects", aspects.float().clone())
         self.register_buffer("aspect_mask", aspect_mask.bool().clone())
         self.image_projector = _projector(image_model.rank, dropout)
