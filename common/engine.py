@@ -469,7 +469,10 @@ def fit(
                 from err
         train_state.load_rng(resume_dir, accelerator.process_index)
         if hasattr(task, "load_task_tensors"):
-            task.load_task_tensors(train_state.load_task_tensors(resume_dir))
+            try:
+                task.load_task_tensors(train_state.load_task_tensors(resume_dir))
+            except (KeyError, TypeError, ValueError) as err:
+                raise DataError(resume_dir / train_state.TASK_TENSORS, f"does not fit this run ({err})") from err
         history = [r for r in _read_history(metrics_path) if r["step"] <= state.global_step]
         if accelerator.is_main_process:
             recover_results(run_dir)

@@ -122,3 +122,18 @@ def test_ablation_table_has_every_row_with_intervals_and_reuses_finished_runs(ch
     stamp = (out / "image_tail" / "best" / "model.safetensors").stat().st_mtime_ns
     assert ablate.main(argv) == 0
     assert (out / "image_tail" / "best" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_a_tampered_lrf_basis_is_one_line_on_resume(chexpert_phantom, tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run"
+    argv = ["--data-root", str(chexpert_phantom), "--output-dir", str(run), *IMAGE_ARGS]
+    assert train_image.main([*argv, "--max-steps", "2"]) == 0
+    save_file({"w": torch.zeros(1)}, str(run / "checkpoints" / "last" / "task.safetensors"))
+    capsys.readouterr()
+    assert train_image.main([*argv, "--resume"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {run / 'checkpoints' / 'last' / 'task.safetensors'}: ")
+    assert "does not fit this run" in lines[0] and "u and v" in lines[0]
