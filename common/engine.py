@@ -210,6 +210,12 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     completed: bool = True
 
+    def summary(self, monitor: str, run_dir: Path) -> str:
+        """The line a training script prints at the end: the best epoch, or how to continue a stopped run."""
+        if self.completed:
+            return f"best {monitor} {self.best_value:.4f} at epoch {self.best_epoch}; model in {Path(run_dir) / 'best'}"
+        return f"stopped at step {self.global_step} (--max-steps); continue with --resume"
+
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
     """Linear warm-up, then cosine decay to ``min_lr_ratio`` over all epochs, a step decay, or constant."""

@@ -28,7 +28,7 @@ from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_in
 from common.device import pick_device
 from common.errors import DataError, cli_entry
 from common.metrics.classification import binary_metrics
-from common.runs import load_run, read_run_meta
+from common.runs import load_run
 from common.splits import load_split_csv
 from common.tables import markdown_table, metrics_with_ci, write_results
 from mavl_chexpert.common_args import choose_thresholds, split_metrics
@@ -113,9 +113,9 @@ def evaluate_run(run_dir: Path, split: str = "test", data_root: Path | None = No
     """Predict ``split`` with the run's best model and write predictions, tables and ROC figures as one result set."""
     run_dir = Path(run_dir)
     recover_results(run_dir)
-    meta, _, _ = read_run_meta(run_dir, "mavl_chexpert")
     torch_device = pick_device(device)
     run = load_run(run_dir, "mavl_chexpert", _build, device=torch_device)
+    meta = run.meta
     table = evaluation_table(run_dir, meta, split, data_root, test_csv)
     images, kept = decode_images(table, int(meta["preprocessing"]["image_size"]), skip_bad)
     table = table.take(kept)

@@ -241,11 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  run_files=run_files)
     if not reused:
         write_cache(args.output_dir, aspects, aspect_mask, args.text_encoder, sentences)
-    if result.completed:
-        print(f"best {args.monitor} {result.best_value:.4f} at epoch {result.best_epoch}; model in "
-              f"{args.output_dir / 'best'}")
-    else:
-        print(f"stopped at step {result.global_step} (--max-steps); continue with --resume")
+    print(result.summary(args.monitor, args.output_dir))
     return 0
 
 

@@ -229,11 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     val_set = ChexpertDataset(images[val_idx], table.targets[val_idx], table.mask[val_idx])
     result = fit(model, optimizer, train_set, val_set, task, config_from_args(args), args.output_dir,
                  run_files=run_files)
-    if result.completed:
-        print(f"best {args.monitor} {result.best_value:.4f} at epoch {result.best_epoch}; model in "
-              f"{args.output_dir / 'best'}")
-    else:
-        print(f"stopped at step {result.global_step} (--max-steps); continue with --resume")
+    print(result.summary(args.monitor, args.output_dir))
     return 0
 
 
