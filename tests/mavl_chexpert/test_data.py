@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -99,3 +100,26 @@ def test_paths_outside_the_root_are_refused(chexpert_phantom, tmp_path):
     frame.to_csv(root / "train.csv", index=False)
     with pytest.raises(DataError, match="line 2: path '../../etc/passwd' lies outside --data-root"):
         load_table(root, "train.csv", views="all")
+
+
+def test_the_real_chexpert_train_csv_parses(tmp_path):
+    """CheXpert-v1.0-small's own train.csv (223,414 rows; shipped inside the torchxrayvision wheel, never copied)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torchxrayvision")
+    if spec is None:
+        pytest.skip("torchxrayvision (the real CheXpert train.csv) is not installed")
+    real = Path(spec.origin).parent / "data" / "chexpert_train.csv.gz"
+    root = tmp_path / ROOT_NAME
+    root.mkdir()
+    (root / "valid.csv").write_text("Path\n")
+    frame = pd.read_csv(real)
+    table = load_table(root, real, "all", "ignore", "all")
+    assert len(table) == len(frame) == 223_414
+    assert len(np.unique(table.patients)) == 64_540
+    for j, name in enumerate(table.labels):
+        assert int((table.raw[:, j] == -1).sum()) == int((frame[name] == -1).sum()), name
+        assert int((~table.mask[:, j]).sum()) == int((frame[name] == -1).sum()), name  # ignore masks each -1
+    frontal = load_table(root, real, "competition", "per-class", "frontal")
+    assert len(frontal) == int((frame["Frontal/Lateral"] == "Frontal").sum()) == 191_027
+    assert all(str(p).startswith(str(root / "train" / "patient")) for p in frontal.paths[:100])
