@@ -4,6 +4,7 @@ Example:
     python -m common.phantoms cxr --format medmnist --out data/phantom --n 600 --size 28
     python -m common.phantoms cxr --format iu --out data/iu_phantom --n 200
     python -m common.phantoms cxr --format chexpert --out data/chexpert_phantom --n 500
+    python -m common.phantoms histology --out data/histology_phantom --n 80 --schema 2025
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ MIN_IU_PATIENTS = 10
 MIN_CHEXPERT_SIZE = 48
 """Below this side the atelectasis band and the effusion meniscus are under a pixel."""
 MIN_CHEXPERT_PATIENTS = 10
+MIN_HISTOLOGY_SIZE = 48
+"""Below this side a nucleus is under a pixel and the vessel rings close up."""
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -40,16 +43,32 @@ def get_args_parser() -> argparse.ArgumentParser:
     cxr.add_argument("--size", type=positive_int, default=None,
                      help=f"image side in pixels (medmnist: one of {MEDMNIST_SIZES}; iu: at least {MIN_IU_SIZE}; "
                           f"chexpert: at least {MIN_CHEXPERT_SIZE})")
+    histology = sub.add_parser("histology", help="BraTS-Path H&E tiles, labels CSV and captions")
+    histology.add_argument("--out", type=Path, required=True)
+    histology.add_argument("--n", type=positive_int, default=None, help="tiles per class (default 80)")
+    histology.add_argument("--seed", type=seed_int, default=0)
+    histology.add_argument("--size", type=positive_int, default=None, help="tile side in pixels (default 128)")
+    histology.add_argument("--schema", choices=("2024", "2025", "2026"), default="2025")
     return parser
 
 
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
-    if args.format not in FORMATS:
-        raise ConfigError("--format", f"unknown format {args.format!r}; choose one of {', '.join(FORMATS)}")
     if args.out.exists() and not args.out.is_dir():
         raise ConfigError("--out", f"{args.out} is a file, not a directory")
+    if args.kind == "histology":
+        from common.phantoms import histology
+
+        if args.size is not None and args.size < MIN_HISTOLOGY_SIZE:
+            raise ConfigError("--size", f"{args.size} px is too small for the textures; use at least "
+                                        f"{MIN_HISTOLOGY_SIZE}")
+        path = histology.write_histology(args.out, n=args.n or histology.DEFAULT_N, seed=args.seed,
+                                         size=args.size or histology.DEFAULT_SIZE, schema=args.schema)
+        print(f"wrote {path}")
+        return 0
+    if args.format not in FORMATS:
+        raise ConfigError("--format", f"unknown format {args.format!r}; choose one of {', '.join(FORMATS)}")
     if args.format == "medmnist" and args.size is not None and args.size not in MEDMNIST_SIZES:
         raise ConfigError("--size", f"PneumoniaMNIST comes in sizes {MEDMNIST_SIZES}, not {args.size}")
     if args.format == "iu" and args.size is not None and args.size < MIN_IU_SIZE:

@@ -1,0 +1,83 @@
+"""The histology phantom: BraTS-Path layout, captions for every tile, and image and caption that complement."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from scipy import ndimage
+from sklearn.feature_extraction.text import CountVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import matthews_corrcoef
+from sklearn.model_selection import cross_val_predict
+from sklearn.preprocessing import StandardScaler
+
+from common.phantoms import __main__ as phantoms
+from common.phantoms.histology import SCHEMA_CLASSES, WRONG_CAPTION, write_histology
+from pathology_brats.data import load_tiles, unlabeled_images
+from pathology_brats.schema import SCHEMAS, get_schema
+
+
+@pytest.fixture(scope="module")
+def histology(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("histology")
+    write_histology(root, n=40, seed=0, size=96)
+    return root
+
+
+def test_the_phantom_knows_the_schemas_the_pipeline_uses():
+    assert SCHEMA_CLASSES == {year: schema.classes for year, schema in SCHEMAS.items()}
+
+
+def test_layout_parses_and_every_tile_has_a_caption(histology):
+    schema = get_schema("2025")
+    from_folders = load_tiles(histology, schema)
+    from_csv = load_tiles(histology, schema, histology / "labels.csv")
+    assert sorted(from_csv.paths) == sorted(from_folders.paths) and set(from_csv.counts().values()) == {40}
+    captions = [json.loads(line) for line in (histology / "captions.jsonl").read_text().splitlines()]
+    names = [c["image"] for c in captions]
+    val = unlabeled_images(histology / "val")
+    assert sorted(names) == sorted(from_csv.ids + [p.name for p in val])
+    assert all(Image.open(p).mode == "RGB" for p in from_csv.paths[:5])
+    truth = pd.read_csv(histology / "phantom_truth.csv")
+    assert abs((1 - truth["caption_correct"].mean()) - WRONG_CAPTION) < 0.06
+    assert not any(code in c["caption"].split() for c in captions for code in schema.classes)  # no class codes
+
+
+def _image_features(path: Path) -> list[float]:
+    """Colour, dark-object count and size, grey histogram and edge energy: a fixed, untrained description."""
+    pixels = np.asarray(Image.open(path).convert("RGB").resize((64, 64)), dtype=np.float32) / 255
+    grey = pixels.mean(2)
+    objects, count = ndimage.label(grey < 0.5)
+    sizes = np.bincount(objects.ravel())[1:] if count else np.zeros(1)
+    return [*pixels.mean((0, 1)), *pixels.std((0, 1)), (grey < 0.5).mean(), count, sizes.mean(),
+            np.percentile(sizes, 90), *np.histogram(grey, bins=16, range=(0, 1))[0] / grey.size,
+            np.abs(ndimage.sobel(grey, 0)).mean(), np.abs(ndimage.sobel(grey, 1)).mean(), (grey > 0.9).mean()]
+
+
+def test_image_and_caption_complement_each_other(histology):
+    """Logistic regressions on fixed features (5-fold): the fused one beats each modality alone by a margin."""
+    labels = pd.read_csv(histology / "labels.csv")
+    captions = {json.loads(line)["image"]: json.loads(line)["caption"]
+                for line in (histology / "captions.jsonl").read_text().splitlines()}
+    y = labels["Ground-Truth"].to_numpy()
+    image = StandardScaler().fit_transform(np.array([_image_features(histology / p) for p in labels["Input Path"]]))
+    text = CountVectorizer().fit_transform([captions[Path(p).name] for p in labels["Input Path"]]).toarray()
+    scores = {}
+    for name, features in (("image", image), ("text", text), ("fused", np.hstack([image, text]))):
+        predicted = cross_val_predict(LogisticRegression(max_iter=3000), features, y, cv=5)
+        scores[name] = matthews_corrcoef(y, predicted)
+    assert scores["fused"] > max(scores["image"], scores["text"]) + 0.05, scores
+    assert scores["text"] < 0.85 and scores["image"] < 0.9, scores  # neither modality alone solves it
+
+
+def test_histology_cli_and_bad_size(tmp_path, capsys):
+    assert phantoms.main(["histology", "--out", str(tmp_path / "h"), "--n", "2", "--size", "64",
+                          "--schema", "2026"]) == 0
+    assert sorted(p.name for p in (tmp_path / "h").iterdir() if p.is_dir()) == sorted([*SCHEMA_CLASSES["2026"], "val"])
+    assert phantoms.main(["histology", "--out", str(tmp_path / "x"), "--size", "16"]) == 2
+    assert capsys.readouterr().err.startswith("error: --size")
