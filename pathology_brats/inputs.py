@@ -1,0 +1,133 @@
+"""What train, evaluate, submit and ablate share: the run's input settings, cached features, the tensor dataset."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from common.cli import unit_interval
+from common.presets import get_preset
+from common.text_encoders import text_presets
+from pathology_brats.captions import caption_tokens, pad_tokens
+from pathology_brats.encoder import (
+    ENCODERS,
+    NORMALIZATIONS,
+    cache_for,
+    encode_tiles,
+    load_tile_encoder,
+    pixel_tiles,
+)
+from pathology_brats.schema import SCHEMAS
+
+ENCODER_MODES = ("auto", "frozen", "full")
+
+
+def default_feature_cache(cache_dir: Path | None) -> Path:
+    """``<--cache-dir>/features``, else ``$XDG_CACHE_HOME/medvl/features`` (``~/.cache/medvl/features``)."""
+    if cache_dir is not None:
+        return Path(cache_dir) / "features"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medvl" / "features"
+
+
+def add_input_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data-root", type=Path, default=None, help="ROOT/<CLS>/*.jpg (and ROOT/val/ for submissions)")
+    group.add_argument("--labels-csv", type=Path, default=None,
+                       help="CSV with 'Input Path, Ground-Truth' (default: the class folders under --data-root)")
+    group.add_argument("--captions", type=Path, default=None,
+                       help="captions JSONL (default: <data-root>/captions.jsonl)")
+    group.add_argument("--schema", choices=sorted(SCHEMAS), default="2025")
+    group.add_argument("--val-fraction", type=unit_interval, default=0.15)
+    group.add_argument("--test-fraction", type=unit_interval, default=0.15,
+                       help="held out for evaluate (the challenge's own sets are hidden)")
+    group.add_argument("--skip-bad", action="store_true", help="skip (and count) tiles that do not decode")
+    group.add_argument("--feature-cache", type=Path, default=None,
+                       help="folder of cached frozen features (default: <cache-dir>/features or ~/.cache/medvl)")
+    model = parser.add_argument_group("encoders")
+    model.add_argument("--encoder", default="prov-gigapath",
+                       help=f"tile encoder preset ({', '.join(ENCODERS)}) or a timm model name")
+    model.add_argument("--encoder-mode", choices=ENCODER_MODES, default="auto",
+                       help="frozen: features computed once and cached; full: the encoder trains too; auto: frozen "
+                            "for pretrained encoders, full for the tiny twins (freezing random weights is useless)")
+    model.add_argument("--image-tokens", type=int, default=5,
+                       help="class token + pooled patch grid: 1 (the seed), 2, 5, 10 ... (1 + g^2)")
+    model.add_argument("--normalize", choices=NORMALIZATIONS, default="imagenet",
+                       help="imagenet (what the encoder expects) or seed (divide by 255 only)")
+    model.add_argument("--text-encoder", default="biolinkbert-large",
+                       help=f"preset ({', '.join(text_presets())}) or a local Hugging Face directory")
+
+
+def resolve_encoder_mode(mode: str, encoder: str) -> str:
+    if mode != "auto":
+        return mode
+    tiny = encoder in ENCODERS and get_preset(encoder, "tile-encoder", "--encoder").source == "tiny"
+    return "full" if tiny else "frozen"
+
+
+def image_inputs(paths: list[Path], settings: dict, device: torch.device, cache_root: Path,
+                 skip_bad: bool) -> tuple[torch.Tensor, np.ndarray]:
+    """(N, T, D) frozen tile features of ``paths`` (cached), or (N, 3, 224, 224) uint8 crops when the encoder
+    trains (``encoder_mode`` full), and the indices kept."""
+    if settings.get("encoder_mode", "frozen") != "frozen":
+        return pixel_tiles(paths, skip_bad)
+    encoder = load_tile_encoder(settings["encoder"], settings["image_tokens"])
+    return encode_tiles(encoder, paths, cache_for(encoder, cache_root, settings["normalize"]), device,
+                        settings["normalize"], skip_bad=skip_bad)
+
+
+def text_inputs(texts: list[str], settings: dict, cache_root: Path,
+                hub_cache: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return pad_tokens(caption_tokens(texts, settings["text_encoder"], cache_root, hub_cache))
+
+
+class TileDataset(Dataset):
+    """``{"image" or "pixels", "text", "text_mask", "label"}`` rows of precomputed tensors (a stream may be absent).
+
+    ``image`` holds frozen features (N, T, D); uint8 crops (N, 3, H, W) go in as ``pixels`` and, with ``augment``,
+    get histology-valid augmentation: flips, 90-degree rotations and a mild colour (stain) jitter.
+    """
+
+    def __init__(self, labels: np.ndarray, image: torch.Tensor | None = None, text: torch.Tensor | None = None,
+                 text_mask: torch.Tensor | None = None, augment: bool = False):
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.text, self.text_mask = text, text_mask
+        self.pixels = image if image is not None and image.dtype == torch.uint8 else None
+        self.image = image if self.pixels is None else None
+        self.augment = augment and self.pixels is not None
+        if self.augment:
+            from torchvision.transforms import v2
+
+            self.jitter = v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = {"label": self.labels[i]}
+        if self.image is not None:
+            row["image"] = self.image[i]
+        if self.pixels is not None:
+            pixels = self.pixels[i]
+            if self.augment:
+                pixels = torch.rot90(pixels, int(torch.randint(4, ())), dims=(1, 2))
+                if torch.rand(()) < 0.5:
+                    pixels = pixels.flip(2)
+                pixels = self.jitter(pixels)
+            row["pixels"] = pixels
+        if self.text is not None:
+            row["text"], row["text_mask"] = self.text[i], self.text_mask[i]
+        return row
+
+
+def forward(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    streams = {k: batch[k] for k in ("image", "text", "text_mask", "pixels") if k in batch}
+    return model(**streams)
+
+
+__all__ = ["ENCODER_MODES", "resolve_encoder_mode", "default_feature_cache", "add_input_args", "image_inputs",
+           "text_inputs", "TileDataset", "forward"]

@@ -1,0 +1,116 @@
+"""Tile encoder, feature cache, captions and the classifier, and one small end-to-end run on the phantom."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.errors import ConfigError, DataError
+from common.feature_cache import FeatureCache
+from common.phantoms.histology import write_histology
+from pathology_brats import evaluate, train
+from pathology_brats.captions import read_captions
+from pathology_brats.encoder import cache_for, check_image_tokens, encode_tiles, load_tile_encoder, preprocess
+from pathology_brats.model import TileCaptionClassifier
+from pathology_brats.scoring import challenge_scores
+
+
+@pytest.fixture(scope="module")
+def histology(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("histology_small")
+    write_histology(root, n=16, seed=1, size=64)
+    return root
+
+
+def test_image_tokens_are_class_token_plus_pooled_grid():
+    encoder = load_tile_encoder("gigapath-tiny", image_tokens=5)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        tokens = encoder(x)
+        full = encoder.backbone.forward_features(x)
+    assert tokens.shape == (2, 5, 64)
+    assert torch.allclose(tokens[:, 0], full[:, 0])  # the class token itself
+    grid = full[:, 1:].transpose(1, 2).reshape(2, 64, 14, 14)
+    assert torch.allclose(tokens[:, 1], grid[:, :, :7, :7].mean((2, 3)), atol=1e-5)  # top-left quarter
+    for bad in (0, 3, 4):
+        with pytest.raises(ConfigError, match="--image-tokens"):
+            check_image_tokens(bad)
+
+
+def test_preprocessing_normalises_as_the_encoder_expects():
+    from PIL import Image
+
+    image = Image.new("RGB", (384, 384), (124, 116, 104))  # about the ImageNet mean
+    x = preprocess(image)
+    assert x.shape == (3, 224, 224) and x.abs().max() < 0.05
+    seed = preprocess(image, "seed")
+    assert torch.allclose(seed[:, 0, 0], torch.tensor([124, 116, 104]) / 255.0)
+
+
+def test_features_are_cached_and_a_rerun_encodes_only_what_is_missing(histology, tmp_path, monkeypatch):
+    encoder = load_tile_encoder("gigapath-tiny", image_tokens=2)
+    paths = sorted((histology / "CT").glob("*.jpg"))[:6]
+    cache = cache_for(encoder, tmp_path, "imagenet")
+    first, kept = encode_tiles(encoder, paths[:4], cache, torch.device("cpu"))
+    assert first.shape == (4, 2, 64) and kept.tolist() == [0, 1, 2, 3]
+    calls = []
+    original = encoder.forward
+    monkeypatch.setattr(encoder, "forward", lambda x: calls.append(len(x)) or original(x))
+    again, _ = encode_tiles(encoder, paths, cache_for(encoder, tmp_path, "imagenet"), torch.device("cpu"))
+    assert calls == [2] and torch.equal(again[:4], first)
+    # Another feature size under the same cache folder and name is refused, not mixed in.
+    with pytest.raises(DataError, match="does not match this encoder"):
+        FeatureCache(tmp_path, cache.directory.name, {**cache.meta, "dim": "1536"})
+
+
+def test_a_cache_of_another_feature_size_is_one_error(tmp_path):
+    FeatureCache(tmp_path, "enc", {"dim": "64"}).add({"k": torch.zeros(2)})
+    with pytest.raises(DataError, match="dim '64' here, '1536' wanted"):
+        FeatureCache(tmp_path, "enc", {"dim": "1536"})
+
+
+def test_captions_tolerate_a_cut_last_line_but_not_a_bad_middle_one(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"image": "a.jpg", "caption": "x"}\n{"image": "b.jpg", "capt')
+    assert read_captions(path) == {"a.jpg": "x"}
+    path.write_text('{"image": "a.jpg", "caption": "x"}\nnot json\n{"image": "b.jpg", "caption": "y"}\n')
+    with pytest.raises(DataError, match="line 2"):
+        read_captions(path)
+
+
+@pytest.mark.parametrize("modality, direction", [("fused", "text-to-image"), ("fused", "image-to-text"),
+                                                 ("fused", "both"), ("image", "text-to-image"),
+                                                 ("text", "text-to-image")])
+def test_classifier_uses_the_streams_it_claims(modality, direction):
+    torch.manual_seed(0)
+    model = TileCaptionClassifier(8, 6, 4, modality=modality, direction=direction, width=16, heads=3).eval()
+    image, text = torch.randn(3, 5, 8), torch.randn(3, 7, 6)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[:, 5:] = False
+    base = model(image=image, text=text, text_mask=mask)
+    changed_image = model(image=image + 1, text=text, text_mask=mask)
+    changed_text = model(image=image, text=text + 1, text_mask=mask)
+    padding_only = model(image=image, text=torch.where(mask[..., None], text, text + 100), text_mask=mask)
+    assert torch.allclose(base, padding_only, atol=1e-5)  # padded caption tokens never count
+    assert (not torch.allclose(base, changed_image)) == (modality != "text")
+    assert (not torch.allclose(base, changed_text)) == (modality != "image")
+
+
+def test_small_run_trains_and_evaluates_with_the_scorer_keys(histology, tmp_path):
+    run = tmp_path / "run"
+    argv = ["--data-root", str(histology), "--output-dir", str(run), "--encoder", "gigapath-tiny",
+            "--encoder-mode", "frozen", "--text-encoder", "minilm", "--width", "32", "--epochs", "12", "--lr", "3e-3",
+            "--feature-cache", str(tmp_path / "cache"), "--no-progress", "--device", "cpu", "--precision", "fp32"]
+    assert train.main(argv) == 0
+    results = evaluate.evaluate_run(run, n_boot=20, device="cpu", feature_cache=tmp_path / "cache")
+    predictions = __import__("pandas").read_csv(run / "predictions" / "test.csv")
+    again = challenge_scores(predictions["label"], predictions["prediction"], "2025")
+    assert {k: results[k] for k in again} == pytest.approx(again)
+    assert results["mcc"] > 0.4  # 9 classes: chance is 0; the captions alone are right 3 times in 4
+    meta = json.loads((run / "best" / "model.json").read_text())
+    assert meta["data"]["encoder_mode"] == "frozen" and meta["labels"][0] == "CT"
+    assert np.isfinite(results["specificity_global"])
