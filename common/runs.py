@@ -22,6 +22,7 @@ turning every way that can fail into one line naming the file.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,5 +118,43 @@ def load_run(run_dir: Path, pipeline: str, build: Callable[[dict[str, Any]], tor
     return LoadedRun(model.to(device).eval(), meta, directory)
 
 
-__all__ = ["MODEL_FORMAT", "SCHEMA", "model_record", "save_run_model", "check_record", "read_run_meta", "load_run",
-           "LoadedRun"]
+def run_state(run_dir: Path) -> str:
+    """``done`` (finished, with a best model), ``partial`` (started: resume or redo) or ``new``."""
+    from common.checkpoint import BEST_DIR, LAST_DIR, committed_dir
+
+    run_dir = Path(run_dir)
+    trainer = committed_dir(run_dir / LAST_DIR) / "trainer.json"
+    if trainer.is_file():
+        try:
+            finished = json.loads(trainer.read_text())["loop"]["finished"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise DataError(trainer, f"unreadable ({err}); remove {run_dir} to train this run again") from err
+        return "done" if finished and (run_dir / BEST_DIR).is_dir() else "partial"
+    return "partial" if run_dir.exists() and any(run_dir.iterdir()) else "new"
+
+
+def train_or_resume(module, argv: list[str], run_dir: Path) -> None:
+    """Run ``module.main(argv)`` for ``run_dir`` unless it finished: resumed when it has a checkpoint, redone
+    (``--overwrite``) when it stopped before its first one. For drivers of several runs (ablations)."""
+    from common.checkpoint import LAST_DIR
+
+    state = run_state(run_dir)
+    if state == "done":
+        return
+    flag = ["--resume"] if state == "partial" and (Path(run_dir) / LAST_DIR).exists() else (
+        ["--overwrite"] if state == "partial" else [])
+    code = module.main([*argv, *flag])
+    if code != 0:
+        raise DataError(run_dir, f"{module.__name__} failed (exit {code}); see the line above")
+
+
+def ci_cell(results: dict[str, Any], key: str) -> str:
+    """``value [low, high]`` of a key of a result dict with bootstrap intervals (for comparison tables)."""
+    value, low, high = results.get(key), results.get(f"{key}_ci_low"), results.get(f"{key}_ci_high")
+    if value is None:
+        return "nan"
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]" if low is not None and high is not None else f"{value:.3f}"
+
+
+__all__ = ["run_state", "train_or_resume", "ci_cell", "MODEL_FORMAT", "SCHEMA", "model_record", "save_run_model",
+           "check_record", "read_run_meta", "load_run", "LoadedRun"]

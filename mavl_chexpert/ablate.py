@@ -13,14 +13,14 @@ where it stopped. Flags after ``--`` go to every phase-1 run (e.g. ``-- --epochs
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.checkpoint import BEST_DIR, LAST_DIR, atomic_write_json, atomic_write_text, committed_dir
+from common.checkpoint import atomic_write_json, atomic_write_text
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
-from common.errors import ConfigError, DataError, cli_entry
+from common.errors import ConfigError, cli_entry
+from common.runs import ci_cell, train_or_resume
 from common.tables import markdown_table
 from common.text_encoders import text_presets
 from mavl_chexpert import evaluate, train_fusion, train_image
@@ -47,36 +47,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _state(run_dir: Path) -> str:
-    """``done`` (best model, finished), ``partial`` (a checkpoint to resume) or ``new``."""
-    trainer = committed_dir(run_dir / LAST_DIR) / "trainer.json"
-    if trainer.is_file():
-        try:
-            finished = json.loads(trainer.read_text())["loop"]["finished"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise DataError(trainer, f"unreadable ({err}); remove {run_dir} to train this row again") from err
-        return "done" if finished and (run_dir / BEST_DIR).is_dir() else "partial"
-    return "partial" if run_dir.exists() and any(run_dir.iterdir()) else "new"
-
-
-def _train(module, argv: list[str], run_dir: Path) -> None:
-    state = _state(run_dir)
-    if state == "done":
-        return
-    flag = ["--resume"] if state == "partial" and (run_dir / LAST_DIR).exists() else (
-        ["--overwrite"] if state == "partial" else [])
-    code = module.main([*argv, *flag])
-    if code != 0:
-        raise DataError(run_dir, f"{module.__name__} failed (exit {code}); see the line above")
-
-
-def _cell(results: dict, key: str) -> str:
-    value, low, high = results.get(key), results.get(f"{key}_ci_low"), results.get(f"{key}_ci_high")
-    if value is None:
-        return "nan"
-    return f"{value:.3f} [{low:.3f}, {high:.3f}]" if low is not None and high is not None else f"{value:.3f}"
-
-
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
@@ -90,12 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for name, label, variant in ROWS:
         run = out / name
-        _train(train_image, ["--data-root", str(args.data_root), "--output-dir", str(run), "--backbone",
+        train_or_resume(train_image, ["--data-root", str(args.data_root), "--output-dir", str(run), "--backbone",
                              args.backbone, "--lrf-variant", variant, *shared, *extra], run)
         rows.append((name, label, run))
     fusion = out / FUSION_ROW[0]
     cache = ["--cache-dir", str(args.cache_dir)] if args.cache_dir else []
-    _train(train_fusion, ["--data-root", str(args.data_root), "--image-run", str(out / "image_tail"),
+    train_or_resume(train_fusion, ["--data-root", str(args.data_root), "--image-run", str(out / "image_tail"),
                           "--output-dir", str(fusion), "--text-encoder", args.text_encoder, *shared, *cache,
                           *shlex.split(args.fusion_args)], fusion)
     rows.append((FUSION_ROW[0], FUSION_ROW[1], fusion))
@@ -103,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, label, run in rows:
         results = evaluate.evaluate_run(run, "test", n_boot=args.n_boot, device=args.device, seed=args.seed)
         summary[name] = {k: results.get(k) for k in results if any(k.startswith(c) for c in COLUMNS)}
-        table.append({"row": label, "run": name, **{c: _cell(results, c) for c in COLUMNS}})
+        table.append({"row": label, "run": name, **{c: ci_cell(results, c) for c in COLUMNS}})
     text = (f"# MAVL CheXpert ablation ({args.backbone}, test split, thresholds from validation; 95% bootstrap CI)"
             f"\n\n{markdown_table(table)}")
     atomic_write_text(out / "ablation.md", text)

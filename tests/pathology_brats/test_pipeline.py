@@ -114,3 +114,45 @@ def test_small_run_trains_and_evaluates_with_the_scorer_keys(histology, tmp_path
     meta = json.loads((run / "best" / "model.json").read_text())
     assert meta["data"]["encoder_mode"] == "frozen" and meta["labels"][0] == "CT"
     assert np.isfinite(results["specificity_global"])
+
+
+def _small(histology: Path, tmp_path: Path) -> list[str]:
+    return ["--data-root", str(histology), "--encoder", "gigapath-tiny", "--encoder-mode", "frozen",
+            "--text-encoder", "minilm", "--width", "32", "--epochs", "3", "--lr", "3e-3", "--feature-cache",
+            str(tmp_path / "cache"), "--no-progress", "--device", "cpu", "--precision", "fp32"]
+
+
+def test_submission_has_a_row_per_image_and_the_penalty_for_unreadable_ones(histology, tmp_path):
+    import shutil
+
+    from pathology_brats import submit
+
+    run = tmp_path / "run"
+    assert train.main([*_small(histology, tmp_path), "--output-dir", str(run)]) == 0
+    images = Path(shutil.copytree(histology / "val", tmp_path / "val"))
+    names = sorted(p.name for p in images.iterdir())
+    (images / names[0]).write_bytes(b"\xff\xd8 not a whole jpeg")
+    out = tmp_path / "submission.csv"
+    assert submit.main(["--run-dir", str(run), "--images", str(images), "--out", str(out), "--feature-cache",
+                        str(tmp_path / "cache"), "--device", "cpu"]) == 0
+    frame = __import__("pandas").read_csv(out)
+    assert list(frame.columns) == ["SubjectID", "Prediction"] and frame["SubjectID"].tolist() == names
+    assert frame.loc[0, "Prediction"] == 9  # 2025's penalty label
+    assert frame["Prediction"].iloc[1:].between(0, 8).all()
+    (tmp_path / "empty").mkdir()
+    assert submit.main(["--run-dir", str(run), "--images", str(tmp_path / "empty"), "--out", str(out)]) == 2
+    assert __import__("pandas").read_csv(out)["SubjectID"].tolist() == names  # the earlier file is intact
+
+
+def test_ablation_writes_image_text_and_fused(histology, tmp_path):
+    from pathology_brats import ablate
+
+    out = tmp_path / "ablation"
+    small = _small(histology, tmp_path)
+    argv = ["--data-root", str(histology), "--output-dir", str(out), "--encoder", "gigapath-tiny",
+            "--text-encoder", "minilm", "--feature-cache", str(tmp_path / "cache"), "--n-boot", "10",
+            "--device", "cpu", "--", *small[small.index("--encoder-mode"):small.index("--feature-cache")]]
+    assert ablate.main(argv) == 0
+    summary = json.loads((out / "ablation.json").read_text())
+    assert set(summary) == {"image", "text", "fused"} and all("mcc" in row for row in summary.values())
+    assert (out / "ablation.md").read_text().count("[") >= 15  # 3 rows x 5 scores with intervals

@@ -1,0 +1,77 @@
+"""Image only, caption only and fused, trained on the same split: one table of the challenge's scores.
+
+Example (CPU, phantom):
+    python -m pathology_brats.ablate --data-root data/histology_phantom \\
+        --captions data/histology_phantom/captions.jsonl --output-dir runs/brats_path/ablation \\
+        --encoder gigapath-tiny --text-encoder minilm
+
+Each row is a run under ``--output-dir`` (``image``, ``text``, ``fused``) with the same seed, split and settings,
+evaluated on the same held-out test tiles. Finished runs are reused and interrupted ones resumed. Flags after
+``--`` go to every training run (e.g. ``-- --epochs 5``). ``ablation.json`` maps each row to its scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from common.checkpoint import atomic_write_json, atomic_write_text
+from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
+from common.errors import ConfigError, cli_entry
+from common.runs import ci_cell, train_or_resume
+from common.tables import markdown_table
+from pathology_brats import evaluate, train
+from pathology_brats.model import MODALITIES
+from pathology_brats.scoring import SCORER_KEYS
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parent = base_parser(output_dir=True, seed=True, device=True, precision=True, cache_dir=True)
+    parser = MedvlArgumentParser(description=__doc__, parents=[parent],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", type=Path, default=None)
+    parser.add_argument("--captions", type=Path, default=None, help="captions JSONL (default: <data-root>/...)")
+    parser.add_argument("--schema", default="2025", choices=sorted(SCORER_KEYS))
+    parser.add_argument("--encoder", default="prov-gigapath")
+    parser.add_argument("--text-encoder", default="biolinkbert-large")
+    parser.add_argument("--feature-cache", type=Path, default=None)
+    parser.add_argument("--n-boot", type=positive_int, default=1000)
+    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: extra flags for every training run")
+    return parser
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(get_args_parser(), argv)
+    if args.output_dir is None:
+        raise ConfigError("--output-dir", "required: where the three runs and the table are written")
+    if args.data_root is None:
+        raise ConfigError("--data-root", "required: the tiles")
+    out = Path(args.output_dir)
+    shared = ["--data-root", str(args.data_root), "--schema", args.schema, "--encoder", args.encoder,
+              "--text-encoder", args.text_encoder, "--seed", str(args.seed), "--device", args.device,
+              "--precision", args.precision, "--no-progress"]
+    shared += ["--captions", str(args.captions)] if args.captions else []
+    shared += ["--feature-cache", str(args.feature_cache)] if args.feature_cache else []
+    shared += ["--cache-dir", str(args.cache_dir)] if args.cache_dir else []
+    extra = [a for a in args.train_args if a != "--"]
+    keys = SCORER_KEYS[args.schema]
+    rows, summary = [], {}
+    for modality in MODALITIES[1:] + MODALITIES[:1]:  # image, text, fused
+        run = out / modality
+        train_or_resume(train, [*shared, "--modality", modality, "--output-dir", str(run), *extra], run)
+        results = evaluate.evaluate_run(run, n_boot=args.n_boot, device=args.device, seed=args.seed,
+                                        cache_dir=args.cache_dir, feature_cache=args.feature_cache)
+        summary[modality] = {k: results[k] for k in results if any(k.startswith(key) for key in keys)}
+        rows.append({"modality": modality, **{k: ci_cell(results, k) for k in keys}})
+    text = (f"# BraTS-Path {args.schema} ablation ({args.encoder}, {args.text_encoder}; test tiles, 95% bootstrap "
+            f"CI)\n\n{markdown_table(rows)}")
+    atomic_write_text(out / "ablation.md", text)
+    atomic_write_json(out / "ablation.json", summary)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
