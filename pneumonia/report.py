@@ -22,29 +22,22 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor, Gemma3ForConditionalGeneration
 
-from common import hf
 from common.checkpoint import atomic_write_json, atomic_write_text, result_set
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
-from common.device import compute_dtype, pick_device
+from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
-from common.presets import get_preset, preset_names
 from common.tables import json_safe, markdown_table
-from common.tiny import save_tiny_gemma3
+from common.vlm import VLM_PRESETS, build_messages, generate_reports, load_vlm, processor_image_size, vlm_source
 from pneumonia.data import LABELS, SPLITS
 from pneumonia.model import load_run, predict_proba
 
-VLM_PRESETS = tuple(preset_names("vlm"))
 """``--vlm`` presets: the ``vlm`` kind of ``common.presets`` (medgemma-4b and its tiny twin)."""
 PROMPTS = ("zero-shot", "clinical-role", "context-aware")
 VERDICTS = ("normal", "pneumonia", "unclear")
@@ -98,13 +91,6 @@ def prompt_text(prompt: str, cnn_prob: float, threshold: float, image_size: int)
             f"P(pneumonia) = {cnn_prob:.2f}, i.e. {cnn_label} at its decision threshold of {threshold:.2f}; it is "
             f"often right but can be wrong. Weigh it against what you see. {_STRUCTURE}")
     raise ConfigError("--prompt", f"unknown prompt {prompt!r}; choose one of {', '.join(PROMPTS)} or all")
-
-
-def build_messages(image: Image.Image, system: str | None, user: str) -> list[dict[str, Any]]:
-    """A chat in the Hugging Face multimodal format: optional system turn, then the image and the question."""
-    messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
-    messages.append({"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": user}]})
-    return messages
 
 
 def to_rgb(image: np.ndarray, size: tuple[int, int]) -> Image.Image:
@@ -183,80 +169,6 @@ def parse_verdict(text: str) -> str:
         if verdict != "unclear":
             return verdict
     return _decide(text)
-
-
-# Models -----------------------------------------------------------------------------------------------------------
-
-@dataclass
-class VLM:
-    """A loaded vision-language model with its processor and where it came from."""
-
-    model: torch.nn.Module
-    processor: Any
-    source: str
-    memory_bytes: int
-
-
-def vlm_source(name: str) -> tuple[type, str | None]:
-    """(model class, hub id or directory) for ``--vlm``; ``None`` for a tiny preset built in memory."""
-    if name in VLM_PRESETS:
-        preset = get_preset(name, "vlm", "--vlm")
-        return Gemma3ForConditionalGeneration, (None if preset.build is not None else preset.source)
-    if Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") == 1:
-        return AutoModelForImageTextToText, name
-    raise ConfigError("--vlm", f"unknown VLM {name!r}; choose one of {', '.join(VLM_PRESETS)}, a save_pretrained "
-                               "directory or a hub id owner/name")
-
-
-def load_vlm(name: str, quantization: str = "none", device: torch.device | str = "cpu", precision: str = "auto",
-             cache_dir: Path | None = None, trust_remote_code: bool = False, seed: int = 0) -> VLM:
-    """Resolve ``--vlm`` and load it through ``common.hf`` (the tiny preset quantizes via a temporary save)."""
-    device = torch.device(device)
-    dtype = {"auto": compute_dtype(device), "fp32": torch.float32, "bf16": torch.bfloat16,
-             "fp16": torch.float16}[precision]
-    cls, source = vlm_source(name)
-    if source is not None:
-        return _load(cls, source, source, quantization, device, dtype, cache_dir, trust_remote_code)
-    label = f"{name} (random weights)"
-    if quantization == "none":
-        model, processor = get_preset(name, "vlm", "--vlm").build(seed=seed)
-        model = model.to(device=device, dtype=dtype)
-        return VLM(model, processor, label, hf.model_memory_bytes(model))
-    with tempfile.TemporaryDirectory(prefix=f"{name}-") as tmp:
-        save_tiny_gemma3(Path(tmp), seed)
-        return _load(cls, tmp, label, quantization, device, dtype, None, False)
-
-
-def _load(cls, source: str, label: str, quantization: str, device: torch.device, dtype: torch.dtype,
-          cache_dir: Path | None, trust_remote_code: bool) -> VLM:
-    model = hf.load_pretrained(cls, source, quantization=quantization, dtype=dtype, cache_dir=cache_dir,
-                               trust_remote_code=trust_remote_code, device=device)
-    processor = hf.load_processor(AutoProcessor, source, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
-    return VLM(model, processor, label, hf.model_memory_bytes(model))
-
-
-def processor_image_size(processor) -> tuple[int, int]:
-    """(height, width) the processor resizes images to."""
-    size = processor.image_processor.size
-    if "height" in size:
-        return int(size["height"]), int(size["width"])
-    side = int(size.get("shortest_edge", size.get("longest_edge")))
-    return side, side
-
-
-@torch.no_grad()
-def generate_reports(vlm: VLM, conversations: list[list[dict]], max_new_tokens: int, seed: int = 0) -> list[str]:
-    """Greedy replies to a batch of conversations, padded on the left so every reply starts at the same column."""
-    processor = vlm.processor
-    processor.tokenizer.padding_side = "left"
-    inputs = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
-                                           return_dict=True, return_tensors="pt", processor_kwargs={"padding": True})
-    device = next(vlm.model.parameters()).device
-    inputs = inputs.to(device, dtype=vlm.model.dtype)
-    torch.manual_seed(seed)
-    output = vlm.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    replies = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [reply.strip() for reply in replies]
 
 
 # Scoring ----------------------------------------------------------------------------------------------------------

@@ -156,3 +156,22 @@ def test_ablation_writes_image_text_and_fused(histology, tmp_path):
     summary = json.loads((out / "ablation.json").read_text())
     assert set(summary) == {"image", "text", "fused"} and all("mcc" in row for row in summary.values())
     assert (out / "ablation.md").read_text().count("[") >= 15  # 3 rows x 5 scores with intervals
+
+
+def test_captions_resume_after_a_kill_without_redoing_finished_images(histology, tmp_path, monkeypatch):
+    from pathology_brats import caption
+
+    paths = sorted((histology / "PN").glob("*.jpg"))[:5]
+    out = tmp_path / "captions.jsonl"
+    assert caption.caption_images(paths[:3], out, "tiny-gemma3", device="cpu", batch_size=2, max_new_tokens=4) == 3
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[:2]) + "\n" + lines[2][:15])  # a kill in the middle of the third line
+    asked = []
+    original = caption.generate_reports
+    monkeypatch.setattr(caption, "generate_reports", lambda vlm, chats, n: asked.append(len(chats)) or
+                        original(vlm, chats, n))
+    assert caption.caption_images(paths, out, "tiny-gemma3", device="cpu", batch_size=2, max_new_tokens=4) == 3
+    assert asked == [2, 1]  # the cut third image and the two new ones; the first two are not redone
+    captions = read_captions(out)
+    assert sorted(captions) == sorted(p.name for p in paths)
+    assert out.read_text().endswith("\n") and len(out.read_text().splitlines()) == 5
