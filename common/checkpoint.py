@@ -294,6 +294,28 @@ def recover_results(run_dir: Path) -> None:
     shutil.rmtree(pending, ignore_errors=True)
 
 
+# --- CSV tables ---------------------------------------------------------------------------------------------------
+
+def read_csv(path: Path, columns: tuple[str, ...] = (), missing: str = "file not found", **kwargs: Any):
+    """A CSV file as a DataFrame; a missing or unreadable file or an absent column is one DataError naming it.
+
+    ``kwargs`` go to ``pandas.read_csv`` (``dtype=str, keep_default_na=False`` keeps ids such as ``00012``).
+    """
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, missing)
+    try:
+        frame = pd.read_csv(path, **kwargs)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DataError(path, f"not a readable CSV ({str(err).splitlines()[0]})") from err
+    absent = [c for c in columns if c not in frame.columns]
+    if absent:
+        raise DataError(path, f"missing column(s) {', '.join(absent)} (has {', '.join(map(str, frame.columns))})")
+    return frame
+
+
 # --- JSON lines ---------------------------------------------------------------------------------------------------
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.checkpoint import atomic_write_text
+from common.checkpoint import atomic_write_text, read_csv
 from common.errors import ConfigError, DataError
 
 SPLIT_COLUMNS = ("id", "group", "split")
@@ -106,14 +106,6 @@ def save_split_csv(path: str | Path, ids, groups, assignments) -> Path:
 def load_split_csv(path: str | Path) -> pd.DataFrame:
     """Read a split CSV (ids and groups kept as strings, so ``00012`` stays ``00012``) and check it for leakage."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "split file does not exist")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DataError(path, f"not a readable CSV ({err})") from err
-    missing = [c for c in SPLIT_COLUMNS if c not in frame.columns]
-    if missing:
-        raise DataError(path, f"missing column(s) {', '.join(missing)} (has {', '.join(map(str, frame.columns))})")
+    frame = read_csv(path, SPLIT_COLUMNS, "split file does not exist", dtype=str, keep_default_na=False)
     check_no_leakage(frame["group"], frame["split"], path)
     return frame

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from common.checkpoint import read_csv
 from common.errors import DataError
 from common.images import imagenet_normalize, read_grey, square_resize
 from common.splits import group_split
@@ -126,16 +127,8 @@ def named_side(text: str) -> str | None:
 
 
 def _read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
-    if not path.is_file():
-        raise DataError(path, "file not found (expected the IU X-ray layout: indiana_reports.csv, "
-                              "indiana_projections.csv, images/images_normalized/, masked/)")
-    try:
-        frame = pd.read_csv(path, dtype={"uid": str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DataError(path, f"not a readable CSV ({err})") from err
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise DataError(path, f"missing column(s) {', '.join(missing)} (has {', '.join(map(str, frame.columns))})")
+    frame = read_csv(path, columns, "file not found (expected the IU X-ray layout: indiana_reports.csv, "
+                                    "indiana_projections.csv, images/images_normalized/, masked/)", dtype={"uid": str})
     frame["uid"] = frame["uid"].astype(str).str.strip()
     return frame
 

@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from common.checkpoint import read_csv
 from common.errors import ConfigError, DataError
 from common.images import imagenet_normalize, read_grey, square_resize
 from common.splits import group_split
@@ -155,12 +156,7 @@ def load_table(data_root: Path, csv_name: str | Path, labels: tuple[str, ...] | 
     if views not in VIEWS:
         raise ConfigError("--views", f"choose one of {', '.join(VIEWS)}, not {views!r}")
     csv = Path(csv_name) if Path(csv_name).is_absolute() or Path(csv_name).exists() else root / csv_name
-    if not csv.is_file():
-        raise DataError(csv, "CSV file not found")
-    try:
-        frame = pd.read_csv(csv, dtype={"Path": str}, keep_default_na=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DataError(csv, f"not a readable CSV ({str(err).splitlines()[0]})") from err
+    frame = read_csv(csv, missing="CSV file not found", dtype={"Path": str}, keep_default_na=True)
     if "Path" not in frame.columns:
         raise DataError(csv, f"no 'Path' column (has {', '.join(map(str, frame.columns[:8]))})")
     missing = [name for name in labels if name not in frame.columns]

@@ -10,13 +10,13 @@ and cached by caption text and encoder (``common.feature_cache``).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from common.checkpoint import read_jsonl
 from common.errors import DataError
 from common.feature_cache import FeatureCache, text_digest
 from common.text_encoders import load_text_encoder
@@ -31,23 +31,11 @@ def read_captions(path: Path) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "captions file not found")
-    raw = path.read_bytes()
-    lines = raw.decode("utf-8", errors="strict").split("\n") if raw else []
-    complete = raw.endswith(b"\n")
     out: dict[str, str] = {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            image, caption = record["image"], record["caption"]
-            if not isinstance(image, str) or not isinstance(caption, str):
-                raise TypeError("image and caption must be strings")
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            if number == len(lines) and not complete:
-                log.warning("%s: line %d is cut short (an interrupted run); ignored", path, number)
-                continue
-            raise DataError(path, f"line {number}: not a {{\"image\", \"caption\"}} JSON object ({err})") from err
+    for number, record in enumerate(read_jsonl(path), start=1):
+        image, caption = record.get("image"), record.get("caption")
+        if not isinstance(image, str) or not isinstance(caption, str):
+            raise DataError(path, f"record {number}: needs string 'image' and 'caption' fields")
         out[Path(image).name] = caption
     return out
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
+from common.checkpoint import read_csv
 from common.errors import DataError
 from common.splits import group_split
 from pathology_brats.schema import Schema
@@ -71,15 +71,7 @@ def _is_image(path: Path) -> bool:
 def read_labels_csv(csv: Path, data_root: Path, schema: Schema) -> Tiles:
     """Tiles of a ``Input Path, Ground-Truth`` CSV; a missing column or a label outside the schema names the line."""
     csv, data_root = Path(csv), Path(data_root)
-    if not csv.is_file():
-        raise DataError(csv, "labels CSV not found")
-    try:
-        frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DataError(csv, f"not a readable CSV ({str(err).splitlines()[0]})") from err
-    missing = [c for c in CSV_COLUMNS if c not in frame.columns]
-    if missing:
-        raise DataError(csv, f"missing column(s) {', '.join(missing)} (has {', '.join(map(str, frame.columns))})")
+    frame = read_csv(csv, CSV_COLUMNS, "labels CSV not found", dtype=str, keep_default_na=False)
     if frame.empty:
         raise DataError(csv, "no rows")
     paths, labels = [], []
