@@ -201,6 +201,17 @@ def load_config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict:
 UNSAVED_KEYS = ("config", "resume", "overwrite")
 
 
+def require(args: argparse.Namespace, *names: str, **reasons: str) -> None:
+    """Flags a script cannot run without (they may also come from ``--config``): a missing one is one error line.
+
+    ``require(args, "data_root", output_dir="where the run is written")`` names the flag and, if given, why.
+    """
+    for name in (*names, *reasons):
+        if getattr(args, name) is None:
+            why = reasons.get(name)
+            raise ConfigError(f"--{name.replace('_', '-')}", f"required: {why}" if why else "required")
+
+
 def config_text(args: argparse.Namespace) -> str:
     """The resolved arguments as YAML, as ``config.yaml`` holds them (reusable with ``--config``)."""
     resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in UNSAVED_KEYS}

@@ -8,7 +8,6 @@ from pathlib import Path
 import pandas as pd
 
 from common.cli import positive_int, seed_int
-from common.errors import ConfigError
 from common.splits import split_csv_text
 from cxr_localize.data import MASK_DIR, PROJECTIONS, SPLIT_LEVELS, read_tables, split_assignments
 from cxr_localize.model import DEFAULT_DECODER_CHANNELS, ENCODER_WEIGHTS
@@ -43,12 +42,6 @@ def add_encoder_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--encoder-weights", choices=ENCODER_WEIGHTS, default="imagenet",
                        help="initial encoder weights (imagenet needs the hub or its cache)")
     group.add_argument("--decoder-channels", type=positive_int, nargs=5, default=list(DEFAULT_DECODER_CHANNELS))
-
-
-def require(args: argparse.Namespace, *names: str) -> None:
-    for name in names:
-        if getattr(args, name) is None:
-            raise ConfigError(f"--{name.replace('_', '-')}", "required")
 
 
 def split_table(args: argparse.Namespace, with_masks: bool) -> tuple[pd.DataFrame, str]:

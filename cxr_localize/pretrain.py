@@ -35,6 +35,7 @@ from common.cli import (
     nonnegative_int,
     parse_args,
     positive_int,
+    require,
 )
 from common.engine import add_train_args, check_run_setup, config_from_args, fit
 from common.errors import ConfigError, cli_entry
@@ -42,7 +43,7 @@ from common.images import IMAGENET_MEAN, IMAGENET_STD
 from common.plots import overlay_panels
 from common.runs import model_record, save_run_model
 from common.tables import metrics_with_ci, write_results
-from cxr_localize.common_args import add_data_args, add_encoder_args, require, split_table
+from cxr_localize.common_args import add_data_args, add_encoder_args, split_table
 from cxr_localize.data import ImageDataset, load_iu
 from cxr_localize.model import build_unet
 

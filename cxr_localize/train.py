@@ -24,14 +24,22 @@ import torch.nn.functional as F
 import yaml
 from torch.utils.data import DataLoader
 
-from common.cli import MedvlArgumentParser, base_parser, config_text, nonnegative_float, parse_args, unit_interval
+from common.cli import (
+    MedvlArgumentParser,
+    base_parser,
+    config_text,
+    nonnegative_float,
+    parse_args,
+    require,
+    unit_interval,
+)
 from common.engine import add_train_args, check_run_setup, config_from_args, fit
 from common.errors import DataError, cli_entry
 from common.images import IMAGENET_MEAN, IMAGENET_STD
 from common.metrics.segmentation import per_image_metrics
 from common.plots import loss_curves
 from common.runs import model_record, save_run_model
-from cxr_localize.common_args import add_data_args, add_encoder_args, require, split_table
+from cxr_localize.common_args import add_data_args, add_encoder_args, split_table
 from cxr_localize.data import TEXT_SOURCES, LocalizationDataset, load_iu, swap_left_right
 from cxr_localize.model import (
     FUSIONS,

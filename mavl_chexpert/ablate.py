@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.checkpoint import atomic_write_json, atomic_write_text
-from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
-from common.errors import ConfigError, cli_entry
+from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int, require
+from common.errors import cli_entry
 from common.runs import ci_cell, train_or_resume
 from common.tables import markdown_table
 from common.text_encoders import text_presets
@@ -50,10 +50,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
-    if args.output_dir is None:
-        raise ConfigError("--output-dir", "required: where the ablation runs and table are written")
-    if args.data_root is None:
-        raise ConfigError("--data-root", "required: the CheXpert-v1.0-small folder")
+    require(args, output_dir="where the ablation runs and table are written",
+            data_root="the CheXpert-v1.0-small folder")
     extra = [a for a in args.image_args if a != "--"]
     out = Path(args.output_dir)
     shared = ["--seed", str(args.seed), "--device", args.device, "--precision", args.precision, "--no-progress"]

@@ -24,8 +24,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from common.checkpoint import atomic_write_bytes
-from common.cli import MedvlArgumentParser, base_parser, parse_args
-from common.errors import ConfigError, DataError, cli_entry
+from common.cli import MedvlArgumentParser, base_parser, parse_args, require
+from common.errors import DataError, cli_entry
 from common.text_encoders import load_text_encoder, text_presets
 
 log = logging.getLogger("medvl.mavl_chexpert")
@@ -130,8 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mavl_chexpert.data import resolve_labels
 
     args = parse_args(get_args_parser(), argv)
-    if args.output_dir is None:
-        raise ConfigError("--output-dir", "required: where text_embeddings.safetensors is written")
+    require(args, output_dir="where text_embeddings.safetensors is written")
     sentences = load_descriptions(args.descriptions, resolve_labels(args.labels))
     aspects, mask, reused = embed_descriptions(sentences, args.text_encoder, args.output_dir, args.cache_dir)
     print(f"{'reused' if reused else 'wrote'} {Path(args.output_dir) / CACHE_FILE}: {aspects.shape[0]} diseases, "

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from common.cli import MedvlArgumentParser, base_parser, config_text, nonnegative_float, parse_args
+from common.cli import MedvlArgumentParser, base_parser, config_text, nonnegative_float, parse_args, require
 from common.engine import add_train_args, check_run_setup, config_from_args, fit
 from common.errors import ConfigError, DataError, cli_entry
 from common.runs import load_run, model_record, save_run_model
@@ -180,10 +180,7 @@ def parse_holdout(spec: str, labels: tuple[str, ...]) -> np.ndarray:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
-    if args.output_dir is None:
-        raise ConfigError("--output-dir", "required: where the run is written")
-    if args.image_run is None:
-        raise ConfigError("--image-run", "required: the run directory of mavl_chexpert.train_image")
+    require(args, output_dir="where the run is written", image_run="the run directory of mavl_chexpert.train_image")
     device = check_run_setup(config_from_args(args), args.output_dir)
     image_run = load_run(args.image_run, "mavl_chexpert", lambda m: build_image_model(**m["kwargs"]), stage="image")
     meta_in = image_run.meta

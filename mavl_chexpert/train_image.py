@@ -27,7 +27,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from common.cli import MedvlArgumentParser, base_parser, config_text, nonnegative_float, parse_args, positive_int
+from common.cli import (
+    MedvlArgumentParser,
+    base_parser,
+    config_text,
+    nonnegative_float,
+    parse_args,
+    positive_int,
+    require,
+)
 from common.engine import add_train_args, check_run_setup, config_from_args, fit
 from common.errors import ConfigError, DataError, cli_entry
 from common.images import IMAGENET_MEAN, IMAGENET_STD
@@ -172,10 +180,7 @@ def resolve_lr(args: argparse.Namespace, pretrained: bool) -> float:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
-    if args.output_dir is None:
-        raise ConfigError("--output-dir", "required: where the run is written")
-    if args.data_root is None:
-        raise ConfigError("--data-root", "required: the CheXpert-v1.0-small folder")
+    require(args, output_dir="where the run is written", data_root="the CheXpert-v1.0-small folder")
     labels = resolve_labels(args.labels)
     preset = get_preset(args.backbone, "vit", "--backbone")
     pretrained = bool(args.pretrained) and preset.source != "tiny"

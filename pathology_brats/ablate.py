@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.checkpoint import atomic_write_json, atomic_write_text
-from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
-from common.errors import ConfigError, cli_entry
+from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int, require
+from common.errors import cli_entry
 from common.runs import ci_cell, train_or_resume
 from common.tables import markdown_table
 from pathology_brats import evaluate, train
@@ -44,10 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
-    if args.output_dir is None:
-        raise ConfigError("--output-dir", "required: where the three runs and the table are written")
-    if args.data_root is None:
-        raise ConfigError("--data-root", "required: the tiles")
+    require(args, output_dir="where the three runs and the table are written", data_root="the tiles")
     out = Path(args.output_dir)
     shared = ["--data-root", str(args.data_root), "--schema", args.schema, "--encoder", args.encoder,
               "--text-encoder", args.text_encoder, "--seed", str(args.seed), "--device", args.device,

@@ -24,7 +24,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.cli import MedvlArgumentParser, base_parser, config_text, nonnegative_float, parse_args, positive_int
+from common.cli import (
+    MedvlArgumentParser,
+    base_parser,
+    config_text,
+    nonnegative_float,
+    parse_args,
+    positive_int,
+    require,
+)
 from common.engine import add_train_args, check_run_setup, config_from_args, fit
 from common.errors import ConfigError, DataError, cli_entry
 from common.metrics.gandlf import AVERAGES, gandlf_metrics
@@ -127,10 +135,8 @@ def caption_texts(captions_path: Path, needed: list[str], known: list[str]) -> l
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
-    if args.output_dir is None:
-        raise ConfigError("--output-dir", "required: where the run is written")
-    if args.data_root is None:
-        raise ConfigError("--data-root", "required: the folder of class folders (or the labels CSV's images)")
+    require(args, output_dir="where the run is written",
+            data_root="the folder of class folders (or the labels CSV's images)")
     check_image_tokens(args.image_tokens)
     device = check_run_setup(config_from_args(args), args.output_dir)
     schema = get_schema(args.schema)

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from common.cli import MedvlArgumentParser, base_parser, config_text, parse_args, positive_int
+from common.cli import MedvlArgumentParser, base_parser, config_text, parse_args, positive_int, require
 from common.engine import add_train_args, check_run_setup, config_from_args, fit
-from common.errors import ConfigError, DataError, cli_entry
+from common.errors import DataError, cli_entry
 from common.metrics.classification import best_threshold, binary_metrics
 from common.runs import model_record, save_run_model
 from pneumonia.data import LABELS, MEAN, SIZES, STD, PneumoniaDataset, load_medmnist
@@ -104,8 +104,7 @@ def data_record(path: Path, images: dict[str, np.ndarray], labels: dict[str, np.
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
-    if args.output_dir is None:
-        raise ConfigError("--output-dir", "required: where the run is written")
+    require(args, output_dir="where the run is written")
     check_run_setup(config_from_args(args), args.output_dir)
     data = load_medmnist(args.data_root, args.image_size, splits=("train", "val"))
     train_images, train_labels = data.images["train"], data.labels["train"]
