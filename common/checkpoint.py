@@ -90,6 +90,30 @@ def environment_versions() -> dict[str, str]:
     return versions
 
 
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds of ``model``: its state less the keys it says its source rebuilds.
+
+    A model may define ``rebuilt_keys()`` (frozen pretrained weights, e.g. the base layers under LoRA adapters):
+    those are not written, so a LoRA run over a billion-parameter backbone saves megabytes, not gigabytes.
+    """
+    rebuilt = set(model.rebuilt_keys()) if hasattr(model, "rebuilt_keys") else set()
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in rebuilt}
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load a saved state into ``model``; only the keys it rebuilds from its source may be absent."""
+    rebuilt = set(model.rebuilt_keys()) if hasattr(model, "rebuilt_keys") else set()
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise DataError(path, f"weights do not fit this model ({' '.join(str(err).split())[:200]})") from err
+    missing = sorted(set(missing) - rebuilt)
+    if missing or unexpected:
+        kind, keys = ("missing", missing) if missing else ("unexpected", list(unexpected))
+        more = " ..." if len(keys) > 3 else ""
+        raise DataError(path, f"weights do not fit this model ({kind} {', '.join(keys[:3])}{more})")
+
+
 def save_model(directory: Path, model: torch.nn.Module, meta: dict[str, Any]) -> Path:
     """Save weights as safetensors plus ``model.json`` (how to rebuild the model, and provenance).
 
@@ -97,7 +121,7 @@ def save_model(directory: Path, model: torch.nn.Module, meta: dict[str, Any]) ->
     from the same epoch; the training loop hands ``save_best`` such a directory.
     """
     directory = Path(directory)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = model_state(model)
     tmp_fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".tmp", dir=_ensure(directory))
     os.close(tmp_fd)
     try:

@@ -13,6 +13,7 @@ error line naming it, never silently mixed in.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -24,6 +25,14 @@ from common.checkpoint import atomic_write_bytes
 from common.errors import DataError
 
 SHARD_PATTERN = "shard-*.safetensors"
+
+
+def default_cache_root(cache_dir: Path | None, name: str) -> Path:
+    """``<--cache-dir>/<name>``, else ``$XDG_CACHE_HOME/medvl/<name>`` (``~/.cache/medvl/<name>``): where derived
+    tensors (tile features, preprocessed volumes) live between runs."""
+    if cache_dir is not None:
+        return Path(cache_dir) / name
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medvl" / name
 
 
 def file_digest(path: Path) -> str:

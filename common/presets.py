@@ -23,7 +23,7 @@ import torch
 
 from common.errors import ConfigError, cli_entry
 
-KINDS = ("cnn", "vit", "tile-encoder", "text-encoder", "vlm")
+KINDS = ("cnn", "vit", "tile-encoder", "text-encoder", "vlm", "vision-tower")
 
 
 @dataclass(frozen=True)
@@ -226,6 +226,34 @@ register_preset(Preset("medgemma-4b", "vlm", "google/medgemma-4b-it",
 register_preset(Preset("tiny-gemma3", "vlm", "tiny",
                        "2-layer Gemma3ForConditionalGeneration + 2-layer SigLIP, real Gemma3Processor",
                        build=_tiny("tiny_gemma3"), offline=True))
+
+
+MEDSIGLIP_448_CONFIG = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
+                        "num_attention_heads": 16, "image_size": 448, "patch_size": 14,
+                        "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
+"""``SiglipVisionConfig`` of google/medsiglip-448's vision tower: SigLIP so400m/14 (27 layers, width 1152, MLP 4304,
+16 heads) at 448 px, with its attention-pooling head."""
+
+
+def _siglip_vision(**config: Any) -> Callable[[], torch.nn.Module]:
+    def skeleton() -> torch.nn.Module:
+        from transformers import SiglipVisionConfig, SiglipVisionModel
+
+        return SiglipVisionModel(SiglipVisionConfig(**config))
+
+    return skeleton
+
+
+# ``options`` of a vision-tower preset are its SiglipVisionConfig. MedSigLIP's model card rounds the tower to 400M;
+# the so400m/14 geometry at 448 px counts 428.6M with its pooling head, hence the wider tolerance.
+register_preset(Preset("medsiglip-448", "vision-tower", "google/medsiglip-448",
+                       "MedSigLIP vision tower, SigLIP so400m/14 at 448 px, 1152-d (model card: 400M, rounded)",
+                       400_000_000, "siglip-tiny", MEDSIGLIP_448_CONFIG, _siglip_vision(**MEDSIGLIP_448_CONFIG),
+                       params_tolerance=0.08))
+register_preset(Preset("siglip-tiny", "vision-tower", "tiny",
+                       "SiglipVisionModel at 64 px: patch 16, width 64, 2 layers (tests, CPU)",
+                       options={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                "num_attention_heads": 2, "image_size": 64, "patch_size": 16}, offline=True))
 
 
 def _format_count(n: int | None) -> str:

@@ -30,7 +30,15 @@ from typing import Any
 
 import torch
 
-from common.checkpoint import META_FILE, WEIGHTS_FILE, find_model_dir, load_model_files, require_keys, save_model
+from common.checkpoint import (
+    META_FILE,
+    WEIGHTS_FILE,
+    find_model_dir,
+    load_model_files,
+    load_model_state,
+    require_keys,
+    save_model,
+)
 from common.errors import ConfigError, DataError
 
 MODEL_FORMAT = "medvl-model-1"
@@ -110,11 +118,7 @@ def load_run(run_dir: Path, pipeline: str, build: Callable[[dict[str, Any]], tor
     except (ConfigError, KeyError, ValueError) as err:
         reason = err.message if isinstance(err, ConfigError) else f"{type(err).__name__}: {err}"
         raise DataError(directory / META_FILE, f"does not describe a buildable model ({reason})") from err
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise DataError(directory / WEIGHTS_FILE, f"weights do not fit the model that model.json describes "
-                                                  f"({' '.join(str(err).split())[:200]})") from err
+    load_model_state(model, state, directory / WEIGHTS_FILE)
     return LoadedRun(model.to(device).eval(), meta, directory)
 
 

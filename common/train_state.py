@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from common import checkpoint
 from common.checkpoint import atomic_write_json
 from common.errors import DataError
 
@@ -160,17 +161,12 @@ def load_rng(directory: Path, rank: int) -> None:
 
 
 def save_model_state(model: torch.nn.Module, directory: Path) -> None:
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / MODEL_FILE))
+    save_file(checkpoint.model_state(model), str(directory / MODEL_FILE))
 
 
 def load_model_state(model: torch.nn.Module, directory: Path) -> None:
     path = directory / MODEL_FILE
-    state = _read_tensors(path)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise DataError(path, f"weights do not fit this model ({' '.join(str(err).split())[:200]})") from err
+    checkpoint.load_model_state(model, _read_tensors(path), path)
 
 
 def save_trainer(directory: Path, record: dict[str, Any]) -> None:

@@ -48,9 +48,12 @@ def check_image_tokens(count: int) -> int:
 class TileEncoder(nn.Module):
     """A timm ViT that turns (B, 3, 224, 224) tiles into (B, N, D) tokens: class token + pooled patch grid."""
 
-    def __init__(self, backbone: nn.Module, name: str, image_tokens: int = 5):
+    def __init__(self, backbone: nn.Module, name: str, image_tokens: int = 5, pretrained: bool = False):
         super().__init__()
         self.backbone, self.name, self.image_tokens = backbone, name, image_tokens
+        self.pretrained = pretrained
+        """True when the weights came from a source (hub, timm cache) that can rebuild them: then frozen backbone
+        weights need not be saved with a run."""
         self.grid = check_image_tokens(image_tokens)
         self.dim = int(backbone.embed_dim)
 
@@ -92,7 +95,24 @@ def load_tile_encoder(name: str, image_tokens: int = 5, pretrained: bool = True)
                                        "model name") from err
     if not hasattr(backbone, "forward_features") or not hasattr(backbone, "embed_dim"):
         raise ConfigError("--encoder", f"{name} is not a ViT with a class token")
-    return TileEncoder(backbone.eval(), name, image_tokens)
+    return TileEncoder(backbone.eval(), name, image_tokens, pretrained=use_weights)
+
+
+LORA_TARGETS = r".*blocks\.\d+\.attn\.(qkv|proj)"
+"""The attention input (qkv) and output (proj) projections of every ViT block (not the patch embedding's proj)."""
+
+
+def add_lora(encoder: TileEncoder, rank: int, alpha: int, dropout: float = 0.0) -> TileEncoder:
+    """Freeze the encoder and add LoRA adapters (peft) to its attention projections; only the adapters train."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    for parameter in encoder.parameters():
+        parameter.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, bias="none")
+    encoder.backbone = inject_adapter_in_model(config, encoder.backbone)
+    for name, parameter in encoder.named_parameters():
+        parameter.requires_grad_("lora_" in name)
+    return encoder
 
 
 def crop_pixels(image: Image.Image) -> torch.Tensor:
@@ -186,8 +206,9 @@ def encode_tiles(encoder: TileEncoder, paths: list[Path], cache: FeatureCache, d
     return torch.stack(cache.get([digests[i] for i in kept])), np.asarray(kept, dtype=np.int64)
 
 
-__all__ = ["ENCODERS", "NORMALIZATIONS", "TileEncoder", "load_tile_encoder", "preprocess", "crop_pixels",
-           "normalize_pixels", "read_rgb", "cache_for", "encode_tiles", "check_image_tokens", "pixel_tiles"]
+__all__ = ["ENCODERS", "NORMALIZATIONS", "TileEncoder", "load_tile_encoder", "add_lora", "LORA_TARGETS",
+           "preprocess", "crop_pixels", "normalize_pixels", "read_rgb", "cache_for", "encode_tiles",
+           "check_image_tokens", "pixel_tiles"]
 
 
 def pixel_tiles(paths: list[Path], skip_bad: bool = False) -> tuple[torch.Tensor, np.ndarray]:

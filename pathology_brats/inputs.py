@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common.cli import unit_interval
-from common.presets import get_preset
+from common.cli import positive_int, unit_interval
+from common.feature_cache import default_cache_root
 from common.text_encoders import text_presets
 from pathology_brats.captions import caption_tokens, pad_tokens
 from pathology_brats.encoder import (
@@ -24,14 +23,11 @@ from pathology_brats.encoder import (
 )
 from pathology_brats.schema import SCHEMAS
 
-ENCODER_MODES = ("auto", "frozen", "full")
+ENCODER_MODES = ("frozen", "lora", "full")
 
 
 def default_feature_cache(cache_dir: Path | None) -> Path:
-    """``<--cache-dir>/features``, else ``$XDG_CACHE_HOME/medvl/features`` (``~/.cache/medvl/features``)."""
-    if cache_dir is not None:
-        return Path(cache_dir) / "features"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medvl" / "features"
+    return default_cache_root(cache_dir, "features")
 
 
 def add_input_args(parser: argparse.ArgumentParser) -> None:
@@ -51,9 +47,11 @@ def add_input_args(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("encoders")
     model.add_argument("--encoder", default="prov-gigapath",
                        help=f"tile encoder preset ({', '.join(ENCODERS)}) or a timm model name")
-    model.add_argument("--encoder-mode", choices=ENCODER_MODES, default="auto",
-                       help="frozen: features computed once and cached; full: the encoder trains too; auto: frozen "
-                            "for pretrained encoders, full for the tiny twins (freezing random weights is useless)")
+    model.add_argument("--encoder-mode", choices=ENCODER_MODES, default="frozen",
+                       help="frozen: features computed once and cached (minutes on a T4); lora: LoRA adapters on the "
+                            "attention qkv/proj layers train with the heads; full: the whole encoder trains")
+    model.add_argument("--lora-r", type=positive_int, default=8, help="LoRA rank (--encoder-mode lora)")
+    model.add_argument("--lora-alpha", type=positive_int, default=16, help="LoRA alpha (--encoder-mode lora)")
     model.add_argument("--image-tokens", type=int, default=5,
                        help="class token + pooled patch grid: 1 (the seed), 2, 5, 10 ... (1 + g^2)")
     model.add_argument("--normalize", choices=NORMALIZATIONS, default="imagenet",
@@ -62,17 +60,10 @@ def add_input_args(parser: argparse.ArgumentParser) -> None:
                        help=f"preset ({', '.join(text_presets())}) or a local Hugging Face directory")
 
 
-def resolve_encoder_mode(mode: str, encoder: str) -> str:
-    if mode != "auto":
-        return mode
-    tiny = encoder in ENCODERS and get_preset(encoder, "tile-encoder", "--encoder").source == "tiny"
-    return "full" if tiny else "frozen"
-
-
 def image_inputs(paths: list[Path], settings: dict, device: torch.device, cache_root: Path,
                  skip_bad: bool) -> tuple[torch.Tensor, np.ndarray]:
     """(N, T, D) frozen tile features of ``paths`` (cached), or (N, 3, 224, 224) uint8 crops when the encoder
-    trains (``encoder_mode`` full), and the indices kept."""
+    trains (``encoder_mode`` lora or full), and the indices kept."""
     if settings.get("encoder_mode", "frozen") != "frozen":
         return pixel_tiles(paths, skip_bad)
     encoder = load_tile_encoder(settings["encoder"], settings["image_tokens"])
@@ -129,5 +120,5 @@ def forward(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**streams)
 
 
-__all__ = ["ENCODER_MODES", "resolve_encoder_mode", "default_feature_cache", "add_input_args", "image_inputs",
+__all__ = ["ENCODER_MODES", "default_feature_cache", "add_input_args", "image_inputs",
            "text_inputs", "TileDataset", "forward"]

@@ -55,6 +55,13 @@ class TileCaptionClassifier(nn.Module):
         if heads < 1:
             raise ConfigError("--heads", f"needs at least one head, not {heads}")
         self.modality, self.direction = modality, direction
+        # Per-feature standardisation of each stream, fitted on the training split (identity until then): frozen
+        # foundation-model features are far from zero-mean, unit-variance, and a linear projection trains poorly on
+        # them without it (the usual linear-probe practice). Saved with the weights.
+        self.register_buffer("image_mean", torch.zeros(image_dim))
+        self.register_buffer("image_std", torch.ones(image_dim))
+        self.register_buffer("text_mean", torch.zeros(text_dim))
+        self.register_buffer("text_std", torch.ones(text_dim))
         self.image_proj = nn.Linear(image_dim, width) if modality != "text" else None
         self.text_proj = nn.Linear(text_dim, width) if modality != "image" else None
         pooled = width
@@ -67,8 +74,27 @@ class TileCaptionClassifier(nn.Module):
         self.heads = nn.ModuleList(nn.Sequential(nn.LayerNorm(pooled), nn.ReLU(), nn.Dropout(dropout),
                                                  nn.Linear(pooled, num_classes)) for _ in range(heads))
 
+    @torch.no_grad()
+    def fit_standardization(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None,
+                            text_mask: torch.Tensor | None = None) -> None:
+        """Set each stream's per-feature mean and std from training tokens (text padding left out)."""
+        if image is not None and self.image_proj is not None:
+            flat = image.reshape(-1, image.shape[-1]).float()
+            self.image_mean.copy_(flat.mean(0))
+            self.image_std.copy_(flat.std(0).clamp_min(1e-6))
+        if text is not None and self.text_proj is not None:
+            flat = text.reshape(-1, text.shape[-1]).float()
+            if text_mask is not None:
+                flat = flat[text_mask.reshape(-1)]
+            self.text_mean.copy_(flat.mean(0))
+            self.text_std.copy_(flat.std(0).clamp_min(1e-6))
+
     def pooled(self, image: torch.Tensor | None, text: torch.Tensor | None,
                text_mask: torch.Tensor | None) -> torch.Tensor:
+        if image is not None:
+            image = (image - self.image_mean.to(image.dtype)) / self.image_std.to(image.dtype)
+        if text is not None:
+            text = (text - self.text_mean.to(text.dtype)) / self.text_std.to(text.dtype)
         if self.modality == "image":
             return self.image_proj(image).mean(1)
         padding = ~text_mask if text_mask is not None else None
@@ -103,6 +129,14 @@ class EncoderClassifier(nn.Module):
         super().__init__()
         self.encoder, self.classifier, self.normalize = encoder, classifier, normalize
 
+    def rebuilt_keys(self) -> set[str]:
+        """State keys not saved with a run: frozen pretrained encoder weights (LoRA's base layers), which the
+        encoder's source rebuilds; a randomly initialised (tiny) encoder is saved whole."""
+        if not getattr(self.encoder, "pretrained", False):
+            return set()
+        frozen = {f"encoder.{n}" for n, p in self.encoder.named_parameters() if not p.requires_grad}
+        return frozen | {f"encoder.{n}" for n, _ in self.encoder.named_buffers()}
+
     def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None,
                 text_mask: torch.Tensor | None = None, pixels: torch.Tensor | None = None) -> torch.Tensor:
         from pathology_brats.encoder import normalize_pixels
@@ -119,12 +153,17 @@ def build_classifier(kwargs: dict) -> TileCaptionClassifier:
 def build_run_model(meta: dict) -> nn.Module:
     """Rebuild a run's model from ``model.json``: the classifier, with its encoder when that was trained."""
     classifier = build_classifier(meta["kwargs"])
-    if meta["data"].get("encoder_mode", "frozen") == "frozen":
+    mode = meta["data"].get("encoder_mode", "frozen")
+    if mode == "frozen":
         return classifier
-    from pathology_brats.encoder import load_tile_encoder
+    from pathology_brats.encoder import add_lora, load_tile_encoder
 
-    encoder = load_tile_encoder(meta["data"]["encoder"], meta["data"]["image_tokens"], pretrained=False)
-    return EncoderClassifier(encoder, classifier, meta["data"]["normalize"])
+    data = meta["data"]
+    # LoRA runs saved only the adapters over a pretrained backbone: rebuild that backbone from its source.
+    encoder = load_tile_encoder(data["encoder"], data["image_tokens"], pretrained=mode == "lora")
+    if mode == "lora":
+        encoder = add_lora(encoder, data["lora_r"], data["lora_alpha"])
+    return EncoderClassifier(encoder, classifier, data["normalize"])
 
 
 __all__ = ["MODALITIES", "DIRECTIONS", "CrossBlock", "TileCaptionClassifier", "EncoderClassifier",

@@ -40,14 +40,13 @@ from common.runs import model_record, save_run_model
 from common.splits import group_split, split_csv_text
 from pathology_brats.captions import check_captions, read_captions
 from pathology_brats.data import VAL_FOLDER, load_tiles
-from pathology_brats.encoder import CROP, RESIZE, check_image_tokens, load_tile_encoder
+from pathology_brats.encoder import CROP, RESIZE, add_lora, check_image_tokens, load_tile_encoder
 from pathology_brats.inputs import (
     TileDataset,
     add_input_args,
     default_feature_cache,
     forward,
     image_inputs,
-    resolve_encoder_mode,
     text_inputs,
 )
 from pathology_brats.model import DIRECTIONS, MODALITIES, EncoderClassifier, TileCaptionClassifier
@@ -116,7 +115,8 @@ def input_settings(args: argparse.Namespace, data_root: Path, captions: Path | N
             else None, "captions": str(captions.resolve()) if captions else None, "schema": args.schema,
             "encoder": args.encoder, "image_tokens": args.image_tokens, "normalize": args.normalize,
             "text_encoder": args.text_encoder, "modality": args.modality,
-            "encoder_mode": resolve_encoder_mode(args.encoder_mode, args.encoder)}
+            "encoder_mode": args.encoder_mode,
+            **({"lora_r": args.lora_r, "lora_alpha": args.lora_alpha} if args.encoder_mode == "lora" else {})}
 
 
 def known_images(all_ids: list[str], data_root: Path) -> list[str]:
@@ -168,8 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                            text[index] if text is not None else None,
                            text_mask[index] if text_mask is not None else None, augment=augment)
 
-    trains_encoder = settings["encoder_mode"] == "full" and image is not None
+    trains_encoder = settings["encoder_mode"] != "frozen" and image is not None
     encoder = load_tile_encoder(args.encoder, args.image_tokens, pretrained=True) if trains_encoder else None
+    if encoder is not None and settings["encoder_mode"] == "lora":
+        encoder = add_lora(encoder, args.lora_r, args.lora_alpha)
     image_dim = encoder.dim if encoder is not None else (int(image.shape[-1]) if image is not None else 1)
     kwargs = {"image_dim": image_dim,
               "text_dim": int(text.shape[-1]) if text is not None else 1, "num_classes": len(schema.classes),
@@ -177,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               "layers": args.layers, "heads": args.heads, "dropout": args.dropout}
     torch.manual_seed(args.seed)
     model = TileCaptionClassifier(**kwargs)
+    model.fit_standardization(image[parts["train"]] if image is not None and not trains_encoder else None,
+                              text[parts["train"]] if text is not None else None,
+                              text_mask[parts["train"]] if text_mask is not None else None)
     if encoder is not None:
         model = EncoderClassifier(encoder.train(), model, args.normalize)
     counts = np.bincount(tiles.labels[parts["train"]], minlength=len(schema.classes)).astype(np.float64)
@@ -189,7 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "preprocessing": {"resize": RESIZE, "crop": CROP, "normalize": args.normalize,
                               "image_tokens": args.image_tokens},
             "data": settings, "monitor": args.monitor, "schema": args.schema}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     run_files = {"config.yaml": config_text(args),
                  "split.csv": split_csv_text(tiles.ids, tiles.ids, assignments),
                  "data.json": json.dumps({"tiles": len(tiles), "counts": tiles.counts(), **settings}, indent=2,

@@ -5,6 +5,7 @@ Example:
     python -m common.phantoms cxr --format iu --out data/iu_phantom --n 200
     python -m common.phantoms cxr --format chexpert --out data/chexpert_phantom --n 500
     python -m common.phantoms histology --out data/histology_phantom --n 80 --schema 2025
+    python -m common.phantoms brain --out data/brain_phantom --n 60 --size 64 64 48
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.cli import MedvlArgumentParser, parse_args, positive_int, seed_int
+from common.cli import MedvlArgumentParser, nonnegative_int, parse_args, positive_int, seed_int
 from common.errors import ConfigError, cli_entry
 
 FORMATS = ("medmnist", "iu", "chexpert")
@@ -49,6 +50,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     histology.add_argument("--seed", type=seed_int, default=0)
     histology.add_argument("--size", type=positive_int, default=None, help="tile side in pixels (default 128)")
     histology.add_argument("--schema", choices=("2024", "2025", "2026"), default="2025")
+    brain = sub.add_parser("brain", help="BraTS 2020 FLAIR volumes with TextBraTS reports, healthy controls, truth")
+    brain.add_argument("--out", type=Path, required=True)
+    brain.add_argument("--n", type=positive_int, default=None, help="tumour cases (default 60)")
+    brain.add_argument("--healthy", type=nonnegative_int, default=None,
+                       help="healthy controls written to OUT/healthy (default: a fifth of --n, at least 1)")
+    brain.add_argument("--seed", type=seed_int, default=0)
+    brain.add_argument("--size", type=positive_int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                       help="voxels left-right, back-front, down-up (default 64 64 48) over a fixed 240 x 240 x 180 "
+                            "mm field of view")
     return parser
 
 
@@ -57,6 +67,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
     if args.out.exists() and not args.out.is_dir():
         raise ConfigError("--out", f"{args.out} is a file, not a directory")
+    if args.kind == "brain":
+        from common.phantoms import brain
+
+        size = tuple(args.size or brain.DEFAULT_SIZE)
+        if min(size) < brain.MIN_SIZE:
+            raise ConfigError("--size", f"{size[0]} {size[1]} {size[2]} voxels cannot draw a tumour's core and edema; "
+                                        f"use at least {brain.MIN_SIZE} a side")
+        if max(size) > brain.MAX_SIZE:
+            raise ConfigError("--size", f"{max(size)} voxels is more than the phantom's {brain.MAX_SIZE} a side")
+        if args.n is not None and args.n < brain.MIN_N:
+            raise ConfigError("--n", f"{args.n} tumour cases cannot fill a side-stratified train/val/test split; use "
+                                     f"at least {brain.MIN_N}")
+        path = brain.write_brain(args.out, n=args.n or brain.DEFAULT_N, seed=args.seed, size=size,
+                                 n_healthy=args.healthy)
+        print(f"wrote {path}")
+        return 0
     if args.kind == "histology":
         from common.phantoms import histology
 

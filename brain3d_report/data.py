@@ -1,0 +1,724 @@
+"""Brain MRI cases for report generation: BraTS layouts, TextBraTS reports and splits, healthy controls, and MONAI
+preprocessing with a persistent cache.
+
+    python -m brain3d_report.data --data-root data/brain_phantom --split stratified --write-split split.csv
+
+Layouts (ROOT = ``--data-root``, one folder per case):
+    ROOT/<ID>/<ID>_flair.nii[.gz]      BraTS 2020 (``MICCAI_BraTS2020_TrainingData``), e.g. ``BraTS20_Training_001``
+    ROOT/<ID>/<ID>-t2f.nii[.gz]        BraTS 2023 names (t2f is FLAIR), e.g. ``BraTS-GLI-00001-000``
+    ROOT/healthy/sub-*.nii[.gz]        healthy controls (or ``--healthy-root``, e.g. the seed's
+                                       ``HealthyBrains_Preprocessed/sub-*_preprocessed.nii.gz``); id = name up to ``_``
+
+Reports (``--reports``):
+    (not given)      ROOT/<ID>/<ID>_flair_text.txt, the TextBraTS file beside the volume
+    DIR              DIR/<ID>/<ID>_flair_text.txt, a separate TextBraTS tree (``TextBraTS/TextBraTSData``)
+    FILE.json        one ``{case_id: text}`` mapping
+    textbrats        the 369 real TextBraTS reports of BraTS 2020 shipped in ``brain3d_report/textbrats``
+Healthy controls take the report a mapping gives them, else one of ``HEALTHY_TEMPLATES`` chosen by a SHA-256 of the
+id, so the choice is the same in every process (the seed's ``hash()`` changes with ``PYTHONHASHSEED``).
+
+Splits (``--split``):
+    stratified   grouped by case, stratified by lesion side (``report_side``), 70/10/20, seed 42 (the seed's)
+    official     the TextBraTS split shipped with this package: Train.json fold 1 -> train (220), fold 0 -> val (56),
+                 as TextBraTS's ``--fold 0`` uses it, Test.json -> test (93); cases it does not list are left out,
+                 healthy controls are split 70/10/20 among themselves
+    CSV          a ``split.csv`` written before (``id,group,split``), to evaluate on the split a run trained with
+
+Volumes: LoadImage (nibabel), channel first, ``Orientation("RAS")``, p1-p99 scaling to [0, 1] with clipping, a
+transpose to (1, D, H, W) and a resize to ``volume_size`` (default (64, 128, 128), the seed's training size).
+Axes after the transpose, as the seed's ``(H, W, D) -> (D, H, W)`` of a canonical (RAS) array:
+    D  inferior -> superior (axial slices)
+    H  the patient's left -> right: the side of a lesion is H < H/2 (left) or H >= H/2 (right)
+    W  posterior -> anterior
+Headers are checked with nibabel before MONAI reads the data (``check_nifti``), so a bad file is one line that
+names it. With a cache directory, preprocessed volumes are kept on disk (``monai.data.PersistentDataset``) in a
+folder keyed by the preprocessing settings; epochs after the first read no NIfTI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import logging
+import math
+import re
+import zlib
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int, unit_interval
+from common.errors import ConfigError, DataError, cli_entry
+from common.splits import group_split, load_split_csv, save_split_csv
+
+log = logging.getLogger("medvl.brain3d_report")
+
+DEFAULT_VOLUME_SIZE = (64, 128, 128)
+"""(D, H, W) of a preprocessed volume: the seed's training size."""
+PERCENTILES = (1.0, 99.0)
+SPLITS = ("train", "val", "test")
+DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
+DEFAULT_SPLIT_SEED = 42
+SIDES = ("left", "right", "bilateral", "none", "unknown")
+"""Lesion side read from a report: ``none`` for a report of no lesion, ``unknown`` for a lesion without a side."""
+HEALTHY_FOLDER = "healthy"
+PACKAGED_REPORTS = "textbrats"
+FLAIR_SUFFIXES = ("_flair.nii.gz", "_flair.nii", "-t2f.nii.gz", "-t2f.nii")
+REPORT_SUFFIX = "_flair_text.txt"
+CACHE_FORMAT = 1
+"""Bumped whenever the preprocessing changes in a way its settings do not show, to retire old caches."""
+
+HEALTHY_TEMPLATES = (
+    "No focal lesion is seen in the brain parenchyma. Grey and white matter show normal FLAIR signal, and there is no "
+    "edema. The ventricles are normal in size and shape, without compression or midline shift.",
+    "The brain shows no abnormal signal on the FLAIR sequence. No mass, edema or necrosis is observed. The ventricular "
+    "system is symmetric and of normal size.",
+    "No space-occupying lesion is identified. Signal intensity of the cerebral hemispheres is within normal limits, "
+    "without areas of edema. Ventricular compression is not observed.",
+    "FLAIR images show no focal abnormality. The cortical sulci and the ventricles are normal for age, and there is no "
+    "mass effect.",
+    "No lesion area is seen, and the parenchymal signal is homogeneous and unremarkable. There is no edema, necrosis "
+    "or enhancement to suggest a tumor. The ventricles are not compressed.",
+    "The study is unremarkable: no focal high-signal area, no edema and no mass effect. The ventricles and midline "
+    "structures are normal.",
+    "No abnormal high or low signal area is seen in the brain. There is no evidence of tumor, edema or ventricular "
+    "compression.",
+)
+"""Reports of healthy controls (written for this project in the TextBraTS register); none names a side."""
+
+_BILATERAL = re.compile(r"\bbilateral(ly)?\b|\bboth (cerebral )?hemispheres\b|\bboth sides\b")
+_NO_LESION = re.compile(r"\bno\b[^.]{0,40}\b(lesion|mass|abnormal\w*|tumou?r)|\bunremarkable\b")
+
+
+# --- cases -------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Case:
+    """One FLAIR volume with its report.
+
+    Attributes:
+        id: case id (``BraTS20_Training_001``, ``BraTS-GLI-00001-000``, ``sub-0001``).
+        flair: the FLAIR NIfTI file.
+        report: report text (whitespace collapsed); empty only when reports were not required.
+        side: lesion side from the report, one of ``SIDES`` (``none`` for healthy controls).
+        healthy: a healthy control (its report may be a template).
+        split: ``train``, ``val`` or ``test``; empty when no split was asked for.
+    """
+
+    id: str
+    flair: Path
+    report: str
+    side: str
+    healthy: bool
+    split: str = ""
+
+
+@dataclass
+class Cases:
+    """The cases found under a data root, in order, plus what was left out and why."""
+
+    cases: list[Case]
+    source: Path
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    """(file, reason) of each bad input passed over with ``skip_bad``."""
+    unlisted: list[str] = field(default_factory=list)
+    """Ids on disk that the chosen split does not list (left out, not an error)."""
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __iter__(self) -> Iterator[Case]:
+        return iter(self.cases)
+
+    def __getitem__(self, index: int) -> Case:
+        return self.cases[index]
+
+    @property
+    def ids(self) -> list[str]:
+        return [c.id for c in self.cases]
+
+    def split(self, name: str) -> list[Case]:
+        """The cases of one split, in order."""
+        return [c for c in self.cases if c.split == name]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """``{split: {side: count}}`` for a summary table."""
+        table: dict[str, Counter] = {}
+        for case in self.cases:
+            table.setdefault(case.split or "all", Counter())[case.side] += 1
+        return {split: dict(sorted(counter.items())) for split, counter in table.items()}
+
+    def __repr__(self) -> str:
+        return f"Cases({self.source}: {len(self)} cases, {self.counts()}, skipped {len(self.skipped)})"
+
+
+def report_side(text: str) -> str:
+    """Lesion side named by a report: ``left``, ``right``, ``bilateral``, ``none`` or ``unknown``.
+
+    The first sentence (TextBraTS's "The lesion area is in ...") decides; when it names no side, the whole report
+    does. ``bilateral``, "both hemispheres" or both words make ``bilateral``. A report naming no side is ``none``
+    when it says there is no lesion, else ``unknown``.
+    """
+    text = " ".join(str(text).lower().split())
+    first = re.split(r"(?<=\.)\s", text, maxsplit=1)[0]
+    for scope in (first, text):
+        words = set(re.findall(r"[a-z]+", scope))
+        if _BILATERAL.search(scope) or {"left", "right"} <= words:
+            return "bilateral"
+        if "left" in words:
+            return "left"
+        if "right" in words:
+            return "right"
+    return "none" if _NO_LESION.search(text) else "unknown"
+
+
+def healthy_report(case_id: str) -> str:
+    """The template report of a healthy control, chosen by a SHA-256 of its id (stable across processes)."""
+    digest = hashlib.sha256(case_id.encode("utf-8")).digest()
+    return HEALTHY_TEMPLATES[int.from_bytes(digest[:8], "big") % len(HEALTHY_TEMPLATES)]
+
+
+def packaged_file(name: str) -> Path:
+    """A file of the TextBraTS data shipped with the package (``reports.json``, ``Train.json``, ``Test.json``)."""
+    return Path(str(resources.files("brain3d_report") / "textbrats" / name))
+
+
+# --- NIfTI checks --------------------------------------------------------------------------------------------------
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def check_nifti(path: Path) -> tuple[int, ...]:
+    """Check a NIfTI header, cheaply, before MONAI reads the voxels; returns the shape.
+
+    Raises DataError (naming the file) when the file is unreadable, not 3-D, has a zero, singular or non-finite
+    affine, or is shorter than its header says (truncated). A ``.nii.gz`` is checked against the uncompressed size
+    its gzip trailer records; only when that disagrees is the stream decompressed to find out.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    try:
+        image = nib.load(path)
+        shape = tuple(int(s) for s in image.shape)
+        affine = np.asarray(image.affine, dtype=float)
+        offset = int(image.dataobj.offset)
+        itemsize = image.get_data_dtype().itemsize
+    except Exception as err:  # nibabel raises many types (ImageFileError, HeaderDataError, EOFError, zlib.error...)
+        raise DataError(path, f"not a readable NIfTI file ({_first_line(err)})") from err
+    if len(shape) != 3:
+        raise DataError(path, f"is {len(shape)}-D with shape {shape}; a 3-D volume is expected")
+    if min(shape) < 2:
+        raise DataError(path, f"shape {shape} has an axis of fewer than 2 voxels")
+    if not np.isfinite(affine).all():
+        raise DataError(path, "the header's affine has non-finite values (NaN or inf)")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise DataError(path, "the header's affine is zero or singular, so the voxel axes have no orientation")
+    _check_complete(path, offset + math.prod(shape) * itemsize)
+    return shape
+
+
+def _check_complete(path: Path, expected: int) -> None:
+    if not path.name.endswith(".gz"):
+        size = path.stat().st_size
+        if size < expected:
+            raise DataError(path, f"truncated: {size} bytes where the header needs {expected}")
+        return
+    with open(path, "rb") as handle:
+        handle.seek(-4, 2)
+        if int.from_bytes(handle.read(4), "little") == expected % 2**32:
+            return
+    total = 0
+    try:
+        with gzip.open(path, "rb") as stream:
+            while chunk := stream.read(1 << 22):
+                total += len(chunk)
+    except (EOFError, OSError, zlib.error) as err:
+        raise DataError(path, f"truncated or corrupt gzip stream ({_first_line(err)})") from err
+    if total < expected:
+        raise DataError(path, f"truncated: {total} bytes of NIfTI where the header needs {expected}")
+
+
+# --- discovery -----------------------------------------------------------------------------------------------------
+
+def find_flair(case_dir: Path) -> Path:
+    """The FLAIR file of a case folder: ``<ID>_flair.nii[.gz]`` (BraTS 2020) or ``<ID>-t2f.nii[.gz]`` (BraTS 2023)."""
+    case_dir = Path(case_dir)
+    for suffix in FLAIR_SUFFIXES:
+        if (case_dir / f"{case_dir.name}{suffix}").is_file():
+            return case_dir / f"{case_dir.name}{suffix}"
+    found = sorted(p for p in case_dir.iterdir() if p.is_file() and p.name.endswith(FLAIR_SUFFIXES))
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        raise DataError(case_dir, f"{len(found)} FLAIR files ({', '.join(p.name for p in found)}); keep one")
+    raise DataError(case_dir, f"no FLAIR volume ({case_dir.name}_flair.nii[.gz] or {case_dir.name}-t2f.nii[.gz])")
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.is_file() and path.name.endswith((".nii", ".nii.gz"))
+
+
+def _is_case_folder(folder: Path) -> bool:
+    """A folder that holds a volume or a report, or is named like a BraTS case (so a missing FLAIR is reported)."""
+    if folder.name.startswith(".") or not folder.is_dir():
+        return False
+    return folder.name.startswith("BraTS") or any(_is_nifti(p) or p.name.endswith(REPORT_SUFFIX)
+                                                   for p in folder.iterdir())
+
+
+def _healthy_id(path: Path) -> str:
+    return re.sub(r"\.nii(\.gz)?$", "", path.name).split("_")[0]
+
+
+class _Collector:
+    """Raises each bad input as a DataError, or with ``skip_bad`` records and logs it."""
+
+    def __init__(self, skip_bad: bool):
+        self.skip_bad = skip_bad
+        self.skipped: list[tuple[str, str]] = []
+
+    def bad(self, err: DataError) -> None:
+        if not self.skip_bad:
+            raise err
+        log.warning("skipped %s: %s", err.source, err.message)
+        self.skipped.append((err.source, err.message))
+
+
+def _scan_cases(root: Path, healthy_root: Path | None, collector: _Collector) -> list[tuple[str, Path]]:
+    found = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        if (healthy_root is not None and folder.resolve() == healthy_root.resolve()) or not _is_case_folder(folder):
+            continue
+        try:
+            flair = find_flair(folder)
+            check_nifti(flair)
+        except DataError as err:
+            collector.bad(err)
+            continue
+        found.append((folder.name, flair))
+    return found
+
+
+def _scan_healthy(folder: Path, collector: _Collector) -> list[tuple[str, Path]]:
+    if not folder.is_dir():
+        collector.bad(DataError(folder, "healthy-control folder does not exist"))
+        return []
+    files = sorted(p for p in folder.iterdir() if _is_nifti(p) and p.name.startswith("sub-"))
+    if not files:
+        collector.bad(DataError(folder, "no healthy volumes (sub-*.nii or sub-*.nii.gz) in this folder"))
+        return []
+    found: dict[str, Path] = {}
+    for path in files:
+        try:
+            case_id = _healthy_id(path)
+            if case_id in found:
+                raise DataError(path, f"a second volume of {case_id} (first: {found[case_id].name})")
+            check_nifti(path)
+        except DataError as err:
+            collector.bad(err)
+            continue
+        found[case_id] = path
+    return list(found.items())
+
+
+class _Reports:
+    """Where reports come from: files beside the volumes, a TextBraTS tree, or a ``{case_id: text}`` JSON."""
+
+    def __init__(self, reports: str | Path | None, root: Path):
+        self.root, self.mapping, self.tree, self.json_path = root, None, None, None
+        if reports is None:
+            return
+        path = packaged_file("reports.json") if str(reports) == PACKAGED_REPORTS else Path(reports)
+        if path.is_dir():
+            self.tree = path
+            return
+        if not path.is_file():
+            raise DataError(path, "reports not found (give a {case_id: text} JSON, a TextBraTS folder or textbrats)")
+        try:
+            mapping = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise DataError(path, f"not a JSON file of reports ({_first_line(err)})") from err
+        if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+            raise DataError(path, "reports JSON must map case ids to report text")
+        self.mapping, self.json_path = mapping, path
+
+    def file_of(self, case_id: str) -> Path:
+        base = self.tree if self.tree is not None else self.root
+        return base / case_id / f"{case_id}{REPORT_SUFFIX}"
+
+    def get(self, case_id: str, required: bool) -> str | None:
+        """The report text; None when there is none (an error if ``required``); an empty report is always one."""
+        if self.mapping is not None:
+            if case_id not in self.mapping:
+                if required:
+                    raise DataError(self.json_path, f"no report for case {case_id}")
+                return None
+            text = " ".join(self.mapping[case_id].split())
+            if not text:
+                raise DataError(self.json_path, f"the report of case {case_id} is empty")
+            return text
+        path = self.file_of(case_id)
+        if not path.is_file():
+            if required:
+                raise DataError(path, f"no report for case {case_id} (TextBraTS file missing)")
+            return None
+        try:
+            text = " ".join(path.read_bytes().decode("utf-8").split())
+        except UnicodeDecodeError as err:
+            raise DataError(path, f"report is not UTF-8 text (byte {err.start})") from err
+        if not text:
+            raise DataError(path, "empty report")
+        return text
+
+    def get_healthy(self, case_id: str) -> str:
+        if self.mapping is not None and case_id in self.mapping:
+            return self.get(case_id, required=True)
+        return healthy_report(case_id)
+
+
+def official_split(train_json: Path | None = None, test_json: Path | None = None) -> dict[str, str]:
+    """``{case_id: split}`` of the TextBraTS split (the packaged Train.json / Test.json unless given).
+
+    The files are MONAI datalists ``{"training": [{"fold", "image": [<ID>/<ID>_flair.nii.gz, ...], ...}]}``. In
+    Train.json fold 0 is the validation fold (TextBraTS's ``--fold 0``: "0 for validation and 1 for training").
+    """
+    out: dict[str, str] = {}
+    for path, test in ((Path(train_json or packaged_file("Train.json")), False),
+                       (Path(test_json or packaged_file("Test.json")), True)):
+        for k, entry in enumerate(_datalist(path)):
+            image = entry.get("image") if isinstance(entry, dict) else None
+            first = image[0] if isinstance(image, list) and image else image
+            match = re.match(r"(.+?)(_flair|_t1ce|_t1|_t2|-t2f|-t1c|-t1n|-t2w)\.nii(\.gz)?$",
+                             Path(str(first)).name) if isinstance(first, str) else None
+            if match is None:
+                raise DataError(path, f"entry {k}: image {first!r} is not named <ID>_flair.nii.gz")
+            split = "test" if test else ("val" if entry.get("fold") == 0 else "train")
+            if out.setdefault(match.group(1), split) != split:
+                raise DataError(path, f"case {match.group(1)} is listed in two splits")
+    return out
+
+
+def _datalist(path: Path) -> list:
+    if not path.is_file():
+        raise DataError(path, "split file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(path, f"not a JSON datalist ({_first_line(err)})") from err
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        data = lists[0] if len(lists) == 1 else None
+    if not isinstance(data, list):
+        raise DataError(path, "expected a MONAI datalist: a list of entries, or {\"training\": [...]}")
+    return data
+
+
+def side_stratified_split(ids: Sequence[str], sides: Sequence[str], fractions: Sequence[float] = DEFAULT_FRACTIONS,
+                          seed: int = DEFAULT_SPLIT_SEED) -> list[str]:
+    """Train/val/test per case, grouped by case id and stratified by lesion side (``common.splits.group_split``)."""
+    return group_split(np.asarray(ids), np.asarray(sides), fractions=fractions, seed=seed, names=SPLITS).tolist()
+
+
+def load_cases(data_root: Path, *, reports: str | Path | None = None, healthy_root: Path | None = None,
+               split: str | Path | None = "stratified", fractions: Sequence[float] = DEFAULT_FRACTIONS,
+               seed: int = DEFAULT_SPLIT_SEED, skip_bad: bool = False, require_reports: bool = True) -> Cases:
+    """Every case under ``data_root`` (and the healthy controls), with report, side and split.
+
+    Args:
+        data_root: folder of case folders (BraTS 2020 or 2023 names).
+        reports: None (files beside the volumes), a TextBraTS folder, a ``{case_id: text}`` JSON, or ``textbrats``.
+        healthy_root: folder of ``sub-*.nii[.gz]``; default ``data_root/healthy`` when it exists.
+        split: ``stratified``, ``official``, a ``split.csv`` path, or None for no split.
+        fractions: train/val/test shares of the stratified split (and of the healthy controls under ``official``).
+        seed: split seed.
+        skip_bad: skip and count bad cases instead of raising (``Cases.skipped``).
+        require_reports: a case without a report is an error; with False it gets an empty report and side
+            ``unknown`` (inference on new scans). An empty report file is an error either way.
+
+    Returns:
+        ``Cases``, sorted: tumour cases by id, then healthy controls by id.
+
+    Raises:
+        DataError: naming the file (or folder) at fault, unless ``skip_bad`` allows skipping it.
+    """
+    root = Path(data_root)
+    if not root.is_dir():
+        raise DataError(root, "--data-root does not exist or is not a directory")
+    collector = _Collector(skip_bad)
+    default_healthy = root / HEALTHY_FOLDER
+    healthy_dir = Path(healthy_root) if healthy_root is not None else (default_healthy if default_healthy.is_dir()
+                                                                       else None)
+    tumour = _scan_cases(root, healthy_dir, collector)
+    healthy = _scan_healthy(healthy_dir, collector) if healthy_dir is not None else []
+    if not tumour and not healthy and not collector.skipped:
+        raise DataError(root, "no case folders with a FLAIR volume (<ID>/<ID>_flair.nii[.gz] or <ID>-t2f.nii[.gz])")
+    source = _Reports(reports, root)
+
+    assigned: dict[str, str] | None = None
+    unlisted: list[str] = []
+    if split is not None and str(split) not in ("stratified", "official"):
+        assigned = _read_split_csv(Path(split), [i for i, _ in tumour + healthy], collector)
+    elif str(split) == "official":
+        assigned = official_split()
+        ids = [i for i, _ in healthy]
+        assigned.update(zip(ids, side_stratified_split(ids, ["none"] * len(ids), fractions, seed)))
+    if assigned is not None:
+        unlisted = [i for i, _ in tumour + healthy if i not in assigned]
+        tumour = [(i, p) for i, p in tumour if i in assigned]
+        healthy = [(i, p) for i, p in healthy if i in assigned]
+        if unlisted:
+            log.info("%d cases under %s are not in the split and are left out", len(unlisted), root)
+
+    cases = []
+    for case_id, flair in tumour:
+        try:
+            text = source.get(case_id, required=require_reports)
+        except DataError as err:
+            collector.bad(err)
+            continue
+        cases.append(Case(case_id, flair, text or "", report_side(text) if text else "unknown", False))
+    for case_id, flair in healthy:
+        try:
+            cases.append(Case(case_id, flair, source.get_healthy(case_id), "none", True))
+        except DataError as err:
+            collector.bad(err)
+    if not cases:
+        raise DataError(root, f"no usable cases ({len(collector.skipped)} skipped, {len(unlisted)} not in the split)")
+
+    if assigned is not None:
+        cases = [_with_split(c, assigned[c.id]) for c in cases]
+    elif split is not None:
+        names = side_stratified_split([c.id for c in cases], [c.side for c in cases], fractions, seed)
+        cases = [_with_split(c, s) for c, s in zip(cases, names)]
+    return Cases(cases, root, collector.skipped, unlisted)
+
+
+def _with_split(case: Case, split: str) -> Case:
+    return Case(case.id, case.flair, case.report, case.side, case.healthy, split)
+
+
+def _read_split_csv(path: Path, on_disk: list[str], collector: _Collector) -> dict[str, str]:
+    frame = load_split_csv(path)
+    bad = sorted(set(frame["split"]) - set(SPLITS))
+    if bad:
+        raise DataError(path, f"unknown split name(s) {', '.join(bad)}; expected {', '.join(SPLITS)}")
+    present = set(on_disk)
+    for case_id in frame["id"]:
+        if case_id not in present:
+            collector.bad(DataError(path, f"case {case_id} is in the split but not under the data root"))
+    return dict(zip(frame["id"], frame["split"]))
+
+
+def save_split(cases: Cases | Sequence[Case], path: Path) -> Path:
+    """Write ``split.csv`` (``id,group,split``; one volume per case, so group = id)."""
+    ids = [c.id for c in cases]
+    return save_split_csv(path, ids, ids, [c.split for c in cases])
+
+
+# --- volumes -------------------------------------------------------------------------------------------------------
+
+def parse_volume_size(values: Sequence[int]) -> tuple[int, int, int]:
+    """``--volume-size`` as (D, H, W): three integers of at least 2."""
+    size = tuple(int(v) for v in values)
+    if len(size) != 3 or min(size) < 2:
+        raise ConfigError("--volume-size", f"expected three sizes D H W of at least 2, got {' '.join(map(str, size))}")
+    return size
+
+
+def check_volume_size(volume_size: Sequence[int], patch_size: Sequence[int]) -> tuple[int, int, int]:
+    """The token grid (D/pd, H/ph, W/pw) of a volume cut into (pd, ph, pw) patches; refuses a size that leaves a rest.
+
+    Raises:
+        ConfigError: on ``--volume-size``, naming the nearest sizes that divide.
+    """
+    size = parse_volume_size(volume_size)
+    patch = tuple(int(p) for p in patch_size)
+    if len(patch) != 3 or min(patch) < 1:
+        raise ConfigError("--volume-size", f"patch geometry must be three positive sizes, got {patch}")
+    if any(s % p for s, p in zip(size, patch)):
+        fits = " ".join(str(max(p, round(s / p) * p)) for s, p in zip(size, patch))
+        raise ConfigError("--volume-size", f"{' '.join(map(str, size))} is not divisible by the patch "
+                                           f"{' '.join(map(str, patch))}; try {fits}")
+    return tuple(s // p for s, p in zip(size, patch))
+
+
+def cache_key(volume_size: Sequence[int], percentiles: Sequence[float] = PERCENTILES) -> str:
+    """A short digest of everything that shapes a preprocessed volume: a new setting gets a new cache folder."""
+    import monai
+
+    settings = {"volume_size": [int(s) for s in volume_size], "percentiles": [float(p) for p in percentiles],
+                "axcodes": "RAS", "layout": "DHW", "resize": "trilinear+antialias", "format": CACHE_FORMAT,
+                "monai": monai.__version__}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def preprocess_transform(volume_size: Sequence[int] = DEFAULT_VOLUME_SIZE, percentiles: Sequence[float] = PERCENTILES):
+    """The MONAI ``Compose`` from a FLAIR path (key ``image``) to a float32 (1, D, H, W) tensor in [0, 1]."""
+    from monai import transforms as mt
+
+    size = parse_volume_size(volume_size)
+    return mt.Compose([
+        mt.LoadImaged("image", reader="NibabelReader", image_only=True, dtype=np.float32),
+        mt.EnsureChannelFirstd("image", channel_dim="no_channel"),
+        # Labels given explicitly: nibabel's affines are RAS+, whatever default a MONAI release assumes.
+        mt.Orientationd("image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        # The orientation was the last step that needs the affine; plain tensors cache smaller and load safely.
+        mt.EnsureTyped("image", data_type="tensor", dtype=torch.float32, track_meta=False),
+        mt.ScaleIntensityRangePercentilesd("image", lower=percentiles[0], upper=percentiles[1], b_min=0.0, b_max=1.0,
+                                           clip=True),
+        mt.Transposed("image", indices=(0, 3, 1, 2)),
+        mt.Resized("image", spatial_size=size, mode="trilinear", anti_aliasing=True),
+        mt.EnsureTyped("image", data_type="tensor", dtype=torch.float32, track_meta=False),
+    ])
+
+
+def _stamp(path: Path) -> str:
+    """Size and modification time: part of a volume's cache key, so a replaced file is preprocessed again."""
+    stat = Path(path).stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+class BrainVolumes(Dataset):
+    """``{"image": (1, D, H, W) float32, "id", "report", "side", "healthy", "split"}`` per case.
+
+    Volumes go through ``preprocess_transform``; with ``cache_dir`` each preprocessed volume is saved once (MONAI
+    ``PersistentDataset``, in a subfolder named by ``cache_key``) and read from there afterwards. Reports are not
+    part of the cache, so an edited report needs no new cache.
+    """
+
+    def __init__(self, cases: Sequence[Case], volume_size: Sequence[int] = DEFAULT_VOLUME_SIZE,
+                 cache_dir: Path | None = None, percentiles: Sequence[float] = PERCENTILES):
+        from monai.data import Dataset as MonaiDataset
+        from monai.data import PersistentDataset
+
+        self.cases = list(cases)
+        self.volume_size = parse_volume_size(volume_size)
+        transform = preprocess_transform(self.volume_size, percentiles)
+        items = [{"image": str(c.flair), "stamp": _stamp(c.flair)} for c in self.cases]
+        self.cache_dir = None
+        if cache_dir is None:
+            self.volumes = MonaiDataset(items, transform)
+        else:
+            self.cache_dir = Path(cache_dir) / f"volumes-{cache_key(self.volume_size, percentiles)}"
+            self.volumes = PersistentDataset(items, transform, cache_dir=self.cache_dir)
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> dict:
+        case = self.cases[index]
+        try:
+            image = self.volumes[index]["image"]
+        except Exception as err:  # MONAI wraps reader errors in RuntimeError; name the file, not the transform chain
+            cause = err
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            raise DataError(case.flair, f"cannot preprocess ({_first_line(cause)})") from err
+        return {"image": image, "id": case.id, "report": case.report, "side": case.side, "healthy": case.healthy,
+                "split": case.split}
+
+
+def make_dataset(cases: Sequence[Case], volume_size: Sequence[int] = DEFAULT_VOLUME_SIZE,
+                 cache_dir: Path | None = None) -> BrainVolumes:
+    """The dataset of ``cases`` (e.g. ``load_cases(...).split("train")``), cached under ``cache_dir`` if given."""
+    return BrainVolumes(cases, volume_size, cache_dir)
+
+
+def stack_volumes(dataset: BrainVolumes) -> torch.Tensor:
+    """All volumes of a dataset as one (N, 1, D, H, W) tensor, to keep small data on the training device."""
+    return torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+
+
+def load_volume(path: Path, volume_size: Sequence[int] = DEFAULT_VOLUME_SIZE) -> torch.Tensor:
+    """One FLAIR file preprocessed like the training data: (1, D, H, W) float32 (for inference on a new scan)."""
+    check_nifti(path)
+    try:
+        return preprocess_transform(volume_size)({"image": str(path)})["image"]
+    except Exception as err:
+        raise DataError(path, f"cannot preprocess ({_first_line(err)})") from err
+
+
+# --- command line --------------------------------------------------------------------------------------------------
+
+def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The data flags shared by the brain3d_report scripts."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--data-root", type=Path, required=True,
+                       help="folder of case folders <ID>/<ID>_flair.nii[.gz] or <ID>/<ID>-t2f.nii.gz")
+    group.add_argument("--reports", default=None,
+                       help="reports: a {case_id: text} JSON, a TextBraTS folder <ID>/<ID>_flair_text.txt, or "
+                            "'textbrats' (the packaged 369 reports); default: the text files beside the volumes")
+    group.add_argument("--healthy-root", type=Path, default=None,
+                       help="folder of healthy controls sub-*.nii[.gz] (default DATA_ROOT/healthy when present)")
+    group.add_argument("--split", default="stratified",
+                       help="stratified (by lesion side, 70/10/20 by default), official (TextBraTS Train/Test.json) "
+                            "or a split.csv written by an earlier run")
+    group.add_argument("--val-fraction", type=unit_interval, default=DEFAULT_FRACTIONS[1],
+                       help="share of cases in val (stratified split)")
+    group.add_argument("--test-fraction", type=unit_interval, default=DEFAULT_FRACTIONS[2],
+                       help="share of cases in test (stratified split)")
+    group.add_argument("--split-seed", type=int, default=DEFAULT_SPLIT_SEED, help="seed of the stratified split")
+    group.add_argument("--skip-bad", action="store_true",
+                       help="skip and count cases with a missing FLAIR, a bad NIfTI or a missing/empty report")
+    group.add_argument("--volume-size", type=positive_int, nargs=3, default=list(DEFAULT_VOLUME_SIZE),
+                       metavar=("D", "H", "W"), help="preprocessed volume size (default 64 128 128, the seed's)")
+    return parser
+
+
+def cases_from_args(args: argparse.Namespace) -> Cases:
+    """``load_cases`` with the flags of ``add_data_args``."""
+    if args.val_fraction + args.test_fraction >= 1:
+        raise ConfigError("--val-fraction", f"val {args.val_fraction} + test {args.test_fraction} leaves no training "
+                                            "cases")
+    parse_volume_size(args.volume_size)
+    fractions = (1 - args.val_fraction - args.test_fraction, args.val_fraction, args.test_fraction)
+    return load_cases(args.data_root, reports=args.reports, healthy_root=args.healthy_root, split=args.split,
+                      fractions=fractions, seed=args.split_seed, skip_bad=args.skip_bad)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = MedvlArgumentParser(prog="python -m brain3d_report.data", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, parents=[base_parser()])
+    add_data_args(parser)
+    parser.add_argument("--write-split", type=Path, default=None, help="write the split as this split.csv")
+    return parser
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(get_args_parser(), argv)
+    cases = cases_from_args(args)
+    for split, sides in cases.counts().items():
+        print(f"{split:>6}: {sum(sides.values()):4d} cases  " + "  ".join(f"{k} {v}" for k, v in sides.items()))
+    if cases.unlisted:
+        print(f"not in the split: {len(cases.unlisted)}")
+    if cases.skipped:
+        print(f"skipped: {len(cases.skipped)}")
+        for path, reason in cases.skipped:
+            print(f"  {path}: {reason}")
+    if args.write_split is not None:
+        print(f"wrote {save_split(cases, args.write_split)}")
+    return 0
+
+
+__all__ = ["Case", "Cases", "BrainVolumes", "load_cases", "report_side", "healthy_report", "official_split",
+           "side_stratified_split", "save_split", "check_nifti", "find_flair", "check_volume_size",
+           "parse_volume_size", "preprocess_transform", "cache_key", "make_dataset", "stack_volumes", "load_volume",
+           "add_data_args", "cases_from_args", "packaged_file", "DEFAULT_VOLUME_SIZE", "SIDES", "SPLITS",
+           "HEALTHY_TEMPLATES"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,437 @@
+"""Train the 3D brain MRI report model in three stages, each a run of the one training loop.
+
+Example (CPU, phantom, tiny twins):
+    python -m common.phantoms brain --out data/brain_phantom
+    python -m brain3d_report.train --stage contrastive --data-root data/brain_phantom --output-dir runs/brain/r1 \\
+        --vision siglip-tiny --lm tiny-gemma3
+    python -m brain3d_report.train --stage warmup --data-root data/brain_phantom --init runs/brain/r1 \\
+        --output-dir runs/brain/r2
+    python -m brain3d_report.train --stage lora --data-root data/brain_phantom --init runs/brain/r2 \\
+        --output-dir runs/brain/r3
+
+1. ``contrastive``: symmetric InfoNCE between the pooled visual tokens and the frozen text embedding of each report
+   (``--text-embedding lm``: the mean of the LM's last hidden states, as the seed; or a text-encoder preset), with a
+   learnable temperature. A FIFO queue of past text embeddings (``--queue-size``) adds negatives, so the loss is not
+   identically zero at batch size 1, where the seed's stage learned nothing; reports equal to the sample's own
+   (templated healthy controls) are masked out of its negatives.
+2. ``warmup``: the projector (and compressor) learn to caption with the LM frozen; loss on the report tokens only.
+3. ``lora``: LoRA adapters (peft, r 4, alpha 8, on q/k/v/o) plus the projector, early stopping on validation loss.
+
+Stages 2 and 3 start from the best model of ``--init`` and keep its split (``split.csv``) and model settings. A run
+saves what it trained: the frozen LM is rebuilt from its source when the run is loaded, so a stage-3 checkpoint holds
+the vision encoder, compressor, projector and adapters, not the 4-billion-parameter LM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from brain3d_report.data import (
+    PERCENTILES,
+    Cases,
+    add_data_args,
+    cases_from_args,
+    make_dataset,
+    save_split,
+    stack_volumes,
+)
+from brain3d_report.model import (
+    COMPRESSORS,
+    INFLATIONS,
+    LM_PRESETS,
+    POS_EMBS,
+    STAGES,
+    VISION_PRESETS,
+    Brain3DReportModel,
+    build_model,
+    model_from_config,
+    trainable_parameters,
+)
+from common.cli import (
+    MedvlArgumentParser,
+    base_parser,
+    config_text,
+    nonnegative_float,
+    parse_args,
+    positive_int,
+    require,
+)
+from common.engine import add_train_args, check_run_setup, config_from_args, fit
+from common.errors import ConfigError, DataError, cli_entry
+from common.feature_cache import default_cache_root
+from common.runs import load_run, model_record, save_run_model
+from common.text_encoders import text_presets
+
+log = logging.getLogger("medvl.brain3d_report")
+
+PIPELINE = "brain3d_report"
+PROMPT = "Generate a radiology report for this brain MRI FLAIR scan. \n"
+"""The seed's prompt (no chat template), kept so that numbers compare with its paper."""
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+STAGE_DEFAULTS = {
+    # epochs, batch size, grad accumulation, lr, patience
+    "contrastive": (8, 4, 1, 5e-4, None),
+    "warmup": (10, 1, 8, 2e-4, None),
+    "lora": (15, 1, 8, 5e-5, 5),
+}
+"""The seed's schedule per stage (contrastive batch 4 instead of its 1, which leaves InfoNCE without negatives)."""
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parent = base_parser(output_dir=True, seed=True, device=True, precision=True, cache_dir=True, quantization=True)
+    parser = MedvlArgumentParser(description=__doc__, parents=[parent],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", choices=STAGES, default=None, help="contrastive, warmup or lora")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="run whose best model this stage starts from (warmup: a contrastive run; lora: a warmup "
+                             "run); its split and model settings are kept")
+    add_data_args(parser)
+    parser.add_argument("--volume-cache", type=Path, default=None,
+                        help="folder of preprocessed volumes (default: <cache-dir>/volumes or ~/.cache/medvl/volumes)")
+    model = parser.add_argument_group("model (a new contrastive run; later stages take them from --init)")
+    model.add_argument("--vision", default="medsiglip-448", help=f"vision tower: {', '.join(VISION_PRESETS)}")
+    model.add_argument("--lm", default="medgemma-4b", help=f"language model: {', '.join(LM_PRESETS)}")
+    model.add_argument("--depth-patch", type=positive_int, default=2)
+    model.add_argument("--inflation", choices=INFLATIONS, default="centre")
+    model.add_argument("--pos-emb", choices=POS_EMBS, default="pretrained+depth")
+    model.add_argument("--compressor", choices=COMPRESSORS, default="perceiver")
+    model.add_argument("--perceiver-layers", type=positive_int, default=2)
+    model.add_argument("--latents", type=positive_int, default=32)
+    stage = parser.add_argument_group("stages")
+    stage.add_argument("--text-embedding", default="lm",
+                       help=f"contrastive targets: lm (the seed's mean LM state) or {', '.join(text_presets())}")
+    stage.add_argument("--queue-size", type=int, default=64,
+                       help="past text embeddings kept as extra negatives (0: in-batch negatives only)")
+    stage.add_argument("--train-vision", choices=("all", "embeddings"), default="all",
+                       help="contrastive: train the whole vision encoder, or only its embeddings (the seed)")
+    stage.add_argument("--max-text-len", type=positive_int, default=128, help="report tokens kept (the seed's 128)")
+    stage.add_argument("--lora-r", type=positive_int, default=4)
+    stage.add_argument("--lora-alpha", type=positive_int, default=8)
+    stage.add_argument("--lora-dropout", type=nonnegative_float, default=0.05)
+    stage.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), default="auto",
+                       help="recompute activations in the backward pass (auto: on CUDA)")
+    add_train_args(parser, epochs=0, batch_size=0, lr=0.0, weight_decay=0.01, monitor="val_loss", mode="min")
+    for action in parser._actions:  # stage-dependent defaults, filled in by stage_defaults()
+        if action.dest in ("epochs", "batch_size", "lr", "grad_accum", "patience"):
+            action.default = None
+    return parser
+
+
+def stage_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    epochs, batch, accum, lr, patience = STAGE_DEFAULTS[args.stage]
+    for name, value in (("epochs", epochs), ("batch_size", batch), ("grad_accum", accum), ("lr", lr),
+                        ("patience", patience)):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def text_key(text: str) -> int:
+    """A stable 63-bit id of a report (equal reports share it): masks a sample's own report out of its negatives."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+
+
+class VolumeSet(Dataset):
+    """Preprocessed volumes held in memory with per-case tensors (text embedding or token ids) by index."""
+
+    def __init__(self, volumes: torch.Tensor, **fields: torch.Tensor):
+        self.volumes, self.fields = volumes, fields
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"volume": self.volumes[i], **{k: v[i] for k, v in self.fields.items()}}
+
+
+def info_nce(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, keys: torch.Tensor,
+             queue: torch.Tensor | None = None, queue_keys: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE of L2-normalised (B, D) image and text embeddings; ``queue`` (Q, D) adds text negatives.
+
+    Image -> text is a (B + Q)-way choice, text -> image a B-way one (past texts have no image here). Candidates
+    whose report equals the sample's own (same key) are masked out, except the sample's own pair.
+    """
+    image, text = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+    candidates, candidate_keys = text, keys
+    if queue is not None and len(queue):
+        candidates = torch.cat([text, F.normalize(queue.float(), dim=-1)])
+        candidate_keys = torch.cat([keys, queue_keys])
+    logits = scale * image @ candidates.T
+    same = keys[:, None] == candidate_keys[None, :]
+    own = torch.zeros_like(same)
+    own[:, : len(keys)] = torch.eye(len(keys), dtype=torch.bool, device=same.device)
+    logits = logits.masked_fill(same & ~own, float("-inf"))
+    target = torch.arange(len(image), device=image.device)
+    loss = F.cross_entropy(logits, target)
+    if len(image) > 1:
+        back = (scale * text @ image.T).masked_fill((keys[:, None] == keys[None, :]) & ~own[:, : len(keys)],
+                                                    float("-inf"))
+        loss = (loss + F.cross_entropy(back, target)) / 2
+    return loss
+
+
+class ContrastiveTask:
+    """Stage 1: InfoNCE with a queue of past text embeddings (saved with every checkpoint, so resume is exact)."""
+
+    metric_names = ("loss", "recall_at_1", "alignment_margin")
+
+    def __init__(self, meta: dict, queue_size: int, text_dim: int):
+        self.meta, self.queue_size = meta, queue_size
+        self.queue = torch.zeros(0, text_dim)
+        self.queue_keys = torch.zeros(0, dtype=torch.long)
+
+    def training_loss(self, model: Brain3DReportModel, batch) -> torch.Tensor:
+        image = model.pooled(batch["volume"])
+        head = model.text_head
+        text = head(batch["text"].to(head.weight.dtype))
+        queue = head(self.queue.to(head.weight.device, head.weight.dtype)) if len(self.queue) else None
+        loss = info_nce(image, text, model.logit_scale.exp().clamp(max=100), batch["key"], queue,
+                        self.queue_keys.to(batch["key"].device))
+        if self.queue_size:
+            with torch.no_grad():
+                self.queue = torch.cat([batch["text"].detach().float().cpu(), self.queue])[: self.queue_size]
+                self.queue_keys = torch.cat([batch["key"].cpu(), self.queue_keys])[: self.queue_size]
+        return loss
+
+    def task_tensors(self) -> dict[str, torch.Tensor]:
+        return {"queue": self.queue.contiguous(), "queue_keys": self.queue_keys.contiguous()}
+
+    def load_task_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.queue, self.queue_keys = tensors["queue"], tensors["queue_keys"]
+
+    @torch.no_grad()
+    def validate(self, model: Brain3DReportModel, loader, device) -> dict[str, float]:
+        images, texts, keys = [], [], []
+        for batch in loader:
+            images.append(model.pooled(batch["volume"]).float())
+            texts.append(model.text_head(batch["text"].to(model.text_head.weight.dtype)).float())
+            keys.append(batch["key"])
+        image, text, key = torch.cat(images), torch.cat(texts), torch.cat(keys)
+        scale = model.logit_scale.exp().clamp(max=100)
+        loss = info_nce(image, text, scale, key).item()
+        sims = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+        hit = (key[sims.argmax(1)] == key).float().mean().item()
+        # Mean similarity of each volume to its own report minus to the others: > 0 once the two spaces align.
+        off = (sims.sum() - sims.diag().sum()) / max(1, sims.numel() - len(sims))
+        return {"loss": loss, "recall_at_1": hit, "alignment_margin": (sims.diag().mean() - off).item()}
+
+    def save_best(self, model, metrics, directory: Path) -> None:
+        save_run_model(directory, model, model_record(**self.meta, thresholds={}, val_metrics=metrics))
+
+
+class CaptionTask:
+    """Stages 2 and 3: next-token loss on the report tokens after [32 visual tokens; prompt]."""
+
+    metric_names = ("loss",)
+
+    def __init__(self, meta: dict, prompt_ids: torch.Tensor):
+        self.meta, self.prompt_ids = meta, prompt_ids
+
+    def _loss(self, model: Brain3DReportModel, batch) -> torch.Tensor:
+        prompt = self.prompt_ids.to(batch["target"].device).expand(len(batch["target"]), -1)
+        return model.caption_loss(batch["volume"], prompt, batch["target"], target_mask=batch["target_mask"])
+
+    def training_loss(self, model, batch) -> torch.Tensor:
+        return self._loss(model, batch)
+
+    @torch.no_grad()
+    def validate(self, model, loader, device) -> dict[str, float]:
+        total, count = 0.0, 0
+        for batch in loader:
+            tokens = int(batch["target_mask"].sum())
+            total += self._loss(model, batch).item() * tokens
+            count += tokens
+        return {"loss": total / max(count, 1)}
+
+    def save_best(self, model, metrics, directory: Path) -> None:
+        save_run_model(directory, model, model_record(**self.meta, thresholds={}, val_metrics=metrics))
+
+
+def report_tokens(tokenizer, reports: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (N, L) report ids ending in EOS (kept when a report is cut at ``max_len``) and their mask."""
+    rows = []
+    for text in reports:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: max_len - 1]
+        rows.append([*ids, tokenizer.eos_token_id])
+    length = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def prompt_tokens(tokenizer) -> torch.Tensor:
+    """(1, P) prompt ids: BOS + the seed's prompt."""
+    ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return torch.tensor([bos + ids], dtype=torch.long)
+
+
+@torch.no_grad()
+def text_embeddings(model: Brain3DReportModel, reports: list[str], choice: str, max_len: int,
+                    device: torch.device, cache_dir: Path | None) -> torch.Tensor:
+    """(N, Dt) frozen embeddings of each report: the LM's mean hidden state, or a text encoder's pooled output."""
+    if choice == "lm":
+        ids, mask = report_tokens(model.tokenizer, reports, max_len)
+        lm_device = model.lm.get_input_embeddings().weight.device
+        out = [model.text_embedding(ids[i : i + 8].to(lm_device), mask[i : i + 8].to(lm_device)).float().cpu()
+               for i in range(0, len(ids), 8)]
+        return torch.cat(out)
+    from common.text_encoders import load_text_encoder
+
+    encoder = load_text_encoder(choice, cache_dir=cache_dir, device=device)
+    return encoder.encode(reports).float().cpu()
+
+
+def text_dim_for(choice: str, cache_dir: Path | None) -> int | None:
+    if choice == "lm":
+        return None
+    if choice not in text_presets():
+        raise ConfigError("--text-embedding", f"choose lm or one of {', '.join(text_presets())}, not {choice!r}")
+    from common.text_encoders import load_text_encoder
+
+    return int(load_text_encoder(choice, cache_dir=cache_dir).dim)
+
+
+def add_lora(model: Brain3DReportModel, rank: int, alpha: int, dropout: float) -> Brain3DReportModel:
+    """LoRA adapters (peft) on the LM's attention q/k/v/o projections; the base weights stay frozen."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(LORA_TARGETS),
+                        bias="none")
+    model.lm = inject_adapter_in_model(config, model.lm)
+    return model
+
+
+def build_run_model(meta: dict, device: str | torch.device = "cpu", cache_dir: Path | None = None
+                    ) -> Brain3DReportModel:
+    """Rebuild a run's model from ``model.json`` (with its LoRA adapters when the run had them)."""
+    model = model_from_config(meta["kwargs"]["model"], device=device, cache_dir=cache_dir)
+    lora = meta["kwargs"].get("lora")
+    if lora:
+        add_lora(model, lora["r"], lora["alpha"], lora["dropout"])
+    return model
+
+
+def load_stage_run(run_dir: Path, device: torch.device, cache_dir: Path | None = None, stage: str | None = None):
+    """A finished stage's best model and ``model.json`` (the LM rebuilt from its source, then the saved weights)."""
+    return load_run(run_dir, PIPELINE, lambda meta: build_run_model(meta, device, cache_dir), stage=stage,
+                    device=device)
+
+
+def _cases(args: argparse.Namespace) -> Cases:
+    if args.init is not None:
+        split_csv = Path(args.init) / "split.csv"
+        if not split_csv.is_file():
+            raise DataError(split_csv, "the --init run has no split.csv (is it a brain3d_report run?)")
+        args.split = str(split_csv)
+    return cases_from_args(args)
+
+
+def _volumes(cases, args, cache_root: Path) -> torch.Tensor:
+    return stack_volumes(make_dataset(cases, args.volume_size, cache_root))
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(get_args_parser(), argv)
+    require(args, stage="contrastive, warmup or lora", output_dir="where the run is written",
+            data_root="the folder of case folders")
+    args = stage_defaults(args)
+    if args.stage != "contrastive":
+        require(args, init=f"the run the {args.stage} stage starts from")
+    if args.queue_size < 0:
+        raise ConfigError("--queue-size", f"must be 0 or more, not {args.queue_size}")
+    config = config_from_args(args)
+    device = check_run_setup(config, args.output_dir)
+    cache_root = args.volume_cache or default_cache_root(args.cache_dir, "volumes")
+
+    if args.init is None:
+        if args.stage != "contrastive":
+            raise ConfigError("--init", f"the {args.stage} stage starts from an earlier run")
+        text_dim = text_dim_for(args.text_embedding, args.cache_dir)
+        model = build_model(args.vision, args.lm, depth_patch=args.depth_patch, inflation=args.inflation,
+                            pos_emb=args.pos_emb, compressor=args.compressor, perceiver_layers=args.perceiver_layers,
+                            latents=args.latents, text_dim=text_dim, quantization=args.quantization, seed=args.seed,
+                            device=device, precision=args.precision, cache_dir=args.cache_dir)
+        lora = None
+        text_choice = args.text_embedding
+    else:
+        loaded = load_stage_run(args.init, device, args.cache_dir)
+        model, init_meta = loaded.model, loaded.meta
+        lora = init_meta["kwargs"].get("lora")
+        text_choice = init_meta["kwargs"].get("text_embedding", "lm")
+    model.vision.token_grid(args.volume_size)
+    cases = _cases(args)
+    parts = {name: cases.split(name) for name in ("train", "val")}
+    for name, part in parts.items():
+        if not part:
+            raise DataError(cases.source, f"the {name} split is empty ({len(cases)} cases); use more data")
+
+    if args.stage == "lora" and lora is None:
+        lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout}
+        add_lora(model, **{"rank": lora["r"], "alpha": lora["alpha"], "dropout": lora["dropout"]})
+    trainable = trainable_parameters(model, args.stage, args.train_vision)
+    if args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and device.type == "cuda"):
+        if args.stage != "contrastive":
+            model.gradient_checkpointing_enable()
+    log.info("stage %s: %d trainable parameters", args.stage, sum(p.numel() for p in trainable.values()))
+
+    volumes = {name: _volumes(part, args, cache_root) for name, part in parts.items()}
+    reports = {name: [c.report for c in part] for name, part in parts.items()}
+    meta = {"pipeline": PIPELINE, "stage": args.stage, "preset": model.model_config["vision"],
+            "kwargs": {"model": model.model_config, "lora": lora, "text_embedding": text_choice},
+            "labels": [], "preprocessing": {"volume_size": list(args.volume_size), "percentiles": list(PERCENTILES),
+                                            "orientation": "RAS", "prompt": PROMPT,
+                                            "max_text_len": args.max_text_len},
+            "data": {"root": str(Path(args.data_root).resolve()), "reports": args.reports, "split": args.split,
+                     "init": str(Path(args.init).resolve()) if args.init else None},
+            "monitor": args.monitor}
+    if args.stage == "contrastive":
+        embedded = {name: text_embeddings(model, reports[name], text_choice, args.max_text_len, device,
+                                          args.cache_dir) for name in parts}
+        datasets = {name: VolumeSet(volumes[name], text=embedded[name],
+                                    key=torch.tensor([text_key(t) for t in reports[name]]))
+                    for name in parts}
+        task = ContrastiveTask(meta, args.queue_size, int(embedded["train"].shape[1]))
+    else:
+        ids = {name: report_tokens(model.tokenizer, reports[name], args.max_text_len) for name in parts}
+        datasets = {name: VolumeSet(volumes[name], target=ids[name][0], target_mask=ids[name][1]) for name in parts}
+        task = CaptionTask(meta, prompt_tokens(model.tokenizer))
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=args.lr, weight_decay=args.weight_decay)
+    split_text = save_split_text(cases)
+    run_files = {"config.yaml": config_text(args), "split.csv": split_text,
+                 "data.json": json.dumps({"counts": cases.counts(), "skipped": cases.skipped}, indent=2,
+                                         sort_keys=True) + "\n"}
+    result = fit(model, optimizer, datasets["train"], datasets["val"], task, config, args.output_dir,
+                 run_files=run_files)
+    print(result.summary(args.monitor, args.output_dir))
+    return 0
+
+
+def save_split_text(cases: Cases) -> str:
+    """The run's ``split.csv`` text (written by the loop with the other run files, atomically)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return save_split(cases, Path(tmp) / "split.csv").read_text()
+
+
+__all__ = ["STAGES", "PROMPT", "info_nce", "ContrastiveTask", "CaptionTask", "report_tokens", "prompt_tokens",
+           "text_embeddings", "add_lora", "build_run_model", "load_stage_run", "text_key"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

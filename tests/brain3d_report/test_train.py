@@ -1,0 +1,120 @@
+"""The three training stages on a small brain phantom: InfoNCE that learns at batch 1, exact resume, what is saved."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from brain3d_report import probe, train
+from common.phantoms.brain import write_brain
+
+
+@pytest.fixture(scope="module")
+def brain(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("brain_small")
+    write_brain(root, n=12, seed=2, size=(32, 32, 32))
+    return root
+
+
+def _argv(brain: Path, tmp_path: Path, stage: str, out: str, *extra: str) -> list[str]:
+    return ["--stage", stage, "--data-root", str(brain), "--output-dir", str(tmp_path / out),
+            "--volume-size", "16", "32", "32", "--volume-cache", str(tmp_path / "cache"), "--no-progress",
+            "--device", "cpu", "--precision", "fp32", *extra]
+
+
+def test_info_nce_at_batch_one_is_zero_without_a_queue_and_learns_with_one():
+    torch.manual_seed(0)
+    image, text = torch.randn(1, 8, requires_grad=True), torch.randn(1, 8)
+    keys = torch.tensor([1])
+    alone = train.info_nce(image, text, torch.tensor(10.0), keys)
+    assert alone.item() == pytest.approx(0.0, abs=1e-6)  # the seed's stage 1: one logit, nothing to learn
+    queue, queue_keys = torch.randn(6, 8), torch.arange(2, 8)
+    loss = train.info_nce(image, text, torch.tensor(10.0), keys, queue, queue_keys)
+    assert loss.item() > 0.01
+    loss.backward()
+    assert image.grad.abs().sum() > 0
+    # A queued copy of the sample's own report is not a negative: masking it gives the loss without that entry.
+    same = train.info_nce(image, text, torch.tensor(10.0), keys, torch.cat([queue, text]),
+                          torch.cat([queue_keys, keys]))
+    assert same.item() == pytest.approx(train.info_nce(image, text, torch.tensor(10.0), keys, queue,
+                                                       queue_keys).item(), rel=1e-6)
+
+
+def test_info_nce_matches_a_hand_computed_value():
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    text = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    scale = torch.tensor(2.0)
+    sims = torch.nn.functional.normalize(image, dim=-1) @ torch.nn.functional.normalize(text, dim=-1).T
+    i2t = torch.nn.functional.cross_entropy(scale * sims, torch.arange(2))
+    t2i = torch.nn.functional.cross_entropy(scale * sims.T, torch.arange(2))
+    assert train.info_nce(image, text, scale, torch.tensor([1, 2])).item() == pytest.approx(((i2t + t2i) / 2).item())
+
+
+def test_contrastive_stage_at_batch_one_has_a_nonzero_falling_loss(brain, tmp_path):
+    argv = _argv(brain, tmp_path, "contrastive", "r1", "--vision", "siglip-tiny", "--lm", "tiny-gemma3",
+                 "--batch-size", "1", "--epochs", "4", "--lr", "2e-3", "--queue-size", "8")
+    assert train.main(argv) == 0
+    losses = [json.loads(line)["train_loss"] for line in (tmp_path / "r1" / "metrics.jsonl").read_text().splitlines()]
+    assert all(loss > 0.05 for loss in losses)
+    assert losses[-1] < losses[0]
+
+
+def test_resume_after_a_kill_restores_the_queue_exactly(brain, tmp_path):
+    common = ["--vision", "siglip-tiny", "--lm", "tiny-gemma3", "--batch-size", "2", "--epochs", "2",
+              "--queue-size", "4", "--checkpoint-every", "2"]
+    assert train.main(_argv(brain, tmp_path, "contrastive", "whole", *common)) == 0
+    assert train.main(_argv(brain, tmp_path, "contrastive", "cut", *common, "--max-steps", "5")) == 0
+    assert train.main(_argv(brain, tmp_path, "contrastive", "cut", *common, "--resume")) == 0
+
+    def weights(run: str) -> dict[str, torch.Tensor]:
+        with safe_open(str(tmp_path / run / "checkpoints" / "last" / "model.safetensors"), "pt") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys()}
+
+    whole, cut = weights("whole"), weights("cut")
+    assert whole.keys() == cut.keys()
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+
+
+def test_three_stages_chain_and_save_only_what_they_train(brain, tmp_path):
+    r1 = _argv(brain, tmp_path, "contrastive", "r1", "--vision", "siglip-tiny", "--lm", "tiny-gemma3",
+               "--epochs", "1")
+    assert train.main(r1) == 0
+    assert train.main(_argv(brain, tmp_path, "warmup", "r2", "--init", str(tmp_path / "r1"), "--epochs", "2",
+                            "--grad-accum", "2", "--max-text-len", "48")) == 0
+    assert train.main(_argv(brain, tmp_path, "lora", "r3", "--init", str(tmp_path / "r2"), "--epochs", "1",
+                            "--grad-accum", "2", "--max-text-len", "48")) == 0
+    with safe_open(str(tmp_path / "r3" / "best" / "model.safetensors"), "pt") as handle:
+        keys = list(handle.keys())
+    assert any("lora_A" in k for k in keys) and any(k.startswith("projector.") for k in keys)
+    assert not any(k.startswith("lm.") and "lora_" not in k for k in keys)  # the frozen LM is rebuilt, not saved
+    assert (tmp_path / "r3" / "split.csv").read_text() == (tmp_path / "r1" / "split.csv").read_text()
+    loaded = train.load_stage_run(tmp_path / "r3", torch.device("cpu"))
+    r2 = train.load_stage_run(tmp_path / "r2", torch.device("cpu"))
+    # Stage 3 started from stage 2: the vision encoder (frozen after stage 1) is the same in both.
+    for (name, a), (_, b) in zip(loaded.model.vision.state_dict().items(), r2.model.vision.state_dict().items()):
+        assert torch.equal(a, b), name
+    meta = json.loads((tmp_path / "r3" / "best" / "model.json").read_text())
+    assert meta["kwargs"]["lora"] == {"r": 4, "alpha": 8, "dropout": 0.05}
+
+
+def test_later_stages_need_init(brain, tmp_path, capsys):
+    assert train.main(_argv(brain, tmp_path, "warmup", "r2")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--init" in err[0]
+
+
+def test_side_probe_separates_and_the_shuffled_control_does_not():
+    rng = torch.Generator().manual_seed(0)
+    sides = {"train": ["left", "right"] * 20, "test": ["left", "right"] * 10}
+    features, labels = {}, {}
+    for name, part in sides.items():
+        x = torch.randn(len(part), 16, generator=rng)
+        x[:, 0] += torch.tensor([2.0 if s == "left" else -2.0 for s in part])
+        features[name], labels[name] = x.numpy(), __import__("numpy").array(part)
+    result = probe.side_probe(features, labels)
+    assert result["side_acc"] >= 0.9
+    assert 0.2 <= result["side_acc_shuffled"] <= 0.8
