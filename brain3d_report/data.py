@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int, unit_interval
+from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int, require, unit_interval
 from common.errors import ConfigError, DataError, cli_entry
 from common.splits import group_split, load_split_csv, save_split_csv
 
@@ -559,9 +559,26 @@ def cache_key(volume_size: Sequence[int], percentiles: Sequence[float] = PERCENT
     import monai
 
     settings = {"volume_size": [int(s) for s in volume_size], "percentiles": [float(p) for p in percentiles],
-                "axcodes": "RAS", "layout": "DHW", "resize": "trilinear+antialias", "format": CACHE_FORMAT,
+                "axcodes": "RAS", "layout": "DHW",
+                "scaling": "brain-percentiles", "resize": "trilinear+antialias", "format": CACHE_FORMAT,
                 "monai": monai.__version__}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def scale_brain_percentiles(volume: torch.Tensor, percentiles: Sequence[float] = PERCENTILES) -> torch.Tensor:
+    """Map the p_low..p_high intensity range of the brain (non-zero voxels) to [0, 1], clipped; background stays 0.
+
+    Percentiles of the whole volume are dominated by background: with a small lesion, p99 falls in normal tissue and
+    the lesion is clipped to the same 1.0 as the brightest normal tissue (the phantom lost the tumour side in a third
+    of its cases that way). Computing them over the brain, as BraTS pipelines do, keeps a hyperintense lesion above
+    normal tissue.
+    """
+    values = volume[volume > 0]
+    if values.numel() < 16:
+        values = volume.reshape(-1)
+    low, high = np.percentile(values.numpy(), [float(percentiles[0]), float(percentiles[1])])
+    scaled = (volume - float(low)) / max(float(high - low), 1e-8)
+    return scaled.clamp(0, 1) * (volume > 0)
 
 
 def preprocess_transform(volume_size: Sequence[int] = DEFAULT_VOLUME_SIZE, percentiles: Sequence[float] = PERCENTILES):
@@ -576,8 +593,7 @@ def preprocess_transform(volume_size: Sequence[int] = DEFAULT_VOLUME_SIZE, perce
         mt.Orientationd("image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         # The orientation was the last step that needs the affine; plain tensors cache smaller and load safely.
         mt.EnsureTyped("image", data_type="tensor", dtype=torch.float32, track_meta=False),
-        mt.ScaleIntensityRangePercentilesd("image", lower=percentiles[0], upper=percentiles[1], b_min=0.0, b_max=1.0,
-                                           clip=True),
+        mt.Lambdad("image", lambda volume: scale_brain_percentiles(volume, percentiles)),
         mt.Transposed("image", indices=(0, 3, 1, 2)),
         mt.Resized("image", spatial_size=size, mode="trilinear", anti_aliasing=True),
         mt.EnsureTyped("image", data_type="tensor", dtype=torch.float32, track_meta=False),
@@ -655,7 +671,7 @@ def load_volume(path: Path, volume_size: Sequence[int] = DEFAULT_VOLUME_SIZE) ->
 def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The data flags shared by the brain3d_report scripts."""
     group = parser.add_argument_group("data")
-    group.add_argument("--data-root", type=Path, required=True,
+    group.add_argument("--data-root", type=Path, default=None,
                        help="folder of case folders <ID>/<ID>_flair.nii[.gz] or <ID>/<ID>-t2f.nii.gz")
     group.add_argument("--reports", default=None,
                        help="reports: a {case_id: text} JSON, a TextBraTS folder <ID>/<ID>_flair_text.txt, or "
@@ -679,6 +695,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def cases_from_args(args: argparse.Namespace) -> Cases:
     """``load_cases`` with the flags of ``add_data_args``."""
+    require(args, data_root="the folder of case folders")
     if args.val_fraction + args.test_fraction >= 1:
         raise ConfigError("--val-fraction", f"val {args.val_fraction} + test {args.test_fraction} leaves no training "
                                             "cases")

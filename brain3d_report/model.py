@@ -298,6 +298,12 @@ class Brain3DReportModel(nn.Module):
         # Contrastive stage: the report's text embedding is mapped to the vision width and compared with pooled().
         self.text_head = nn.Linear(text_dim or lm_dim, vision.hidden_size, device=device)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / CONTRASTIVE_TEMPERATURE), device=device))
+        # Centres subtracted before the cosine of the contrastive stage (DINO-style centring): a randomly initialised
+        # or 2D-pretrained encoder gives every volume almost the same pooled vector (cosine > 0.9999 across cases),
+        # so an uncentred InfoNCE sees no differences to learn from. The image centre is an EMA of pooled vectors
+        # during training, the text centre the mean over training reports; both are saved with the weights.
+        self.register_buffer("image_center", torch.zeros(vision.hidden_size, device=device))
+        self.register_buffer("text_center", torch.zeros(text_dim or lm_dim, device=device))
         self.tokenizer = tokenizer
         self.model_config = dict(model_config or {})
         self._lm_checkpointing = False

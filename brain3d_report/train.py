@@ -68,6 +68,7 @@ from common.cli import (
 from common.engine import add_train_args, check_run_setup, config_from_args, fit
 from common.errors import ConfigError, DataError, cli_entry
 from common.feature_cache import default_cache_root
+from common.presets import get_preset
 from common.runs import load_run, model_record, save_run_model
 from common.text_encoders import text_presets
 
@@ -107,8 +108,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--perceiver-layers", type=positive_int, default=2)
     model.add_argument("--latents", type=positive_int, default=32)
     stage = parser.add_argument_group("stages")
-    stage.add_argument("--text-embedding", default="lm",
-                       help=f"contrastive targets: lm (the seed's mean LM state) or {', '.join(text_presets())}")
+    stage.add_argument("--text-embedding", default="auto",
+                       help=f"contrastive targets: lm (the seed's mean LM state), {', '.join(text_presets())}, or "
+                            "auto: lm for a pretrained LM, minilm for a tiny random twin (whose states mean nothing)")
     stage.add_argument("--queue-size", type=int, default=64,
                        help="past text embeddings kept as extra negatives (0: in-batch negatives only)")
     stage.add_argument("--train-vision", choices=("all", "embeddings"), default="all",
@@ -184,16 +186,21 @@ class ContrastiveTask:
 
     metric_names = ("loss", "recall_at_1", "alignment_margin")
 
-    def __init__(self, meta: dict, queue_size: int, text_dim: int):
-        self.meta, self.queue_size = meta, queue_size
+    def __init__(self, meta: dict, queue_size: int, text_dim: int, momentum: float = 0.9):
+        self.meta, self.queue_size, self.momentum = meta, queue_size, momentum
         self.queue = torch.zeros(0, text_dim)
         self.queue_keys = torch.zeros(0, dtype=torch.long)
 
     def training_loss(self, model: Brain3DReportModel, batch) -> torch.Tensor:
-        image = model.pooled(batch["volume"])
-        head = model.text_head
-        text = head(batch["text"].to(head.weight.dtype))
-        queue = head(self.queue.to(head.weight.device, head.weight.dtype)) if len(self.queue) else None
+        pooled = model.pooled(batch["volume"])
+        with torch.no_grad():  # EMA of the pooled vectors; the first batch sets it
+            batch_mean = pooled.detach().float().mean(0).to(model.image_center.dtype)
+            fresh = not bool(model.image_center.any())
+            model.image_center.copy_(batch_mean if fresh else
+                                     self.momentum * model.image_center + (1 - self.momentum) * batch_mean)
+        image = pooled - model.image_center.to(pooled.dtype)
+        text = self._text(model, batch["text"])
+        queue = self._text(model, self.queue.to(batch["text"].device)) if len(self.queue) else None
         loss = info_nce(image, text, model.logit_scale.exp().clamp(max=100), batch["key"], queue,
                         self.queue_keys.to(batch["key"].device))
         if self.queue_size:
@@ -201,6 +208,11 @@ class ContrastiveTask:
                 self.queue = torch.cat([batch["text"].detach().float().cpu(), self.queue])[: self.queue_size]
                 self.queue_keys = torch.cat([batch["key"].cpu(), self.queue_keys])[: self.queue_size]
         return loss
+
+    @staticmethod
+    def _text(model: Brain3DReportModel, raw: torch.Tensor) -> torch.Tensor:
+        head = model.text_head
+        return head((raw.float() - model.text_center.float()).to(head.weight.dtype))
 
     def task_tensors(self) -> dict[str, torch.Tensor]:
         return {"queue": self.queue.contiguous(), "queue_keys": self.queue_keys.contiguous()}
@@ -212,8 +224,8 @@ class ContrastiveTask:
     def validate(self, model: Brain3DReportModel, loader, device) -> dict[str, float]:
         images, texts, keys = [], [], []
         for batch in loader:
-            images.append(model.pooled(batch["volume"]).float())
-            texts.append(model.text_head(batch["text"].to(model.text_head.weight.dtype)).float())
+            images.append((model.pooled(batch["volume"]) - model.image_center).float())
+            texts.append(self._text(model, batch["text"]).float())
             keys.append(batch["key"])
         image, text, key = torch.cat(images), torch.cat(texts), torch.cat(keys)
         scale = model.logit_scale.exp().clamp(max=100)
@@ -295,6 +307,14 @@ def text_embeddings(model: Brain3DReportModel, reports: list[str], choice: str, 
     return encoder.encode(reports).float().cpu()
 
 
+def resolve_text_embedding(choice: str, lm: str) -> str:
+    """``auto``: the LM's own states when it is pretrained (the seed), the real MiniLM when the LM is a random twin."""
+    if choice != "auto":
+        return choice
+    tiny = lm in LM_PRESETS and get_preset(lm, "vlm", "--lm").source == "tiny"
+    return "minilm" if tiny else "lm"
+
+
 def text_dim_for(choice: str, cache_dir: Path | None) -> int | None:
     if choice == "lm":
         return None
@@ -361,13 +381,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.init is None:
         if args.stage != "contrastive":
             raise ConfigError("--init", f"the {args.stage} stage starts from an earlier run")
-        text_dim = text_dim_for(args.text_embedding, args.cache_dir)
+        text_choice = resolve_text_embedding(args.text_embedding, args.lm)
+        text_dim = text_dim_for(text_choice, args.cache_dir)
         model = build_model(args.vision, args.lm, depth_patch=args.depth_patch, inflation=args.inflation,
                             pos_emb=args.pos_emb, compressor=args.compressor, perceiver_layers=args.perceiver_layers,
                             latents=args.latents, text_dim=text_dim, quantization=args.quantization, seed=args.seed,
                             device=device, precision=args.precision, cache_dir=args.cache_dir)
         lora = None
-        text_choice = args.text_embedding
     else:
         loaded = load_stage_run(args.init, device, args.cache_dir)
         model, init_meta = loaded.model, loaded.meta
@@ -405,6 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         datasets = {name: VolumeSet(volumes[name], text=embedded[name],
                                     key=torch.tensor([text_key(t) for t in reports[name]]))
                     for name in parts}
+        if args.init is None:
+            model.text_center.copy_(embedded["train"].mean(0).to(model.text_center.dtype))
         task = ContrastiveTask(meta, args.queue_size, int(embedded["train"].shape[1]))
     else:
         ids = {name: report_tokens(model.tokenizer, reports[name], args.max_text_len) for name in parts}

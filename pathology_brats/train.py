@@ -64,7 +64,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_input_args(parser)
     model = parser.add_argument_group("fusion model")
     model.add_argument("--modality", choices=MODALITIES, default="fused")
-    model.add_argument("--fusion-direction", choices=DIRECTIONS, default="text-to-image")
+    model.add_argument("--fusion-direction", choices=DIRECTIONS, default="both",
+                       help="both (default): the two directions concatenated; text-to-image: the seed's")
     model.add_argument("--width", type=positive_int, default=512)
     model.add_argument("--layers", type=positive_int, default=2)
     model.add_argument("--heads", type=positive_int, default=3, help="classification heads, logits averaged (seed: 1)")

@@ -19,7 +19,8 @@ def test_there_are_configs_for_both_pipelines():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_config_loads_with_its_script(path):
-    script = importlib.import_module(f"{path.parent.name}.{path.stem}")
+    # <script>.yaml, or <script>.<variant>.yaml for several configs of one script (train.contrastive.yaml)
+    script = importlib.import_module(f"{path.parent.name}.{path.stem.split('.')[0]}")
     values = yaml.safe_load(path.read_text())
     assert values and all(key == key.lower() and "-" not in key for key in values), "keys must be snake_case"
     args = parse_args(script.get_args_parser(), ["--config", str(path)])

@@ -175,3 +175,50 @@ def test_captions_resume_after_a_kill_without_redoing_finished_images(histology,
     captions = read_captions(out)
     assert sorted(captions) == sorted(p.name for p in paths)
     assert out.read_text().endswith("\n") and len(out.read_text().splitlines()) == 5
+
+
+def test_standardisation_uses_training_statistics_and_ignores_text_padding():
+    torch.manual_seed(0)
+    model = TileCaptionClassifier(8, 4, 9, modality="fused")
+    image = torch.randn(6, 5, 8) * 3 + 7
+    text = torch.randn(6, 3, 4) + 2
+    mask = torch.ones(6, 3, dtype=torch.bool)
+    mask[:, 2] = False
+    text[:, 2] = 1000.0  # padding positions must not move the statistics
+    model.fit_standardization(image, text, mask)
+    flat = ((image - model.image_mean) / model.image_std).reshape(-1, 8)
+    assert flat.mean(0).abs().max() < 1e-5 and (flat.std(0) - 1).abs().max() < 1e-5
+    assert model.text_mean.max() < 10
+    restored = TileCaptionClassifier(8, 4, 9, modality="fused")
+    restored.load_state_dict(model.state_dict())  # the statistics travel with the weights
+    assert torch.equal(restored.image_std, model.image_std)
+
+
+def test_lora_trains_only_adapters_and_a_run_saves_only_what_trained():
+    from common.checkpoint import load_model_state, model_state
+    from pathology_brats.encoder import add_lora
+    from pathology_brats.model import EncoderClassifier
+
+    def build(pretrained: bool) -> EncoderClassifier:
+        torch.manual_seed(0)
+        encoder = load_tile_encoder("gigapath-tiny", image_tokens=5)
+        encoder.pretrained = pretrained  # as if its weights came from the hub
+        return EncoderClassifier(add_lora(encoder, rank=2, alpha=4), TileCaptionClassifier(64, 8, 9, "image"))
+
+    model = build(pretrained=True)
+    trainable = {n for n, p in model.encoder.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert {n.split(".attn.")[1].split(".")[0] for n in trainable} == {"qkv", "proj"}
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name or name.startswith("classifier."):
+                parameter.add_(0.1)
+    state = model_state(model)
+    assert not any(k.startswith("encoder.") and "lora_" not in k for k in state)
+    fresh = build(pretrained=True)
+    load_model_state(fresh, state, Path("model.safetensors"))
+    pixels = torch.randint(0, 255, (2, 3, 224, 224), dtype=torch.uint8)
+    assert torch.allclose(fresh.eval()(pixels=pixels), model.eval()(pixels=pixels), atol=1e-5)
+    with pytest.raises(DataError, match="missing"):
+        load_model_state(fresh, {k: v for k, v in state.items() if "lora_A" not in k}, Path("model.safetensors"))
+    assert any(k.startswith("encoder.backbone.blocks") and "lora_" not in k for k in model_state(build(False)))

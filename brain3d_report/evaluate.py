@@ -1,0 +1,390 @@
+"""Score a run's generated reports: text metrics, clinical F1 in the seed's and the corrected way, lesion detection,
+each with a 95% bootstrap interval, for tumour cases, healthy controls and all cases.
+
+Example (after ``python -m brain3d_report.generate --run-dir runs/brain/r3 --split test [--shuffle-volumes]``):
+    python -m brain3d_report.evaluate --run-dir runs/brain/r3
+    python -m brain3d_report.evaluate --run-dir runs/brain/r3 --split test_quick --n-boot 200 --bertscore none
+
+Reads ``RUN/predictions/<split>.jsonl`` and, when it exists, ``<split>_shuffled.jsonl`` (the same references with
+other cases' volumes). Metrics (``common.metrics``): BLEU-1..4, METEOR and CIDEr (pycocoevalcap, corpus-level),
+ROUGE-L, the seed's NLTK sentence BLEU (``bleu*_seed``), BERTScore, laterality / anatomy / pathology F1 in the
+corrected mode (``lat_f1`` ...) and the seed's (``lat_f1_seed`` ...), healthy specificity and tumour sensitivity.
+
+Intervals: percentile bootstrap over cases. Metrics defined per report (sentence BLEU, ROUGE-L, BERTScore, METEOR
+segment scores, clinical F1, lesion calls) resample the per-case values (``--n-boot``, 1,000 by default as the
+seed). Corpus BLEU and CIDEr are recomputed on each resample, which costs about half a second per resample of a
+hundred reports, so they get ``--n-boot-corpus`` resamples (200 by default; the first ones of the same sequence);
+METEOR's corpus score needs a pass of its Java scorer per resample (about 20 ms per report), so its interval is off
+unless ``--n-boot-meteor`` asks for one; ``meteor_segment`` (the mean of its per-report scores) has the full one.
+The output says which count each interval used.
+
+Writes into the run (together, as one result set): ``metrics_full.json`` (the seed's file name; for another split
+``metrics_full_<split>.json``): all-case keys at the top level (``bleu1`` ... with ``_ci_low``/``_ci_high``, and
+``<key>_shuffled`` when the shuffled predictions exist), every group under ``groups`` (and ``groups_shuffled``),
+the bootstrap counts and notes; ``results.md`` (``results_<split>.md``), the table printed here; and
+``predictions/<split>_per_case.csv``, one row per case with every per-case value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from common.checkpoint import atomic_write_json, atomic_write_text, read_jsonl, recover_results, result_set
+from common.cli import MedvlArgumentParser, base_parser, nonnegative_int, parse_args, require
+from common.errors import ConfigError, DataError, cli_entry
+from common.metrics.clinical import clinical_per_case, states_lesion
+from common.metrics.text import TextScorer, TokenizedPairs, corpus_scores
+from common.tables import CI_HIGH, CI_LOW, json_safe, markdown_table, metrics_with_ci
+
+log = logging.getLogger("medvl.brain3d_report")
+
+PREDICTIONS_DIR = "predictions"
+GROUPS = ("all", "tumour", "healthy")
+CORPUS_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "cider")
+CLINICAL_KEYS = ("lat_f1", "anat_f1", "path_f1", "lat_f1_seed", "anat_f1_seed", "path_f1_seed")
+LESION_KEYS = ("healthy_specificity", "tumour_sensitivity")
+SEED_TEXT_KEYS = ("bleu1_seed", "bleu2_seed", "bleu3_seed", "bleu4_seed")
+KEY_ORDER = (*CORPUS_KEYS[:4], "meteor", "meteor_segment", "rougeL", "cider", *SEED_TEXT_KEYS, "bertscore",
+             *CLINICAL_KEYS, *LESION_KEYS)
+"""Table order; ``bertscore`` stands for the ``bertscore_f1_<model>`` key that names the model used."""
+REQUIRED_FIELDS = {"id": str, "reference": str, "report": str, "healthy": bool}
+BERTSCORE_FLAG = ("auto", "minilm", "roberta-base", "none")
+
+
+@dataclass
+class GroupScores:
+    """Metrics of one group of cases with their intervals, the per-case values behind them, and notes."""
+
+    results: dict[str, Any]
+    per_case: dict[str, list]
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parent = base_parser(seed=True, device=True)
+    parser = MedvlArgumentParser(prog="python -m brain3d_report.evaluate", description=__doc__, parents=[parent],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", type=Path, default=None, help="the run whose predictions/<split>.jsonl to score")
+    parser.add_argument("--split", default="test",
+                        help="name of the predictions file: test (default), val, test_quick ...")
+    add_scoring_args(parser, n_boot=1000, n_boot_corpus=200)
+    return parser
+
+
+def add_scoring_args(parser: argparse.ArgumentParser, n_boot: int, n_boot_corpus: int) -> None:
+    """Flags shared with ``brain3d_report.baselines``: bootstrap sizes, BERTScore model, METEOR."""
+    group = parser.add_argument_group("scoring")
+    group.add_argument("--n-boot", type=nonnegative_int, default=n_boot,
+                       help="bootstrap resamples of the per-case metrics (95%% intervals)")
+    group.add_argument("--n-boot-corpus", type=nonnegative_int, default=n_boot_corpus,
+                       help="bootstrap resamples of corpus BLEU and CIDEr (recomputed per resample)")
+    group.add_argument("--n-boot-meteor", type=nonnegative_int, default=0,
+                       help="bootstrap resamples of corpus METEOR (a Java METEOR pass each; 0: no interval)")
+    group.add_argument("--bertscore", choices=BERTSCORE_FLAG, default="auto",
+                       help="auto: roberta-base (the seed's) when cached, else the offline MiniLM; none: skip")
+    group.add_argument("--meteor", action=argparse.BooleanOptionalAction, default=True,
+                       help="METEOR (needs java; its paraphrase table takes ~15 s of CPU to load)")
+
+
+def make_scorer(args: argparse.Namespace) -> TextScorer:
+    from common.device import pick_device
+
+    device = None if args.device == "auto" else str(pick_device(args.device))
+    return TextScorer(bertscore=None if args.bertscore == "none" else args.bertscore, meteor=args.meteor,
+                      device=device)
+
+
+# --- predictions -------------------------------------------------------------------------------------------------
+
+def predictions_path(run_dir: Path, split: str) -> Path:
+    return Path(run_dir) / PREDICTIONS_DIR / f"{split}.jsonl"
+
+
+def read_predictions(path: Path) -> list[dict[str, Any]]:
+    """The records of a predictions JSONL, checked: each has an id, a non-empty reference, a report and ``healthy``.
+
+    Raises:
+        DataError: a missing or empty file, a malformed line (only a cut last line is forgiven), a record without a
+            field or with one of the wrong type, a case that appears twice; each names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "no predictions here; run python -m brain3d_report.generate first")
+    records = read_jsonl(path)
+    if not records:
+        raise DataError(path, "holds no predictions")
+    seen: set[str] = set()
+    for k, record in enumerate(records, 1):
+        for key, kind in REQUIRED_FIELDS.items():
+            if not isinstance(record.get(key), kind):
+                raise DataError(path, f"record {k} has no {key!r} of type {kind.__name__}"
+                                      + (" (generated from files without reports?)" if key == "healthy" else ""))
+        if not record["reference"].strip():
+            raise DataError(path, f"record {k} ({record['id']}) has an empty reference; nothing to score against")
+        if record["id"] in seen:
+            raise DataError(path, f"case {record['id']} appears twice")
+        seen.add(record["id"])
+    return records
+
+
+# --- scoring -----------------------------------------------------------------------------------------------------
+
+def _nanmean(values: np.ndarray) -> float:
+    values = np.asarray(values, dtype=float)
+    kept = values[~np.isnan(values)]
+    return float(kept.mean()) if kept.size else math.nan
+
+
+def _resample_pairs(pairs: TokenizedPairs, indices: np.ndarray) -> TokenizedPairs:
+    return TokenizedPairs(tuple(pairs.candidates[i] for i in indices), tuple(pairs.references[i] for i in indices),
+                          pairs.tokenizer)
+
+
+def _interval(values: list[float]) -> tuple[float, float]:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan
+    low, high = np.percentile(finite, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def score_records(records: Sequence[dict[str, Any]], scorer: TextScorer, *, n_boot: int = 1000,
+                  n_boot_corpus: int = 200, n_boot_meteor: int = 0, seed: int = 0) -> dict[str, GroupScores]:
+    """Every metric with its 95% interval for all cases, the tumour cases and the healthy controls (groups without
+    cases are left out); see the module docstring for the resampling.
+
+    The text metrics run once over all reports (``TextScorer.evaluate``: one BERTScore and one METEOR pass); a group
+    takes its cases' per-report values, and its corpus BLEU, CIDEr and METEOR are recomputed on its own pairs. Every
+    point value therefore equals what ``TextScorer.evaluate``, ``clinical_f1`` and ``lesion_detection`` return when
+    called on that group's reports.
+    """
+    candidates, references = [r["report"] for r in records], [r["reference"] for r in records]
+    text = scorer.evaluate(candidates, references)
+    per_case: dict[str, list] = {key: list(values) for key, values in text.per_case.items()}
+    for mode in ("corrected", "seed"):
+        per_case.update(clinical_per_case(candidates, references, mode))
+    per_case["states_lesion"] = [states_lesion(c) for c in candidates]
+    healthy = np.array([bool(r["healthy"]) for r in records], dtype=bool)
+    notes = dict(text.notes)
+    notes["bootstrap"] = (f"per-case metrics {n_boot} resamples; corpus BLEU/CIDEr {n_boot_corpus}; corpus METEOR "
+                          f"{n_boot_meteor if scorer.meteor_scorer is not None else 0}")
+    out: dict[str, GroupScores] = {}
+    for group in GROUPS:
+        chosen = np.flatnonzero(np.ones_like(healthy) if group == "all" else healthy == (group == "healthy"))
+        if len(chosen):
+            results = _group_results(per_case, text.pairs, chosen, healthy[chosen], scorer, n_boot=n_boot,
+                                     n_boot_corpus=n_boot_corpus, n_boot_meteor=n_boot_meteor, seed=seed)
+            out[group] = GroupScores(results, {k: [v[i] for i in chosen] for k, v in per_case.items()}, notes)
+    return out
+
+
+def _group_results(per_case: dict[str, list], pairs: TokenizedPairs, chosen: np.ndarray, healthy: np.ndarray,
+                   scorer: TextScorer, *, n_boot: int, n_boot_corpus: int, n_boot_meteor: int, seed: int
+                   ) -> dict[str, Any]:
+    """The metrics of the cases at positions ``chosen``; ``healthy`` is their control flag."""
+    mean_keys = [key for key in per_case if key not in ("cider", "states_lesion")]
+
+    def means(arrays: dict[str, np.ndarray]) -> dict[str, float]:
+        out = {key: _nanmean(arrays[key]) for key in mean_keys}
+        said, controls = arrays["states_lesion"], arrays["healthy"]
+        out["healthy_specificity"] = float((~said[controls]).mean()) if controls.any() else math.nan
+        out["tumour_sensitivity"] = float(said[~controls].mean()) if (~controls).any() else math.nan
+        return out
+
+    arrays = {key: np.asarray(per_case[key], dtype=float)[chosen] for key in mean_keys}
+    arrays.update(states_lesion=np.asarray(per_case["states_lesion"], dtype=bool)[chosen], healthy=healthy)
+    point = means(arrays)
+    defined = [key for key, value in point.items() if math.isfinite(value)]
+    results: dict[str, Any] = {}
+    if defined:
+        results.update(metrics_with_ci(means, arrays, keys=defined, n_boot=n_boot, seed=seed))
+    for key in set(point) - set(defined):
+        results.update({key: math.nan, key + CI_LOW: math.nan, key + CI_HIGH: math.nan})
+
+    meteor_on = scorer.meteor_scorer is not None
+    corpus_draws: dict[str, list[float]] = {key: [] for key in CORPUS_KEYS}
+    meteor_draws: list[float] = []
+    rng = np.random.default_rng(seed)  # metrics_with_ci draws the same sequence: the first resamples are shared
+    n = len(chosen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for b in range(max(n_boot_corpus, n_boot_meteor if meteor_on else 0)):
+            resample = chosen[rng.integers(0, n, size=n)]
+            if b < n_boot_corpus:
+                for key, value in corpus_scores(pairs, resample).items():
+                    corpus_draws[key].append(value)
+            if b < n_boot_meteor and meteor_on:
+                meteor_draws.append(scorer.meteor(_resample_pairs(pairs, resample))[0])
+    for key, value in corpus_scores(pairs, chosen).items():
+        results[key] = value
+        results[key + CI_LOW], results[key + CI_HIGH] = _interval(corpus_draws[key])
+    if meteor_on:
+        results["meteor"] = scorer.meteor(_resample_pairs(pairs, chosen))[0]
+        results["meteor" + CI_LOW], results["meteor" + CI_HIGH] = _interval(meteor_draws)
+
+    counts = {"n": n, "n_tumour": int((~healthy).sum()), "n_healthy": int(healthy.sum())}
+    for key in ("lat_f1", "anat_f1", "path_f1"):
+        counts[key.replace("_f1", "_excluded")] = int(np.isnan(arrays[key]).sum())
+    return {**_ordered(results), **counts}
+
+
+def _ordered(results: dict[str, Any]) -> dict[str, Any]:
+    """Metric keys in ``KEY_ORDER`` (each followed by its interval), then any others."""
+    names = [k for k in results if not k.endswith((CI_LOW, CI_HIGH))]
+    rank = {key: i for i, key in enumerate(KEY_ORDER)}
+
+    def place(key: str) -> tuple[int, str]:
+        return rank.get("bertscore" if key.startswith("bertscore_f1_") else key, len(rank)), key
+
+    out: dict[str, Any] = {}
+    for key in sorted(names, key=place):
+        out[key] = results[key]
+        for suffix in (CI_LOW, CI_HIGH):
+            if key + suffix in results:
+                out[key + suffix] = results[key + suffix]
+    return out
+
+
+def per_case_frame(records: Sequence[dict[str, Any]], scores: GroupScores) -> pd.DataFrame:
+    """One row per case: ids, group, every per-case value (CIDEr with document frequencies of all references)."""
+    frame = pd.DataFrame({"id": [r["id"] for r in records], "healthy": [r["healthy"] for r in records],
+                          "side": [r.get("side") for r in records]})
+    if any("volume_id" in r for r in records):
+        frame["volume_id"] = [r.get("volume_id", r["id"]) for r in records]
+    for key, values in scores.per_case.items():
+        frame[key] = values
+    frame["reference"] = [r["reference"] for r in records]
+    frame["report"] = [r["report"] for r in records]
+    return frame
+
+
+# --- tables ------------------------------------------------------------------------------------------------------
+
+def ci_text(results: dict[str, Any], key: str) -> str:
+    """``value [low, high]`` at 3 decimals; ``nan`` for an undefined value; no interval where none was drawn."""
+    value = results.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "nan"
+    low, high = results.get(key + CI_LOW), results.get(key + CI_HIGH)
+    if low is None or high is None or (isinstance(low, float) and math.isnan(low)):
+        return f"{value:.3f}"
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def metric_names(*results: dict[str, Any]) -> list[str]:
+    """The metric keys (not intervals or counts) of several result dicts, in table order."""
+    keys = [k for r in results for k in r if not k.endswith((CI_LOW, CI_HIGH)) and k + CI_LOW in r]
+    return list(_ordered({k: 0 for k in dict.fromkeys(keys)}))
+
+
+def comparison_table(columns: dict[str, dict[str, Any]]) -> str:
+    """A Markdown table: one row per metric, one column per named result dict, cells ``value [low, high]``."""
+    rows = [{"metric": key, **{name: ci_text(results, key) if key in results else "" for name, results in
+                               columns.items()}} for key in metric_names(*columns.values())]
+    return markdown_table(rows, ["metric", *columns])
+
+
+def _flat(groups: dict[str, GroupScores], suffix: str = "") -> dict[str, Any]:
+    results = groups["all"].results
+    out = {}
+    for key, value in results.items():
+        base = next((key[: -len(s)] for s in (CI_LOW, CI_HIGH) if key.endswith(s)), key)
+        tail = key[len(base):]
+        out[f"{base}{suffix}{tail}"] = value
+    return out
+
+
+def evaluate_run(run_dir: Path, split: str, scorer: TextScorer, *, n_boot: int = 1000, n_boot_corpus: int = 200,
+                 n_boot_meteor: int = 0, seed: int = 0) -> dict[str, Any]:
+    """Score ``predictions/<split>.jsonl`` (and its shuffled control), write the result set, return the summary."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DataError(run_dir, "run directory does not exist")
+    recover_results(run_dir)
+    path = predictions_path(run_dir, split)
+    records = read_predictions(path)
+    shuffled_path = predictions_path(run_dir, f"{split}_shuffled")
+    shuffled = read_predictions(shuffled_path) if shuffled_path.is_file() else None
+    bootstrap = {"n_boot": n_boot, "n_boot_corpus": n_boot_corpus, "n_boot_meteor": n_boot_meteor, "seed": seed}
+    groups = score_records(records, scorer, **bootstrap)
+    groups_shuffled = score_records(shuffled, scorer, **bootstrap) if shuffled else None
+
+    summary: dict[str, Any] = {"split": split, "predictions": str(path.relative_to(run_dir)), **_flat(groups)}
+    if groups_shuffled:
+        summary.update(_flat(groups_shuffled, "_shuffled"))
+        summary["predictions_shuffled"] = str(shuffled_path.relative_to(run_dir))
+    summary["groups"] = {name: scores.results for name, scores in groups.items()}
+    if groups_shuffled:
+        summary["groups_shuffled"] = {name: scores.results for name, scores in groups_shuffled.items()}
+    summary["bootstrap"] = bootstrap
+    summary["notes"] = groups["all"].notes
+    expected = _split_size(run_dir, split)
+    if expected is not None and expected != len(records):
+        summary["notes"]["coverage"] = f"{len(records)} of the {expected} {split} cases have a report"
+
+    columns = {name: scores.results for name, scores in groups.items()}
+    if groups_shuffled:
+        columns.update({f"{name} (shuffled volumes)": groups_shuffled[name].results for name in ("all", "tumour")
+                        if name in groups_shuffled})
+    counts = groups["all"].results
+    title = (f"# brain3d_report: {split} ({counts['n']} cases: {counts['n_tumour']} tumour, {counts['n_healthy']} "
+             f"healthy)\n\n")
+    notes = "\n".join(f"- {key}: {value}" for key, value in summary["notes"].items())
+    excluded = ", ".join(f"{k} {counts[k]}" for k in ("lat_excluded", "anat_excluded", "path_excluded"))
+    markdown = (title + comparison_table(columns) + "\nCorrected clinical F1 leaves out the cases whose reference "
+                f"names nothing of the category (all cases: {excluded}).\n\n" + notes + "\n")
+    stem = "" if split == "test" else f"_{split}"
+    with result_set(run_dir) as staging:
+        atomic_write_json(staging / f"metrics_full{stem}.json", json_safe(summary))
+        atomic_write_text(staging / f"results{stem}.md", markdown)
+        atomic_write_text(staging / PREDICTIONS_DIR / f"{split}_per_case.csv",
+                          per_case_frame(records, groups["all"]).to_csv(index=False))
+        if groups_shuffled:
+            atomic_write_text(staging / PREDICTIONS_DIR / f"{split}_shuffled_per_case.csv",
+                              per_case_frame(shuffled, groups_shuffled["all"]).to_csv(index=False))
+    summary["markdown"] = markdown
+    return summary
+
+
+def _split_size(run_dir: Path, split: str) -> int | None:
+    csv = run_dir / "split.csv"
+    if not csv.is_file():
+        return None
+    try:
+        frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        return None
+    return int((frame.get("split", pd.Series(dtype=str)) == split).sum()) or None
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(get_args_parser(), argv)
+    require(args, run_dir="the run whose predictions are scored")
+    if not args.split or "/" in args.split or args.split.startswith("."):
+        raise ConfigError("--split", f"{args.split!r} is not a predictions file name")
+    read_predictions(predictions_path(args.run_dir, args.split))  # a bad file fails before any scorer loads
+    with make_scorer(args) as scorer:
+        summary = evaluate_run(args.run_dir, args.split, scorer, n_boot=args.n_boot,
+                               n_boot_corpus=args.n_boot_corpus, n_boot_meteor=args.n_boot_meteor, seed=args.seed)
+    print(summary["markdown"])
+    return 0
+
+
+__all__ = ["GROUPS", "CORPUS_KEYS", "CLINICAL_KEYS", "LESION_KEYS", "GroupScores", "read_predictions",
+           "score_records", "per_case_frame", "comparison_table", "ci_text", "evaluate_run",
+           "add_scoring_args", "make_scorer", "predictions_path"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
