@@ -41,6 +41,7 @@ import pandas as pd
 
 from common.checkpoint import atomic_write_json, atomic_write_text, read_jsonl, recover_results, result_set
 from common.cli import MedvlArgumentParser, base_parser, nonnegative_int, parse_args, require
+from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.metrics.clinical import clinical_per_case, states_lesion
 from common.metrics.text import TextScorer, TokenizedPairs, corpus_scores
@@ -97,8 +98,7 @@ def add_scoring_args(parser: argparse.ArgumentParser, n_boot: int, n_boot_corpus
 
 
 def make_scorer(args: argparse.Namespace) -> TextScorer:
-    from common.device import pick_device
-
+    """The text scorer the flags ask for (BERTScore on ``--device``, or where bert-score puts it for ``auto``)."""
     device = None if args.device == "auto" else str(pick_device(args.device))
     return TextScorer(bertscore=None if args.bertscore == "none" else args.bertscore, meteor=args.meteor,
                       device=device)

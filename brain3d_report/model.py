@@ -322,6 +322,23 @@ class Brain3DReportModel(nn.Module):
             self.lm.eval()
         return self
 
+    def forward(self, volume: torch.Tensor, text: torch.Tensor | None = None, prompt_ids: torch.Tensor | None = None,
+                target_ids: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None,
+                target_mask: torch.Tensor | None = None):
+        """The training entry, so that DDP sees every trained module inside ``forward``.
+
+        With ``target_ids``: the caption loss. Otherwise the contrastive pieces: (pooled visual vectors (B, Dv),
+        centred and projected text embeddings of ``text`` (N, Dt) or None, the logit scale).
+        """
+        if target_ids is not None:
+            return self.caption_loss(volume, prompt_ids, target_ids, prompt_mask, target_mask)
+        pooled = self.pooled(volume)
+        projected = None
+        if text is not None:
+            head = self.text_head
+            projected = head((text.float() - self.text_center.float()).to(head.weight.dtype))
+        return pooled, projected, self.logit_scale.exp().clamp(max=100)
+
     def rebuilt_keys(self) -> set[str]:
         """State keys a run does not save: the frozen LM's weights, which ``build_model`` rebuilds from the LM's
         source (hub weights, or the tiny twin's seeded initialisation). LoRA adapters train and are saved."""

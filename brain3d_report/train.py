@@ -192,27 +192,25 @@ class ContrastiveTask:
         self.queue_keys = torch.zeros(0, dtype=torch.long)
 
     def training_loss(self, model: Brain3DReportModel, batch) -> torch.Tensor:
-        pooled = model.pooled(batch["volume"])
+        core = getattr(model, "module", model)  # the model itself under DDP, for its buffers
+        texts = batch["text"]
+        if len(self.queue):
+            texts = torch.cat([texts, self.queue.to(texts.device, texts.dtype)])
+        pooled, projected, scale = model(batch["volume"], text=texts)
         with torch.no_grad():  # EMA of the pooled vectors; the first batch sets it
-            batch_mean = pooled.detach().float().mean(0).to(model.image_center.dtype)
-            fresh = not bool(model.image_center.any())
-            model.image_center.copy_(batch_mean if fresh else
-                                     self.momentum * model.image_center + (1 - self.momentum) * batch_mean)
-        image = pooled - model.image_center.to(pooled.dtype)
-        text = self._text(model, batch["text"])
-        queue = self._text(model, self.queue.to(batch["text"].device)) if len(self.queue) else None
-        loss = info_nce(image, text, model.logit_scale.exp().clamp(max=100), batch["key"], queue,
-                        self.queue_keys.to(batch["key"].device))
+            batch_mean = pooled.detach().float().mean(0).to(core.image_center.dtype)
+            fresh = not bool(core.image_center.any())
+            core.image_center.copy_(batch_mean if fresh else
+                                    self.momentum * core.image_center + (1 - self.momentum) * batch_mean)
+        image = pooled - core.image_center.to(pooled.dtype)
+        size = len(batch["text"])
+        queue = projected[size:] if len(self.queue) else None
+        loss = info_nce(image, projected[:size], scale, batch["key"], queue, self.queue_keys.to(batch["key"].device))
         if self.queue_size:
             with torch.no_grad():
                 self.queue = torch.cat([batch["text"].detach().float().cpu(), self.queue])[: self.queue_size]
                 self.queue_keys = torch.cat([batch["key"].cpu(), self.queue_keys])[: self.queue_size]
         return loss
-
-    @staticmethod
-    def _text(model: Brain3DReportModel, raw: torch.Tensor) -> torch.Tensor:
-        head = model.text_head
-        return head((raw.float() - model.text_center.float()).to(head.weight.dtype))
 
     def task_tensors(self) -> dict[str, torch.Tensor]:
         return {"queue": self.queue.contiguous(), "queue_keys": self.queue_keys.contiguous()}
@@ -223,12 +221,13 @@ class ContrastiveTask:
     @torch.no_grad()
     def validate(self, model: Brain3DReportModel, loader, device) -> dict[str, float]:
         images, texts, keys = [], [], []
+        core = getattr(model, "module", model)
         for batch in loader:
-            images.append((model.pooled(batch["volume"]) - model.image_center).float())
-            texts.append(self._text(model, batch["text"]).float())
+            pooled, projected, scale = model(batch["volume"], text=batch["text"])
+            images.append((pooled - core.image_center).float())
+            texts.append(projected.float())
             keys.append(batch["key"])
         image, text, key = torch.cat(images), torch.cat(texts), torch.cat(keys)
-        scale = model.logit_scale.exp().clamp(max=100)
         loss = info_nce(image, text, scale, key).item()
         sims = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
         hit = (key[sims.argmax(1)] == key).float().mean().item()
@@ -250,7 +249,7 @@ class CaptionTask:
 
     def _loss(self, model: Brain3DReportModel, batch) -> torch.Tensor:
         prompt = self.prompt_ids.to(batch["target"].device).expand(len(batch["target"]), -1)
-        return model.caption_loss(batch["volume"], prompt, batch["target"], target_mask=batch["target_mask"])
+        return model(batch["volume"], prompt_ids=prompt, target_ids=batch["target"], target_mask=batch["target_mask"])
 
     def training_loss(self, model, batch) -> torch.Tensor:
         return self._loss(model, batch)
@@ -417,6 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                             "orientation": "RAS", "prompt": PROMPT,
                                             "max_text_len": args.max_text_len},
             "data": {"root": str(Path(args.data_root).resolve()), "reports": args.reports, "split": args.split,
+                     "healthy_root": str(Path(args.healthy_root).resolve()) if args.healthy_root else None,
                      "init": str(Path(args.init).resolve()) if args.init else None},
             "monitor": args.monitor}
     if args.stage == "contrastive":

@@ -24,7 +24,7 @@ from common.checkpoint import atomic_write_text, git_sha
 from common.cli import MedvlArgumentParser
 from common.errors import ConfigError, cli_entry
 
-SECTIONS = ("pneumonia", "cxr_localize", "mavl_chexpert", "pathology_brats")
+SECTIONS = ("pneumonia", "cxr_localize", "mavl_chexpert", "pathology_brats", "brain3d_report")
 
 
 def get_args_parser() -> argparse.ArgumentParser:

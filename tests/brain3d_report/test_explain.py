@@ -85,7 +85,7 @@ def test_lime_heat_lies_in_the_phantom_tumour_hemisphere(tiny_run):
             stored.add(truth[case.id]["stored_orientation"])
     assert len(cases) >= 10
     assert sum(f > 0.5 for f in fractions) >= 0.8 * len(cases), fractions
-    assert np.mean(fractions) > 0.65, fractions
+    assert np.mean(fractions) > 0.7, fractions
     assert stored == {"RAS", "LPS"}  # files stored both ways are read with the side where it is
 
 
