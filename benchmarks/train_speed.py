@@ -14,8 +14,9 @@ rate, on the same device, after one shared warm-up step (CUDA context, cuDNN / o
 Seconds per epoch count the training batches only on both sides; medvl's validation and checkpoints show in its
 whole-run wall time. ratio = reference seconds / medvl seconds: above 1, medvl is faster. Test AUROC is computed
 the same way for both, from medvl's best checkpoint (by validation AUROC) and the reference's last weights.
-Data: PneumoniaMNIST from ``--data-root`` (default ``../shared/data/medmnist`` beside the repository when it holds
-the file), else the CXR phantom in MedMNIST format (``python -m common.phantoms cxr --format medmnist``).
+Data: PneumoniaMNIST from ``--data-root``; by default the copy embedded in ``data/samples/medmnist`` (or in
+``../shared/data/medmnist`` beside the repository), else the CXR phantom in MedMNIST format (``python -m
+common.phantoms cxr --format medmnist``).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from pneumonia.model import load_trained, predict_proba
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "pneumonia" / "train.yaml"
-SHARED_MEDMNIST = REPO.parent / "shared" / "data" / "medmnist"
+DEFAULT_ROOTS = (REPO / "data" / "samples" / "medmnist", REPO.parent / "shared" / "data" / "medmnist")
 PHANTOM_SIZE = 5856  # as many images as PneumoniaMNIST
 
 
@@ -60,7 +61,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-limit", type=positive_int, default=None, help="train on the first N images only")
     parser.add_argument("--image-size", type=int, default=28, choices=SIZES)
     parser.add_argument("--data-root", type=Path, default=None,
-                        help="directory with pneumoniamnist[_SIZE].npz (default: ../shared/data/medmnist, else "
+                        help="directory with pneumoniamnist[_SIZE].npz (default: the embedded PneumoniaMNIST, else "
                              "a phantom)")
     parser.add_argument("--medvl-flags", default="", help="extra flags for the medvl run, e.g. '--channels-last'")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
@@ -126,11 +127,12 @@ def warm_up(device: torch.device, size: int, batch_size: int, channels_last: boo
 
 
 def data_root(args: argparse.Namespace, scratch: Path) -> tuple[Path, str]:
-    """Where the data is, and a word for the table: the given root, the shared PneumoniaMNIST, or a new phantom."""
+    """Where the data is, and a word for the table: the given root, PneumoniaMNIST, or a new phantom."""
     if args.data_root is not None:
         return args.data_root, str(args.data_root)
-    if (SHARED_MEDMNIST / npz_name(args.image_size)).is_file():
-        return SHARED_MEDMNIST, "PneumoniaMNIST"
+    for root in DEFAULT_ROOTS:
+        if (root / npz_name(args.image_size)).is_file():
+            return root, "PneumoniaMNIST"
     write_medmnist(scratch / "phantom", n=PHANTOM_SIZE, seed=0, size=args.image_size)
     return scratch / "phantom", f"CXR phantom ({PHANTOM_SIZE} images)"
 

@@ -501,6 +501,7 @@ def fit(
     if config.resume:
         train_state.load_model_state(accelerator.unwrap_model(model), resume_dir)
         train_state.load_optimizer(optimizer, resume_dir)
+        _match_parameter_layout(optimizer)
         try:
             scheduler.load_state_dict(saved_state["scheduler"])
             state.load_state_dict(saved_state["loop"])
@@ -647,6 +648,18 @@ def fit(
                                       "check the validation data or choose another --monitor")
     return FitResult(state.best_value, state.best_epoch, state.global_step, stopped_early, history, completed,
                      epoch_seconds)
+
+
+def _match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give each per-parameter state tensor its parameter's memory layout again (checkpoints store contiguous
+    copies). Fused optimizers pair elements in memory order, so a channels-last weight beside a contiguous moment
+    would be updated from the wrong elements."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def _start_epoch(accelerator: Accelerator, model, task: EpochTask, epoch: int) -> None:

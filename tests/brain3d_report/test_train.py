@@ -56,11 +56,11 @@ def test_info_nce_matches_a_hand_computed_value():
 
 def test_contrastive_stage_at_batch_one_has_a_nonzero_falling_loss(brain, tmp_path):
     argv = _argv(brain, tmp_path, "contrastive", "r1", "--vision", "siglip-tiny", "--lm", "tiny-gemma3",
-                 "--batch-size", "1", "--epochs", "4", "--lr", "2e-3", "--queue-size", "8")
+                 "--batch-size", "1", "--epochs", "8", "--lr", "2e-3", "--queue-size", "8")
     assert train.main(argv) == 0
     losses = [json.loads(line)["train_loss"] for line in (tmp_path / "r1" / "metrics.jsonl").read_text().splitlines()]
-    assert all(loss > 0.05 for loss in losses)
-    assert losses[-1] < losses[0]
+    assert all(loss > 0.05 for loss in losses)  # the seed's batch-1 InfoNCE was exactly 0 from the first step
+    assert sum(losses[-2:]) < sum(losses[:2])  # eight cases at batch 1 are noisy: compare the ends of the run
 
 
 def test_resume_after_a_kill_restores_the_queue_exactly(brain, tmp_path):

@@ -29,10 +29,10 @@ from pneumonia import train
 ACCELERATE = Path(sys.executable).parent / "accelerate"
 
 PNEUMONIA_TOLERANCE = {"val_auroc": 0.05, "val_loss": 0.05}
-"""Largest accepted |two processes - one process| after 2 epochs; measured on 2 CPU cores: 0.001 and 0.004."""
+"""Largest accepted |two processes - one process| after 2 epochs; measured on 2 CPU cores: 0.012 and 0.001."""
 
-CXR_TOLERANCE = {"val_dice": 0.05, "val_loss": 0.05}
-"""The same for cxr_localize after 2 epochs; measured on 2 CPU cores: 0.001 and 0.003."""
+CXR_TOLERANCE = {"val_dice": 0.03, "val_loss": 0.03}
+"""The same for cxr_localize after 2 epochs; measured on 2 CPU cores: 0.003 and 0.010."""
 
 LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                       "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
