@@ -6,6 +6,11 @@ DDP, AMP, gradient accumulation and clipping, warm-up + cosine/step schedules, e
 best-by-metric with a mode, early stopping, ``metrics.jsonl``, and checkpoints that ``--resume`` continues
 exactly (model, optimizer, scheduler, RNG and the position in the epoch's data order).
 
+Data reaches the model by one of two paths (``common.device_data``): a split held as tensors is moved to the
+device once and batches are gathered there by index, augmented as whole batches; anything else goes through
+DataLoader workers. The loop itself never waits for the device per step: the training loss is summed on the
+device and read every ``log_every`` optimizer steps, at checkpoints and at the end of each epoch.
+
 The learning-rate schedule always spans ``epochs``; ``max_steps`` only stops early, so a run stopped by
 ``max_steps`` (or killed) and resumed ends where an uninterrupted run ends.
 """
@@ -28,7 +33,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, send_to_device, set_seed
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
 from common import train_state
@@ -45,11 +50,13 @@ from common.checkpoint import (
 )
 from common.cli import nonnegative_float, nonnegative_int, positive_float, positive_int, unit_interval
 from common.device import mixed_precision, pick_device
+from common.device_data import EvalBatches, TrainBatches, default_num_workers, model_to_channels_last
 from common.errors import ConfigError, DataError
 
 log = logging.getLogger("medvl.engine")
 
 SCHEDULERS = ("cosine", "step", "constant")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -77,8 +84,12 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     overwrite: bool = False
-    num_workers: int = 0
+    num_workers: int | None = None
     progress: bool = True
+    log_every: int = 50
+    data_on_device: bool | None = None
+    channels_last: bool = False
+    compile: str = "none"
 
     def __post_init__(self) -> None:
         """The same rules as the flags' converters, for code that builds a TrainConfig directly."""
@@ -86,9 +97,11 @@ class TrainConfig:
             raise ConfigError("--scheduler", f"unknown scheduler {self.scheduler!r}; choose {', '.join(SCHEDULERS)}")
         if self.mode not in ("min", "max"):
             raise ConfigError("--mode", f"mode must be min or max, not {self.mode!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError("--compile", f"unknown mode {self.compile!r}; choose {', '.join(COMPILE_MODES)}")
         at_least = {"epochs": 1, "batch_size": 1, "grad_accum": 1, "eval_every": 1, "step_size_epochs": 1,
                     "warmup_steps": 0, "num_workers": 0, "eval_batch_size": 1, "patience": 1, "checkpoint_every": 1,
-                    "max_steps": 1}
+                    "max_steps": 1, "log_every": 1}
         for name, low in at_least.items():
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
@@ -107,8 +120,10 @@ class TrainTask(Protocol):
     """What a pipeline tells the loop about its problem.
 
     Both ``training_loss`` and ``validate`` receive batches already on the model's device (``validate`` iterates
-    a ``DeviceBatches``, which also has ``.dataset`` and ``len``). ``metric_names`` lists the keys ``validate``
-    returns (without ``val_``) so that a wrong ``--monitor`` fails before training.
+    a ``DeviceBatches``, which also has ``.dataset`` and ``len``); training batches are already augmented when the
+    dataset has a ``batch_augment``, and ``training_loss`` gets the ``torch.compile``d model under ``--compile``.
+    ``metric_names`` lists the keys ``validate`` returns (without ``val_``) so that a wrong ``--monitor`` fails
+    before training.
     """
 
     metric_names: tuple[str, ...]
@@ -169,6 +184,18 @@ class EpochSampler(Sampler[int]):
     def __len__(self) -> int:
         return math.ceil(self.size / self.world) - self.skip
 
+    def draws(self, count: int) -> torch.Tensor:
+        """``count`` uniform numbers in [0, 1) per sample of this epoch, aligned with the iteration order.
+
+        They are drawn for the whole padded permutation and sharded like it, so a sample's numbers depend only
+        on (seed, epoch, position): a resumed run, and each of several processes, draw what one uninterrupted
+        process draws for the same sample. Batch augmentation reads its randomness from here.
+        """
+        per_rank = math.ceil(self.size / self.world)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + 0x5EED_0000_0000)
+        values = torch.rand(per_rank * self.world, count, generator=gen)
+        return values[self.rank :: self.world][self.skip :]
+
 
 class _LoopState:
     """Counters saved with every checkpoint (``trainer.json``), type-checked when a resume reads them back."""
@@ -209,6 +236,8 @@ class FitResult:
     stopped_early: bool
     history: list[dict[str, Any]] = field(default_factory=list)
     completed: bool = True
+    epoch_seconds: list[float] = field(default_factory=list)
+    """Wall time of the training batches of each epoch this call ran (no validation or checkpoints)."""
 
     def summary(self, monitor: str, run_dir: Path) -> str:
         """The line a training script prints at the end: the best epoch, or how to continue a stopped run."""
@@ -316,14 +345,15 @@ def find_resume_dir(run_dir: Path) -> Path:
 
 
 RESUMABLE_CHANGES = ("max_steps", "progress", "num_workers", "device", "cache_dir", "checkpoint_every",
-                     "eval_batch_size", "output_dir")
+                     "eval_batch_size", "output_dir", "log_every", "data_on_device")
 """config.yaml keys ``--resume`` lets differ: they do not change which batches are drawn or how weights move."""
 
 
 def _identity(config: TrainConfig, train_size: int, num_processes: int) -> dict[str, Any]:
     """The loop settings a resumed run must share with the interrupted one to end at the same weights."""
     keys = ("epochs", "batch_size", "grad_accum", "clip_grad_norm", "scheduler", "warmup_steps", "step_size_epochs",
-            "step_gamma", "min_lr_ratio", "precision", "monitor", "mode", "patience", "eval_every", "seed")
+            "step_gamma", "min_lr_ratio", "precision", "monitor", "mode", "patience", "eval_every", "seed",
+            "channels_last", "compile")
     return {**{k: getattr(config, k) for k in keys}, "train_size": train_size, "num_processes": num_processes}
 
 
@@ -331,6 +361,9 @@ def _check_resume(resume_dir: Path, saved: dict[str, Any], identity: dict[str, A
                   run_files: dict[str, str]) -> None:
     """Refuse a resume whose settings or data differ from the interrupted run's, naming what changed."""
     before = saved.get("identity") or {}
+    fields = TrainConfig.__dataclass_fields__
+    # A key the checkpoint predates had its default then (channels_last and compile came later).
+    before = {k: before.get(k, fields[k].default if k in fields else None) for k in identity}
     changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in identity.items() if before.get(k) != v]
     for name, text in run_files.items():
         path = run_dir / name
@@ -380,12 +413,12 @@ def _improved(value: float, best: float | None, mode: str) -> bool:
 class DeviceBatches:
     """A validation loader whose batches arrive on the model's device, as ``training_loss`` receives them."""
 
-    def __init__(self, loader: DataLoader, device: torch.device):
+    def __init__(self, loader, device: torch.device):
         self.loader, self.device, self.dataset = loader, device, loader.dataset
 
     def __iter__(self) -> Iterator[Any]:
         for batch in self.loader:
-            yield send_to_device(batch, self.device)
+            yield send_to_device(batch, self.device, non_blocking=True)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -447,16 +480,22 @@ def fit(
     set_seed(config.seed)
     state = _LoopState()
     sampler = EpochSampler(len(train_dataset), config.seed, True, accelerator.process_index, accelerator.num_processes)
-    train_loader = DataLoader(train_dataset, batch_size=config.batch_size, sampler=sampler,
-                              num_workers=config.num_workers, collate_fn=collate_fn,
-                              generator=torch.Generator().manual_seed(config.seed))
-    val_loader = None
-    if val_dataset is not None:
-        val_loader = DataLoader(val_dataset, batch_size=config.eval_batch_size or config.batch_size, shuffle=False,
-                                num_workers=config.num_workers, collate_fn=collate_fn)
     batches_per_epoch = math.ceil(len(train_dataset) / accelerator.num_processes / config.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
+    if config.channels_last:
+        model_to_channels_last(model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # The compiled module runs the training steps only; validation, hooks and checkpoints use the eager model.
+    train_model = model if config.compile == "none" else torch.compile(model, mode=config.compile)
+    workers = config.num_workers if config.num_workers is not None else default_num_workers(
+        accelerator.device, accelerator.num_processes)
+    train_batches = TrainBatches(train_dataset, sampler, config.batch_size, accelerator.device,
+                                 collate_fn=collate_fn, num_workers=workers, on_device=config.data_on_device,
+                                 channels_last=config.channels_last)
+    val_batches = None
+    if val_dataset is not None:
+        val_batches = EvalBatches(val_dataset, config.eval_batch_size or config.batch_size, accelerator.device,
+                                  collate_fn=collate_fn, num_workers=workers, on_device=config.data_on_device)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
 
     metrics_path = run_dir / "metrics.jsonl"
@@ -464,6 +503,7 @@ def fit(
     if config.resume:
         train_state.load_model_state(accelerator.unwrap_model(model), resume_dir)
         train_state.load_optimizer(optimizer, resume_dir)
+        _match_parameter_layout(optimizer)
         try:
             scheduler.load_state_dict(saved_state["scheduler"])
             state.load_state_dict(saved_state["loop"])
@@ -492,43 +532,55 @@ def fit(
             atomic_write_text(run_dir / name, text)
     accelerator.wait_for_everyone()
     _attach_log_file(run_dir / "train.log", accelerator.is_main_process)
+    log.info("training data: %s", train_batches.describe())
 
     def save_last() -> None:
         _save_last(accelerator, model, optimizer, scheduler, state, run_dir, identity, task)
 
+    def read_loss(loss_sum: torch.Tensor, epoch: int) -> float:
+        """Read the device's running loss sum into the loop state (the loop's only wait for the device)."""
+        value = float(loss_sum)
+        if not math.isfinite(value):
+            raise DataError(run_dir, f"training loss became {value} in epoch {epoch + 1} (by step "
+                                     f"{state.global_step}); lower --lr or check the data")
+        state.loss_sum = value
+        return value
+
     stopped_early = False
     hit_max_steps = False
+    epoch_seconds: list[float] = []
     start = time.time()
+    # float64 keeps the sum as exact as the per-batch Python floats it replaces; MPS has no float64.
+    sum_dtype = torch.float32 if accelerator.device.type == "mps" else torch.float64
     while not state.finished and state.epoch < config.epochs:
         epoch = state.epoch
         sampler.set_epoch(epoch, skip=state.batches_done * config.batch_size)
-        train_loader.generator.manual_seed(config.seed * 7_919 + epoch)
         if state.batches_done == 0 and hasattr(task, "start_epoch"):
             _start_epoch(accelerator, model, task, epoch)
         model.train()
         bar = tqdm(total=batches_per_epoch, initial=state.batches_done, desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=not (config.progress and accelerator.is_local_main_process), leave=False)
-        for batch in train_loader:
+        # The running sum lives on the device and continues the checkpointed one, so a resumed run adds the same
+        # numbers in the same order as an uninterrupted one.
+        loss_sum = torch.tensor(state.loss_sum, dtype=sum_dtype, device=accelerator.device)
+        epoch_start, paused = time.perf_counter(), 0.0
+        for batch in train_batches:
             index = state.batches_done
             group_end = min(batches_per_epoch, (index // config.grad_accum + 1) * config.grad_accum)
             group_size = group_end - (index // config.grad_accum) * config.grad_accum
             is_step = index + 1 == group_end
-            batch = send_to_device(batch, accelerator.device)
             context = accelerator.no_sync(model) if not is_step else contextlib.nullcontext()
             with context, accelerator.autocast():
                 try:
-                    loss = task.training_loss(model, batch)
+                    loss = task.training_loss(train_model, batch)
                 except ValueError as err:
                     if "Expected more than 1 value per channel" not in str(err):
                         raise
                     raise ConfigError("--batch-size", f"{len(train_dataset)} training samples leave a last batch "
                                                       "BatchNorm cannot train on (one sample); choose another "
                                                       "batch size") from err
-            if not torch.isfinite(loss):
-                raise DataError(run_dir, f"training loss became {loss.item()} at epoch {epoch + 1}, batch {index}; "
-                                         "lower --lr or check the data")
             accelerator.backward(loss / group_size)
-            state.loss_sum += loss.item()
+            loss_sum += loss.detach().reshape(())
             state.loss_count += 1
             state.batches_done += 1
             bar.update(1)
@@ -539,12 +591,20 @@ def fit(
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.global_step += 1
-                bar.set_postfix(loss=f"{state.loss_sum / state.loss_count:.4f}")
+                if state.global_step % config.log_every == 0:
+                    mean = read_loss(loss_sum, epoch) / state.loss_count
+                    bar.set_postfix(loss=f"{mean:.4f}")
+                    log.debug("step %d: running train_loss %.4f", state.global_step, mean)
                 if config.max_steps is not None and state.global_step >= config.max_steps:
                     hit_max_steps = True
                     break
                 if config.checkpoint_every and state.global_step % config.checkpoint_every == 0:
+                    read_loss(loss_sum, epoch)
+                    saving = time.perf_counter()
                     save_last()
+                    paused += time.perf_counter() - saving
+        read_loss(loss_sum, epoch)
+        epoch_seconds.append(time.perf_counter() - epoch_start - paused)
         bar.close()
         if hit_max_steps and state.batches_done < batches_per_epoch:
             save_last()
@@ -555,10 +615,10 @@ def fit(
         record: dict[str, Any] = {"epoch": epoch + 1, "step": state.global_step,
                                   "train_loss": state.loss_sum / max(1, state.loss_count),
                                   "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - start, 2)}
-        evaluated = val_loader is not None and (epoch + 1) % config.eval_every == 0
+        evaluated = val_batches is not None and (epoch + 1) % config.eval_every == 0
         if evaluated:
-            record.update(_validate(accelerator, model, val_loader, task))
-        if evaluated or val_loader is None:
+            record.update(_validate(accelerator, model, val_batches, task))
+        if evaluated or val_batches is None:
             value = record.get(config.monitor)
             if value is None:
                 raise ConfigError("--monitor", f"validation returned no {config.monitor!r} (has {sorted(record)})")
@@ -588,7 +648,20 @@ def fit(
     if completed and state.best_value is None:
         raise DataError(metrics_path, f"{config.monitor} was never a finite number, so no best model was saved; "
                                       "check the validation data or choose another --monitor")
-    return FitResult(state.best_value, state.best_epoch, state.global_step, stopped_early, history, completed)
+    return FitResult(state.best_value, state.best_epoch, state.global_step, stopped_early, history, completed,
+                     epoch_seconds)
+
+
+def _match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give each per-parameter state tensor its parameter's memory layout again (checkpoints store contiguous
+    copies). Fused optimizers pair elements in memory order, so a channels-last weight beside a contiguous moment
+    would be updated from the wrong elements."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in list(state.items()):
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def _start_epoch(accelerator: Accelerator, model, task: EpochTask, epoch: int) -> None:
@@ -602,7 +675,7 @@ def _start_epoch(accelerator: Accelerator, model, task: EpochTask, epoch: int) -
     unwrapped.train()
 
 
-def _validate(accelerator: Accelerator, model, loader: DataLoader, task: TrainTask) -> dict[str, float]:
+def _validate(accelerator: Accelerator, model, loader: EvalBatches, task: TrainTask) -> dict[str, float]:
     """Validate on the main process over the whole set (no padded duplicates), then share the numbers."""
     payload: list[Any] = [None]
     if accelerator.is_main_process:
@@ -668,8 +741,21 @@ def add_train_args(parser, *, epochs: int, batch_size: int, lr: float, monitor: 
                        help="early stop after this many evals without gain")
     group.add_argument("--checkpoint-every", type=positive_int, default=None,
                        help="also checkpoint every N optimizer steps")
-    group.add_argument("--num-workers", type=nonnegative_int, default=0)
     group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    group.add_argument("--log-every", type=positive_int, default=50,
+                       help="optimizer steps between reads of the running training loss (each read waits for the "
+                            "device)")
+    group = parser.add_argument_group("speed")
+    group.add_argument("--data-on-device", action=argparse.BooleanOptionalAction, default=None,
+                       help="hold tensor datasets on the training device and gather batches there (default: when "
+                            "the split fits in half the device's free memory)")
+    group.add_argument("--num-workers", type=nonnegative_int, default=None,
+                       help="DataLoader workers for data not held on the device (default: 0 on CPU, else up to 4 "
+                            "per process)")
+    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                       help="convolution weights and image batches in channels-last layout")
+    group.add_argument("--compile", choices=COMPILE_MODES, default="none",
+                       help="torch.compile the training steps with this mode")
     group = parser.add_argument_group("resume")
     group.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoints/last")
     group.add_argument("--overwrite", action="store_true",
@@ -680,4 +766,4 @@ def add_train_args(parser, *, epochs: int, batch_size: int, lr: float, monitor: 
 
 __all__ = ["TrainConfig", "TrainTask", "EpochTask", "FitResult", "fit", "add_train_args", "config_from_args",
            "EpochSampler", "build_scheduler", "find_resume_dir", "check_output_dir", "check_run_setup", "check_monitor",
-           "DeviceBatches"]
+           "DeviceBatches", "COMPILE_MODES"]

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
+from common.device_data import RandomAffine, TensorData
 from common.errors import DataError
 
 log = logging.getLogger("medvl.pneumonia")
@@ -147,30 +147,38 @@ def _compare_with_official(data: MedMNISTSplits) -> None:
 MEAN, STD = 0.5, 0.5
 
 
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float normalised as in MedMNIST's reference code (on whatever device they are)."""
+    return images.float().div(255.0).sub(MEAN).div(STD)
+
+
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W) -> float (N, 1, H, W) normalised as in MedMNIST's reference code."""
-    return (torch.from_numpy(np.ascontiguousarray(images)).float().div(255.0).sub(MEAN).div(STD)).unsqueeze(1)
+    return normalise(torch.from_numpy(np.ascontiguousarray(images))).unsqueeze(1)
 
 
-class PneumoniaDataset(Dataset):
-    """(image tensor (1, H, W), float label); optional light augmentation for training.
+def _decode(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = batch
+    return normalise(images), labels
 
-    Augmentation is small: random translation by up to 1/14 of the side and a +-10 degree rotation. No
-    horizontal flip, which would move the heart to the wrong side of a radiograph.
+
+def augmentation() -> RandomAffine:
+    """Small: a shift by up to 1/14 of the side, a +-10 degree rotation and a 5% zoom, black outside the image.
+
+    No horizontal flip, which would move the heart to the wrong side of a radiograph.
+    """
+    return RandomAffine(degrees=10, translate=1 / 14, scale=(0.95, 1.05), fill=(0.0 - MEAN) / STD)
+
+
+class PneumoniaDataset(TensorData):
+    """(image tensor (1, H, W), float label); images stay uint8 until a batch is gathered.
+
+    The split is a ``TensorData``, so the training loop holds it on the device and gathers batches there; with
+    ``augment`` the loop applies ``augmentation()`` to every training batch on the device.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, augment: bool = False):
+        tensors = (torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1),
+                   torch.as_tensor(np.asarray(labels), dtype=torch.float32))
+        super().__init__(tensors, decode=_decode, batch_augment=augmentation() if augment else None)
         self.images, self.labels, self.augment = images, labels, augment
-        if augment:
-            from torchvision.transforms import v2
-
-            self.transform = v2.RandomAffine(degrees=10, translate=(1 / 14, 1 / 14), scale=(0.95, 1.05), fill=-1.0)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int):
-        image = to_tensor(self.images[index : index + 1])[0]
-        if self.augment:
-            image = self.transform(image)
-        return image, torch.tensor(float(self.labels[index]))

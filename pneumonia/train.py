@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from common.cli import MedvlArgumentParser, base_parser, config_text, parse_args, positive_int, require
-from common.engine import add_train_args, check_run_setup, config_from_args, fit
+from common.engine import DeviceBatches, FitResult, add_train_args, check_run_setup, config_from_args, fit
 from common.errors import DataError, cli_entry
 from common.metrics.classification import best_threshold, binary_metrics
 from common.runs import model_record, save_run_model
@@ -44,6 +43,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="how the decision threshold is picked on validation")
     parser.add_argument("--train-limit", type=positive_int, default=None, help="use only the first N training images")
     add_train_args(parser, epochs=10, batch_size=64, lr=1e-3, weight_decay=1e-4, monitor="val_auroc", mode="max")
+    # Channels-last convolutions: faster on CPU (oneDNN; benchmarks.train_speed), and the layout of GPU tensor cores.
+    parser.set_defaults(channels_last=True)
     return parser
 
 
@@ -60,8 +61,8 @@ class PneumoniaTask:
         images, labels = batch
         return F.binary_cross_entropy_with_logits(model(images).float(), labels.float())
 
-    def validate(self, model, loader: DataLoader, device) -> dict[str, float]:
-        logits = torch.cat([model(images).float().cpu() for images, _ in loader])
+    def validate(self, model, loader: DeviceBatches, device) -> dict[str, float]:
+        logits = torch.cat([model(images).float() for images, _ in loader]).cpu()  # one wait for the device
         labels = torch.as_tensor(self.val_labels, dtype=torch.float32)
         scores = torch.sigmoid(logits).numpy()
         self.last_scores = scores
@@ -101,9 +102,9 @@ def data_record(path: Path, images: dict[str, np.ndarray], labels: dict[str, np.
     return json.dumps({"file": path.name, "splits": splits}, indent=2, sort_keys=True) + "\n"
 
 
-@cli_entry
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(get_args_parser(), argv)
+def run(args: argparse.Namespace) -> FitResult:
+    """Everything ``main`` does after parsing, but the summary line; returns the loop's result (its timings are
+    what ``benchmarks.train_speed`` reads)."""
     require(args, output_dir="where the run is written")
     check_run_setup(config_from_args(args), args.output_dir)
     data = load_medmnist(args.data_root, args.image_size, splits=("train", "val"))
@@ -114,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("medvl").info("train %s, val %s", data.counts()["train"], data.counts()["val"])
     torch.manual_seed(args.seed)
     model = build_model(args.arch)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    # One fused kernel for all parameters: the optimizer step of ResNet-18 measured 24 ms instead of 142 ms on CPU.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     meta = {"pipeline": "pneumonia", "stage": "train", "preset": args.arch, "kwargs": {}, "labels": list(LABELS),
             "preprocessing": {"image_size": args.image_size, "mean": MEAN, "std": STD},
             "data": {"root": str(Path(args.data_root).resolve()), "file": data.path.name,
@@ -124,9 +126,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_files = {"config.yaml": config_text(args),
                  "data.json": data_record(data.path, {"train": train_images, "val": data.images["val"]},
                                           {"train": train_labels, "val": data.labels["val"]})}
-    result = fit(model, optimizer, PneumoniaDataset(train_images, train_labels, augment=args.augment),
-                 PneumoniaDataset(data.images["val"], data.labels["val"]), task, config_from_args(args),
-                 args.output_dir, run_files=run_files)
+    return fit(model, optimizer, PneumoniaDataset(train_images, train_labels, augment=args.augment),
+               PneumoniaDataset(data.images["val"], data.labels["val"]), task, config_from_args(args),
+               args.output_dir, run_files=run_files)
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(get_args_parser(), argv)
+    result = run(args)
     print(result.summary(args.monitor, args.output_dir))
     return 0
 
