@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+from pathlib import Path
 
 import torch
 
@@ -35,13 +37,30 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """bf16 autocast is worth it on Ampere+ GPUs; on CPU it is slower than fp32 for our models."""
+    """bf16 weights and compute are native on Ampere+ GPUs (used for frozen weights and 4-bit compute)."""
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
+@functools.cache
+def cpu_has_amx_bf16() -> bool:
+    """True on CPUs with AMX-BF16 tiles (Intel Sapphire Rapids and later, Linux), where oneDNN runs bf16
+    convolutions and matmuls in hardware: measured 1.65 times the fp32 speed for pneumonia's ResNet-18
+    (``benchmarks/train_speed.py``). Elsewhere bf16 on a CPU is emulated and slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return any(line.startswith("flags") and "amx_bf16" in line.split() for line in flags.splitlines())
+
+
 def mixed_precision(requested: str, device: torch.device) -> str:
-    """Map ``--precision auto|fp32|bf16|fp16`` to Accelerate's ``mixed_precision`` value."""
+    """Map ``--precision auto|fp32|bf16|fp16`` to Accelerate's ``mixed_precision`` value.
+
+    ``auto`` autocasts to bf16 where the hardware computes it natively (Ampere+ GPUs, CPUs with AMX-BF16), to fp16
+    on older GPUs, and stays fp32 elsewhere. Weights and optimizer state stay fp32 in every case."""
     if requested == "auto":
+        if device.type == "cpu":
+            return "bf16" if cpu_has_amx_bf16() else "no"
         if device.type != "cuda":
             return "no"
         return "bf16" if bf16_supported(device) else "fp16"

@@ -424,6 +424,18 @@ class DeviceBatches:
         return len(self.loader)
 
 
+def make_accelerator(device: torch.device, precision: str) -> Accelerator:
+    """An ``Accelerator`` for one run. Accelerate keeps one mixed-precision state per process and refuses a second
+    run with another precision in the same process (an ablation, the speed benchmark, the test suite); that part
+    of its state is reset then, while the process group (``PartialState``) is kept."""
+    from accelerate.state import AcceleratorState
+
+    current = AcceleratorState._shared_state.get("_mixed_precision")
+    if current is not None and current != precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
+
+
 def check_monitor(config: TrainConfig, task: TrainTask, has_val: bool) -> None:
     """Fail before any work when ``--monitor`` names a metric this task's validation never returns."""
     names = getattr(task, "metric_names", None)
@@ -464,10 +476,7 @@ def fit(
         raise DataError("validation data", "the validation split is empty")
     check_monitor(config, task, val_dataset is not None)
     device = check_run_setup(config, run_dir)
-    accelerator = Accelerator(
-        cpu=device.type == "cpu",
-        mixed_precision=mixed_precision(config.precision, device),
-    )
+    accelerator = make_accelerator(device, mixed_precision(config.precision, device))
     identity = _identity(config, len(train_dataset), accelerator.num_processes)
     saved_state = None
     if config.resume:
