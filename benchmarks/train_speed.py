@@ -41,7 +41,7 @@ from sklearn.metrics import roc_auc_score
 
 from common.checkpoint import atomic_write_text
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
-from common.device import pick_device
+from common.device import mixed_precision, pick_device
 from common.errors import ConfigError, cli_entry
 from common.phantoms.cxr import write_medmnist
 from pneumonia import train
@@ -216,7 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     print(f"{medvl_args.epochs} epoch(s) x {args.repeats} repeat(s), batch {medvl_args.batch_size}, lr "
           f"{medvl_args.lr}; medvl precision "
-          f"{medvl_args.precision}, augment {medvl_args.augment}, channels-last {medvl_args.channels_last}, "
+          f"{medvl_args.precision} (autocast: {mixed_precision(medvl_args.precision, device)}), augment "
+          f"{medvl_args.augment}, channels-last {medvl_args.channels_last}, "
           f"compile {medvl_args.compile}")
     print(table(rows))
     if args.json is not None:
@@ -227,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "repeats": args.repeats, "zero_init_residual": args.zero_init_residual,
                   "train_images": n_train, "image_size": args.image_size, "device": str(device), "data": source,
                   "medvl_flags": args.medvl_flags,
+                  "medvl_autocast": mixed_precision(medvl_args.precision, device),
                   "command": shlex.join(["python", "-m", "benchmarks.train_speed",
                                          *(argv if argv is not None else sys.argv[1:])])}
         atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
