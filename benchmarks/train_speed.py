@@ -214,9 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
          "seconds": per_epoch["reference"], "images_per_s": n_train / per_epoch["reference"],
          "ratio": 1.0, "auroc": auroc["reference"], "wall": statistics.mean(walls["reference"])},
     ]
+    autocast = mixed_precision(medvl_args.precision, device, train.CPU_BF16)
     print(f"{medvl_args.epochs} epoch(s) x {args.repeats} repeat(s), batch {medvl_args.batch_size}, lr "
           f"{medvl_args.lr}; medvl precision "
-          f"{medvl_args.precision} (autocast: {mixed_precision(medvl_args.precision, device)}), augment "
+          f"{medvl_args.precision} (autocast: {autocast}), augment "
           f"{medvl_args.augment}, channels-last {medvl_args.channels_last}, "
           f"compile {medvl_args.compile}")
     print(table(rows))
@@ -228,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "repeats": args.repeats, "zero_init_residual": args.zero_init_residual,
                   "train_images": n_train, "image_size": args.image_size, "device": str(device), "data": source,
                   "medvl_flags": args.medvl_flags,
-                  "medvl_autocast": mixed_precision(medvl_args.precision, device),
+                  "medvl_autocast": autocast,
                   "command": shlex.join(["python", "-m", "benchmarks.train_speed",
                                          *(argv if argv is not None else sys.argv[1:])])}
         atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")

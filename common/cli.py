@@ -95,8 +95,8 @@ def base_parser(*, output_dir: bool = False, seed: bool = False, device: bool = 
         group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     if precision:
         group.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                           help="autocast dtype; auto: bf16 on GPUs and CPUs (AMX) that compute it natively, fp16 on "
-                                "older GPUs, fp32 elsewhere")
+                           help="autocast dtype; auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU "
+                                "(pneumonia: bf16 on CPUs with AMX-BF16)")
     if cache_dir or quantization:
         models = parser.add_argument_group("model loading")
         if cache_dir:

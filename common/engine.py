@@ -90,6 +90,9 @@ class TrainConfig:
     data_on_device: bool | None = None
     channels_last: bool = False
     compile: str = "none"
+    cpu_bf16: bool = False
+    """``--precision auto`` on a CPU with AMX-BF16 autocasts to bf16 (for models that gain from it, see
+    ``common.device.mixed_precision``)."""
 
     def __post_init__(self) -> None:
         """The same rules as the flags' converters, for code that builds a TrainConfig directly."""
@@ -290,7 +293,7 @@ def check_run_setup(config: TrainConfig, run_dir: Path) -> torch.device:
     """Everything about a training run that can be checked before its data is loaded: the device and precision
     exist here, and the run directory can be written without losing work. Returns the device."""
     device = pick_device(config.device)
-    mixed_precision(config.precision, device)
+    mixed_precision(config.precision, device, config.cpu_bf16)
     check_output_dir(run_dir, config.resume, config.overwrite)
     return device
 
@@ -476,7 +479,7 @@ def fit(
         raise DataError("validation data", "the validation split is empty")
     check_monitor(config, task, val_dataset is not None)
     device = check_run_setup(config, run_dir)
-    accelerator = make_accelerator(device, mixed_precision(config.precision, device))
+    accelerator = make_accelerator(device, mixed_precision(config.precision, device, config.cpu_bf16))
     identity = _identity(config, len(train_dataset), accelerator.num_processes)
     saved_state = None
     if config.resume:
