@@ -96,13 +96,34 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     A model may define ``rebuilt_keys()`` (frozen pretrained weights, e.g. the base layers under LoRA adapters):
     those are not written, so a LoRA run over a billion-parameter backbone saves megabytes, not gigabytes.
     """
-    rebuilt = set(model.rebuilt_keys()) if hasattr(model, "rebuilt_keys") else set()
+    rebuilt = _skipped_keys(model)
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in rebuilt}
 
 
-def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Load a saved state into ``model``; only the keys it rebuilds from its source may be absent."""
+def tied_keys(model: torch.nn.Module) -> set[str]:
+    """State keys that alias an earlier key's tensor (tied weights, e.g. an LM head sharing the input embedding):
+    safetensors refuses to write shared memory twice, and loading the first fills both."""
+    seen: set[int] = set()
+    tied = set()
+    for key, value in model.state_dict(keep_vars=True).items():
+        if value.numel() == 0:
+            continue
+        pointer = value.data_ptr()
+        if pointer in seen:
+            tied.add(key)
+        seen.add(pointer)
+    return tied
+
+
+def _skipped_keys(model: torch.nn.Module) -> set[str]:
     rebuilt = set(model.rebuilt_keys()) if hasattr(model, "rebuilt_keys") else set()
+    return rebuilt | tied_keys(model)
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load a saved state into ``model``; only the keys it rebuilds from its source (or ties to another) may be
+    absent."""
+    rebuilt = _skipped_keys(model)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:

@@ -5,7 +5,7 @@ Example:
     python -m common.phantoms cxr --format iu --out data/iu_phantom --n 200
     python -m common.phantoms cxr --format chexpert --out data/chexpert_phantom --n 500
     python -m common.phantoms histology --out data/histology_phantom --n 80 --schema 2025
-    python -m common.phantoms brain --out data/brain_phantom --n 60 --size 64 64 48
+    python -m common.phantoms brain --out data/brain_phantom --n 120 --size 64 64 48
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     histology.add_argument("--schema", choices=("2024", "2025", "2026"), default="2025")
     brain = sub.add_parser("brain", help="BraTS 2020 FLAIR volumes with TextBraTS reports, healthy controls, truth")
     brain.add_argument("--out", type=Path, required=True)
-    brain.add_argument("--n", type=positive_int, default=None, help="tumour cases (default 60)")
+    brain.add_argument("--n", type=positive_int, default=None, help="tumour cases (default 120)")
     brain.add_argument("--healthy", type=nonnegative_int, default=None,
                        help="healthy controls written to OUT/healthy (default: a fifth of --n, at least 1)")
     brain.add_argument("--seed", type=seed_int, default=0)

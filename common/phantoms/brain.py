@@ -1,7 +1,7 @@
 """BraTS 2020 + TextBraTS phantom: FLAIR volumes from the MNI152 template with a tumour in a chosen hemisphere and
 lobe, healthy controls without one, reports from a grammar, and the truth beside them.
 
-    python -m common.phantoms brain --out data/brain_phantom --n 60 --seed 0 --size 64 64 48
+    python -m common.phantoms brain --out data/brain_phantom --n 120 --seed 0 --size 64 64 48
 
 Layout written (as ``MICCAI_BraTS2020_TrainingData`` with the TextBraTS report files inside the case folders)::
 
@@ -44,8 +44,9 @@ from scipy import ndimage
 
 from common.checkpoint import atomic_write_bytes, atomic_write_text
 
-DEFAULT_N = 60
-"""Tumour cases written by default; with ``n // 5`` healthy controls, enough for a side probe on a 70/10/20 split."""
+DEFAULT_N = 120
+"""Tumour cases written by default; with ``n // 5`` healthy controls. 120 leaves 22 left/right test cases for the side
+probe on a 70/10/20 split (60 left 10, too few to tell 0.85 from chance reliably)."""
 DEFAULT_SIZE = (64, 64, 48)
 """Voxels along x (left to right), y (posterior to anterior), z (inferior to superior) of the written arrays."""
 MIN_SIZE = 32

@@ -44,7 +44,8 @@ def tiny_run_dirs(tmp_path_factory) -> dict[str, Path]:
     assert train.main(["--stage", "contrastive", "--output-dir", str(dirs["r1"]), "--vision", "siglip-tiny", "--lm",
                        "tiny-gemma3", "--text-embedding", "lm", *common]) == 0
     assert train.main(["--stage", "warmup", "--output-dir", str(dirs["r2"]), "--init", str(dirs["r1"]),
-                       "--max-text-len", "48", "--batch-size", "4", "--grad-accum", "1", *common]) == 0
+                       "--max-text-len", "48", "--batch-size", "4", "--grad-accum", "1", "--lm-pretrain-steps", "20",
+                       *common]) == 0
     (base / "DONE").touch()
     return dirs
 

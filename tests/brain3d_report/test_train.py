@@ -83,22 +83,33 @@ def test_three_stages_chain_and_save_only_what_they_train(brain, tmp_path):
     r1 = _argv(brain, tmp_path, "contrastive", "r1", "--vision", "siglip-tiny", "--lm", "tiny-gemma3",
                "--epochs", "1")
     assert train.main(r1) == 0
+    with safe_open(str(tmp_path / "r1" / "best" / "model.safetensors"), "pt") as handle:
+        assert not any(k.startswith("lm.") for k in handle.keys())  # the random twin is rebuilt from its seed
     assert train.main(_argv(brain, tmp_path, "warmup", "r2", "--init", str(tmp_path / "r1"), "--epochs", "2",
-                            "--grad-accum", "2", "--max-text-len", "48")) == 0
+                            "--grad-accum", "2", "--max-text-len", "48", "--lm-pretrain-steps", "10")) == 0
     assert train.main(_argv(brain, tmp_path, "lora", "r3", "--init", str(tmp_path / "r2"), "--epochs", "1",
                             "--grad-accum", "2", "--max-text-len", "48")) == 0
     with safe_open(str(tmp_path / "r3" / "best" / "model.safetensors"), "pt") as handle:
         keys = list(handle.keys())
     assert any("lora_A" in k for k in keys) and any(k.startswith("projector.") for k in keys)
-    assert not any(k.startswith("lm.") and "lora_" not in k for k in keys)  # the frozen LM is rebuilt, not saved
+    # The LM was language-pre-trained in stage 2, so its weights belong to the run and are saved from then on.
+    assert "lm.model.embed_tokens.weight" in keys
     assert (tmp_path / "r3" / "split.csv").read_text() == (tmp_path / "r1" / "split.csv").read_text()
     loaded = train.load_stage_run(tmp_path / "r3", torch.device("cpu"))
     r2 = train.load_stage_run(tmp_path / "r2", torch.device("cpu"))
     # Stage 3 started from stage 2: the vision encoder (frozen after stage 1) is the same in both.
     for (name, a), (_, b) in zip(loaded.model.vision.state_dict().items(), r2.model.vision.state_dict().items()):
         assert torch.equal(a, b), name
+    for (name, a), (_, b) in zip(loaded.model.lm.get_input_embeddings().state_dict().items(),
+                                 r2.model.lm.get_input_embeddings().state_dict().items()):
+        assert torch.equal(a, b), name  # the pre-trained LM reloads as stage 2 left it
+    assert "lm.lm_head.weight" not in keys  # tied to the input embedding: saved once, loaded into both
+    assert torch.equal(loaded.model.lm.lm_head.weight, r2.model.lm.get_input_embeddings().weight)
+    fresh = train.build_run_model(json.loads((tmp_path / "r1" / "best" / "model.json").read_text()))
+    assert not torch.equal(fresh.lm.get_input_embeddings().weight, r2.model.lm.get_input_embeddings().weight)
     meta = json.loads((tmp_path / "r3" / "best" / "model.json").read_text())
     assert meta["kwargs"]["lora"] == {"r": 4, "alpha": 8, "dropout": 0.05}
+    assert meta["kwargs"]["model"]["lm_pretrain"]["steps"] == 10
 
 
 def test_later_stages_need_init(brain, tmp_path, capsys):
@@ -118,3 +129,49 @@ def test_side_probe_separates_and_the_shuffled_control_does_not():
     result = probe.side_probe(features, labels)
     assert result["side_acc"] >= 0.9
     assert 0.2 <= result["side_acc_shuffled"] <= 0.8
+
+
+def test_language_pretraining_teaches_the_random_twin_report_text_reproducibly():
+    from brain3d_report.lm_pretrain import pretrain_language_model, pretraining_corpus
+    from brain3d_report.model import load_language_model
+
+    corpus = pretraining_corpus()
+    assert len(corpus) == 220 + 7  # the official training fold and the healthy templates, no test report
+    held_out = [corpus[0].replace("right", "left"), "No focal lesion is seen. The ventricles are normal."]
+
+    def nll(lm, tokenizer) -> float:
+        ids, mask = train.report_tokens(tokenizer, held_out, 64)
+        with torch.no_grad():
+            logits = lm(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100).item()
+
+    runs = []
+    for _ in range(2):
+        lm, tokenizer = load_language_model("tiny-gemma3", device="cpu", precision="fp32")
+        before = nll(lm, tokenizer)
+        losses = pretrain_language_model(lm, tokenizer, corpus, steps=40, max_len=64)
+        runs.append((lm, losses))
+    assert before > 6.0  # a random LM over a 700-token vocabulary: about ln(700)
+    assert losses[-1] < losses[0] - 2.0
+    assert nll(lm, tokenizer) < before - 1.5
+    assert not any(p.requires_grad for p in lm.parameters()) and not lm.training  # frozen again for the stages
+    assert runs[0][1] == runs[1][1]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][0].state_dict().values(), runs[1][0].state_dict().values()))
+
+
+def test_text_whitening_gives_unit_variance_components_fitted_on_training_reports():
+    from brain3d_report.model import build_model
+
+    model = build_model("siglip-tiny", "tiny-gemma3", text_dim=24, text_whiten=6, seed=0, precision="fp32")
+    generator = torch.Generator().manual_seed(0)
+    scales = torch.cat([torch.full((18,), 0.1), torch.full((6,), 5.0)])
+    embeddings = torch.randn(40, 24, generator=generator) * scales + 5.0
+    model.fit_text_centering(embeddings)
+    assert torch.allclose(model.text_center, embeddings.mean(0), atol=1e-5)
+    whitened = (embeddings - model.text_center) @ model.text_whitening
+    assert torch.allclose(torch.cov(whitened.T), torch.eye(6), atol=1e-4)
+    # The six leading directions are the high-variance coordinates 18..23 of this data.
+    assert model.text_whitening[:18].abs().max() < 0.05 * model.text_whitening[18:].abs().max()
+    _, projected, _ = model(torch.zeros(1, 1, 16, 64, 64), text=embeddings[:3])
+    assert torch.allclose(projected, model.text_head(whitened[:3]), atol=1e-5)
