@@ -306,6 +306,10 @@ class Brain3DReportModel(nn.Module):
         # during training, the text centre the mean over training reports; both are saved with the weights.
         self.register_buffer("image_center", torch.zeros(vision.hidden_size, device=device))
         self.register_buffer("text_center", torch.zeros(text_dim or lm_dim, device=device))
+        # Standardisation of the compressed tokens before the projector (``fit_token_standardization``, fitted at
+        # the start of the warm-up stage; identity until then).
+        self.register_buffer("token_mean", torch.zeros(compressor.num_latents, vision.hidden_size, device=device))
+        self.register_buffer("token_scale", torch.ones(compressor.num_latents, vision.hidden_size, device=device))
         # Optional PCA whitening of the centred text embeddings onto their ``text_whiten`` leading components (Su et
         # al. 2021, "Whitening sentence representations"): sentence embedders give a report's laterality a tiny
         # share of the variance (left vs right reports of the brain phantom differ by 0.02 in centred MiniLM cosine,
@@ -399,7 +403,31 @@ class Brain3DReportModel(nn.Module):
     def visual_tokens(self, volume: torch.Tensor) -> torch.Tensor:
         """(B, latents, D_lm): projected visual tokens in the dtype of the LM's embeddings."""
         dtype = self.lm.get_input_embeddings().weight.dtype
-        return self.projector(self.encode(volume)).to(dtype)
+        tokens = self.encode(volume)
+        tokens = (tokens - self.token_mean.to(tokens.dtype)) / self.token_scale.to(tokens.dtype)
+        return self.projector(tokens).to(dtype)
+
+    @torch.no_grad()
+    def fit_token_standardization(self, volumes: torch.Tensor, batch_size: int = 4) -> None:
+        """Per-latent, per-feature mean and spread of the compressed tokens over ``volumes`` (the training split),
+        applied before the projector from then on.
+
+        After stage 1 the compressed tokens of different volumes still share almost all of their value (the
+        contrastive loss centres them for the same reason), so raw tokens hand the LM nearly the same prefix for
+        every volume: a stage-3 model on the phantom gave "left" and "right" the same log-likelihood difference for
+        every volume (spread 0.02 nats). Standardised, what differs between volumes is what the projector sees.
+        A spread below 1% of the median one is raised to it, so features that never change stay near zero.
+        """
+        was_training = self.training
+        self.eval()
+        device = self.token_mean.device
+        tokens = torch.cat([self.encode(volumes[i : i + batch_size].to(device)).float()
+                            for i in range(0, len(volumes), batch_size)])
+        self.train(was_training)
+        spread = tokens.std(0) if len(tokens) > 1 else torch.ones_like(tokens[0])
+        floor = spread.median().clamp_min(1e-8) * 0.01
+        self.token_mean.copy_(tokens.mean(0).to(self.token_mean.dtype))
+        self.token_scale.copy_(spread.clamp_min(floor).to(self.token_scale.dtype))
 
     @torch.no_grad()
     def text_embedding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

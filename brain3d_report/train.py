@@ -454,6 +454,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("stage %s: %d trainable parameters", args.stage, sum(p.numel() for p in trainable.values()))
 
     volumes = {name: _volumes(part, args, cache_root) for name, part in parts.items()}
+    if args.stage == "warmup" and args.init is not None:
+        model.fit_token_standardization(volumes["train"])
     reports = {name: [c.report for c in part] for name, part in parts.items()}
     meta = {"pipeline": PIPELINE, "stage": args.stage, "preset": model.model_config["vision"],
             "kwargs": {"model": model.model_config, "lora": lora, "text_embedding": text_choice},

@@ -474,3 +474,22 @@ def test_tiny_twins_are_small():
     model = build_model("siglip-tiny", "tiny-gemma3")
     assert count_parameters(model) < 500_000
     assert model.vision.hidden_size == 64 and model.vision.patch_size == 16
+
+
+def test_token_standardization_hands_the_projector_what_differs_between_volumes():
+    model = build_model("siglip-tiny", "tiny-gemma3", seed=0, precision="fp32")
+    generator = torch.Generator().manual_seed(0)
+    volumes = torch.rand(6, 1, 16, 64, 64, generator=generator)
+    before = model.visual_tokens(volumes[:2])
+    assert torch.allclose(before, model.projector(model.encode(volumes[:2])))  # identity until fitted
+    model.fit_token_standardization(volumes, batch_size=4)
+    tokens = model.encode(volumes)
+    standardized = (tokens - model.token_mean) / model.token_scale
+    assert torch.allclose(standardized.mean(0), torch.zeros_like(standardized[0]), atol=1e-4)
+    varying = model.token_scale > model.token_scale.median() * 0.01
+    assert torch.allclose(standardized.std(0)[varying], torch.ones(int(varying.sum())), atol=1e-3)
+    assert torch.allclose(model.visual_tokens(volumes[:2]), model.projector(standardized[:2]), atol=1e-5)
+    # Raw tokens of different volumes are nearly equal; standardised, they are not.
+    raw_cos = F.cosine_similarity(tokens[0].flatten(), tokens[1].flatten(), dim=0)
+    std_cos = F.cosine_similarity(standardized[0].flatten(), standardized[1].flatten(), dim=0)
+    assert std_cos < raw_cos - 0.2
