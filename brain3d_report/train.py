@@ -121,7 +121,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     stage.add_argument("--text-whiten", type=nonnegative_int, default=0,
                        help="PCA-whiten the centred report embeddings onto this many components fitted on the training "
                             "reports (0, the default: centring only)")
-    stage.add_argument("--lm-pretrain-steps", default="auto",
+    stage.add_argument("--lm-pretrain-steps", type=steps_or_auto, default="auto",
                        help="warm-up stage: language pre-training steps for a random tiny LM on the packaged report "
                             "text before it is frozen (lm_pretrain.py); auto: 200 for a tiny twin, 0 for a pretrained "
                             "LM")
@@ -336,18 +336,25 @@ def resolve_text_embedding(choice: str, lm: str) -> str:
     return "minilm" if tiny else "lm"
 
 
-def resolve_lm_pretrain_steps(value: str, lm: str) -> int:
-    """``--lm-pretrain-steps``: a count, or ``auto`` (the default steps for a random tiny twin, none otherwise)."""
+def steps_or_auto(value: str) -> str | int:
+    """The type of ``--lm-pretrain-steps``: ``auto`` or a count >= 0 (checked when the flags are parsed)."""
     if value == "auto":
-        tiny = lm in LM_PRESETS and get_preset(lm, "vlm", "--lm").source == "tiny"
-        return DEFAULT_LM_PRETRAIN_STEPS if tiny else 0
+        return value
     try:
         steps = int(value)
     except ValueError:
         steps = -1
     if steps < 0:
-        raise ConfigError("--lm-pretrain-steps", f"give auto or a count >= 0, not {value!r}")
+        raise argparse.ArgumentTypeError(f"give auto or a count >= 0, not {value!r}")
     return steps
+
+
+def resolve_lm_pretrain_steps(value: str | int, lm: str) -> int:
+    """``--lm-pretrain-steps``: a count, or ``auto`` (the default steps for a random tiny twin, none otherwise)."""
+    if value == "auto":
+        tiny = lm in LM_PRESETS and get_preset(lm, "vlm", "--lm").source == "tiny"
+        return DEFAULT_LM_PRETRAIN_STEPS if tiny else 0
+    return int(value)
 
 
 def text_dim_for(choice: str, cache_dir: Path | None) -> int | None:
@@ -431,6 +438,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         text_choice = init_meta["kwargs"].get("text_embedding", "lm")
     model.vision.token_grid(args.volume_size)
     lm_steps = resolve_lm_pretrain_steps(args.lm_pretrain_steps, model.model_config["lm"])
+    if lm_steps and model.model_config.get("quantization", "none") != "none":  # 4/8-bit weights do not train
+        if args.lm_pretrain_steps != "auto":
+            raise ConfigError("--lm-pretrain-steps", "a quantized LM cannot be pre-trained; pass 0")
+        lm_steps = 0
+    cases = _cases(args)
+    parts = {name: cases.split(name) for name in ("train", "val")}
+    for name, part in parts.items():
+        if not part:
+            raise DataError(cases.source, f"the {name} split is empty ({len(cases)} cases); use more data")
     if args.stage == "warmup" and lm_steps and not model.model_config.get("lm_pretrain"):
         corpus = pretraining_corpus()
         losses = pretrain_language_model(model.lm, model.tokenizer, corpus, steps=lm_steps,
@@ -438,11 +454,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         model.model_config["lm_pretrain"] = {"steps": lm_steps, "texts": len(corpus), "max_len": args.max_text_len,
                                              "seed": args.seed, "corpus": "TextBraTS train fold + healthy templates",
                                              "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4)}
-    cases = _cases(args)
-    parts = {name: cases.split(name) for name in ("train", "val")}
-    for name, part in parts.items():
-        if not part:
-            raise DataError(cases.source, f"the {name} split is empty ({len(cases)} cases); use more data")
 
     if args.stage == "lora" and lora is None:
         lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout}

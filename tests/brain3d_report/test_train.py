@@ -175,3 +175,13 @@ def test_text_whitening_gives_unit_variance_components_fitted_on_training_report
     assert model.text_whitening[:18].abs().max() < 0.05 * model.text_whitening[18:].abs().max()
     _, projected, _ = model(torch.zeros(1, 1, 16, 64, 64), text=embeddings[:3])
     assert torch.allclose(projected, model.text_head(whitened[:3]), atol=1e-5)
+
+
+@pytest.mark.parametrize("value", ["many", "-3"])
+def test_a_bad_lm_pretrain_step_count_is_one_line(brain, tmp_path, capsys, value):
+    argv = _argv(brain, tmp_path, "contrastive", "r1", "--vision", "siglip-tiny", "--lm", "tiny-gemma3",
+                 "--lm-pretrain-steps", value)
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--lm-pretrain-steps" in err[0] and value in err[0]
+    assert not (tmp_path / "r1" / "best").exists()
