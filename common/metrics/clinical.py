@@ -175,6 +175,14 @@ def _corrected_findings(text: str) -> tuple[dict[str, frozenset[str]], bool]:
     return {cat: frozenset(values) for cat, values in found.items()}, abnormal
 
 
+def keyword_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans (start, end) of the words the corrected mode reads as clinical concepts (any category, any
+    word form, lobe compounds; negated or not), in order: the words a report generator must get right."""
+    if not isinstance(text, str):
+        raise ValueError(f"a report must be a string, got {type(text).__name__}")
+    return [(m.start(), m.end()) for m in re.finditer(r"[a-z]+", text.lower()) if _concepts(m.group())]
+
+
 def extract_findings(text: str, mode: str = "corrected") -> dict[str, frozenset[str]]:
     """The keywords (seed) or concepts (corrected, named by the seed's keywords) a report states, per category.
 
@@ -304,4 +312,4 @@ def lesion_detection(candidates: Sequence[str], is_healthy: Sequence[bool]) -> d
 
 
 __all__ = ["ABNORMALITY_WORDS", "CATEGORIES", "MODES", "NEGATION_WINDOW", "SEED_KEYWORDS", "WORD_FORMS",
-           "clinical_f1", "clinical_per_case", "extract_findings", "lesion_detection", "states_lesion"]
+           "clinical_f1", "clinical_per_case", "extract_findings", "keyword_spans", "lesion_detection", "states_lesion"]

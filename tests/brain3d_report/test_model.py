@@ -294,7 +294,8 @@ def test_gradient_reaches_the_projector_not_the_frozen_lm():
     assert not model.lm.training  # frozen and not checkpointing: eval mode
     prompt, report, report_mask = prompt_and_report(model)
     model.caption_loss(volumes(), prompt, report, target_mask=report_mask).backward()
-    assert set(trained) == {n for n, _ in model.named_parameters() if n.startswith(("projector.", "compressor."))}
+    assert set(trained) == {n for n, _ in model.named_parameters() if n.startswith("projector.")}
+    assert all(p.grad is None for p in model.compressor.parameters())  # frozen: the token whitening stays valid
     for name, param in model.projector.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
     assert model.projector.vis_scale.grad.abs() > 0
@@ -476,20 +477,68 @@ def test_tiny_twins_are_small():
     assert model.vision.hidden_size == 64 and model.vision.patch_size == 16
 
 
-def test_token_standardization_hands_the_projector_what_differs_between_volumes():
+def test_token_whitening_gives_every_direction_unit_variance_over_the_training_volumes():
     model = build_model("siglip-tiny", "tiny-gemma3", seed=0, precision="fp32")
     generator = torch.Generator().manual_seed(0)
     volumes = torch.rand(6, 1, 16, 64, 64, generator=generator)
     before = model.visual_tokens(volumes[:2])
     assert torch.allclose(before, model.projector(model.encode(volumes[:2])))  # identity until fitted
-    model.fit_token_standardization(volumes, batch_size=4)
-    tokens = model.encode(volumes)
-    standardized = (tokens - model.token_mean) / model.token_scale
-    assert torch.allclose(standardized.mean(0), torch.zeros_like(standardized[0]), atol=1e-4)
-    varying = model.token_scale > model.token_scale.median() * 0.01
-    assert torch.allclose(standardized.std(0)[varying], torch.ones(int(varying.sum())), atol=1e-3)
-    assert torch.allclose(model.visual_tokens(volumes[:2]), model.projector(standardized[:2]), atol=1e-5)
-    # Raw tokens of different volumes are nearly equal; standardised, they are not.
+    model.fit_token_whitening(volumes, batch_size=4)
+    tokens = model.encode(volumes).double()
+    white = (tokens - model.token_mean.double()) @ model.token_whitening.double()
+    assert torch.allclose(white.mean(0), torch.zeros_like(white[0]), atol=1e-3)  # float32 tokens, amplified
+    covariance = white.flatten(0, 1).T @ white.flatten(0, 1) / (white.shape[0] * white.shape[1] - 1)
+    values = torch.linalg.eigvalsh(covariance)
+    # 6 volumes x 32 latents = 192 tokens; the compressor's final LayerNorm leaves one direction without variance
+    # (it stays at zero under the floor), every other one is whitened to unit variance.
+    assert values[0] < 1e-3
+    assert torch.allclose(values[1:], torch.ones_like(values[1:]), atol=1e-2)
+    assert torch.allclose(model.visual_tokens(volumes[:2]), model.projector(white[:2].float()), atol=1e-3)
+    # Raw tokens of different volumes are nearly equal; whitened, they are not.
     raw_cos = F.cosine_similarity(tokens[0].flatten(), tokens[1].flatten(), dim=0)
-    std_cos = F.cosine_similarity(standardized[0].flatten(), standardized[1].flatten(), dim=0)
-    assert std_cos < raw_cos - 0.2
+    white_cos = F.cosine_similarity(white[0].flatten(), white[1].flatten(), dim=0)
+    assert white_cos < raw_cos - 0.2
+
+
+def test_token_whitening_floors_directions_without_variance():
+    model = build_model("siglip-tiny", "tiny-gemma3", seed=0, precision="fp32")
+    constant = torch.cat([torch.ones(32), torch.zeros(32)])  # the last 32 features never vary
+    model.encode = lambda v: v.flatten(1)[:, : 32 * 64].reshape(len(v), 32, 64) * constant
+    volumes = torch.rand(4, 1, 8, 16, 16, generator=torch.Generator().manual_seed(1))
+    model.fit_token_whitening(volumes, floor=1e-6)
+    assert torch.isfinite(model.token_whitening).all()
+    white = (model.encode(volumes) - model.token_mean) @ model.token_whitening
+    variances = torch.linalg.eigvalsh(white.flatten(0, 1).T @ white.flatten(0, 1) / (4 * 32 - 1))
+    assert torch.allclose(variances[-32:], torch.ones(32), atol=1e-3)  # the varying half: unit variance
+    assert variances[:32].abs().max() < 1e-6  # the constant half stays at zero
+    # The clamp is the largest whitened magnitude of the training volumes; a volume unlike them (here one that
+    # varies in the constant features, amplified ~3,500 times) reaches the projector inside it.
+    torch.testing.assert_close(model.token_bound, white.abs().max(), rtol=1e-4, atol=1e-4)
+    odd = torch.rand(1, 1, 8, 16, 16, generator=torch.Generator().manual_seed(2))
+    model.encode = lambda v: v.flatten(1)[:, : 32 * 64].reshape(len(v), 32, 64)
+    raw = (model.encode(odd) - model.token_mean) @ model.token_whitening
+    assert raw.abs().max() > 100 * model.token_bound
+    with torch.no_grad():
+        expected = model.projector(raw.clamp(-model.token_bound, model.token_bound))
+        torch.testing.assert_close(model.visual_tokens(odd), expected)
+
+
+def test_keyword_weights_scale_the_loss_of_the_chosen_tokens():
+    model = build_model("siglip-tiny", "tiny-gemma3", seed=0, precision="fp32")
+    volume = volumes()
+    prompt, report, report_mask = prompt_and_report(model)
+    with torch.no_grad():
+        losses = model.caption_token_losses(volume, prompt, report, report_mask)
+        assert torch.all(losses[report_mask == 0] == 0)
+        plain = model.caption_loss(volume, prompt, report, target_mask=report_mask)
+        torch.testing.assert_close(plain, losses.sum() / report_mask.sum())
+        weight = torch.ones_like(losses)
+        weight[:, 1] = 5.0
+        weighted = model.caption_loss(volume, prompt, report, target_mask=report_mask, target_weight=weight)
+        real = report_mask.float()
+        expected = (losses * weight * real).sum() / (weight * real).sum()
+        torch.testing.assert_close(weighted, expected)
+        assert not torch.isclose(weighted, plain)
+        ones = model.caption_loss(volume, prompt, report, target_mask=report_mask,
+                                  target_weight=torch.ones_like(weight))
+        torch.testing.assert_close(ones, plain)

@@ -110,6 +110,17 @@ def test_three_stages_chain_and_save_only_what_they_train(brain, tmp_path):
     meta = json.loads((tmp_path / "r3" / "best" / "model.json").read_text())
     assert meta["kwargs"]["lora"] == {"r": 4, "alpha": 8, "dropout": 0.05}
     assert meta["kwargs"]["model"]["lm_pretrain"]["steps"] == 10
+    assert meta["kwargs"]["keyword_weight"] == train.KEYWORD_WEIGHT_TINY  # auto, for the tiny LM twin
+    # The warm-up trains the projector only: the compressor is stage 1's, and the whitening fitted on its tokens.
+    r1 = train.load_stage_run(tmp_path / "r1", torch.device("cpu"))
+    for (name, a), (_, b) in zip(r1.model.compressor.state_dict().items(), r2.model.compressor.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(r2.model.token_whitening, torch.eye(r2.model.token_whitening.shape[0]))
+    assert torch.equal(loaded.model.token_whitening, r2.model.token_whitening)
+    assert "lr: 0.002" in (tmp_path / "r2" / "config.yaml").read_text()  # the tiny-LM warm-up schedule
+    assert "lr: 0.0003" in (tmp_path / "r3" / "config.yaml").read_text()  # the tiny-LM LoRA schedule
+    val = [json.loads(line) for line in (tmp_path / "r2" / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["val_keyword_loss"] > 0 for row in val if "val_keyword_loss" in row)
 
 
 def test_later_stages_need_init(brain, tmp_path, capsys):
@@ -185,3 +196,39 @@ def test_a_bad_lm_pretrain_step_count_is_one_line(brain, tmp_path, capsys, value
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--lm-pretrain-steps" in err[0] and value in err[0]
     assert not (tmp_path / "r1" / "best").exists()
+
+
+@pytest.mark.parametrize("value", ["heavy", "0", "-1", "inf"])
+def test_a_bad_keyword_weight_is_one_line(brain, tmp_path, capsys, value):
+    argv = _argv(brain, tmp_path, "contrastive", "r1", "--vision", "siglip-tiny", "--lm", "tiny-gemma3",
+                 "--keyword-weight", value)
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--keyword-weight" in err[0] and value in err[0]
+
+
+def test_keyword_weight_auto_is_the_seeds_plain_loss_for_a_pretrained_lm():
+    assert train.resolve_keyword_weight("auto", "tiny-gemma3") == train.KEYWORD_WEIGHT_TINY
+    assert train.resolve_keyword_weight("auto", "medgemma-4b") == 1.0
+    assert train.resolve_keyword_weight(2.5, "medgemma-4b") == 2.5
+
+
+def test_keyword_token_mask_marks_the_tokens_of_the_clinical_words():
+    from brain3d_report.model import lm_tokenizer
+
+    tokenizer = lm_tokenizer("tiny-gemma3")
+    reports = ["A mass lesion is seen in the left frontal lobe; no edema.", "Normal brain MRI."]
+    ids, mask = train.report_tokens(tokenizer, reports, 128)
+    keyword = train.keyword_token_mask(tokenizer, reports, 128)
+    assert keyword.shape == ids.shape and not keyword[mask == 0].any() and not keyword[1].any()
+    real = mask[0].bool()
+    marked = tokenizer.decode(ids[0][keyword[0]]).replace(" ", "")
+    unmarked = "|".join(tokenizer.decode([i]) for i in ids[0][real & ~keyword[0]])
+    words = ["mass", "lesion", "left", "frontal", "edema"]
+    assert all(word in marked for word in words)  # every token of a clinical word is marked ...
+    assert marked.index("mass") < marked.index("left") < marked.index("edema")
+    assert not any(word in unmarked for word in words)  # ... and no other token (a piece may hold " in the ")
+    assert "lobe" not in marked and "seen" not in marked
+    assert not keyword[0, int(mask[0].sum()) - 1]  # EOS is not a clinical word
+    short = train.keyword_token_mask(tokenizer, reports, 8)
+    assert short.shape[1] == 8 and torch.equal(short[0], keyword[0, :8] & (torch.arange(8) < 7))

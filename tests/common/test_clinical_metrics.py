@@ -174,3 +174,14 @@ def test_real_reports_against_themselves_and_shuffled(textbrats_reports, mode):
         if "_f1" in key:
             assert value < 1.0, key
     assert all(states_lesion(report) for report in reports)  # every TextBraTS case is a tumour
+
+
+def test_keyword_spans_are_the_words_the_corrected_mode_reads():
+    from common.metrics.clinical import keyword_spans
+
+    text = "Edema surrounds a left frontoparietal mass; the ventricles are not compressed. Normal otherwise."
+    words = [text[start:end] for start, end in keyword_spans(text)]
+    assert words == ["Edema", "left", "frontoparietal", "mass", "ventricles", "compressed"]
+    assert keyword_spans("No abnormality.") == []
+    with pytest.raises(ValueError):
+        keyword_spans(None)
