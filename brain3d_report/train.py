@@ -28,7 +28,7 @@ import argparse
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -385,17 +385,28 @@ def resolve_text_embedding(choice: str, lm: str) -> str:
     return "minilm" if tiny_lm(lm) else "lm"
 
 
-def steps_or_auto(value: str) -> str | int:
-    """The type of ``--lm-pretrain-steps``: ``auto`` or a count >= 0 (checked when the flags are parsed)."""
-    if value == "auto":
-        return value
-    try:
-        steps = int(value)
-    except ValueError:
-        steps = -1
-    if steps < 0:
-        raise argparse.ArgumentTypeError(f"give auto or a count >= 0, not {value!r}")
-    return steps
+def auto_or_number(convert: Callable[[str], float], valid: Callable[[float], bool], expected: str
+                   ) -> Callable[[str], str | float]:
+    """An argparse type: ``auto``, or a number ``convert`` reads and ``valid`` accepts (otherwise the flag's one-line
+    error says ``expected``)."""
+    def parse(value: str) -> str | float:
+        if value == "auto":
+            return value
+        try:
+            number = convert(value)
+        except ValueError:
+            number = None
+        if number is None or not valid(number):
+            raise argparse.ArgumentTypeError(f"give auto or {expected}, not {value!r}")
+        return number
+
+    return parse
+
+
+steps_or_auto = auto_or_number(int, lambda steps: steps >= 0, "a count >= 0")
+"""The type of ``--lm-pretrain-steps`` (checked when the flags are parsed)."""
+weight_or_auto = auto_or_number(float, lambda weight: 0 < weight < float("inf"), "a finite weight > 0")
+"""The type of ``--keyword-weight`` (checked when the flags are parsed)."""
 
 
 def resolve_lm_pretrain_steps(value: str | int, lm: str) -> int:
@@ -403,19 +414,6 @@ def resolve_lm_pretrain_steps(value: str | int, lm: str) -> int:
     if value == "auto":
         return DEFAULT_LM_PRETRAIN_STEPS if tiny_lm(lm) else 0
     return int(value)
-
-
-def weight_or_auto(value: str) -> str | float:
-    """The type of ``--keyword-weight``: ``auto`` or a weight > 0 (checked when the flags are parsed)."""
-    if value == "auto":
-        return value
-    try:
-        weight = float(value)
-    except ValueError:
-        weight = -1.0
-    if not weight > 0 or weight == float("inf"):
-        raise argparse.ArgumentTypeError(f"give auto or a finite weight > 0, not {value!r}")
-    return weight
 
 
 def resolve_keyword_weight(value: str | float, lm: str) -> float:
