@@ -420,12 +420,12 @@ class Brain3DReportModel(nn.Module):
         raw tokens gave the LM the same prefix for every volume (the log-likelihood difference of "left" and
         "right" varied by 0.02 nats across volumes); fed per-feature standardised tokens, the side was still a
         needle (logistic regression with C = 0.1 on one latent: 0.77 test accuracy), and the warm-up never learned
-        it (teacher-forced side AUC 0.36 - 0.52). Whitened,
-        every direction has unit variance over the training volumes (the same regression: 1.0). Eigenvalues below
-        ``floor`` times the largest are raised to it, so numerically empty directions stay near zero. Whitened
-        values are clamped to the largest magnitude seen on the training volumes: directions of tiny variance
-        amplify a volume unlike the training ones (one phantom test volume reached 262 where the training volumes
-        stayed below 7), and the LM would get a prefix it was never trained on.
+        it (teacher-forced side AUC 0.36 - 0.53). Whitened, every direction has unit variance over the training
+        volumes (the same regression: 1.0). Eigenvalues below ``floor`` times the largest are raised to it, so
+        numerically empty directions stay near zero. Whitened values are clamped to the largest magnitude seen on
+        the training volumes: directions of tiny variance amplify a volume unlike the training ones (one phantom
+        test volume reached 262 where the training volumes stayed below 7), and the LM would get a prefix it was
+        never trained on.
         """
         was_training = self.training
         self.eval()

@@ -333,7 +333,9 @@ class CaptionTask:
             count += float(mask.sum())
             keyword_total += float((losses * keyword).sum())
             keyword_count += float(keyword.sum())
-        return {"loss": total / max(count, 1), "keyword_loss": keyword_total / max(keyword_count, 1)}
+        # NaN, not 0, when no token was marked (a tokenizer without offsets): a missing value, not a perfect one.
+        keyword_loss = keyword_total / keyword_count if keyword_count else float("nan")
+        return {"loss": total / max(count, 1), "keyword_loss": keyword_loss}
 
     def save_best(self, model, metrics, directory: Path) -> None:
         save_run_model(directory, model, model_record(**self.meta, thresholds={}, val_metrics=metrics))
