@@ -52,7 +52,15 @@ from brain3d_report.data import (
 )
 from brain3d_report.train import PIPELINE, PROMPT, load_stage_run, prompt_tokens
 from common.checkpoint import META_FILE, WEIGHTS_FILE, atomic_write_json, find_model_dir, read_jsonl, recover_results
-from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int, require
+from common.cli import (
+    MedvlArgumentParser,
+    base_parser,
+    nonnegative_int,
+    parse_args,
+    positive_float,
+    positive_int,
+    require,
+)
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.feature_cache import default_cache_root, file_digest
@@ -85,6 +93,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     decoding = parser.add_argument_group("decoding")
     decoding.add_argument("--greedy", action="store_true",
                           help="greedy decoding (with the seed's penalties) instead of the seed's sampling")
+    decoding.add_argument("--repetition-penalty", type=positive_float, default=SEED_DECODING["repetition_penalty"],
+                          help="penalty on the logits of tokens already generated (1 = none; default the seed's)")
+    decoding.add_argument("--no-repeat-ngram-size", type=nonnegative_int,
+                          default=SEED_DECODING["no_repeat_ngram_size"],
+                          help="ban every n-gram of this length from recurring (0 = no ban; default the seed's 3, "
+                               "which forbids a report to say 'in the left' twice)")
     decoding.add_argument("--max-new-tokens", type=positive_int, default=None,
                           help=f"tokens generated at most (default {MAX_NEW_TOKENS}, the seed's; {QUICK_TOKENS} with "
                                "--quick)")
@@ -167,11 +181,12 @@ def batch_seed(seed: int, batch_index: int) -> int:
     return int(np.random.SeedSequence([seed, batch_index]).generate_state(1)[0])
 
 
-def decoding_kwargs(greedy: bool, max_new_tokens: int) -> dict[str, Any]:
-    """``generate`` arguments: the seed's sampling, or greedy search with the same penalties."""
+def decoding_kwargs(greedy: bool, max_new_tokens: int,
+                    repetition_penalty: float = SEED_DECODING["repetition_penalty"],
+                    no_repeat_ngram_size: int = SEED_DECODING["no_repeat_ngram_size"]) -> dict[str, Any]:
+    """``generate`` arguments: the seed's sampling, or greedy search; the seed's penalties unless given."""
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": not greedy,
-                              "repetition_penalty": SEED_DECODING["repetition_penalty"],
-                              "no_repeat_ngram_size": SEED_DECODING["no_repeat_ngram_size"]}
+                              "repetition_penalty": repetition_penalty, "no_repeat_ngram_size": no_repeat_ngram_size}
     if not greedy:
         kwargs.update(temperature=SEED_DECODING["temperature"], top_p=SEED_DECODING["top_p"])
     return kwargs
@@ -368,7 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     settings = {"model_sha256": file_digest(model_dir / WEIGHTS_FILE), "stage": meta["stage"],
                 "prompt": PROMPT, "greedy": args.greedy, "max_new_tokens": max_new_tokens,
-                "decoding": decoding_kwargs(args.greedy, max_new_tokens), "seed": args.seed,
+                "decoding": decoding_kwargs(args.greedy, max_new_tokens, args.repetition_penalty,
+                                            args.no_repeat_ngram_size), "seed": args.seed,
                 "batch_size": args.batch_size, "volume_size": list(volume_size),
                 "shuffled": args.shuffle_volumes}
     done = prepare_output(out, settings, args.overwrite)

@@ -44,8 +44,8 @@ from brain3d_report.data import (
     save_split,
     stack_volumes,
 )
+from brain3d_report.lm_pretrain import ARCHIVE_FILE, load_report_archive, pretrain_language_model, pretraining_corpus
 from brain3d_report.lm_pretrain import DEFAULT_STEPS as DEFAULT_LM_PRETRAIN_STEPS
-from brain3d_report.lm_pretrain import pretrain_language_model, pretraining_corpus
 from brain3d_report.model import (
     COMPRESSORS,
     INFLATIONS,
@@ -139,9 +139,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="PCA-whiten the centred report embeddings onto this many components fitted on the training "
                             "reports (0, the default: centring only)")
     stage.add_argument("--lm-pretrain-steps", type=steps_or_auto, default="auto",
-                       help="warm-up stage: language pre-training steps for a random tiny LM on the packaged report "
-                            "text before it is frozen (lm_pretrain.py); auto: 200 for a tiny twin, 0 for a pretrained "
-                            "LM")
+                       help="warm-up stage: language pre-training steps for a random tiny LM on report text before "
+                            f"it is frozen (lm_pretrain.py); auto: {DEFAULT_LM_PRETRAIN_STEPS} for a tiny twin, 0 "
+                            "for a pretrained LM")
+    stage.add_argument("--lm-corpus", default="auto",
+                       help="the text of that pre-training: a JSON list of reports, 'packaged' (the TextBraTS "
+                            f"training fold), or auto: DATA_ROOT/{ARCHIVE_FILE} when there is one, else packaged")
     stage.add_argument("--keyword-weight", type=weight_or_auto, default="auto",
                        help="warmup and lora: weight of the clinical words' tokens (side, lobe, findings) in the "
                             "caption loss; 1 is the seed's plain cross-entropy; auto: 5 for a tiny LM twin, else 1")
@@ -411,6 +414,18 @@ weight_or_auto = auto_or_number(float, lambda weight: 0 < weight < float("inf"),
 """The type of ``--keyword-weight`` (checked when the flags are parsed)."""
 
 
+def lm_corpus(choice: str, data_root: Path) -> tuple[str, list[str] | None]:
+    """``--lm-corpus``: (what it was, the archive's reports or None for the packaged TextBraTS text)."""
+    if choice == "packaged":
+        return "packaged TextBraTS training fold", None
+    path = data_root / ARCHIVE_FILE if choice == "auto" else Path(choice)
+    if choice == "auto" and not path.is_file():
+        return "packaged TextBraTS training fold", None
+    if not path.is_file():
+        raise ConfigError("--lm-corpus", f"{path} is not a file (give a JSON list of reports, packaged or auto)")
+    return str(path.resolve()), load_report_archive(path)
+
+
 def resolve_lm_pretrain_steps(value: str | int, lm: str) -> int:
     """``--lm-pretrain-steps``: a count, or ``auto`` (the default steps for a random tiny twin, none otherwise)."""
     if value == "auto":
@@ -534,12 +549,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not part:
             raise DataError(cases.source, f"the {name} split is empty ({len(cases)} cases); use more data")
     if args.stage == "warmup" and lm_steps and not model.model_config.get("lm_pretrain"):
-        corpus = pretraining_corpus()
+        source, archive = lm_corpus(args.lm_corpus, Path(args.data_root))
+        healthy_share = sum(c.healthy for c in parts["train"]) / len(parts["train"])
+        corpus = pretraining_corpus(archive, healthy_share)
         losses = pretrain_language_model(model.lm, model.tokenizer, corpus, steps=lm_steps,
-                                         max_len=args.max_text_len, seed=args.seed)
-        model.model_config["lm_pretrain"] = {"steps": lm_steps, "texts": len(corpus), "max_len": args.max_text_len,
-                                             "seed": args.seed, "corpus": "TextBraTS train fold + healthy templates",
-                                             "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4)}
+                                         max_len=args.max_text_len, seed=args.seed,
+                                         prompt=prompt_tokens(model.tokenizer))
+        model.model_config["lm_pretrain"] = {
+            "steps": lm_steps, "texts": len(corpus), "corpus": source, "healthy_share": round(healthy_share, 4),
+            "max_len": args.max_text_len, "seed": args.seed, "after_prompt": True,
+            "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4)}
 
     if args.stage == "lora" and lora is None:
         lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout}

@@ -4,7 +4,8 @@
 
 Each preset builds the same class a real checkpoint loads into (``Gemma3ForConditionalGeneration``,
 ``CLIPTextModel``, ``BertModel``) with a tokenizer of that model's own class, whose vocabulary is trained here
-with the ``tokenizers`` library on a small built-in corpus of radiology sentences. Code that runs on a tiny
+with the ``tokenizers`` library on a small built-in corpus of radiology sentences (or, for the brain report twin,
+on the packaged TextBraTS reports). Code that runs on a tiny
 preset therefore runs unchanged on the published checkpoint; only the sizes differ. Weights are random but
 fixed by ``seed``, so generated text is noise made of corpus words, the same on every run.
 
@@ -23,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken, Tokenizer
+from tokenizers import AddedToken, Tokenizer, pre_tokenizers
 from tokenizers.models import BPE, WordPiece
 from tokenizers.trainers import BpeTrainer, WordPieceTrainer
 from transformers import (
@@ -137,9 +138,21 @@ def _frozen(name: str, vocab_size: int, train) -> dict:
     return train()
 
 
-def _train(backend: Tokenizer, trainer) -> dict:
+def brain_report_corpus() -> list[str]:
+    """The brain MRI report text the brain tokenizer is trained on: the TextBraTS reports of the official training
+    fold and the healthy-control templates that ship with ``brain3d_report`` (read only to rebuild the asset)."""
+    from brain3d_report.lm_pretrain import pretraining_corpus
+
+    return pretraining_corpus()
+
+
+TOKENIZER_CORPORA = {"radiology": radiology_corpus, "brain": brain_report_corpus}
+"""Corpora a tiny tokenizer is trained on, by name."""
+
+
+def _train(backend: Tokenizer, trainer, corpus: str = "radiology") -> dict:
     """Train ``backend``'s model in its own normalizer/pre-tokenizer pipeline and return the model as JSON."""
-    backend.train_from_iterator(radiology_corpus(), trainer=trainer)
+    backend.train_from_iterator(TOKENIZER_CORPORA[corpus](), trainer=trainer)
     return json.loads(backend.to_str())["model"]
 
 
@@ -148,27 +161,34 @@ def _merges(model_json: dict) -> list[tuple[str, str]]:
 
 
 @functools.cache
-def _gemma_vocab(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    model = _frozen("gemma", vocab_size, lambda: _train_gemma(vocab_size))
+def _gemma_vocab(vocab_size: int, corpus: str = "radiology") -> tuple[dict[str, int], list[tuple[str, str]]]:
+    name = "gemma" if corpus == "radiology" else f"gemma-{corpus}"
+    model = _frozen(name, vocab_size, lambda: _train_gemma(vocab_size, corpus))
     return model["vocab"], _merges(model)
 
 
-def _train_gemma(vocab_size: int) -> dict:
+def _train_gemma(vocab_size: int, corpus: str = "radiology") -> dict:
     backend = GemmaTokenizer().backend_tokenizer
     backend.model = BPE(unk_token="<unk>", fuse_unk=True)
     specials = [*_GEMMA_SPECIAL.values(), *_GEMMA_TURN_TOKENS, *_GEMMA_IMAGE_TOKENS.values()]
     trainer = BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=_ALPHABET,
                          show_progress=False)
-    return _train(backend, trainer)
+    if corpus != "radiology":
+        # Gemma's own pre-tokenizer splits on " ", which its normalizer has already turned into "▁", so merges may
+        # cross words ("in▁the▁right▁"). Learning them inside words keeps one piece per clinical word, as MedGemma's
+        # vocabulary has it; encoding needs no change, as no learned merge spans a word boundary.
+        backend.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_previous")
+    return _train(backend, trainer, corpus)
 
 
-def tiny_gemma_tokenizer(vocab_size: int = 700) -> GemmaTokenizer:
+def tiny_gemma_tokenizer(vocab_size: int = 700, corpus: str = "radiology") -> GemmaTokenizer:
     """A ``GemmaTokenizer`` with Gemma 3's turn and image tokens and chat template.
 
     The BPE alphabet is printable ASCII; other characters map to ``<unk>`` (Gemma falls back to bytes: their 256
-    tokens are left out so that random weights generate word pieces rather than stray bytes).
+    tokens are left out so that random weights generate word pieces rather than stray bytes). ``corpus`` names the
+    text the pieces are learned from (``TOKENIZER_CORPORA``).
     """
-    vocab, merges = _gemma_vocab(vocab_size)
+    vocab, merges = _gemma_vocab(vocab_size, corpus)
     tokenizer = GemmaTokenizer(vocab=dict(vocab), merges=list(merges), **_GEMMA_SPECIAL,
                                extra_special_tokens=dict(_GEMMA_IMAGE_TOKENS), chat_template=GEMMA3_CHAT_TEMPLATE,
                                add_bos_token=True, model_max_length=2048)
@@ -177,19 +197,28 @@ def tiny_gemma_tokenizer(vocab_size: int = 700) -> GemmaTokenizer:
     return tokenizer
 
 
-def tiny_gemma3(seed: int = 0) -> tuple[Gemma3ForConditionalGeneration, Gemma3Processor]:
+BRAIN_GEMMA_VOCAB = 1500
+"""Pieces of ``tiny_gemma3_brain``'s tokenizer: enough for the words of brain MRI reports to be single pieces, as
+they are in MedGemma's 262k-piece vocabulary (a phantom report: 99 pieces, 79 words; the 700-piece radiology
+tokenizer cuts it into 249, mostly letters)."""
+
+
+def tiny_gemma3(seed: int = 0, tokenizer: GemmaTokenizer | None = None, width: int = 64
+                ) -> tuple[Gemma3ForConditionalGeneration, Gemma3Processor]:
     """A 2-layer Gemma 3 with a 2-layer SigLIP tower and the real ``Gemma3Processor``, in eval mode.
 
     It accepts exactly MedGemma's inputs: ``processor.apply_chat_template`` on messages holding an image, then
     ``model.generate``. The image is cut into 8x8 patches (64 px -> 64 patches) and pooled to 16 image tokens.
+    ``tokenizer``: another tiny Gemma tokenizer (default: the 700-piece radiology one); ``width``: the LM's hidden
+    size (heads of 32 dimensions, MLP twice as wide).
     """
-    tokenizer = tiny_gemma_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else tiny_gemma_tokenizer()
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in _GEMMA_IMAGE_TOKENS.items()}
     end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
     mm_tokens = 16
     text = Gemma3TextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32,
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=width // 32, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32,
         sliding_window=64, layer_types=["sliding_attention", "full_attention"], max_position_embeddings=1024,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=[tokenizer.eos_token_id, end_of_turn],
@@ -211,6 +240,15 @@ def tiny_gemma3(seed: int = 0) -> tuple[Gemma3ForConditionalGeneration, Gemma3Pr
     processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer,
                                 chat_template=GEMMA3_CHAT_TEMPLATE, image_seq_length=mm_tokens)
     return model, processor
+
+
+def tiny_gemma3_brain(seed: int = 0) -> tuple[Gemma3ForConditionalGeneration, Gemma3Processor]:
+    """``tiny_gemma3`` with a tokenizer learned from brain MRI reports (``BRAIN_GEMMA_VOCAB`` pieces).
+
+    The offline twin of MedGemma for the 3D brain report pipeline: a twin that spells "ventricular" in six letter
+    pieces writes reports several times longer than MedGemma does, and a 2-layer LM loses the thread of them.
+    """
+    return tiny_gemma3(seed, tokenizer=tiny_gemma_tokenizer(BRAIN_GEMMA_VOCAB, corpus="brain"), width=128)
 
 
 def _save_pair(model, processor, directory: Path) -> Path:
@@ -279,11 +317,21 @@ def _train_bert(vocab_size: int) -> dict:
     return _train(backend, trainer)
 
 
-def write_tokenizer_assets() -> Path:
-    """Train the three tiny tokenizers once and store them (see ``_frozen``)."""
+TOKENIZER_TRAINERS = {"gemma-700": lambda: _train_gemma(700), "clip-600": lambda: _train_clip(600),
+                      "bert-500": lambda: _train_bert(500),
+                      f"gemma-brain-{BRAIN_GEMMA_VOCAB}": lambda: _train_gemma(BRAIN_GEMMA_VOCAB, "brain")}
+
+
+def write_tokenizer_assets(retrain: bool = False) -> Path:
+    """Train the tiny tokenizers missing from the stored file (all of them with ``retrain``) and store them.
+
+    A retrained tokenizer may number its pieces differently (see ``_frozen``), which changes every tiny model
+    built on it, so the stored ones are kept unless asked.
+    """
     from common.checkpoint import atomic_write_json
 
-    models = {"gemma-700": _train_gemma(700), "clip-600": _train_clip(600), "bert-500": _train_bert(500)}
+    stored = json.loads(TOKENIZER_ASSETS.read_text()) if TOKENIZER_ASSETS.is_file() and not retrain else {}
+    models = {key: stored[key] if key in stored else train() for key, train in TOKENIZER_TRAINERS.items()}
     return atomic_write_json(TOKENIZER_ASSETS, models)
 
 
@@ -339,15 +387,19 @@ def medgemma_4b_config() -> Gemma3Config:
 
 
 def get_args_parser():
-    """``python -m common.tiny``: rebuild the frozen tokenizer assets (only when the tiny vocabularies change)."""
+    """``python -m common.tiny``: train the tokenizers missing from the frozen assets (when a tiny vocabulary is
+    added or changed)."""
     from common.cli import MedvlArgumentParser
 
-    return MedvlArgumentParser(prog="python -m common.tiny", description=get_args_parser.__doc__)
+    parser = MedvlArgumentParser(prog="python -m common.tiny", description=get_args_parser.__doc__)
+    parser.add_argument("--retrain", action="store_true",
+                        help="retrain every tokenizer, not only the missing ones (renumbers their pieces)")
+    return parser
 
 
 def main(argv=None) -> int:
-    get_args_parser().parse_args(argv)
-    print(f"wrote {write_tokenizer_assets()}")
+    args = get_args_parser().parse_args(argv)
+    print(f"wrote {write_tokenizer_assets(retrain=args.retrain)}")
     return 0
 
 

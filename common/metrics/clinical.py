@@ -81,6 +81,7 @@ _POST_NEGATION_VERBS = frozenset({"observed", "seen", "evident", "identified", "
 _TERMINATIONS = frozenset({"but", "however", "although", "though", "except", "whereas", "while", "yet", "which",
                            "indicating", "suggesting"})
 _CLAUSE_END = frozenset(".;:!?")
+_LIST_WORDS = frozenset({"or", "and", "nor"})
 _TOKEN = re.compile(r"[a-z]+|[.;:!?]")
 
 
@@ -123,23 +124,35 @@ def _concepts(word: str) -> list[tuple[str, str]]:
     return found
 
 
+def _in_list(word: str) -> bool:
+    """A word that continues a negated list of findings ("no edema, necrosis or ventricular compression")."""
+    return word in _LIST_WORDS or bool(_concepts(word)) or word in ABNORMALITY_WORDS
+
+
 def _negated(tokens: list[str], index: int) -> bool:
     """Whether the word at ``index`` lies in the scope of a negation within its clause.
 
-    A trigger before it ("no", "without", "absence of" ...) or a verb phrase after it ("is not observed", "is not
-    clearly demonstrated", "is absent") negates it when at most ``NEGATION_WINDOW`` words separate them and none of
-    those is a clause end (``.;:!?``) or a termination word ("but", "however", "indicating" ...).
+    A trigger before it ("no", "without", "absence of" ...; "not" right before it) or a verb phrase after it ("is
+    not observed", "is not clearly demonstrated", "is absent") negates it when at most ``NEGATION_WINDOW`` words
+    separate them and none of those is a clause end (``.;:!?``) or a termination word ("but", "however",
+    "indicating" ...). Before the word, the other members of a list of findings and its conjunctions do not count
+    towards the window, so a negation covers its whole list ("no evidence of tumor, edema or ventricular
+    compression").
     """
-    start = index
-    while start > 0 and index - start < NEGATION_WINDOW + 2:
+    if tokens[max(0, index - 1):index] == ["not"] or (
+            index >= 2 and tokens[index - 2] == "not" and tokens[index - 1].endswith("ly")):
+        return True  # "the ventricles are not compressed", "not clearly enhancing"
+    start, counted = index, 0
+    while start > 0 and counted < NEGATION_WINDOW + 2:
         previous = tokens[start - 1]
         if previous in _CLAUSE_END or previous in _TERMINATIONS:
             break
         start -= 1
+        counted += not _in_list(previous)
     before = tokens[start:index]
     for trigger in _PRE_NEGATIONS:
         for pos in range(len(before) - len(trigger) + 1):
-            words_between = index - (start + pos + len(trigger))
+            words_between = sum(not _in_list(w) for w in before[pos + len(trigger):])
             if tuple(before[pos:pos + len(trigger)]) == trigger and words_between <= NEGATION_WINDOW:
                 return True
     for offset in range(1, NEGATION_WINDOW + 2):
@@ -175,12 +188,18 @@ def _corrected_findings(text: str) -> tuple[dict[str, frozenset[str]], bool]:
     return {cat: frozenset(values) for cat, values in found.items()}, abnormal
 
 
+NEGATION_CUES = frozenset({"no", "not", "without", "neither", "nor", "absence", "absent"})
+"""The one-word negation cues of the corrected mode: they decide whether a finding (and a lesion) is stated."""
+
+
 def keyword_spans(text: str) -> list[tuple[int, int]]:
-    """Character spans (start, end) of the words the corrected mode reads as clinical concepts (any category, any
-    word form, lobe compounds; negated or not), in order: the words a report generator must get right."""
+    """Character spans (start, end) of the words the corrected mode reads, in order: clinical concepts (any
+    category, any word form, lobe compounds; negated or not), abnormality words and negation cues. These are the
+    words a report generator must get right ("No focal lesion" is the first word of a healthy report)."""
     if not isinstance(text, str):
         raise ValueError(f"a report must be a string, got {type(text).__name__}")
-    return [(m.start(), m.end()) for m in re.finditer(r"[a-z]+", text.lower()) if _concepts(m.group())]
+    return [(m.start(), m.end()) for m in re.finditer(r"[a-z]+", text.lower())
+            if _concepts(m.group()) or m.group() in ABNORMALITY_WORDS or m.group() in NEGATION_CUES]
 
 
 def extract_findings(text: str, mode: str = "corrected") -> dict[str, frozenset[str]]:
@@ -311,5 +330,6 @@ def lesion_detection(candidates: Sequence[str], is_healthy: Sequence[bool]) -> d
     }
 
 
-__all__ = ["ABNORMALITY_WORDS", "CATEGORIES", "MODES", "NEGATION_WINDOW", "SEED_KEYWORDS", "WORD_FORMS",
-           "clinical_f1", "clinical_per_case", "extract_findings", "keyword_spans", "lesion_detection", "states_lesion"]
+__all__ = ["ABNORMALITY_WORDS", "CATEGORIES", "MODES", "NEGATION_CUES", "NEGATION_WINDOW", "SEED_KEYWORDS",
+           "WORD_FORMS", "clinical_f1", "clinical_per_case", "extract_findings", "keyword_spans", "lesion_detection",
+           "states_lesion"]

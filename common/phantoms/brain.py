@@ -10,6 +10,7 @@ Layout written (as ``MICCAI_BraTS2020_TrainingData`` with the TextBraTS report f
     healthy/sub-<NNNN>.nii.gz      healthy controls; like the seed's ``HealthyBrains_Preprocessed`` they come
                                    without reports (the loader gives them template reports)
     truth.json                     per case: side, lobes, findings, tumour geometry, storage orientation
+    report_archive.json            2000 reports of the same grammar about no case here: text to pre-train an LM on
 
 Anatomy is the symmetric MNI152 2009a template that nilearn ships inside its package (grey matter, white matter
 and T1, so it works offline), turned into FLAIR contrast (grey matter brighter than white matter, CSF dark) and
@@ -55,6 +56,9 @@ blur the core into its edema."""
 MAX_SIZE = 256
 MIN_N = 10
 """Fewer tumour cases cannot fill a side-stratified train/val/test split with both sides in each part."""
+ARCHIVE_FILE = "report_archive.json"
+ARCHIVE_SIZE = 2000
+"""Reports in ``report_archive.json`` (a JSON list of strings beside the cases; see ``report_archive``)."""
 FOV_MM = (240.0, 240.0, 180.0)
 FOV_CENTRE_MM = (0.0, -18.0, 12.0)
 BILATERAL_FRACTION = 0.1
@@ -212,15 +216,21 @@ def _sample(template: _Template, coords_mm: np.ndarray) -> np.ndarray:
     return sampled[0].numpy()
 
 
+def _tumour_size(rng: np.random.Generator) -> tuple[float, float, float, tuple[float, float, float]]:
+    """Radii of edema, enhancing core and necrosis (0: none) in mm, and the axis scales of one tumour."""
+    edema = float(rng.uniform(24, 36))
+    core = edema * float(rng.uniform(0.4, 0.55))
+    necrosis = core * float(rng.uniform(0.4, 0.6)) if rng.random() < 0.8 else 0.0
+    axes = tuple(float(a) for a in rng.uniform(0.85, 1.15, 3))
+    return edema, core, necrosis, axes
+
+
 def draw_tumour(side: str, lobe: str, tissue: np.ndarray, inverse_affine: np.ndarray,
                 rng: np.random.Generator) -> Tumour:
     """A tumour centred in brain tissue inside ``lobe``'s box of the ``side`` hemisphere."""
     box = LOBE_BOXES_MM[lobe]
     sign = -1.0 if side == "left" else 1.0
-    edema = float(rng.uniform(24, 36))
-    core = edema * float(rng.uniform(0.4, 0.55))
-    necrosis = core * float(rng.uniform(0.4, 0.6)) if rng.random() < 0.8 else 0.0
-    axes = tuple(float(a) for a in rng.uniform(0.85, 1.15, 3))
+    edema, core, necrosis, axes = _tumour_size(rng)
     for _ in range(200):
         centre = np.array([sign * rng.uniform(*box[0]), rng.uniform(*box[1]), rng.uniform(*box[2])])
         if abs(centre[0]) < core + 4:
@@ -394,6 +404,28 @@ def findings(tumours: list[Tumour]) -> dict:
             "edema_degree": edema_degree(biggest), "diameter_cm": biggest.diameter_cm}
 
 
+def report_archive(n: int = ARCHIVE_SIZE, seed: int = 0) -> list[str]:
+    """``n`` reports in the phantom's language about tumours drawn at random, with no volume behind them.
+
+    A hospital holds far more report text than annotated scans; this is the phantom's stand-in, for the language
+    pre-training of an offline LM twin (MedGemma arrives knowing how reports are written). No report describes a
+    case of the data set: sides, lobes and sizes are drawn afresh (a tenth bilateral, as in the cases).
+    """
+    rng = np.random.default_rng([seed, 3])
+    sides = plan_sides(n, rng)
+    texts = []
+    for side in sides:
+        placed = ([("left", LOBES[int(rng.integers(len(LOBES)))]), ("right", LOBES[int(rng.integers(len(LOBES)))])]
+                  if side == "bilateral" else [(side, LOBES[int(rng.integers(len(LOBES)))])])
+        tumours = []
+        for tumour_side, lobe in placed:
+            edema, core, necrosis, axes = _tumour_size(rng)
+            tumours.append(Tumour(tumour_side, lobe, (0.0, 0.0, 0.0), round(edema, 1), round(core, 1),
+                                  round(necrosis, 1), axes))
+        texts.append(report(tumours, rng))
+    return texts
+
+
 # --- writing ---------------------------------------------------------------------------------------------------
 
 def case_id(number: int) -> str:
@@ -461,9 +493,11 @@ def write_brain(out_dir: Path, n: int = DEFAULT_N, seed: int = 0, size: tuple[in
             "stored_orientation": "LPS" if stored_lps[k] else "RAS",
             "tumours": [{"side": t.side, "lobe": t.lobe, "centre_mni_mm": list(t.centre), "edema_radius_mm": t.edema_mm,
                          "core_radius_mm": t.core_mm, "necrosis_radius_mm": t.necrosis_mm} for t in tumours]}
+    atomic_write_text(out_dir / ARCHIVE_FILE, json.dumps(report_archive(seed=seed), indent=0) + "\n")
     return atomic_write_text(out_dir / "truth.json", json.dumps(truth, indent=1) + "\n")
 
 
-__all__ = ["write_brain", "render", "report", "findings", "draw_tumour", "plan_sides", "nifti_bytes", "ras_affine",
-           "template_paths", "Tumour", "case_id", "healthy_id", "DEFAULT_N", "DEFAULT_SIZE", "MIN_SIZE", "MAX_SIZE",
-           "MIN_N", "SIDES", "LOBES", "LOBE_BOXES_MM"]
+__all__ = ["write_brain", "render", "report", "report_archive", "findings", "draw_tumour", "plan_sides",
+           "nifti_bytes", "ras_affine", "template_paths", "Tumour", "case_id", "healthy_id", "DEFAULT_N",
+           "DEFAULT_SIZE", "MIN_SIZE", "MAX_SIZE", "MIN_N", "SIDES", "LOBES", "LOBE_BOXES_MM", "ARCHIVE_FILE",
+           "ARCHIVE_SIZE"]

@@ -134,6 +134,17 @@ def test_greedy_reports_equal_direct_generation_and_the_shuffled_control_uses_an
                                 pad_token_id=model.tokenizer.pad_token_id)
     direct = " ".join(model.tokenizer.decode(ids[0], skip_special_tokens=True).split())
     assert plain[case.id]["report"] == direct
+    # Without the seed's penalties (--repetition-penalty 1 --no-repeat-ngram-size 0): plain greedy search.
+    out = run / "predictions" / "test_plain.jsonl"
+    assert generate.main(_gen(run, tiny_run, "--split", "test", "--greedy", "--batch-size", "1", "--out", str(out),
+                              "--repetition-penalty", "1", "--no-repeat-ngram-size", "0")) == 0
+    settings = json.loads(out.with_suffix(".meta.json").read_text())["settings"]["decoding"]
+    assert settings["repetition_penalty"] == 1.0 and settings["no_repeat_ngram_size"] == 0
+    with torch.no_grad():
+        ids = model.lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                pad_token_id=model.tokenizer.pad_token_id)
+    assert {r["id"]: r for r in _records(out)}[case.id]["report"] == " ".join(
+        model.tokenizer.decode(ids[0], skip_special_tokens=True).split())
 
 
 def test_generation_on_a_nifti_file_and_a_quick_smoke_run(run, tiny_run, capsys):
@@ -322,6 +333,9 @@ BAD_INPUTS = {
     "generate: a 4-D input": (generate, lambda run, tiny, tmp: ["--run-dir", str(run), "--input", str(_four_d(tmp))],
                               "four_d.nii.gz"),
     "generate: no input": (generate, lambda run, tiny, tmp: ["--run-dir", str(run)], "--split"),
+    "generate: a negative n-gram size": (generate, lambda run, tiny, tmp: ["--run-dir", str(run), "--split", "test",
+                                                                           "--no-repeat-ngram-size", "-1"],
+                                         "--no-repeat-ngram-size"),
     "evaluate: no predictions": (evaluate, lambda run, tiny, tmp: ["--run-dir", str(run)], "test.jsonl"),
     "evaluate: a malformed middle line": (evaluate, lambda run, tiny, tmp: ["--run-dir", str(run), "--split", "test",
                                                                             *SCORING] if _malformed(run) else [],

@@ -12,7 +12,7 @@ import pytest
 
 from brain3d_report.data import report_side
 from common.phantoms import __main__ as phantoms
-from common.phantoms.brain import LOBE_BOXES_MM, LOBES, MIN_SIZE, write_brain
+from common.phantoms.brain import ARCHIVE_FILE, LOBE_BOXES_MM, LOBES, MIN_SIZE, report_archive, write_brain
 
 SIZE = (40, 48, 32)
 
@@ -107,12 +107,27 @@ def test_reports_follow_the_truth(phantom):
     assert len(reports) == sum(not c["healthy"] for c in truth["cases"].values())  # no two reports alike
 
 
+def test_report_archive_speaks_the_grammar_about_no_case(phantom):
+    root, truth = phantom
+    archive = json.loads((root / ARCHIVE_FILE).read_text())
+    assert archive == report_archive(seed=3) and len(archive) == 2000
+    assert report_archive(50, seed=3) != report_archive(50, seed=4)
+    cases = {(root / k / f"{k}_flair_text.txt").read_text().strip() for k, c in truth["cases"].items()
+             if not c["healthy"]}
+    assert not cases & set(archive)
+    sides = [report_side(text) for text in archive]
+    assert sides.count("bilateral") == 200  # a tenth, as among the cases
+    assert abs(sides.count("left") - sides.count("right")) <= 1
+    for text in archive:  # the same sentences as the cases' reports: opening, size, edema, necrosis, ventricles
+        assert re.search(r"\d\.\d cm in its largest diameter", text) and "Edema" in text and "Ventricular" in text
+
+
 def test_deterministic_for_a_seed(tmp_path):
     size = (MIN_SIZE, MIN_SIZE, MIN_SIZE)
     first, again, other = (write_brain(tmp_path / name, n=3, seed=seed, size=size, n_healthy=1).parent
                            for name, seed in (("a", 5), ("b", 5), ("c", 6)))
     files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
-    assert len(files) == 3 * 2 + 1 + 1
+    assert len(files) == 3 * 2 + 1 + 1 + 1  # cases (volume, report), a control, truth.json, report_archive.json
     assert all((first / f).read_bytes() == (again / f).read_bytes() for f in files)
     assert (first / files[0]).read_bytes() != (other / files[0]).read_bytes()
 

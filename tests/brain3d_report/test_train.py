@@ -109,7 +109,13 @@ def test_three_stages_chain_and_save_only_what_they_train(brain, tmp_path):
     assert not torch.equal(fresh.lm.get_input_embeddings().weight, r2.model.lm.get_input_embeddings().weight)
     meta = json.loads((tmp_path / "r3" / "best" / "model.json").read_text())
     assert meta["kwargs"]["lora"] == {"r": 4, "alpha": 8, "dropout": 0.05}
-    assert meta["kwargs"]["model"]["lm_pretrain"]["steps"] == 10
+    pretrained = meta["kwargs"]["model"]["lm_pretrain"]
+    assert pretrained["steps"] == 10 and pretrained["after_prompt"]
+    assert pretrained["corpus"] == str((brain / "report_archive.json").resolve())  # the phantom's archive, found
+    split = [line.split(",") for line in (tmp_path / "r1" / "split.csv").read_text().splitlines()[1:]]
+    train_ids = [row[0] for row in split if row[-1] == "train"]
+    assert pretrained["healthy_share"] == pytest.approx(sum(i.startswith("sub-") for i in train_ids) / len(train_ids),
+                                                        abs=1e-4)
     assert meta["kwargs"]["keyword_weight"] == train.KEYWORD_WEIGHT_TINY  # auto, for the tiny LM twin
     # The warm-up trains the projector only: the compressor is stage 1's, and the whitening fitted on its tokens.
     r1 = train.load_stage_run(tmp_path / "r1", torch.device("cpu"))
@@ -148,6 +154,12 @@ def test_language_pretraining_teaches_the_random_twin_report_text_reproducibly()
 
     corpus = pretraining_corpus()
     assert len(corpus) == 220 + 7  # the official training fold and the healthy templates, no test report
+    archive = [f"A mass lesion is seen in the left frontal lobe, case {i}." for i in range(90)]
+    mixed = pretraining_corpus(archive, healthy_share=0.25)
+    assert mixed[:90] == archive and len(mixed) == 90 + 28  # templates at a quarter: 30 wanted, 4 x 7 given
+    assert pretraining_corpus(archive, 0.0)[90:] == pretraining_corpus()[220:]  # each template at least once
+    with pytest.raises(ValueError):
+        pretraining_corpus(archive, 1.0)
     held_out = [corpus[0].replace("right", "left"), "No focal lesion is seen. The ventricles are normal."]
 
     def nll(lm, tokenizer) -> float:
@@ -200,6 +212,21 @@ def test_a_bad_auto_or_number_flag_is_one_line(brain, tmp_path, capsys, flag, va
     assert not (tmp_path / "r1" / "best").exists()
 
 
+def test_lm_corpus_finds_the_archive_and_refuses_a_bad_one(tmp_path):
+    from common.errors import ConfigError, DataError
+
+    assert train.lm_corpus("auto", tmp_path) == ("packaged TextBraTS training fold", None)
+    (tmp_path / "report_archive.json").write_text(json.dumps(["No focal lesion.", "A left frontal mass."]))
+    assert train.lm_corpus("auto", tmp_path)[1] == ["No focal lesion.", "A left frontal mass."]
+    assert train.lm_corpus("packaged", tmp_path)[1] is None
+    for bad in ('{"a": 1}', "[]", '["ok", ""]', "not json"):
+        (tmp_path / "bad.json").write_text(bad)
+        with pytest.raises(DataError, match="bad.json"):
+            train.lm_corpus(str(tmp_path / "bad.json"), tmp_path)
+    with pytest.raises(ConfigError, match="--lm-corpus"):
+        train.lm_corpus(str(tmp_path / "missing.json"), tmp_path)
+
+
 def test_keyword_weight_auto_is_the_seeds_plain_loss_for_a_pretrained_lm():
     assert train.resolve_keyword_weight("auto", "tiny-gemma3") == train.KEYWORD_WEIGHT_TINY
     assert train.resolve_keyword_weight("auto", "medgemma-4b") == 1.0
@@ -217,9 +244,9 @@ def test_keyword_token_mask_marks_the_tokens_of_the_clinical_words():
     real = mask[0].bool()
     marked = tokenizer.decode(ids[0][keyword[0]]).replace(" ", "")
     unmarked = "|".join(tokenizer.decode([i]) for i in ids[0][real & ~keyword[0]])
-    words = ["mass", "lesion", "left", "frontal", "edema"]
+    words = ["mass", "lesion", "left", "frontal", "no", "edema"]
     assert all(word in marked for word in words)  # every token of a clinical word is marked ...
-    assert marked.index("mass") < marked.index("left") < marked.index("edema")
+    assert marked.index("mass") < marked.index("left") < marked.index("noedema")
     assert not any(word in unmarked for word in words)  # ... and no other token (a piece may hold " in the ")
     assert "lobe" not in marked and "seen" not in marked
     assert not keyword[0, int(mask[0].sum()) - 1]  # EOS is not a clinical word

@@ -4,7 +4,14 @@ import math
 import numpy as np
 import pytest
 
-from common.metrics.clinical import clinical_f1, clinical_per_case, extract_findings, lesion_detection, states_lesion
+from common.metrics.clinical import (
+    SEED_KEYWORDS,
+    clinical_f1,
+    clinical_per_case,
+    extract_findings,
+    lesion_detection,
+    states_lesion,
+)
 
 # Five hand-written pairs; the sets each mode finds are written beside each case, the arithmetic below.
 REFERENCES = [
@@ -88,6 +95,10 @@ def test_per_case_values_average_to_the_totals():
     ("Ventricular compression is not observed.", set()),
     ("Necrosis is not clearly demonstrated.", set()),
     ("Edema is absent.", set()),
+    ("The ventricles are not compressed.", set()),
+    ("There is no evidence of tumor, edema or ventricular compression.", set()),  # a negated list, to its end
+    ("There is no edema, necrosis or enhancement to suggest a tumor.", set()),
+    ("No mass is seen in the region of the temporal lobe near the edema.", {"edema"}),  # too far, not a list
     ("No midline shift, but edema is present.", {"edema"}),  # "but" ends the negation
     ("No necrosis. Edema is seen in the left frontal lobe.", {"edema"}),  # so does the sentence
     ("Edema is not limited to the frontal lobe.", {"edema"}),  # "not limited" negates nothing
@@ -95,8 +106,8 @@ def test_per_case_values_average_to_the_totals():
 def test_negated_findings_do_not_count(text, pathology):
     assert extract_findings(text)["path"] == pathology
     # the seed counts every keyword, negated or not
-    assert extract_findings(text, mode="seed")["path"] == {w for w in ("edema", "necrosis", "enhancement",
-                                                                        "compression") if w in text.lower()}
+    padded = " " + "".join(" " if c in ".,;!?()" else c for c in text.lower()) + " "
+    assert extract_findings(text, mode="seed")["path"] == {w for w in SEED_KEYWORDS["path"] if f" {w} " in padded}
 
 
 def test_negation_leaves_locations_of_the_finding():
@@ -181,7 +192,8 @@ def test_keyword_spans_are_the_words_the_corrected_mode_reads():
 
     text = "Edema surrounds a left frontoparietal mass; the ventricles are not compressed. Normal otherwise."
     words = [text[start:end] for start, end in keyword_spans(text)]
-    assert words == ["Edema", "left", "frontoparietal", "mass", "ventricles", "compressed"]
-    assert keyword_spans("No abnormality.") == []
+    assert words == ["Edema", "left", "frontoparietal", "mass", "ventricles", "not", "compressed"]
+    assert keyword_spans("No abnormality.") == [(0, 2), (3, 14)]  # the negation decides a healthy report
+    assert keyword_spans("Normal otherwise.") == []
     with pytest.raises(ValueError):
         keyword_spans(None)

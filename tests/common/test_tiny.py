@@ -28,6 +28,25 @@ def test_gemma_tokenizer_round_trips_and_compresses():
         assert tokenizer(token, add_special_tokens=False).input_ids == [tokenizer.convert_tokens_to_ids(token)]
 
 
+def test_brain_gemma_tokenizer_keeps_report_words_whole():
+    tokenizer = tiny.tiny_gemma_tokenizer(tiny.BRAIN_GEMMA_VOCAB, corpus="brain")
+    text = ("A mass lesion is seen in the left frontal lobe with mixed high and low signals. Edema is significant. "
+            "No focal lesion; the ventricles are normal in size.")
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert tokenizer.decode(ids) == text and tokenizer.unk_token_id not in ids
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    assert not any("▁" in piece.strip("▁") for piece in pieces)  # no piece spans a word boundary
+    for word in ("left", "right", "bilateral", "frontal", "parietal", "temporal", "occipital", "Edema", "lesion",
+                 "Necrosis", "No", "not"):
+        assert tokenizer.convert_ids_to_tokens(tokenizer(f"{word} ", add_special_tokens=False).input_ids) == [
+            f"{word}▁"], word
+    radiology = tiny.tiny_gemma_tokenizer()
+    assert len(ids) < 0.6 * len(radiology(text, add_special_tokens=False).input_ids)
+    model, processor = tiny.tiny_gemma3_brain(seed=0)
+    assert processor.tokenizer.get_vocab() == tokenizer.get_vocab()
+    assert model.config.text_config.vocab_size == len(tokenizer)
+
+
 def test_tiny_gemma3_is_seeded_and_leaves_global_rng_alone():
     torch.manual_seed(123)
     expected = torch.rand(3)
