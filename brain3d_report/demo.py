@@ -39,8 +39,10 @@ def demo_section(out_dir: Path) -> str:
         write_brain(data, n=DEMO_CASES, seed=0)
     shared = ["--data-root", str(data), "--volume-size", *DEMO_SIZE, "--volume-cache", str(cache), "--no-progress",
               "--device", "cpu"]
-    stages = [("contrastive", ["--vision", "siglip-tiny", "--lm", "tiny-gemma3", "--epochs", "6", "--lr", "1e-3"]),
-              ("warmup", ["--epochs", "3", "--grad-accum", "4", "--max-text-len", "96"]),
+    stages = [("contrastive", ["--vision", "siglip-tiny", "--lm", "tiny-gemma3-brain", "--epochs", "6",
+                               "--lr", "1e-3"]),
+              ("warmup", ["--epochs", "3", "--grad-accum", "4", "--max-text-len", "96",
+                          "--lm-pretrain-steps", "200"]),
               ("lora", ["--epochs", "2", "--grad-accum", "4", "--max-text-len", "96"])]
     previous = None
     for stage, extra in stages:
@@ -78,8 +80,9 @@ def demo_section(out_dir: Path) -> str:
     return "\n".join([
         "## 3D brain MRI reports: inflated SigLIP, Perceiver, Gemma 3 (tiny twins)", "",
         f"Brain phantom ({DEMO_CASES} tumour cases + controls, volumes {'x'.join(DEMO_SIZE)}), stages contrastive "
-        "(6 epochs) -> warm-up (3) -> LoRA (2) with `siglip-tiny` and the random `tiny-gemma3`; greedy reports of the "
-        "test cases. A shortened run; the default-size run is in the README.", "",
+        "(6 epochs) -> warm-up (3, after 200 steps of language pre-training on the phantom's report archive) -> LoRA "
+        "(2) with `siglip-tiny` and the random `tiny-gemma3-brain`; greedy reports of the test cases. A shortened run; "
+        "the default-size run is in the README.", "",
         f"Side probe on the stage-1 pooled tokens (test cases): accuracy {probe_result['side_acc']:.3f}, with "
         f"shuffled sides {probe_result['side_acc_shuffled']:.3f} (n = {probe_result['n_eval']}).", "",
         results.strip(), "",

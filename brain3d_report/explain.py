@@ -46,6 +46,7 @@ from brain3d_report.generate import (
     decoding_kwargs,
     generate_reports,
     load_report_run,
+    resolve_ngram_ban,
     run_cases,
     volume_cache_root,
 )
@@ -304,7 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     volume_size = meta["preprocessing"]["volume_size"]
     volume = make_dataset([case], volume_size, volume_cache_root(args))[0]["image"]
     if args.report:
-        phrase = generate_reports(model, volume[None], decoding_kwargs(True, REPORT_TOKENS))[0]
+        decoding = decoding_kwargs(True, REPORT_TOKENS, no_repeat_ngram_size=resolve_ngram_ban("auto", meta))
+        phrase = generate_reports(model, volume[None], decoding)[0]
         if not phrase:
             raise DataError(loaded.directory, f"the model's report of {case.id} is empty; nothing to explain")
     ids = phrase_ids(model.tokenizer, phrase)

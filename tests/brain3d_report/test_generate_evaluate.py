@@ -70,6 +70,13 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def test_the_ngram_ban_is_the_seeds_for_a_pretrained_lm_and_off_for_a_tiny_twin():
+    meta = {"kwargs": {"model": {"lm": "medgemma-4b"}}}
+    assert generate.resolve_ngram_ban("auto", meta) == 3
+    assert generate.resolve_ngram_ban("auto", {"kwargs": {"model": {"lm": "tiny-gemma3-brain"}}}) == 0
+    assert generate.resolve_ngram_ban(5, meta) == 5
+
+
 def test_derangement_moves_every_item_and_is_fixed_by_the_seed():
     for n in range(2, 30):
         perm = generate.derangement(n, seed=3)
@@ -102,7 +109,7 @@ def test_generation_resumes_after_a_kill_as_if_uninterrupted(run, tiny_run, monk
 
     decoding = json.loads((run / "predictions" / "test.meta.json").read_text())["settings"]["decoding"]
     assert decoding == {"do_sample": True, "temperature": 0.1, "top_p": 0.9, "repetition_penalty": 1.2,
-                        "no_repeat_ngram_size": 3, "max_new_tokens": 8}  # the seed's sampling
+                        "no_repeat_ngram_size": 0, "max_new_tokens": 8}  # the seed's sampling, no 3-gram ban (tiny)
     capsys.readouterr()
     assert generate.main([*argv, "--greedy"]) == 2  # other settings than the file was made with
     err = capsys.readouterr().err.strip().splitlines()
@@ -130,19 +137,18 @@ def test_greedy_reports_equal_direct_generation_and_the_shuffled_control_uses_an
     with torch.no_grad():
         embeds, mask = model.inputs_embeds(volume, train.prompt_tokens(model.tokenizer))
         ids = model.lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                                repetition_penalty=1.2, no_repeat_ngram_size=3,
-                                pad_token_id=model.tokenizer.pad_token_id)
+                                repetition_penalty=1.2, pad_token_id=model.tokenizer.pad_token_id)
     direct = " ".join(model.tokenizer.decode(ids[0], skip_special_tokens=True).split())
     assert plain[case.id]["report"] == direct
-    # Without the seed's penalties (--repetition-penalty 1 --no-repeat-ngram-size 0): plain greedy search.
-    out = run / "predictions" / "test_plain.jsonl"
+    # The seed's 3-gram ban asked for, without its repetition penalty.
+    out = run / "predictions" / "test_ban.jsonl"
     assert generate.main(_gen(run, tiny_run, "--split", "test", "--greedy", "--batch-size", "1", "--out", str(out),
-                              "--repetition-penalty", "1", "--no-repeat-ngram-size", "0")) == 0
+                              "--repetition-penalty", "1", "--no-repeat-ngram-size", "3")) == 0
     settings = json.loads(out.with_suffix(".meta.json").read_text())["settings"]["decoding"]
-    assert settings["repetition_penalty"] == 1.0 and settings["no_repeat_ngram_size"] == 0
+    assert settings["repetition_penalty"] == 1.0 and settings["no_repeat_ngram_size"] == 3
     with torch.no_grad():
         ids = model.lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                                pad_token_id=model.tokenizer.pad_token_id)
+                                no_repeat_ngram_size=3, pad_token_id=model.tokenizer.pad_token_id)
     assert {r["id"]: r for r in _records(out)}[case.id]["report"] == " ".join(
         model.tokenizer.decode(ids[0], skip_special_tokens=True).split())
 
