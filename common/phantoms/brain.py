@@ -10,7 +10,7 @@ Layout written (as ``MICCAI_BraTS2020_TrainingData`` with the TextBraTS report f
     healthy/sub-<NNNN>.nii.gz      healthy controls; like the seed's ``HealthyBrains_Preprocessed`` they come
                                    without reports (the loader gives them template reports)
     truth.json                     per case: side, lobes, findings, tumour geometry, storage orientation
-    report_archive.json            2000 reports of the same grammar about no case here: text to pre-train an LM on
+    report_archive.json            ~2000 reports of the same grammar about no case here: text to pre-train an LM on
 
 Anatomy is the symmetric MNI152 2009a template that nilearn ships inside its package (grey matter, white matter
 and T1, so it works offline), turned into FLAIR contrast (grey matter brighter than white matter, CSF dark) and
@@ -409,7 +409,8 @@ def report_archive(n: int = ARCHIVE_SIZE, seed: int = 0) -> list[str]:
 
     A hospital holds far more report text than annotated scans; this is the phantom's stand-in, for the language
     pre-training of an offline LM twin (MedGemma arrives knowing how reports are written). No report describes a
-    case of the data set: sides, lobes and sizes are drawn afresh (a tenth bilateral, as in the cases).
+    case of the data set: sides, lobes and sizes are drawn afresh (a tenth bilateral, as in the cases), and
+    ``write_brain`` leaves out a draw that happens to equal a case's report word for word.
     """
     rng = np.random.default_rng([seed, 3])
     sides = plan_sides(n, rng)
@@ -463,6 +464,7 @@ def write_brain(out_dir: Path, n: int = DEFAULT_N, seed: int = 0, size: tuple[in
     sides = plan_sides(n, plan)
     lobes = _balanced(LOBES, n, plan)
     stored_lps = plan.random(n + n_healthy) < LPS_FRACTION
+    case_reports: set[str] = set()
     truth: dict = {"size": list(size), "spacing_mm": spacing_mm(size).round(4).tolist(), "seed": seed,
                    "axes": "x left->right, y posterior->anterior, z inferior->superior (RAS)", "cases": {}}
     for k in range(n + n_healthy):
@@ -486,14 +488,18 @@ def write_brain(out_dir: Path, n: int = DEFAULT_N, seed: int = 0, size: tuple[in
         else:
             name = case_id(k + 1)
             atomic_write_bytes(out_dir / name / f"{name}_flair.nii.gz", data)
-            atomic_write_text(out_dir / name / f"{name}_flair_text.txt", report(tumours, tumour_rng) + "\n")
+            text = report(tumours, tumour_rng)
+            case_reports.add(text)
+            atomic_write_text(out_dir / name / f"{name}_flair_text.txt", text + "\n")
         truth["cases"][name] = {
             "healthy": healthy, "side": "none" if healthy else sides[k],
             "lobes": sorted({t.lobe for t in tumours}), "findings": findings(tumours),
             "stored_orientation": "LPS" if stored_lps[k] else "RAS",
             "tumours": [{"side": t.side, "lobe": t.lobe, "centre_mni_mm": list(t.centre), "edema_radius_mm": t.edema_mm,
                          "core_radius_mm": t.core_mm, "necrosis_radius_mm": t.necrosis_mm} for t in tumours]}
-    atomic_write_text(out_dir / ARCHIVE_FILE, json.dumps(report_archive(seed=seed), indent=0) + "\n")
+    # A draw can repeat a case's report word for word (1 of 120 on the default phantom): such texts are left out.
+    archive = [text for text in report_archive(seed=seed) if text not in case_reports]
+    atomic_write_text(out_dir / ARCHIVE_FILE, json.dumps(archive, indent=0) + "\n")
     return atomic_write_text(out_dir / "truth.json", json.dumps(truth, indent=1) + "\n")
 
 

@@ -110,11 +110,13 @@ def test_reports_follow_the_truth(phantom):
 def test_report_archive_speaks_the_grammar_about_no_case(phantom):
     root, truth = phantom
     archive = json.loads((root / ARCHIVE_FILE).read_text())
-    assert archive == report_archive(seed=3) and len(archive) == 2000
+    drawn = report_archive(seed=3)
+    assert archive == [text for text in drawn if text in set(archive)] and 1990 <= len(archive) <= len(drawn) == 2000
     assert report_archive(50, seed=3) != report_archive(50, seed=4)
     cases = {(root / k / f"{k}_flair_text.txt").read_text().strip() for k, c in truth["cases"].items()
              if not c["healthy"]}
-    assert not cases & set(archive)
+    assert not cases & set(archive)  # a draw equal to a case's report is left out
+    assert set(drawn) - set(archive) <= cases
     sides = [report_side(text) for text in archive]
     assert sides.count("bilateral") == 200  # a tenth, as among the cases
     assert abs(sides.count("left") - sides.count("right")) <= 1
