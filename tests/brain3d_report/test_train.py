@@ -183,6 +183,28 @@ def test_language_pretraining_teaches_the_random_twin_report_text_reproducibly()
     assert all(torch.equal(a, b) for a, b in zip(runs[0][0].state_dict().values(), runs[1][0].state_dict().values()))
 
 
+def test_language_pretraining_after_a_prompt_counts_the_text_tokens_only():
+    from brain3d_report.lm_pretrain import pretrain_language_model
+    from brain3d_report.model import load_language_model
+
+    lm, tokenizer = load_language_model("tiny-gemma3-brain", device="cpu", precision="fp32")
+    texts = ["A mass lesion is seen in the left frontal lobe.", "No focal lesion is seen."]
+    prompt = train.prompt_tokens(tokenizer)
+    ids, mask = train.report_tokens(tokenizer, texts, 32)
+    full = torch.cat([prompt.expand(2, -1), ids], dim=1)
+    with torch.no_grad():
+        logits = lm(input_ids=full, attention_mask=torch.cat([torch.ones(2, prompt.shape[1], dtype=mask.dtype),
+                                                              mask], dim=1)).logits
+    start = prompt.shape[1] - 1  # the last prompt token predicts the first report token
+    text_logits = logits[:, start:-1]
+    labels = ids.masked_fill(mask == 0, -100)
+    per_text = [torch.nn.functional.cross_entropy(text_logits[i], labels[i], ignore_index=-100, reduction="sum")
+                for i in range(2)]
+    losses = pretrain_language_model(lm, tokenizer, texts, steps=1, batch_size=1, lr=0.0, prompt=prompt, seed=0)
+    row = int(torch.randint(2, (1,), generator=torch.Generator().manual_seed(0)))
+    assert losses[0] == pytest.approx(per_text[row].item() / int(mask[row].sum()), rel=1e-4)
+
+
 def test_text_whitening_gives_unit_variance_components_fitted_on_training_reports():
     from brain3d_report.model import build_model
 
