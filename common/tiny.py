@@ -5,8 +5,8 @@
 Each preset builds the same class a real checkpoint loads into (``Gemma3ForConditionalGeneration``,
 ``CLIPTextModel``, ``BertModel``) with a tokenizer of that model's own class, whose vocabulary is trained here
 with the ``tokenizers`` library on a small built-in corpus of radiology sentences (or, for the brain report twin,
-on the packaged TextBraTS reports). Code that runs on a tiny
-preset therefore runs unchanged on the published checkpoint; only the sizes differ. Weights are random but
+on the packaged TextBraTS reports). Code that runs on a tiny preset therefore runs unchanged on the published
+checkpoint; only the sizes differ. Weights are random but
 fixed by ``seed``, so generated text is noise made of corpus words, the same on every run.
 
 ``medgemma_4b_config`` records the published architecture of ``google/medgemma-4b-it`` (the Gemma 3 4B
@@ -199,8 +199,8 @@ def tiny_gemma_tokenizer(vocab_size: int = 700, corpus: str = "radiology") -> Ge
 
 BRAIN_GEMMA_VOCAB = 1500
 """Pieces of ``tiny_gemma3_brain``'s tokenizer: enough for the words of brain MRI reports to be single pieces, as
-they are in MedGemma's 262k-piece vocabulary (a phantom report: 99 pieces, 79 words; the 700-piece radiology
-tokenizer cuts it into 249, mostly letters)."""
+they are in MedGemma's 262k-piece vocabulary (a phantom report of 79 words: 108 pieces with BOS; the 700-piece
+radiology tokenizer cuts it into 249, mostly letters)."""
 
 
 def tiny_gemma3(seed: int = 0, tokenizer: GemmaTokenizer | None = None, width: int = 64
