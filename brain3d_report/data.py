@@ -657,6 +657,38 @@ def stack_volumes(dataset: BrainVolumes) -> torch.Tensor:
     return torch.stack([dataset[i]["image"] for i in range(len(dataset))])
 
 
+LEFT_RIGHT_AXIS = -2
+"""The patient's left -> right axis of a preprocessed (..., D, H, W) volume: H."""
+_SIDE_WORD = re.compile(r"\b(left|right)(?=ward|-|\b)", re.IGNORECASE)
+
+
+def mirror_report(text: str) -> str:
+    """The report of the left-right mirrored scan: "left" and "right" swapped (also in "leftward", "right-sided"),
+    the case kept; "bilateral" and everything else unchanged."""
+    def swap(match: re.Match) -> str:
+        word = match.group(0)
+        other = "right" if word.lower() == "left" else "left"
+        if word.isupper():
+            return other.upper()
+        return other.capitalize() if word[0].isupper() else other
+
+    return _SIDE_WORD.sub(swap, text)
+
+
+def mirror_volumes(volumes: torch.Tensor) -> torch.Tensor:
+    """Volumes (..., D, H, W) mirrored across the mid-sagittal plane (a flip of H, the left -> right axis)."""
+    return torch.flip(volumes, dims=(LEFT_RIGHT_AXIS,))
+
+
+def with_mirrored(volumes: torch.Tensor, reports: list[str]) -> tuple[torch.Tensor, list[str]]:
+    """Training data with a mirrored copy of every case appended: (2N, ...) volumes and 2N reports.
+
+    A lesion's side is read from which half of the volume holds it; with 84 lateral training cases a tiny model also
+    learns each case's other features by heart. The mirrored copies pair every lesion with both sides, so the side
+    word can only follow the half the lesion is in."""
+    return torch.cat([volumes, mirror_volumes(volumes)]), [*reports, *map(mirror_report, reports)]
+
+
 def load_volume(path: Path, volume_size: Sequence[int] = DEFAULT_VOLUME_SIZE) -> torch.Tensor:
     """One FLAIR file preprocessed like the training data: (1, D, H, W) float32 (for inference on a new scan)."""
     check_nifti(path)
@@ -733,7 +765,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 __all__ = ["Case", "Cases", "BrainVolumes", "load_cases", "report_side", "healthy_report", "official_split",
            "side_stratified_split", "save_split", "check_nifti", "find_flair", "check_volume_size",
            "parse_volume_size", "preprocess_transform", "cache_key", "make_dataset", "stack_volumes", "load_volume",
-           "add_data_args", "cases_from_args", "packaged_file", "DEFAULT_VOLUME_SIZE", "SIDES", "SPLITS",
+           "add_data_args", "cases_from_args", "packaged_file", "mirror_report", "mirror_volumes",
+           "with_mirrored", "DEFAULT_VOLUME_SIZE", "SIDES", "SPLITS",
            "HEALTHY_TEMPLATES"]
 
 

@@ -22,10 +22,13 @@ from brain3d_report.data import (
     load_cases,
     load_volume,
     make_dataset,
+    mirror_report,
+    mirror_volumes,
     official_split,
     packaged_file,
     report_side,
     save_split,
+    with_mirrored,
 )
 from common.errors import ConfigError, DataError
 from common.phantoms.brain import nifti_bytes, write_brain
@@ -214,6 +217,32 @@ def test_preprocessed_volumes_put_the_lesion_on_its_side_of_H(phantom):
         hits += _brighter_half(item["image"]) == case.side
     assert {truth[c.id]["stored_orientation"] for c in cases} == {"LPS", "RAS"}
     assert hits / len(cases) >= 0.85  # chance is 0.5; a volume read without its header would sit there
+
+
+@pytest.mark.parametrize("text, mirrored", [
+    ("A mass in the left frontal lobe, right-sided shift.", "A mass in the right frontal lobe, left-sided shift."),
+    ("Left temporal edema; midline shift rightward. RIGHT", "Right temporal edema; midline shift leftward. LEFT"),
+    ("Bilateral lesions; a bright rim, upright, rightly read.",) * 2,
+])
+def test_mirror_report_swaps_the_side_words_only(text, mirrored):
+    assert mirror_report(text) == mirrored
+    assert mirror_report(mirrored) == text
+
+
+def test_mirrored_volumes_and_reports_agree_on_the_side(phantom):
+    root, _ = phantom
+    cases = [c for c in load_cases(root, split=None) if c.side in ("left", "right")]
+    volumes = torch.stack([item["image"] for item in make_dataset(cases, VOLUME)])
+    doubled, reports = with_mirrored(volumes, [c.report for c in cases])
+    n = len(cases)
+    assert torch.equal(doubled[:n], volumes) and reports[:n] == [c.report for c in cases]
+    assert torch.equal(mirror_volumes(doubled[n:]), volumes)  # a mirror of the mirror is the scan
+    hits = 0
+    for k, case in enumerate(cases):
+        side = report_side(reports[n + k])
+        assert side == {"left": "right", "right": "left"}[case.side]
+        hits += _brighter_half(doubled[n + k]) == side
+    assert hits / n >= 0.85  # the mirrored lesion lies on the side its mirrored report names
 
 
 def test_ras_and_lps_files_of_one_volume_preprocess_alike(phantom, tmp_path):

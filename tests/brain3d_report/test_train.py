@@ -117,6 +117,13 @@ def test_three_stages_chain_and_save_only_what_they_train(brain, tmp_path):
     assert pretrained["healthy_share"] == pytest.approx(sum(i.startswith("sub-") for i in train_ids) / len(train_ids),
                                                         abs=1e-4)
     assert meta["kwargs"]["keyword_weight"] == train.KEYWORD_WEIGHT_TINY  # auto, for the tiny LM twin
+    # auto flip augmentation: off in stage 1, on in stages 2 and 3 of the tiny twin, whose epochs see every
+    # training case twice (once mirrored).
+    n_train = sum(row[-1] == "train" for row in split)
+    for run, flipped in (("r1", False), ("r2", True), ("r3", True)):
+        assert json.loads((tmp_path / run / "best" / "model.json").read_text())["kwargs"]["flip_augment"] is flipped
+    first = json.loads((tmp_path / "r2" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == -(-2 * n_train // 2)  # batch 1, grad-accum 2
     # The warm-up trains the projector only: the compressor is stage 1's, and the whitening fitted on its tokens.
     r1 = train.load_stage_run(tmp_path / "r1", torch.device("cpu"))
     for (name, a), (_, b) in zip(r1.model.compressor.state_dict().items(), r2.model.compressor.state_dict().items()):
@@ -247,6 +254,15 @@ def test_lm_corpus_finds_the_archive_and_refuses_a_bad_one(tmp_path):
             train.lm_corpus(str(tmp_path / "bad.json"), tmp_path)
     with pytest.raises(ConfigError, match="--lm-corpus"):
         train.lm_corpus(str(tmp_path / "missing.json"), tmp_path)
+
+
+def test_flip_augment_auto_is_on_only_for_the_caption_stages_of_a_tiny_twin():
+    assert train.resolve_flip_augment("auto", "warmup", "tiny-gemma3-brain")
+    assert train.resolve_flip_augment("auto", "lora", "tiny-gemma3")
+    assert not train.resolve_flip_augment("auto", "contrastive", "tiny-gemma3")
+    assert not train.resolve_flip_augment("auto", "warmup", "medgemma-4b")  # the seed: no augmentation
+    assert train.resolve_flip_augment("on", "contrastive", "medgemma-4b")
+    assert not train.resolve_flip_augment("off", "lora", "tiny-gemma3")
 
 
 def test_keyword_weight_auto_is_the_seeds_plain_loss_for_a_pretrained_lm():
