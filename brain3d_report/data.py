@@ -680,13 +680,36 @@ def mirror_volumes(volumes: torch.Tensor) -> torch.Tensor:
     return torch.flip(volumes, dims=(LEFT_RIGHT_AXIS,))
 
 
-def with_mirrored(volumes: torch.Tensor, reports: list[str]) -> tuple[torch.Tensor, list[str]]:
-    """Training data with a mirrored copy of every case appended: (2N, ...) volumes and 2N reports.
+MIRRORED = "mirrored_"
+"""Prefix of the fields a ``LeftRightMirror`` training set holds for each case's mirrored report."""
 
-    A lesion's side is read from which half of the volume holds it; with 84 lateral training cases a tiny model also
-    learns each case's other features by heart. The mirrored copies pair every lesion with both sides, so the side
-    word can only follow the half the lesion is in."""
-    return torch.cat([volumes, mirror_volumes(volumes)]), [*reports, *map(mirror_report, reports)]
+
+class LeftRightMirror:
+    """Batch augmentation (``common.device_data.BatchAugment``): each case is mirrored with probability ``p``, its
+    volume flipped along H and its report fields (``fields``, e.g. token ids) replaced by those of the mirrored
+    report, held beside them as ``mirrored_<field>``; those are dropped from the batch.
+
+    A lesion's side is read from which half of the volume holds it, but with 84 lateral training cases a tiny model
+    also learns each case by heart. Mirrored, every lesion is seen on both sides, so the side word can only follow
+    the half the lesion is in. The draws come from the training loop (a function of seed, epoch and position), so a
+    resumed run mirrors what the uninterrupted run mirrored."""
+
+    draws = 1
+
+    def __init__(self, fields: Sequence[str], p: float = 0.5):
+        self.fields, self.p = tuple(fields), float(p)
+
+    def __call__(self, batch: dict[str, torch.Tensor], uniforms: torch.Tensor) -> dict[str, torch.Tensor]:
+        flip = uniforms[:, 0] < self.p
+        out = {k: v for k, v in batch.items() if not k.startswith(MIRRORED)}
+
+        def pick(mirrored: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+            return torch.where(flip.view(-1, *[1] * (original.dim() - 1)), mirrored, original)
+
+        out["volume"] = pick(mirror_volumes(batch["volume"]), batch["volume"])
+        for name in self.fields:
+            out[name] = pick(batch[MIRRORED + name], batch[name])
+        return out
 
 
 def load_volume(path: Path, volume_size: Sequence[int] = DEFAULT_VOLUME_SIZE) -> torch.Tensor:
@@ -766,7 +789,7 @@ __all__ = ["Case", "Cases", "BrainVolumes", "load_cases", "report_side", "health
            "side_stratified_split", "save_split", "check_nifti", "find_flair", "check_volume_size",
            "parse_volume_size", "preprocess_transform", "cache_key", "make_dataset", "stack_volumes", "load_volume",
            "add_data_args", "cases_from_args", "packaged_file", "mirror_report", "mirror_volumes",
-           "with_mirrored", "DEFAULT_VOLUME_SIZE", "SIDES", "SPLITS",
+           "LeftRightMirror", "DEFAULT_VOLUME_SIZE", "SIDES", "SPLITS",
            "HEALTHY_TEMPLATES"]
 
 

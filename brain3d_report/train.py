@@ -36,14 +36,16 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from brain3d_report.data import (
+    MIRRORED,
     PERCENTILES,
     Cases,
+    LeftRightMirror,
     add_data_args,
     cases_from_args,
     make_dataset,
+    mirror_report,
     save_split,
     stack_volumes,
-    with_mirrored,
 )
 from brain3d_report.lm_pretrain import ARCHIVE_FILE, load_report_archive, pretrain_language_model, pretraining_corpus
 from brain3d_report.lm_pretrain import DEFAULT_STEPS as DEFAULT_LM_PRETRAIN_STEPS
@@ -70,6 +72,7 @@ from common.cli import (
     positive_int,
     require,
 )
+from common.device_data import TensorData
 from common.engine import add_train_args, check_run_setup, config_from_args, fit
 from common.errors import ConfigError, DataError, cli_entry
 from common.feature_cache import default_cache_root
@@ -150,9 +153,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="warmup and lora: weight of the clinical words' tokens (side, lobe, findings) in the "
                             "caption loss; 1 is the seed's plain cross-entropy; auto: 5 for a tiny LM twin, else 1")
     stage.add_argument("--flip-augment", choices=("auto", "on", "off"), default="auto",
-                       help="add a left-right mirrored copy of every training case, its report's 'left' and 'right' "
-                            "swapped; auto: on for the warmup and lora stages of a tiny LM twin, off otherwise (the "
-                            "seed's: no augmentation)")
+                       help="mirror each training case left-right with probability 0.5 each epoch, 'left' and "
+                            "'right' swapped in its report; auto: on for the warmup and lora stages of a tiny LM "
+                            "twin, off otherwise (the seed's: no augmentation)")
     stage.add_argument("--queue-size", type=int, default=64,
                        help="past text embeddings kept as extra negatives (0: in-batch negatives only)")
     stage.add_argument("--train-vision", choices=("all", "embeddings"), default="all",
@@ -224,6 +227,23 @@ class VolumeSet(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"volume": self.volumes[i], **{k: v[i] for k, v in self.fields.items()}}
+
+
+def stage_dataset(volumes: torch.Tensor, fields: dict[str, torch.Tensor], mirror: bool = False) -> Dataset:
+    """A split's volumes (N, 1, D, H, W) with each case's text fields (text embedding and key, or report tokens).
+
+    ``mirror``: every field holds 2N rows, the N mirrored reports after the N reports as written, and each case is
+    mirrored with probability 0.5 each epoch (``LeftRightMirror``, through the training loop's batch augmentation).
+    """
+    if not mirror:
+        return VolumeSet(volumes, **fields)
+    n = len(volumes)
+    for name, value in fields.items():
+        if len(value) != 2 * n:
+            raise ValueError(f"{name}: {len(value)} rows for {n} volumes; a mirrored split needs {2 * n}")
+    return TensorData({"volume": volumes, **{k: v[:n] for k, v in fields.items()},
+                       **{MIRRORED + k: v[n:] for k, v in fields.items()}},
+                      batch_augment=LeftRightMirror(list(fields)))
 
 
 def info_nce(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, keys: torch.Tensor,
@@ -591,8 +611,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         model.fit_token_whitening(volumes["train"])
     reports = {name: [c.report for c in part] for name, part in parts.items()}
     flip = resolve_flip_augment(args.flip_augment, args.stage, model.model_config["lm"])
-    if flip:
-        volumes["train"], reports["train"] = with_mirrored(volumes["train"], reports["train"])
+    # With --flip-augment the training split's mirrored reports follow its own (2N texts, N volumes).
+    texts = {name: reports[name] + ([mirror_report(t) for t in reports[name]] if flip and name == "train" else [])
+             for name in parts}
     meta = {"pipeline": PIPELINE, "stage": args.stage, "preset": model.model_config["vision"],
             "kwargs": {"model": model.model_config, "lora": lora, "text_embedding": text_choice,
                        "flip_augment": flip,
@@ -605,22 +626,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "init": str(Path(args.init).resolve()) if args.init else None},
             "monitor": args.monitor}
     if args.stage == "contrastive":
-        embedded = {name: text_embeddings(model, reports[name], text_choice, args.max_text_len, device,
+        embedded = {name: text_embeddings(model, texts[name], text_choice, args.max_text_len, device,
                                           args.cache_dir) for name in parts}
-        datasets = {name: VolumeSet(volumes[name], text=embedded[name],
-                                    key=torch.tensor([text_key(t) for t in reports[name]]))
-                    for name in parts}
+        fields = {name: {"text": embedded[name], "key": torch.tensor([text_key(t) for t in texts[name]])}
+                  for name in parts}
         if args.init is None:
             model.fit_text_centering(embedded["train"])
         task = ContrastiveTask(meta, args.queue_size, int(embedded["train"].shape[1]))
     else:
-        ids = {name: report_tokens(model.tokenizer, reports[name], args.max_text_len) for name in parts}
-        keyword = {name: keyword_token_mask(model.tokenizer, reports[name], args.max_text_len)
+        ids = {name: report_tokens(model.tokenizer, texts[name], args.max_text_len) for name in parts}
+        keyword = {name: keyword_token_mask(model.tokenizer, texts[name], args.max_text_len)
                    if getattr(model.tokenizer, "is_fast", False) or keyword_weight != 1.0
                    else torch.zeros_like(ids[name][1], dtype=torch.bool) for name in parts}
-        datasets = {name: VolumeSet(volumes[name], target=ids[name][0], target_mask=ids[name][1],
-                                    keyword=keyword[name]) for name in parts}
+        fields = {name: {"target": ids[name][0], "target_mask": ids[name][1], "keyword": keyword[name]}
+                  for name in parts}
         task = CaptionTask(meta, prompt_tokens(model.tokenizer), keyword_weight)
+    datasets = {name: stage_dataset(volumes[name], fields[name], mirror=flip and name == "train") for name in parts}
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=args.lr, weight_decay=args.weight_decay)
     split_text = save_split_text(cases)
     run_files = {"config.yaml": config_text(args), "split.csv": split_text,

@@ -17,6 +17,7 @@ import torch
 from brain3d_report import data
 from brain3d_report.data import (
     HEALTHY_TEMPLATES,
+    LeftRightMirror,
     check_volume_size,
     healthy_report,
     load_cases,
@@ -28,7 +29,6 @@ from brain3d_report.data import (
     packaged_file,
     report_side,
     save_split,
-    with_mirrored,
 )
 from common.errors import ConfigError, DataError
 from common.phantoms.brain import nifti_bytes, write_brain
@@ -233,16 +233,27 @@ def test_mirrored_volumes_and_reports_agree_on_the_side(phantom):
     root, _ = phantom
     cases = [c for c in load_cases(root, split=None) if c.side in ("left", "right")]
     volumes = torch.stack([item["image"] for item in make_dataset(cases, VOLUME)])
-    doubled, reports = with_mirrored(volumes, [c.report for c in cases])
-    n = len(cases)
-    assert torch.equal(doubled[:n], volumes) and reports[:n] == [c.report for c in cases]
-    assert torch.equal(mirror_volumes(doubled[n:]), volumes)  # a mirror of the mirror is the scan
+    mirrored = mirror_volumes(volumes)
+    assert torch.equal(mirror_volumes(mirrored), volumes)  # a mirror of the mirror is the scan
     hits = 0
     for k, case in enumerate(cases):
-        side = report_side(reports[n + k])
+        side = report_side(mirror_report(case.report))
         assert side == {"left": "right", "right": "left"}[case.side]
-        hits += _brighter_half(doubled[n + k]) == side
-    assert hits / n >= 0.85  # the mirrored lesion lies on the side its mirrored report names
+        hits += _brighter_half(mirrored[k]) == side
+    assert hits / len(cases) >= 0.85  # the mirrored lesion lies on the side its mirrored report names
+
+
+def test_left_right_mirror_flips_the_drawn_cases_and_takes_their_mirrored_fields():
+    volumes = torch.rand(4, 1, 2, 6, 3)
+    batch = {"volume": volumes, "target": torch.arange(4)[:, None].repeat(1, 5),
+             "mirrored_target": -torch.arange(4)[:, None].repeat(1, 5), "key": torch.arange(4)}
+    out = LeftRightMirror(["target"])(batch, torch.tensor([[0.1], [0.7], [0.49], [0.5]]))
+    assert set(out) == {"volume", "target", "key"}
+    flipped = [True, False, True, False]
+    for k, flip in enumerate(flipped):
+        assert torch.equal(out["volume"][k], volumes[k].flip(-2) if flip else volumes[k])
+        assert torch.equal(out["target"][k], batch["mirrored_target" if flip else "target"][k])
+    assert torch.equal(out["key"], batch["key"])  # a field not named is kept as written
 
 
 def test_ras_and_lps_files_of_one_volume_preprocess_alike(phantom, tmp_path):

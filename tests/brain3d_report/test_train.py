@@ -117,13 +117,8 @@ def test_three_stages_chain_and_save_only_what_they_train(brain, tmp_path):
     assert pretrained["healthy_share"] == pytest.approx(sum(i.startswith("sub-") for i in train_ids) / len(train_ids),
                                                         abs=1e-4)
     assert meta["kwargs"]["keyword_weight"] == train.KEYWORD_WEIGHT_TINY  # auto, for the tiny LM twin
-    # auto flip augmentation: off in stage 1, on in stages 2 and 3 of the tiny twin, whose epochs see every
-    # training case twice (once mirrored).
-    n_train = sum(row[-1] == "train" for row in split)
-    for run, flipped in (("r1", False), ("r2", True), ("r3", True)):
+    for run, flipped in (("r1", False), ("r2", True), ("r3", True)):  # auto: on in stages 2 and 3 of a tiny twin
         assert json.loads((tmp_path / run / "best" / "model.json").read_text())["kwargs"]["flip_augment"] is flipped
-    first = json.loads((tmp_path / "r2" / "metrics.jsonl").read_text().splitlines()[0])
-    assert first["step"] == -(-2 * n_train // 2)  # batch 1, grad-accum 2
     # The warm-up trains the projector only: the compressor is stage 1's, and the whitening fitted on its tokens.
     r1 = train.load_stage_run(tmp_path / "r1", torch.device("cpu"))
     for (name, a), (_, b) in zip(r1.model.compressor.state_dict().items(), r2.model.compressor.state_dict().items()):
@@ -263,6 +258,34 @@ def test_flip_augment_auto_is_on_only_for_the_caption_stages_of_a_tiny_twin():
     assert not train.resolve_flip_augment("auto", "warmup", "medgemma-4b")  # the seed: no augmentation
     assert train.resolve_flip_augment("on", "contrastive", "medgemma-4b")
     assert not train.resolve_flip_augment("off", "lora", "tiny-gemma3")
+
+
+def test_a_mirrored_training_set_pairs_each_flipped_volume_with_its_mirrored_report():
+    from brain3d_report.data import mirror_report
+    from common.device_data import TrainBatches
+    from common.engine import EpochSampler
+
+    torch.manual_seed(0)
+    volumes = torch.rand(6, 1, 2, 4, 3)
+    reports = [f"case {k}: a mass in the {'left' if k % 2 else 'right'} frontal lobe" for k in range(6)]
+    texts = reports + [mirror_report(t) for t in reports]
+    target = torch.tensor([[len(t), t.count("left"), k % 6] for k, t in enumerate(texts)])
+    dataset = train.stage_dataset(volumes, {"target": target}, mirror=True)
+    sampler = EpochSampler(len(volumes), seed=3)
+    flips = []
+    for epoch in range(8):
+        sampler.set_epoch(epoch)
+        for batch in TrainBatches(dataset, sampler, batch_size=4, device=torch.device("cpu")):
+            assert set(batch) == {"volume", "target"}
+            for volume, row in zip(batch["volume"], batch["target"]):
+                case = int(row[2])
+                flipped = torch.equal(volume, volumes[case].flip(-2))
+                assert flipped or torch.equal(volume, volumes[case])
+                assert int(row[1]) == texts[case + 6 * flipped].count("left")  # the report of what is shown
+                flips.append(flipped)
+    assert 0.3 < sum(flips) / len(flips) < 0.7  # about half, drawn afresh each epoch
+    with pytest.raises(ValueError, match="needs 12"):
+        train.stage_dataset(volumes, {"target": target[:6]}, mirror=True)
 
 
 def test_keyword_weight_auto_is_the_seeds_plain_loss_for_a_pretrained_lm():
