@@ -686,8 +686,8 @@ MIRRORED = "mirrored_"
 
 class LeftRightMirror:
     """Batch augmentation (``common.device_data.BatchAugment``): each case is mirrored with probability ``p``, its
-    volume flipped along H and its report fields (``fields``, e.g. token ids) replaced by those of the mirrored
-    report, held beside them as ``mirrored_<field>``; those are dropped from the batch.
+    fields (``fields``: the volume or its encoding, token ids ...) replaced by those of the mirrored case, held beside
+    them as ``mirrored_<field>``; those are dropped from the batch.
 
     A lesion's side is read from which half of the volume holds it, but with 84 lateral training cases a tiny model
     also learns each case by heart. Mirrored, every lesion is seen on both sides, so the side word can only follow
@@ -702,13 +702,9 @@ class LeftRightMirror:
     def __call__(self, batch: dict[str, torch.Tensor], uniforms: torch.Tensor) -> dict[str, torch.Tensor]:
         flip = uniforms[:, 0] < self.p
         out = {k: v for k, v in batch.items() if not k.startswith(MIRRORED)}
-
-        def pick(mirrored: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-            return torch.where(flip.view(-1, *[1] * (original.dim() - 1)), mirrored, original)
-
-        out["volume"] = pick(mirror_volumes(batch["volume"]), batch["volume"])
         for name in self.fields:
-            out[name] = pick(batch[MIRRORED + name], batch[name])
+            original, mirrored = batch[name], batch[MIRRORED + name]
+            out[name] = torch.where(flip.view(-1, *[1] * (original.dim() - 1)), mirrored, original)
         return out
 
 

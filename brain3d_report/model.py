@@ -394,7 +394,10 @@ class Brain3DReportModel(nn.Module):
         self.train(self.training)
 
     def encode(self, volume: torch.Tensor) -> torch.Tensor:
-        """(B, 1, D, H, W) -> (B, latents, D_vision) compressed visual tokens."""
+        """(B, 1, D, H, W) -> (B, latents, D_vision) compressed visual tokens. A (B, latents, D_vision) input is taken
+        as encoded already: stages 2 and 3 keep the encoder frozen and encode each volume once (``encode_frozen``)."""
+        if volume.dim() == 3:
+            return volume
         return self.compressor(self.vision(volume))
 
     def pooled(self, volume: torch.Tensor) -> torch.Tensor:

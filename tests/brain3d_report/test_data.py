@@ -243,14 +243,14 @@ def test_mirrored_volumes_and_reports_agree_on_the_side(phantom):
     assert hits / len(cases) >= 0.85  # the mirrored lesion lies on the side its mirrored report names
 
 
-def test_left_right_mirror_flips_the_drawn_cases_and_takes_their_mirrored_fields():
+def test_left_right_mirror_takes_the_mirrored_fields_of_the_drawn_cases():
     volumes = torch.rand(4, 1, 2, 6, 3)
-    batch = {"volume": volumes, "target": torch.arange(4)[:, None].repeat(1, 5),
-             "mirrored_target": -torch.arange(4)[:, None].repeat(1, 5), "key": torch.arange(4)}
-    out = LeftRightMirror(["target"])(batch, torch.tensor([[0.1], [0.7], [0.49], [0.5]]))
+    batch = {"volume": volumes, "mirrored_volume": mirror_volumes(volumes),
+             "target": torch.arange(4)[:, None].repeat(1, 5), "mirrored_target": -torch.arange(4)[:, None].repeat(1, 5),
+             "key": torch.arange(4)}
+    out = LeftRightMirror(["volume", "target"])(batch, torch.tensor([[0.1], [0.7], [0.49], [0.5]]))
     assert set(out) == {"volume", "target", "key"}
-    flipped = [True, False, True, False]
-    for k, flip in enumerate(flipped):
+    for k, flip in enumerate([True, False, True, False]):
         assert torch.equal(out["volume"][k], volumes[k].flip(-2) if flip else volumes[k])
         assert torch.equal(out["target"][k], batch["mirrored_target" if flip else "target"][k])
     assert torch.equal(out["key"], batch["key"])  # a field not named is kept as written

@@ -117,8 +117,11 @@ def test_three_stages_chain_and_save_only_what_they_train(brain, tmp_path):
     assert pretrained["healthy_share"] == pytest.approx(sum(i.startswith("sub-") for i in train_ids) / len(train_ids),
                                                         abs=1e-4)
     assert meta["kwargs"]["keyword_weight"] == train.KEYWORD_WEIGHT_TINY  # auto, for the tiny LM twin
-    for run, flipped in (("r1", False), ("r2", True), ("r3", True)):  # auto: on in stages 2 and 3 of a tiny twin
-        assert json.loads((tmp_path / run / "best" / "model.json").read_text())["kwargs"]["flip_augment"] is flipped
+    for run, flip in (("r1", "off"), ("r2", "both"), ("r3", "both")):  # auto: both in stages 2 and 3 of a tiny twin
+        assert json.loads((tmp_path / run / "best" / "model.json").read_text())["kwargs"]["flip_augment"] == flip
+    n_train = sum(row[-1] == "train" for row in split)
+    first = json.loads((tmp_path / "r2" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == -(-2 * n_train // 2)  # each case as written and mirrored; batch 1, grad-accum 2
     # The warm-up trains the projector only: the compressor is stage 1's, and the whitening fitted on its tokens.
     r1 = train.load_stage_run(tmp_path / "r1", torch.device("cpu"))
     for (name, a), (_, b) in zip(r1.model.compressor.state_dict().items(), r2.model.compressor.state_dict().items()):
@@ -251,41 +254,81 @@ def test_lm_corpus_finds_the_archive_and_refuses_a_bad_one(tmp_path):
         train.lm_corpus(str(tmp_path / "missing.json"), tmp_path)
 
 
-def test_flip_augment_auto_is_on_only_for_the_caption_stages_of_a_tiny_twin():
-    assert train.resolve_flip_augment("auto", "warmup", "tiny-gemma3-brain")
-    assert train.resolve_flip_augment("auto", "lora", "tiny-gemma3")
-    assert not train.resolve_flip_augment("auto", "contrastive", "tiny-gemma3")
-    assert not train.resolve_flip_augment("auto", "warmup", "medgemma-4b")  # the seed: no augmentation
-    assert train.resolve_flip_augment("on", "contrastive", "medgemma-4b")
-    assert not train.resolve_flip_augment("off", "lora", "tiny-gemma3")
+def test_flip_augment_auto_mirrors_only_in_the_caption_stages_of_a_tiny_twin():
+    assert train.resolve_flip_augment("auto", "warmup", "tiny-gemma3-brain") == "both"
+    assert train.resolve_flip_augment("auto", "lora", "tiny-gemma3") == "both"
+    assert train.resolve_flip_augment("auto", "contrastive", "tiny-gemma3") == "off"
+    assert train.resolve_flip_augment("auto", "warmup", "medgemma-4b") == "off"  # the seed: no augmentation
+    assert train.resolve_flip_augment("random", "contrastive", "medgemma-4b") == "random"
 
 
-def test_a_mirrored_training_set_pairs_each_flipped_volume_with_its_mirrored_report():
+def _mirror_fixture():
     from brain3d_report.data import mirror_report
-    from common.device_data import TrainBatches
-    from common.engine import EpochSampler
 
     torch.manual_seed(0)
     volumes = torch.rand(6, 1, 2, 4, 3)
     reports = [f"case {k}: a mass in the {'left' if k % 2 else 'right'} frontal lobe" for k in range(6)]
     texts = reports + [mirror_report(t) for t in reports]
+    # One row per text: its length, its count of "left", and the case it belongs to.
     target = torch.tensor([[len(t), t.count("left"), k % 6] for k, t in enumerate(texts)])
-    dataset = train.stage_dataset(volumes, {"target": target}, mirror=True)
+    return volumes, texts, target
+
+
+def _check_pairing(batch, volumes, texts) -> list[bool]:
+    """Each sample's volume is its case's, as written or mirrored, and its fields are those of the matching report."""
+    assert set(batch) == {"volume", "target"}
+    flips = []
+    for volume, row in zip(batch["volume"], batch["target"]):
+        case = int(row[2])
+        flipped = torch.equal(volume, volumes[case].flip(-2))
+        assert flipped or torch.equal(volume, volumes[case])
+        assert int(row[1]) == texts[case + len(volumes) * flipped].count("left")  # the report of what is shown
+        flips.append(flipped)
+    return flips
+
+
+def test_a_mirrored_training_set_pairs_each_flipped_volume_with_its_mirrored_report():
+    from common.device_data import TrainBatches
+    from common.engine import EpochSampler
+
+    volumes, texts, target = _mirror_fixture()
+    mirrored = volumes.flip(-2)
+    both = train.stage_dataset(volumes, {"target": target}, "both", mirrored)
+    assert len(both) == 12
+    flips = _check_pairing(torch.utils.data.default_collate([both[i] for i in range(12)]), volumes, texts)
+    assert flips == [False] * 6 + [True] * 6  # every case both ways, every epoch
+    random_set = train.stage_dataset(volumes, {"target": target}, "random", mirrored)
     sampler = EpochSampler(len(volumes), seed=3)
     flips = []
     for epoch in range(8):
         sampler.set_epoch(epoch)
-        for batch in TrainBatches(dataset, sampler, batch_size=4, device=torch.device("cpu")):
-            assert set(batch) == {"volume", "target"}
-            for volume, row in zip(batch["volume"], batch["target"]):
-                case = int(row[2])
-                flipped = torch.equal(volume, volumes[case].flip(-2))
-                assert flipped or torch.equal(volume, volumes[case])
-                assert int(row[1]) == texts[case + 6 * flipped].count("left")  # the report of what is shown
-                flips.append(flipped)
+        for batch in TrainBatches(random_set, sampler, batch_size=4, device=torch.device("cpu")):
+            flips += _check_pairing(batch, volumes, texts)
     assert 0.3 < sum(flips) / len(flips) < 0.7  # about half, drawn afresh each epoch
-    with pytest.raises(ValueError, match="needs 12"):
-        train.stage_dataset(volumes, {"target": target[:6]}, mirror=True)
+    for flip in ("both", "random"):
+        with pytest.raises(ValueError, match="rows for"):
+            train.stage_dataset(volumes, {"target": target[:6]}, flip, mirrored)
+        with pytest.raises(ValueError, match="mirrored inputs"):
+            train.stage_dataset(volumes, {"target": target}, flip)
+
+
+def test_caption_stages_train_on_frozen_encodings_with_the_loss_of_the_volumes():
+    from brain3d_report.model import build_model, trainable_parameters
+
+    model = build_model("siglip-tiny", "tiny-gemma3", seed=0)
+    volumes = torch.rand(3, 1, 8, 32, 32)
+    ids, mask = train.report_tokens(model.tokenizer, ["A mass in the left frontal lobe.", "Normal brain.",
+                                                      "Edema in the right temporal lobe."], 24)
+    prompt = train.prompt_tokens(model.tokenizer).expand(3, -1)
+    with pytest.raises(ValueError, match="frozen"):
+        train.encode_frozen(model, volumes, torch.device("cpu"))  # stage 1 trains the encoder
+    trainable_parameters(model, "warmup")
+    encoded = train.encode_frozen(model, volumes, torch.device("cpu"), batch_size=2)
+    assert encoded.shape[:2] == (3, model.num_latents)
+    model.train()
+    from_volumes = model(volumes, prompt_ids=prompt, target_ids=ids, target_mask=mask)
+    from_encodings = model(encoded, prompt_ids=prompt, target_ids=ids, target_mask=mask)
+    assert torch.allclose(from_volumes, from_encodings, atol=1e-5) and from_volumes > 1.0
 
 
 def test_keyword_weight_auto_is_the_seeds_plain_loss_for_a_pretrained_lm():
