@@ -4,8 +4,10 @@
     python -m benchmarks.brain3d_memory --device cuda --vision medsiglip-448 --lm medgemma-4b --quantization 4bit \\
         --volume-size 64 126 126
 
-For each setting (gradient checkpointing off and on) it builds the model, adds the LoRA adapters, runs one
-forward + backward of the captioning loss on a random volume and a 128-token report, and prints a table: visual
+For each setting (gradient checkpointing off and on, the volume encoded in the step; and the volume encoded once
+beforehand, as stages 2 and 3 do with their frozen encoder: ``encode_frozen``) it builds the model, adds the LoRA
+adapters, runs one forward + backward of the captioning loss on a random volume and a 128-token report, and prints
+a table: visual
 tokens before and after compression, trainable parameters, step seconds and peak memory (CUDA: the allocator's
 peak; CPU: the growth of the process's peak resident set, a coarser figure). The real sizes need a GPU and the hub
 (MedGemma is gated); the tiny twins run anywhere.
@@ -21,7 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from brain3d_report.model import build_model, trainable_parameters
-from brain3d_report.train import add_lora, prompt_tokens
+from brain3d_report.train import add_lora, encode_frozen, prompt_tokens
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
 from common.device import pick_device
 from common.errors import cli_entry
@@ -43,7 +45,8 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def one_step(args: argparse.Namespace, device: torch.device, checkpointing: bool) -> dict[str, object]:
+def one_step(args: argparse.Namespace, device: torch.device, checkpointing: bool,
+             encoded_once: bool = False) -> dict[str, object]:
     model = build_model(args.vision, args.lm, quantization=args.quantization, device=device,
                         precision=args.precision, cache_dir=args.cache_dir)
     add_lora(model, 4, 8, 0.0)
@@ -53,6 +56,8 @@ def one_step(args: argparse.Namespace, device: torch.device, checkpointing: bool
         model.gradient_checkpointing_enable()
     model.train()
     volume = torch.rand(1, 1, *args.volume_size, device=device)
+    if encoded_once:
+        volume = encode_frozen(model, volume, device).to(device)
     prompt = prompt_tokens(model.tokenizer).to(device)
     report = torch.randint(5, 100, (1, args.report_tokens), device=device)
     if device.type == "cuda":
@@ -70,6 +75,7 @@ def one_step(args: argparse.Namespace, device: torch.device, checkpointing: bool
         peak = f"+{_peak_rss_mib() - before:.0f} MiB (peak RSS growth)"
     return {"vision": args.vision, "lm": args.lm, "volume": "x".join(map(str, args.volume_size)),
             "checkpointing": "on" if checkpointing else "off",
+            "encoder": "once, before the step" if encoded_once else "in the step",
             "visual tokens": grid[0] * grid[1] * grid[2], "after compression": model.num_latents,
             "trainable": sum(p.numel() for p in trainable.values()), "step s": f"{time.perf_counter() - start:.2f}",
             "peak memory": peak}
@@ -81,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = pick_device(args.device)
     torch.manual_seed(0)
     rows = [one_step(args, device, checkpointing) for checkpointing in (False, True)]
+    rows.append(one_step(args, device, False, encoded_once=True))
     print(markdown_table(rows))
     return 0
 

@@ -81,7 +81,8 @@ def demo_section(out_dir: Path) -> str:
         "## 3D brain MRI reports: inflated SigLIP, Perceiver, Gemma 3 (tiny twins)", "",
         f"Brain phantom ({DEMO_CASES} tumour cases + controls, volumes {'x'.join(DEMO_SIZE)}), stages contrastive "
         "(6 epochs) -> warm-up (3, after 200 steps of language pre-training on the phantom's report archive) -> LoRA "
-        "(2) with `siglip-tiny` and the random `tiny-gemma3-brain`; greedy reports of the test cases. A shortened run; "
+        "(2) with `siglip-tiny` and the random `tiny-gemma3-brain`, stages 2 and 3 on each training case as written "
+        "and mirrored left-right; greedy reports of the test cases. A shortened run; "
         "the default-size run is in the README.", "",
         f"Side probe on the stage-1 pooled tokens (test cases): accuracy {probe_result['side_acc']:.3f}, with "
         f"shuffled sides {probe_result['side_acc_shuffled']:.3f} (n = {probe_result['n_eval']}).", "",
