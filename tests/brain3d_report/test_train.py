@@ -117,7 +117,7 @@ def test_three_stages_chain_and_save_only_what_they_train(brain, tmp_path):
     assert pretrained["healthy_share"] == pytest.approx(sum(i.startswith("sub-") for i in train_ids) / len(train_ids),
                                                         abs=1e-4)
     assert meta["kwargs"]["keyword_weight"] == train.KEYWORD_WEIGHT_TINY  # auto, for the tiny LM twin
-    for run, flip in (("r1", "off"), ("r2", "both"), ("r3", "both")):  # auto: both in stages 2 and 3 of a tiny twin
+    for run, flip in (("r1", "random"), ("r2", "both"), ("r3", "both")):  # auto, for the random twins
         assert json.loads((tmp_path / run / "best" / "model.json").read_text())["kwargs"]["flip_augment"] == flip
     n_train = sum(row[-1] == "train" for row in split)
     first = json.loads((tmp_path / "r2" / "metrics.jsonl").read_text().splitlines()[0])
@@ -254,12 +254,13 @@ def test_lm_corpus_finds_the_archive_and_refuses_a_bad_one(tmp_path):
         train.lm_corpus(str(tmp_path / "missing.json"), tmp_path)
 
 
-def test_flip_augment_auto_mirrors_only_in_the_caption_stages_of_a_tiny_twin():
+def test_flip_augment_auto_mirrors_only_for_the_random_twins():
     assert train.resolve_flip_augment("auto", "warmup", "tiny-gemma3-brain") == "both"
-    assert train.resolve_flip_augment("auto", "lora", "tiny-gemma3") == "both"
-    assert train.resolve_flip_augment("auto", "contrastive", "tiny-gemma3") == "off"
+    assert train.resolve_flip_augment("auto", "lora", "tiny-gemma3", "medsiglip-448") == "both"
+    assert train.resolve_flip_augment("auto", "contrastive", "tiny-gemma3", "siglip-tiny") == "random"
+    assert train.resolve_flip_augment("auto", "contrastive", "tiny-gemma3", "medsiglip-448") == "off"
     assert train.resolve_flip_augment("auto", "warmup", "medgemma-4b") == "off"  # the seed: no augmentation
-    assert train.resolve_flip_augment("random", "contrastive", "medgemma-4b") == "random"
+    assert train.resolve_flip_augment("random", "contrastive", "medgemma-4b", "medsiglip-448") == "random"
 
 
 def _mirror_fixture():
