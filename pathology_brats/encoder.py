@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,29 @@ NORMALIZATIONS = ("imagenet", "seed")
 RESIZE, CROP = 256, 224
 
 
+@dataclass(frozen=True)
+class TilePreprocessing:
+    """How a tile becomes the encoder's input: shorter side resized to ``resize`` (``interpolation``), centre crop
+    ``crop``, then ``(x / 255 - mean) / std``. Recorded in ``model.json`` so train, evaluate and submit agree."""
+
+    resize: int = RESIZE
+    crop: int = CROP
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bicubic"
+
+    def to_json(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, record: dict) -> TilePreprocessing:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items() if k in
+                      cls.__dataclass_fields__})
+
+
+PROV_GIGAPATH_PREPROCESSING = TilePreprocessing()
+
+
 def check_image_tokens(count: int) -> int:
     """Pooled grid side g for N = 1 + g^2 image tokens (0 for the class token alone)."""
     side = math.isqrt(max(count - 1, 0))
@@ -48,9 +72,11 @@ def check_image_tokens(count: int) -> int:
 class TileEncoder(nn.Module):
     """A timm ViT that turns (B, 3, 224, 224) tiles into (B, N, D) tokens: class token + pooled patch grid."""
 
-    def __init__(self, backbone: nn.Module, name: str, image_tokens: int = 5, pretrained: bool = False):
+    def __init__(self, backbone: nn.Module, name: str, image_tokens: int = 5, pretrained: bool = False,
+                 preprocessing: TilePreprocessing = PROV_GIGAPATH_PREPROCESSING):
         super().__init__()
         self.backbone, self.name, self.image_tokens = backbone, name, image_tokens
+        self.preprocessing = preprocessing
         self.pretrained = pretrained
         """True when the weights came from a source (hub, timm cache) that can rebuild them: then frozen backbone
         weights need not be saved with a run."""
