@@ -141,32 +141,35 @@ def add_lora(encoder: TileEncoder, rank: int, alpha: int, dropout: float = 0.0) 
     return encoder
 
 
-def crop_pixels(image: Image.Image) -> torch.Tensor:
-    """Resize the shorter side to 256 (bicubic) and centre-crop 224: uint8 (3, 224, 224)."""
+def crop_pixels(image: Image.Image, preprocessing: TilePreprocessing = PROV_GIGAPATH_PREPROCESSING) -> torch.Tensor:
+    """Resize the shorter side to ``preprocessing.resize`` and centre-crop ``preprocessing.crop``: uint8 (3, S, S)."""
+    resize, crop = preprocessing.resize, preprocessing.crop
+    resample = Image.Resampling[preprocessing.interpolation.upper()]
     width, height = image.size
-    scale = RESIZE / min(width, height)
-    image = image.resize((max(CROP, round(width * scale)), max(CROP, round(height * scale))),
-                         Image.Resampling.BICUBIC)
-    left, top = (image.size[0] - CROP) // 2, (image.size[1] - CROP) // 2
-    image = image.crop((left, top, left + CROP, top + CROP))
+    scale = resize / min(width, height)
+    image = image.resize((max(crop, round(width * scale)), max(crop, round(height * scale))), resample)
+    left, top = (image.size[0] - crop) // 2, (image.size[1] - crop) // 2
+    image = image.crop((left, top, left + crop, top + crop))
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def normalize_pixels(pixels: torch.Tensor, normalize: str = "imagenet") -> torch.Tensor:
-    """uint8 (..., 3, H, W) -> float: ImageNet mean/std as the encoder expects, or the seed's bare /255."""
+def normalize_pixels(pixels: torch.Tensor, normalize: str = "imagenet",
+                     preprocessing: TilePreprocessing = PROV_GIGAPATH_PREPROCESSING) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float: the encoder's mean/std, or the seed's bare /255."""
     if normalize not in NORMALIZATIONS:
         raise ConfigError("--normalize", f"choose one of {', '.join(NORMALIZATIONS)}, not {normalize!r}")
     x = pixels.float() / 255.0
     if normalize == "imagenet":
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+        mean = torch.tensor(preprocessing.mean, device=x.device).view(3, 1, 1)
+        std = torch.tensor(preprocessing.std, device=x.device).view(3, 1, 1)
         x = (x - mean) / std
     return x
 
 
-def preprocess(image: Image.Image, normalize: str = "imagenet") -> torch.Tensor:
-    """The encoder's input: resize 256 (bicubic), centre crop 224, then ImageNet mean/std (or the seed's /255)."""
-    return normalize_pixels(crop_pixels(image), normalize)
+def preprocess(image: Image.Image, normalize: str = "imagenet",
+               preprocessing: TilePreprocessing = PROV_GIGAPATH_PREPROCESSING) -> torch.Tensor:
+    """The encoder's input: resize, centre crop, then the encoder's mean/std (or the seed's /255)."""
+    return normalize_pixels(crop_pixels(image, preprocessing), normalize, preprocessing)
 
 
 def read_rgb(path: Path) -> Image.Image:
