@@ -28,10 +28,13 @@ from common.tiny import save_tiny_gemma3
 VLM_PRESETS = tuple(preset_names("vlm"))
 
 
-def build_messages(image: Image.Image, system: str | None, user: str) -> list[dict[str, Any]]:
-    """A chat in the Hugging Face multimodal format: optional system turn, then the image and the question."""
+def build_messages(image: Image.Image, system: str | None, user: str,
+                   text_first: bool = False) -> list[dict[str, Any]]:
+    """A chat in the Hugging Face multimodal format: optional system turn, then the image and the question (the
+    question before the image with ``text_first``, as some published prompts have it)."""
     messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
-    messages.append({"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": user}]})
+    content = [{"type": "image", "image": image}, {"type": "text", "text": user}]
+    messages.append({"role": "user", "content": content[::-1] if text_first else content})
     return messages
 
 

@@ -30,7 +30,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parent = base_parser(output_dir=True, seed=True, device=True, precision=True, cache_dir=True)
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", type=Path, default=None)
+    parser.add_argument("--data-root", type=Path, default=None, help="ROOT/<CLS>/*.jpg, or the labels CSV's images")
+    parser.add_argument("--labels-csv", type=Path, default=None,
+                        help="CSV with 'Input Path, Ground-Truth' (default: the class folders under --data-root)")
     parser.add_argument("--captions", type=Path, default=None, help="captions JSONL (default: <data-root>/...)")
     parser.add_argument("--schema", default="2025", choices=sorted(SCORER_KEYS))
     parser.add_argument("--encoder", default="prov-gigapath")
@@ -50,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "--text-encoder", args.text_encoder, "--seed", str(args.seed), "--device", args.device,
               "--precision", args.precision, "--no-progress"]
     shared += ["--captions", str(args.captions)] if args.captions else []
+    shared += ["--labels-csv", str(args.labels_csv)] if args.labels_csv else []
     shared += ["--feature-cache", str(args.feature_cache)] if args.feature_cache else []
     shared += ["--cache-dir", str(args.cache_dir)] if args.cache_dir else []
     extra = [a for a in args.train_args if a != "--"]

@@ -3,9 +3,12 @@
 Example (offline, tiny random VLM; the real one is ``--vlm medgemma-4b --quantization 4bit`` on a T4):
     python -m pathology_brats.caption --data-root data/histology_phantom --vlm tiny-gemma3 --out captions.jsonl
 
-The prompt (ours) asks for the visible tissue features without naming a class, as the seed intended, so that the
-caption is evidence rather than a second classifier. Decoding is greedy. Lines are appended and flushed batch by
-batch: a rerun skips the images already captioned, and a line cut short by a kill is dropped and redone.
+The prompt asks for the visible tissue features without naming a class, as the seed intended, so that the caption is
+evidence rather than a second classifier: ``--caption-prompt medvl`` (default) names the features to cover (density,
+nuclei, necrosis, vessels, background) in two sentences; ``seed`` is the seed's wording (dominant features, their
+significance; the question before the image). Decoding is greedy. Each line names the image by its path under
+``--data-root``. Lines are appended and flushed batch by batch: a rerun skips the images already captioned, and a
+line cut short by a kill is dropped and redone.
 """
 
 from __future__ import annotations
@@ -15,23 +18,44 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.vlm import VLM_PRESETS, build_messages, generate_reports, load_vlm, processor_image_size
-from pathology_brats.captions import read_captions
-from pathology_brats.data import VAL_FOLDER, load_tiles
+from pathology_brats.captions import match_captions, read_captions
+from pathology_brats.data import VAL_FOLDER, load_tiles, tile_id
 from pathology_brats.encoder import read_rgb
 from pathology_brats.schema import SCHEMAS, get_schema
 
 log = logging.getLogger("medvl.pathology_brats")
 
-SYSTEM = ("You are a neuropathologist looking at haematoxylin and eosin stained patches of brain tissue. You "
-          "describe only what is visible.")
-USER = ("Describe this patch in two sentences: cell density, the size and shape of the nuclei, necrosis, vessels, "
-        "and the background tissue. Do not name a diagnosis or a category.")
+@dataclass(frozen=True)
+class CaptionPrompt:
+    """A system turn and a question; ``text_first`` puts the question before the image."""
+
+    system: str
+    user: str
+    text_first: bool = False
+
+
+PROMPTS = {
+    "medvl": CaptionPrompt(
+        "You are a neuropathologist looking at haematoxylin and eosin stained patches of brain tissue. You describe "
+        "only what is visible.",
+        "Describe this patch in two sentences: cell density, the size and shape of the nuclei, necrosis, vessels, "
+        "and the background tissue. Do not name a diagnosis or a category."),
+    "seed": CaptionPrompt(
+        "You are an expert neuropathologist with experience in histopathological analysis of glioblastoma tissue "
+        "sections.",
+        "Describe the most dominant histopathological features visible in this image.\n\n"
+        "Base your descriptions on visible evidence such as cell morphology, tissue architecture, staining patterns, "
+        "and structural abnormalities.\n\n"
+        "Do **not** use or mention any class labels or predefined terms. Just describe what is visually present and "
+        "why it is significant.", text_first=True),
+}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -46,6 +70,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="captions JSONL (appended to; reruns resume)")
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--max-new-tokens", type=positive_int, default=200)
+    parser.add_argument("--caption-prompt", choices=sorted(PROMPTS), default="medvl",
+                        help="medvl: the features to describe, named; seed: the seed's prompt")
     parser.add_argument("--include-val", action=argparse.BooleanOptionalAction, default=True,
                         help="also caption <data-root>/val (the submission patches)")
     parser.add_argument("--trust-remote-code", action="store_true")
@@ -64,13 +90,19 @@ def _complete_lines(path: Path) -> None:
 
 def caption_images(paths: list[Path], out: Path, vlm_name: str, quantization: str = "none", device: str = "auto",
                    precision: str = "auto", batch_size: int = 8, max_new_tokens: int = 200,
-                   cache_dir: Path | None = None, trust_remote_code: bool = False) -> int:
-    """Append a caption line for each of ``paths`` not yet in ``out``; returns how many were written."""
+                   cache_dir: Path | None = None, trust_remote_code: bool = False, root: Path | None = None,
+                   prompt: str = "medvl") -> int:
+    """Append a caption line for each of ``paths`` not yet in ``out`` (named by their path under ``root``); returns
+    how many were written."""
     if out.is_dir():
         raise ConfigError("--out", f"{out} is a directory; name the JSONL file")
+    if prompt not in PROMPTS:
+        raise ConfigError("--caption-prompt", f"choose one of {', '.join(PROMPTS)}, not {prompt!r}")
+    chosen = PROMPTS[prompt]
     _complete_lines(out)
-    done = read_captions(out) if out.is_file() else {}
-    todo = [p for p in paths if p.name not in done]
+    ids = {p: tile_id(p, root) for p in paths}
+    done = match_captions(read_captions(out), list(ids.values()), out) if out.is_file() else {}
+    todo = [p for p in paths if ids[p] not in done]
     if not todo:
         return 0
     vlm = load_vlm(vlm_name, quantization, pick_device(device), precision, cache_dir, trust_remote_code)
@@ -86,13 +118,13 @@ def caption_images(paths: list[Path], out: Path, vlm_name: str, quantization: st
                 log.warning("%s: %s; no caption", path, err.message)
                 continue
             batch.append(path)
-            chats.append(build_messages(image, SYSTEM, USER))
+            chats.append(build_messages(image, chosen.system, chosen.user, chosen.text_first))
         if not batch:
             continue
         replies = generate_reports(vlm, chats, max_new_tokens)
         with open(out, "a", encoding="utf-8") as handle:
             for path, reply in zip(batch, replies):
-                handle.write(json.dumps({"image": path.name, "caption": " ".join(reply.split())}) + "\n")
+                handle.write(json.dumps({"image": ids[path], "caption": " ".join(reply.split())}) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
         written += len(batch)
@@ -109,7 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.include_val and val.is_dir():
         paths += sorted(p for p in val.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     written = caption_images(paths, args.out, args.vlm, args.quantization, args.device, args.precision,
-                             args.batch_size, args.max_new_tokens, args.cache_dir, args.trust_remote_code)
+                             args.batch_size, args.max_new_tokens, args.cache_dir, args.trust_remote_code,
+                             root=Path(args.data_root),
+                             prompt=args.caption_prompt)
     print(f"{args.out}: {written} new caption(s), {len(paths) - written} already there or unreadable")
     return 0
 

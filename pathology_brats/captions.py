@@ -1,9 +1,15 @@
-"""Caption files (JSONL, one ``{"image", "caption"}`` per tile) and their cached text-token states.
+"""Caption files and their cached text-token states.
 
     python -c "from pathology_brats.captions import read_captions; print(len(read_captions('d/captions.jsonl')))"
 
-A caption file is appended to batch by batch while captions are generated, so its last line may be cut short by a
-kill: such a line is dropped with a warning (the next run regenerates it). A malformed line anywhere else is an
+Two formats: medvl's JSONL (one ``{"image", "caption"}`` per tile) and the seed's CSV (columns ``image, response``).
+``image`` is a path as the writer knew it (relative to the data root, a file name, or someone else's absolute path);
+a tile takes the caption whose path shares the longest tail with the tile's id (at least the file name), so the
+seed's file with its own prefixes fits our data root. Two different captions for one image, or two that fit a tile
+equally well, are an error naming them.
+
+A JSONL caption file is appended to batch by batch while captions are generated, so its last line may be cut short by
+a kill: such a line is dropped with a warning (the next run regenerates it). A malformed line anywhere else is an
 error naming the line. The text encoder is frozen: each caption's token states (max length 128) are computed once
 and cached by caption text and encoder (``common.feature_cache``).
 """
@@ -12,11 +18,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
-from common.checkpoint import read_jsonl
+from common.checkpoint import read_csv, read_jsonl
 from common.errors import DataError
 from common.feature_cache import FeatureCache, text_digest
 from common.text_encoders import load_text_encoder
@@ -26,30 +32,89 @@ log = logging.getLogger("medvl.pathology_brats")
 MAX_TOKENS = 128
 
 
+CSV_CAPTION_COLUMNS = ("response", "caption")
+"""Caption column of a CSV caption file: the seed's ``response``, or ``caption``."""
+
+
+def _records(path: Path) -> list[tuple[int, object, object]]:
+    """(record number, image, caption) of a JSONL or CSV caption file."""
+    if path.suffix.lower() == ".csv":
+        frame = read_csv(path, ("image",), "captions file not found", dtype=str, keep_default_na=False)
+        column = next((c for c in CSV_CAPTION_COLUMNS if c in frame.columns), None)
+        if column is None:
+            raise DataError(path, f"needs an 'image' column and one of {', '.join(CSV_CAPTION_COLUMNS)} (has "
+                                  f"{', '.join(map(str, frame.columns))})")
+        return [(line, image, caption) for line, (image, caption) in
+                enumerate(zip(frame["image"], frame[column]), start=2)]
+    return [(number, record.get("image"), record.get("caption"))
+            for number, record in enumerate(read_jsonl(path), start=1)]
+
+
 def read_captions(path: Path) -> dict[str, str]:
-    """``{image file name: caption}``; a truncated last line (a killed writer) is dropped with a warning."""
+    """``{image path as written (POSIX): caption}``; a truncated last JSONL line (a killed writer) is dropped with a
+    warning; an image given two different captions is an error naming both records."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "captions file not found")
     out: dict[str, str] = {}
-    for number, record in enumerate(read_jsonl(path), start=1):
-        image, caption = record.get("image"), record.get("caption")
-        if not isinstance(image, str) or not isinstance(caption, str):
+    where: dict[str, int] = {}
+    for number, image, caption in _records(path):
+        if not isinstance(image, str) or not isinstance(caption, str) or not image.strip():
             raise DataError(path, f"record {number}: needs string 'image' and 'caption' fields")
-        out[Path(image).name] = caption
+        key = PurePosixPath(image.strip().replace("\\", "/")).as_posix()
+        if key in out and out[key] != caption:
+            raise DataError(path, f"records {where[key]} and {number} give {key!r} two different captions")
+        out[key], where[key] = caption, where.get(key, number)
     return out
 
 
-def check_captions(captions: dict[str, str], known: Sequence[str], needed: Sequence[str], path: Path) -> None:
-    """Every ``needed`` image has a caption, and no caption names an image outside ``known``."""
-    known_set = set(known)
-    stray = [name for name in captions if name not in known_set]
+def _shared_tail(a: tuple[str, ...], b: tuple[str, ...]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return n
+
+
+def match_captions(captions: dict[str, str], ids: Sequence[str], path: Path) -> dict[str, str]:
+    """``{tile id: caption}`` for the ids some caption fits: the caption whose image path shares the longest tail
+    with the id (the file name at least). Two different captions that fit one tile equally well are an error."""
+    by_name: dict[str, list[tuple[tuple[str, ...], str]]] = {}
+    for key, text in captions.items():
+        parts = PurePosixPath(key).parts
+        by_name.setdefault(parts[-1], []).append((parts, text))
+    out: dict[str, str] = {}
+    for tile in ids:
+        parts = PurePosixPath(tile).parts
+        candidates = by_name.get(parts[-1])
+        if not candidates:
+            continue
+        scored = [(_shared_tail(parts, key), key, text) for key, text in candidates]
+        best = max(score for score, _, _ in scored)
+        fits = {text: key for score, key, text in scored if score == best}
+        if len(fits) > 1:
+            names = " and ".join(repr(k) for k in list(fits.values())[:2])
+            raise DataError(path, f"{names} give {tile!r} different captions; name the images by their path "
+                                  "under --data-root")
+        out[tile] = next(iter(fits))
+    return out
+
+
+def check_captions(captions: dict[str, str], known: Sequence[str], needed: Sequence[str], path: Path,
+                   skip_missing: bool = False) -> dict[str, str]:
+    """``{tile id: caption}`` for ``needed`` ids. A caption whose file name is no image in ``known`` (ids or file
+    names) is an error; a needed tile without a caption is an error, or with ``skip_missing`` left out."""
+    known_names = {PurePosixPath(k).name for k in known}
+    stray = [key for key in captions if PurePosixPath(key).name not in known_names]
     if stray:
         raise DataError(path, f"{len(stray)} caption(s) for images not in the data, e.g. {stray[0]!r}")
-    lacking = [name for name in needed if name not in captions]
-    if lacking:
+    found = match_captions(captions, needed, path)
+    lacking = [tile for tile in needed if tile not in found]
+    if lacking and not skip_missing:
         raise DataError(path, f"no caption for {len(lacking)} image(s), e.g. {lacking[0]!r}; generate them with "
-                              "python -m pathology_brats.caption")
+                              "python -m pathology_brats.caption (or --skip-bad leaves such tiles out)")
+    if lacking:
+        log.warning("%s: %d tile(s) have no caption and are left out (--skip-bad)", path, len(lacking))
+    return found
 
 
 def caption_tokens(texts: Sequence[str], encoder_name: str, cache_root: Path,
@@ -80,4 +145,5 @@ def pad_tokens(tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, mask
 
 
-__all__ = ["MAX_TOKENS", "read_captions", "check_captions", "caption_tokens", "pad_tokens"]
+__all__ = ["MAX_TOKENS", "CSV_CAPTION_COLUMNS", "read_captions", "match_captions", "check_captions", "caption_tokens",
+           "pad_tokens"]

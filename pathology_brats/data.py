@@ -9,10 +9,17 @@ Layouts:
                                                      or the schema's integer codes
     ROOT/val/BraTSPath_Val*.jpg                      unlabeled validation patches, for submissions
 
-A CSV path is used as given when it exists under ``--data-root``; otherwise its last two parts
-(``<CLS>/<file>``) are looked up under ``--data-root``, because the CSVs in circulation carry the absolute or
-project-relative prefixes of whoever wrote them. Image files are checked when they are decoded, not here, so a
+A tile is identified by its path relative to ``--data-root`` (``Tiles.ids``) everywhere: split, captions,
+predictions, evaluation. The real label CSV names 1,397 file names twice, under ``New-Data-384-Collated-JPG/<CLS>/``
+and ``Validation-Data-384-Collated-JPG/<CLS>/``, so the file name alone would map two rows to one tile. A CSV path
+resolves against ``--data-root`` by the longest suffix of it that exists there (the CSVs in circulation carry the
+absolute or project-relative prefixes of whoever wrote them); when no suffix exists, the path is kept as written
+(relative) or by its ``<CLS>/<file>`` tail (absolute), and the image is reported missing when it is decoded, so a
 label file can be validated without its images.
+
+Rows that name the same file name (in the real CSV: the same image copied into both folders, always with one label)
+form one group for the split (``Tiles.groups``), so no file name sits in two splits; names whose labels disagree,
+and a path listed twice, are errors naming the rows.
 """
 
 from __future__ import annotations
@@ -43,13 +50,20 @@ class Tiles:
     labels: np.ndarray
     schema: Schema
     source: Path
+    root: Path | None = None
+    """The data root that ``ids`` are relative to (None: ids are file names)."""
 
     def __len__(self) -> int:
         return len(self.paths)
 
     @property
     def ids(self) -> list[str]:
-        """File names: the challenge's SubjectID and the key of captions and cached features."""
+        """Paths relative to the data root (POSIX): the key of split rows, captions and predictions."""
+        return [tile_id(p, self.root) for p in self.paths]
+
+    @property
+    def groups(self) -> list[str]:
+        """File names: the challenge's SubjectID, and the split's group (copies of one image stay together)."""
         return [p.name for p in self.paths]
 
     def counts(self) -> dict[str, int]:
@@ -68,6 +82,51 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
+def tile_id(path: Path, root: Path | None) -> str:
+    """``path`` relative to ``root`` as POSIX text (the file name when there is no root or it lies elsewhere)."""
+    if root is not None:
+        try:
+            return Path(path).relative_to(root).as_posix()
+        except ValueError:
+            pass
+    return Path(path).name
+
+
+def _csv_parts(value: str) -> tuple[list[str], bool]:
+    """The named parts of a CSV path (no root or drive) and whether it was absolute (``/...``, ``C:\\...``)."""
+    parts = list(Path(value.replace("\\", "/")).parts)
+    anchored = bool(parts) and (parts[0] == "/" or parts[0].endswith(":"))
+    return (parts[1:] if anchored else parts), anchored
+
+
+def resolve_csv_path(value: str, data_root: Path) -> Path | None:
+    """The longest suffix of a CSV path that names a file under ``data_root``; None when no suffix does."""
+    parts, _ = _csv_parts(value)
+    for start in range(len(parts)):
+        tail = parts[start:]
+        if ".." in tail:
+            continue
+        candidate = data_root.joinpath(*tail)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def check_groups(tiles: Tiles, what: Path) -> None:
+    """One label per file name (copies of one image), no path twice: else one error naming the rows."""
+    first_row: dict[str, int] = {}
+    seen_path: dict[Path, int] = {}
+    for row, (path, label) in enumerate(zip(tiles.paths, tiles.labels)):
+        if path in seen_path:
+            raise DataError(what, f"rows {seen_path[path] + 2} and {row + 2} name the same tile {path.name!r}")
+        seen_path[path] = row
+        earlier = first_row.setdefault(path.name, row)
+        if tiles.labels[earlier] != label:
+            raise DataError(what, f"rows {earlier + 2} and {row + 2} name the file {path.name!r} with different "
+                                  f"labels ({tiles.schema.classes[tiles.labels[earlier]]} and "
+                                  f"{tiles.schema.classes[label]})")
+
+
 def read_labels_csv(csv: Path, data_root: Path, schema: Schema) -> Tiles:
     """Tiles of a ``Input Path, Ground-Truth`` CSV; a missing column or a label outside the schema names the line."""
     csv, data_root = Path(csv), Path(data_root)
@@ -80,15 +139,17 @@ def read_labels_csv(csv: Path, data_root: Path, schema: Schema) -> Tiles:
             labels.append(schema.label(label))
         except ValueError as err:
             raise DataError(csv, f"line {line}: {err}") from err
-        rel = Path(value.replace("\\", "/"))
-        direct = data_root / rel
-        if not rel.is_absolute() and ".." not in rel.parts and direct.is_file():
-            paths.append(direct)
+        found = resolve_csv_path(value, data_root)
+        if found is not None:
+            paths.append(found)
             continue
-        if len(rel.parts) < 2 or ".." in rel.parts[-2:]:
+        parts, anchored = _csv_parts(value)
+        if len(parts) < 2 or ".." in parts[-2:]:
             raise DataError(csv, f"line {line}: path {value!r} has no <class>/<file> tail to find under --data-root")
-        paths.append(data_root / rel.parts[-2] / rel.parts[-1])
-    return Tiles(paths, np.asarray(labels, dtype=np.int64), schema, csv)
+        paths.append(data_root.joinpath(*(parts[-2:] if anchored or ".." in parts else parts)))
+    tiles = Tiles(paths, np.asarray(labels, dtype=np.int64), schema, csv, data_root)
+    check_groups(tiles, csv)
+    return tiles
 
 
 def scan_folders(data_root: Path, schema: Schema) -> Tiles:
@@ -108,7 +169,9 @@ def scan_folders(data_root: Path, schema: Schema) -> Tiles:
         labels += [schema.classes.index(folder.name.upper())] * len(images)
     if not paths:
         raise DataError(data_root, f"no class folders with images ({', '.join(schema.classes)}) here")
-    return Tiles(paths, np.asarray(labels, dtype=np.int64), schema, data_root)
+    tiles = Tiles(paths, np.asarray(labels, dtype=np.int64), schema, data_root, data_root)
+    check_groups(tiles, data_root)
+    return tiles
 
 
 def load_tiles(data_root: Path, schema: Schema, labels_csv: Path | None = None) -> Tiles:
@@ -130,10 +193,11 @@ def unlabeled_images(folder: Path) -> list[Path]:
 
 
 def stratified_split(tiles: Tiles, val_fraction: float, seed: int) -> np.ndarray:
-    """``train``/``val`` per tile, each class split in the same proportion (tiles carry no patient id)."""
-    return group_split(np.arange(len(tiles)), tiles.labels, fractions=(1 - val_fraction, val_fraction), seed=seed,
+    """``train``/``val`` per tile, each class split in the same proportion, copies of one file name together
+    (tiles carry no patient id)."""
+    return group_split(tiles.groups, tiles.labels, fractions=(1 - val_fraction, val_fraction), seed=seed,
                        names=("train", "val"))
 
 
-__all__ = ["CSV_COLUMNS", "VAL_FOLDER", "Tiles", "read_labels_csv", "scan_folders", "load_tiles", "unlabeled_images",
-           "stratified_split"]
+__all__ = ["CSV_COLUMNS", "VAL_FOLDER", "Tiles", "tile_id", "resolve_csv_path", "check_groups", "read_labels_csv",
+           "scan_folders", "load_tiles", "unlabeled_images", "stratified_split"]

@@ -9,10 +9,12 @@ shortened run (15 epochs instead of 30); the full default run is reported in the
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pandas as pd
+from scipy.stats import binomtest
 
 from common.phantoms.histology import write_histology
 from pathology_brats import ablate, submit
@@ -41,6 +43,11 @@ def demo_section(out_dir: Path, epochs: int = DEMO_EPOCHS) -> str:
     rows = pd.read_csv(root / "submission.csv")
     classes = ("CT", "PN", "MP", "NC", "IC", "WM", "LI", "DM", "PL")
     correct = sum(classes[p] == truth.loc[s, "class"] for s, p in zip(rows["SubjectID"], rows["Prediction"]))
+    test_accuracy = json.loads((runs / "fused" / "results.json").read_text())["accuracy_global"]
+    chance_p = binomtest(correct, len(rows), 1 / len(classes), alternative="greater").pvalue
+    verdict = (f"**Warning: this is near chance** (one-sided binomial p = {chance_p:.2g} against 1 in {len(classes)}): "
+               "the submission does not predict what the run's evaluation does." if chance_p > 0.01 else
+               f"As expected from the fused run's test accuracy ({test_accuracy:.3f}).")
     table = (runs / "ablation.md").read_text().split("\n", 1)[1]
     fused = (runs / "fused" / "results.md").read_text()
     per_class = fused.split("## Per class", 1)[1].split("\n", 1)[1].split("\n## ", 1)[0] if "## Per class" in fused \
@@ -57,5 +64,5 @@ def demo_section(out_dir: Path, epochs: int = DEMO_EPOCHS) -> str:
         per_class.strip(), "",
         f"Submission for the {len(rows)} unlabeled validation tiles: [{link(root / 'submission.csv')}]"
         f"({link(root / 'submission.csv')}) (`SubjectID,Prediction`); {correct} of {len(rows)} match the phantom's "
-        "hidden classes.", "",
+        f"hidden classes ({correct / max(len(rows), 1):.3f}). {verdict}", "",
     ])

@@ -15,9 +15,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import torch
 
 from common import plots
 from common.checkpoint import atomic_write_text, recover_results, result_set
@@ -28,8 +26,9 @@ from common.metrics.classification import binary_metrics
 from common.runs import load_run
 from common.splits import load_split_csv
 from common.tables import markdown_table, metrics_with_ci, write_results
-from pathology_brats.data import load_tiles
-from pathology_brats.inputs import TileDataset, default_feature_cache, forward, image_inputs, text_inputs
+from pathology_brats.data import Tiles, load_tiles
+from pathology_brats.inference import tile_probabilities
+from pathology_brats.inputs import default_feature_cache
 from pathology_brats.model import build_run_model
 from pathology_brats.schema import get_schema
 from pathology_brats.scoring import SCORER_KEYS, challenge_scores
@@ -47,39 +46,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@torch.no_grad()
-def predict(model, dataset: TileDataset, batch_size: int = 128) -> np.ndarray:
-    """(N, C) class probabilities."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    model.eval()
-    device = next(model.parameters()).device
-    rows = []
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        rows.append(torch.softmax(forward(model, batch).float(), -1).cpu())
-    return torch.cat(rows).numpy()
-
-
-def run_inputs(meta: dict, paths: list[Path], ids: list[str], device, cache_root: Path, hub_cache: Path | None,
-               captions: dict[str, str] | None = None, skip_bad: bool = False,
-               known: list[str] | None = None) -> tuple[dict, np.ndarray]:
-    """The run's input streams for ``paths`` (features from the cache), and the indices kept.
-
-    Captions come from the run's captions file (every image must have one) or, for a submission, from
-    ``captions`` where an image without a caption gets an empty one.
-    """
-    settings = meta["data"]
-    kept = np.arange(len(paths))
-    streams: dict = {}
-    if settings["modality"] != "text":
-        streams["image"], kept = image_inputs(paths, settings, device, cache_root, skip_bad)
-    if settings["modality"] != "image":
-        if captions is None:
-            texts = caption_texts(Path(settings["captions"]), [ids[i] for i in kept], known or ids)
-        else:
-            texts = [captions.get(ids[i], "") for i in kept]
-        streams["text"], streams["text_mask"] = text_inputs(texts, settings, cache_root, hub_cache)
-    return streams, kept
+def split_tiles_of(tiles: Tiles, split_csv: Path, split: str) -> Tiles:
+    """Exactly the tiles ``split.csv`` assigns to ``split``, in its order; a row whose tile is not in the data is an
+    error. Runs written before tiles were identified by their path under the data root keyed rows by file name."""
+    frame = load_split_csv(split_csv)
+    wanted = frame.loc[frame["split"] == split, "id"].tolist()
+    if not wanted:
+        raise DataError(split_csv, f"no {split} rows")
+    index = {tile: i for i, tile in enumerate(tiles.ids)}
+    if not any(w in index for w in wanted) and all("/" not in w for w in wanted):
+        index = {name: i for i, name in enumerate(tiles.groups)}
+    absent = [w for w in wanted if w not in index]
+    if absent:
+        raise DataError(split_csv, f"{len(absent)} {split} row(s) name tiles not in the data, e.g. {absent[0]!r}")
+    return tiles.take([index[w] for w in wanted])
 
 
 def evaluate_run(run_dir: Path, split: str = "test", n_boot: int = 1000, device: str = "auto", seed: int = 0,
@@ -93,16 +73,13 @@ def evaluate_run(run_dir: Path, split: str = "test", n_boot: int = 1000, device:
     settings = meta["data"]
     tiles = load_tiles(Path(settings["root"]), schema, Path(settings["labels_csv"]) if settings["labels_csv"] else None)
     known = known_images(tiles.ids, Path(settings["root"]))
-    split_frame = load_split_csv(run_dir / "split.csv")
-    wanted = set(split_frame.loc[split_frame["split"] == split, "id"])
-    tiles = tiles.take(np.flatnonzero([i in wanted for i in tiles.ids]))
-    if len(tiles) == 0:
-        raise DataError(run_dir / "split.csv", f"no {split} tile of it is in the data")
+    tiles = split_tiles_of(tiles, run_dir / "split.csv", split)
+    texts = None
+    if settings["modality"] != "image":
+        found = caption_texts(Path(settings["captions"]), tiles.ids, known)
+        texts = [found[tile] for tile in tiles.ids]
     cache_root = feature_cache or default_feature_cache(cache_dir)
-    streams, kept = run_inputs(meta, tiles.paths, tiles.ids, torch_device, cache_root, cache_dir, known=known)
-    tiles = tiles.take(kept)
-    probs = predict(run.model, TileDataset(tiles.labels, streams.get("image"), streams.get("text"),
-                                           streams.get("text_mask")))
+    probs, _ = tile_probabilities(run, tiles.paths, texts, torch_device, cache_root, cache_dir)
     predicted = probs.argmax(1)
     keys = SCORER_KEYS[schema.year]
     results = metrics_with_ci(lambda a: challenge_scores(a["y"], a["p"], schema), {"y": tiles.labels, "p": predicted},

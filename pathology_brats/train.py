@@ -104,11 +104,22 @@ class TileTask:
         save_run_model(directory, model, model_record(**self.meta, thresholds={}, val_metrics=metrics))
 
 
-def split_tiles(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+def split_tiles(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int,
+                groups: Sequence[str] | None = None) -> np.ndarray:
+    """train/val/test per tile, stratified by class; tiles of one group (copies of one file name) stay together."""
     train = 1 - val_fraction - test_fraction
     if train <= 0:
         raise ConfigError("--val-fraction", f"val {val_fraction} + test {test_fraction} leave nothing to train on")
-    return group_split(np.arange(len(labels)), labels, fractions=(train, val_fraction, test_fraction), seed=seed)
+    groups = np.arange(len(labels)) if groups is None else np.asarray(groups)
+    return group_split(groups, labels, fractions=(train, val_fraction, test_fraction), seed=seed)
+
+
+def check_trainable_classes(tiles, schema) -> None:
+    """A training set needs at least two classes: one class trains a model that can only ever say that class."""
+    present = np.unique(tiles.labels)
+    if len(present) < 2:
+        only = schema.classes[present[0]] if len(present) else "none"
+        raise DataError(tiles.source, f"the tiles hold {len(present)} class ({only}); training needs at least two")
 
 
 def input_settings(args: argparse.Namespace, data_root: Path, captions: Path | None) -> dict:
@@ -123,14 +134,14 @@ def input_settings(args: argparse.Namespace, data_root: Path, captions: Path | N
 def known_images(all_ids: list[str], data_root: Path) -> list[str]:
     """Every image a caption may name: the labelled tiles and the validation folder's patches."""
     val = Path(data_root) / VAL_FOLDER
-    return all_ids + ([p.name for p in val.iterdir()] if val.is_dir() else [])
+    return all_ids + ([f"{VAL_FOLDER}/{p.name}" for p in val.iterdir()] if val.is_dir() else [])
 
 
-def caption_texts(captions_path: Path, needed: list[str], known: list[str]) -> list[str]:
-    """The captions of ``needed`` images; a caption of an unknown image or a missing one is an error."""
-    captions = read_captions(captions_path)
-    check_captions(captions, known, needed, captions_path)
-    return [captions[i] for i in needed]
+def caption_texts(captions_path: Path, needed: list[str], known: list[str],
+                  skip_missing: bool = False) -> dict[str, str]:
+    """``{tile id: caption}`` of ``needed`` tiles; a caption of an unknown image is an error, and so is a tile
+    without one unless ``skip_missing`` (``--skip-bad``) leaves it out."""
+    return check_captions(read_captions(captions_path), known, needed, captions_path, skip_missing)
 
 
 @cli_entry
@@ -146,19 +157,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     captions_path = None
     if args.modality != "image":
         captions_path = args.captions or data_root / "captions.jsonl"
-        texts = caption_texts(captions_path, tiles.ids, known_images(tiles.ids, data_root))
+        found = caption_texts(captions_path, tiles.ids, known_images(tiles.ids, data_root), args.skip_bad)
+        tiles = tiles.take([i for i, tile in enumerate(tiles.ids) if tile in found])
     settings = input_settings(args, data_root, captions_path)
     cache_root = args.feature_cache or default_feature_cache(args.cache_dir)
     image = None
     if args.modality != "text":
         image, kept = image_inputs(tiles.paths, settings, device, cache_root, args.skip_bad)
         tiles = tiles.take(kept)
-        if args.modality != "image":
-            texts = [texts[i] for i in kept]
+    check_trainable_classes(tiles, schema)
     text = text_mask = None
     if args.modality != "image":
-        text, text_mask = text_inputs(texts, settings, cache_root, args.cache_dir)
-    assignments = split_tiles(tiles.labels, args.val_fraction, args.test_fraction, args.seed)
+        text, text_mask = text_inputs([found[tile] for tile in tiles.ids], settings, cache_root, args.cache_dir)
+    assignments = split_tiles(tiles.labels, args.val_fraction, args.test_fraction, args.seed, tiles.groups)
     parts = {name: np.flatnonzero(assignments == name) for name in ("train", "val", "test")}
     for name, index in parts.items():
         if len(index) == 0:
@@ -198,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     run_files = {"config.yaml": config_text(args),
-                 "split.csv": split_csv_text(tiles.ids, tiles.ids, assignments),
+                 "split.csv": split_csv_text(tiles.ids, tiles.groups, assignments),
                  "data.json": json.dumps({"tiles": len(tiles), "counts": tiles.counts(), **settings}, indent=2,
                                          sort_keys=True) + "\n"}
     task = TileTask(meta, weights, schema)

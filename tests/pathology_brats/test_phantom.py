@@ -41,7 +41,7 @@ def test_layout_parses_and_every_tile_has_a_caption(histology):
     captions = [json.loads(line) for line in (histology / "captions.jsonl").read_text().splitlines()]
     names = [c["image"] for c in captions]
     val = unlabeled_images(histology / "val")
-    assert sorted(names) == sorted(from_csv.ids + [p.name for p in val])
+    assert sorted(names) == sorted([p.name for p in from_csv.paths] + [p.name for p in val])
     assert all(Image.open(p).mode == "RGB" for p in from_csv.paths[:5])
     truth = pd.read_csv(histology / "phantom_truth.csv")
     assert abs((1 - truth["caption_correct"].mean()) - WRONG_CAPTION) < 0.06

@@ -122,10 +122,12 @@ def _small(histology: Path, tmp_path: Path) -> list[str]:
             str(tmp_path / "cache"), "--no-progress", "--device", "cpu", "--precision", "fp32"]
 
 
-def test_submission_has_a_row_per_image_and_the_penalty_for_unreadable_ones(histology, tmp_path):
+def test_submission_leaves_unreadable_images_out_and_passes_the_organisers_rules(histology, tmp_path):
     import shutil
 
-    from pathology_brats import submit
+    import pandas as pd
+
+    from pathology_brats import submit, validate
 
     run = tmp_path / "run"
     assert train.main([*_small(histology, tmp_path), "--output-dir", str(run)]) == 0
@@ -135,13 +137,47 @@ def test_submission_has_a_row_per_image_and_the_penalty_for_unreadable_ones(hist
     out = tmp_path / "submission.csv"
     assert submit.main(["--run-dir", str(run), "--images", str(images), "--out", str(out), "--feature-cache",
                         str(tmp_path / "cache"), "--device", "cpu"]) == 0
-    frame = __import__("pandas").read_csv(out)
-    assert list(frame.columns) == ["SubjectID", "Prediction"] and frame["SubjectID"].tolist() == names
-    assert frame.loc[0, "Prediction"] == 9  # 2025's penalty label
-    assert frame["Prediction"].iloc[1:].between(0, 8).all()
+    frame = pd.read_csv(out)
+    # The unreadable image gets no row (the scorer fills it with the penalty label), and is listed with its reason.
+    assert list(frame.columns) == ["SubjectID", "Prediction"] and frame["SubjectID"].tolist() == names[1:]
+    assert frame["Prediction"].between(0, 8).all()
+    skipped = pd.read_csv(tmp_path / "submission.csv.skipped.csv")
+    assert skipped["file"].tolist() == [names[0]] and "does not decode" in skipped.loc[0, "reason"]
+    assert validate.main(["--submission", str(out), "--schema", "2025", "--images", str(images)]) == 0
     (tmp_path / "empty").mkdir()
     assert submit.main(["--run-dir", str(run), "--images", str(tmp_path / "empty"), "--out", str(out)]) == 2
-    assert __import__("pandas").read_csv(out)["SubjectID"].tolist() == names  # the earlier file is intact
+    for name in names[1:]:
+        (images / name).write_bytes(b"broken")
+    assert submit.main(["--run-dir", str(run), "--images", str(images), "--out", str(out), "--feature-cache",
+                        str(tmp_path / "cache"), "--device", "cpu"]) == 2
+    assert pd.read_csv(out)["SubjectID"].tolist() == names[1:]  # the earlier file is intact
+    assert submit.main(["--run-dir", str(run), "--images", str(images), "--out", str(run / "best" / "model.json"),
+                        "--device", "cpu"]) == 2  # never written into the run it reads
+    assert json.loads((run / "best" / "model.json").read_text())["pipeline"] == "pathology_brats"
+
+
+def test_submit_predicts_what_evaluate_predicts_on_the_same_tiles_from_a_cold_cache(histology, tmp_path):
+    import shutil
+
+    import pandas as pd
+
+    from pathology_brats import submit
+
+    run = tmp_path / "run"
+    assert train.main([*_small(histology, tmp_path), "--output-dir", str(run)]) == 0
+    evaluate.evaluate_run(run, n_boot=10, device="cpu", feature_cache=tmp_path / "cache")
+    scored = pd.read_csv(run / "predictions" / "test.csv")
+    labelled = tmp_path / "labelled"
+    labelled.mkdir()
+    for tile in scored["image"]:
+        shutil.copy(histology / tile, labelled / Path(tile).name)
+    out = tmp_path / "submission.csv"
+    # Another cache folder: every tile is encoded afresh, by the encoder rebuilt from the run alone.
+    assert submit.main(["--run-dir", str(run), "--images", str(labelled), "--out", str(out), "--feature-cache",
+                        str(tmp_path / "cold"), "--device", "cpu"]) == 0
+    submitted = pd.read_csv(out).set_index("SubjectID")["Prediction"]
+    assert len(submitted) == len(scored) > 10
+    assert [submitted[Path(tile).name] for tile in scored["image"]] == scored["prediction"].tolist()
 
 
 def test_ablation_writes_image_text_and_fused(histology, tmp_path):
@@ -222,3 +258,50 @@ def test_lora_trains_only_adapters_and_a_run_saves_only_what_trained():
     with pytest.raises(DataError, match="missing"):
         load_model_state(fresh, {k: v for k, v in state.items() if "lora_A" not in k}, Path("model.safetensors"))
     assert any(k.startswith("encoder.backbone.blocks") and "lora_" not in k for k in model_state(build(False)))
+
+
+def test_real_csv_rows_with_copies_in_two_folders_never_straddle_splits(shared_data, tmp_path):
+    """Rows of the real label CSV, including names listed under both of its folders: one split per file name, and
+    evaluate scores exactly the tiles split.csv assigns to test."""
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    real = pd.read_csv(shared_data / "bratspath" / "balanced_classes.csv")
+    real["name"] = real["Input Path"].str.rsplit("/", n=1).str[-1]
+    copies = real[real.duplicated("name", keep=False)]
+    rows = []
+    for code in ("CT", "PN", "MP"):
+        twice = copies[copies["Ground-Truth"] == code].sort_values("name").head(16)  # names in both folders
+        once = real[(real["Ground-Truth"] == code) & ~real["name"].isin(copies["name"])].head(8)
+        rows.append(pd.concat([twice, once]))
+    rows = pd.concat(rows)
+    root = tmp_path / "BraTS-Path"
+    rng = np.random.default_rng(0)
+    colours = {"CT": (150, 60, 140), "PN": (200, 120, 170), "MP": (120, 40, 90)}
+    pictures: dict[str, bytes] = {}
+    for path, code, name in zip(rows["Input Path"], rows["Ground-Truth"], rows["name"]):
+        if name not in pictures:  # both copies of a name hold the same picture, as on the real disk
+            pixels = np.clip(np.array(colours[code]) + rng.normal(0, 25, (48, 48, 3)), 0, 255).astype(np.uint8)
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+            pictures[name] = buffer.getvalue()
+        target = root / Path(path).relative_to("BraTS-Path")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(pictures[name])
+    csv = tmp_path / "labels.csv"
+    rows[["Input Path", "Ground-Truth"]].to_csv(csv, index=False)
+    run = tmp_path / "run"
+    assert train.main(["--data-root", str(root), "--labels-csv", str(csv), "--modality", "image", "--encoder",
+                       "gigapath-tiny", "--width", "32", "--epochs", "1", "--feature-cache", str(tmp_path / "cache"),
+                       "--no-progress", "--device", "cpu", "--precision", "fp32", "--output-dir", str(run)]) == 0
+    split = pd.read_csv(run / "split.csv", dtype=str)
+    assert len(split) == len(rows) == split["id"].nunique()
+    assert split.groupby("group")["split"].nunique().max() == 1  # no file name in two splits
+    pairs = int(rows.duplicated("name").sum())
+    assert pairs >= 12 and (split.groupby("group").size() == 2).sum() == pairs  # both copies kept, one split each
+    results = evaluate.evaluate_run(run, n_boot=10, device="cpu", feature_cache=tmp_path / "cache")
+    test_ids = split.loc[split["split"] == "test", "id"].tolist()
+    assert results["n"] == len(test_ids)
+    assert pd.read_csv(run / "predictions" / "test.csv")["image"].tolist() == test_ids
