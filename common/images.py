@@ -1,8 +1,9 @@
-"""Image files of any bit depth and mode read as 8-bit greyscale, the way radiographs are exported in the wild.
+"""Image files of any bit depth and mode read as 8-bit greyscale or RGB, the way images are exported in the wild.
 
-PIL's ``convert("L")`` clips 16-bit and 32-bit pixels to 255, so a 16-bit PNG (the usual export of a DICOM
-radiograph) becomes a white image without a word. Here such images are rescaled from their own value range,
-alpha is composited over black, and modes with no meaningful grey conversion are refused with one line.
+PIL's ``convert("L")`` and ``convert("RGB")`` clip 16-bit and 32-bit pixels to 255, so a 16-bit PNG (the usual export
+of a DICOM radiograph, or of a microscope camera) becomes a white image without a word. Here such images are rescaled
+from their own value range, alpha is composited over a background, modes with no meaningful conversion are refused
+with one line, and so is an image above PIL's decompression-bomb pixel limit.
 """
 
 from __future__ import annotations
@@ -48,17 +49,45 @@ def to_grey8(image: Image.Image, path: Path | str = "image") -> np.ndarray:
     raise DataError(path, f"unsupported image mode {mode!r}; save it as 8- or 16-bit greyscale or RGB")
 
 
-def read_grey(path: Path, what: str = "image") -> Image.Image:
-    """Open an image file as an 8-bit greyscale PIL image; a missing or undecodable file is a DataError."""
+def to_rgb8(image: Image.Image, path: Path | str = "image", background: int = 0) -> np.ndarray:
+    """(H, W, 3) uint8 RGB pixels of a PIL image: 8-bit modes convert as PIL does, alpha is composited over a grey
+    ``background`` level, and wide (16-bit, 32-bit, float) greyscale is rescaled as in ``to_grey8``."""
+    mode = image.mode
+    if mode in _ALPHA:
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
+        alpha = rgba[..., 3:] / 255.0
+        return np.round(rgba[..., :3] * alpha + background * (1 - alpha)).astype(np.uint8)
+    if mode in _EIGHT_BIT:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    if mode in _WIDE:
+        return np.repeat(to_grey8(image, path)[..., None], 3, axis=-1)
+    raise DataError(path, f"unsupported image mode {mode!r}; save it as 8- or 16-bit greyscale or RGB")
+
+
+def _open(path: Path, what: str, convert) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise DataError(path, f"{what} file not found")
     try:
         with Image.open(path) as handle:
             handle.load()
-            return Image.fromarray(to_grey8(handle, path))
+            return convert(handle, path)
+    except Image.DecompressionBombError as err:
+        raise DataError(path, f"{what} has more pixels than PIL's safety limit ({Image.MAX_IMAGE_PIXELS * 2:,}); "
+                              "it may be a decompression bomb") from err
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise DataError(path, f"{what} does not decode ({err})") from err
+
+
+def read_grey(path: Path, what: str = "image") -> Image.Image:
+    """Open an image file as an 8-bit greyscale PIL image; a missing or undecodable file is a DataError."""
+    return Image.fromarray(_open(path, what, to_grey8))
+
+
+def read_rgb(path: Path, what: str = "image", background: int = 0) -> Image.Image:
+    """Open an image file as an 8-bit RGB PIL image (16-bit rescaled, alpha over ``background``); a missing,
+    undecodable or oversized file is a DataError naming it."""
+    return Image.fromarray(_open(path, what, lambda image, where: to_rgb8(image, where, background)))
 
 
 def square_resize(image: Image.Image, size: int, resample: Image.Resampling = Image.Resampling.BILINEAR) -> np.ndarray:

@@ -23,11 +23,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from common.errors import ConfigError, DataError
 from common.feature_cache import FeatureCache, file_digest
 from common.images import IMAGENET_MEAN, IMAGENET_STD
+from common.images import read_rgb as read_image_rgb
 from common.presets import get_preset, preset_names
 
 log = logging.getLogger("medvl.pathology_brats")
@@ -173,15 +174,9 @@ def preprocess(image: Image.Image, normalize: str = "imagenet",
 
 
 def read_rgb(path: Path) -> Image.Image:
-    """An image file as RGB; a missing or undecodable file is one DataError naming it."""
-    if not Path(path).is_file():
-        raise DataError(path, "image file not found")
-    try:
-        with Image.open(path) as handle:
-            handle.load()
-            return handle.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise DataError(path, f"image does not decode ({err})") from err
+    """A tile as 8-bit RGB (a 16-bit export rescaled, transparency over white slide background); a missing,
+    undecodable or oversized file is one DataError naming it."""
+    return read_image_rgb(path, background=255)
 
 
 def cache_for(encoder: TileEncoder, root: Path, normalize: str) -> FeatureCache:

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from common.errors import DataError
-from common.images import read_grey, to_grey8
+from common.images import read_grey, read_rgb, to_grey8
 
 
 def _ramp(high: int, dtype) -> np.ndarray:
@@ -53,3 +53,21 @@ def test_unreadable_and_unsupported(tmp_path):
 
     with pytest.raises(DataError, match="unsupported image mode 'BGR;24'"):
         to_grey8(Unknown(), "odd.png")
+
+
+def test_rgb_reading_rescales_16_bit_composites_alpha_and_refuses_bombs(tmp_path, monkeypatch):
+    path = tmp_path / "tile16.png"
+    Image.fromarray(_ramp(4095, np.uint16)).save(path)
+    rgb = np.asarray(read_rgb(path))
+    expected = np.round(_ramp(4095, np.uint16) / 4095 * 255).astype(np.uint8)
+    assert rgb.shape == (8, 8, 3) and all(np.array_equal(rgb[..., c], expected) for c in range(3))
+    rgba = np.zeros((1, 2, 4), np.uint8)
+    rgba[..., :3], rgba[..., 3] = 100, [[255, 0]]
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    assert np.asarray(read_rgb(tmp_path / "a.png", background=255))[0, :, 0].tolist() == [100, 255]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16)  # an 8 x 8 image is then four times the limit
+    with pytest.raises(DataError, match="more pixels than PIL's safety limit") as info:
+        read_rgb(path)
+    assert info.value.source == str(path)
+    with pytest.raises(DataError, match="more pixels than PIL's safety limit"):
+        read_grey(path)
