@@ -23,6 +23,7 @@ turning every way that can fail into one line naming the file.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,8 @@ from common.checkpoint import (
     save_model,
 )
 from common.errors import ConfigError, DataError
+
+log = logging.getLogger("medvl.runs")
 
 MODEL_FORMAT = "medvl-model-1"
 SCHEMA: dict[str, type | tuple[type, ...]] = {
@@ -137,16 +140,41 @@ def run_state(run_dir: Path) -> str:
     return "partial" if run_dir.exists() and any(run_dir.iterdir()) else "new"
 
 
+def settings_changes(module, argv: list[str], run_dir: Path) -> list[str]:
+    """``key old -> new`` for each setting of ``module``'s parsed ``argv`` that differs from the run's
+    ``config.yaml`` (settings that do not change the weights, such as the device, left out)."""
+    import yaml
+
+    from common.cli import config_text, parse_args
+    from common.engine import RESUMABLE_CHANGES
+
+    path = Path(run_dir) / "config.yaml"
+    try:
+        old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return [f"{path.name} (unreadable)"]
+    new = yaml.safe_load(config_text(parse_args(module.get_args_parser(), argv))) or {}
+    if not isinstance(old, dict):
+        return [f"{path.name} (not a mapping)"]
+    keys = sorted((set(old) | set(new)) - set(RESUMABLE_CHANGES))
+    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
 def train_or_resume(module, argv: list[str], run_dir: Path) -> None:
-    """Run ``module.main(argv)`` for ``run_dir`` unless it finished: resumed when it has a checkpoint, redone
-    (``--overwrite``) when it stopped before its first one. For drivers of several runs (ablations)."""
+    """Run ``module.main(argv)`` for ``run_dir`` unless it finished with these settings: resumed when it has a
+    checkpoint, redone (``--overwrite``) when it stopped before its first one or was trained with other settings
+    (logged), so a driver of several runs (ablations) never mixes runs of old settings into a new table."""
     from common.checkpoint import LAST_DIR
 
     state = run_state(run_dir)
-    if state == "done":
+    changes = settings_changes(module, argv, run_dir) if state != "new" else []
+    if changes:
+        log.warning("%s was trained with other settings (%s); training it again", run_dir, "; ".join(changes))
+        state = "stale"
+    elif state == "done":
         return
     flag = ["--resume"] if state == "partial" and (Path(run_dir) / LAST_DIR).exists() else (
-        ["--overwrite"] if state == "partial" else [])
+        ["--overwrite"] if state in ("partial", "stale") else [])
     code = module.main([*argv, *flag])
     if code != 0:
         raise DataError(run_dir, f"{module.__name__} failed (exit {code}); see the line above")
@@ -160,5 +188,5 @@ def ci_cell(results: dict[str, Any], key: str) -> str:
     return f"{value:.3f} [{low:.3f}, {high:.3f}]" if low is not None and high is not None else f"{value:.3f}"
 
 
-__all__ = ["run_state", "train_or_resume", "ci_cell", "MODEL_FORMAT", "SCHEMA", "model_record", "save_run_model",
-           "check_record", "read_run_meta", "load_run", "LoadedRun"]
+__all__ = ["run_state", "settings_changes", "train_or_resume", "ci_cell", "MODEL_FORMAT", "SCHEMA", "model_record",
+           "save_run_model", "check_record", "read_run_meta", "load_run", "LoadedRun"]

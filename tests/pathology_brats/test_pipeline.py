@@ -192,6 +192,13 @@ def test_ablation_writes_image_text_and_fused(histology, tmp_path):
     summary = json.loads((out / "ablation.json").read_text())
     assert set(summary) == {"image", "text", "fused"} and all("mcc" in row for row in summary.values())
     assert (out / "ablation.md").read_text().count("[") >= 15  # 3 rows x 5 scores with intervals
+    stamps = {m: (out / m / "best" / "model.safetensors").stat().st_mtime_ns for m in summary}
+    assert ablate.main(argv) == 0  # finished runs with the same settings are reused
+    assert {m: (out / m / "best" / "model.safetensors").stat().st_mtime_ns for m in summary} == stamps
+    assert ablate.main([*argv, "--width", "16"]) == 0  # other settings: the finished runs are trained again
+    import yaml
+
+    assert all(yaml.safe_load((out / m / "config.yaml").read_text())["width"] == 16 for m in summary)
 
 
 def test_captions_resume_after_a_kill_without_redoing_finished_images(histology, tmp_path, monkeypatch):
