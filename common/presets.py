@@ -159,9 +159,102 @@ def _biolinkbert_large() -> torch.nn.Module:
                                 intermediate_size=4096))
 
 
-GIGAPATH_OPTIONS = {"model_name": "vit_giant_patch14_dinov2", "img_size": 224, "patch_size": 16, "init_values": 1e-5,
-                    "mlp_ratio": 5.33334, "global_pool": "token"}
-"""Prov-GigaPath's tile encoder geometry (its config.json on the hub): ViT-g/16 at 224 px, 1536-d."""
+IMAGENET_CFG = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+"""ImageNet mean/std as timm's ``pretrained_cfg`` writes them."""
+
+TIMM_LAYERS = ("SwiGLUPacked", "SwiGLU", "GluMlp", "Mlp")
+"""timm layer classes a tile encoder's ``layers`` option (or a local config.json's ``model_args``) may name; they
+cannot be written in JSON, so Virchow2's model card passes them in code (``mlp_layer=SwiGLUPacked``)."""
+
+
+def timm_arguments(options: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(timm architecture, create_model kwargs) of a timm tile-encoder preset's options (or a local config.json's
+    ``architecture`` and ``model_args``): layer names such as ``"SwiGLUPacked"`` become the timm classes."""
+    import timm.layers
+
+    kwargs = {**options.get("model_args", {}), **options.get("layers", {})}
+    for key in ("mlp_layer", "norm_layer", "block_fn"):
+        value = kwargs.get(key)
+        if isinstance(value, str):
+            if value not in TIMM_LAYERS:
+                raise ConfigError("--encoder", f"{key} {value!r} is not one of {', '.join(TIMM_LAYERS)}")
+            kwargs[key] = getattr(timm.layers, value)
+    kwargs["num_classes"] = 0
+    return options["architecture"], kwargs
+
+
+def _timm_tile(options: Mapping[str, Any]) -> Callable[[], torch.nn.Module]:
+    def skeleton() -> torch.nn.Module:
+        import timm
+
+        architecture, kwargs = timm_arguments(options)
+        return timm.create_model(architecture, pretrained=False, **kwargs)
+
+    return skeleton
+
+
+def _dinov2(config: Mapping[str, Any]) -> Callable[[], torch.nn.Module]:
+    def skeleton() -> torch.nn.Module:
+        from transformers import Dinov2Config, Dinov2Model
+
+        return Dinov2Model(Dinov2Config(**config))
+
+    return skeleton
+
+
+GIGAPATH_OPTIONS = {"architecture": "vit_giant_patch14_dinov2",
+                    "model_args": {"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40,
+                                   "num_heads": 24, "init_values": 1e-5, "mlp_ratio": 5.33334},
+                    # The model card's transform: Resize(256, bicubic), CenterCrop(224), ImageNet mean/std
+                    # (crop_pct 224/256 = 0.875).
+                    "pretrained_cfg": {"input_size": [3, 224, 224], "crop_pct": 0.875, "interpolation": "bicubic",
+                                       **IMAGENET_CFG},
+                    "tokens": "cls"}
+"""Prov-GigaPath's tile encoder (its config.json on the hub): ViT-g/16 at 224 px, 1536-d."""
+
+UNI_OPTIONS = {"architecture": "vit_large_patch16_224",
+               "model_args": {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True},
+               "pretrained_cfg": {"input_size": [3, 224, 224], "crop_pct": 1.0, "interpolation": "bicubic",
+                                  **IMAGENET_CFG},
+               "tokens": "cls"}
+"""MahmoodLab/UNI's config.json: timm ViT-L/16 with LayerScale at 224 px, 1024-d; resize 224, ImageNet mean/std."""
+
+VIRCHOW2_OPTIONS = {"architecture": "vit_huge_patch14_224",
+                    "model_args": {"img_size": 224, "init_values": 1e-5, "reg_tokens": 4, "mlp_ratio": 5.3375,
+                                   "global_pool": "", "dynamic_img_size": True},
+                    "layers": {"mlp_layer": "SwiGLUPacked", "act_layer": "silu"},
+                    "pretrained_cfg": {"input_size": [3, 224, 224], "crop_pct": 1.0, "interpolation": "bicubic",
+                                       **IMAGENET_CFG},
+                    "tokens": "cls+mean"}
+"""paige-ai/Virchow2's config.json plus the layers its model card passes in code (SwiGLU-packed MLP, SiLU): ViT-H/14
+with 4 register tokens, 1280-d; its embedding is the class token concatenated with the mean patch token (2560-d)."""
+
+H_OPTIMUS_0_OPTIONS = {"architecture": "vit_giant_patch14_reg4_dinov2",
+                       "model_args": {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False,
+                                      "global_pool": "token"},
+                       "pretrained_cfg": {"input_size": [3, 224, 224], "crop_pct": 1.0, "interpolation": "bicubic",
+                                          "mean": [0.707223, 0.578729, 0.703617],
+                                          "std": [0.211883, 0.230117, 0.177517]},
+                       "tokens": "cls"}
+"""bioptimus/H-optimus-0's config.json: ViT-g/14 with 4 registers (DINOv2 SwiGLU), 1536-d, its own H&E mean/std."""
+
+PHIKON_V2_CONFIG = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "patch_size": 16,
+                    "image_size": 224, "mlp_ratio": 4, "layerscale_value": 1.0, "use_swiglu_ffn": False}
+"""owkin/phikon-v2's ``Dinov2Config`` (transformers, not timm): ViT-L/16 at 224 px, 1024-d."""
+
+PHIKON_V2_OPTIONS = {"backend": "transformers", "hf": "owkin/phikon-v2", "config": PHIKON_V2_CONFIG,
+                     # its preprocessor_config.json (BitImageProcessor): shortest edge 224 (resample 3 = bicubic),
+                     # centre crop 224, ImageNet mean/std
+                     "image_processor": {"do_resize": True, "size": {"shortest_edge": 224}, "resample": 3,
+                                         "do_center_crop": True, "crop_size": {"height": 224, "width": 224},
+                                         "image_mean": IMAGENET_CFG["mean"], "image_std": IMAGENET_CFG["std"]},
+                     "tokens": "cls"}
+
+
+def _tiny_tile(options: Mapping[str, Any], **model_args: Any) -> dict[str, Any]:
+    """A tiny twin's options: the real preset's class, layers and preprocessing at test size (width 64, 2 blocks)."""
+    return {**options, "model_args": {**options.get("model_args", {}), "embed_dim": 64, "depth": 2, "num_heads": 2,
+                                      **model_args}}
 
 
 def _medgemma_4b() -> torch.nn.Module:
@@ -199,10 +292,39 @@ register_preset(Preset("prov-gigapath", "tile-encoder", "timm:hf_hub:prov-gigapa
                        "Prov-GigaPath tile encoder, ViT-g/16 1536-d, gated on the hub (Xu et al. 2024: 1.13B)",
                        1_130_000_000, "gigapath-tiny",
                        {**GIGAPATH_OPTIONS, "hub": "hf_hub:prov-gigapath/prov-gigapath"},
-                       _timm(num_classes=0, **GIGAPATH_OPTIONS)))
+                       _timm_tile(GIGAPATH_OPTIONS)))
 register_preset(Preset("gigapath-tiny", "tile-encoder", "tiny",
                        "timm vit_giant_patch14_dinov2 class at 224 px, patch 16, width 64, 2 blocks (tests, CPU)",
-                       options={**GIGAPATH_OPTIONS, "mlp_ratio": 4.0, "embed_dim": 64, "depth": 2, "num_heads": 2},
+                       options=_tiny_tile(GIGAPATH_OPTIONS, mlp_ratio=4.0), offline=True))
+register_preset(Preset("uni", "tile-encoder", "timm:hf_hub:MahmoodLab/UNI",
+                       "UNI tile encoder, ViT-L/16 1024-d, gated on the hub (Chen et al. 2024; model card: 303M)",
+                       303_000_000, "uni-tiny", {**UNI_OPTIONS, "hub": "hf_hub:MahmoodLab/UNI"},
+                       _timm_tile(UNI_OPTIONS)))
+register_preset(Preset("uni-tiny", "tile-encoder", "tiny",
+                       "timm vit_large_patch16_224 class with LayerScale, width 64, 2 blocks (tests, CPU)",
+                       options=_tiny_tile(UNI_OPTIONS), offline=True))
+register_preset(Preset("virchow2", "tile-encoder", "timm:hf_hub:paige-ai/Virchow2",
+                       "Virchow2, ViT-H/14 + 4 registers, SwiGLU; class token + mean patch token 2560-d, gated "
+                       "(Zimmermann et al. 2024: 632M)", 632_000_000, "virchow2-tiny",
+                       {**VIRCHOW2_OPTIONS, "hub": "hf_hub:paige-ai/Virchow2"}, _timm_tile(VIRCHOW2_OPTIONS)))
+register_preset(Preset("virchow2-tiny", "tile-encoder", "tiny",
+                       "timm vit_huge_patch14_224 class, SwiGLU-packed, SiLU, 4 registers, width 64, 2 blocks",
+                       options=_tiny_tile(VIRCHOW2_OPTIONS, mlp_ratio=4.0), offline=True))
+register_preset(Preset("h-optimus-0", "tile-encoder", "timm:hf_hub:bioptimus/H-optimus-0",
+                       "H-optimus-0, ViT-g/14 + 4 registers 1536-d, H&E mean/std (Bioptimus 2024: 1.1B, rounded)",
+                       1_100_000_000, "h-optimus-tiny", {**H_OPTIMUS_0_OPTIONS, "hub": "hf_hub:bioptimus/H-optimus-0"},
+                       _timm_tile(H_OPTIMUS_0_OPTIONS), params_tolerance=0.04))
+register_preset(Preset("h-optimus-tiny", "tile-encoder", "tiny",
+                       "timm vit_giant_patch14_reg4_dinov2 class, 4 registers, H&E mean/std, width 64, 2 blocks",
+                       options=_tiny_tile(H_OPTIMUS_0_OPTIONS, mlp_ratio=4.0), offline=True))
+register_preset(Preset("phikon-v2", "tile-encoder", "owkin/phikon-v2",
+                       "Phikon-v2, transformers Dinov2Model ViT-L/16 1024-d, open (Filiot et al. 2024: 300M, rounded)",
+                       300_000_000, "phikon-tiny", PHIKON_V2_OPTIONS, _dinov2(PHIKON_V2_CONFIG),
+                       params_tolerance=0.02))
+register_preset(Preset("phikon-tiny", "tile-encoder", "tiny",
+                       "transformers Dinov2Model at 224 px, patch 16, width 64, 2 layers (tests, CPU)",
+                       options={**PHIKON_V2_OPTIONS, "config": {**PHIKON_V2_CONFIG, "hidden_size": 64,
+                                                                "num_hidden_layers": 2, "num_attention_heads": 2}},
                        offline=True))
 register_preset(Preset("clip-vit-b32", "text-encoder", "openai/clip-vit-base-patch32",
                        "CLIP ViT-B/32 text tower, pooled 512-d (Radford et al. 2021: 63M)", 63_000_000, "tiny-clip",
@@ -307,4 +429,4 @@ if __name__ == "__main__":
 
 
 __all__ = ["Preset", "KINDS", "register_preset", "get_preset", "list_presets", "preset_names", "count_parameters",
-           "skeleton_parameters", "minilm_dir"]
+           "skeleton_parameters", "minilm_dir", "timm_arguments", "TIMM_LAYERS"]

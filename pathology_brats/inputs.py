@@ -14,12 +14,14 @@ from common.feature_cache import default_cache_root
 from common.text_encoders import text_presets
 from pathology_brats.captions import caption_tokens, pad_tokens
 from pathology_brats.encoder import (
+    DEFAULT_NORMALIZE,
     ENCODERS,
     NORMALIZATIONS,
     cache_for,
     encode_tiles,
     load_tile_encoder,
     pixel_tiles,
+    run_preprocessing,
 )
 from pathology_brats.schema import SCHEMAS
 
@@ -46,7 +48,8 @@ def add_input_args(parser: argparse.ArgumentParser) -> None:
                        help="folder of cached frozen features (default: <cache-dir>/features or ~/.cache/medvl)")
     model = parser.add_argument_group("encoders")
     model.add_argument("--encoder", default="prov-gigapath",
-                       help=f"tile encoder preset ({', '.join(ENCODERS)}) or a timm model name")
+                       help=f"tile encoder preset ({', '.join(ENCODERS)}), a timm model name, or a local folder "
+                            "with timm's config.json and model.safetensors")
     model.add_argument("--encoder-mode", choices=ENCODER_MODES, default="frozen",
                        help="frozen: features computed once and cached (minutes on a T4); lora: LoRA adapters on the "
                             "attention qkv/proj layers train with the heads; full: the whole encoder trains")
@@ -54,8 +57,9 @@ def add_input_args(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--lora-alpha", type=positive_int, default=16, help="LoRA alpha (--encoder-mode lora)")
     model.add_argument("--image-tokens", type=int, default=5,
                        help="class token + pooled patch grid: 1 (the seed), 2, 5, 10 ... (1 + g^2)")
-    model.add_argument("--normalize", choices=NORMALIZATIONS, default="imagenet",
-                       help="imagenet (what the encoder expects) or seed (divide by 255 only)")
+    model.add_argument("--normalize", choices=NORMALIZATIONS, default=DEFAULT_NORMALIZE,
+                       help="config: the encoder's own mean/std (default); imagenet: ImageNet mean/std (what runs "
+                            "recorded before per-encoder preprocessing); seed: divide by 255 only")
     model.add_argument("--text-encoder", default="biolinkbert-large",
                        help=f"preset ({', '.join(text_presets())}) or a local Hugging Face directory")
 
@@ -67,6 +71,7 @@ def image_inputs(paths: list[Path], settings: dict, device: torch.device, cache_
     if settings.get("encoder_mode", "frozen") != "frozen":
         return pixel_tiles(paths, skip_bad)
     encoder = load_tile_encoder(settings["encoder"], settings["image_tokens"])
+    encoder.preprocessing = run_preprocessing(settings.get("preprocessing"))  # the run's own (old runs: GigaPath's)
     return encode_tiles(encoder, paths, cache_for(encoder, cache_root, settings["normalize"]), device,
                         settings["normalize"], skip_bad=skip_bad)
 

@@ -125,7 +125,7 @@ class TileCaptionClassifier(nn.Module):
 class EncoderClassifier(nn.Module):
     """The tile encoder and the classifier as one model, for ``--encoder-mode full`` (the encoder is trained too)."""
 
-    def __init__(self, encoder: nn.Module, classifier: TileCaptionClassifier, normalize: str = "imagenet"):
+    def __init__(self, encoder: nn.Module, classifier: TileCaptionClassifier, normalize: str = "config"):
         super().__init__()
         self.encoder, self.classifier, self.normalize = encoder, classifier, normalize
 
@@ -139,10 +139,11 @@ class EncoderClassifier(nn.Module):
 
     def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None,
                 text_mask: torch.Tensor | None = None, pixels: torch.Tensor | None = None) -> torch.Tensor:
-        from pathology_brats.encoder import normalize_pixels
+        from pathology_brats.encoder import PROV_GIGAPATH_PREPROCESSING, normalize_pixels
 
         if pixels is not None:
-            image = self.encoder(normalize_pixels(pixels, self.normalize))
+            preprocessing = getattr(self.encoder, "preprocessing", PROV_GIGAPATH_PREPROCESSING)
+            image = self.encoder(normalize_pixels(pixels, self.normalize, preprocessing))
         return self.classifier(image=image, text=text, text_mask=text_mask)
 
 
@@ -156,11 +157,12 @@ def build_run_model(meta: dict) -> nn.Module:
     mode = meta["data"].get("encoder_mode", "frozen")
     if mode == "frozen":
         return classifier
-    from pathology_brats.encoder import add_lora, load_tile_encoder
+    from pathology_brats.encoder import add_lora, load_tile_encoder, run_preprocessing
 
     data = meta["data"]
     # LoRA runs saved only the adapters over a pretrained backbone: rebuild that backbone from its source.
     encoder = load_tile_encoder(data["encoder"], data["image_tokens"], pretrained=mode == "lora")
+    encoder.preprocessing = run_preprocessing(data.get("preprocessing"))  # the run's own (old runs: GigaPath's)
     if mode == "lora":
         encoder = add_lora(encoder, data["lora_r"], data["lora_alpha"])
     return EncoderClassifier(encoder, classifier, data["normalize"])

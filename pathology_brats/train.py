@@ -40,7 +40,7 @@ from common.runs import model_record, save_run_model
 from common.splits import group_split, split_csv_text
 from pathology_brats.captions import check_captions, read_captions
 from pathology_brats.data import VAL_FOLDER, load_tiles
-from pathology_brats.encoder import CROP, RESIZE, add_lora, check_image_tokens, load_tile_encoder
+from pathology_brats.encoder import add_lora, check_image_tokens, encoder_preprocessing, load_tile_encoder
 from pathology_brats.inputs import (
     TileDataset,
     add_input_args,
@@ -126,6 +126,7 @@ def input_settings(args: argparse.Namespace, data_root: Path, captions: Path | N
     return {"root": str(data_root.resolve()), "labels_csv": str(args.labels_csv.resolve()) if args.labels_csv
             else None, "captions": str(captions.resolve()) if captions else None, "schema": args.schema,
             "encoder": args.encoder, "image_tokens": args.image_tokens, "normalize": args.normalize,
+            "preprocessing": encoder_preprocessing(args.encoder).to_json() if args.modality != "text" else None,
             "text_encoder": args.text_encoder, "modality": args.modality,
             "encoder_mode": args.encoder_mode,
             **({"lora_r": args.lora_r, "lora_alpha": args.lora_alpha} if args.encoder_mode == "lora" else {})}
@@ -203,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                dtype=torch.float32)
     meta = {"pipeline": "pathology_brats", "stage": "train", "preset": args.encoder, "kwargs": kwargs,
             "labels": list(schema.classes),
-            "preprocessing": {"resize": RESIZE, "crop": CROP, "normalize": args.normalize,
+            "preprocessing": {**(settings["preprocessing"] or {}), "normalize": args.normalize,
                               "image_tokens": args.image_tokens},
             "data": settings, "monitor": args.monitor, "schema": args.schema}
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -67,3 +67,21 @@ def test_cli_lists_every_preset(capsys):
     assert presets.main(["--kind", "vlm"]) == 0
     assert {line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines()[2:]} == {
         "medgemma-4b", "tiny-gemma3", "tiny-gemma3-brain"}
+
+
+@pytest.mark.parametrize("name", ["prov-gigapath", "uni", "virchow2", "h-optimus-0", "phikon-v2"])
+def test_tile_encoder_twins_build_the_real_class_with_the_real_preprocessing(name):
+    import torch
+
+    from pathology_brats.encoder import encoder_preprocessing, load_tile_encoder
+
+    real = presets.get_preset(name, "tile-encoder")
+    with torch.device("meta"):
+        skeleton = real.skeleton()
+    twin = load_tile_encoder(real.tiny, image_tokens=1).backbone
+    twin = getattr(twin, "model", twin)  # Phikon-v2's Dinov2Model sits behind the timm-style adapter
+    assert type(twin) is type(skeleton)
+    assert presets.count_parameters(twin) < presets.count_parameters(skeleton) / 100
+    assert encoder_preprocessing(real.tiny) == encoder_preprocessing(name)
+    if name in ("virchow2", "h-optimus-0"):  # 4 register tokens in both
+        assert twin.num_prefix_tokens == skeleton.num_prefix_tokens == 5

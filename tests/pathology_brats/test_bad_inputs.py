@@ -47,7 +47,7 @@ def _captions(mutate):
 
 
 def _other_feature_size(root: Path, tmp: Path) -> tuple[list[str], str]:
-    cache = cache_for(load_tile_encoder("gigapath-tiny", 5), tmp / "cache", "imagenet")
+    cache = cache_for(load_tile_encoder("gigapath-tiny", 5), tmp / "cache", "config")  # train's default
     meta = {**cache.meta, "dim": "1536"}  # a cache written by an encoder with other features under the same name
     FeatureCache(tmp / "cache", cache.directory.name, meta).add({"0" * 64: __import__("torch").zeros(5, 1536)})
     return [], "dim"

@@ -113,6 +113,10 @@ def test_small_run_trains_and_evaluates_with_the_scorer_keys(histology, tmp_path
     assert results["mcc"] > 0.4  # 9 classes: chance is 0; the captions alone are right 3 times in 4
     meta = json.loads((run / "best" / "model.json").read_text())
     assert meta["data"]["encoder_mode"] == "frozen" and meta["labels"][0] == "CT"
+    # The encoder's own preprocessing (gigapath-tiny: Prov-GigaPath's), the normalize mode and the token count.
+    assert meta["preprocessing"] == {"resize": 256, "crop": 224, "mean": [0.485, 0.456, 0.406],
+                                     "std": [0.229, 0.224, 0.225], "interpolation": "bicubic", "normalize": "config",
+                                     "image_tokens": 5}
     assert np.isfinite(results["specificity_global"])
 
 
