@@ -5,8 +5,10 @@ Example:
 
 ``results.json`` holds the scorer's keys of the run's schema year (2024/2025: ``mcc, f1_global, accuracy_global,
 specificity_global, recall_global``; 2026: ``mcc, f1_per_class_average, accuracy_global,
-specificity_per_class_weighted, recall_per_class_average, auroc_per_class_weighted``), computed as the organisers'
-GaNDLF scorer does (torchmetrics on hard predictions, the penalty label counted as a class), with bootstrap CIs.
+specificity_per_class_weighted, recall_per_class_average, auroc_per_class_weighted`` and
+``auroc_per_class_weighted_exact``), computed by the same scorer as ``python -m pathology_brats.score`` (the
+organisers' GaNDLF steps: torchmetrics on hard predictions, the penalty label counted as a class), with bootstrap
+CIs. It scores exactly the tiles ``split.csv`` assigns to the split, predicted by the same code as ``submit``.
 """
 
 from __future__ import annotations

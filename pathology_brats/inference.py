@@ -40,7 +40,7 @@ def run_inputs(meta: dict, paths: list[Path], texts: list[str] | None, device, c
     streams: dict = {}
     if settings["modality"] != "text":
         streams["image"], kept = image_inputs(paths, settings, device, cache_root, skip_bad)
-    if settings["modality"] != "image":
+    if settings["modality"] != "image" and len(kept):
         streams["text"], streams["text_mask"] = text_inputs([texts[i] for i in kept], settings, cache_root,
                                                             hub_cache)
     return streams, kept

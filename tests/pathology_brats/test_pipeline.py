@@ -173,15 +173,20 @@ def test_submit_predicts_what_evaluate_predicts_on_the_same_tiles_from_a_cold_ca
     scored = pd.read_csv(run / "predictions" / "test.csv")
     labelled = tmp_path / "labelled"
     labelled.mkdir()
-    for tile in scored["image"]:
-        shutil.copy(histology / tile, labelled / Path(tile).name)
+    names = [f"BraTSPath_Val_{i:07d}.jpg" for i in range(len(scored))]  # a name the year's rules accept
+    captions = read_captions(histology / "captions.jsonl")
+    lines = []
+    for tile, name in zip(scored["image"], names):
+        shutil.copy(histology / tile, labelled / name)
+        lines.append(json.dumps({"image": f"labelled/{name}", "caption": captions[Path(tile).name]}))
+    (tmp_path / "captions.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "submission.csv"
     # Another cache folder: every tile is encoded afresh, by the encoder rebuilt from the run alone.
     assert submit.main(["--run-dir", str(run), "--images", str(labelled), "--out", str(out), "--feature-cache",
-                        str(tmp_path / "cold"), "--device", "cpu"]) == 0
+                        str(tmp_path / "cold"), "--captions", str(tmp_path / "captions.jsonl"), "--device", "cpu"]) == 0
     submitted = pd.read_csv(out).set_index("SubjectID")["Prediction"]
     assert len(submitted) == len(scored) > 10
-    assert [submitted[Path(tile).name] for tile in scored["image"]] == scored["prediction"].tolist()
+    assert [submitted[name] for name in names] == scored["prediction"].tolist()
 
 
 def test_ablation_writes_image_text_and_fused(histology, tmp_path):
