@@ -199,12 +199,14 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
-def check_nifti(path: Path) -> tuple[int, ...]:
+def check_nifti(path: Path, voxels: bool = False) -> tuple[int, ...]:
     """Check a NIfTI header, cheaply, before MONAI reads the voxels; returns the shape.
 
     Raises DataError (naming the file) when the file is unreadable, not 3-D, has a zero, singular or non-finite
     affine, or is shorter than its header says (truncated). A ``.nii.gz`` is checked against the uncompressed size
-    its gzip trailer records; only when that disagrees is the stream decompressed to find out.
+    its gzip trailer records; only when that disagrees is the stream decompressed to find out. With ``voxels`` the
+    data are read too and refused as ``check_voxels`` does (NaN, all zero, constant, no brain); preprocessing does
+    that check anyway, this is for callers that must refuse a file before they write anything.
     """
     path = Path(path)
     if not path.is_file():
@@ -226,6 +228,11 @@ def check_nifti(path: Path) -> tuple[int, ...]:
     if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise DataError(path, "the header's affine is zero or singular, so the voxel axes have no orientation")
     _check_complete(path, offset + math.prod(shape) * itemsize)
+    if voxels:
+        try:
+            check_voxels(np.asanyarray(image.dataobj))
+        except BadVolume as err:
+            raise DataError(path, str(err)) from err
     return shape
 
 
@@ -253,11 +260,12 @@ def _check_complete(path: Path, expected: int) -> None:
 # --- discovery -----------------------------------------------------------------------------------------------------
 
 def find_flair(case_dir: Path) -> Path:
-    """The FLAIR file of a case folder: ``<ID>_flair.nii[.gz]`` (BraTS 2020) or ``<ID>-t2f.nii[.gz]`` (BraTS 2023)."""
+    """The FLAIR file of a case folder: ``<ID>_flair.nii[.gz]`` (BraTS 2020) or ``<ID>-t2f.nii[.gz]`` (BraTS 2023).
+
+    Two candidates (``.nii`` beside ``.nii.gz``, a 2020 and a 2023 name, or another case's file copied in) are refused
+    with both names: taking one silently would train on whichever the suffix order happens to prefer.
+    """
     case_dir = Path(case_dir)
-    for suffix in FLAIR_SUFFIXES:
-        if (case_dir / f"{case_dir.name}{suffix}").is_file():
-            return case_dir / f"{case_dir.name}{suffix}"
     found = sorted(p for p in case_dir.iterdir() if p.is_file() and p.name.endswith(FLAIR_SUFFIXES))
     if len(found) == 1:
         return found[0]
@@ -333,6 +341,19 @@ def _scan_healthy(folder: Path, collector: _Collector) -> list[tuple[str, Path]]
     return list(found.items())
 
 
+class _DuplicateKey(Exception):
+    """A JSON object names one key twice."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 class _Reports:
     """Where reports come from: files beside the volumes, a TextBraTS tree, or a ``{case_id: text}`` JSON."""
 
@@ -347,9 +368,11 @@ class _Reports:
         if not path.is_file():
             raise DataError(path, "reports not found (give a {case_id: text} JSON, a TextBraTS folder or textbrats)")
         try:
-            mapping = json.loads(path.read_text(encoding="utf-8"))
+            mapping = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise DataError(path, f"not a JSON file of reports ({_first_line(err)})") from err
+        except _DuplicateKey as err:  # json keeps the last of two equal keys without a word
+            raise DataError(path, f"case {err.args[0]} has two reports; keep one") from err
         if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
             raise DataError(path, "reports JSON must map case ids to report text")
         self.mapping, self.json_path = mapping, path
@@ -395,6 +418,7 @@ def official_split(train_json: Path | None = None, test_json: Path | None = None
     Train.json fold 0 is the validation fold (TextBraTS's ``--fold 0``: "0 for validation and 1 for training").
     """
     out: dict[str, str] = {}
+    seen: dict[str, tuple[Path, int]] = {}
     for path, test in ((Path(train_json or packaged_file("Train.json")), False),
                        (Path(test_json or packaged_file("Test.json")), True)):
         for k, entry in enumerate(_datalist(path)):
@@ -405,8 +429,12 @@ def official_split(train_json: Path | None = None, test_json: Path | None = None
             if match is None:
                 raise DataError(path, f"entry {k}: image {first!r} is not named <ID>_flair.nii.gz")
             split = "test" if test else ("val" if entry.get("fold") == 0 else "train")
-            if out.setdefault(match.group(1), split) != split:
-                raise DataError(path, f"case {match.group(1)} is listed in two splits")
+            if match.group(1) in seen:
+                first, index = seen[match.group(1)]
+                where = f"entry {index}" if first == path else f"{first} entry {index}"
+                raise DataError(path, f"case {match.group(1)} is listed twice (entry {k} and {where})")
+            seen[match.group(1)] = (path, k)
+            out[match.group(1)] = split
     return out
 
 
@@ -462,6 +490,11 @@ def load_cases(data_root: Path, *, reports: str | Path | None = None, healthy_ro
                                                                        else None)
     tumour = _scan_cases(root, healthy_dir, collector)
     healthy = _scan_healthy(healthy_dir, collector) if healthy_dir is not None else []
+    tumour_files = dict(tumour)
+    for case_id, path in healthy:
+        if case_id in tumour_files:  # one id, two volumes: reports, splits and predictions could not tell them apart
+            raise DataError(path, f"healthy control {case_id} has the id of the tumour case {tumour_files[case_id]}; "
+                                  "rename one")
     if not tumour and not healthy and not collector.skipped:
         raise DataError(root, "no case folders with a FLAIR volume (<ID>/<ID>_flair.nii[.gz] or <ID>-t2f.nii[.gz])")
     source = _Reports(reports, root)
@@ -514,6 +547,11 @@ def _read_split_csv(path: Path, on_disk: list[str], collector: _Collector) -> di
     bad = sorted(set(frame["split"]) - set(SPLITS))
     if bad:
         raise DataError(path, f"unknown split name(s) {', '.join(bad)}; expected {', '.join(SPLITS)}")
+    rows: dict[str, int] = {}
+    for line, case_id in enumerate(frame["id"], 2):  # line 1 is the header
+        if case_id in rows:  # a case listed twice would be generated and scored twice, weighting it double
+            raise DataError(path, f"case {case_id} is listed twice (lines {rows[case_id]} and {line})")
+        rows[case_id] = line
     present = set(on_disk)
     for case_id in frame["id"]:
         if case_id not in present:
@@ -565,6 +603,47 @@ def cache_key(volume_size: Sequence[int], percentiles: Sequence[float] = PERCENT
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
+MIN_BRAIN_SHARE = 0.001
+"""A volume whose voxels above 0 are fewer than this share (and fewer than 64) holds no brain to report on."""
+
+
+class BadVolume(ValueError):
+    """The voxels of a volume cannot be reported on (NaN, all zero, constant, no brain); the message says which."""
+
+
+def check_voxels(volume: torch.Tensor | np.ndarray) -> None:
+    """Refuse voxel data that would be preprocessed into a meaningless input and still get a report.
+
+    NaN or inf voxels turn the percentile scaling into NaN (and the training loss after it); an all-zero or constant
+    volume scales to a blank; a volume with (almost) no voxel above 0 has no brain under the skull-stripped convention
+    the scaling relies on. Each would be answered by the model with a fluent report of nothing.
+
+    Raises:
+        BadVolume: naming what is wrong, with counts.
+    """
+    values = torch.as_tensor(np.asarray(volume) if not isinstance(volume, torch.Tensor) else volume)
+    total = values.numel()
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        nan = int(torch.isnan(values).sum())
+        raise BadVolume(f"{nan} NaN and {total - nan - int(finite.sum())} infinite of {total} voxels; a FLAIR "
+                        "volume must be finite")
+    low, high = float(values.min()), float(values.max())
+    if low == high == 0:
+        raise BadVolume(f"every one of the {total} voxels is 0 (an empty volume)")
+    if low == high:
+        raise BadVolume(f"every one of the {total} voxels is {low:g} (a constant volume holds no image)")
+    brain = int((values > 0).sum())
+    if brain < max(64, MIN_BRAIN_SHARE * total):
+        raise BadVolume(f"no brain: {brain} of {total} voxels are above 0 (a skull-stripped FLAIR with background 0 "
+                        "is expected)")
+
+
+def _checked(volume: torch.Tensor) -> torch.Tensor:
+    check_voxels(volume)
+    return volume
+
+
 def scale_brain_percentiles(volume: torch.Tensor, percentiles: Sequence[float] = PERCENTILES) -> torch.Tensor:
     """Map the p_low..p_high intensity range of the brain (non-zero voxels) to [0, 1], clipped; background stays 0.
 
@@ -593,6 +672,7 @@ def preprocess_transform(volume_size: Sequence[int] = DEFAULT_VOLUME_SIZE, perce
         mt.Orientationd("image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         # The orientation was the last step that needs the affine; plain tensors cache smaller and load safely.
         mt.EnsureTyped("image", data_type="tensor", dtype=torch.float32, track_meta=False),
+        mt.Lambdad("image", _checked),
         mt.Lambdad("image", lambda volume: scale_brain_percentiles(volume, percentiles)),
         mt.Transposed("image", indices=(0, 3, 1, 2)),
         mt.Resized("image", spatial_size=size, mode="trilinear", anti_aliasing=True),
@@ -606,18 +686,69 @@ def _stamp(path: Path) -> str:
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
+def _preprocess_error(path: Path, err: BaseException) -> DataError:
+    """The one-line DataError naming ``path`` for a failure inside the MONAI chain (which wraps the cause)."""
+    cause = err
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    if isinstance(cause, BadVolume):
+        return DataError(path, str(cause))
+    return DataError(path, f"cannot preprocess ({_first_line(cause)})")
+
+
+def _persistent_dataset(items: list[dict], transform, cache_dir: Path, volume_size: tuple[int, int, int]):
+    """MONAI's ``PersistentDataset``, with every cache entry checked when read.
+
+    MONAI recomputes an entry only when ``torch.load`` reports a bad magic number; a cut-short file (a kill during
+    a copy, a full disk) raises from the zip reader instead, which used to be reported as a bad FLAIR on every rerun.
+    Here an entry that does not load, or holds anything but a finite (1, D, H, W) float32 volume in [0, 1], is
+    deleted with a warning naming it and preprocessed again from its NIfTI.
+    """
+    from monai.data import PersistentDataset
+
+    expected = (1, *volume_size)
+
+    class CheckedPersistentDataset(PersistentDataset):
+        def _cachecheck(self, item_transformed):
+            hashfile = self.cache_dir / f"{self.hash_func(item_transformed).decode('utf-8')}{self.transform_hash}.pt"
+            if hashfile.is_file():
+                try:
+                    entry = torch.load(hashfile, weights_only=True)
+                    problem = _cache_entry_problem(entry, expected)
+                except Exception as err:  # a damaged zip raises RuntimeError, a cut pickle EOFError or UnpicklingError
+                    problem = f"does not load ({_first_line(err)})"
+                if problem is None:
+                    return entry
+                log.warning("damaged volume-cache entry %s (of %s): %s; preprocessing it again", hashfile,
+                            item_transformed.get("image"), problem)
+                hashfile.unlink(missing_ok=True)
+            return super()._cachecheck(item_transformed)
+
+    return CheckedPersistentDataset(items, transform, cache_dir=cache_dir)
+
+
+def _cache_entry_problem(entry, expected: tuple[int, ...]) -> str | None:
+    image = entry.get("image") if isinstance(entry, dict) else None
+    if not isinstance(image, torch.Tensor):
+        return "no image tensor in it"
+    if tuple(image.shape) != expected or image.dtype != torch.float32:
+        return f"holds a {image.dtype} tensor of shape {tuple(image.shape)}, not float32 {expected}"
+    if not bool(torch.isfinite(image).all()) or float(image.min()) < -1e-4 or float(image.max()) > 1 + 1e-4:
+        return "holds values outside [0, 1]"
+    return None
+
+
 class BrainVolumes(Dataset):
     """``{"image": (1, D, H, W) float32, "id", "report", "side", "healthy", "split"}`` per case.
 
     Volumes go through ``preprocess_transform``; with ``cache_dir`` each preprocessed volume is saved once (MONAI
-    ``PersistentDataset``, in a subfolder named by ``cache_key``) and read from there afterwards. Reports are not
-    part of the cache, so an edited report needs no new cache.
+    ``PersistentDataset``, in a subfolder named by ``cache_key``) and read from there afterwards; a damaged entry is
+    preprocessed again with a warning. Reports are not part of the cache, so an edited report needs no new cache.
     """
 
     def __init__(self, cases: Sequence[Case], volume_size: Sequence[int] = DEFAULT_VOLUME_SIZE,
                  cache_dir: Path | None = None, percentiles: Sequence[float] = PERCENTILES):
         from monai.data import Dataset as MonaiDataset
-        from monai.data import PersistentDataset
 
         self.cases = list(cases)
         self.volume_size = parse_volume_size(volume_size)
@@ -628,7 +759,7 @@ class BrainVolumes(Dataset):
             self.volumes = MonaiDataset(items, transform)
         else:
             self.cache_dir = Path(cache_dir) / f"volumes-{cache_key(self.volume_size, percentiles)}"
-            self.volumes = PersistentDataset(items, transform, cache_dir=self.cache_dir)
+            self.volumes = _persistent_dataset(items, transform, self.cache_dir, self.volume_size)
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -638,10 +769,7 @@ class BrainVolumes(Dataset):
         try:
             image = self.volumes[index]["image"]
         except Exception as err:  # MONAI wraps reader errors in RuntimeError; name the file, not the transform chain
-            cause = err
-            while cause.__cause__ is not None:
-                cause = cause.__cause__
-            raise DataError(case.flair, f"cannot preprocess ({_first_line(cause)})") from err
+            raise _preprocess_error(case.flair, err) from err
         return {"image": image, "id": case.id, "report": case.report, "side": case.side, "healthy": case.healthy,
                 "split": case.split}
 
@@ -655,6 +783,33 @@ def make_dataset(cases: Sequence[Case], volume_size: Sequence[int] = DEFAULT_VOL
 def stack_volumes(dataset: BrainVolumes) -> torch.Tensor:
     """All volumes of a dataset as one (N, 1, D, H, W) tensor, to keep small data on the training device."""
     return torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+
+
+def split_volumes(cases: Cases, names: Sequence[str], volume_size: Sequence[int], cache_dir: Path | None,
+                  skip_bad: bool = False) -> dict[str, torch.Tensor]:
+    """The stacked (N, 1, D, H, W) volumes of the splits ``names`` of ``cases``.
+
+    A volume whose voxels are refused (``check_voxels``: NaN, empty, constant, no brain) or that does not preprocess
+    stops with a DataError naming its file; with ``skip_bad`` it is logged, recorded in ``cases.skipped`` and its case
+    removed from ``cases``, so the split the run saves lists only cases it trained or validated on.
+    """
+    collector = _Collector(skip_bad)
+    out = {}
+    for name in names:
+        dataset = make_dataset(cases.split(name), volume_size, cache_dir)
+        volumes, bad = [], set()
+        for index, case in enumerate(dataset.cases):
+            try:
+                volumes.append(dataset[index]["image"])
+            except DataError as err:
+                collector.bad(err)
+                bad.add(case.id)
+        if bad:
+            cases.cases = [c for c in cases.cases if c.id not in bad]
+        if volumes:
+            out[name] = torch.stack(volumes)
+    cases.skipped.extend(collector.skipped)
+    return out
 
 
 LEFT_RIGHT_AXIS = -2
@@ -714,7 +869,7 @@ def load_volume(path: Path, volume_size: Sequence[int] = DEFAULT_VOLUME_SIZE) ->
     try:
         return preprocess_transform(volume_size)({"image": str(path)})["image"]
     except Exception as err:
-        raise DataError(path, f"cannot preprocess ({_first_line(err)})") from err
+        raise _preprocess_error(path, err) from err
 
 
 # --- command line --------------------------------------------------------------------------------------------------
@@ -738,7 +893,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="share of cases in test (stratified split)")
     group.add_argument("--split-seed", type=int, default=DEFAULT_SPLIT_SEED, help="seed of the stratified split")
     group.add_argument("--skip-bad", action="store_true",
-                       help="skip and count cases with a missing FLAIR, a bad NIfTI or a missing/empty report")
+                       help="skip and count cases with a missing FLAIR, a bad NIfTI, a missing/empty report or "
+                            "(when training) voxels that are NaN, all zero, constant or hold no brain")
     group.add_argument("--volume-size", type=positive_int, nargs=3, default=list(DEFAULT_VOLUME_SIZE),
                        metavar=("D", "H", "W"), help="preprocessed volume size (default 64 128 128, the seed's)")
     return parser
@@ -784,6 +940,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 __all__ = ["Case", "Cases", "BrainVolumes", "load_cases", "report_side", "healthy_report", "official_split",
            "side_stratified_split", "save_split", "check_nifti", "find_flair", "check_volume_size",
            "parse_volume_size", "preprocess_transform", "cache_key", "make_dataset", "stack_volumes", "load_volume",
+           "split_volumes", "check_voxels", "BadVolume",
            "add_data_args", "cases_from_args", "packaged_file", "mirror_report", "mirror_volumes",
            "LeftRightMirror", "DEFAULT_VOLUME_SIZE", "SIDES", "SPLITS",
            "HEALTHY_TEMPLATES"]

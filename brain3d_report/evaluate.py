@@ -28,6 +28,7 @@ the bootstrap counts and notes; ``results.md`` (``results_<split>.md``), the tab
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import warnings
@@ -123,7 +124,7 @@ def read_predictions(path: Path) -> list[dict[str, Any]]:
     records = read_jsonl(path)
     if not records:
         raise DataError(path, "holds no predictions")
-    seen: set[str] = set()
+    seen: dict[str, int] = {}
     for k, record in enumerate(records, 1):
         for key, kind in REQUIRED_FIELDS.items():
             if not isinstance(record.get(key), kind):
@@ -132,9 +133,77 @@ def read_predictions(path: Path) -> list[dict[str, Any]]:
         if not record["reference"].strip():
             raise DataError(path, f"record {k} ({record['id']}) has an empty reference; nothing to score against")
         if record["id"] in seen:
-            raise DataError(path, f"case {record['id']} appears twice")
-        seen.add(record["id"])
+            raise DataError(path, f"case {record['id']} appears twice (records {seen[record['id']]} and {k})")
+        seen[record["id"]] = k
     return records
+
+
+def settings_path(predictions: Path) -> Path:
+    """The settings file ``brain3d_report.generate`` writes beside a predictions JSONL."""
+    return predictions.with_name(predictions.name.removesuffix(".jsonl") + ".meta.json")
+
+
+def _settings(path: Path) -> dict[str, Any] | None:
+    sidecar = settings_path(path)
+    if not sidecar.is_file():
+        return None
+    try:
+        settings = json.loads(sidecar.read_text(encoding="utf-8")).get("settings")
+    except (ValueError, UnicodeDecodeError, AttributeError) as err:
+        raise DataError(sidecar, f"not a settings file of brain3d_report.generate ({type(err).__name__})") from err
+    if not isinstance(settings, dict):
+        raise DataError(sidecar, "has no 'settings' object")
+    return settings
+
+
+def check_control(path: Path, records: Sequence[dict[str, Any]], control_path: Path,
+                  control: Sequence[dict[str, Any]]) -> None:
+    """Refuse a shuffled control that is not the predictions' own: made by another model, other decoding or
+    preprocessing (read from the two settings files), or over other cases.
+
+    The control answers one question, whether the reports depend on the volume, and only a control generated
+    exactly like the predictions, on the same cases, answers it; any other difference leaks into the comparison.
+
+    Raises:
+        DataError: naming both files and what differs.
+    """
+    ours, theirs = _settings(path), _settings(control_path)
+    if (ours is None) != (theirs is None):
+        missing = settings_path(path if ours is None else control_path)
+        raise DataError(missing, f"missing, so {control_path.name} cannot be checked against {path.name}; generate "
+                                 "both again")
+    if ours is not None:
+        if ours.get("shuffled") or not theirs.get("shuffled"):
+            raise DataError(control_path, f"is not the shuffled control of {path} (shuffled: "
+                                          f"{theirs.get('shuffled')} vs {ours.get('shuffled')})")
+        differ = sorted(k for k in set(ours) | set(theirs) if k != "shuffled" and ours.get(k) != theirs.get(k))
+        if differ:
+            shown = "; ".join(f"{k} {_short(theirs.get(k))} vs {_short(ours.get(k))}" for k in differ)
+            raise DataError(control_path, f"generated unlike {path}: {shown}; regenerate the control with the "
+                                          "same run and decoding")
+    ids, control_ids = {r["id"] for r in records}, {r["id"] for r in control}
+    if ids != control_ids:
+        extra, missing = sorted(control_ids - ids), sorted(ids - control_ids)
+        raise DataError(control_path, f"covers other cases than {path}: {len(extra)} extra (e.g. "
+                                      f"{', '.join(extra[:2]) or '-'}), {len(missing)} missing (e.g. "
+                                      f"{', '.join(missing[:2]) or '-'})")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 40 else text[:12] + "..."
+
+
+def read_run_predictions(run_dir: Path, split: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """The records of ``<split>.jsonl`` and, when present, of its checked shuffled control."""
+    path = predictions_path(run_dir, split)
+    records = read_predictions(path)
+    control_path = predictions_path(run_dir, f"{split}_shuffled")
+    if not control_path.is_file():
+        return records, None
+    control = read_predictions(control_path)
+    check_control(path, records, control_path, control)
+    return records, control
 
 
 # --- scoring -----------------------------------------------------------------------------------------------------
@@ -312,9 +381,8 @@ def evaluate_run(run_dir: Path, split: str, scorer: TextScorer, *, n_boot: int =
         raise DataError(run_dir, "run directory does not exist")
     recover_results(run_dir)
     path = predictions_path(run_dir, split)
-    records = read_predictions(path)
     shuffled_path = predictions_path(run_dir, f"{split}_shuffled")
-    shuffled = read_predictions(shuffled_path) if shuffled_path.is_file() else None
+    records, shuffled = read_run_predictions(run_dir, split)
     bootstrap = {"n_boot": n_boot, "n_boot_corpus": n_boot_corpus, "n_boot_meteor": n_boot_meteor, "seed": seed}
     groups = score_records(records, scorer, **bootstrap)
     groups_shuffled = score_records(shuffled, scorer, **bootstrap) if shuffled else None
@@ -373,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     require(args, run_dir="the run whose predictions are scored")
     if not args.split or "/" in args.split or args.split.startswith("."):
         raise ConfigError("--split", f"{args.split!r} is not a predictions file name")
-    read_predictions(predictions_path(args.run_dir, args.split))  # a bad file fails before any scorer loads
+    read_run_predictions(args.run_dir, args.split)  # a bad file or control fails before any scorer loads
     with make_scorer(args) as scorer:
         summary = evaluate_run(args.run_dir, args.split, scorer, n_boot=args.n_boot,
                                n_boot_corpus=args.n_boot_corpus, n_boot_meteor=args.n_boot_meteor, seed=args.seed)
@@ -382,8 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = ["GROUPS", "CORPUS_KEYS", "CLINICAL_KEYS", "LESION_KEYS", "GroupScores", "read_predictions",
-           "score_records", "per_case_frame", "comparison_table", "ci_text", "evaluate_run",
-           "add_scoring_args", "make_scorer", "predictions_path"]
+           "score_records", "per_case_frame", "check_control", "read_run_predictions", "comparison_table", "ci_text",
+           "evaluate_run", "add_scoring_args", "make_scorer", "predictions_path"]
 
 
 if __name__ == "__main__":

@@ -332,9 +332,10 @@ def split_items(cases: Cases, split: str) -> list[dict[str, Any]]:
 
 
 def input_items(input_file: Path | None, input_dir: Path | None) -> list[dict[str, Any]]:
-    """Items of ``--input`` or ``--input-dir``; every NIfTI header is checked before anything is generated."""
+    """Items of ``--input`` or ``--input-dir``; every NIfTI (header and voxels) is checked before anything is
+    written."""
     if input_file is not None:
-        check_nifti(input_file)
+        check_nifti(input_file, voxels=True)
         return [{"id": nifti_id(input_file), "reference": "", "healthy": None, "side": None, "flair": input_file}]
     if not input_dir.is_dir():
         raise DataError(input_dir, "--input-dir does not exist or is not a directory")
@@ -342,7 +343,7 @@ def input_items(input_file: Path | None, input_dir: Path | None) -> list[dict[st
     if files:
         items = []
         for path in files:
-            check_nifti(path)
+            check_nifti(path, voxels=True)
             items.append({"id": nifti_id(path), "reference": "", "healthy": None, "side": None, "flair": path})
         ids = [item["id"] for item in items]
         twice = sorted({i for i in ids if ids.count(i) > 1})
@@ -350,6 +351,8 @@ def input_items(input_file: Path | None, input_dir: Path | None) -> list[dict[st
             raise DataError(input_dir, f"two files for id {twice[0]} (.nii and .nii.gz?); keep one")
         return items
     cases = load_cases(input_dir, split=None, require_reports=False)
+    for case in cases:
+        check_nifti(case.flair, voxels=True)
     return [{"id": c.id, "reference": c.report, "healthy": c.healthy,
              "side": report_side(c.report) if c.report else None, "flair": c.flair} for c in cases]
 

@@ -42,11 +42,10 @@ from brain3d_report.data import (
     LeftRightMirror,
     add_data_args,
     cases_from_args,
-    make_dataset,
     mirror_report,
     mirror_volumes,
     save_split,
-    stack_volumes,
+    split_volumes,
 )
 from brain3d_report.lm_pretrain import ARCHIVE_FILE, load_report_archive, pretrain_language_model, pretraining_corpus
 from brain3d_report.lm_pretrain import DEFAULT_STEPS as DEFAULT_LM_PRETRAIN_STEPS
@@ -579,10 +578,6 @@ def _cases(args: argparse.Namespace) -> Cases:
     return cases_from_args(args)
 
 
-def _volumes(cases, args, cache_root: Path) -> torch.Tensor:
-    return stack_volumes(make_dataset(cases, args.volume_size, cache_root))
-
-
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
@@ -596,6 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = config_from_args(args)
     device = check_run_setup(config, args.output_dir)
     cache_root = args.volume_cache or default_cache_root(args.cache_dir, "volumes")
+    cases = _cases(args)  # headers, reports and the split: refused before a model is built
 
     if args.init is None:
         if args.stage != "contrastive":
@@ -620,11 +616,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.lm_pretrain_steps != "auto":
             raise ConfigError("--lm-pretrain-steps", "a quantized LM cannot be pre-trained; pass 0")
         lm_steps = 0
-    cases = _cases(args)
+    inputs = split_volumes(cases, ("train", "val"), args.volume_size, cache_root, args.skip_bad)
     parts = {name: cases.split(name) for name in ("train", "val")}
     for name, part in parts.items():
         if not part:
-            raise DataError(cases.source, f"the {name} split is empty ({len(cases)} cases); use more data")
+            raise DataError(cases.source, f"the {name} split is empty ({len(cases)} cases, {len(cases.skipped)} "
+                                          "skipped); use more data")
     if args.stage == "warmup" and lm_steps and not model.model_config.get("lm_pretrain"):
         source, archive = lm_corpus(args.lm_corpus, Path(args.data_root))
         healthy_share = sum(c.healthy for c in parts["train"]) / len(parts["train"])
@@ -646,7 +643,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             model.gradient_checkpointing_enable()
     log.info("stage %s: %d trainable parameters", args.stage, sum(p.numel() for p in trainable.values()))
 
-    inputs = {name: _volumes(part, args, cache_root) for name, part in parts.items()}
     flip = resolve_flip_augment(args.flip_augment, args.stage, model.model_config["lm"], model.model_config["vision"])
     mirrored = mirror_volumes(inputs["train"]) if flip != "off" else None
     if args.stage != "contrastive":  # the encoder is frozen from here on: each volume is encoded once

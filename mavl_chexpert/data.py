@@ -187,12 +187,21 @@ def load_table(data_root: Path, csv_name: str | Path, labels: tuple[str, ...] | 
 
 
 def sample_patients(table: Table, fraction: float, seed: int) -> Table:
-    """Keep a random ``fraction`` of the patients (all their images), as the seed's 30% sample but by patient."""
+    """Keep a random ``fraction`` of the patients (all their images), as the seed's 30% sample but by patient.
+
+    Raises:
+        ConfigError: on ``--sample-frac`` when the fraction keeps fewer than two patients (one for training, one for
+            validation); it used to be raised to two quietly, and the empty split that followed blamed train.csv.
+    """
     if fraction >= 1.0:
         return table
     patients = np.unique(table.patients)
     rng = np.random.default_rng(seed)
-    count = max(2, int(round(fraction * len(patients))))
+    count = int(round(fraction * len(patients)))
+    if count < 2:
+        raise ConfigError("--sample-frac", f"{fraction:g} of the {len(patients)} patients of {table.csv} keeps "
+                                           f"{count}; training and validation need at least 2 (use at least "
+                                           f"{2 / len(patients):.3g})")
     chosen = set(rng.choice(patients, size=min(count, len(patients)), replace=False).tolist())
     return table.take(np.flatnonzero([p in chosen for p in table.patients]))
 

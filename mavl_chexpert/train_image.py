@@ -205,7 +205,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     assignments = split_patients(table, args.val_fraction, args.seed)
     train_idx, val_idx = np.flatnonzero(assignments == "train"), np.flatnonzero(assignments == "val")
     if len(train_idx) == 0 or len(val_idx) == 0:
-        raise DataError(table.csv, f"{len(np.unique(table.patients))} patients leave an empty train or val split; "
+        patients = len(np.unique(table.patients))
+        if args.sample_frac < 1:  # the sample, not the file, is what left too few patients
+            raise ConfigError("--sample-frac", f"{args.sample_frac:g} keeps {patients} patients of {table.csv}, "
+                                               "too few for a train and a val split; raise it")
+        raise DataError(table.csv, f"{patients} patients leave an empty train or val split; "
                                    "use more data or change --val-fraction")
     log.info("train %d images, val %d images (%d patients)", len(train_idx), len(val_idx),
              len(np.unique(table.patients)))

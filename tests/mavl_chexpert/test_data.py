@@ -123,3 +123,19 @@ def test_the_real_chexpert_train_csv_parses(tmp_path):
     frontal = load_table(root, real, "competition", "per-class", "frontal")
     assert len(frontal) == int((frame["Frontal/Lateral"] == "Frontal").sum()) == 191_027
     assert all(str(p).startswith(str(root / "train" / "patient")) for p in frontal.paths[:100])
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.01])
+def test_a_sample_fraction_that_keeps_fewer_than_two_patients_names_the_flag(chexpert_phantom, tmp_path, capsys,
+                                                                              fraction):
+    from mavl_chexpert import train_image
+
+    table = load_table(chexpert_phantom, "train.csv")
+    with pytest.raises(ConfigError) as info:
+        sample_patients(table, fraction, seed=0)
+    assert info.value.source == "--sample-frac" and f"keeps {round(fraction * 120)};" in info.value.message
+    assert train_image.main(["--data-root", str(chexpert_phantom), "--output-dir", str(tmp_path / "run"),
+                             "--sample-frac", str(fraction)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --sample-frac: ") and "at least 2" in err[0], err
+    assert not (tmp_path / "run").exists()
