@@ -14,7 +14,8 @@ from common.feature_cache import FeatureCache
 from common.phantoms.histology import write_histology
 from pathology_brats import evaluate, train
 from pathology_brats.captions import read_captions
-from pathology_brats.encoder import cache_for, check_image_tokens, encode_tiles, load_tile_encoder, preprocess
+from pathology_brats.encoder import cache_for, check_image_tokens, load_tile_encoder, preprocess
+from pathology_brats.extract import encode_tiles
 from pathology_brats.model import TileCaptionClassifier
 from pathology_brats.scoring import challenge_scores
 
@@ -61,7 +62,7 @@ def test_features_are_cached_and_a_rerun_encodes_only_what_is_missing(histology,
     original = encoder.forward
     monkeypatch.setattr(encoder, "forward", lambda x: calls.append(len(x)) or original(x))
     again, _ = encode_tiles(encoder, paths, cache_for(encoder, tmp_path, "imagenet"), torch.device("cpu"))
-    assert calls == [2] and torch.equal(again[:4], first)
+    assert calls == [2] and torch.equal(again[:4].tensor(), first.tensor())
     # Another feature size under the same cache folder and name is refused, not mixed in.
     with pytest.raises(DataError, match="does not match this encoder"):
         FeatureCache(tmp_path, cache.directory.name, {**cache.meta, "dim": "1536"})
