@@ -68,9 +68,9 @@ def caption_tokens(texts: Sequence[str], encoder_name: str, cache_root: Path, hu
     extract command); ``read_back=False`` returns None instead of the view (before the other processes finish)."""
     cache = text_cache(encoder_name, cache_root, writer)
     keys = [text_digest(t) for t in texts]
-    missing = set(cache.missing(keys))
-    if missing:
-        todo = list(dict.fromkeys(t for t, k in zip(texts, keys) if k in missing))[rank::world]
+    if cache.missing(keys):
+        # The share is taken before looking at the cache: other processes write into it meanwhile.
+        todo = [t for t in list(dict.fromkeys(texts))[rank::world] if text_digest(t) not in cache]
         if todo:
             log.info("encoding %d caption(s) with %s on %s", len(todo), encoder_name, device)
             encoder = load_text_encoder(encoder_name, cache_dir=hub_cache, device=device)

@@ -139,9 +139,10 @@ def extract_tiles(encoder: TileEncoder, paths: Sequence[Path], cache: FeatureCac
         digests, _ = tile_digests(paths, skip_bad)
     first: dict[str, int] = {}
     for i, digest in enumerate(digests):
-        if digest is not None and digest not in cache and digest not in first:
+        if digest is not None and digest not in first:
             first[digest] = i
-    todo = list(first.values())[rank::world]
+    # The share is taken before looking at the cache: other processes write into it meanwhile.
+    todo = [i for i in list(first.values())[rank::world] if digests[i] not in cache]
     if not todo:
         return []
     log.info("encoding %d tiles with %s%s (%d cached)", len(todo), encoder.name,
@@ -231,7 +232,7 @@ def pixel_tiles(paths: list[Path], skip_bad: bool = False) -> tuple[torch.Tensor
 # --- the command ---------------------------------------------------------------------------------------------------
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parent = base_parser(device=True, cache_dir=True)
+    parent = base_parser(device=True, cache_dir=True, seed=True)
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", type=Path, default=None, help="ROOT/<CLS>/*.jpg (the labelled tiles)")
@@ -287,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rank, world = state.process_index, state.num_processes
     writer = f"r{rank}" if world > 1 else ""
     root = args.feature_cache or default_feature_cache(args.cache_dir)
+    # Every process builds the same weights where they are random (the tiny twins), so their shards agree.
+    torch.manual_seed(args.seed)
     encoder = load_tile_encoder(args.encoder, args.image_tokens)
     digests, missing_files = tile_digests(paths, args.skip_bad)
     bad: set[int] = set(missing_files)
@@ -306,15 +309,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         caption_tokens(texts, args.text_encoder, root, args.cache_dir, device=device, rank=rank, world=world,
                        writer=writer, read_back=False)
     state.wait_for_everyone()
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        bad = set(gather_object(sorted(bad)))
     if state.is_main_process:
         lacking = 0
         for view in range(args.tta):
             cache = view_cache(encoder, root, args.normalize, view)
             lacking += len(cache.missing([d for i, d in enumerate(digests) if d is not None and i not in bad]))
-        if lacking and world == 1:
+        if lacking:
             raise DataError(root, f"{lacking} tile feature(s) still missing after extraction")
         print(f"features of {len(paths) - len(bad)} tile(s) x {args.tta} view(s) cached in {root}"
-              + (f" ({lacking} still missing: another process skipped unreadable tiles)" if lacking else "")
               + (f", {len(bad)} unreadable" if bad else "")
               + (f"; token states of {len(set(texts))} caption(s)" if texts is not None else ""))
     return 0
