@@ -26,6 +26,9 @@ dihedral=k)`` or ``view_features``).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -57,6 +60,25 @@ DIHEDRAL = 8
 """Views of the dihedral group of the square: 4 rotations, each with and without a horizontal flip."""
 SHARD_TILES = 256
 """Tiles per written shard: 7.5 MiB of Prov-GigaPath features (5 x 1536 float32); a kill loses at most these."""
+
+
+M_MMAP_THRESHOLD = -3
+"""glibc's ``mallopt`` parameter: allocations at least this large are mmapped, and unmapped when freed."""
+
+
+@functools.cache
+def fixed_mmap_threshold(size: int = 1 << 20) -> bool:
+    """Fix glibc's mmap threshold (once per process; Linux with glibc only, else nothing).
+
+    By default glibc raises the threshold to the size of each large block freed (up to 32 MiB), so after the
+    first batch the 19 MiB float buffers of each normalised batch come from the heap, which fragments and keeps
+    its high-water mark: measured +300 to +450 MiB of peak RSS over 4,000 tiles with a decoding worker, varying
+    from run to run, against +100 MiB with the threshold fixed at 1 MiB. Process-wide, as the setting is."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(size)))
+    except (OSError, AttributeError):
+        return False
 
 
 def dihedral(pixels: torch.Tensor, k: int) -> torch.Tensor:
@@ -151,6 +173,7 @@ def extract_tiles(encoder: TileEncoder, paths: Sequence[Path], cache: FeatureCac
     loader = DataLoader(TileCrops([paths[i] for i in todo], encoder.preprocessing, dihedral_view),
                         batch_size=batch_size, num_workers=min(workers, max(0, len(todo) // batch_size)),
                         collate_fn=_collate, pin_memory=device.type == "cuda")
+    fixed_mmap_threshold()
     encoder.eval().to(device)
     autocast = torch.autocast(device.type, dtype=compute_dtype(device), enabled=device.type == "cuda")
     bad: list[int] = []
@@ -326,8 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["DIHEDRAL", "SHARD_TILES", "dihedral", "view_cache", "default_workers", "TileCrops", "tile_digests",
-           "extract_tiles", "encode_tiles", "view_features", "pixel_tiles"]
+__all__ = ["DIHEDRAL", "SHARD_TILES", "fixed_mmap_threshold", "dihedral", "view_cache", "default_workers",
+           "TileCrops", "tile_digests", "extract_tiles", "encode_tiles", "view_features", "pixel_tiles"]
 
 
 if __name__ == "__main__":
