@@ -24,7 +24,7 @@ import torch
 
 from common.checkpoint import read_csv, read_jsonl
 from common.errors import DataError
-from common.feature_cache import FeatureCache, text_digest
+from common.feature_cache import CachedTensors, FeatureCache, text_digest
 from common.text_encoders import load_text_encoder
 
 log = logging.getLogger("medvl.pathology_brats")
@@ -117,25 +117,40 @@ def check_captions(captions: dict[str, str], known: Sequence[str], needed: Seque
     return found
 
 
-def caption_tokens(texts: Sequence[str], encoder_name: str, cache_root: Path,
-                   hub_cache: Path | None = None) -> list[torch.Tensor]:
-    """(L_i, D) token states of each text, from the cache or computed once with the frozen encoder."""
-    cache = FeatureCache(cache_root, f"text-{encoder_name.replace('/', '_')}-{MAX_TOKENS}",
-                         {"encoder": encoder_name, "max_tokens": str(MAX_TOKENS)})
+def text_cache(encoder_name: str, cache_root: Path, writer: str = "", dim: int | None = None) -> FeatureCache:
+    """The cache of ``encoder_name``'s caption token states (float16 (L, D) rows, keyed by caption text)."""
+    return FeatureCache(cache_root, f"text-{encoder_name.replace('/', '_')}-{MAX_TOKENS}",
+                        {"encoder": encoder_name, "max_tokens": str(MAX_TOKENS)}, writer=writer,
+                        row_shape=(None, dim) if dim is not None else None)
+
+
+def caption_tokens(texts: Sequence[str], encoder_name: str, cache_root: Path, hub_cache: Path | None = None, *,
+                   device: str | torch.device = "cpu", batch_size: int = 256, rank: int = 0, world: int = 1,
+                   writer: str = "", read_back: bool = True) -> CachedTensors | None:
+    """Lazy (L_i, D) float32 token states of each text (a ragged ``CachedTensors``), the missing ones computed
+    first with the frozen encoder on ``device``, ``batch_size`` texts at a time, each batch written as a float16
+    shard as it comes (never all held at once). ``rank::world`` splits the missing texts between processes (the
+    extract command); ``read_back=False`` returns None instead of the view (before the other processes finish)."""
+    cache = text_cache(encoder_name, cache_root, writer)
     keys = [text_digest(t) for t in texts]
-    missing = set(cache.missing(keys))
-    if missing:
-        encoder = load_text_encoder(encoder_name, cache_dir=hub_cache)
-        todo = list(dict.fromkeys(t for t, k in zip(texts, keys) if k in missing))
-        for start in range(0, len(todo), 256):
-            chunk = todo[start : start + 256]
-            states = encoder.token_states(chunk, MAX_TOKENS)
-            cache.add({text_digest(t): s.half() for t, s in zip(chunk, states)})
-    return [t.float() for t in cache.get(keys)]
+    if cache.missing(keys):
+        # The share is taken before looking at the cache: other processes write into it meanwhile.
+        todo = [t for t in list(dict.fromkeys(texts))[rank::world] if text_digest(t) not in cache]
+        if todo:
+            log.info("encoding %d caption(s) with %s on %s", len(todo), encoder_name, device)
+            encoder = load_text_encoder(encoder_name, cache_dir=hub_cache, device=device)
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start : start + batch_size]
+                states = encoder.token_states(chunk, MAX_TOKENS)
+                cache.add({text_digest(t): s.half() for t, s in zip(chunk, states)})
+    return cache.view(keys, torch.float32, ragged=True) if read_back else None
 
 
 def pad_tokens(tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, L, D) zero-padded states and the (N, L) mask of real tokens."""
+    """(N, L, D) zero-padded states and the (N, L) mask of real tokens (L: the longest of these; the
+    ``TileDataset`` pads each batch to its own longest caption)."""
+    if not tokens:
+        return torch.zeros(0, 0, 1), torch.zeros(0, 0, dtype=torch.bool)
     longest = max(len(t) for t in tokens)
     out = torch.zeros(len(tokens), longest, tokens[0].shape[-1])
     mask = torch.zeros(len(tokens), longest, dtype=torch.bool)
@@ -145,5 +160,5 @@ def pad_tokens(tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, mask
 
 
-__all__ = ["MAX_TOKENS", "CSV_CAPTION_COLUMNS", "read_captions", "match_captions", "check_captions", "caption_tokens",
-           "pad_tokens"]
+__all__ = ["MAX_TOKENS", "CSV_CAPTION_COLUMNS", "read_captions", "match_captions", "check_captions", "text_cache",
+           "caption_tokens", "pad_tokens"]

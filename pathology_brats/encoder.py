@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common.errors import ConfigError, DataError
-from common.feature_cache import FeatureCache, file_digest
+from common.feature_cache import FeatureCache
 from common.images import IMAGENET_MEAN, IMAGENET_STD
 from common.images import read_rgb as read_image_rgb
 from common.presets import get_preset, preset_names, timm_arguments
@@ -477,70 +477,8 @@ def cache_for(encoder: TileEncoder, root: Path, normalize: str) -> FeatureCache:
                                               encoder.preprocessing.to_json(), sort_keys=True)})
 
 
-@torch.no_grad()
-def encode_tiles(encoder: TileEncoder, paths: list[Path], cache: FeatureCache, device: torch.device,
-                 normalize: str = "imagenet", batch_size: int = 32,
-                 skip_bad: bool = False) -> tuple[torch.Tensor, np.ndarray]:
-    """(features (N, T, D) float32, indices of ``paths`` kept): cached ones read, the rest encoded and cached.
-
-    A file that does not decode stops with its name, or with ``skip_bad`` is left out (and counted).
-    """
-    digests = [file_digest(p) if Path(p).is_file() else None for p in paths]
-    kept, bad = [], []
-    for i, (path, digest) in enumerate(zip(paths, digests)):
-        if digest is None:
-            if not skip_bad:
-                raise DataError(path, "image file not found")
-            bad.append(i)
-        else:
-            kept.append(i)
-    todo = [i for i in kept if digests[i] in set(cache.missing([digests[j] for j in kept]))]
-    seen: set[str] = set()
-    todo = [i for i in todo if not (digests[i] in seen or seen.add(digests[i]))]
-    if todo:
-        log.info("encoding %d tiles with %s (%d cached)", len(todo), encoder.name, len(kept) - len(todo))
-    encoder.eval().to(device)
-    for start in range(0, len(todo), batch_size):
-        chunk, images = [], []
-        for i in todo[start : start + batch_size]:
-            try:
-                images.append(preprocess(read_rgb(paths[i]), normalize))
-                chunk.append(i)
-            except DataError:
-                if not skip_bad:
-                    raise
-                bad.append(i)
-        if chunk:
-            tokens = encoder(torch.stack(images).to(device)).float().cpu()
-            cache.add({digests[i]: t for i, t in zip(chunk, tokens)})
-    bad_set = set(bad)
-    kept = [i for i in kept if i not in bad_set and digests[i] not in cache.missing([digests[i]])]
-    if bad:
-        log.warning("skipped %d unreadable image(s) (--skip-bad)", len(bad_set))
-    if not kept:
-        return torch.zeros(0, encoder.image_tokens, encoder.dim), np.zeros(0, dtype=np.int64)
-    return torch.stack(cache.get([digests[i] for i in kept])), np.asarray(kept, dtype=np.int64)
-
-
 __all__ = ["ENCODERS", "NORMALIZATIONS", "DEFAULT_NORMALIZE", "TileEncoder", "TilePreprocessing",
            "PROV_GIGAPATH_PREPROCESSING", "HFDinov2Backbone", "load_tile_encoder", "encoder_preprocessing",
            "preset_preprocessing", "run_preprocessing", "weights_fingerprint", "add_lora", "LORA_TARGETS",
-           "preprocess", "crop_pixels", "normalize_pixels", "read_rgb", "cache_for", "encode_tiles",
-           "check_image_tokens", "pixel_tiles"]
+           "preprocess", "crop_pixels", "normalize_pixels", "read_rgb", "cache_for", "check_image_tokens"]
 
-
-def pixel_tiles(paths: list[Path], skip_bad: bool = False) -> tuple[torch.Tensor, np.ndarray]:
-    """(N, 3, 224, 224) uint8 crops of ``paths`` for training through the encoder, and the indices kept."""
-    crops, kept = [], []
-    for i, path in enumerate(paths):
-        try:
-            crops.append(crop_pixels(read_rgb(path)))
-            kept.append(i)
-        except DataError:
-            if not skip_bad:
-                raise
-    if len(kept) < len(paths):
-        log.warning("skipped %d unreadable image(s) (--skip-bad)", len(paths) - len(kept))
-    if not crops:
-        return torch.zeros(0, 3, CROP, CROP, dtype=torch.uint8), np.zeros(0, dtype=np.int64)
-    return torch.stack(crops), np.asarray(kept, dtype=np.int64)

@@ -29,7 +29,7 @@ from common.runs import load_run
 from common.splits import load_split_csv
 from common.tables import markdown_table, metrics_with_ci, write_results
 from pathology_brats.data import Tiles, load_tiles
-from pathology_brats.inference import tile_probabilities
+from pathology_brats.inference import TTA_CHOICES, tile_probabilities
 from pathology_brats.inputs import default_feature_cache
 from pathology_brats.model import build_run_model
 from pathology_brats.schema import get_schema
@@ -43,6 +43,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--split", choices=("test", "val"), default="test")
+    parser.add_argument("--tta", type=int, choices=TTA_CHOICES, default=1,
+                        help="8: average the probabilities over the 8 dihedral views of each tile (4 rotations x flip)")
     parser.add_argument("--feature-cache", type=Path, default=None)
     parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
     return parser
@@ -65,7 +67,7 @@ def split_tiles_of(tiles: Tiles, split_csv: Path, split: str) -> Tiles:
 
 
 def evaluate_run(run_dir: Path, split: str = "test", n_boot: int = 1000, device: str = "auto", seed: int = 0,
-                 cache_dir: Path | None = None, feature_cache: Path | None = None) -> dict:
+                 cache_dir: Path | None = None, feature_cache: Path | None = None, tta: int = 1) -> dict:
     run_dir = Path(run_dir)
     recover_results(run_dir)
     torch_device = pick_device(device)
@@ -81,12 +83,13 @@ def evaluate_run(run_dir: Path, split: str = "test", n_boot: int = 1000, device:
         found = caption_texts(Path(settings["captions"]), tiles.ids, known)
         texts = [found[tile] for tile in tiles.ids]
     cache_root = feature_cache or default_feature_cache(cache_dir)
-    probs, _ = tile_probabilities(run, tiles.paths, texts, torch_device, cache_root, cache_dir)
+    probs, _ = tile_probabilities(run, tiles.paths, texts, torch_device, cache_root, cache_dir, tta=tta)
     predicted = probs.argmax(1)
     keys = SCORER_KEYS[schema.year]
     results = metrics_with_ci(lambda a: challenge_scores(a["y"], a["p"], schema), {"y": tiles.labels, "p": predicted},
                               keys=keys, n_boot=n_boot, seed=seed)
-    results.update({"split": split, "n": len(tiles), "schema": schema.year, "modality": settings["modality"]})
+    results.update({"split": split, "n": len(tiles), "schema": schema.year, "modality": settings["modality"],
+                    "tta": tta})
     rows = []
     for c, code in enumerate(schema.classes):
         one = binary_metrics((tiles.labels == c).astype(int), probs[:, c], threshold=0.5)
@@ -98,7 +101,9 @@ def evaluate_run(run_dir: Path, split: str = "test", n_boot: int = 1000, device:
                      "auroc (probabilities)": one["auroc"]})
     frame = pd.DataFrame({"image": tiles.ids, "label": tiles.labels, "prediction": predicted,
                           **{f"prob_{code}": probs[:, c] for c, code in enumerate(schema.classes)}})
-    title = f"BraTS-Path {schema.year} ({settings['modality']}, {meta['preset']}), {split} split ({len(tiles)} tiles)"
+    views = f", {tta} dihedral views" if tta > 1 else ""
+    title = (f"BraTS-Path {schema.year} ({settings['modality']}, {meta['preset']}), {split} split "
+             f"({len(tiles)} tiles{views})")
     extra = ("Scores as the challenge's GaNDLF scorer computes them (hard predictions, penalty label counted).\n\n"
              "## Per class\n\n" + markdown_table(rows) + f"\n![confusion](figures/confusion_{split}.png)\n")
     with result_set(run_dir) as staging:
@@ -112,7 +117,8 @@ def evaluate_run(run_dir: Path, split: str = "test", n_boot: int = 1000, device:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
-    evaluate_run(args.run_dir, args.split, args.n_boot, args.device, args.seed, args.cache_dir, args.feature_cache)
+    evaluate_run(args.run_dir, args.split, args.n_boot, args.device, args.seed, args.cache_dir, args.feature_cache,
+                 args.tta)
     print((args.run_dir / "results.md").read_text())
     return 0
 

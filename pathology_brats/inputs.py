@@ -7,22 +7,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from common.cli import positive_int, unit_interval
-from common.feature_cache import default_cache_root
+from common.feature_cache import CachedTensors, default_cache_root
 from common.text_encoders import text_presets
 from pathology_brats.captions import caption_tokens, pad_tokens
 from pathology_brats.encoder import (
     DEFAULT_NORMALIZE,
     ENCODERS,
     NORMALIZATIONS,
-    cache_for,
-    encode_tiles,
     load_tile_encoder,
-    pixel_tiles,
     run_preprocessing,
 )
+from pathology_brats.extract import encode_tiles, pixel_tiles, view_cache
 from pathology_brats.schema import SCHEMAS
 
 ENCODER_MODES = ("frozen", "lora", "full")
@@ -65,31 +63,42 @@ def add_input_args(parser: argparse.ArgumentParser) -> None:
 
 
 def image_inputs(paths: list[Path], settings: dict, device: torch.device, cache_root: Path,
-                 skip_bad: bool) -> tuple[torch.Tensor, np.ndarray]:
-    """(N, T, D) frozen tile features of ``paths`` (cached), or (N, 3, 224, 224) uint8 crops when the encoder
-    trains (``encoder_mode`` lora or full), and the indices kept."""
+                 skip_bad: bool, dihedral: int = 0,
+                 num_workers: int | None = None) -> tuple[CachedTensors | torch.Tensor, np.ndarray]:
+    """Lazy (N, T, D) frozen tile features of ``paths`` (a ``CachedTensors``, encoded and cached where missing),
+    or (N, 3, 224, 224) uint8 crops when the encoder trains (``encoder_mode`` lora or full), and the indices kept.
+
+    ``dihedral`` = k picks the k-th dihedral view of every tile (``pathology_brats.extract.dihedral``), each view
+    cached on its own: test-time augmentation averages the probabilities of k = 0 .. 7."""
     if settings.get("encoder_mode", "frozen") != "frozen":
-        return pixel_tiles(paths, skip_bad)
+        return pixel_tiles(paths, skip_bad, run_preprocessing(settings.get("preprocessing")))
     encoder = load_tile_encoder(settings["encoder"], settings["image_tokens"])
     encoder.preprocessing = run_preprocessing(settings.get("preprocessing"))  # the run's own (old runs: GigaPath's)
-    return encode_tiles(encoder, paths, cache_for(encoder, cache_root, settings["normalize"]), device,
-                        settings["normalize"], skip_bad=skip_bad)
+    cache = view_cache(encoder, cache_root, settings["normalize"], dihedral)
+    return encode_tiles(encoder, paths, cache, device, settings["normalize"], skip_bad=skip_bad,
+                        num_workers=num_workers, dihedral_view=dihedral)
 
 
-def text_inputs(texts: list[str], settings: dict, cache_root: Path,
-                hub_cache: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
-    return pad_tokens(caption_tokens(texts, settings["text_encoder"], cache_root, hub_cache))
+def text_inputs(texts: list[str], settings: dict, cache_root: Path, hub_cache: Path | None,
+                device: str | torch.device = "cpu") -> tuple[CachedTensors, None]:
+    """(lazy ragged (L_i, D) caption token states, None): no global padding or mask any more; a ``TileDataset``
+    pads each batch to its longest caption and builds that batch's mask. The text encoder runs on ``device``."""
+    return caption_tokens(texts, settings["text_encoder"], cache_root, hub_cache, device=device), None
 
 
 class TileDataset(Dataset):
-    """``{"image" or "pixels", "text", "text_mask", "label"}`` rows of precomputed tensors (a stream may be absent).
+    """``{"image" or "pixels", "text", "text_mask", "label"}`` rows (a stream may be absent).
 
-    ``image`` holds frozen features (N, T, D); uint8 crops (N, 3, H, W) go in as ``pixels`` and, with ``augment``,
-    get histology-valid augmentation: flips, 90-degree rotations and a mild colour (stain) jitter.
+    ``image`` holds frozen features (N, T, D): a tensor or a lazy ``CachedTensors`` read a batch at a time; uint8
+    crops (N, 3, H, W) go in as ``pixels`` and, with ``augment``, get histology-valid augmentation: flips, 90-degree
+    rotations and a mild colour (stain) jitter. ``text`` is a padded tensor with its ``text_mask``, or a ragged
+    ``CachedTensors`` (no mask): then a batch read through ``__getitems__`` (what a batched DataLoader calls) is
+    padded to its own longest caption, and ``collate`` pads rows fetched one by one the same way.
     """
 
-    def __init__(self, labels: np.ndarray, image: torch.Tensor | None = None, text: torch.Tensor | None = None,
-                 text_mask: torch.Tensor | None = None, augment: bool = False):
+    def __init__(self, labels: np.ndarray, image: torch.Tensor | CachedTensors | None = None,
+                 text: torch.Tensor | CachedTensors | None = None, text_mask: torch.Tensor | None = None,
+                 augment: bool = False):
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         self.text, self.text_mask = text, text_mask
         self.pixels = image if image is not None and image.dtype == torch.uint8 else None
@@ -103,21 +112,61 @@ class TileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def _pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.augment:
+            pixels = torch.rot90(pixels, int(torch.randint(4, ())), dims=(1, 2))
+            if torch.rand(()) < 0.5:
+                pixels = pixels.flip(2)
+            pixels = self.jitter(pixels)
+        return pixels
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         row = {"label": self.labels[i]}
         if self.image is not None:
             row["image"] = self.image[i]
         if self.pixels is not None:
-            pixels = self.pixels[i]
-            if self.augment:
-                pixels = torch.rot90(pixels, int(torch.randint(4, ())), dims=(1, 2))
-                if torch.rand(()) < 0.5:
-                    pixels = pixels.flip(2)
-                pixels = self.jitter(pixels)
-            row["pixels"] = pixels
-        if self.text is not None:
+            row["pixels"] = self._pixels(self.pixels[i])
+        if isinstance(self.text, CachedTensors):
+            row["text"] = self.text[i]
+            row["text_mask"] = torch.ones(len(row["text"]), dtype=torch.bool)
+        elif self.text is not None:
             row["text"], row["text_mask"] = self.text[i], self.text_mask[i]
         return row
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        """A batch's rows, the lazy streams read together (shard by shard) and the captions padded to the batch's
+        longest, so the default collate stacks them."""
+        lazy_image = isinstance(self.image, CachedTensors)
+        lazy_text = isinstance(self.text, CachedTensors)
+        if not (lazy_image or lazy_text):
+            return [self[i] for i in indices]
+        image = self.image.rows(list(indices)) if lazy_image else None
+        text = mask = None
+        if lazy_text:
+            text, mask = pad_tokens(self.text.rows(list(indices)))
+        rows = []
+        for j, i in enumerate(indices):
+            row = {"label": self.labels[i]}
+            if self.image is not None:
+                row["image"] = image[j] if lazy_image else self.image[i]
+            if self.pixels is not None:
+                row["pixels"] = self._pixels(self.pixels[i])
+            if lazy_text:
+                row["text"], row["text_mask"] = text[j], mask[j]
+            elif self.text is not None:
+                row["text"], row["text_mask"] = self.text[i], self.text_mask[i]
+            rows.append(row)
+        return rows
+
+    @staticmethod
+    def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The default collate, with captions of different lengths padded to the longest of the batch."""
+        if rows and "text" in rows[0] and len({len(r["text"]) for r in rows}) > 1:
+            longest = max(len(r["text"]) for r in rows)
+            rows = [{**r, "text": torch.nn.functional.pad(r["text"], (0, 0, 0, longest - len(r["text"]))),
+                     "text_mask": torch.nn.functional.pad(r["text_mask"], (0, longest - len(r["text_mask"])))}
+                    for r in rows]
+        return default_collate(rows)
 
 
 def forward(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -41,6 +41,33 @@ class CrossBlock(nn.Module):
         return self.norm2(x + self.dropout(self.ffn(x)))
 
 
+def streaming_moments(rows, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and (unbiased) std over every token of ``rows`` (a lazy ``CachedTensors``: (T, D) rows, or
+    ragged (L_i, D) ones, whose tokens are all real: no padding to leave out), read ``batch_size`` rows at a time.
+
+    Each batch's mean and sum of squared deviations are merged in float64 (Chan et al.'s pairwise update), which
+    equals the in-memory two-pass result to float32 precision without holding the tokens."""
+    count, mean, m2 = 0, None, None
+    for batch in rows.batches(batch_size):
+        flat = torch.cat(list(batch)) if isinstance(batch, list) else batch.reshape(-1, batch.shape[-1])
+        flat = flat.double()
+        if not len(flat):
+            continue
+        n, batch_mean = len(flat), flat.mean(0)
+        batch_m2 = ((flat - batch_mean) ** 2).sum(0)
+        if mean is None:
+            count, mean, m2 = n, batch_mean, batch_m2
+            continue
+        delta, total = batch_mean - mean, count + n
+        mean = mean + delta * (n / total)
+        m2 = m2 + batch_m2 + delta**2 * (count * n / total)
+        count = total
+    if mean is None:
+        raise ValueError("no tokens to standardise")
+    std = (m2 / max(count - 1, 1)).sqrt() if count > 1 else torch.full_like(mean, float("nan"))
+    return mean.float(), std.float()
+
+
 class TileCaptionClassifier(nn.Module):
     """Logits (B, C) from image tokens (B, T, Di) and/or caption tokens (B, L, Dt) with their mask."""
 
@@ -75,19 +102,29 @@ class TileCaptionClassifier(nn.Module):
                                                  nn.Linear(pooled, num_classes)) for _ in range(heads))
 
     @torch.no_grad()
-    def fit_standardization(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None,
-                            text_mask: torch.Tensor | None = None) -> None:
-        """Set each stream's per-feature mean and std from training tokens (text padding left out)."""
+    def fit_standardization(self, image=None, text=None, text_mask: torch.Tensor | None = None) -> None:
+        """Set each stream's per-feature mean and std from training tokens (text padding left out).
+
+        Tensors are reduced in memory as before; lazy ``CachedTensors`` (the cached features) in one streaming pass,
+        a batch at a time (``streaming_moments``), so memory does not grow with the number of tiles."""
         if image is not None and self.image_proj is not None:
-            flat = image.reshape(-1, image.shape[-1]).float()
-            self.image_mean.copy_(flat.mean(0))
-            self.image_std.copy_(flat.std(0).clamp_min(1e-6))
+            if isinstance(image, torch.Tensor):
+                flat = image.reshape(-1, image.shape[-1]).float()
+                mean, std = flat.mean(0), flat.std(0)
+            else:
+                mean, std = streaming_moments(image)
+            self.image_mean.copy_(mean)
+            self.image_std.copy_(std.clamp_min(1e-6))
         if text is not None and self.text_proj is not None:
-            flat = text.reshape(-1, text.shape[-1]).float()
-            if text_mask is not None:
-                flat = flat[text_mask.reshape(-1)]
-            self.text_mean.copy_(flat.mean(0))
-            self.text_std.copy_(flat.std(0).clamp_min(1e-6))
+            if isinstance(text, torch.Tensor):
+                flat = text.reshape(-1, text.shape[-1]).float()
+                if text_mask is not None:
+                    flat = flat[text_mask.reshape(-1)]
+                mean, std = flat.mean(0), flat.std(0)
+            else:
+                mean, std = streaming_moments(text)
+            self.text_mean.copy_(mean)
+            self.text_std.copy_(std.clamp_min(1e-6))
 
     def pooled(self, image: torch.Tensor | None, text: torch.Tensor | None,
                text_mask: torch.Tensor | None) -> torch.Tensor:
@@ -168,5 +205,5 @@ def build_run_model(meta: dict) -> nn.Module:
     return EncoderClassifier(encoder, classifier, data["normalize"])
 
 
-__all__ = ["MODALITIES", "DIRECTIONS", "CrossBlock", "TileCaptionClassifier", "EncoderClassifier",
-           "build_classifier", "build_run_model"]
+__all__ = ["MODALITIES", "DIRECTIONS", "streaming_moments", "CrossBlock", "TileCaptionClassifier",
+           "EncoderClassifier", "build_classifier", "build_run_model"]

@@ -31,7 +31,7 @@ from common.runs import load_run
 from pathology_brats.captions import match_captions, read_captions
 from pathology_brats.data import unlabeled_images
 from pathology_brats.encoder import read_rgb
-from pathology_brats.inference import tile_probabilities
+from pathology_brats.inference import TTA_CHOICES, tile_probabilities
 from pathology_brats.inputs import default_feature_cache
 from pathology_brats.model import build_run_model
 from pathology_brats.schema import get_schema
@@ -48,6 +48,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", type=Path, required=True, help="folder of patches (e.g. BraTSPath_Val*.jpg)")
     parser.add_argument("--out", type=Path, required=True, help="the submission CSV to write")
     parser.add_argument("--captions", type=Path, default=None, help="captions JSONL (default: the run's)")
+    parser.add_argument("--tta", type=int, choices=TTA_CHOICES, default=1,
+                        help="8: average the probabilities over the 8 dihedral views of each tile (4 rotations x flip)")
     parser.add_argument("--feature-cache", type=Path, default=None)
     return parser
 
@@ -58,7 +60,7 @@ def skipped_path(out: Path) -> Path:
 
 
 def submission(run_dir: Path, images: Path, out: Path, captions: Path | None = None, device: str = "auto",
-               cache_dir: Path | None = None, feature_cache: Path | None = None) -> pd.DataFrame:
+               cache_dir: Path | None = None, feature_cache: Path | None = None, tta: int = 1) -> pd.DataFrame:
     out, run_dir = Path(out), Path(run_dir)
     if out.is_dir():
         raise ConfigError("--out", f"{out} is a directory; name the CSV file to write")
@@ -78,7 +80,8 @@ def submission(run_dir: Path, images: Path, out: Path, captions: Path | None = N
             log.warning("%d of %d images have no caption in %s; they get an empty one", lacking, len(paths), source)
         texts = [found.get(tile, "") for tile in ids]
     probs, kept = tile_probabilities(run, paths, texts, torch_device,
-                                     feature_cache or default_feature_cache(cache_dir), cache_dir, skip_bad=True)
+                                     feature_cache or default_feature_cache(cache_dir), cache_dir, skip_bad=True,
+                                     tta=tta)
     skipped = [(p.name, unreadable_reason(p)) for i, p in enumerate(paths) if i not in set(kept.tolist())]
     if not len(kept):
         raise DataError(images, f"none of its {len(paths)} image(s) could be read (e.g. {skipped[0][0]}: "
@@ -108,7 +111,7 @@ def unreadable_reason(path: Path) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
     frame = submission(args.run_dir, args.images, args.out, args.captions, args.device, args.cache_dir,
-                       args.feature_cache)
+                       args.feature_cache, args.tta)
     print(f"wrote {args.out}: {len(frame)} rows (unreadable images: {skipped_path(args.out)})")
     return 0
 

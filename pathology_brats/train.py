@@ -169,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_trainable_classes(tiles, schema)
     text = text_mask = None
     if args.modality != "image":
-        text, text_mask = text_inputs([found[tile] for tile in tiles.ids], settings, cache_root, args.cache_dir)
+        text, text_mask = text_inputs([found[tile] for tile in tiles.ids], settings, cache_root, args.cache_dir,
+                                      device)
     assignments = split_tiles(tiles.labels, args.val_fraction, args.test_fraction, args.seed, tiles.groups)
     parts = {name: np.flatnonzero(assignments == name) for name in ("train", "val", "test")}
     for name, index in parts.items():
@@ -215,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          sort_keys=True) + "\n"}
     task = TileTask(meta, weights, schema)
     result = fit(model, optimizer, dataset(parts["train"], augment=True), dataset(parts["val"]), task,
-                 config_from_args(args), args.output_dir, run_files=run_files)
+                 config_from_args(args), args.output_dir, collate_fn=TileDataset.collate, run_files=run_files)
     print(result.summary(args.monitor, args.output_dir))
     return 0
 

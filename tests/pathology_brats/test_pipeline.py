@@ -14,7 +14,8 @@ from common.feature_cache import FeatureCache
 from common.phantoms.histology import write_histology
 from pathology_brats import evaluate, train
 from pathology_brats.captions import read_captions
-from pathology_brats.encoder import cache_for, check_image_tokens, encode_tiles, load_tile_encoder, preprocess
+from pathology_brats.encoder import cache_for, check_image_tokens, load_tile_encoder, preprocess
+from pathology_brats.extract import encode_tiles
 from pathology_brats.model import TileCaptionClassifier
 from pathology_brats.scoring import challenge_scores
 
@@ -61,7 +62,7 @@ def test_features_are_cached_and_a_rerun_encodes_only_what_is_missing(histology,
     original = encoder.forward
     monkeypatch.setattr(encoder, "forward", lambda x: calls.append(len(x)) or original(x))
     again, _ = encode_tiles(encoder, paths, cache_for(encoder, tmp_path, "imagenet"), torch.device("cpu"))
-    assert calls == [2] and torch.equal(again[:4], first)
+    assert calls == [2] and torch.equal(again[:4].tensor(), first.tensor())
     # Another feature size under the same cache folder and name is refused, not mixed in.
     with pytest.raises(DataError, match="does not match this encoder"):
         FeatureCache(tmp_path, cache.directory.name, {**cache.meta, "dim": "1536"})
@@ -321,3 +322,35 @@ def test_real_csv_rows_with_copies_in_two_folders_never_straddle_splits(shared_d
     test_ids = split.loc[split["split"] == "test", "id"].tolist()
     assert results["n"] == len(test_ids)
     assert pd.read_csv(run / "predictions" / "test.csv")["image"].tolist() == test_ids
+
+
+def test_tta_averages_the_eight_dihedral_views(histology, tmp_path):
+    """``--tta 8`` = the mean of the probabilities of the 8 views, each from features of the rotated tile."""
+    from common.runs import load_run
+    from pathology_brats import inference
+    from pathology_brats.extract import dihedral
+    from pathology_brats.inputs import TileDataset
+    from pathology_brats.model import build_run_model
+
+    run = tmp_path / "run"
+    assert train.main([*_small(histology, tmp_path), "--modality", "image", "--output-dir", str(run)]) == 0
+    loaded = load_run(run, "pathology_brats", build_run_model)
+    tiles = sorted((histology / "CT").glob("*.jpg"))[:4]
+    cpu, cache = torch.device("cpu"), tmp_path / "cache"
+    averaged, kept = inference.tile_probabilities(loaded, tiles, None, cpu, cache, None, tta=8)
+    # An independent path: rotate the crops by hand and run the encoder and the classifier on them.
+    encoder = load_tile_encoder(loaded.meta["data"]["encoder"], loaded.meta["data"]["image_tokens"]).eval()
+    from pathology_brats.encoder import crop_pixels, normalize_pixels, read_rgb
+
+    crops = torch.stack([crop_pixels(read_rgb(t), encoder.preprocessing) for t in tiles])
+    views = []
+    with torch.no_grad():
+        for view in range(8):
+            features = encoder(normalize_pixels(dihedral(crops, view), "config", encoder.preprocessing))
+            views.append(inference.predict(loaded.model, TileDataset(np.zeros(4), features)))
+    assert kept.tolist() == [0, 1, 2, 3]
+    np.testing.assert_allclose(averaged, np.mean(views, axis=0), atol=1e-5)
+    assert not np.allclose(views[0], views[1], atol=1e-4)  # the views do differ
+    plain = evaluate.evaluate_run(run, n_boot=10, device="cpu", feature_cache=cache)
+    with_tta = evaluate.evaluate_run(run, n_boot=10, device="cpu", feature_cache=cache, tta=8)
+    assert with_tta["tta"] == 8 and plain["tta"] == 1 and with_tta["n"] == plain["n"]
