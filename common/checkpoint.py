@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import platform
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.errors import DataError
+from common.run_guard import run_lock, try_run_lock
 
 log = logging.getLogger("medvl.checkpoint")
 
@@ -269,33 +271,44 @@ COMMIT_FILE = "COMMIT.json"
 def result_set(run_dir: Path) -> Iterator[Path]:
     """Yield a staging root that mirrors ``run_dir``; on success every file in it replaces its twin together.
 
-    Files are written under ``run_dir/.pending/`` (``predictions/test.csv``, ``results.json`` ...). The commit
-    point is one atomic write of ``.pending/COMMIT.json`` listing them; the files are then renamed into place.
-    A failure before the commit point leaves the old set untouched; a kill after it is finished by
+    Files are written under a staging folder of this writer alone, ``run_dir/.pending-<pid>-<random>/``
+    (``predictions/test.csv``, ``results.json`` ...), while the writer holds the run's lock (``common.run_guard``;
+    re-entrant, so a command that already holds it keeps it, and a second writer stops with one line naming the
+    first). The commit point is one atomic write of ``COMMIT.json`` listing the files; they are then renamed into
+    place. A failure before the commit point leaves the old set untouched; a kill after it is finished by
     ``recover_results``, which every medvl tool calls before it reads or writes a run directory, so the set seen
-    is always the old one or the new one.
+    is always the old one or the new one. A folder on a result file's way that is a symbolic link is refused
+    (one DataError naming it) before the commit point: results are never written through, or dropped at, a link.
     """
     run_dir = Path(run_dir)
-    recover_results(run_dir)
-    with _scratch(run_dir / PENDING_DIR) as pending:
-        yield pending
-    files = sorted(str(p.relative_to(pending)) for p in pending.rglob("*") if p.is_file())
-    try:
-        for name in files:
-            _check_target(run_dir, Path(name))
-    except DataError:
-        shutil.rmtree(pending, ignore_errors=True)
-        raise
-    atomic_write_json(pending / COMMIT_FILE, {"files": files})
-    recover_results(run_dir)
+    with run_lock(run_dir, create=True):
+        recover_results(run_dir)
+        staging = run_dir / f"{PENDING_DIR}-{os.getpid()}-{secrets.token_hex(4)}"
+        with _scratch(staging) as pending:
+            yield pending
+        files = sorted(str(p.relative_to(pending)) for p in pending.rglob("*") if p.is_file())
+        try:
+            for name in files:
+                _check_target(run_dir, Path(name))
+        except DataError:
+            shutil.rmtree(pending, ignore_errors=True)
+            raise
+        atomic_write_json(pending / COMMIT_FILE, {"files": files})
+        recover_results(run_dir)
 
 
 def _check_target(run_dir: Path, name: Path) -> None:
-    """A result file can replace its twin: no folder stands where the file goes, no file where a folder goes."""
+    """A result file can replace its twin: no folder stands where the file goes, no file where a folder goes, no
+    symbolic link where a folder goes."""
     target = run_dir / name
-    if target.is_dir():
+    folders = [run_dir / Path(*name.parts[:k]) for k in range(1, len(name.parts))]
+    for folder in folders:
+        if folder.is_symlink():
+            raise DataError(folder, "is a symbolic link inside the run; results are not written through links "
+                                    "(make it a real folder, or move it away)")
+    if target.is_dir() and not target.is_symlink():
         raise DataError(target, "is a directory where the result file goes; move it away")
-    for parent in list(target.parents)[: len(name.parts) - 1]:
+    for parent in reversed(folders):
         if parent.exists() and not parent.is_dir():
             raise DataError(parent, "is a file where the results need a folder; move it away")
 
@@ -308,13 +321,34 @@ def _inside(run_dir: Path, name: Any) -> bool:
     return (root / name).resolve().is_relative_to(root)
 
 
+def pending_dirs(run_dir: Path) -> list[Path]:
+    """The staging folders of result sets in ``run_dir`` (``.pending`` and ``.pending-<writer>``)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.iterdir() if p.name == PENDING_DIR or p.name.startswith(PENDING_DIR + "-"))
+
+
 def recover_results(run_dir: Path) -> None:
-    """Finish a committed result set (move its files into place) or drop an uncommitted or malformed one.
+    """Finish each committed result set of a writer that is gone (move its files into place) and drop each
+    uncommitted or malformed one; the sets of a live writer (who holds the run's lock) are left to it.
 
     The commit record comes from the run directory, so it is not trusted: a name that is not a plain relative
     path, or that leads outside the run directory (``..``, a symlinked folder), drops the whole set unapplied.
     """
-    pending = Path(run_dir) / PENDING_DIR
+    run_dir = Path(run_dir)
+    if not pending_dirs(run_dir):
+        return
+    with try_run_lock(run_dir) as free:
+        if not free:
+            return
+        found = pending_dirs(run_dir)
+        commit_time = lambda p: (p / COMMIT_FILE).stat().st_mtime if (p / COMMIT_FILE).is_file() else 0  # noqa: E731
+        for pending in sorted(found, key=lambda p: (commit_time(p) if p.is_dir() and not p.is_symlink() else 0)):
+            _recover_set(run_dir, pending)
+
+
+def _recover_set(run_dir: Path, pending: Path) -> None:
     if pending.is_symlink() or (pending.exists() and not pending.is_dir()):
         pending.unlink()
         return

@@ -43,6 +43,7 @@ from common.checkpoint import (
     PENDING_DIR,
     atomic_write_text,
     committed_dir,
+    pending_dirs,
     read_jsonl,
     recover_results,
     staged_dir,
@@ -52,6 +53,7 @@ from common.cli import nonnegative_float, nonnegative_int, positive_float, posit
 from common.device import mixed_precision, pick_device
 from common.device_data import EvalBatches, TrainBatches, default_num_workers, model_to_channels_last
 from common.errors import ConfigError, DataError
+from common.run_guard import LOCK_FILE, run_lock
 
 log = logging.getLogger("medvl.engine")
 
@@ -280,7 +282,7 @@ def check_output_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if resume:
         find_resume_dir(run_dir)
         return
-    if run_dir.is_dir() and any(run_dir.iterdir()):
+    if run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         if not overwrite:
             raise ConfigError("--output-dir", f"{run_dir} already holds a run; pass --resume to continue it or "
                                               "--overwrite to replace it")
@@ -305,8 +307,7 @@ RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "train.log", "split.csv", "checkp
 
 def _clear_run(run_dir: Path, extra: tuple[str, ...] = ()) -> None:
     """``--overwrite``: remove what an earlier run wrote (and only that), once the new run has been validated."""
-    for name in (*RUN_OUTPUTS, *extra):
-        path = run_dir / name
+    for path in [*(run_dir / name for name in (*RUN_OUTPUTS, *extra)), *pending_dirs(run_dir)]:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
@@ -453,7 +454,16 @@ def check_monitor(config: TrainConfig, task: TrainTask, has_val: bool) -> None:
         raise ConfigError("--monitor", f"unknown metric {config.monitor!r}; this task reports {', '.join(known)}")
 
 
-def fit(
+def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_dataset: Dataset,
+        val_dataset: Dataset | None, task: TrainTask, config: TrainConfig, run_dir: Path,
+        collate_fn: Callable | None = None, run_files: dict[str, str] | None = None) -> FitResult:
+    """Train ``model`` and keep the best checkpoint by ``config.monitor`` (see ``_fit``), holding the run
+    directory's lock (``common.run_guard``) throughout: one writer per run, also when called from code."""
+    with run_lock(Path(run_dir), "--output-dir", create=True):
+        return _fit(model, optimizer, train_dataset, val_dataset, task, config, run_dir, collate_fn, run_files)
+
+
+def _fit(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     train_dataset: Dataset,

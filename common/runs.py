@@ -137,7 +137,7 @@ def run_state(run_dir: Path) -> str:
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise DataError(trainer, f"unreadable ({err}); remove {run_dir} to train this run again") from err
         return "done" if finished and (run_dir / BEST_DIR).is_dir() else "partial"
-    return "partial" if run_dir.exists() and any(run_dir.iterdir()) else "new"
+    return "partial" if run_dir.exists() and any(p.name != ".lock" for p in run_dir.iterdir()) else "new"
 
 
 def settings_changes(module, argv: list[str], run_dir: Path) -> list[str]:
