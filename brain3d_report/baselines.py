@@ -62,6 +62,7 @@ from common.device import pick_device
 from common.errors import DataError, cli_entry
 from common.metrics.text import TextScorer
 from common.retrieval import make_index, search
+from common.run_guard import guard_command
 from common.tables import json_safe, markdown_table
 from common.vlm import VLM_PRESETS
 
@@ -201,6 +202,8 @@ def baselines_table(methods: dict[str, dict[str, Any]]) -> str:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, writes=("run_dir",), reads=("data_root", "healthy_root", "volume_cache", "cache_dir"),
+                  lock="run_dir")
     require(args, run_dir="the run whose stage-1 embedding and split the baselines use")
     recover_results(args.run_dir)
     device = pick_device(args.device)

@@ -58,6 +58,7 @@ from torch.utils.data import Dataset
 
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int, require, unit_interval
 from common.errors import ConfigError, DataError, cli_entry
+from common.run_guard import guard_command, path_values
 from common.splits import group_split, load_split_csv, save_split_csv
 
 log = logging.getLogger("medvl.brain3d_report")
@@ -923,6 +924,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, writes=("write_split",), beside=("data_root", "healthy_root"),
+                  extra_reads=path_values(args, "split", "reports"))
     cases = cases_from_args(args)
     for split, sides in cases.counts().items():
         print(f"{split:>6}: {sum(sides.values()):4d} cases  " + "  ".join(f"{k} {v}" for k, v in sides.items()))

@@ -46,6 +46,7 @@ from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.metrics.clinical import clinical_per_case, states_lesion
 from common.metrics.text import TextScorer, TokenizedPairs, corpus_scores
+from common.run_guard import guard_command
 from common.tables import CI_HIGH, CI_LOW, json_safe, markdown_table, metrics_with_ci
 
 log = logging.getLogger("medvl.brain3d_report")
@@ -438,6 +439,7 @@ def _split_size(run_dir: Path, split: str) -> int | None:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, lock="run_dir")
     require(args, run_dir="the run whose predictions are scored")
     if not args.split or "/" in args.split or args.split.startswith("."):
         raise ConfigError("--split", f"{args.split!r} is not a predictions file name")

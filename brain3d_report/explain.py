@@ -55,6 +55,7 @@ from common.checkpoint import atomic_save_figure, atomic_write_bytes, atomic_wri
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_float, positive_int, require
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
+from common.run_guard import guard_command
 from common.tables import json_safe
 
 log = logging.getLogger("medvl.brain3d_report")
@@ -287,6 +288,8 @@ def figure(volume: np.ndarray, heat: np.ndarray, title: str, path: Path,
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, writes=("run_dir",), reads=("data_root", "healthy_root", "volume_cache", "cache_dir"),
+                  lock="run_dir")
     require(args, run_dir="the trained run to explain", case="the case whose volume is explained")
     if (args.phrase is None) == (not args.report):
         raise ConfigError("--phrase", "give either --phrase TEXT or --report")

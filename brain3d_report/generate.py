@@ -64,6 +64,7 @@ from common.cli import (
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.feature_cache import default_cache_root, file_digest
+from common.run_guard import guard_command
 from common.runs import LoadedRun, check_record
 
 log = logging.getLogger("medvl.brain3d_report")
@@ -365,6 +366,8 @@ def quick_subset(n: int) -> list[int]:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, writes=("out",), reads=("data_root", "healthy_root", "volume_cache", "cache_dir", "input",
+                  "input_dir"), runs=("run_dir",), lock="run_dir")
     require(args, run_dir="the trained run whose model writes the reports")
     chosen = [flag for flag, value in (("--split", args.split), ("--input", args.input),
                                        ("--input-dir", args.input_dir)) if value is not None]

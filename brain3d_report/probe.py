@@ -26,6 +26,7 @@ from common.cli import MedvlArgumentParser, base_parser, parse_args, require
 from common.device import pick_device
 from common.errors import DataError, cli_entry
 from common.feature_cache import default_cache_root
+from common.run_guard import guard_command
 
 SIDES = ("left", "right")
 
@@ -79,6 +80,7 @@ def side_probe(features: dict[str, np.ndarray], sides: dict[str, np.ndarray], se
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, writes=("run_dir",), reads=("data_root", "volume_cache", "cache_dir"), lock="run_dir")
     require(args, run_dir="the run to probe")
     device = pick_device(args.device)
     loaded = load_stage_run(args.run_dir, device, args.cache_dir)

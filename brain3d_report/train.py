@@ -78,6 +78,7 @@ from common.errors import ConfigError, DataError, cli_entry
 from common.feature_cache import default_cache_root
 from common.metrics.clinical import keyword_spans
 from common.presets import get_preset
+from common.run_guard import guard_command, path_values
 from common.runs import load_run, model_record, save_run_model
 from common.text_encoders import text_presets
 
@@ -581,6 +582,8 @@ def _cases(args: argparse.Namespace) -> Cases:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, writes=("output_dir",), reads=("data_root", "healthy_root", "volume_cache", "cache_dir",
+                  "init"), lock="output_dir", create=True, extra_reads=path_values(args, "split", "reports"))
     require(args, stage="contrastive, warmup or lora", output_dir="where the run is written",
             data_root="the folder of case folders")
     if args.stage != "contrastive":

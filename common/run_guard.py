@@ -60,28 +60,35 @@ def overlap(out: Path, inp: Path) -> str | None:
     return None
 
 
-def check_not_inputs(writes: Mapping[str, Path | None], reads: Mapping[str, Iterable[Path | None] | Path | None]) -> None:
+Paths = Iterable[Path | None] | Path | None
+
+
+def check_not_inputs(writes: Mapping[str, Path | None], reads: Mapping[str, Paths],
+                     beside: Mapping[str, Paths] | None = None) -> None:
     """Refuse an output that is, contains or lies inside an input: ``ConfigError(<output flag>, both paths)``.
 
-    ``writes`` and ``reads`` map a flag (or a description such as ``--run-dir best/``) to its path(s); None is
-    skipped. Reads only the file system's names, so it can run before anything is loaded or written.
+    ``writes`` and ``reads`` map a flag (or a description) to its path(s); None is skipped. ``beside`` are input
+    folders an output may be written into as a new file (``caption --out DATA_ROOT/captions.jsonl``) but may not
+    be or contain. Reads only the file system's names, so it can run before anything is loaded or written.
     """
+    groups = [(reads, ("is", "lies inside", "contains")), (beside or {}, ("is", "contains"))]
     for out_flag, out in writes.items():
         if out is None:
             continue
-        for in_flag, paths in reads.items():
-            for inp in ([paths] if paths is None or isinstance(paths, str | os.PathLike) else paths):
-                if inp is None:
-                    continue
-                relation = overlap(out, inp)
-                if relation is not None:
-                    raise ConfigError(out_flag, f"{out} {relation} {in_flag} {inp}, which this command reads; "
-                                                f"choose another {out_flag}")
+        for inputs, refused in groups:
+            for in_flag, paths in inputs.items():
+                for inp in ([paths] if paths is None or isinstance(paths, str | os.PathLike) else paths):
+                    if inp is None:
+                        continue
+                    relation = overlap(out, inp)
+                    if relation in refused:
+                        raise ConfigError(out_flag, f"{out} {relation} {in_flag} {inp}, which this command reads; "
+                                                    f"choose another {out_flag}")
 
 
 def guard_command(args: argparse.Namespace, *, writes: Iterable[str] = (), reads: Iterable[str] = (),
-                  runs: Iterable[str] = (), lock: str | None = None, create: bool | None = None,
-                  extra_reads: Mapping[str, Iterable[Path | None] | Path | None] | None = None) -> None:
+                  runs: Iterable[str] = (), beside: Iterable[str] = (), lock: str | None = None, create: bool = False,
+                  extra_reads: Mapping[str, Paths] | None = None) -> None:
     """The run-safety floor of one command (see the module docstring); call it first thing in ``main``.
 
     Args:
@@ -89,12 +96,13 @@ def guard_command(args: argparse.Namespace, *, writes: Iterable[str] = (), reads
         writes: destinations of the output paths (``"output_dir"``, ``"out"``).
         reads: destinations of paths read whole (``"data_root"``, ``"cache_dir"``, ``"image_run"``).
         runs: destinations of runs read only through their model and records (``RUN_NEEDS``).
+        beside: destinations of input folders an output may be a new file in, but not be or contain.
         lock: destination of the run directory the command writes into, locked for the command's life.
-        create: create that directory to lock it (training); by default only when it is also in ``writes``. A
+        create: create that directory to lock it (training; removed again if the command leaves it empty). A
             directory that does not exist and is not created is not locked (the command reports it missing).
-        extra_reads: further inputs by description, e.g. paths a command derives from others.
+        extra_reads: further inputs by description, e.g. a split file given as text.
     """
-    value = lambda name: getattr(args, name, None)  # noqa: E731
+    value = lambda name: getattr(args, name)  # noqa: E731
     out = {flag_name(n): value(n) for n in writes}
     inputs: dict[str, Iterable[Path | None] | Path | None] = {flag_name(n): value(n) for n in reads}
     for name in runs:
@@ -102,9 +110,19 @@ def guard_command(args: argparse.Namespace, *, writes: Iterable[str] = (), reads
         if run is not None:
             inputs[flag_name(name)] = [Path(run) / need for need in RUN_NEEDS]
     inputs.update(extra_reads or {})
-    check_not_inputs(out, inputs)
+    check_not_inputs(out, inputs, {flag_name(n): value(n) for n in beside})
     if lock is not None and value(lock) is not None:
-        hold_run(Path(value(lock)), flag_name(lock), create=lock in writes if create is None else create)
+        hold_run(Path(value(lock)), flag_name(lock), create=create)
+
+
+def path_values(args: argparse.Namespace, *names: str) -> dict[str, Path | None]:
+    """Flags that take a keyword or a path (``--split stratified|official|FILE``), for ``extra_reads``: those whose
+    value names an existing file or folder."""
+    found: dict[str, Path | None] = {}
+    for name in names:
+        value = getattr(args, name)
+        found[flag_name(name)] = Path(value) if value is not None and Path(str(value)).expanduser().exists() else None
+    return found
 
 
 def hold_run(run_dir: Path, flag: str | None = None, *, create: bool = False) -> None:
@@ -240,4 +258,4 @@ def try_run_lock(run_dir: Path) -> Iterator[bool]:
 
 
 __all__ = ["LOCK_FILE", "RUN_NEEDS", "check_not_inputs", "guard_command", "hold_run", "holds_run", "overlap",
-           "run_lock", "try_run_lock"]
+           "path_values", "run_lock", "try_run_lock"]

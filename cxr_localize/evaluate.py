@@ -34,6 +34,7 @@ from common.errors import ConfigError, DataError, cli_entry
 from common.images import imagenet_normalize
 from common.metrics.segmentation import per_image_metrics
 from common.plots import mask_overlay, overlay_panels
+from common.run_guard import guard_command
 from common.splits import load_split_csv
 from common.tables import metrics_with_ci, write_results
 from cxr_localize.data import load_iu, named_side, swap_left_right
@@ -178,6 +179,7 @@ def evaluate_run(run_dir: Path, split: str = "test", data_root: Path | None = No
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, writes=("run_dir",), reads=("data_root", "cache_dir"), lock="run_dir")
     results = evaluate_run(args.run_dir, args.split, args.data_root, args.batch_size, args.n_figures, args.n_boot,
                            args.skip_bad, args.device, args.seed, args.cache_dir)
     print(f"dice {results['dice']:.4f}  shuffled {results['dice_shuffled']:.4f}  lr-swapped "

@@ -41,6 +41,7 @@ from common.engine import add_train_args, check_run_setup, config_from_args, fit
 from common.errors import ConfigError, cli_entry
 from common.images import IMAGENET_MEAN, IMAGENET_STD
 from common.plots import overlay_panels
+from common.run_guard import guard_command
 from common.runs import model_record, save_run_model
 from common.tables import metrics_with_ci, write_results
 from cxr_localize.common_args import add_data_args, add_encoder_args, split_table
@@ -162,6 +163,7 @@ class ReconstructionTask:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, writes=("output_dir",), reads=("data_root",), lock="output_dir", create=True)
     require(args, "output_dir", "data_root")
     run_dir = args.output_dir
     check_run_setup(config_from_args(args), run_dir)

@@ -38,6 +38,7 @@ from common.errors import DataError, cli_entry
 from common.images import IMAGENET_MEAN, IMAGENET_STD
 from common.metrics.segmentation import per_image_metrics
 from common.plots import loss_curves
+from common.run_guard import guard_command
 from common.runs import model_record, save_run_model
 from cxr_localize.common_args import add_data_args, add_encoder_args, split_table
 from cxr_localize.data import TEXT_SOURCES, LocalizationDataset, load_iu, swap_left_right
@@ -156,6 +157,8 @@ def build_datasets(args, samples, encoder) -> tuple[LocalizationDataset, Localiz
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, writes=("output_dir",), reads=("data_root", "cache_dir", "encoder_init"), lock="output_dir",
+                  create=True)
     require(args, "output_dir", "data_root")
     run_dir = args.output_dir
     check_run_setup(config_from_args(args), run_dir)

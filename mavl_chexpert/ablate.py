@@ -20,6 +20,7 @@ from pathlib import Path
 from common.checkpoint import atomic_write_json, atomic_write_text
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int, require
 from common.errors import cli_entry
+from common.run_guard import guard_command
 from common.runs import ci_cell, train_or_resume
 from common.tables import markdown_table
 from common.text_encoders import text_presets
@@ -50,6 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, writes=("output_dir",), reads=("data_root", "cache_dir"), lock="output_dir", create=True)
     require(args, output_dir="where the ablation runs and table are written",
             data_root="the CheXpert-v1.0-small folder")
     extra = [a for a in args.image_args if a != "--"]

@@ -28,6 +28,7 @@ from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_in
 from common.device import pick_device
 from common.errors import DataError, cli_entry
 from common.metrics.classification import binary_metrics
+from common.run_guard import guard_command
 from common.runs import load_run
 from common.splits import load_split_csv
 from common.tables import markdown_table, metrics_with_ci, write_results
@@ -175,6 +176,7 @@ def evaluate_run(run_dir: Path, split: str = "test", data_root: Path | None = No
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, writes=("run_dir",), reads=("data_root", "test_csv"), lock="run_dir")
     evaluate_run(args.run_dir, args.split, args.data_root, args.test_csv, args.oracle_thresholds, args.n_boot,
                  args.device, args.seed, args.batch_size, args.skip_bad)
     out = args.run_dir / ("oracle" if args.oracle_thresholds else "") / "results.md"

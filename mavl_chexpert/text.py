@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save
 from common.checkpoint import atomic_write_bytes
 from common.cli import MedvlArgumentParser, base_parser, parse_args, require
 from common.errors import DataError, cli_entry
+from common.run_guard import guard_command
 from common.text_encoders import load_text_encoder, text_presets
 
 log = logging.getLogger("medvl.mavl_chexpert")
@@ -130,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mavl_chexpert.data import resolve_labels
 
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, writes=("output_dir",), reads=("descriptions", "cache_dir"), lock="output_dir", create=True)
     require(args, output_dir="where text_embeddings.safetensors is written")
     sentences = load_descriptions(args.descriptions, resolve_labels(args.labels))
     aspects, mask, reused = embed_descriptions(sentences, args.text_encoder, args.output_dir, args.cache_dir)

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from common.cli import MedvlArgumentParser, base_parser, config_text, nonnegative_float, parse_args, require
 from common.engine import add_train_args, check_run_setup, config_from_args, fit
 from common.errors import ConfigError, DataError, cli_entry
+from common.run_guard import guard_command
 from common.runs import load_run, model_record, save_run_model
 from common.splits import load_split_csv, split_csv_text
 from common.text_encoders import text_presets
@@ -180,6 +181,8 @@ def parse_holdout(spec: str, labels: tuple[str, ...]) -> np.ndarray:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, writes=("output_dir",), reads=("data_root", "image_run", "cache_dir", "descriptions"),
+                  lock="output_dir", create=True)
     require(args, output_dir="where the run is written", image_run="the run directory of mavl_chexpert.train_image")
     device = check_run_setup(config_from_args(args), args.output_dir)
     image_run = load_run(args.image_run, "mavl_chexpert", lambda m: build_image_model(**m["kwargs"]), stage="image")

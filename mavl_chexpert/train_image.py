@@ -40,6 +40,7 @@ from common.engine import add_train_args, check_run_setup, config_from_args, fit
 from common.errors import ConfigError, DataError, cli_entry
 from common.images import IMAGENET_MEAN, IMAGENET_STD
 from common.presets import get_preset
+from common.run_guard import guard_command
 from common.runs import model_record, save_run_model
 from common.splits import split_csv_text
 from mavl_chexpert.common_args import (
@@ -180,6 +181,7 @@ def resolve_lr(args: argparse.Namespace, pretrained: bool) -> float:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, writes=("output_dir",), reads=("data_root",), lock="output_dir", create=True)
     require(args, output_dir="where the run is written", data_root="the CheXpert-v1.0-small folder")
     labels = resolve_labels(args.labels)
     preset = get_preset(args.backbone, "vit", "--backbone")

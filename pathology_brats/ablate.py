@@ -19,6 +19,7 @@ from pathlib import Path
 from common.checkpoint import atomic_write_json, atomic_write_text
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int, require
 from common.errors import cli_entry
+from common.run_guard import guard_command
 from common.runs import ci_cell, train_or_resume
 from common.tables import markdown_table
 from pathology_brats import evaluate, train
@@ -46,6 +47,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, writes=("output_dir",), reads=("data_root", "labels_csv", "captions", "feature_cache",
+                  "cache_dir"), lock="output_dir", create=True)
     require(args, output_dir="where the three runs and the table are written", data_root="the tiles")
     out = Path(args.output_dir)
     shared = ["--data-root", str(args.data_root), "--schema", args.schema, "--encoder", args.encoder,

@@ -24,6 +24,7 @@ from pathlib import Path
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
+from common.run_guard import guard_command
 from common.vlm import VLM_PRESETS, build_messages, generate_reports, load_vlm, processor_image_size
 from pathology_brats.captions import match_captions, read_captions
 from pathology_brats.data import VAL_FOLDER, load_tiles, tile_id
@@ -135,6 +136,7 @@ def caption_images(paths: list[Path], out: Path, vlm_name: str, quantization: st
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, writes=("out",), reads=("labels_csv", "cache_dir"), beside=("data_root",))
     tiles = load_tiles(args.data_root, get_schema(args.schema), args.labels_csv)
     paths = list(tiles.paths)
     val = Path(args.data_root) / VAL_FOLDER

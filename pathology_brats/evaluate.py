@@ -25,6 +25,7 @@ from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_in
 from common.device import pick_device
 from common.errors import DataError, cli_entry
 from common.metrics.classification import binary_metrics
+from common.run_guard import guard_command
 from common.runs import load_run
 from common.splits import load_split_csv
 from common.tables import markdown_table, metrics_with_ci, write_results
@@ -117,6 +118,7 @@ def evaluate_run(run_dir: Path, split: str = "test", n_boot: int = 1000, device:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, writes=("run_dir",), reads=("feature_cache", "cache_dir"), lock="run_dir")
     evaluate_run(args.run_dir, args.split, args.n_boot, args.device, args.seed, args.cache_dir, args.feature_cache,
                  args.tta)
     print((args.run_dir / "results.md").read_text())

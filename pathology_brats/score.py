@@ -37,6 +37,7 @@ import pandas as pd
 from common.checkpoint import atomic_write_json, read_csv
 from common.cli import MedvlArgumentParser, base_parser, parse_args
 from common.errors import EXIT_BAD_INPUT, DataError, cli_entry
+from common.run_guard import guard_command
 from pathology_brats.schema import SCHEMAS, Schema, get_schema
 from pathology_brats.scoring import challenge_scores
 from pathology_brats.validate import SUBJECT_ID_PATTERNS, read_submission, submission_violations
@@ -110,6 +111,7 @@ def score_submission(submission_frame: pd.DataFrame, gold_frame: pd.DataFrame,
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, writes=("json",), reads=("submission", "gold"))
     schema = get_schema(args.schema)
     submission = read_submission(args.submission)
     problems = submission_violations(submission, schema)

@@ -27,6 +27,7 @@ from common.checkpoint import atomic_write_text
 from common.cli import MedvlArgumentParser, base_parser, parse_args
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
+from common.run_guard import guard_command
 from common.runs import load_run
 from pathology_brats.captions import match_captions, read_captions
 from pathology_brats.data import unlabeled_images
@@ -64,8 +65,6 @@ def submission(run_dir: Path, images: Path, out: Path, captions: Path | None = N
     out, run_dir = Path(out), Path(run_dir)
     if out.is_dir():
         raise ConfigError("--out", f"{out} is a directory; name the CSV file to write")
-    if out.resolve().is_relative_to(run_dir.resolve()):
-        raise ConfigError("--out", f"{out} lies inside the run directory {run_dir}; write the submission elsewhere")
     paths = unlabeled_images(images)
     torch_device = pick_device(device)
     run = load_run(run_dir, "pathology_brats", build_run_model, device=torch_device)
@@ -110,6 +109,7 @@ def unreadable_reason(path: Path) -> str:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, writes=("out",), reads=("run_dir", "images", "captions", "feature_cache", "cache_dir"))
     frame = submission(args.run_dir, args.images, args.out, args.captions, args.device, args.cache_dir,
                        args.feature_cache, args.tta)
     print(f"wrote {args.out}: {len(frame)} rows (unreadable images: {skipped_path(args.out)})")

@@ -36,6 +36,7 @@ from common.cli import (
 from common.engine import add_train_args, check_run_setup, config_from_args, fit
 from common.errors import ConfigError, DataError, cli_entry
 from common.metrics.gandlf import AVERAGES, gandlf_metrics
+from common.run_guard import guard_command
 from common.runs import model_record, save_run_model
 from common.splits import group_split, split_csv_text
 from pathology_brats.captions import check_captions, read_captions
@@ -148,6 +149,8 @@ def caption_texts(captions_path: Path, needed: list[str], known: list[str],
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, writes=("output_dir",), reads=("data_root", "labels_csv", "captions", "feature_cache",
+                  "cache_dir"), lock="output_dir", create=True)
     require(args, output_dir="where the run is written",
             data_root="the folder of class folders (or the labels CSV's images)")
     check_image_tokens(args.image_tokens)

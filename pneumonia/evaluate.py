@@ -21,6 +21,7 @@ from common.cli import MedvlArgumentParser, base_parser, nonnegative_int, parse_
 from common.device import pick_device
 from common.errors import DataError, cli_entry
 from common.metrics.classification import binary_metrics
+from common.run_guard import guard_command
 from common.tables import metrics_with_ci, write_results
 from pneumonia.data import SPLITS
 from pneumonia.model import load_run, predict_proba
@@ -90,6 +91,7 @@ def evaluate_run(run_dir: Path, split: str = "test", data_root: Path | None = No
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, writes=("run_dir",), reads=("data_root",), lock="run_dir")
     evaluate_run(args.run_dir, args.split, args.data_root, args.n_boot, args.gallery, args.device, args.seed)
     print((args.run_dir / "results.md").read_text())
     return 0

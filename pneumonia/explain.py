@@ -28,6 +28,7 @@ from common.checkpoint import atomic_write_text, result_set
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
+from common.run_guard import guard_command
 from pneumonia.data import SPLITS
 from pneumonia.model import load_run, predict_proba, preprocess
 
@@ -127,6 +128,7 @@ def demo_section(run_dir: Path, out_dir: Path) -> str:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, writes=("run_dir",), reads=("data_root",), lock="run_dir")
     if args.n < 1:
         raise ConfigError("--n", "must be at least 1")
     frame = explain_run(args.run_dir, args.split, args.n, args.data_root, args.device)

@@ -33,6 +33,7 @@ from common.checkpoint import atomic_write_json, atomic_write_text, result_set
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
+from common.run_guard import guard_command
 from common.tables import json_safe, markdown_table
 from common.vlm import VLM_PRESETS, build_messages, generate_reports, load_vlm, processor_image_size, vlm_source
 from pneumonia.data import LABELS, SPLITS
@@ -334,6 +335,8 @@ def demo_section(run_dir: Path, out_dir: Path, limit: int = 8) -> str:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, writes=("output_dir",), reads=("data_root", "cache_dir"), runs=("run_dir",),
+                  lock="output_dir" if args.output_dir else "run_dir", create=args.output_dir is not None)
     prompts = prompt_names(args.prompt)
     vlm_source(args.vlm)
     run_reports(args.run_dir, args.vlm, prompts, args.output_dir, args.split, args.limit, args.batch_size,

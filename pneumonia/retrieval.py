@@ -63,6 +63,7 @@ from common.retrieval import (
     search,
     set_search_params,
 )
+from common.run_guard import guard_command
 from common.tables import markdown_table, metrics_with_ci, write_results
 from pneumonia.data import SPLITS, MedMNISTSplits
 from pneumonia.model import PneumoniaNet, embed_images, load_run
@@ -400,6 +401,9 @@ def demo_section(run_dir: Path, out_dir: Path) -> str:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, writes=("output_dir",), reads=("data_root",), runs=("run_dir",),
+                  lock=None if args.command == "query" else "output_dir" if args.output_dir else "run_dir",
+                  create=args.output_dir is not None)
     ctx = open_run(args.run_dir, args.data_root, args.output_dir, args.device, args.batch_size)
     if args.command == "build":
         names = INDEXES if args.index == "all" else (args.index,)

@@ -23,6 +23,7 @@ from common.cli import MedvlArgumentParser, base_parser, config_text, parse_args
 from common.engine import DeviceBatches, FitResult, add_train_args, check_run_setup, config_from_args, fit
 from common.errors import DataError, cli_entry
 from common.metrics.classification import best_threshold, binary_metrics
+from common.run_guard import guard_command
 from common.runs import model_record, save_run_model
 from pneumonia.data import LABELS, MEAN, SIZES, STD, PneumoniaDataset, load_medmnist
 from pneumonia.model import ARCHS, build_model
@@ -137,6 +138,7 @@ def run(args: argparse.Namespace) -> FitResult:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, writes=("output_dir",), reads=("data_root",), lock="output_dir", create=True)
     result = run(args)
     print(result.summary(args.monitor, args.output_dir))
     return 0
