@@ -12,6 +12,7 @@ cannot run here) become one-line ``ConfigError``/``DataError`` messages instead 
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -74,9 +75,27 @@ def _is_offline_miss(err: BaseException) -> bool:
     return False
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def refuse_pickled_weights(folder: Path) -> None:
+    """A local checkpoint folder whose weights exist only as pickles is one DataError naming the file: medvl never
+    unpickles (a pickle can run code), so such a folder must be converted to safetensors first."""
+    folder = Path(folder)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if pickles:
+        raise DataError(pickles[0], "pickle-format weights are never loaded (unpickling can run code); save the "
+                                    "model with safetensors (save_pretrained(..., safe_serialization=True))")
+
+
 def _call(loader, source: str, is_local: bool, **kwargs: Any):
     try:
         return loader(source, **kwargs)
+    except pickle.UnpicklingError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(source, f"refused a pickle-format file ({first_line[:120]})") from err
     except OSError as err:
         if not is_local and _is_offline_miss(err):
             raise ConfigError(source, OFFLINE_MESSAGE) from err
@@ -110,6 +129,8 @@ def load_pretrained(cls, name_or_path: str | Path, *, quantization: str = "none"
     is_local = Path(source).is_dir()
     if is_local and not (Path(source) / "config.json").is_file():
         raise DataError(source, "no config.json: not a model saved with save_pretrained")
+    if is_local:
+        refuse_pickled_weights(Path(source))
     target = torch.device(device) if device is not None else torch.device("cpu")
     quant = bnb_config(quantization, target)
     if quant is not None:
