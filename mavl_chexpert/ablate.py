@@ -17,7 +17,7 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.checkpoint import atomic_write_json, atomic_write_text
+from common.checkpoint import atomic_write_json, atomic_write_text, result_set
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int, require
 from common.errors import cli_entry
 from common.run_guard import guard_command
@@ -76,8 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         table.append({"row": label, "run": name, **{c: ci_cell(results, c) for c in COLUMNS}})
     text = (f"# MAVL CheXpert ablation ({args.backbone}, test split, thresholds from validation; 95% bootstrap CI)"
             f"\n\n{markdown_table(table)}")
-    atomic_write_text(out / "ablation.md", text)
-    atomic_write_json(out / "ablation.json", summary)
+    with result_set(out) as staging:  # the table and its numbers replace the old pair together
+        atomic_write_text(staging / "ablation.md", text)
+        atomic_write_json(staging / "ablation.json", summary)
     print(text)
     return 0
 

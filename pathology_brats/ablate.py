@@ -16,7 +16,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.checkpoint import atomic_write_json, atomic_write_text
+from common.checkpoint import atomic_write_json, atomic_write_text, result_set
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int, require
 from common.errors import cli_entry
 from common.run_guard import guard_command
@@ -70,8 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append({"modality": modality, **{k: ci_cell(results, k) for k in keys}})
     text = (f"# BraTS-Path {args.schema} ablation ({args.encoder}, {args.text_encoder}; test tiles, 95% bootstrap "
             f"CI)\n\n{markdown_table(rows)}")
-    atomic_write_text(out / "ablation.md", text)
-    atomic_write_json(out / "ablation.json", summary)
+    with result_set(out) as staging:  # the table and its numbers replace the old pair together
+        atomic_write_text(staging / "ablation.md", text)
+        atomic_write_json(staging / "ablation.json", summary)
     print(text)
     return 0
 
