@@ -107,7 +107,6 @@ CASES = {
     "lrf rank beyond the features": _image_flag("--lrf-rank", "96", "leaves no tail"),
     "negative lrf weight": _image_flag("--lrf-weight", "-1"),
     "bad uncertainty policy": _image_flag("--uncertain", "maybe"),
-    "sample fraction too small for a split": _image_flag("--sample-frac", "0.01", "keeps 2 of 120 patients"),
     "descriptions without a trained disease": _fusion(needles=["no description of 'Edema'"],
                                                       edit_descriptions=lambda d: d.pop("Edema")),
     "holdout of every class": _fusion("--holdout-classes", "competition", needles=["--holdout-classes",

@@ -48,8 +48,8 @@ def test_training_never_reads_test_split(pneumonia_phantom, tmp_path, monkeypatc
     np.savez(tmp_path / "data" / "pneumoniamnist.npz", **arrays)
     from pneumonia import train
 
-    code = train.main(["--data-root", str(tmp_path / "data"), "--output-dir", str(tmp_path / "run"), "--arch", "resnet-tiny",
-                       "--epochs", "1", "--train-limit", "64", "--batch-size", "32", "--no-progress"])
+    code = train.main(["--data-root", str(tmp_path / "data"), "--output-dir", str(tmp_path / "run"), "--arch",
+                       "resnet-tiny", "--epochs", "1", "--train-limit", "64", "--batch-size", "32", "--no-progress"])
     assert code == 0 and (tmp_path / "run" / "best" / "model.safetensors").is_file()
 
 
