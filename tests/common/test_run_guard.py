@@ -19,11 +19,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 from common.checkpoint import pending_dirs, result_set
 from common.errors import ConfigError, DataError
-from common.feature_cache import FeatureCache
 from common.run_guard import LOCK_FILE, check_not_inputs, run_lock
 
 REPO = Path(__file__).resolve().parents[2]
@@ -327,23 +325,3 @@ def test_a_planted_pickle_in_a_model_folder_is_one_line(tmp_path, capsys):
     with pytest.raises(DataError) as info:  # an LM folder goes through the same loader
         hf.load_pretrained(AutoModel, tmp_path / "enc")
     assert info.value.source == str(weights) and not marker.exists()
-
-
-def test_a_feature_cache_shard_of_another_shape_is_named(tmp_path):
-    cache = FeatureCache(tmp_path, "enc", {"dim": "8"})
-    cache.add({"a": torch.zeros(2, 8)})
-    FeatureCache(tmp_path, "enc", {"dim": "8"})  # consistent: fine
-    bad = FeatureCache(tmp_path, "enc", {"dim": "8"})
-    bad.meta = dict(bad.meta)
-    shard = bad.add({"b": torch.zeros(2, 5)})  # a shard written with another feature size under the same name
-    with pytest.raises(DataError) as info:
-        FeatureCache(tmp_path, "enc", {"dim": "8"})
-    assert info.value.source == str(shard) and "[2, 5]" in info.value.message
-    text = FeatureCache(tmp_path, "text", {"encoder": "x"})  # no dim: the shards must agree with each other
-    text.add({"a": torch.zeros(3, 4)})
-    text.add({"b": torch.zeros(7, 4)})  # token states of another length are fine
-    FeatureCache(tmp_path, "text", {"encoder": "x"})
-    odd = text.add({"c": torch.zeros(4)})
-    with pytest.raises(DataError) as info:
-        FeatureCache(tmp_path, "text", {"encoder": "x"})
-    assert info.value.source == str(odd)
