@@ -36,6 +36,7 @@ from common.device import pick_device
 from common.errors import cli_entry
 from common.predict import predict_parser, run_predictions
 from common.reader import VOLUME, volume_as_nifti
+from common.run_guard import guard_command
 
 
 def get_args_parser():
@@ -83,6 +84,7 @@ class ReportPredictor:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, writes=("out",), reads=("input", "cache_dir"), runs=("run_dir",), lock="out", create=True)
     options = {"sample": args.sample, "seed": args.seed, "max_new_tokens": args.max_new_tokens}
     return run_predictions(args.run_dir, args.input, args.out, VOLUME,
                            lambda: ReportPredictor(args.run_dir, args.out, args.device, args.cache_dir, **options),

@@ -31,6 +31,7 @@ from common.errors import DataError, cli_entry
 from common.images import imagenet_normalize, square_resize
 from common.predict import predict_parser, reports_for, run_predictions
 from common.reader import PICTURE, read_picture
+from common.run_guard import guard_command
 from cxr_localize.data import named_side
 from cxr_localize.model import load_text_encoder, load_trained
 
@@ -91,6 +92,8 @@ class LocalizePredictor:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, writes=("out",), reads=("input", "cache_dir", "reports"), runs=("run_dir",), lock="out",
+                  create=True)
     text_for = reports_for(args)
     return run_predictions(args.run_dir, args.input, args.out, PICTURE,
                            lambda: LocalizePredictor(args.run_dir, args.device, args.cache_dir),

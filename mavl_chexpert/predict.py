@@ -33,6 +33,7 @@ from common.errors import cli_entry
 from common.images import square_resize
 from common.predict import predict_parser, run_predictions
 from common.reader import PICTURE, read_picture
+from common.run_guard import guard_command
 from common.runs import load_run
 from mavl_chexpert.data import ChexpertDataset, label_key
 from mavl_chexpert.evaluate import _build, predict_proba
@@ -105,6 +106,7 @@ class ChexpertPredictor:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, writes=("out",), reads=("input", "cache_dir"), runs=("run_dir",), lock="out", create=True)
     return run_predictions(args.run_dir, args.input, args.out, PICTURE,
                            lambda: ChexpertPredictor(args.run_dir, args.device))
 

@@ -42,6 +42,7 @@ from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_in
 from common.device import compute_dtype, pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.feature_cache import CachedTensors, FeatureCache, file_digest
+from common.run_guard import guard_command
 from pathology_brats.encoder import (
     DEFAULT_NORMALIZE,
     ENCODERS,
@@ -314,6 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pathology_brats.inputs import default_feature_cache
 
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, writes=("feature_cache",), reads=("data_root", "labels_csv", "images", "captions"))
     paths, ids, unlabelled = _inputs(args)
     state = PartialState(cpu=args.device == "cpu")
     device = state.device if args.device == "auto" or state.num_processes > 1 else pick_device(args.device)

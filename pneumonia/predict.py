@@ -31,6 +31,7 @@ from common.errors import cli_entry
 from common.predict import predict_parser, run_predictions
 from common.reader import PICTURE, read_picture
 from common.retrieval import EXACT_INDEXES, available_indexes
+from common.run_guard import guard_command
 from pneumonia.explain import gradcam_maps
 from pneumonia.model import embed_images, load_trained, predict_proba, preprocess
 
@@ -112,6 +113,7 @@ class PneumoniaPredictor:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
+    guard_command(args, writes=("out",), reads=("input", "cache_dir"), runs=("run_dir",), lock="out", create=True)
     return run_predictions(args.run_dir, args.input, args.out, PICTURE,
                            lambda: PneumoniaPredictor(args.run_dir, args.device))
 

@@ -119,6 +119,14 @@ OVERLAP_CASES = {
     "brain3d.generate out=best weights": ("brain3d_report.generate", _run_file("--out", "best/model.json",
                                                                                extra=["--split", "test"])),
     "brain3d.generate out=config": ("brain3d_report.generate", _run_file("--out", "config.yaml")),
+    "pneumonia.predict out=input": ("pneumonia.predict", _same("--out", "--input",
+                                                               extra=["--run-dir", "/nonexistent"])),
+    "cxr_localize.predict out in input": ("cxr_localize.predict", _same("--out", "--input", out_sub="preds",
+                                                                        extra=["--run-dir", "/nonexistent"])),
+    "mavl.predict out=run best": ("mavl_chexpert.predict", _run_file("--out", "best", extra=["--input", "/x.png"])),
+    "brain3d.predict out=run": ("brain3d_report.predict", _same("--out", "--run-dir", _run_like,
+                                                                 extra=["--input", "/x.nii.gz"])),
+    "pathology.extract cache=data": ("pathology_brats.extract", _same("--feature-cache", "--data-root")),
     "brain3d.data write-split=split": ("brain3d_report.data", _file_case("--write-split", "--split", "split.csv")),
 }
 
@@ -180,6 +188,8 @@ LOCK_CASES = {
     "brain3d_report.explain": ["--run-dir", "{run}"],
     "brain3d_report.baselines": ["--run-dir", "{run}"],
     "brain3d_report.probe": ["--run-dir", "{run}"],
+    "pneumonia.predict": ["--run-dir", "{data}", "--input", "{data}/keep.txt", "--out", "{run}"],
+    "brain3d_report.predict": ["--run-dir", "{data}", "--input", "{data}/keep.txt", "--out", "{run}"],
 }
 
 
