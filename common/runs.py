@@ -142,7 +142,8 @@ def run_state(run_dir: Path) -> str:
 
 def settings_changes(module, argv: list[str], run_dir: Path) -> list[str]:
     """``key old -> new`` for each setting of ``module``'s parsed ``argv`` that differs from the run's
-    ``config.yaml`` (settings that do not change the weights, such as the device, left out)."""
+    ``config.yaml`` (settings that do not change the weights, such as the device, and settings left to the script's
+    own default (None), left out)."""
     import yaml
 
     from common.cli import config_text, parse_args
@@ -157,7 +158,9 @@ def settings_changes(module, argv: list[str], run_dir: Path) -> list[str]:
     if not isinstance(old, dict):
         return [f"{path.name} (not a mapping)"]
     keys = sorted((set(old) | set(new)) - set(RESUMABLE_CHANGES))
-    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    # A None the script resolves later (a per-stage default) is compared by what the run recorded, not by None.
+    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys
+            if new.get(k) is not None and old.get(k) != new.get(k)]
 
 
 def train_or_resume(module, argv: list[str], run_dir: Path) -> None:
