@@ -3,8 +3,6 @@ kill-safety, damaged shards, and a 2-process ``accelerate launch`` extraction eq
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -156,21 +154,12 @@ ACCELERATE = Path(sys.executable).parent / "accelerate"
 
 @pytest.mark.skipif(not ACCELERATE.is_file(), reason="no accelerate launcher beside python")
 def test_two_process_extraction_equals_one_process(tiles, tmp_path):
-    from tests.common.test_ddp import LAUNCHER_VARIABLES, _free_port
+    from tests.common.test_ddp import _launch
 
     args = ["--data-root", str(tiles), "--images", str(tiles / "val"), "--encoder", "gigapath-tiny",
             "--text-encoder", "minilm", "--device", "cpu", "--num-workers", "0", "--batch-size", "4",
             "--shard-tiles", "4"]
-    config = tmp_path / "accelerate.yaml"
-    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\n"
-                      "num_processes: 2\nmachine_rank: 0\nmixed_precision: 'no'\ngpu_ids: all\nuse_cpu: false\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_") and k not in LAUNCHER_VARIABLES}
-    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    command = [str(ACCELERATE), "launch", "--config_file", str(config), "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               str(_free_port()), "-m", "pathology_brats.extract", *args, "--feature-cache", str(tmp_path / "two")]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _launch(tmp_path, "pathology_brats.extract", [*args, "--feature-cache", str(tmp_path / "two")])
     assert extract.main([*args, "--feature-cache", str(tmp_path / "one")]) == 0
 
     encoder = load_tile_encoder("gigapath-tiny", image_tokens=5)
