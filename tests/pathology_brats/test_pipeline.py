@@ -188,11 +188,13 @@ def test_submit_predicts_what_evaluate_predicts_on_the_same_tiles_from_a_cold_ca
     submitted = pd.read_csv(out).set_index("SubjectID")["Prediction"]
     assert len(submitted) == len(scored) > 10
     assert [submitted[name] for name in names] == scored["prediction"].tolist()
-    # evaluate itself from an empty cache: the same probabilities as from the warm one
+    # evaluate itself from an empty cache: the same probabilities as from the warm one (up to float rounding of
+    # other batch compositions; other encoder weights moved them by 0.1 and more)
     evaluate.evaluate_run(run, n_boot=10, device="cpu", feature_cache=tmp_path / "cold-evaluate")
     again = pd.read_csv(run / "predictions" / "test.csv")
+    assert again["prediction"].tolist() == scored["prediction"].tolist()
     np.testing.assert_allclose(again.filter(like="prob_").to_numpy(), scored.filter(like="prob_").to_numpy(),
-                               atol=1e-6)
+                               atol=1e-4)
 
 
 def test_ablation_writes_image_text_and_fused(histology, tmp_path):
