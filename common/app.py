@@ -288,7 +288,7 @@ def _tab(gr, session: Session, spec: AppSpec) -> None:
             status = gr.Markdown(elem_id=f"{spec.name}-status")
             label = gr.Label(label="probabilities", num_top_classes=10, visible=spec.input != "volume")
             result = gr.Markdown(elem_id=f"{spec.name}-result")
-            gallery = gr.Gallery(label="figures", columns=2, height="auto")
+            gallery = gr.Gallery(label="figures", columns=2, height=360, object_fit="contain", preview=False)
             if spec.input == "volume":
                 slider = gr.Slider(0, 100, value=50, step=1, label="slice (% along each axis)")
                 slices = gr.Image(label="axial | coronal | sagittal", type="numpy")
