@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export MPLBACKEND ?= Agg
 
-.PHONY: demo test lint install clean
+.PHONY: demo app test lint install clean
 
 install: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python -m common.demo --output-dir runs/demo
+
+# The web app on the demo's runs: http://127.0.0.1:7860 (one tab per pipeline; offline, no share link).
+app: $(STAMP)
+	GRADIO_ANALYTICS_ENABLED=False $(BIN)/python -m common.app --runs runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -71,3 +71,20 @@ def small_iu(tmp_path_factory) -> Path:
 def iu_copy(small_iu, tmp_path) -> Path:
     """A private copy of the small phantom that a test may break."""
     return Path(shutil.copytree(small_iu, tmp_path / "iu"))
+
+
+@pytest.fixture(scope="session")
+def histology_run(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A small fused BraTS-Path run (frozen gigapath-tiny + MiniLM captions) trained on the histology phantom through
+    the real CLI: (run_dir, phantom root, feature cache)."""
+    from common.phantoms.histology import write_histology
+    from pathology_brats import train
+
+    root = tmp_path_factory.mktemp("histology_run")
+    write_histology(root / "data", n=8, seed=1, size=64)
+    run, cache = root / "run", root / "cache"
+    assert train.main(["--data-root", str(root / "data"), "--output-dir", str(run), "--encoder", "gigapath-tiny",
+                       "--encoder-mode", "frozen", "--text-encoder", "minilm", "--width", "32", "--epochs", "3",
+                       "--lr", "3e-3", "--feature-cache", str(cache), "--no-progress", "--device", "cpu",
+                       "--precision", "fp32"]) == 0
+    return run, root / "data", cache

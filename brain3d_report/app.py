@@ -1,0 +1,20 @@
+"""The brain3d_report tab of ``python -m common.app``: a FLAIR volume -> the report ``predict`` writes."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from common.app import AppSpec
+
+
+def predictor(run_dir: Path, device: str = "auto"):
+    from brain3d_report.predict import ReportPredictor
+
+    return ReportPredictor(run_dir, Path(tempfile.mkdtemp(prefix="medvl-brain3d-")), device)
+
+
+APP = AppSpec(name="brain3d_report", title="Brain MRI report", input="volume", predictor=predictor,
+              file_types=(".nii", ".nii.gz", ".gz", ".dcm"),
+              description="A FLAIR NIfTI (or the DICOM slices of one series) -> the generated report, and three "
+                          "orthogonal slices of the volume with a slider.")
