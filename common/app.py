@@ -70,17 +70,20 @@ def _load(value: str) -> AppSpec:
 
 
 def declared(pyproject: Path | None = None) -> list[str]:
-    """The ``medvl.pipelines`` entry points: the installed ones, else those of this checkout's ``pyproject.toml``."""
-    values = [ep.value for ep in metadata.entry_points(group=GROUP)]
+    """The ``medvl.pipelines`` entry points, sorted by name (the tabs' order whichever way they are found): the
+    installed ones, else those of this checkout's ``pyproject.toml``."""
+    values = [ep.value for ep in sorted(metadata.entry_points(group=GROUP), key=lambda ep: ep.name)]
     if values:
         return values
     pyproject = pyproject or Path(__file__).resolve().parents[1] / "pyproject.toml"
     if not pyproject.is_file():
         return []
-    import tomllib
-
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: the installed entry points are the only source
+        return []
     group = tomllib.loads(pyproject.read_text()).get("project", {}).get("entry-points", {}).get(GROUP, {})
-    return list(group.values())
+    return [group[name] for name in sorted(group)]
 
 
 def discover(names: Sequence[str] | None = None) -> list[AppSpec]:

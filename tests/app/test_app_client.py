@@ -33,7 +33,7 @@ def _text(value) -> str:
 
 def test_the_pipelines_are_found_through_the_declared_group_only():
     names = [spec.name for spec in discover(declared())]
-    assert names == ["pneumonia", "cxr_localize", "mavl_chexpert", "pathology_brats", "brain3d_report"]
+    assert names == ["brain3d_report", "cxr_localize", "mavl_chexpert", "pathology_brats", "pneumonia"]
     source = (Path(__file__).resolve().parents[2] / "common" / "app.py").read_text()
     assert not any(name in source for name in names)
 
