@@ -1,15 +1,18 @@
 """Training speed of the pneumonia pipeline against a plain PyTorch loop, side by side in one process.
 
     python -m benchmarks.train_speed --device cpu --epochs 1 --train-limit 1000
-    python -m benchmarks.train_speed --device cuda --epochs 10 --json speed.json
+    python -m benchmarks.train_speed --device cuda --epochs 10 --json speed.json     # both precisions, one run
 
 The medvl side is ``pneumonia.train`` with the defaults of ``configs/pneumonia/train.yaml`` (ResNet-18 with the
 small-image stem, fused AdamW, warm-up + cosine, channels-last, batch augmentation on the device, validation and a
 checkpoint every epoch), run through the same ``run(args)`` as ``python -m pneumonia.train``; ``--medvl-flags``
 adds flags to it (``"--no-channels-last"``, ``"--compile default"``). The reference is the loop a user writes in
-ten minutes: torchvision's ResNet-18 with the same stem, the whole split as one tensor on the device, fp32, Adam,
-no augmentation, no validation. Both see the same images for the same epochs with the same batch size and learning
-rate, on the same device, after one shared warm-up step (CUDA context, cuDNN / oneDNN kernels).
+ten minutes: torchvision's ResNet-18 with the same stem, the whole split as one tensor on the device, Adam, no
+augmentation, no validation, at medvl's precision (``--reference-precision match``, the default: the same autocast
+dtype, so the ratio compares loops, not number formats) and also in fp32 (the second ratio,
+``ratio_fp32_reference``: what a user's plain fp32 loop costs against medvl's default). All sides see the same
+images for the same epochs with the same batch size and learning rate, on the same device, after one shared warm-up
+step (CUDA context, cuDNN / oneDNN kernels).
 
 Seconds per epoch count the training batches only on both sides; medvl's validation and checkpoints show in its
 whole-run wall time. On a shared machine one side can land in a busy spell: ``--repeats`` alternates the order
@@ -52,6 +55,8 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "pneumonia" / "train.yaml"
 DEFAULT_ROOTS = (REPO / "data" / "samples" / "medmnist", REPO.parent / "shared" / "data" / "medmnist")
 PHANTOM_SIZE = 5856  # as many images as PneumoniaMNIST
+REFERENCE_PRECISIONS = ("match", "fp32")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -72,6 +77,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--zero-init-residual", action="store_true",
                         help="start the reference's residual blocks as the identity (last BatchNorm at zero), as "
                              "timm's ResNet in medvl starts")
+    parser.add_argument("--reference-precision", choices=REFERENCE_PRECISIONS, default="match",
+                        help="match: the reference autocasts as medvl does (the headline ratio compares loops at equal "
+                             "precision); fp32: the headline is against an fp32 reference. Both ratios are printed")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     return parser
 
@@ -90,11 +98,15 @@ def synchronize(device: torch.device) -> None:
 
 
 def reference_loop(images: np.ndarray, labels: np.ndarray, epochs: int, batch_size: int, lr: float, seed: int,
-                   device: torch.device, zero_init_residual: bool = False) -> tuple[torch.nn.Module, list[float]]:
-    """The plain loop: one device tensor, a permutation per epoch, fp32, Adam. Returns the model and epoch times."""
+                   device: torch.device, zero_init_residual: bool = False,
+                   autocast: str = "no") -> tuple[torch.nn.Module, list[float]]:
+    """The plain loop: one device tensor, a permutation per epoch, Adam, fp32 weights with the forward pass in
+    ``autocast`` (``no``, ``bf16`` or ``fp16``; fp16 with a gradient scaler). Returns the model and epoch times."""
     torch.manual_seed(seed)
     model = reference_model(zero_init_residual).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    dtype = AUTOCAST_DTYPES.get(autocast)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast == "fp16")
     x = to_tensor(images).to(device)
     y = torch.as_tensor(labels, dtype=torch.float32).to(device)
     generator = torch.Generator().manual_seed(seed)
@@ -106,10 +118,13 @@ def reference_loop(images: np.ndarray, labels: np.ndarray, epochs: int, batch_si
         order = torch.randperm(len(x), generator=generator).to(device)
         for first in range(0, len(x), batch_size):
             index = order[first : first + batch_size]
-            loss = F.binary_cross_entropy_with_logits(model(x[index]).squeeze(1), y[index])
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits = model(x[index]).squeeze(1)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), y[index])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         synchronize(device)
         seconds.append(time.perf_counter() - start)
     return model, seconds
@@ -157,11 +172,12 @@ def medvl_arguments(args: argparse.Namespace, root: Path, out: Path, device: tor
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| loop | s / epoch (training) | images / s | ratio (ref s / s) | test AUROC | whole run s |",
-             "|---|---|---|---|---|---|"]
+    """One row per loop; ratio = that loop's seconds / medvl's (above 1: medvl is faster)."""
+    lines = ["| loop | autocast | s / epoch (training) | images / s | ratio (s / medvl s) | test AUROC | whole run s |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['seconds']:.2f} | {r['images_per_s']:,.0f} | {r['ratio']:.2f} "
-                     f"| {r['auroc']:.4f} | {r['wall']:.1f} |")
+        lines.append(f"| {r['name']} | {r['precision']} | {r['seconds']:.2f} | {r['images_per_s']:,.0f} "
+                     f"| {r['ratio']:.2f} | {r['auroc']:.4f} | {r['wall']:.1f} |")
     return "\n".join(lines)
 
 
@@ -180,12 +196,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{source}, {args.image_size} px, {n_train} training images; device {device}{gpu}; torch "
               f"{torch.__version__}, {torch.get_num_threads()} CPU threads, {platform.machine()}", flush=True)
         medvl_args = medvl_arguments(args, root, out, device)
+        autocast = mixed_precision(medvl_args.precision, device, train.CPU_BF16)
+        # The references: at medvl's autocast and in fp32 (one and the same when medvl runs in fp32).
+        references = {"reference": autocast if args.reference_precision == "match" else "no"}
+        other = "no" if args.reference_precision == "match" else autocast
+        if other != references["reference"]:
+            references["reference_other"] = other
         warm_up(device, args.image_size, medvl_args.batch_size, medvl_args.channels_last)
-        seconds: dict[str, list[float]] = {"medvl": [], "reference": []}
-        walls: dict[str, list[float]] = {"medvl": [], "reference": []}
+        sides = ["medvl", *references]
+        seconds: dict[str, list[float]] = {side: [] for side in sides}
+        walls: dict[str, list[float]] = {side: [] for side in sides}
         auroc: dict[str, float] = {}
         for repeat in range(args.repeats):
-            for side in ("medvl", "reference") if repeat % 2 == 0 else ("reference", "medvl"):
+            for side in sides if repeat % 2 == 0 else sides[::-1]:
                 start = time.perf_counter()
                 if side == "medvl":
                     seconds[side] += train.run(medvl_args).epoch_seconds
@@ -194,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     reference, epoch_seconds = reference_loop(data.images["train"][:n_train],
                                                               data.labels["train"][:n_train], medvl_args.epochs,
                                                               medvl_args.batch_size, medvl_args.lr, args.seed, device,
-                                                              args.zero_init_residual)
+                                                              args.zero_init_residual, references[side])
                     seconds[side] += epoch_seconds
                 walls[side].append(time.perf_counter() - start)
                 if side not in auroc:  # every repeat trains the same seeded run; evaluated once, untimed
@@ -205,24 +228,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                         scores = reference_scores(reference, data.images["test"], device)
                     auroc[side] = float(roc_auc_score(data.labels["test"], scores))
     per_epoch = {side: statistics.mean(values) for side, values in seconds.items()}
+    precision_of = {"medvl": autocast, **references}
+    fp32_side = next((side for side in references if references[side] == "no"), None)
+    equal_side = next((side for side in references if references[side] == autocast), None)
     ratio = per_epoch["reference"] / per_epoch["medvl"]
-    rows = [
-        {"name": "medvl pneumonia.train" + (f" {args.medvl_flags}" if args.medvl_flags else ""),
-         "seconds": per_epoch["medvl"], "images_per_s": n_train / per_epoch["medvl"], "ratio": ratio,
-         "auroc": auroc["medvl"], "wall": statistics.mean(walls["medvl"])},
-        {"name": "reference loop" + (" (zero-init residual)" if args.zero_init_residual else ""),
-         "seconds": per_epoch["reference"], "images_per_s": n_train / per_epoch["reference"],
-         "ratio": 1.0, "auroc": auroc["reference"], "wall": statistics.mean(walls["reference"])},
-    ]
-    autocast = mixed_precision(medvl_args.precision, device, train.CPU_BF16)
+    ratio_equal = per_epoch[equal_side] / per_epoch["medvl"] if equal_side else None
+    ratio_fp32 = per_epoch[fp32_side] / per_epoch["medvl"] if fp32_side else None
+    rows = [{"name": "medvl pneumonia.train" + (f" {args.medvl_flags}" if args.medvl_flags else ""),
+             "precision": autocast, "seconds": per_epoch["medvl"], "images_per_s": n_train / per_epoch["medvl"],
+             "ratio": 1.0, "auroc": auroc["medvl"], "wall": statistics.mean(walls["medvl"])}]
+    for side in references:
+        rows.append({"name": "reference loop" + (" (zero-init residual)" if args.zero_init_residual else ""),
+                     "precision": precision_of[side], "seconds": per_epoch[side],
+                     "images_per_s": n_train / per_epoch[side], "ratio": per_epoch[side] / per_epoch["medvl"],
+                     "auroc": auroc[side], "wall": statistics.mean(walls[side])})
     print(f"{medvl_args.epochs} epoch(s) x {args.repeats} repeat(s), batch {medvl_args.batch_size}, lr "
           f"{medvl_args.lr}; medvl precision "
           f"{medvl_args.precision} (autocast: {autocast}), augment "
           f"{medvl_args.augment}, channels-last {medvl_args.channels_last}, "
           f"compile {medvl_args.compile}")
     print(table(rows))
+    print(f"ratio at equal precision ({autocast}): {ratio_equal:.2f}; against an fp32 reference: {ratio_fp32:.2f}"
+          if ratio_equal is not None and ratio_fp32 is not None else f"ratio: {ratio:.2f}")
     if args.json is not None:
-        record = {"ratio": ratio, "auroc_medvl": auroc["medvl"], "auroc_reference": auroc["reference"],
+        record = {"ratio": ratio, "ratio_equal_precision": ratio_equal, "ratio_fp32_reference": ratio_fp32,
+                  "reference_precision": args.reference_precision,
+                  "auroc_medvl": auroc["medvl"], "auroc_reference": auroc["reference"],
                   "seconds_per_epoch_medvl": per_epoch["medvl"], "seconds_per_epoch_reference": per_epoch["reference"],
                   "epoch_seconds_medvl": seconds["medvl"], "epoch_seconds_reference": seconds["reference"],
                   "wall_s_medvl": walls["medvl"], "wall_s_reference": walls["reference"], "epochs": medvl_args.epochs,
