@@ -1,0 +1,94 @@
+"""Pipeline declarations (``common.pipelines``): found through the entry points, and ``--overwrite`` removes every
+output a pipeline declares, so no result of an earlier run stays beside the new one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+from common.checkpoint import read_jsonl, save_model
+from common.engine import TrainConfig, fit
+from common.pipelines import FLOOR_OUTPUTS, Pipeline, discover, matching_outputs, run_outputs
+
+REPO = Path(__file__).resolve().parents[2]
+PIPELINES = discover()
+EARLIER = "written by the earlier run"
+
+
+def test_every_pipeline_package_is_declared():
+    names = [p.name for p in PIPELINES]
+    assert names == sorted(names) and len(names) >= 5
+    assert all((REPO / name / "__init__.py").is_file() for name in names)
+    for pipeline in PIPELINES:
+        assert isinstance(pipeline, Pipeline) and pipeline.run_outputs
+        assert pipeline.app_spec().name == pipeline.name
+        assert callable(pipeline.demo_section())
+        for module in pipeline.commands:
+            assert (REPO / (module.replace(".", "/") + ".py")).is_file(), module
+
+
+def test_run_outputs_is_the_union_and_matches_globs(tmp_path):
+    names = run_outputs()
+    assert set(FLOOR_OUTPUTS) <= set(names)
+    assert {"probe.json", "explain", "baselines.*", "metrics_full*.json", "oracle", "retrieval"} <= set(names)
+    for name in ("metrics_full_test.json", "baselines.md", ".pending-12-ab", "results_shuffled.md", "keep.txt"):
+        (tmp_path / name).write_text("x")
+    assert [p.name for p in matching_outputs(tmp_path, names)] == [
+        ".pending-12-ab", "baselines.md", "metrics_full_test.json", "results_shuffled.md"]
+
+
+def _data(n=48):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 5, generator=gen)
+    return TensorDataset(x, (x[:, 0] > 0).float())
+
+
+class _Task:
+    metric_names = ("loss",)
+
+    def training_loss(self, model, batch):
+        x, y = batch
+        return F.binary_cross_entropy_with_logits(model(x).squeeze(-1), y)
+
+    def validate(self, model, loader, device):
+        x, y = next(iter(loader))
+        return {"loss": float(F.binary_cross_entropy_with_logits(model(x).squeeze(-1), y))}
+
+    def save_best(self, model, metrics, directory):
+        save_model(directory, model, {"metrics": metrics})
+
+
+def _fit(run, **kw):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 1)
+    config = TrainConfig(epochs=1, batch_size=16, device="cpu", precision="fp32", progress=False, **kw)
+    return fit(model, torch.optim.SGD(model.parameters(), lr=0.01), _data(), _data(16), _Task(), config, run)
+
+
+def _plant(run: Path, name: str) -> None:
+    """An earlier run's output called ``name`` (a glob becomes one name it matches): a folder when it has no
+    suffix, else a file."""
+    path = run / name.replace("*", "_test")
+    if "." in path.name.lstrip("."):
+        path.write_text(EARLIER)
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "old.txt").write_text(EARLIER)
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: p.name)
+def test_overwrite_leaves_no_output_of_the_earlier_run(tmp_path, pipeline):
+    run = tmp_path / "run"
+    _fit(run)
+    for name in (*pipeline.run_outputs, ".pending-1-old"):
+        _plant(run, name)
+    (run / "my_notes.txt").write_text("mine")  # not a run output: kept
+    result = _fit(run, overwrite=True)
+    assert result.completed and len(read_jsonl(run / "metrics.jsonl")) == 1
+    left = [p for p in run.rglob("*") if p.is_file() and EARLIER in p.read_text(errors="ignore")]
+    assert not left, f"{pipeline.name}: {left} survived --overwrite"
+    assert (run / "my_notes.txt").read_text() == "mine"
