@@ -3,6 +3,8 @@ output a pipeline declares, so no result of an earlier run stays beside the new 
 
 from __future__ import annotations
 
+import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -92,3 +94,37 @@ def test_overwrite_leaves_no_output_of_the_earlier_run(tmp_path, pipeline):
     left = [p for p in run.rglob("*") if p.is_file() and EARLIER in p.read_text(errors="ignore")]
     assert not left, f"{pipeline.name}: {left} survived --overwrite"
     assert (run / "my_notes.txt").read_text() == "mine"
+
+
+FLOOR = REPO / "common"
+NOT_YET = {"tiny.py": "brain3d_report.lm_pretrain", "presets.py": "brain3d_report"}
+"""Floor files that still name a pipeline, and the name (issue 26, step 2 left: the brain report twin's tokenizer
+corpus and preset move into that pipeline). The list only shrinks: a new mention anywhere fails."""
+
+
+def _mentions(text: str, names: list[str]) -> set[str]:
+    """Pipeline packages ``text`` imports or names: a package name, a module path below it, or the name quoted."""
+    found = set()
+    for node in ast.walk(ast.parse(text)):
+        modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                   else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        found |= {name for name in names for m in modules if m == name or m.startswith(name + ".")}
+    for name in names:
+        # "pneumonia" is also a disease: a word alone is text, a module path, a path or a quoted name is the package
+        if re.search(rf"\b{name}(\.[a-z_]|/)|[\"'`]{name}[\"'`]", text) or ("_" in name and re.search(rf"\b{name}\b",
+                                                                                                        text)):
+            found.add(name)
+    return found
+
+
+def test_the_floor_imports_and_names_no_pipeline():
+    names = [p.name for p in PIPELINES]
+    offenders = {}
+    for path in sorted(FLOOR.rglob("*.py")):
+        found = _mentions(path.read_text(), names)
+        allowed = {NOT_YET[path.name].split(".")[0]} if path.parent == FLOOR and path.name in NOT_YET else set()
+        if found - allowed:
+            offenders[str(path.relative_to(REPO))] = sorted(found - allowed)
+    assert not offenders, f"the floor names pipelines: {offenders}"
+    assert _mentions("import pneumonia.model\n", names) == {"pneumonia"}
+    assert _mentions('x = "findings suggest pneumonia"\n', names) == set()
