@@ -96,7 +96,7 @@ def base_parser(*, output_dir: bool = False, seed: bool = False, device: bool = 
     if precision:
         group.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                            help="autocast dtype; auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU "
-                                "(pneumonia: bf16 on CPUs with AMX-BF16)")
+                                "(bf16 on CPUs with AMX-BF16 for a model that gains from it: cpu_bf16)")
     if cache_dir or quantization:
         models = parser.add_argument_group("model loading")
         if cache_dir:

@@ -2,17 +2,17 @@
 
 Example:
     python -m common.demo --output-dir runs/demo
-    python -m common.demo --output-dir runs/demo --only pneumonia
+    python -m common.demo --output-dir runs/demo --only <pipeline> [<pipeline> ...]
 
-Each pipeline contributes ``<package>.demo.demo_section(out_dir) -> str``: it writes under ``out_dir/<package>/`` and
-returns a Markdown section whose links are relative to ``out_dir`` (where REPORT.md lies); this module only
-knows their names, so pipelines stay independent of each other.
+Each declared pipeline (``common.pipelines``: its ``PIPELINE.demo``) contributes ``demo_section(out_dir) -> str``:
+it writes under ``out_dir/<package>/`` and returns a Markdown section whose links are relative to ``out_dir``
+(where REPORT.md lies); this module reads the declarations and names no pipeline, so pipelines stay independent of
+each other and of it.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import platform
 import time
 from collections.abc import Sequence
@@ -23,23 +23,29 @@ import torch
 from common.checkpoint import atomic_write_text, git_sha
 from common.cli import MedvlArgumentParser
 from common.errors import ConfigError, cli_entry
+from common.pipelines import Pipeline, discover
 
-SECTIONS = ("pneumonia", "cxr_localize", "mavl_chexpert", "pathology_brats", "brain3d_report")
+
+def demo_pipelines() -> dict[str, Pipeline]:
+    """The declared pipelines that have a demo section, by name (in name order)."""
+    return {p.name: p for p in discover() if p.demo}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    names = list(demo_pipelines())
     parser = MedvlArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--only", nargs="+", default=list(SECTIONS), help=f"subset of {', '.join(SECTIONS)}")
+    parser.add_argument("--only", nargs="+", default=names, help=f"subset of {', '.join(names)}")
     return parser
 
 
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    unknown = sorted(set(args.only) - set(SECTIONS))
+    declared = demo_pipelines()
+    unknown = sorted(set(args.only) - set(declared))
     if unknown:
-        raise ConfigError("--only", f"unknown pipeline(s) {unknown}; choose from {', '.join(SECTIONS)}")
+        raise ConfigError("--only", f"unknown pipeline(s) {unknown}; choose from {', '.join(declared)}")
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     header = ["# medvl demo report", "",
@@ -50,8 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in args.only:
         start = time.time()
         print(f"== {name} ==", flush=True)
-        module = importlib.import_module(f"{name}.demo")
-        sections.append(module.demo_section(out))
+        sections.append(declared[name].demo_section()(out))
         timings.append(f"| {name} | {time.time() - start:.0f} |")
         atomic_write_text(out / "REPORT.md", "\n".join(header + sections))
     summary = ["", "## Wall time", "", "| pipeline | seconds |", "|---|---|", *timings, ""]

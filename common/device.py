@@ -44,7 +44,7 @@ def bf16_supported(device: torch.device) -> bool:
 @functools.cache
 def cpu_has_amx_bf16() -> bool:
     """True on CPUs with AMX-BF16 tiles (Intel Sapphire Rapids and later, Linux), where oneDNN runs bf16
-    convolutions and matmuls in hardware: measured 1.65 times the fp32 speed for pneumonia's ResNet-18
+    convolutions and matmuls in hardware: measured 1.65 times the fp32 speed for a ResNet-18
     (``benchmarks/train_speed.py``). Elsewhere bf16 on a CPU is emulated and slower than fp32."""
     try:
         flags = Path("/proc/cpuinfo").read_text(errors="replace")
@@ -57,7 +57,7 @@ def mixed_precision(requested: str, device: torch.device, cpu_bf16: bool = False
     """Map ``--precision auto|fp32|bf16|fp16`` to Accelerate's ``mixed_precision`` value.
 
     ``auto`` autocasts to bf16 on Ampere+ GPUs and to fp16 on older ones. On a CPU it stays fp32 unless the caller's
-    model gains from bf16 (``cpu_bf16``: pneumonia's CNN, 1.65 times faster) and the CPU computes bf16 natively
+    model gains from bf16 (``cpu_bf16``: a ResNet-18, 1.65 times faster) and the CPU computes bf16 natively
     (AMX-BF16); the tiny transformers of the other pipelines run about 1.7 times slower in bf16 on the same CPU.
     Weights and optimizer state stay fp32 in every case."""
     if requested == "auto":

@@ -40,10 +40,8 @@ from common import train_state
 from common.checkpoint import (
     BEST_DIR,
     LAST_DIR,
-    PENDING_DIR,
     atomic_write_text,
     committed_dir,
-    pending_dirs,
     read_jsonl,
     recover_results,
     staged_dir,
@@ -53,6 +51,8 @@ from common.cli import nonnegative_float, nonnegative_int, positive_float, posit
 from common.device import mixed_precision, pick_device
 from common.device_data import EvalBatches, TrainBatches, default_num_workers, model_to_channels_last
 from common.errors import ConfigError, DataError
+from common.pipelines import FLOOR_OUTPUTS, matching_outputs
+from common.pipelines import run_outputs as pipeline_run_outputs
 from common.run_guard import LOCK_FILE, run_lock
 
 log = logging.getLogger("medvl.engine")
@@ -300,17 +300,18 @@ def check_run_setup(config: TrainConfig, run_dir: Path) -> torch.device:
     return device
 
 
-RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "train.log", "split.csv", "checkpoints", "best", "best.old",
-               "best.tmp", "predictions", "figures", "results.json", "results.md", "results.csv", PENDING_DIR,
-               "reports", "retrieval")
+RUN_OUTPUTS = FLOOR_OUTPUTS
+"""What the loop itself writes; ``common.pipelines.run_outputs()`` adds what each declared pipeline writes."""
 
 
 def _clear_run(run_dir: Path, extra: tuple[str, ...] = ()) -> None:
-    """``--overwrite``: remove what an earlier run wrote (and only that), once the new run has been validated."""
-    for path in [*(run_dir / name for name in (*RUN_OUTPUTS, *extra)), *pending_dirs(run_dir)]:
+    """``--overwrite``: remove what an earlier run wrote (and only that), once the new run has been validated: the
+    loop's own outputs, ``extra`` (this run's ``run_files``) and every output a declared pipeline names
+    (``common.pipelines``), so no result of the earlier model stays beside the new one."""
+    for path in matching_outputs(run_dir, (*pipeline_run_outputs(), *extra)):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
+        else:
             path.unlink()
 
 

@@ -1,7 +1,7 @@
 """The shared driver of every pipeline's ``predict``: same flags, one row per file, resumable, bad files listed.
 
 Example (any pipeline):
-    python -m pneumonia.predict --run-dir runs/demo/pneumonia/run --input my_scans/ --out preds/
+    python -m <pipeline>.predict --run-dir runs/demo/<pipeline>/run --input my_scans/ --out preds/
 
 A pipeline supplies a ``Predictor``: built once from the run (model loaded), then called per input file with a
 folder for that file's figures. Rows are appended to ``OUT/predictions.jsonl`` and flushed one by one, so a kill

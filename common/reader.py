@@ -14,7 +14,7 @@ Formats:
     volumes    NIfTI (``.nii``/``.nii.gz``) as stored, and a folder of single-frame DICOM slices as one volume:
                slices sorted along the normal of ImageOrientationPatient by ImagePositionPatient, the affine built
                from those tags and PixelSpacing, and turned from DICOM's LPS+ patient axes into nibabel's RAS+.
-``volume_as_nifti`` hands a pipeline that reads NIfTI paths (brain3d_report's MONAI chain) a file it already reads,
+``volume_as_nifti`` hands a pipeline that reads NIfTI paths (a MONAI chain) a file it already reads,
 so a DICOM series takes exactly the preprocessing a NIfTI would.
 """
 

@@ -3,7 +3,7 @@
 ``model.json`` (beside ``model.safetensors``) holds:
 
     format         "medvl-model-1"
-    pipeline       the package that trained it: "pneumonia", "cxr_localize", ...
+    pipeline       the package that trained it (its ``common.pipelines`` declaration's name)
     stage          the training script that wrote it: "train", "pretrain", ...
     preset         the model preset (``common.presets``) or architecture the pipeline's builder takes
     kwargs         the builder's keyword arguments, so the model is rebuilt from this file alone
@@ -15,7 +15,7 @@
     val_metrics    that epoch's validation numbers
     git_sha, versions   provenance, added by ``common.checkpoint.save_model``
 
-Pipelines may add keys of their own (``cxr_localize`` records its text encoder); these are the ones every
+Pipelines may add keys of their own (one records its text encoder); these are the ones every
 tool can rely on. ``load_run`` checks them, rebuilds the model with the pipeline's builder and loads the weights,
 turning every way that can fail into one line naming the file.
 """

@@ -46,7 +46,7 @@ WRONG_CAPTION = 0.25
 SCHEMA_CLASSES = {"2024": ("WM", "CT", "PN", "NC", "MP", "IC"),
                   "2025": ("CT", "PN", "MP", "NC", "IC", "WM", "LI", "DM", "PL"),
                   "2026": ("CT", "DM", "IC", "LI", "MP", "NC", "PL", "PN", "WM", "NOTA")}
-"""Class codes of each challenge year, as the data format knows them (pathology_brats.schema holds the same)."""
+"""Class codes of each challenge year, as the data format knows them (a pipeline's schema may hold the same)."""
 
 PAIRS = (("CT", "PL"), ("NC", "DM"), ("IC", "WM"))
 PHRASES = {

@@ -54,6 +54,7 @@ def test_info_nce_matches_a_hand_computed_value():
     assert train.info_nce(image, text, scale, torch.tensor([1, 2])).item() == pytest.approx(((i2t + t2i) / 2).item())
 
 
+@pytest.mark.slow  # end-to-end; `pytest -m "not slow"` skips it
 def test_contrastive_stage_at_batch_one_has_a_nonzero_falling_loss(brain, tmp_path):
     argv = _argv(brain, tmp_path, "contrastive", "r1", "--vision", "siglip-tiny", "--lm", "tiny-gemma3",
                  "--batch-size", "1", "--epochs", "8", "--lr", "2e-3", "--queue-size", "8")

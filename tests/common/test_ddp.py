@@ -72,6 +72,7 @@ def _compare(ddp: list[dict], single: list[dict], tolerance: dict[str, float]) -
 needs_accelerate = pytest.mark.skipif(not ACCELERATE.is_file(), reason="no accelerate launcher beside python")
 
 
+@pytest.mark.slow  # end-to-end; `pytest -m "not slow"` skips it
 @needs_accelerate
 def test_pneumonia_two_processes_match_one_process(tmp_path):
     write_medmnist(tmp_path / "data", n=200, seed=1)
@@ -88,6 +89,7 @@ def test_pneumonia_two_processes_match_one_process(tmp_path):
     assert ddp[-1]["val_auroc"] > 0.8 and single[-1]["val_auroc"] > 0.8
 
 
+@pytest.mark.slow  # end-to-end; `pytest -m "not slow"` skips it
 @needs_accelerate
 def test_cxr_localize_two_processes_match_one_process(small_iu, tmp_path):
     common = ["--data-root", str(small_iu), "--encoder-weights", "none", "--encoder", "resnet18",

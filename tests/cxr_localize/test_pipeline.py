@@ -16,6 +16,7 @@ from cxr_localize import evaluate, pretrain, train
 E2E_SIZE = ["--image-size", "96"]
 
 
+@pytest.mark.slow  # end-to-end; `pytest -m "not slow"` skips it
 def test_phantom_to_evaluation_uses_the_text(tmp_path):
     data = write_iu(tmp_path / "iu", n=120, seed=0, size=96)
     phase1, run = tmp_path / "pretrain", tmp_path / "train"

@@ -14,6 +14,7 @@ import pytest
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 
+@pytest.mark.slow  # end-to-end; `pytest -m "not slow"` skips it
 @pytest.mark.skipif(shutil.which("torchrun", path=str(TORCHRUN.parent)) is None, reason="no torchrun")
 def test_phases_run_under_ddp(chexpert_phantom, tmp_path):
     # Hiding CUDA keeps a GPU machine from giving both ranks the same device.

@@ -46,6 +46,7 @@ def test_phases_learn_and_report_what_the_predictions_say(which, image_run, fusi
     assert {"f1_macro", "f1_micro", "hamming_loss", "auroc_pleural_effusion"} <= set(saved)
 
 
+@pytest.mark.slow  # end-to-end; `pytest -m "not slow"` skips it
 def test_training_never_reads_the_test_labels(image_run, chexpert_phantom, tmp_path):
     data = Path(shutil.copytree(chexpert_phantom, tmp_path / "CheXpert-v1.0-small"))
     test = pd.read_csv(data / "valid.csv")
@@ -67,6 +68,7 @@ def test_training_never_reads_the_test_labels(image_run, chexpert_phantom, tmp_p
     assert "ORACLE" in (run / "oracle" / "results.md").read_text().splitlines()[0]
 
 
+@pytest.mark.slow  # end-to-end; `pytest -m "not slow"` skips it
 def test_image_phase_resumes_mid_epoch_to_the_same_model(image_run, chexpert_phantom, tmp_path):
     run = tmp_path / "run"
     argv = ["--data-root", str(chexpert_phantom), "--output-dir", str(run), *IMAGE_ARGS]
@@ -108,6 +110,7 @@ def test_held_out_diseases_are_scored_from_their_descriptions(image_run, chexper
     assert "Edema (zero-shot)" in (run / "results.md").read_text()
 
 
+@pytest.mark.slow  # end-to-end; `pytest -m "not slow"` skips it
 def test_ablation_table_has_every_row_with_intervals_and_reuses_finished_runs(chexpert_phantom, tmp_path):
     out = tmp_path / "ablation"
     argv = ["--data-root", str(chexpert_phantom), "--output-dir", str(out), "--backbone", "vit-tiny",

@@ -152,6 +152,7 @@ def test_a_damaged_shard_is_one_error_naming_it(tmp_path):
 ACCELERATE = Path(sys.executable).parent / "accelerate"
 
 
+@pytest.mark.slow  # end-to-end; `pytest -m "not slow"` skips it
 @pytest.mark.skipif(not ACCELERATE.is_file(), reason="no accelerate launcher beside python")
 def test_two_process_extraction_equals_one_process(tiles, tmp_path):
     from tests.common.test_ddp import _launch

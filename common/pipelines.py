@@ -1,0 +1,119 @@
+"""Pipeline declarations: what each pipeline tells the floor about itself, found without naming it.
+
+Each pipeline package holds one ``PIPELINE = Pipeline(...)`` in its ``__init__.py`` and lists it in the
+``medvl.declarations`` entry-point group of ``pyproject.toml`` (``<name> = "<package>:PIPELINE"``). The floor reads
+the declarations here and nowhere names a pipeline:
+
+    run_outputs   the files and folders (names or glob patterns, relative to the run directory) that the pipeline's
+                  commands write into a run directory, beyond the training loop's own (``FLOOR_OUTPUTS``):
+                  ``--overwrite`` removes the union over every declared pipeline (``run_outputs()``)
+    demo          ``"module:function"`` of its ``make demo`` section: ``demo_section(out_dir) -> str`` (``common.demo``)
+    app           ``"module:attr"`` of its ``common.app.AppSpec`` (the web app's tab)
+    commands      the modules its command lines run (``python -m <module>``), for documentation and the
+                  entry-point tests
+
+Importing a declared package also registers the presets only that pipeline uses (``common.presets``), so
+``python -m common.presets`` lists them after ``discover()``.
+
+    python -c "from common.pipelines import discover; print([p.name for p in discover()])"
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from common.errors import ConfigError
+
+GROUP = "medvl.declarations"
+
+FLOOR_OUTPUTS = ("config.yaml", "metrics.jsonl", "train.log", "checkpoints", "best", "best.old", "best.tmp",
+                 ".pending", ".pending-*")
+"""What ``common.engine.fit`` itself writes into a run directory (the loop's history, log, checkpoints, best model,
+their swap siblings and result-set staging folders). ``.lock`` is not one: the running command holds it."""
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """One pipeline, as the floor sees it (see the module docstring for each field)."""
+
+    name: str  # the package, and ``model.json``'s ``pipeline``
+    title: str
+    run_outputs: tuple[str, ...] = ()
+    demo: str = ""
+    app: str = ""
+    commands: tuple[str, ...] = field(default=())
+
+    def demo_section(self) -> Callable[[Path], str]:
+        """The pipeline's ``demo_section(out_dir) -> str``."""
+        return _attr(self.demo, "demo_section")
+
+    def app_spec(self) -> Any:
+        """The pipeline's ``AppSpec``."""
+        return _attr(self.app, "APP")
+
+
+def _attr(value: str, default: str) -> Any:
+    module, _, attr = value.partition(":")
+    return getattr(importlib.import_module(module.strip()), (attr or default).strip())
+
+
+def entry_point_values(group: str, pyproject: Path | None = None) -> list[str]:
+    """The values of entry-point ``group``, sorted by name: the installed ones, else those of this checkout's
+    ``pyproject.toml`` (an editable install made before the group existed has none)."""
+    values = [ep.value for ep in sorted(metadata.entry_points(group=group), key=lambda ep: ep.name)]
+    if values:
+        return values
+    pyproject = pyproject or Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if not pyproject.is_file():
+        return []
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: the installed entry points are the only source
+        return []
+    table = tomllib.loads(pyproject.read_text()).get("project", {}).get("entry-points", {}).get(group, {})
+    return [table[name] for name in sorted(table)]
+
+
+def load(value: str) -> Pipeline:
+    """The ``Pipeline`` that ``value`` (``package:PIPELINE``, or a package holding ``PIPELINE``) names."""
+    module, _, attr = value.partition(":")
+    try:
+        spec = getattr(importlib.import_module(module.strip()), (attr or "PIPELINE").strip())
+    except (ImportError, AttributeError) as err:
+        raise ConfigError("pipelines", f"{value!r} does not name a Pipeline ({err})") from err
+    if not isinstance(spec, Pipeline):
+        raise ConfigError("pipelines", f"{value!r} is a {type(spec).__name__}, not a Pipeline")
+    return spec
+
+
+def discover(names: Sequence[str] | None = None) -> list[Pipeline]:
+    """The declared pipelines (those of ``names``, else of the ``medvl.declarations`` group), in name order."""
+    return [load(v) for v in (list(names) if names else entry_point_values(GROUP))]
+
+
+def run_outputs(pipelines: Iterable[Pipeline] | None = None) -> tuple[str, ...]:
+    """Every name a run directory may hold from an earlier run: the floor's and each declared pipeline's."""
+    pipelines = discover() if pipelines is None else pipelines
+    names = list(FLOOR_OUTPUTS)
+    for pipeline in pipelines:
+        names += [n for n in pipeline.run_outputs if n not in names]
+    return tuple(names)
+
+
+def matching_outputs(run_dir: Path, patterns: Iterable[str]) -> list[Path]:
+    """The entries of ``run_dir`` (top level only) that one of ``patterns`` names, sorted."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    patterns = tuple(patterns)
+    return sorted(p for p in run_dir.iterdir() if any(fnmatch.fnmatchcase(p.name, pat) for pat in patterns))
+
+
+__all__ = ["GROUP", "FLOOR_OUTPUTS", "Pipeline", "entry_point_values", "load", "discover", "run_outputs",
+           "matching_outputs"]
