@@ -34,6 +34,12 @@ def test_phantom_run_learns_and_evaluates(trained_pneumonia_run):
     predicted = (predictions["prob_pneumonia"] >= meta["thresholds"]["decision"]).astype(int)
     assert (predicted == predictions["predicted"]).all()
     assert abs(results["acc"] - (predicted == labels).mean()) < 1e-12
+    # MedMNIST's own Evaluator on the same predictions: its AUROC and its accuracy at 0.5 are ours.
+    from medmnist import Evaluator
+
+    official = Evaluator("pneumoniamnist", "test", root=str(npz.parent)).evaluate(
+        predictions["prob_pneumonia"].to_numpy()[:, None])
+    assert abs(results["auroc"] - official.AUC) < 1e-12 and abs(results["acc_at_0.5"] - official.ACC) < 1e-12
     for name in ("confusion_test.png", "roc_test.png", "loss_curves.png"):
         assert (run_dir / "figures" / name).stat().st_size > 1000
     assert "auroc" in (run_dir / "results.md").read_text()
