@@ -75,7 +75,8 @@ def test_brain_tab_report_and_slice_slider(client, shared_data):
     status, label, result, gallery, files, slices = client.predict(None, [_file(shared_data / FLAIR)], "",
                                                                    api_name="/predict_brain3d_report")
     assert status.startswith("done") and "report" in result, status
-    assert not label and _image(slices).ndim == 2  # no probabilities; grey slices without a phrase
+    grey = _image(slices).astype(int)  # gradio sends a (lossy) webp: grey means the channels agree
+    assert not label and (grey.ndim == 2 or np.abs(grey[..., 0] - grey[..., 2]).max() <= 12)  # no overlay
     assert "explain_phrase" not in result
 
 
