@@ -219,32 +219,78 @@ def figures(row: dict[str, Any]) -> list[tuple[str, str]]:
     return [(v, k) for k, v in row.items() if isinstance(v, str) and v.endswith(".png") and Path(v).is_file()]
 
 
-def volume_of(row: dict[str, Any], fallback: str) -> np.ndarray | None:
-    """The volume a row was predicted from (the NIfTI ``predict`` read, or the upload), as a float array."""
+def volume_of(row: dict[str, Any], fallback: str) -> dict[str, Any] | None:
+    """What the slice slider shows for a row: the volume it was predicted from (the NIfTI ``predict`` read, or the
+    upload) as ``data``/``affine``, and the row's ``overlay`` NIfTI (a map in world coordinates, e.g. a LIME heat
+    map on the model's grid) as ``overlay``/``overlay_affine`` when there is one."""
     from common.reader import read_volume
 
+    shown = None
     for candidate in (row.get("volume"), fallback):
         if candidate:
             try:
-                return np.asarray(read_volume(candidate).data, dtype=np.float32)
+                volume = read_volume(candidate)
             except (MedvlError, OSError, ValueError):
                 continue
-    return None
+            shown = {"data": np.asarray(volume.data, dtype=np.float32), "affine": volume.affine}
+            break
+    if shown is not None and isinstance(row.get("overlay"), str):
+        try:
+            overlay = read_volume(row["overlay"])
+            shown.update(overlay=np.nan_to_num(np.asarray(overlay.data, dtype=np.float32)),
+                         overlay_affine=overlay.affine)
+        except (MedvlError, OSError, ValueError):
+            pass
+    return shown
 
 
-def orthogonal(volume: np.ndarray, fraction: float) -> np.ndarray:
-    """Axial | coronal | sagittal slices at ``fraction`` (0..1) of each axis, side by side as one uint8 image."""
-    x, y, z = volume.shape[:3]
+def _overlay_plane(shape: Sequence[int], axis: int, index: int, affine: np.ndarray, overlay: np.ndarray,
+                   overlay_affine: np.ndarray) -> np.ndarray:
+    """The overlay sampled (nearest voxel, through world coordinates) on the plane ``index`` of ``axis`` of a
+    volume of ``shape`` placed by ``affine``: an array of the plane's shape, 0 outside the overlay's grid."""
+    axes = [np.arange(n) for n in shape]
+    axes[axis] = np.array([index])
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3).astype(np.float64)
+    mapping = np.linalg.inv(overlay_affine) @ affine
+    voxels = np.rint(grid @ mapping[:3, :3].T + mapping[:3, 3]).astype(np.int64)
+    inside = np.all((voxels >= 0) & (voxels < np.array(overlay.shape[:3])), axis=1)
+    values = np.zeros(len(grid), dtype=np.float32)
+    values[inside] = overlay[tuple(voxels[inside].T)]
+    return np.squeeze(values.reshape([len(a) for a in axes]), axis=axis)
+
+
+def orthogonal(volume: np.ndarray | dict[str, Any], fraction: float) -> np.ndarray:
+    """Axial | coronal | sagittal slices at ``fraction`` (0..1) of each axis, side by side as one uint8 image.
+
+    ``volume`` is an array, or ``volume_of``'s dict; with an ``overlay`` there the slices are RGB, the overlay's
+    positive values red and negative ones blue over the grey (symmetric scale, 0 left clear).
+    """
+    shown = volume if isinstance(volume, dict) else {"data": volume}
+    data = shown["data"]
+    x, y, z = data.shape[:3]
     i, j, k = (min(int(round(fraction * (n - 1))), n - 1) for n in (x, y, z))
-    planes = [volume[:, :, k].T, volume[:, j, :].T, volume[i, :, :].T]  # RAS voxels: superior up
-    low, high = np.percentile(volume, [1, 99.5])
-    height = max(p.shape[0] for p in planes)
-    tiles = []
-    for plane in planes:
-        plane = np.flipud(np.clip((plane - low) / max(high - low, 1e-6), 0, 1))
+    planes = [data[:, :, k].T, data[:, j, :].T, data[i, :, :].T]  # RAS voxels: superior up
+    low, high = np.percentile(data, [1, 99.5])
+    grey = [np.flipud(np.clip((plane - low) / max(high - low, 1e-6), 0, 1)) for plane in planes]
+    if shown.get("overlay") is not None:
+        from matplotlib import colormaps
+
+        heat = [np.flipud(_overlay_plane(data.shape[:3], axis, index, shown["affine"], shown["overlay"],
+                                         shown["overlay_affine"]).T) for axis, index in ((2, k), (1, j), (0, i))]
+        bound = float(np.abs(shown["overlay"]).max()) or 1.0
+        colours = colormaps["bwr"]
+        tiles = []
+        for g, h in zip(grey, heat):
+            alpha = np.where(h != 0, 0.55, 0.0)[..., None]
+            tiles.append((1 - alpha) * g[..., None] + alpha * colours(0.5 + 0.5 * h / bound)[..., :3])
+        grey = tiles
+    height = max(p.shape[0] for p in grey)
+    padded = []
+    for plane in grey:
         pad = height - plane.shape[0]
-        tiles.append(np.pad(plane, ((pad // 2, pad - pad // 2), (0, 2)), constant_values=0))
-    return (np.hstack(tiles) * 255).astype(np.uint8)
+        widths = ((pad // 2, pad - pad // 2), (0, 2)) + (((0, 0),) if plane.ndim == 3 else ())
+        padded.append(np.pad(plane, widths, constant_values=0))
+    return (np.hstack(padded) * 255).astype(np.uint8)
 
 
 def one_line(err: BaseException, work: Path | None = None) -> str:
@@ -289,22 +335,24 @@ def _tab(gr, session: Session, spec: AppSpec) -> None:
             button = gr.Button("Predict", variant="primary", elem_id=f"{spec.name}-predict")
         with gr.Column(scale=2):
             status = gr.Markdown(elem_id=f"{spec.name}-status")
-            label = gr.Label(label="probabilities", num_top_classes=10, visible=spec.input != "volume")
+            label = gr.Label(label="probabilities", num_top_classes=10, visible=False,
+                             elem_id=f"{spec.name}-probs")  # shown when there are some
             result = gr.Markdown(elem_id=f"{spec.name}-result")
             gallery = gr.Gallery(label="figures", columns=2, height=360, object_fit="contain", preview=False)
             if spec.input == "volume":
                 slider = gr.Slider(0, 100, value=50, step=1, label="slice (% along each axis)")
-                slices = gr.Image(label="axial | coronal | sagittal", type="numpy")
+                slices = gr.Image(label="axial | coronal | sagittal (the explanation's map over it when asked)",
+                                  type="numpy", elem_id=f"{spec.name}-slices")
             downloads = gr.File(label="result files", file_count="multiple", interactive=False)
     volume = gr.State(None)
 
     def run_one(run_dir, files, report):
         files = [files] if isinstance(files, str) else [f if isinstance(f, str) else f.name for f in (files or [])]
-        empty = (None, "", [], None, None, None)
+        empty = ("", [], None, None, None)
         try:
             row, _ = session.predict(spec.name, run_dir, files, report if spec.text else None)
         except Exception as err:  # one line on the page, whatever went wrong; the server keeps serving
-            return (one_line(err, session.work), *empty)
+            return (one_line(err, session.work), None, *empty)
         shown = None
         data = volume_of(row, files[0]) if spec.input == "volume" else None
         if data is not None:
@@ -314,11 +362,15 @@ def _tab(gr, session: Session, spec: AppSpec) -> None:
 
     outputs = [status, label, result, gallery, downloads, volume]
     if spec.input == "volume":
-        button.click(run_one, [run, upload, text], [*outputs, slices], api_name=f"predict_{spec.name}")
+        event = button.click(run_one, [run, upload, text], [*outputs, slices], api_name=f"predict_{spec.name}")
         slider.change(lambda data, pct: None if data is None else orthogonal(data, pct / 100), [volume, slider],
                       slices, api_name=f"slices_{spec.name}")
     else:
-        button.click(lambda *a: run_one(*a)[:-1], [run, upload, text], outputs, api_name=f"predict_{spec.name}")
+        event = button.click(lambda *a: run_one(*a)[:-1], [run, upload, text], outputs,
+                             api_name=f"predict_{spec.name}")
+    # The probabilities panel only when the result has some (a mask or a report has none); a separate step, so the
+    # endpoint's answer stays plain values for gradio_client.
+    event.then(lambda probs: gr.update(visible=bool(probs)), label, label, api_visibility="private")
 
 
 def launch(page, host: str = "127.0.0.1", port: int = 7860, block: bool = True):

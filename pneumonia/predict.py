@@ -13,6 +13,12 @@ Writes ``OUT/predictions.csv`` + ``.json`` (``file, prob_pneumonia, label, thres
 retrieval index, ``neighbour_ids, neighbour_labels, neighbour_distances``) and per file ``OUT/figures/<name>/``:
 ``gradcam.png`` (image | overlay) and ``neighbours.png`` (the 5 most similar archive cases). The label uses the
 decision threshold chosen on validation (``best/model.json``).
+
+``--vlm PRESET`` (``medgemma-4b``, ``tiny-gemma3``, a ``save_pretrained`` folder or a hub id, as in
+``pneumonia.report``) adds a radiology report per file: ``pneumonia.report``'s prompts and verdict parser through
+``common.vlm`` (greedy, ``--max-new-tokens``), with columns ``report, parsed_verdict, vlm, prompt``. The VLM reads
+your image at full resolution (grey, resized to its processor's input size), not the 28 px thumbnail, so only the
+prompts that do not describe a thumbnail are offered: ``--prompt clinical-role`` (default) or ``zero-shot``.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from common import plots
-from common.cli import parse_args
+from common.cli import parse_args, positive_int
 from common.device import pick_device
 from common.errors import cli_entry
 from common.predict import predict_parser, run_predictions
@@ -38,8 +44,19 @@ from pneumonia.model import embed_images, load_trained, predict_proba, preproces
 N_NEIGHBOURS = 5
 
 
+VLM_PROMPTS = ("clinical-role", "zero-shot")
+
+
 def get_args_parser():
-    return predict_parser(__doc__)
+    parser = predict_parser(__doc__)
+    group = parser.add_argument_group("report (pneumonia.report's VLM)")
+    group.add_argument("--vlm", default=None, metavar="PRESET",
+                       help="add a VLM report: medgemma-4b, tiny-gemma3, a save_pretrained folder or a hub id")
+    group.add_argument("--prompt", default=VLM_PROMPTS[0], choices=VLM_PROMPTS)
+    group.add_argument("--max-new-tokens", type=positive_int, default=200)
+    group.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"])
+    group.add_argument("--seed", type=int, default=0, help="seed of the tiny preset's random weights")
+    return parser
 
 
 def medmnist_reduce(grey: np.ndarray, size: int) -> np.ndarray:
@@ -58,13 +75,20 @@ class PneumoniaPredictor:
 
     kind = PICTURE
 
-    def __init__(self, run_dir: Path, device: str = "auto"):
+    def __init__(self, run_dir: Path, device: str = "auto", vlm: str | None = None, prompt: str = VLM_PROMPTS[0],
+                 max_new_tokens: int = 200, quantization: str = "none", cache_dir: Path | None = None, seed: int = 0):
         self.run_dir = Path(run_dir)
         self.device = pick_device(device)
         self.model, self.meta = load_trained(self.run_dir, self.device)
         self.size = int(self.meta["preprocessing"]["image_size"])
         self.threshold = float(self.meta["thresholds"]["decision"])
         self.retrieval = self._retrieval()
+        self.vlm = None
+        if vlm is not None:
+            from common.vlm import load_vlm
+
+            self.vlm = load_vlm(vlm, quantization, self.device, cache_dir=cache_dir, seed=seed)
+            self.prompt, self.max_new_tokens, self.seed = prompt, max_new_tokens, seed
 
     def _retrieval(self):
         directory = self.run_dir / "retrieval"
@@ -78,7 +102,8 @@ class PneumoniaPredictor:
         return ctx, index, info
 
     def __call__(self, path: Path, figures: Path, text: str | None = None) -> dict[str, Any]:
-        image = medmnist_reduce(read_picture(path, "grey"), self.size)
+        full = read_picture(path, "grey")
+        image = medmnist_reduce(full, self.size)
         prob = float(predict_proba(self.model, image[None], device=self.device)[0])
         predicted = int(prob >= self.threshold)
         heat = gradcam_maps(self.model, preprocess(image[None]).to(self.device), self.model.target_layer,
@@ -90,7 +115,18 @@ class PneumoniaPredictor:
                                "threshold": self.threshold, "gradcam": str(figures / "gradcam.png")}
         if self.retrieval is not None:
             row.update(self._neighbours(image, figures))
+        if self.vlm is not None:
+            row.update(self._report(full, prob))
         return row
+
+    def _report(self, grey: np.ndarray, prob: float) -> dict[str, Any]:
+        from common.vlm import build_messages, generate_reports, processor_image_size
+        from pneumonia.report import parse_verdict, prompt_text, to_rgb
+
+        system, user = prompt_text(self.prompt, prob, self.threshold, self.size)
+        picture = to_rgb(grey, processor_image_size(self.vlm.processor))
+        reply = generate_reports(self.vlm, [build_messages(picture, system, user)], self.max_new_tokens, self.seed)[0]
+        return {"report": reply, "parsed_verdict": parse_verdict(reply), "vlm": self.vlm.source, "prompt": self.prompt}
 
     def _neighbours(self, image: np.ndarray, figures: Path) -> dict[str, Any]:
         from common.retrieval import search
@@ -114,8 +150,11 @@ class PneumoniaPredictor:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
     guard_command(args, writes=("out",), reads=("input", "cache_dir"), runs=("run_dir",), lock="out", create=True)
+    vlm = {"vlm": args.vlm, "prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
+           "quantization": args.quantization, "seed": args.seed} if args.vlm else {}
     return run_predictions(args.run_dir, args.input, args.out, PICTURE,
-                           lambda: PneumoniaPredictor(args.run_dir, args.device))
+                           lambda: PneumoniaPredictor(args.run_dir, args.device, cache_dir=args.cache_dir, **vlm),
+                           options=vlm)
 
 
 if __name__ == "__main__":

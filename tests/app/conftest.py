@@ -59,6 +59,8 @@ def app_server(app_runs, tmp_path_factory):
     from common.app import Session, build, discover, launch
 
     session = Session(discover(PIPELINES), app_runs, "cpu", work=tmp_path_factory.mktemp("app_work"))
+    brain = session.predictor("brain3d_report", session.runs("brain3d_report")[0])
+    brain.explain_samples, brain.supervoxels = 8, 16  # a tiny LIME when a test types a phrase
     page = build(session)
     port = free_port()
     launch(page, "127.0.0.1", port, block=False)

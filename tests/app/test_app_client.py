@@ -6,7 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from common.app import declared, discover
 
@@ -50,7 +52,7 @@ def test_chest_xray_tabs_on_real_files(client, shared_data, tmp_path):
     assert any(Path(f["path"] if isinstance(f, dict) else f).name == "predictions.csv" for f in files)
     status, label, result, gallery, files = client.predict(None, siim, "Right lower lobe opacity.",
                                                            api_name="/predict_cxr_localize")
-    assert status.startswith("done"), status
+    assert status.startswith("done") and not label, status  # a mask, no probabilities: the panel is hidden
     assert "mass_right_lung" in result and len(gallery) == 2  # mask and overlay
     status, label, result, gallery, files = client.predict(None, nih, "", api_name="/predict_mavl_chexpert")
     assert status.startswith("done") and len(label["confidences"]) >= 5, status
@@ -65,11 +67,29 @@ def test_histology_tab_with_and_without_a_caption(client, histology_run):
     assert status.startswith("done") and "class" in result and len(label["confidences"]) == 9
 
 
+def _image(value) -> np.ndarray:
+    return np.asarray(Image.open(value["path"] if isinstance(value, dict) else value))
+
+
 def test_brain_tab_report_and_slice_slider(client, shared_data):
     status, label, result, gallery, files, slices = client.predict(None, [_file(shared_data / FLAIR)], "",
                                                                    api_name="/predict_brain3d_report")
     assert status.startswith("done") and "report" in result, status
-    assert slices is not None
+    grey = _image(slices).astype(int)  # gradio sends a (lossy) webp: grey means the channels agree
+    assert not label and (grey.ndim == 2 or np.abs(grey[..., 0] - grey[..., 2]).max() <= 12)  # no overlay
+    assert "explain_phrase" not in result
+
+
+def test_brain_tab_lime_overlay_follows_the_slice_slider(client, shared_data):
+    status, label, result, gallery, files, slices = client.predict(None, [_file(shared_data / FLAIR)],
+                                                                   "left frontal", api_name="/predict_brain3d_report")
+    assert status.startswith("done") and "left frontal" in result, (status, result)
+    names = {Path(f["path"] if isinstance(f, dict) else f).name for f in files}
+    assert {"lime.png", "slices.png", "predictions.csv"} <= names
+    middle = _image(slices)
+    assert middle.ndim == 3 and (middle[..., 0] != middle[..., 2]).any()  # the heat map coloured over the grey
+    lower = _image(client.predict(30, api_name="/slices_brain3d_report"))
+    assert lower.shape == middle.shape and not np.array_equal(lower, middle)
 
 
 def test_bad_uploads_are_one_line_and_the_server_keeps_serving(client, shared_data, tmp_path):

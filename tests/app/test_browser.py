@@ -48,6 +48,7 @@ def drive(url: str, cases: list[tuple[str, str, Path, str | None, str]], shots: 
                 status.get_by_text("done").or_(status.get_by_text("error")).wait_for(timeout=60_000)
                 page.wait_for_timeout(800)  # the figures load
                 seen[name] = status.inner_text().strip()
+                seen[f"{name}_probs"] = page.locator(f"#{name}-probs").is_visible()
                 assert expected in page.locator(f"#{name}-result").inner_text(), name
                 page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
         finally:
@@ -65,9 +66,12 @@ def test_tabs_in_headless_chromium(app_server, shared_data, histology_run, tmp_p
              ("cxr_localize", "CXR localize", shared_data / TBX, "Opacity in the right upper lobe.", "mass_right_lung"),
              ("mavl_chexpert", "CheXpert findings", shared_data / NIH, None, "label_"),
              ("pathology_brats", "BraTS-Path tiles", tile, "Sheets of crowded pleomorphic atypical cells.", "class"),
-             ("brain3d_report", "Brain MRI report", shared_data / FLAIR, None, "report")]
+             ("brain3d_report", "Brain MRI report", shared_data / FLAIR, "left frontal", "explain_phrase")]
     seen = drive(url, cases, tmp_path / "shots", tmp_path / "profile")
     assert seen.pop("_outside") == []  # offline: no CDN, fonts or analytics requests
+    shown = {name: seen.pop(f"{name}_probs") for name, *_ in cases}
+    assert shown == {"pneumonia": True, "cxr_localize": False, "mavl_chexpert": True, "pathology_brats": True,
+                     "brain3d_report": False}  # the probabilities panel only where the pipeline gives some
     assert all(line.startswith("done") for line in seen.values()), seen
     assert sorted(p.name for p in (tmp_path / "shots").iterdir()) == sorted(f"{c[0]}.png" for c in cases)
     target = os.environ.get("MEDVL_SCREENSHOTS")

@@ -27,3 +27,31 @@ def test_nifti_and_dicom_series_of_one_volume(tmp_path_factory, shared_data, tmp
     assert (out / "figures" / "pat0001_series" / "slices.png").is_file()
     converted = read_volume(out / "volumes" / "pat0001_series.nii.gz")
     np.testing.assert_allclose(converted.affine, volume.affine, atol=1e-4)
+
+
+def test_explain_phrase_writes_the_lime_overlay_on_an_arbitrary_volume(tmp_path_factory, shared_data, tmp_path,
+                                                                       capsys):
+    """``--explain`` runs brain3d_report.explain's LIME (tiny: 12 samples) on a volume outside the run's data."""
+    import json
+
+    import nibabel as nib
+    run = tiny_run_dirs(tmp_path_factory)["r2"]
+    out = tmp_path / "out"
+    args = ["--run-dir", str(run), "--input", str(shared_data / BRATS_FLAIR), "--out", str(out), "--device", "cpu",
+            "--max-new-tokens", "4", "--explain", "left frontal", "--explain-samples", "12", "--supervoxels", "16"]
+    assert predict.main(args) == 0
+    row = json.loads((out / "predictions.json").read_text())[0]
+    assert row["explain_phrase"] == "left frontal" and row["explain_log_likelihood"] < 0
+    figures = out / "figures" / "Flair_subtrMeanDivStd"
+    assert (figures / "lime.png").is_file() and row["lime"] == str(figures / "lime.png")
+    heat = nib.load(figures / "lime.nii.gz")
+    assert heat.shape == (16, 32, 32) and np.abs(np.asarray(heat.dataobj)).max() > 0
+    # The heat map's affine places the grid inside the input's world box (the explain CLI's own geometry).
+    source = nib.load(shared_data / BRATS_FLAIR)
+    corners = np.array([[0, 0, 0, 1], [*(np.array(source.shape) - 1), 1]]).T
+    lo, hi = np.sort((source.affine @ corners)[:3], axis=1).T
+    centre = heat.affine @ np.array([7.5, 15.5, 15.5, 1.0])
+    assert np.all(centre[:3] >= lo - 1) and np.all(centre[:3] <= hi + 1)
+    other = tmp_path / "other"
+    assert predict.main([*args[:-6], "--explain", " ", "--out", str(other)]) == 2  # one line, nothing written
+    assert "--explain: the phrase is empty" in capsys.readouterr().err and not other.exists()

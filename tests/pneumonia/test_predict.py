@@ -101,3 +101,16 @@ def test_run_of_another_pipeline_is_refused(tmp_path, capsys):
                          str(tmp_path / "o")])
     assert code == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_vlm_adds_the_report(trained_pneumonia_run, shared_data, tmp_path):
+    """``--vlm tiny-gemma3`` (random weights, a few tokens): pneumonia.report's prompt and parser on a real image."""
+    run_dir, _ = trained_pneumonia_run
+    out = tmp_path / "out"
+    assert predict.main(["--run-dir", str(run_dir), "--input", str(shared_data / "cxr_samples" / "00000001_000.png"),
+                         "--out", str(out), "--device", "cpu", "--vlm", "tiny-gemma3", "--max-new-tokens", "4"]) == 0
+    row = json.loads((out / "predictions.json").read_text())[0]
+    assert isinstance(row["report"], str) and row["parsed_verdict"] in ("normal", "pneumonia", "unclear")
+    assert row["vlm"] == "tiny-gemma3 (random weights)" and row["prompt"] == "clinical-role" and "prob_pneumonia" in row
+    table = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    assert list(table.columns[:2]) == ["file", "prob_pneumonia"] and "report" in table.columns
