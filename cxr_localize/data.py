@@ -10,8 +10,8 @@ used by the laterality test when present.
 Report text, one rule for every row: the findings section (``findings+impression`` appends the impression) with
 templated normal sentences removed; when that leaves nothing the cleaned impression stands in, and when that is
 empty too the text is ``EMPTY_TEXT``. Images are padded to a square (centred, black) and resized; masks follow
-with nearest-neighbour resampling. Bad rows (a report-less uid, an image that does not decode, a mask of another
-size or with grey values) stop loading with the file named, or with ``skip_bad`` are skipped and counted.
+with nearest-neighbour resampling. Bad rows (a report-less uid, an image that does not decode or is blank, a mask of
+another size or with grey values) stop loading with the file named, or with ``skip_bad`` are skipped and counted.
 """
 
 from __future__ import annotations
@@ -148,11 +148,21 @@ def read_tables(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     if (projections["filename"] == "").any() or projections["filename"].isin(["nan"]).any():
         row = int(np.flatnonzero((projections["filename"] == "") | (projections["filename"] == "nan"))[0]) + 2
         raise DataError(root / PROJECTIONS_CSV, f"line {row}: empty filename")
-    duplicated = projections["filename"][projections["filename"].duplicated()]
-    if len(duplicated):
-        raise DataError(root / PROJECTIONS_CSV, f"file name {duplicated.iloc[0]!r} is listed more than once")
+    _refuse_repeats(projections["filename"], root / PROJECTIONS_CSV, "file name", "images")
+    _refuse_repeats(reports["uid"], root / REPORTS_CSV, "uid", "reports")
     projections = projections.sort_values("filename", kind="stable").reset_index(drop=True)
     return reports, projections
+
+
+def _refuse_repeats(values: pd.Series, path: Path, what: str, kind: str) -> None:
+    """One line naming the first value listed twice and both lines (header = line 1): a second row for one image
+    or report would be trained on twice, or (a uid with two reports) pair the image with a text chosen silently."""
+    repeated = values.duplicated(keep=False).to_numpy()
+    if repeated.any():
+        first = int(np.flatnonzero(repeated)[0])
+        second = int(np.flatnonzero(repeated & (values == values.iloc[first]).to_numpy())[1])
+        raise DataError(path, f"{what} {values.iloc[first]!r} is listed twice (lines {first + 2} and {second + 2}); "
+                              f"each of the {kind} must appear once")
 
 
 def split_assignments(projections: pd.DataFrame, level: str = "patient", seed: int = 0,
@@ -171,6 +181,15 @@ def split_assignments(projections: pd.DataFrame, level: str = "patient", seed: i
 def _open(path: Path, what: str) -> Image.Image:
     """Any bit depth or mode as 8-bit grey (16-bit rescaled, alpha over black); see ``common.images``."""
     return read_grey(path, what)
+
+
+def _open_image(path: Path) -> Image.Image:
+    """An image, refused when blank (every pixel one value: a failed export, nothing to localise in)."""
+    image = _open(path, "image")
+    low, high = image.getextrema()
+    if low == high:
+        raise DataError(path, f"image is blank (every pixel is {low})")
+    return image
 
 
 def load_mask(path: Path, image_size: tuple[int, int]) -> Image.Image:
@@ -252,7 +271,7 @@ def load_iu(root: Path, *, image_size: int = 256, text_source: str = "findings",
                 raise DataError(root / PROJECTIONS_CSV, f"uid {row.uid} (image {row.filename}) has no report in "
                                                         f"{REPORTS_CSV}")
             reason = "bad image"
-            image = _open(root / IMAGE_DIR / row.filename, "image")
+            image = _open_image(root / IMAGE_DIR / row.filename)
             reason = "bad mask"
             mask = load_mask(root / MASK_DIR / row.filename, image.size) if with_masks else None
         except DataError as err:

@@ -71,7 +71,9 @@ class LocalizePredictor:
         if text is None or not text.strip():
             raise DataError(path, "the report text is empty; this model segments what a report names")
         grey = read_picture(path, "grey")
-        small = square_resize(Image.fromarray(grey), self.size, Image.Resampling.BILINEAR)
+        if grey.min() == grey.max():
+            raise DataError(path, f"image is blank (every pixel is {grey.min()})")
+        small = np.array(square_resize(Image.fromarray(grey), self.size, Image.Resampling.BILINEAR))
         x = imagenet_normalize(small[None]).to(self.device)
         prob = torch.sigmoid(self.model(x, self.encoder.encode([text]).to(self.device)).float())[0, 0].cpu().numpy()
         full = unpad(prob, *grey.shape)

@@ -41,7 +41,7 @@ from common.plots import loss_curves
 from common.run_guard import guard_command
 from common.runs import model_record, save_run_model
 from cxr_localize.common_args import add_data_args, add_encoder_args, split_table
-from cxr_localize.data import TEXT_SOURCES, LocalizationDataset, load_iu, swap_left_right
+from cxr_localize.data import MASK_DIR, TEXT_SOURCES, LocalizationDataset, load_iu, swap_left_right
 from cxr_localize.model import (
     FUSIONS,
     TEXT_PRESETS,
@@ -136,6 +136,15 @@ def check_pretrain_leakage(encoder_init: Path, data_root: Path, split: pd.DataFr
                                     f"uid {leaked[0]}); pre-train with the same --split-seed and --split-level")
 
 
+def check_masks(train, folder: Path) -> None:
+    """The training masks need both classes: all empty (or all full) trains a model that can only paint one."""
+    inside = int(train.masks.sum())
+    if inside == 0 or inside == train.masks.size:
+        state = "empty" if inside == 0 else "full (every pixel marked)"
+        raise DataError(folder, f"all {len(train)} training masks are {state}; a mask model needs pixels of both "
+                                "classes to learn from")
+
+
 def build_datasets(args, samples, encoder) -> tuple[LocalizationDataset, LocalizationDataset, torch.Tensor]:
     """Datasets over one precomputed text table (train reports, their left/right swaps if flipping, val reports)."""
     train, val = samples.subset("train"), samples.subset("val")
@@ -144,6 +153,7 @@ def build_datasets(args, samples, encoder) -> tuple[LocalizationDataset, Localiz
     if len(val) == 0:
         raise DataError(args.data_root, "no validation images with masks in this split; the best epoch is chosen on "
                                         "them (add annotated patients or change --split-seed)")
+    check_masks(train, Path(args.data_root) / MASK_DIR)
     swapped = [swap_left_right(t) for t in train.texts] if args.text_aware_flip else []
     table, index = encoder.table(train.texts + swapped + val.texts)
     n = len(train)

@@ -173,6 +173,7 @@ def load_table(data_root: Path, csv_name: str | Path, labels: tuple[str, ...] | 
             raise DataError(csv, f"line {lines[first]}: {name} is {frame[name].iloc[first]}; labels must be 1, 0, "
                                  "-1 or blank")
         raw[:, j] = values
+    check_duplicates(frame["Path"], raw, labels, lines, csv)
     if views == "frontal":
         if "Frontal/Lateral" in frame.columns:
             keep = frame["Frontal/Lateral"].astype(str).str.lower().eq("frontal").to_numpy()
@@ -184,6 +185,43 @@ def load_table(data_root: Path, csv_name: str | Path, labels: tuple[str, ...] | 
                          for v in frame["Path"]], dtype=object)
     targets, mask = encode_labels(raw, labels, uncertain)
     return Table(csv, frame["Path"].astype(str).to_numpy(), paths, lines, patients, raw, labels, targets, mask)
+
+
+def check_duplicates(paths: pd.Series, raw: np.ndarray, labels: tuple[str, ...], lines: np.ndarray,
+                     csv: Path) -> None:
+    """One image listed on two lines (with the same labels or, worse, with others) is refused, naming both lines:
+    the duplicate counts twice in training and in every metric, and a conflicting pair is a label no one chose."""
+    keys = paths.astype(str).str.replace("\\", "/", regex=False).map(os.path.normpath)
+    repeated = keys.duplicated(keep=False).to_numpy()
+    if not repeated.any():
+        return
+    first = int(np.flatnonzero(repeated)[0])
+    second = int(np.flatnonzero(repeated & (keys == keys.iloc[first]).to_numpy())[1])
+    a, b = raw[first], raw[second]
+    differ = [f"{name} {_label_text(a[j])} vs {_label_text(b[j])}" for j, name in enumerate(labels)
+              if not (a[j] == b[j] or (np.isnan(a[j]) and np.isnan(b[j])))]
+    what = f"with conflicting labels ({', '.join(differ)})" if differ else "twice"
+    raise DataError(csv, f"lines {lines[first]} and {lines[second]} list the same image {paths.iloc[first]} {what}; "
+                         "each image must appear once")
+
+
+def _label_text(value: float) -> str:
+    return "blank" if np.isnan(value) else f"{value:g}"
+
+
+def check_trainable(table: Table, policy: str, what: str = "", trained: np.ndarray | None = None) -> None:
+    """Every trained class needs positive and negative training images (after the uncertainty policy): a class
+    with one side only trains an output that can only ever say one thing, and its validation AUROC is undefined."""
+    for j, name in enumerate(table.labels):
+        if trained is not None and not trained[j]:
+            continue
+        known = table.targets[table.mask[:, j], j]
+        positives = int(known.sum())
+        negatives = len(known) - positives
+        if positives == 0 or negatives == 0:
+            raise DataError(table.csv, f"{name} has {positives} positive and {negatives} negative images in the "
+                                       f"{len(table)} {what}training images (--uncertain {policy}); every trained "
+                                       "class needs both (leave it out with --labels, or add images)")
 
 
 def sample_patients(table: Table, fraction: float, seed: int) -> Table:
@@ -216,12 +254,16 @@ def split_patients(table: Table, val_fraction: float, seed: int) -> np.ndarray:
 def decode_images(table: Table, size: int, skip_bad: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 (N, size, size) images, indices kept): each JPG read once, padded to a square and resized.
 
-    A missing or undecodable image stops with its CSV line and file, or with ``skip_bad`` is skipped and counted.
+    A missing, undecodable or blank (constant) image stops with its CSV line and file, or with ``skip_bad`` is
+    skipped and counted.
     """
     images, kept = [], []
     for i, (path, line) in enumerate(zip(table.paths, table.rows)):
         try:
             image = read_grey(path)
+            low, high = image.getextrema()
+            if low == high:
+                raise DataError(path, f"image is blank (every pixel is {low})")
         except DataError as err:
             if not skip_bad:
                 raise DataError(table.csv, f"line {line}: {path}: {err.message}") from err
@@ -230,7 +272,7 @@ def decode_images(table: Table, size: int, skip_bad: bool = False) -> tuple[np.n
         kept.append(i)
     skipped = len(table) - len(kept)
     if skipped:
-        log.warning("%s: skipped %d image(s) that are missing or do not decode (--skip-bad)", table.csv, skipped)
+        log.warning("%s: skipped %d image(s) that are missing, blank or do not decode (--skip-bad)", table.csv, skipped)
     if not kept:
         raise DataError(table.csv, "no readable images")
     return np.stack(images), np.asarray(kept, dtype=np.int64)
@@ -267,5 +309,6 @@ class ChexpertDataset(Dataset):
 
 
 __all__ = ["ROOT_NAME", "OBSERVATIONS", "COMPETITION", "LABEL_SETS", "UNCERTAIN_POLICIES", "VIEWS", "Table",
-           "label_key", "resolve_labels", "find_root", "encode_labels", "load_table", "sample_patients",
+           "label_key", "resolve_labels", "find_root", "encode_labels", "load_table", "check_duplicates",
+           "check_trainable", "sample_patients",
            "split_patients", "decode_images", "ChexpertDataset"]

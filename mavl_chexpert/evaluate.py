@@ -83,7 +83,9 @@ def evaluation_table(run_dir: Path, meta: dict, split: str, data_root: Path | No
     root = find_root(data_root or Path(settings["root"]))
     labels = tuple(meta["labels"])
     if split == "test":
-        return load_table(root, test_csv or "valid.csv", labels, settings["uncertain"], settings["views"])
+        table = load_table(root, test_csv or "valid.csv", labels, settings["uncertain"], settings["views"])
+        check_unseen(table, run_dir / "split.csv")
+        return table
     table = load_table(root, "train.csv", labels, settings["uncertain"], settings["views"])
     split_frame = load_split_csv(run_dir / "split.csv")
     val = set(split_frame.loc[split_frame["split"] == "val", "id"])
@@ -91,6 +93,19 @@ def evaluation_table(run_dir: Path, meta: dict, split: str, data_root: Path | No
     if not len(keep):
         raise DataError(run_dir / "split.csv", f"no validation image of it is in {table.csv}")
     return table.take(keep)
+
+
+def check_unseen(table: Table, split_csv: Path) -> None:
+    """A test image of a patient the run trained or selected on is refused, naming the line: its scores would be
+    those of a model that has seen that patient (the test set must hold other patients)."""
+    if not split_csv.is_file():
+        return
+    seen = load_split_csv(split_csv)
+    by_patient = dict(zip(seen["group"], seen["split"]))
+    for patient, line in zip(table.patients, table.rows):
+        if patient in by_patient:
+            raise DataError(table.csv, f"line {line}: patient {patient} is in the run's {by_patient[patient]} split "
+                                       f"({split_csv}); a test set must hold other patients")
 
 
 def _metric_fn(labels: tuple[str, ...], thresholds: np.ndarray):

@@ -29,7 +29,7 @@ from PIL import Image
 from common.checkpoint import atomic_save_figure
 from common.cli import parse_args
 from common.device import pick_device
-from common.errors import cli_entry
+from common.errors import DataError, cli_entry
 from common.images import square_resize
 from common.predict import predict_parser, run_predictions
 from common.reader import PICTURE, read_picture
@@ -90,7 +90,10 @@ class ChexpertPredictor:
         return [self.sentences[c][a] if a < len(self.sentences[c]) else "" for c, a in enumerate(best)]
 
     def __call__(self, path: Path, figures: Path, text: str | None = None) -> dict[str, Any]:
-        image = square_resize(Image.fromarray(read_picture(path, "grey")), self.size, Image.Resampling.BILINEAR)
+        grey = read_picture(path, "grey")
+        if grey.min() == grey.max():
+            raise DataError(path, f"image is blank (every pixel is {grey.min()})")
+        image = np.array(square_resize(Image.fromarray(grey), self.size, Image.Resampling.BILINEAR))
         probs = predict_proba(self.model, image[None], self.device, 1, self.temperature)[0]
         row: dict[str, Any] = {}
         for key, prob, threshold in zip(self.keys, probs, self.thresholds):

@@ -41,7 +41,7 @@ def load_descriptions(path: Path, diseases: Sequence[str]) -> dict[str, list[str
     if not path.is_file():
         raise DataError(path, "descriptions file not found")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=lambda pairs: _unique(pairs, path))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(path, f"not valid JSON ({err})") from err
     if not isinstance(data, dict):
@@ -51,12 +51,24 @@ def load_descriptions(path: Path, diseases: Sequence[str]) -> dict[str, list[str
         entry = data.get(disease)
         if entry is None:
             raise DataError(path, f"no description of {disease!r}, which is being trained")
-        if not isinstance(entry, dict) or not isinstance(entry.get("definition"), str) or not isinstance(
-                entry.get("aspects"), dict) or not all(isinstance(v, str) and v.strip()
-                                                       for v in entry["aspects"].values()):
+        definition = entry.get("definition") if isinstance(entry, dict) else None
+        aspects = entry.get("aspects") if isinstance(entry, dict) else None
+        if not (isinstance(definition, str) and definition.strip() and isinstance(aspects, dict)
+                and all(isinstance(v, str) and v.strip() for v in aspects.values())):
             raise DataError(path, f"{disease!r}: expected {{'definition': str, 'aspects': {{name: sentence}}}}")
         out[disease] = [entry["definition"], *entry["aspects"].values()]
     return out
+
+
+def _unique(pairs: list[tuple[str, object]], path: Path) -> dict:
+    """A JSON object whose key repeats (two descriptions of one disease, two sentences for one aspect) is refused:
+    ``json`` would keep the last one without a word."""
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DataError(path, f"{key!r} is given twice; keep one")
+        seen[key] = value
+    return seen
 
 
 def descriptions_hash(sentences: dict[str, list[str]]) -> str:

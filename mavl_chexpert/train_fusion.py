@@ -35,7 +35,15 @@ from common.runs import load_run, model_record, save_run_model
 from common.splits import load_split_csv, split_csv_text
 from common.text_encoders import text_presets
 from mavl_chexpert.common_args import THRESHOLD_RULES, choose_thresholds, data_record, masked_bce, split_metrics
-from mavl_chexpert.data import ChexpertDataset, decode_images, find_root, label_key, load_table, resolve_labels
+from mavl_chexpert.data import (
+    ChexpertDataset,
+    check_trainable,
+    decode_images,
+    find_root,
+    label_key,
+    load_table,
+    resolve_labels,
+)
 from mavl_chexpert.model import AGGREGATIONS, SIMILARITIES, FusionModel, build_image_model
 from mavl_chexpert.text import (
     DEFAULT_DESCRIPTIONS,
@@ -204,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     images, kept = decode_images(table, image_size, args.skip_bad)
     table, assignments = table.take(kept), assignments[kept]
     train_idx, val_idx = np.flatnonzero(assignments == "train"), np.flatnonzero(assignments == "val")
+    check_trainable(table.take(train_idx), settings["uncertain"], "train-split ", trained)
 
     aspects, aspect_mask, reused = embed_descriptions(sentences, args.text_encoder,
                                                       args.output_dir if args.resume else None, args.cache_dir,

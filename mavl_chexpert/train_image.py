@@ -53,6 +53,7 @@ from mavl_chexpert.common_args import (
 )
 from mavl_chexpert.data import (
     ChexpertDataset,
+    check_trainable,
     decode_images,
     find_root,
     label_key,
@@ -204,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError("--image-size", f"{args.backbone} takes {model.image_size} px inputs, not {image_size}")
     images, kept = decode_images(table, image_size, args.skip_bad)
     table = table.take(kept)
+    check_trainable(table, args.uncertain)
     assignments = split_patients(table, args.val_fraction, args.seed)
     train_idx, val_idx = np.flatnonzero(assignments == "train"), np.flatnonzero(assignments == "val")
     if len(train_idx) == 0 or len(val_idx) == 0:
@@ -213,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                "too few for a train and a val split; raise it")
         raise DataError(table.csv, f"{patients} patients leave an empty train or val split; "
                                    "use more data or change --val-fraction")
+    check_trainable(table.take(train_idx), args.uncertain, "train-split ")
     log.info("train %d images, val %d images (%d patients)", len(train_idx), len(val_idx),
              len(np.unique(table.patients)))
     settings = {"labels": list(labels), "uncertain": args.uncertain, "views": args.views,

@@ -88,6 +88,10 @@ def check_training_data(path: Path, train_labels: np.ndarray, val_labels: np.nda
         raise DataError(path, "the training split is empty")
     if len(val_labels) == 0:
         raise DataError(path, "the validation split is empty; the best epoch and threshold are chosen on it")
+    present = np.unique(train_labels)
+    if len(present) < 2:
+        raise DataError(path, f"the training split holds only '{LABELS[int(present[0])]}' images "
+                              f"({len(train_labels)}); a classifier needs both classes to learn from")
     present = np.unique(val_labels)
     if len(present) < 2:
         only = LABELS[int(present[0])]

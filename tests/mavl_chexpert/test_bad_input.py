@@ -6,8 +6,10 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from common.phantoms import __main__ as phantoms
 from mavl_chexpert import evaluate, train_fusion, train_image
@@ -57,6 +59,59 @@ def _missing_image(frame):
     return f"line {frontal + 2}: "
 
 
+def _no_positive(frame):
+    frame["Edema"] = 0.0
+    return "Edema has 0 positive"
+
+
+def _no_negative(frame):
+    frame["Cardiomegaly"] = 1.0
+    return " 0 negative"
+
+
+def _twice(frame):
+    frame.loc[len(frame)] = frame.loc[3]
+    return f"lines 5 and {len(frame) + 1} list the same image {frame.loc[3, 'Path']} twice"
+
+
+def _two_labels(frame):
+    row = frame.loc[3].copy()
+    edema = row["Edema"]
+    row["Edema"] = 0.0 if edema == 1 else 1.0
+    frame.loc[len(frame)] = row
+    return f"lines 5 and {len(frame) + 1} list the same image {frame.loc[3, 'Path']} with conflicting labels (Edema"
+
+
+def _blank_image(data, csv):
+    frame = pd.read_csv(data / csv)
+    frontal = frame.index[frame["Frontal/Lateral"] == "Frontal"][0]
+    Image.fromarray(np.full((64, 64), 0, np.uint8)).save(data / frame.loc[frontal, "Path"].split("/", 1)[1])
+    return f"line {frontal + 2}: "
+
+
+def _blank_train_image(tmp, data, image_run):
+    line = _blank_image(data, "train.csv")
+    return train_image, ["--data-root", str(data), "--output-dir", str(tmp / "out"), *TINY], \
+        [str(data / "train.csv"), line, "image is blank (every pixel is 0)"], None
+
+
+def _evaluate_edit(edit):
+    def case(tmp, data, image_run):
+        run = Path(shutil.copytree(image_run, tmp / "run"))
+        frame = pd.read_csv(data / "valid.csv")
+        needles = edit(frame, data)
+        frame.to_csv(data / "valid.csv", index=False)
+        return evaluate, ["--run-dir", str(run), "--data-root", str(data), "--n-boot", "5"], \
+            [str(data / "valid.csv"), *([needles] if isinstance(needles, str) else needles)], run
+    return case
+
+
+def _seen_patient(frame, data):
+    train = pd.read_csv(data / "train.csv")
+    frame.loc[len(frame)] = train.loc[0, frame.columns]
+    return f"line {len(frame) + 1}: patient patient00001 is in the run's "
+
+
 def _image_flag(flag, value, needle=None):
     def case(tmp, data, image_run):
         return train_image, ["--data-root", str(data), "--output-dir", str(tmp / "out"), *TINY, flag, value], \
@@ -70,7 +125,7 @@ def _real_backbone_offline(tmp, data, image_run):
         ["--pretrained", "not cached", "--no-pretrained"], None
 
 
-def _fusion(*extra, needles, edit_descriptions=None):
+def _fusion(*extra, needles, edit_descriptions=None, raw=None):
     def case(tmp, data, image_run):
         run = Path(shutil.copytree(image_run, tmp / "image_run"))
         argv = ["--data-root", str(data), "--image-run", str(run), "--output-dir", str(tmp / "out"),
@@ -80,7 +135,7 @@ def _fusion(*extra, needles, edit_descriptions=None):
             path = tmp / "descriptions.json"
             descriptions = json.loads((Path(train_fusion.__file__).with_name("descriptions.json")).read_text())
             edit_descriptions(descriptions)
-            path.write_text(json.dumps(descriptions))
+            path.write_text(raw(json.dumps(descriptions)) if raw else json.dumps(descriptions))
             argv += ["--descriptions", str(path)]
             named.insert(0, str(path))
         return train_fusion, argv, named, run
@@ -115,6 +170,19 @@ CASES = {
                                                                                      "not among the trained"]),
     "unknown text encoder": _fusion("--text-encoder", "gpt-9", needles=["--text-encoder"]),
     "undecodable test image": _evaluate_undecodable,
+    "class without positives": _edit_csv(_no_positive),
+    "class without negatives": _edit_csv(_no_negative),
+    "image listed twice": _edit_csv(_twice),
+    "image under two labels": _edit_csv(_two_labels),
+    "blank training image": _blank_train_image,
+    "blank test image": _evaluate_edit(lambda frame, data: [_blank_image(data, "valid.csv"), "image is blank"]),
+    "test image listed twice": _evaluate_edit(lambda frame, data: _twice(frame)),
+    "test patient seen in training": _evaluate_edit(_seen_patient),
+    "descriptions give a disease twice": _fusion(needles=["'Edema' is given twice"], edit_descriptions=lambda d: None,
+                                                 raw=lambda text: text[:-1] + ', "Edema": {"definition": "x", '
+                                                                              '"aspects": {}}}'),
+    "descriptions with an empty definition": _fusion(
+        needles=["'Edema': expected"], edit_descriptions=lambda d: d["Edema"].update(definition=" ")),
 }
 
 

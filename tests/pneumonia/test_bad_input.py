@@ -51,6 +51,17 @@ def test_bad_npz_structure(tmp_path, capsys, case):
     _one_error_line(capsys, str(npz), needle)
 
 
+def test_one_class_training_split(tmp_path, capsys):
+    """A training split of one class is refused before training, naming the file (the val check alone let it by)."""
+    npz = _write(tmp_path / "data", train_labels=np.ones((12, 1), np.uint8))
+    assert _run_train(tmp_path / "data", tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error: ") == 1
+    assert err.strip().splitlines()[-1] == (f"error: {npz}: the training split holds only 'pneumonia' images (12); "
+                                            "a classifier needs both classes to learn from")
+    assert not (tmp_path / "run" / "best").exists()
+
+
 def test_missing_data_root_and_missing_file(tmp_path, capsys):
     assert train.main(["--output-dir", str(tmp_path / "run"), "--no-progress"]) == 2
     _one_error_line(capsys, "--data-root")
