@@ -61,7 +61,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+STAGES = ("image", "fusion")
+
+
 def _build(meta: dict) -> torch.nn.Module:
+    """The run's model; a ``stage`` other than the two this package trains is refused (``load_run`` names the file)."""
+    if meta["stage"] not in STAGES:
+        raise ValueError(f"stage {meta['stage']!r} is not one of {', '.join(STAGES)}")
     if meta["stage"] == "fusion":
         return build_fusion_model(meta["kwargs"])
     return build_image_model(**meta["kwargs"])

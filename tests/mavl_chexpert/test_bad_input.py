@@ -106,6 +106,14 @@ def _evaluate_edit(edit):
     return case
 
 
+def _unknown_stage(tmp, data, image_run):
+    run = Path(shutil.copytree(image_run, tmp / "run"))
+    meta_path = run / "best" / "model.json"
+    meta_path.write_text(meta_path.read_text().replace('"stage": "image"', '"stage": "text"'))
+    return evaluate, ["--run-dir", str(run), "--data-root", str(data), "--n-boot", "5"], \
+        [str(meta_path), "stage 'text' is not one of image, fusion"], run
+
+
 def _seen_patient(frame, data):
     train = pd.read_csv(data / "train.csv")
     frame.loc[len(frame)] = train.loc[0, frame.columns]
@@ -170,6 +178,7 @@ CASES = {
                                                                                      "not among the trained"]),
     "unknown text encoder": _fusion("--text-encoder", "gpt-9", needles=["--text-encoder"]),
     "undecodable test image": _evaluate_undecodable,
+    "run of an unknown stage": _unknown_stage,
     "class without positives": _edit_csv(_no_positive),
     "class without negatives": _edit_csv(_no_negative),
     "image listed twice": _edit_csv(_twice),
