@@ -248,7 +248,7 @@ def _projections(rows: str):
             return [str(path), "only a header"]
         lines = path.read_text().splitlines()
         path.write_text("\n".join(lines + [lines[1]]) + "\n")
-        return [str(path), "listed more than once"]
+        return [str(path), "is listed twice (lines 2 and"]
     return case
 
 
