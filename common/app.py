@@ -29,7 +29,6 @@ import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ import numpy as np
 
 from common.cli import MedvlArgumentParser
 from common.errors import ConfigError, DataError, MedvlError, cli_entry
+from common.pipelines import entry_point_values
 
 GROUP = "medvl.pipelines"
 TEXT_FIELDS = ("label", "class", "report", "caption", "side", "named_side", "note", "threshold")
@@ -72,18 +72,7 @@ def _load(value: str) -> AppSpec:
 def declared(pyproject: Path | None = None) -> list[str]:
     """The ``medvl.pipelines`` entry points, sorted by name (the tabs' order whichever way they are found): the
     installed ones, else those of this checkout's ``pyproject.toml``."""
-    values = [ep.value for ep in sorted(metadata.entry_points(group=GROUP), key=lambda ep: ep.name)]
-    if values:
-        return values
-    pyproject = pyproject or Path(__file__).resolve().parents[1] / "pyproject.toml"
-    if not pyproject.is_file():
-        return []
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10: the installed entry points are the only source
-        return []
-    group = tomllib.loads(pyproject.read_text()).get("project", {}).get("entry-points", {}).get(GROUP, {})
-    return [group[name] for name in sorted(group)]
+    return entry_point_values(GROUP, pyproject)
 
 
 def discover(names: Sequence[str] | None = None) -> list[AppSpec]:
