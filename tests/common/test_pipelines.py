@@ -98,8 +98,8 @@ def test_overwrite_leaves_no_output_of_the_earlier_run(tmp_path, pipeline):
 
 FLOOR = REPO / "common"
 NOT_YET = {"tiny.py": "brain3d_report.lm_pretrain", "presets.py": "brain3d_report"}
-"""Floor files that still name a pipeline, and the name (issue 26, step 2 left: the brain report twin's tokenizer
-corpus and preset move into that pipeline). The list only shrinks: a new mention anywhere fails."""
+"""Floor files that still name a pipeline, and the name (still to move: the brain report twin's tokenizer corpus and
+preset belong in that pipeline). The list only shrinks: a new mention anywhere fails."""
 
 
 def _mentions(text: str, names: list[str]) -> set[str]:
