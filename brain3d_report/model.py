@@ -524,7 +524,7 @@ def load_vision_tower(name: str, *, pretrained: bool = True, device: torch.devic
     """
     if name in VISION_PRESETS:
         preset = get_preset(name, "vision-tower", "--vision")
-        if preset.source == "tiny" or not pretrained:
+        if not preset.has_pretrained_weights or not pretrained:
             return SiglipVisionModel(SiglipVisionConfig(**preset.options)).to(device).eval()
         source = preset.source
     else:

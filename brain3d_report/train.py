@@ -181,12 +181,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def random_tower(vision: str) -> bool:
     """True for a vision preset whose weights are random (a tiny twin), not a pretrained tower."""
-    return vision in VISION_PRESETS and get_preset(vision, "vision-tower", "--vision").source == "tiny"
+    return vision in VISION_PRESETS and not get_preset(vision, "vision-tower", "--vision").has_pretrained_weights
 
 
 def tiny_lm(lm: str) -> bool:
     """True for an LM preset that is a random tiny twin (language-pre-trained by this pipeline), not MedGemma."""
-    return lm in LM_PRESETS and get_preset(lm, "vlm", "--lm").source == "tiny"
+    return lm in LM_PRESETS and not get_preset(lm, "vlm", "--lm").has_pretrained_weights
 
 
 def init_lm(init: Path | None) -> str | None:

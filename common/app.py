@@ -21,7 +21,6 @@ it listens on 127.0.0.1 unless ``--host`` says otherwise.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import shutil
@@ -36,7 +35,7 @@ import numpy as np
 
 from common.cli import MedvlArgumentParser
 from common.errors import ConfigError, DataError, MedvlError, cli_entry
-from common.pipelines import entry_point_values
+from common.pipelines import entry_point_values, load_declared
 
 GROUP = "medvl.pipelines"
 TEXT_FIELDS = ("label", "class", "report", "caption", "side", "named_side", "note", "threshold")
@@ -59,14 +58,7 @@ class AppSpec:
 # --- discovery -----------------------------------------------------------------------------------------------------
 
 def _load(value: str) -> AppSpec:
-    module, _, attr = value.partition(":")
-    try:
-        spec = getattr(importlib.import_module(module.strip()), (attr or "APP").strip())
-    except (ImportError, AttributeError) as err:
-        raise ConfigError("--pipelines", f"{value!r} does not name an AppSpec ({err})") from err
-    if not isinstance(spec, AppSpec):
-        raise ConfigError("--pipelines", f"{value!r} is a {type(spec).__name__}, not an AppSpec")
-    return spec
+    return load_declared(value, AppSpec, "APP", "--pipelines")
 
 
 def declared(pyproject: Path | None = None) -> list[str]:

@@ -80,16 +80,22 @@ def entry_point_values(group: str, pyproject: Path | None = None) -> list[str]:
     return [table[name] for name in sorted(table)]
 
 
-def load(value: str) -> Pipeline:
-    """The ``Pipeline`` that ``value`` (``package:PIPELINE``, or a package holding ``PIPELINE``) names."""
+def load_declared(value: str, kind: type, default_attr: str, flag: str = "pipelines") -> Any:
+    """The ``kind`` object that ``value`` (``module:attr``, or a module holding ``default_attr``) names; anything
+    else is one ConfigError naming ``flag``."""
     module, _, attr = value.partition(":")
     try:
-        spec = getattr(importlib.import_module(module.strip()), (attr or "PIPELINE").strip())
+        spec = getattr(importlib.import_module(module.strip()), (attr or default_attr).strip())
     except (ImportError, AttributeError) as err:
-        raise ConfigError("pipelines", f"{value!r} does not name a Pipeline ({err})") from err
-    if not isinstance(spec, Pipeline):
-        raise ConfigError("pipelines", f"{value!r} is a {type(spec).__name__}, not a Pipeline")
+        raise ConfigError(flag, f"{value!r} does not name a {kind.__name__} ({err})") from err
+    if not isinstance(spec, kind):
+        raise ConfigError(flag, f"{value!r} is a {type(spec).__name__}, not a {kind.__name__}")
     return spec
+
+
+def load(value: str) -> Pipeline:
+    """The ``Pipeline`` that ``value`` (``package:PIPELINE``, or a package holding ``PIPELINE``) names."""
+    return load_declared(value, Pipeline, "PIPELINE")
 
 
 def discover(names: Sequence[str] | None = None) -> list[Pipeline]:
@@ -115,5 +121,5 @@ def matching_outputs(run_dir: Path, patterns: Iterable[str]) -> list[Path]:
     return sorted(p for p in run_dir.iterdir() if any(fnmatch.fnmatchcase(p.name, pat) for pat in patterns))
 
 
-__all__ = ["GROUP", "FLOOR_OUTPUTS", "Pipeline", "entry_point_values", "load", "discover", "run_outputs",
-           "matching_outputs"]
+__all__ = ["GROUP", "FLOOR_OUTPUTS", "Pipeline", "entry_point_values", "load_declared", "load", "discover",
+           "run_outputs", "matching_outputs"]

@@ -58,6 +58,12 @@ class Preset:
     params_tolerance: float = 0.01
     """Relative gap allowed between the skeleton's count and ``published_params`` (wider where authors round)."""
 
+    @property
+    def has_pretrained_weights(self) -> bool:
+        """False for a tiny twin (source ``tiny``: random weights built from a seed, nothing to download), so callers
+        ask the preset instead of comparing its source."""
+        return self.source != "tiny"
+
 
 _REGISTRY: dict[str, Preset] = {}
 

@@ -186,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     require(args, output_dir="where the run is written", data_root="the CheXpert-v1.0-small folder")
     labels = resolve_labels(args.labels)
     preset = get_preset(args.backbone, "vit", "--backbone")
-    pretrained = bool(args.pretrained) and preset.source != "tiny"
+    pretrained = bool(args.pretrained) and preset.has_pretrained_weights
     args.lr = resolve_lr(args, pretrained)
     weight = LRF_DEFAULT_WEIGHT[args.lrf_variant] if args.lrf_weight is None else args.lrf_weight
     check_run_setup(config_from_args(args), args.output_dir)

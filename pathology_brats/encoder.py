@@ -368,7 +368,7 @@ def load_tile_encoder(name: str, image_tokens: int = 5, pretrained: bool = True,
     if name in ENCODERS:
         preset = get_preset(name, "tile-encoder", "--encoder")
         options = dict(preset.options)
-        use_weights = pretrained and preset.source != "tiny"
+        use_weights = pretrained and preset.has_pretrained_weights
         preprocessing, tokens = preset_preprocessing(options), options.get("tokens", "cls")
     else:
         options, use_weights, tokens, preprocessing = {}, pretrained, "cls", None
