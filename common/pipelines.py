@@ -11,6 +11,8 @@ the declarations here and nowhere names a pipeline:
     app           ``"module:attr"`` of its ``common.app.AppSpec`` (the web app's tab)
     commands      the modules its command lines run (``python -m <module>``), for documentation and the
                   entry-point tests
+    tokenizer_corpora  ``{name: "module:function"}``: text corpora a tiny tokenizer of ``common.tiny`` may be
+                  trained on (only called to rebuild ``common/assets/tiny_tokenizers.json``)
 
 Importing a declared package also registers the presets only that pipeline uses (``common.presets``), so
 ``python -m common.presets`` lists them after ``discover()``.
@@ -48,6 +50,7 @@ class Pipeline:
     demo: str = ""
     app: str = ""
     commands: tuple[str, ...] = field(default=())
+    tokenizer_corpora: dict[str, str] = field(default_factory=dict)
 
     def demo_section(self) -> Callable[[Path], str]:
         """The pipeline's ``demo_section(out_dir) -> str``."""
@@ -98,6 +101,14 @@ def load(value: str) -> Pipeline:
     return load_declared(value, Pipeline, "PIPELINE")
 
 
+def tokenizer_corpus(name: str) -> Callable[[], list[str]]:
+    """The corpus function a declared pipeline registers under ``name`` (``Pipeline.tokenizer_corpora``)."""
+    for pipeline in discover():
+        if name in pipeline.tokenizer_corpora:
+            return _attr(pipeline.tokenizer_corpora[name], "")
+    raise ConfigError("tokenizer corpus", f"no declared pipeline provides a corpus named {name!r}")
+
+
 def discover(names: Sequence[str] | None = None) -> list[Pipeline]:
     """The declared pipelines (those of ``names``, else of the ``medvl.declarations`` group), in name order."""
     return [load(v) for v in (list(names) if names else entry_point_values(GROUP))]
@@ -122,4 +133,5 @@ def matching_outputs(run_dir: Path, patterns: Iterable[str]) -> list[Path]:
 
 
 __all__ = ["GROUP", "FLOOR_OUTPUTS", "Pipeline", "entry_point_values", "load_declared", "load", "discover",
+           "tokenizer_corpus",
            "run_outputs", "matching_outputs"]

@@ -355,7 +355,7 @@ register_preset(Preset("tiny-gemma3", "vlm", "tiny",
                        "2-layer Gemma3ForConditionalGeneration + 2-layer SigLIP, real Gemma3Processor",
                        build=_tiny("tiny_gemma3"), offline=True))
 register_preset(Preset("tiny-gemma3-brain", "vlm", "tiny",
-                       "tiny-gemma3 with a 1500-piece tokenizer learned from brain MRI reports (brain3d_report)",
+                       "tiny-gemma3 with a 1500-piece tokenizer learned from brain MRI reports",
                        build=_tiny("tiny_gemma3_brain"), offline=True))
 
 

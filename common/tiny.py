@@ -138,21 +138,22 @@ def _frozen(name: str, vocab_size: int, train) -> dict:
     return train()
 
 
-def brain_report_corpus() -> list[str]:
-    """The brain MRI report text the brain tokenizer is trained on: the TextBraTS reports of the official training
-    fold and the healthy-control templates that ship with ``brain3d_report`` (read only to rebuild the asset)."""
-    from brain3d_report.lm_pretrain import pretraining_corpus
-
-    return pretraining_corpus()
+TOKENIZER_CORPORA = {"radiology": radiology_corpus}
+"""Corpora a tiny tokenizer is trained on, by name; a pipeline declares its own (``Pipeline.tokenizer_corpora``,
+e.g. the brain report text), found through ``common.pipelines`` when an asset is rebuilt."""
 
 
-TOKENIZER_CORPORA = {"radiology": radiology_corpus, "brain": brain_report_corpus}
-"""Corpora a tiny tokenizer is trained on, by name."""
+def _corpus(name: str) -> list[str]:
+    if name in TOKENIZER_CORPORA:
+        return TOKENIZER_CORPORA[name]()
+    from common.pipelines import tokenizer_corpus
+
+    return tokenizer_corpus(name)()
 
 
 def _train(backend: Tokenizer, trainer, corpus: str = "radiology") -> dict:
     """Train ``backend``'s model in its own normalizer/pre-tokenizer pipeline and return the model as JSON."""
-    backend.train_from_iterator(TOKENIZER_CORPORA[corpus](), trainer=trainer)
+    backend.train_from_iterator(_corpus(corpus), trainer=trainer)
     return json.loads(backend.to_str())["model"]
 
 
