@@ -262,3 +262,20 @@ def test_keyword_token_mask_marks_the_tokens_of_the_clinical_words():
     assert not keyword[0, int(mask[0].sum()) - 1]  # EOS is not a clinical word
     short = train.keyword_token_mask(tokenizer, reports, 8)
     assert short.shape[1] == 8 and torch.equal(short[0], keyword[0, :8] & (torch.arange(8) < 7))
+
+
+@pytest.mark.parametrize("stage", ["contrastive", "warmup", "lora"])
+def test_every_default_is_the_same_whatever_the_models(stage):
+    """No setting depends on which presets run: the twins and the real models get the same defaults."""
+    from common.cli import parse_args
+
+    def defaults(*models: str) -> dict:
+        args = train.stage_defaults(parse_args(train.get_args_parser(), ["--stage", stage, *models]))
+        return {k: v for k, v in vars(args).items() if k not in ("vision", "lm")}
+
+    twins = defaults("--vision", "siglip-tiny", "--lm", "tiny-gemma3-brain")
+    assert twins == defaults("--vision", "medsiglip-448", "--lm", "medgemma-4b")
+    assert (twins["flip_augment"], twins["keyword_weight"], twins["text_embedding"], twins["input_range"]) == (
+        "off", 1.0, "lm", "processor")
+    epochs, _, _, lr, _ = train.STAGE_DEFAULTS[stage]
+    assert (twins["epochs"], twins["lr"]) == (epochs, lr)  # the seed's schedule
