@@ -221,6 +221,11 @@ def test_evaluation_equals_the_metric_functions_called_directly(tmp_path, capsys
     check(shuffled, result["groups_shuffled"]["all"])
     assert result["lat_f1_shuffled"] == result["groups_shuffled"]["all"]["lat_f1"]
     assert result["healthy_specificity"] == pytest.approx(2 / 3)
+    headline = json.loads((run / "results.json").read_text())  # the headline numbers, as in metrics_full.json
+    assert headline["split"] == "test" and headline["n"] == len(records)
+    for key in ("lat_f1", "lat_f1_shuffled", "healthy_specificity"):
+        assert headline[key] == result[key]
+        assert headline[f"{key}_ci"] == [result[f"{key}_ci_low"], result[f"{key}_ci_high"]]
 
     # Corpus BLEU intervals: corpus_scores on the resamples of the same seeded sequence.
     cands, refs = [r["report"] for r in records], [r["reference"] for r in records]
