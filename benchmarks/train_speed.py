@@ -65,7 +65,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=positive_int, default=None, help="default: the config's (10)")
     parser.add_argument("--train-limit", type=positive_int, default=None, help="train on the first N images only")
-    parser.add_argument("--image-size", type=int, default=28, choices=SIZES)
+    parser.add_argument("--image-size", type=int, default=28, choices=SIZES, help="PneumoniaMNIST image side")
     parser.add_argument("--data-root", type=Path, default=None,
                         help="directory with pneumoniamnist[_SIZE].npz (default: the embedded PneumoniaMNIST, else "
                              "a phantom)")

@@ -368,9 +368,9 @@ def launch(page, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
 def get_args_parser() -> argparse.ArgumentParser:
     parser = MedvlArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=Path("runs/demo"), help="folder searched for trained runs")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--host", default="127.0.0.1", help="address the web server listens on")
+    parser.add_argument("--port", type=int, default=7860, help="port the web server listens on")
+    parser.add_argument("--device", default="auto", help="device the models run on: auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--pipelines", nargs="+", default=None,
                         help=f"AppSpecs as module:attr (default: the {GROUP!r} entry points)")
     return parser

@@ -25,7 +25,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -61,64 +61,81 @@ SCHEDULERS = ("cosine", "step", "constant")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
+def _knob(default: Any, help: str, *, type: Callable[[Any], Any] | None = None,  # noqa: A002
+          choices: tuple[str, ...] | None = None, group: str | None = "training") -> Any:
+    """A ``TrainConfig`` field and its flag in one place: ``add_train_args`` makes the flag from this (``group``
+    None: the flag comes from ``common.cli.base_parser``), ``__post_init__`` checks values with the same ``type``."""
+    return field(default=default, metadata={"help": help, "type": type, "choices": choices, "group": group})
+
+
 @dataclass
 class TrainConfig:
-    """Knobs of the training loop; pipelines fill it from their argparse namespace."""
+    """Knobs of the training loop, each with its flag (``add_train_args``); pipelines fill it from their argparse
+    namespace with ``config_from_args``. A pipeline changes a default by passing it to ``add_train_args``."""
 
-    epochs: int = 10
-    batch_size: int = 32
-    eval_batch_size: int | None = None
-    grad_accum: int = 1
-    clip_grad_norm: float | None = None
-    scheduler: str = "cosine"
-    warmup_steps: int = 0
-    step_size_epochs: int = 10
-    step_gamma: float = 0.1
-    min_lr_ratio: float = 0.0
-    precision: str = "auto"
-    device: str = "auto"
-    monitor: str = "val_loss"
-    mode: str = "min"
-    patience: int | None = None
-    eval_every: int = 1
-    checkpoint_every: int | None = None
-    max_steps: int | None = None
-    seed: int = 0
-    resume: bool = False
-    overwrite: bool = False
-    num_workers: int | None = None
-    progress: bool = True
-    log_every: int = 50
-    data_on_device: bool | None = None
-    channels_last: bool = False
-    compile: str = "none"
-    cpu_bf16: bool = False
-    """``--precision auto`` on a CPU with AMX-BF16 autocasts to bf16 (for models that gain from it, see
-    ``common.device.mixed_precision``)."""
+    epochs: int = _knob(10, "passes over the training split (the schedule always spans them)", type=positive_int)
+    batch_size: int = _knob(32, "samples per micro-batch (per process)", type=positive_int)
+    eval_batch_size: int | None = _knob(None, "samples per validation batch (default: --batch-size)",
+                                        type=positive_int)
+    lr: float | None = _knob(1e-3, "peak learning rate of the optimizer the script builds", type=positive_float)
+    weight_decay: float = _knob(0.0, "decoupled weight decay of the optimizer the script builds",
+                                type=nonnegative_float)
+    grad_accum: int = _knob(1, "micro-batches per optimizer step", type=positive_int)
+    clip_grad_norm: float | None = _knob(None, "clip the gradient's global norm to this (default: no clipping)",
+                                         type=positive_float)
+    scheduler: str = _knob("cosine", "learning-rate schedule after the warm-up: cosine decay to --min-lr-ratio, "
+                                     "step decay (--step-size-epochs, --step-gamma) or constant", choices=SCHEDULERS)
+    warmup_steps: int = _knob(0, "optimizer steps of linear warm-up from 0 to --lr", type=nonnegative_int)
+    step_size_epochs: int = _knob(10, "--scheduler step: epochs between decays", type=positive_int)
+    step_gamma: float = _knob(0.1, "--scheduler step: factor the learning rate is multiplied by at each decay",
+                              type=positive_float)
+    min_lr_ratio: float = _knob(0.0, "--scheduler cosine: final learning rate as a fraction of --lr",
+                                type=unit_interval)
+    precision: str = _knob("auto", "autocast dtype", group=None)
+    device: str = _knob("auto", "training device", group=None)
+    monitor: str = _knob("val_loss", "validation metric that picks the best epoch")
+    mode: str = _knob("min", "whether a larger (max) or smaller (min) --monitor is better", choices=("min", "max"))
+    patience: int | None = _knob(None, "early stop after this many evals without gain", type=positive_int)
+    eval_every: int = _knob(1, "validate (and consider the best epoch) every N epochs; the last epoch always",
+                            type=positive_int)
+    checkpoint_every: int | None = _knob(None, "also checkpoint every N optimizer steps", type=positive_int)
+    max_steps: int | None = _knob(None, "stop after this many optimizer steps (the schedule still spans --epochs)",
+                                  type=positive_int, group="resume")
+    seed: int = _knob(0, "seed of every random choice", group=None)
+    resume: bool = _knob(False, "continue from <output-dir>/checkpoints/last", group="resume")
+    overwrite: bool = _knob(False, "replace the run already in --output-dir (without it, a non-empty run dir is "
+                                   "refused)", group="resume")
+    num_workers: int | None = _knob(None, "DataLoader workers for data not held on the device (default: 0 on CPU, "
+                                          "else up to 4 per process)", type=nonnegative_int, group="speed")
+    progress: bool = _knob(True, "show a progress bar per epoch")
+    log_every: int = _knob(50, "optimizer steps between reads of the running training loss (each read waits for "
+                               "the device)", type=positive_int)
+    data_on_device: bool | None = _knob(None, "hold tensor datasets on the training device and gather batches there "
+                                              "(default: when the split fits in half the device's free memory)",
+                                        group="speed")
+    channels_last: bool = _knob(False, "convolution weights and image batches in channels-last layout",
+                                group="speed")
+    compile: str = _knob("none", "torch.compile the training steps with this mode", choices=COMPILE_MODES,
+                         group="speed")
+    cpu_bf16: bool = _knob(False, "--precision auto autocasts to bf16 on CPUs with AMX-BF16 (for models that gain "
+                                  "from it; see common.device.mixed_precision)", group="speed")
 
     def __post_init__(self) -> None:
-        """The same rules as the flags' converters, for code that builds a TrainConfig directly."""
-        if self.scheduler not in SCHEDULERS:
-            raise ConfigError("--scheduler", f"unknown scheduler {self.scheduler!r}; choose {', '.join(SCHEDULERS)}")
-        if self.mode not in ("min", "max"):
-            raise ConfigError("--mode", f"mode must be min or max, not {self.mode!r}")
-        if self.compile not in COMPILE_MODES:
-            raise ConfigError("--compile", f"unknown mode {self.compile!r}; choose {', '.join(COMPILE_MODES)}")
-        at_least = {"epochs": 1, "batch_size": 1, "grad_accum": 1, "eval_every": 1, "step_size_epochs": 1,
-                    "warmup_steps": 0, "num_workers": 0, "eval_batch_size": 1, "patience": 1, "checkpoint_every": 1,
-                    "max_steps": 1, "log_every": 1}
-        for name, low in at_least.items():
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-                raise ConfigError(f"--{name.replace('_', '-')}", f"expected an integer >= {low}, got {value!r}")
-        for name, low, high in (("clip_grad_norm", 0, math.inf), ("step_gamma", 0, math.inf),
-                                ("min_lr_ratio", 0, 1)):
-            value = getattr(self, name)
+        """The flags' own converters and choices, for code that builds a TrainConfig directly."""
+        for spec in fields(self):
+            value, flag = getattr(self, spec.name), f"--{spec.name.replace('_', '-')}"
+            convert, choices = spec.metadata["type"], spec.metadata["choices"]
             if value is None:
                 continue
-            if not isinstance(value, int | float) or not math.isfinite(value) or not low <= value <= high or (
-                    name != "min_lr_ratio" and value == 0):
-                raise ConfigError(f"--{name.replace('_', '-')}", f"out of range: {value!r}")
+            if choices is not None and value not in choices:
+                raise ConfigError(flag, f"unknown value {value!r}; choose {', '.join(choices)}")
+            if convert is not None:
+                if isinstance(value, bool | str):
+                    raise ConfigError(flag, f"expected a number, got {value!r}")
+                try:
+                    convert(value)
+                except argparse.ArgumentTypeError as err:
+                    raise ConfigError(flag, str(err)) from None
 
 
 class TrainTask(Protocol):
@@ -366,9 +383,9 @@ def _check_resume(resume_dir: Path, saved: dict[str, Any], identity: dict[str, A
                   run_files: dict[str, str]) -> None:
     """Refuse a resume whose settings or data differ from the interrupted run's, naming what changed."""
     before = saved.get("identity") or {}
-    fields = TrainConfig.__dataclass_fields__
+    defaults = {spec.name: spec.default for spec in fields(TrainConfig)}
     # A key the checkpoint predates had its default then (channels_last and compile came later).
-    before = {k: before.get(k, fields[k].default if k in fields else None) for k in identity}
+    before = {k: before.get(k, defaults.get(k)) for k in identity}
     changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in identity.items() if before.get(k) != v]
     for name, text in run_files.items():
         path = run_dir / name
@@ -382,7 +399,8 @@ def _check_resume(resume_dir: Path, saved: dict[str, Any], identity: dict[str, A
                 raise DataError(path, f"not valid YAML ({str(err).splitlines()[0]})") from err
             if not isinstance(old_cfg, dict):
                 raise DataError(path, "not a mapping of settings")
-            keys = sorted((set(old_cfg) | set(new_cfg)) - set(RESUMABLE_CHANGES) - set(identity))
+            # A key only the new config has is a flag added since the interrupted run (it ran with the default).
+            keys = sorted(set(old_cfg) - set(RESUMABLE_CHANGES) - set(identity))
             changed += [f"{k} {old_cfg.get(k)!r} -> {new_cfg.get(k)!r}" for k in keys
                         if old_cfg.get(k) != new_cfg.get(k)]
         elif old != text:
@@ -457,11 +475,11 @@ def check_monitor(config: TrainConfig, task: TrainTask, has_val: bool) -> None:
 
 def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_dataset: Dataset,
         val_dataset: Dataset | None, task: TrainTask, config: TrainConfig, run_dir: Path,
-        collate_fn: Callable | None = None, run_files: dict[str, str] | None = None) -> FitResult:
+        *, run_files: dict[str, str] | None = None) -> FitResult:
     """Train ``model`` and keep the best checkpoint by ``config.monitor`` (see ``_fit``), holding the run
     directory's lock (``common.run_guard``) throughout: one writer per run, also when called from code."""
     with run_lock(Path(run_dir), "--output-dir", create=True):
-        return _fit(model, optimizer, train_dataset, val_dataset, task, config, run_dir, collate_fn, run_files)
+        return _fit(model, optimizer, train_dataset, val_dataset, task, config, run_dir, run_files)
 
 
 def _fit(
@@ -472,7 +490,6 @@ def _fit(
     task: TrainTask,
     config: TrainConfig,
     run_dir: Path,
-    collate_fn: Callable | None = None,
     run_files: dict[str, str] | None = None,
 ) -> FitResult:
     """Train ``model`` and keep the best checkpoint by ``config.monitor``; see the module docstring.
@@ -513,12 +530,12 @@ def _fit(
     workers = config.num_workers if config.num_workers is not None else default_num_workers(
         accelerator.device, accelerator.num_processes)
     train_batches = TrainBatches(train_dataset, sampler, config.batch_size, accelerator.device,
-                                 collate_fn=collate_fn, num_workers=workers, on_device=config.data_on_device,
+                                 num_workers=workers, on_device=config.data_on_device,
                                  channels_last=config.channels_last)
     val_batches = None
     if val_dataset is not None:
         val_batches = EvalBatches(val_dataset, config.eval_batch_size or config.batch_size, accelerator.device,
-                                  collate_fn=collate_fn, num_workers=workers, on_device=config.data_on_device)
+                                  num_workers=workers, on_device=config.data_on_device)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
 
     metrics_path = run_dir / "metrics.jsonl"
@@ -734,57 +751,37 @@ def _attach_log_file(path: Path, main_process: bool) -> None:
 
 
 def config_from_args(args, **overrides: Any) -> TrainConfig:
-    """Build a TrainConfig from an argparse namespace that used ``add_train_args``."""
-    names = {f for f in TrainConfig.__dataclass_fields__}
-    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
-    values.update(overrides)
-    return TrainConfig(**values)
+    """Build a TrainConfig from an argparse namespace that used ``add_train_args`` (``overrides`` win)."""
+    values = {spec.name: getattr(args, spec.name) for spec in fields(TrainConfig) if hasattr(args, spec.name)}
+    return TrainConfig(**{**values, **overrides})
 
 
-def add_train_args(parser, *, epochs: int, batch_size: int, lr: float, monitor: str, mode: str,
-                   scheduler: str = "cosine", weight_decay: float = 0.0) -> None:
-    """Training and resume flags shared by all pipelines, with each pipeline's own defaults.
+def add_train_args(parser, **defaults: Any) -> None:
+    """The flags of every ``TrainConfig`` field (training, speed and resume groups), with this pipeline's defaults.
 
-    A training script's parent parser should opt into ``output_dir``, ``seed``, ``device`` and ``precision``.
+    ``defaults`` overrides a field's default by name (``epochs=30, monitor="val_auroc", mode="max"``). A training
+    script's parent parser opts into ``seed``, ``device`` and ``precision`` (``common.cli.base_parser``).
     """
-    group = parser.add_argument_group("training")
-    group.add_argument("--epochs", type=positive_int, default=epochs)
-    group.add_argument("--batch-size", type=positive_int, default=batch_size)
-    group.add_argument("--eval-batch-size", type=positive_int, default=None)
-    group.add_argument("--lr", type=positive_float, default=lr)
-    group.add_argument("--weight-decay", type=nonnegative_float, default=weight_decay)
-    group.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
-    group.add_argument("--clip-grad-norm", type=positive_float, default=None)
-    group.add_argument("--scheduler", choices=SCHEDULERS, default=scheduler)
-    group.add_argument("--warmup-steps", type=nonnegative_int, default=0)
-    group.add_argument("--min-lr-ratio", type=unit_interval, default=0.0)
-    group.add_argument("--monitor", default=monitor, help="validation metric that picks the best epoch")
-    group.add_argument("--mode", choices=["min", "max"], default=mode)
-    group.add_argument("--patience", type=positive_int, default=None,
-                       help="early stop after this many evals without gain")
-    group.add_argument("--checkpoint-every", type=positive_int, default=None,
-                       help="also checkpoint every N optimizer steps")
-    group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-    group.add_argument("--log-every", type=positive_int, default=50,
-                       help="optimizer steps between reads of the running training loss (each read waits for the "
-                            "device)")
-    group = parser.add_argument_group("speed")
-    group.add_argument("--data-on-device", action=argparse.BooleanOptionalAction, default=None,
-                       help="hold tensor datasets on the training device and gather batches there (default: when "
-                            "the split fits in half the device's free memory)")
-    group.add_argument("--num-workers", type=nonnegative_int, default=None,
-                       help="DataLoader workers for data not held on the device (default: 0 on CPU, else up to 4 "
-                            "per process)")
-    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
-                       help="convolution weights and image batches in channels-last layout")
-    group.add_argument("--compile", choices=COMPILE_MODES, default="none",
-                       help="torch.compile the training steps with this mode")
-    group = parser.add_argument_group("resume")
-    group.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoints/last")
-    group.add_argument("--overwrite", action="store_true",
-                       help="replace the run already in --output-dir (without it, a non-empty run dir is refused)")
-    group.add_argument("--max-steps", type=positive_int, default=None,
-                       help="stop after this many optimizer steps (the schedule still spans --epochs)")
+    known = {spec.name: spec for spec in fields(TrainConfig)}
+    unknown = sorted(set(defaults) - set(known))
+    if unknown:
+        raise TypeError(f"add_train_args: no TrainConfig field {', '.join(unknown)}")
+    groups: dict[str, Any] = {}
+    for name, spec in known.items():
+        group_name = spec.metadata["group"]
+        if group_name is None:
+            continue
+        if group_name not in groups:
+            groups[group_name] = parser.add_argument_group(group_name)
+        default = defaults.get(name, spec.default)
+        kwargs: dict[str, Any] = {"default": default, "help": spec.metadata["help"]}
+        if spec.type in ("bool", "bool | None"):
+            kwargs["action"] = "store_true" if name in ("resume", "overwrite") else argparse.BooleanOptionalAction
+        if spec.metadata["type"] is not None:
+            kwargs["type"] = spec.metadata["type"]
+        if spec.metadata["choices"] is not None:
+            kwargs["choices"] = spec.metadata["choices"]
+        groups[group_name].add_argument(f"--{name.replace('_', '-')}", **kwargs)
 
 
 __all__ = ["TrainConfig", "TrainTask", "EpochTask", "FitResult", "fit", "add_train_args", "config_from_args",

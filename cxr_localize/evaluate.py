@@ -49,8 +49,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, required=True, help="phase-2 run directory")
     parser.add_argument("--data-root", type=Path, default=None, help="default: the run's data root")
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
-    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"],
+                        help="split scored (the test split is read once per finished run)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per inference batch")
     parser.add_argument("--n-figures", type=nonnegative_int, default=6, help="test images drawn in each figure")
     parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
     parser.add_argument("--skip-bad", action="store_true", help="skip and count bad rows instead of stopping")

@@ -63,7 +63,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("report conditioning")
     group.add_argument("--text-encoder", default="clip-vit-b32",
                        help=f"preset ({', '.join(TEXT_PRESETS)}) or a local Hugging Face directory")
-    group.add_argument("--text-source", choices=TEXT_SOURCES, default="findings")
+    group.add_argument("--text-source", choices=TEXT_SOURCES, default="findings",
+                       help="report text the model reads: findings, or findings and impression")
     group.add_argument("--fusion", choices=FUSIONS, default="film", help="film, or concat (tile + concat + 1x1 conv)")
     group.add_argument("--text-whitening", choices=TEXT_WHITENINGS, default="zca",
                        help="standardisation of report embeddings fitted on the training reports")
@@ -74,7 +75,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--train-encoder", action=argparse.BooleanOptionalAction, default=False,
                        help="also train the image encoder (default: frozen, as in the original recipe)")
     group.add_argument("--pos-weight", type=nonnegative_float, default=3.0, help="BCE weight of lesion pixels")
-    group.add_argument("--dice-weight", type=nonnegative_float, default=1.0)
+    group.add_argument("--dice-weight", type=nonnegative_float, default=1.0,
+                       help="weight of the soft Dice term beside the pixel BCE")
     group.add_argument("--threshold", type=unit_interval, default=0.5, help="probability at which a pixel is lesion")
     add_train_args(parser, epochs=30, batch_size=16, lr=3e-3, weight_decay=1e-4, monitor="val_dice", mode="max")
     parser.set_defaults(patience=10)

@@ -38,7 +38,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", type=Path, default=None, help="the CheXpert-v1.0-small folder")
-    parser.add_argument("--backbone", default="vit-b16", choices=BACKBONES)
+    parser.add_argument("--backbone", default="vit-b16", choices=BACKBONES,
+                        help="image backbone preset of every image run")
     parser.add_argument("--text-encoder", default="bio-clinicalbert",
                         help=f"preset ({', '.join(text_presets())}) or a local Hugging Face directory")
     parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")

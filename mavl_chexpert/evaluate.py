@@ -49,14 +49,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, required=True, help="a train_image or train_fusion run")
-    parser.add_argument("--split", choices=SPLITS, default="test")
+    parser.add_argument("--split", choices=SPLITS, default="test",
+                        help="split scored (the test split is read once per finished run)")
     parser.add_argument("--data-root", type=Path, default=None, help="defaults to the data the run was trained on")
     parser.add_argument("--test-csv", type=Path, default=None,
                         help="CSV with Path + label columns (e.g. the official 500-image test set); default valid.csv")
     parser.add_argument("--oracle-thresholds", action="store_true",
                         help="tune thresholds on the evaluated set (optimistic; written to oracle/, labelled)")
     parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
-    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per inference batch")
     parser.add_argument("--skip-bad", action="store_true", help="skip rows whose image is missing or undecodable")
     return parser
 

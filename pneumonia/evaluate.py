@@ -41,8 +41,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parent = base_parser(seed=True, device=True)
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", type=Path, required=True)
-    parser.add_argument("--split", default="test", choices=SPLITS)
+    parser.add_argument("--run-dir", type=Path, required=True, help="run directory written by pneumonia.train")
+    parser.add_argument("--split", default="test", choices=SPLITS,
+                        help="split scored (the test split is read once per finished run)")
     parser.add_argument("--data-root", type=Path, default=None, help="defaults to the data the run was trained on")
     parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
     parser.add_argument("--gallery", type=nonnegative_int, default=10, help="how many confident failures to show")

@@ -41,7 +41,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, required=True, help="a trained pneumonia run (RUN/best/model.json)")
-    parser.add_argument("--split", default="test", choices=SPLITS)
+    parser.add_argument("--split", default="test", choices=SPLITS, help="split whose images are explained")
     parser.add_argument("--n", type=positive_int, default=8, help="cases per group")
     parser.add_argument("--data-root", type=Path, default=None, help="defaults to the data the run was trained on")
     return parser

@@ -52,9 +52,12 @@ def get_args_parser():
     group = parser.add_argument_group("report (pneumonia.report's VLM)")
     group.add_argument("--vlm", default=None, metavar="PRESET",
                        help="add a VLM report: medgemma-4b, tiny-gemma3, a save_pretrained folder or a hub id")
-    group.add_argument("--prompt", default=VLM_PROMPTS[0], choices=VLM_PROMPTS)
-    group.add_argument("--max-new-tokens", type=positive_int, default=200)
-    group.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"])
+    group.add_argument("--prompt", default=VLM_PROMPTS[0], choices=VLM_PROMPTS,
+                       help="pneumonia.report's prompt for the VLM report")
+    group.add_argument("--max-new-tokens", type=positive_int, default=200,
+                       help="longest VLM report generated, in tokens")
+    group.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"],
+                       help="load the VLM in 4-bit NF4 or 8-bit (bitsandbytes)")
     group.add_argument("--seed", type=int, default=0, help="seed of the tiny preset's random weights")
     return parser
 

@@ -59,11 +59,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vlm", default="medgemma-4b",
                         help=f"preset ({', '.join(VLM_PRESETS)}), a save_pretrained directory or a hub id owner/name")
     parser.add_argument("--prompt", default="all", help=f"{', '.join(PROMPTS)} or all")
-    parser.add_argument("--split", default="test", choices=SPLITS)
+    parser.add_argument("--split", default="test", choices=SPLITS, help="split whose images are reported on")
     parser.add_argument("--limit", type=positive_int, default=None,
                         help="report on this many images, alternating classes in index order (default: all)")
-    parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--max-new-tokens", type=positive_int, default=200)
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="images per generation batch")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=200, help="longest report generated, in tokens")
     parser.add_argument("--data-root", type=Path, default=None, help="defaults to the data the run was trained on")
     parser.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub checkpoint")
     return parser

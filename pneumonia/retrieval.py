@@ -101,7 +101,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                            help="IVF lists (default round(sqrt(archive size)))")
     build_cmd.add_argument("--nprobe", type=positive_int, default=8, help="IVF lists searched by default")
     build_cmd.add_argument("--hnsw-m", type=positive_int, default=32, help="HNSW neighbours per node")
-    build_cmd.add_argument("--ef-construction", type=positive_int, default=64)
+    build_cmd.add_argument("--ef-construction", type=positive_int, default=64, help="HNSW build breadth")
     build_cmd.add_argument("--ef-search", type=positive_int, default=64, help="HNSW search breadth by default")
     query_cmd = commands.add_parser("query", parents=[shared, search], help="neighbours of some queries",
                                     description="Print (and write as CSV) the neighbours of the chosen queries.")
