@@ -3,7 +3,7 @@
     python -m benchmarks.train_speed --device cpu --epochs 1 --train-limit 1000
     python -m benchmarks.train_speed --device cuda --epochs 10 --json speed.json     # both precisions, one run
 
-The medvl side is ``pneumonia.train`` with the defaults of ``configs/pneumonia/train.yaml`` (ResNet-18 with the
+The medvl side is ``pneumonia.train`` with the recipe ``configs/pneumonia/train.warmup.yaml`` (ResNet-18 with the
 small-image stem, fused AdamW, warm-up + cosine, channels-last, batch augmentation on the device, validation and a
 checkpoint every epoch), run through the same ``run(args)`` as ``python -m pneumonia.train``; ``--medvl-flags``
 adds flags to it (``"--no-channels-last"``, ``"--compile default"``). The reference is the loop a user writes in
@@ -52,7 +52,7 @@ from pneumonia.data import SIZES, load_medmnist, npz_name, to_tensor
 from pneumonia.model import load_trained, predict_proba
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "pneumonia" / "train.yaml"
+CONFIG = REPO / "configs" / "pneumonia" / "train.warmup.yaml"
 DEFAULT_ROOTS = (REPO / "data" / "samples" / "medmnist", REPO.parent / "shared" / "data" / "medmnist")
 PHANTOM_SIZE = 5856  # as many images as PneumoniaMNIST
 REFERENCE_PRECISIONS = ("match", "fp32")
