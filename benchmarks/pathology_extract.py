@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.checkpoint import atomic_write_text
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
 from common.errors import cli_entry
+from common.rundir import atomic_write_text
 from common.tables import markdown_table
 
 PATHS = ("streamed", "in_memory")

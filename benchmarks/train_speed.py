@@ -42,14 +42,15 @@ import torch.nn.functional as F
 import torchvision
 from sklearn.metrics import roc_auc_score
 
-from common.checkpoint import atomic_write_text
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
 from common.device import mixed_precision, pick_device
 from common.errors import ConfigError, cli_entry
 from common.phantoms.cxr import write_medmnist
+from common.rundir import atomic_write_text
+from common.runs import load_run
 from pneumonia import train
 from pneumonia.data import SIZES, load_medmnist, npz_name, to_tensor
-from pneumonia.model import load_trained, predict_proba
+from pneumonia.model import build_from_record, predict_proba
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "pneumonia" / "train.warmup.yaml"
@@ -222,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 walls[side].append(time.perf_counter() - start)
                 if side not in auroc:  # every repeat trains the same seeded run; evaluated once, untimed
                     if side == "medvl":
-                        model, _ = load_trained(out, device)
+                        model = load_run(out, "pneumonia", build_from_record, stage="train", device=device).model
                         scores = predict_proba(model, data.images["test"], device=device)
                     else:
                         scores = reference_scores(reference, data.images["test"], device)

@@ -27,11 +27,11 @@ import torch
 from transformers import Gemma3ForConditionalGeneration
 
 from common import hf
-from common.checkpoint import atomic_write_text
 from common.cli import MedvlArgumentParser, base_parser, parse_args
 from common.device import pick_device
 from common.errors import ConfigError, cli_entry
 from common.presets import get_preset, preset_names
+from common.rundir import atomic_write_text
 from common.tables import markdown_table
 
 ARCHS = tuple(preset_names("vlm"))

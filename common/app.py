@@ -36,6 +36,7 @@ import numpy as np
 from common.cli import MedvlArgumentParser
 from common.errors import ConfigError, DataError, MedvlError, cli_entry
 from common.pipelines import entry_point_values, load_declared
+from common.runs import read_run_record
 
 GROUP = "medvl.pipelines"
 TEXT_FIELDS = ("label", "class", "report", "caption", "side", "named_side", "note", "threshold")
@@ -80,10 +81,10 @@ def find_runs(root: Path, pipeline: str) -> list[Path]:
     runs = []
     for meta in sorted(Path(root).rglob("best/model.json")):
         try:
-            if json.loads(meta.read_text()).get("pipeline") == pipeline:
-                runs.append(meta.parent.parent)
-        except (OSError, json.JSONDecodeError, AttributeError):
+            read_run_record(meta.parent.parent, pipeline)
+        except DataError:  # another pipeline's run, or not a readable one
             continue
+        runs.append(meta.parent.parent)
     return runs
 
 

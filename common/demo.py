@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from common.checkpoint import atomic_write_text, git_sha
 from common.cli import MedvlArgumentParser
 from common.errors import ConfigError, cli_entry
 from common.pipelines import Pipeline, discover
+from common.rundir import atomic_write_text, git_sha
 
 
 def demo_pipelines() -> dict[str, Pipeline]:

@@ -35,10 +35,11 @@ from common.images import imagenet_normalize
 from common.metrics.segmentation import per_image_metrics
 from common.plots import mask_overlay, overlay_panels
 from common.run_guard import guard_command
+from common.runs import load_run
 from common.splits import load_split_csv
 from common.tables import metrics_with_ci, write_results
 from cxr_localize.data import load_iu, named_side, swap_left_right
-from cxr_localize.model import load_text_encoder, load_trained
+from cxr_localize.model import build_from_record, load_text_encoder
 
 CONDITIONS = ("report", "shuffled", "lr_swapped")
 
@@ -121,7 +122,8 @@ def evaluate_run(run_dir: Path, split: str = "test", data_root: Path | None = No
     """
     run_dir = Path(run_dir)
     torch_device = pick_device(device)
-    model, meta = load_trained(run_dir, torch_device)
+    loaded = load_run(run_dir, "cxr_localize", build_from_record, stage="train", device=torch_device)
+    model, meta = loaded.model, loaded.meta
     data = meta["data"]
     root = data_root or data.get("root")
     if not isinstance(root, str | Path):

@@ -40,6 +40,7 @@ from common.metrics.segmentation import per_image_metrics
 from common.plots import loss_curves
 from common.run_guard import guard_command
 from common.runs import model_record, save_run_model
+from common.splits import load_split_csv
 from cxr_localize.common_args import add_data_args, add_encoder_args, split_table
 from cxr_localize.data import MASK_DIR, TEXT_SOURCES, LocalizationDataset, load_iu, swap_left_right
 from cxr_localize.model import (
@@ -126,7 +127,7 @@ def check_pretrain_leakage(encoder_init: Path, data_root: Path, split: pd.DataFr
     config = yaml.safe_load(config_path.read_text()) or {}
     if Path(str(config.get("data_root", ""))).resolve() != data_root.resolve():
         return
-    seen = pd.read_csv(split_path, dtype=str, keep_default_na=False)
+    seen = load_split_csv(split_path)
     if config.get("split_level") == "image":
         seen_uids = set(seen.loc[seen["split"] != "test", "id"].str.extract(r"^(\d+)_")[0].dropna())
     else:

@@ -31,7 +31,7 @@ from common.metrics.classification import binary_metrics
 from common.run_guard import guard_command
 from common.runs import load_run
 from common.splits import load_split_csv
-from common.tables import markdown_table, metrics_with_ci, write_results
+from common.tables import ci_cell, markdown_table, metrics_with_ci, write_results
 from mavl_chexpert.common_args import choose_thresholds, split_metrics
 from mavl_chexpert.data import ChexpertDataset, Table, decode_images, find_root, label_key, load_table
 from mavl_chexpert.model import build_fusion_model, build_image_model
@@ -174,9 +174,7 @@ def evaluate_run(run_dir: Path, split: str = "test", data_root: Path | None = No
         row = {"disease": name + (" (zero-shot)" if name in holdout else ""),
                "positives": int(table.targets[table.mask[:, j], j].sum())}
         for metric in PER_CLASS:
-            value = results[f"{metric}_{key}"]
-            low, high = results[f"{metric}_{key}_ci_low"], results[f"{metric}_{key}_ci_high"]
-            row[metric] = f"{value:.3f} [{low:.3f}, {high:.3f}]"
+            row[metric] = ci_cell(results, f"{metric}_{key}")
         row["threshold"] = float(thresholds[j])
         rows.append(row)
     title = (f"{'ORACLE thresholds - ' if oracle else ''}MAVL CheXpert {meta['stage']} ({meta['preset']}), "

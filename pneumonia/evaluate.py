@@ -24,7 +24,7 @@ from common.metrics.classification import binary_metrics
 from common.run_guard import guard_command
 from common.tables import metrics_with_ci, write_results
 from pneumonia.data import SPLITS
-from pneumonia.model import load_run, predict_proba
+from pneumonia.model import load_run_and_data, predict_proba
 
 METRICS = ("auroc", "auprc", "acc", "acc_at_0.5", "precision", "recall", "specificity", "f1", "balanced_acc", "mcc")
 """``acc`` is at the run's validation threshold (ours); ``acc_at_0.5`` is MedMNIST's protocol (``score > 0.5``, as
@@ -59,7 +59,7 @@ def evaluate_run(run_dir: Path, split: str = "test", data_root: Path | None = No
     """
     run_dir = Path(run_dir)
     device = pick_device(device)
-    model, meta, data = load_run(run_dir, data_root, (split,), device)
+    model, meta, data = load_run_and_data(run_dir, data_root, (split,), device)
     images, labels = data.images[split], data.labels[split]
     if len(labels) == 0:
         raise DataError(data.path, f"the {split} split is empty; nothing to evaluate")
