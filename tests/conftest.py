@@ -88,3 +88,18 @@ def histology_run(tmp_path_factory) -> tuple[Path, Path, Path]:
                        "--lr", "3e-3", "--feature-cache", str(cache), "--no-progress", "--device", "cpu",
                        "--precision", "fp32"]) == 0
     return run, root / "data", cache
+
+
+@pytest.fixture
+def assert_one_error_line(capsys):
+    """``check(needles)``: the command's stderr is one ``error: ...`` line, no traceback, naming every needle."""
+
+    def check(needles) -> None:
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+        assert "Traceback" not in captured.err
+        for needle in needles:
+            assert needle in lines[0], (needle, lines[0])
+
+    return check
