@@ -38,7 +38,7 @@ from common.device import mixed_precision, pick_device
 from common.device_data import EvalBatches, TrainBatches, default_num_workers, model_to_channels_last
 from common.errors import ConfigError, DataError
 from common.run_guard import run_lock
-from common.rundir import resume as train_state
+from common.rundir import resume
 from common.rundir.files import atomic_write_text
 from common.rundir.layout import BEST_DIR, FLOOR_OUTPUTS, HISTORY_FILE, LOG_FILE, read_history, write_history
 from common.rundir.policy import check_output_dir, clear_run
@@ -370,7 +370,7 @@ def _fit(
     resume_dir = saved_state = None
     if config.resume:
         resume_dir = find_resume_dir(run_dir)
-        saved_state = train_state.load_trainer(resume_dir)
+        saved_state = resume.load_trainer(resume_dir)
         if saved_state["num_processes"] != accelerator.num_processes:
             raise ConfigError("--resume", f"the checkpoint was written by {saved_state['num_processes']} process(es), "
                                           f"this run has {accelerator.num_processes}; resume with the same number")
@@ -429,8 +429,8 @@ class _Loop:
         """``--resume``: model, optimizer, schedule, loop counters, scaler, RNG and task tensors as checkpointed, and
         the history cut back to the checkpoint's step."""
         accelerator, state = self.accelerator, self.state
-        train_state.load_last_model(accelerator.unwrap_model(self.model), resume_dir)
-        train_state.load_optimizer(self.optimizer, resume_dir)
+        resume.load_last_model(accelerator.unwrap_model(self.model), resume_dir)
+        resume.load_optimizer(self.optimizer, resume_dir)
         _match_parameter_layout(self.optimizer)
         try:
             self.scheduler.load_state_dict(saved_state["scheduler"])
@@ -439,14 +439,14 @@ class _Loop:
             if scaler is not None and saved_state.get("scaler"):
                 scaler.load_state_dict(saved_state["scaler"])
         except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise DataError(resume_dir / train_state.TRAINER_JSON, f"does not load ({type(err).__name__}: {err})") \
+            raise DataError(resume_dir / resume.TRAINER_JSON, f"does not load ({type(err).__name__}: {err})") \
                 from err
-        train_state.load_rng(resume_dir, accelerator.process_index)
+        resume.load_rng(resume_dir, accelerator.process_index)
         if hasattr(self.task, "load_task_tensors"):
             try:
-                self.task.load_task_tensors(train_state.load_task_tensors(resume_dir))
+                self.task.load_task_tensors(resume.load_task_tensors(resume_dir))
             except (KeyError, TypeError, ValueError) as err:
-                raise DataError(resume_dir / train_state.TASK_TENSORS, f"does not fit this run ({err})") from err
+                raise DataError(resume_dir / resume.TASK_TENSORS, f"does not fit this run ({err})") from err
         self.history = [r for r in read_history(self.metrics_path) if r["step"] <= state.global_step]
         if accelerator.is_main_process:
             recover_results(self.run_dir)
