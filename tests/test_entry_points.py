@@ -10,9 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from common.pipelines import discover
+
 REPO = Path(__file__).resolve().parents[1]
 
-PACKAGES = ("common", "pneumonia", "cxr_localize", "mavl_chexpert", "pathology_brats", "brain3d_report", "benchmarks")
+PACKAGES = ("common", *(pipeline.name for pipeline in discover()), "benchmarks")
+"""The floor, every declared pipeline (``common.pipelines``) and the benchmarks."""
 
 
 def entry_points() -> list[str]:
