@@ -86,7 +86,7 @@ class TrainConfig:
     monitor: str = _knob("val_loss", "validation metric that picks the best epoch")
     mode: str = _knob("min", "whether a larger (max) or smaller (min) --monitor is better", choices=("min", "max"))
     patience: int | None = _knob(None, "early stop after this many evals without gain", type=positive_int)
-    eval_every: int = _knob(1, "validate (and consider the best epoch) every N epochs; the last epoch always",
+    eval_every: int = _knob(1, "validate (and consider the epoch for the best model) after every N-th epoch",
                             type=positive_int)
     checkpoint_every: int | None = _knob(None, "also checkpoint every N optimizer steps", type=positive_int)
     max_steps: int | None = _knob(None, "stop after this many optimizer steps (the schedule still spans --epochs)",
