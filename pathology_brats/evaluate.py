@@ -20,12 +20,12 @@ from pathlib import Path
 import pandas as pd
 
 from common import plots
-from common.checkpoint import atomic_write_text, recover_results, result_set
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
 from common.device import pick_device
 from common.errors import DataError, cli_entry
 from common.metrics.classification import binary_metrics
 from common.run_guard import guard_command
+from common.rundir import atomic_write_text, recover_results, result_set
 from common.runs import load_run
 from common.splits import load_split_csv
 from common.tables import markdown_table, metrics_with_ci, write_results

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.checkpoint import atomic_write_text
 from common.cli import MedvlArgumentParser, base_parser, parse_args
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.run_guard import guard_command
+from common.rundir import atomic_write_text
 from common.runs import load_run
 from pathology_brats.captions import match_captions, read_captions
 from pathology_brats.data import unlabeled_images
