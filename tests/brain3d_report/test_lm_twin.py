@@ -70,7 +70,7 @@ def test_a_run_whose_lm_read_a_held_out_report_is_refused(corpus):
 
 
 def test_the_twin_is_pretrained_through_the_engine_cached_and_frozen(corpus, tmp_path, monkeypatch):
-    texts = corpus[:40] + list(HEALTHY_TEMPLATES)
+    texts = corpus[:25] + list(HEALTHY_TEMPLATES)  # two batches of 16 a epoch
     held_out = [texts[3], HEALTHY_TEMPLATES[0]]  # a run's validation or test reports: the template stays
     vlm, processor = lm_twin.build_twin(seed=0, cache_dir=tmp_path, texts=texts, epochs=3, exclude=held_out)
     record = vlm.pretraining
@@ -78,8 +78,8 @@ def test_the_twin_is_pretrained_through_the_engine_cached_and_frozen(corpus, tmp
     folder = next((tmp_path / "presets" / lm_twin.TWIN).iterdir())
     history = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(history) == 3 and record["steps"] == history[-1]["step"]  # the engine's loop and its record
-    assert record["val_loss_best"] < math.log(len(processor.tokenizer)) - 1.5  # far below a random LM's ln(V)
-    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert record["val_loss_best"] < math.log(len(processor.tokenizer)) - 1.0  # well below a random LM's ln(V)
+    assert history[-1]["train_loss"] < history[0]["train_loss"] and history[-1]["val_loss"] < history[0]["val_loss"]
     assert record["corpus_sha256"] == lm_twin.corpus_digest([t for t in texts if t != texts[3]])
     assert not any(p.requires_grad for p in vlm.parameters()) and not vlm.training
 
