@@ -75,8 +75,8 @@ INPUTS_NAME = "inputs"
 SEED_DECODING = {"temperature": 0.1, "top_p": 0.9, "repetition_penalty": 1.2, "no_repeat_ngram_size": 3}
 NO_REPEAT_NGRAM_SIZE = 3
 """``--no-repeat-ngram-size`` by default, for every LM (explain and predict use it too). The seed bans repeated
-3-grams, which forbids saying "in the left" twice: 89% of the TextBraTS reports and every phantom report do. Chosen
-on the phantom's validation split (README)."""
+3-grams, which forbids saying "in the left" twice: 89% of the TextBraTS reports and every phantom report do. The
+seed's 3 until the validation comparison of 0 and 3 (README, "Offline numbers") has chosen."""
 """The seed's sampling settings (``braingemma3d_evaluation.py``)."""
 MAX_NEW_TOKENS = 256
 QUICK_CASES, QUICK_TOKENS = 4, 48
@@ -103,7 +103,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                           help="penalty on the logits of tokens already generated (1 = none; default the seed's)")
     decoding.add_argument("--no-repeat-ngram-size", type=nonnegative_int, default=NO_REPEAT_NGRAM_SIZE,
                           help=f"ban every n-gram of this length from recurring (0 = no ban; default "
-                               f"{NO_REPEAT_NGRAM_SIZE}, chosen on the phantom's validation split; the seed's is 3)")
+                               f"{NO_REPEAT_NGRAM_SIZE}, the seed's)")
     decoding.add_argument("--max-new-tokens", type=positive_int, default=None,
                           help=f"tokens generated at most (default {MAX_NEW_TOKENS}, the seed's; {QUICK_TOKENS} with "
                                "--quick)")
