@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -231,6 +232,7 @@ def build_twin(seed: int = 0, cache_dir: str | Path | None = None, *, exclude: S
             if not record_path.is_file():  # another process may have built it while this one waited
                 log.info("building %s (seed %d): language pre-training on %d texts, cached in %s", TWIN, seed,
                          len(texts), folder)
+                shutil.rmtree(folder / "run", ignore_errors=True)  # what an interrupted build left
                 record = pretrain(vlm, processor.tokenizer, texts, folder / "run", seed=seed, epochs=epochs)
                 record["excluded"] = len(base) - len(texts)
                 staged = weights.with_suffix(".tmp")

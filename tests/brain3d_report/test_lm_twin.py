@@ -72,10 +72,17 @@ def test_a_run_whose_lm_read_a_held_out_report_is_refused(corpus):
 def test_the_twin_is_pretrained_through_the_engine_cached_and_frozen(corpus, tmp_path, monkeypatch):
     texts = corpus[:25] + list(HEALTHY_TEMPLATES)  # two batches of 16 a epoch
     held_out = [texts[3], HEALTHY_TEMPLATES[0]]  # a run's validation or test reports: the template stays
+    key = lm_twin.cache_key(0, [t for t in texts if t != texts[3]], epochs=3, batch_size=lm_twin.BATCH_SIZE,
+                            lr=lm_twin.LR, warmup=lm_twin.WARMUP_STEPS, max_len=lm_twin.MAX_LEN)
+    interrupted = tmp_path / "presets" / lm_twin.TWIN / key / "run"
+    interrupted.mkdir(parents=True)
+    (interrupted / "train.log").write_text("a build killed before its first epoch\n")
     vlm, processor = lm_twin.build_twin(seed=0, cache_dir=tmp_path, texts=texts, epochs=3, exclude=held_out)
     record = vlm.pretraining
     assert record["excluded"] == 1 and record["texts"] == len(texts) - 1
-    folder = next((tmp_path / "presets" / lm_twin.TWIN).iterdir())
+    folders = list((tmp_path / "presets" / lm_twin.TWIN).iterdir())
+    assert folders == [interrupted.parent]  # the interrupted build's folder, built over
+    folder = folders[0]
     history = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(history) == 3 and record["steps"] == history[-1]["step"]  # the engine's loop and its record
     assert record["val_loss_best"] < math.log(len(processor.tokenizer)) - 1.0  # well below a random LM's ln(V)
