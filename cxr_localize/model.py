@@ -93,7 +93,8 @@ class ConcatFusion(nn.Module):
 
 class SeedConcatFusion(nn.Module):
     """The original notebook's fusion: the text tiled over the bottleneck, concatenated after the features, and a
-    1x1 conv back to the bottleneck width. No coordinate channels, so a report cannot name a place by itself."""
+    1x1 conv back to the bottleneck width. No coordinate channels: a place named in the report can only be matched
+    to what the image features themselves know about position."""
 
     def __init__(self, text_dim: int, channels: int):
         super().__init__()
@@ -177,7 +178,6 @@ def build_unet(encoder: str, weights: str | Path | None, classes: int, decoder_c
     (see ``read_encoder_folder``).
     """
     weights = None if weights in (None, "none") else weights
-    hub = None
     if weights is not None and str(weights) not in ENCODER_WEIGHTS:
         state, source = read_encoder_folder(Path(weights), encoder)
     elif weights is not None and (hub := _hub_settings(encoder, str(weights))) is not None:
