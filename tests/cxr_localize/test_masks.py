@@ -14,7 +14,7 @@ from cxr_localize.data import MASK_DIR, load_iu
 
 TINY = ["--encoder-weights", "none", "--encoder", "resnet18", "--decoder-channels", "16", "16", "8", "8", "8",
         "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--no-progress", "--device", "cpu",
-        "--precision", "fp32", "--text-encoder", "tiny-clip", "--train-encoder"]
+        "--precision", "fp32", "--text-encoder", "tiny-clip"]
 
 
 def _notebook_mask(mask: Image.Image, side: int) -> np.ndarray:
