@@ -178,3 +178,18 @@ def test_a_folder_in_another_layout_is_one_line(case, small_iu, tmp_path, capsys
     source = folder / file_name if file_name else folder
     assert lines[0].startswith(f"error: {source}: ") and message in lines[0], lines
     assert not out.exists()
+
+
+def test_missing_weights_are_refused_unless_the_caller_never_uses_them(tmp_path):
+    from transformers import AutoModel
+
+    from common.hf import load_pretrained
+
+    folder = save_tiny_bert(tmp_path / "bert")
+    state = load_file(folder / "model.safetensors")
+    assert any(k.startswith("pooler.") for k in state)
+    save_file({k: v for k, v in state.items() if not k.startswith("pooler.")}, folder / "model.safetensors")
+    with pytest.raises(DataError, match=r"2 weight\(s\) of AutoModel are not in this checkpoint \(first: pooler"):
+        load_pretrained(AutoModel, folder, refuse_missing_weights=True)
+    model = load_pretrained(AutoModel, folder, refuse_missing_weights=True, optional_weights=("pooler.",))
+    assert torch.equal(model.embeddings.word_embeddings.weight, state["embeddings.word_embeddings.weight"])
