@@ -35,7 +35,8 @@ def add_data_args(parser: argparse.ArgumentParser, projection: str, masks: bool 
     group.add_argument("--data-root", type=Path, default=None, help="directory in the IU X-ray layout")
     group.add_argument("--image-size", type=image_side, default=128,
                        help="side the images are padded and resized to (a multiple of 32, the U-Net's stride)")
-    group.add_argument("--projection", choices=PROJECTIONS, default=projection)
+    group.add_argument("--projection", choices=PROJECTIONS, default=projection,
+                       help="radiograph views used: Frontal, Lateral or all")
     group.add_argument("--split-level", choices=SPLIT_LEVELS, default="patient",
                        help="patient: all images of a uid in one split; image: the original per-image split")
     group.add_argument("--split-seed", type=seed_int, default=0, help="seed of the split (the same in both phases)")
@@ -58,7 +59,8 @@ def add_encoder_args(parser: argparse.ArgumentParser) -> None:
                        help="initial encoder weights: imagenet (the file smp downloads, from the hub or the Hugging "
                             "Face cache, --cache-dir if given), none (random), or a local folder holding "
                             "config.json + model.safetensors in smp's Hub layout or from smp's save_pretrained")
-    group.add_argument("--decoder-channels", type=positive_int, nargs=5, default=list(DEFAULT_DECODER_CHANNELS))
+    group.add_argument("--decoder-channels", type=positive_int, nargs=5, default=list(DEFAULT_DECODER_CHANNELS),
+                       help="U-Net decoder widths, deepest first (five numbers)")
 
 
 def split_table(args: argparse.Namespace, with_masks: bool) -> tuple[pd.DataFrame, str]:
