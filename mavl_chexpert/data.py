@@ -48,6 +48,9 @@ PER_CLASS_ONES = ("Atelectasis", "Edema")
 """Observations whose uncertain label becomes 1 under ``per-class`` (Irvin et al. 2019, Table 2)."""
 VIEWS = ("frontal", "all")
 _PATIENT = re.compile(r"(patient\d+)")
+_STUDY = re.compile(r"(patient\d+/study\d+)")
+STUDY_COLUMN = "Study"
+"""Optional CSV column naming each row's study; without it the study is the path's ``patientN/studyM`` folder."""
 
 
 def label_key(name: str) -> str:
@@ -110,6 +113,8 @@ class Table:
     rows: np.ndarray
     """1-based line numbers in the CSV (header = line 1), for error messages."""
     patients: np.ndarray
+    studies: np.ndarray
+    """Study of each row (``patientN/studyM``): CheXpert scores a study by the maximum over its views."""
     raw: np.ndarray
     labels: tuple[str, ...]
     targets: np.ndarray
@@ -121,8 +126,15 @@ class Table:
     def take(self, index: np.ndarray) -> Table:
         index = np.asarray(index)
         return replace(self, rel_paths=self.rel_paths[index], paths=[self.paths[i] for i in index],
-                       rows=self.rows[index], patients=self.patients[index], raw=self.raw[index],
+                       rows=self.rows[index], patients=self.patients[index], studies=self.studies[index],
+                       raw=self.raw[index],
                        targets=self.targets[index], mask=self.mask[index])
+
+    def take_labels(self, columns: np.ndarray) -> Table:
+        """The same rows with only the label ``columns`` (indices into ``labels``)."""
+        columns = np.asarray(columns)
+        return replace(self, raw=self.raw[:, columns], labels=tuple(self.labels[j] for j in columns),
+                       targets=self.targets[:, columns], mask=self.mask[:, columns])
 
     def __repr__(self) -> str:
         return f"Table({self.csv.name}: {len(self)} images, {len(np.unique(self.patients))} patients)"
@@ -183,8 +195,28 @@ def load_table(data_root: Path, csv_name: str | Path, labels: tuple[str, ...] | 
     paths = _resolve_all(root, frame["Path"], csv, lines)
     patients = np.array([(m.group(1) if (m := _PATIENT.search(str(v))) else str(Path(str(v)).parent))
                          for v in frame["Path"]], dtype=object)
+    studies = study_ids(frame, patients, lines, csv)
     targets, mask = encode_labels(raw, labels, uncertain)
-    return Table(csv, frame["Path"].astype(str).to_numpy(), paths, lines, patients, raw, labels, targets, mask)
+    return Table(csv, frame["Path"].astype(str).to_numpy(), paths, lines, patients, studies, raw, labels, targets,
+                 mask)
+
+
+def study_ids(frame: pd.DataFrame, patients: np.ndarray, lines: np.ndarray, csv: Path) -> np.ndarray:
+    """Each row's study: the ``Study`` column when the CSV has one, else the path's ``patientN/studyM`` (an image
+    outside such a folder is its own study). A study whose rows belong to two patients is refused, naming both
+    lines: the maximum over its views would mix two people's images."""
+    if STUDY_COLUMN in frame.columns:
+        studies = frame[STUDY_COLUMN].astype(str).str.replace("\\", "/", regex=False).to_numpy(dtype=object)
+    else:
+        paths = frame["Path"].astype(str).str.replace("\\", "/", regex=False)
+        studies = np.array([(m.group(1) if (m := _STUDY.search(p)) else p) for p in paths], dtype=object)
+    owner: dict[str, tuple[str, int]] = {}
+    for study, patient, line in zip(studies, patients, lines):
+        first = owner.setdefault(study, (patient, line))
+        if first[0] != patient:
+            raise DataError(csv, f"study {study} mixes patients: line {first[1]} is {first[0]}, line {line} is "
+                                 f"{patient}; every view of a study must come from one patient")
+    return studies
 
 
 def check_duplicates(paths: pd.Series, raw: np.ndarray, labels: tuple[str, ...], lines: np.ndarray,
@@ -308,7 +340,7 @@ class ChexpertDataset(Dataset):
                 "mask": torch.from_numpy(self.mask[i]), "index": torch.tensor(i)}
 
 
-__all__ = ["ROOT_NAME", "OBSERVATIONS", "COMPETITION", "LABEL_SETS", "UNCERTAIN_POLICIES", "VIEWS", "Table",
-           "label_key", "resolve_labels", "find_root", "encode_labels", "load_table", "check_duplicates",
-           "check_trainable", "sample_patients",
-           "split_patients", "decode_images", "ChexpertDataset"]
+__all__ = ["STUDY_COLUMN", "study_ids", "ROOT_NAME", "OBSERVATIONS", "COMPETITION", "LABEL_SETS",
+           "UNCERTAIN_POLICIES", "VIEWS", "Table", "label_key", "resolve_labels", "find_root", "encode_labels",
+           "load_table", "check_duplicates", "check_trainable", "sample_patients", "split_patients", "decode_images",
+           "ChexpertDataset"]

@@ -34,6 +34,7 @@ BACKBONES = tuple(preset_names("vit"))
 POOLS = ("cls", "mean")
 LRF_VARIANTS = ("tail", "seed", "none")
 AGGREGATIONS = ("mean", "attention")
+FUSIONS = ("similarity", "mavl")
 SIMILARITIES = ("scaled", "seed")
 SHARED_DIM = 256
 HIDDEN_DIM = 128
@@ -82,6 +83,11 @@ class ImageModel(nn.Module):
         tokens = self.backbone.forward_features(images)
         prefix = int(getattr(self.backbone, "num_prefix_tokens", 1))
         return tokens[:, 0] if self.pool == "cls" else tokens[:, prefix:].mean(1)
+
+    def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, P, D) the ViT's final patch tokens (prefix tokens dropped): what MAVL's aspect queries attend over."""
+        tokens = self.backbone.forward_features(images)
+        return tokens[:, int(getattr(self.backbone, "num_prefix_tokens", 1)):]
 
     def embed_features(self, features: torch.Tensor) -> torch.Tensor:
         """(B, r) low-rank image embedding (phase 3's input)."""
@@ -207,14 +213,80 @@ class FusionModel(nn.Module):
         return self.logits_from_embedding(embedding)
 
 
-def build_fusion_model(meta_kwargs: dict[str, Any]) -> FusionModel:
+class AspectAttentionFusion(nn.Module):
+    """MAVL's fusion: every aspect sentence of every disease is a query that cross-attends over the image's patch
+    tokens; the attended outputs of a disease's aspects are concatenated and one head, shared by all diseases, turns
+    them into that disease's logit.
+
+    The attention of aspect slot a is ``softmax_p(exp(t_a) * cos(q, k_p))`` with one learnable temperature per
+    aspect (a location sentence may need a sharp, local look, a texture sentence a broad one). The head sees each
+    output gated by its own query (``out * q``), so it judges "does what this sentence describes appear here"; as
+    it has no per-disease weights, a disease held out of training is scored through its own sentences alone.
+    Slot a means the same aspect for every disease (the descriptions list aspects in one order).
+    """
+
+    def __init__(self, image_model: ImageModel, aspects: torch.Tensor, aspect_mask: torch.Tensor,
+                 dropout: float = 0.3, freeze_image: bool = True, dim: int = HIDDEN_DIM,
+                 init_temperature: float = 0.07):
+        super().__init__()
+        self.image_model = image_model
+        self.freeze_image = freeze_image
+        if freeze_image:
+            image_model.requires_grad_(False)
+        image_model.head.requires_grad_(False)
+        self.register_buffer("aspects", aspects.float().clone())
+        self.register_buffer("aspect_mask", aspect_mask.bool().clone())
+        self.patch_projector = nn.Sequential(nn.LayerNorm(image_model.feature_dim),
+                                             nn.Linear(image_model.feature_dim, dim))
+        self.query_projector = nn.Sequential(nn.Linear(aspects.shape[-1], HIDDEN_DIM), nn.LayerNorm(HIDDEN_DIM),
+                                             nn.ReLU(), nn.Dropout(dropout), nn.Linear(HIDDEN_DIM, dim))
+        self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.aspect_log_scale = nn.Parameter(torch.full((aspects.shape[1],), math.log(1.0 / init_temperature)))
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(aspects.shape[1] * dim, HIDDEN_DIM), nn.ReLU(),
+                                  nn.Linear(HIDDEN_DIM, 1))
+
+    def train(self, mode: bool = True) -> AspectAttentionFusion:
+        super().train(mode)
+        if self.freeze_image:
+            self.image_model.eval()
+        return self
+
+    def attend(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(outputs (B, C, A, d), attention (B, C, A, P), queries (C, A, d)) of patch tokens (B, P, D)."""
+        patches = self.patch_projector(tokens.float())
+        keys = F.normalize(self.key(patches), dim=-1)
+        values = self.value(patches)
+        queries = self.query_projector(self.aspects)
+        scale = self.aspect_log_scale.exp().clamp(max=100.0).view(1, 1, -1, 1)
+        attention = (torch.einsum("cad,bpd->bcap", F.normalize(queries, dim=-1), keys) * scale).softmax(-1)
+        return torch.einsum("bcap,bpd->bcad", attention, values), attention, queries
+
+    def logits_from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        outputs, _, queries = self.attend(tokens)
+        gated = outputs * queries.unsqueeze(0) * self.aspect_mask[None, :, :, None]
+        return self.head(gated.flatten(2)).squeeze(-1)
+
+    def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, C) from images, or from precomputed phase-1 patch tokens (frozen backbone)."""
+        if tokens is None:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_image):
+                tokens = self.image_model.patch_tokens(images)
+        return self.logits_from_tokens(tokens)
+
+
+def build_fusion_model(meta_kwargs: dict[str, Any]) -> nn.Module:
     """Rebuild a phase-3 model from ``model.json`` kwargs (weights and aspect buffers come from the safetensors)."""
     image = build_image_model(**meta_kwargs["image"])
     shape = meta_kwargs["aspects_shape"]
-    return FusionModel(image, torch.zeros(shape), torch.ones(shape[:2], dtype=torch.bool),
-                       aggregation=meta_kwargs["aggregation"], similarity=meta_kwargs["similarity"],
-                       dropout=meta_kwargs["dropout"], freeze_image=meta_kwargs["freeze_image"])
+    aspects, mask = torch.zeros(shape), torch.ones(shape[:2], dtype=torch.bool)
+    if meta_kwargs.get("fusion", "similarity") == "mavl":
+        return AspectAttentionFusion(image, aspects, mask, dropout=meta_kwargs["dropout"],
+                                     freeze_image=meta_kwargs["freeze_image"])
+    return FusionModel(image, aspects, mask, aggregation=meta_kwargs["aggregation"],
+                       similarity=meta_kwargs["similarity"], dropout=meta_kwargs["dropout"],
+                       freeze_image=meta_kwargs["freeze_image"])
 
 
-__all__ = ["BACKBONES", "POOLS", "LRF_VARIANTS", "AGGREGATIONS", "SIMILARITIES", "ImageModel", "FusionModel",
-           "build_backbone", "build_image_model", "build_fusion_model", "feature_basis", "tail_term", "seed_term"]
+__all__ = ["BACKBONES", "POOLS", "LRF_VARIANTS", "AGGREGATIONS", "SIMILARITIES", "FUSIONS", "ImageModel",
+           "FusionModel", "AspectAttentionFusion", "build_backbone", "build_image_model", "build_fusion_model",
+           "feature_basis", "tail_term", "seed_term"]

@@ -46,9 +46,11 @@ from common.splits import split_csv_text
 from mavl_chexpert.common_args import (
     THRESHOLD_RULES,
     add_data_args,
+    check_holdout_positives,
     choose_thresholds,
     data_record,
     masked_bce,
+    parse_holdout,
     split_metrics,
 )
 from mavl_chexpert.data import (
@@ -185,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     guard_command(args, writes=("output_dir",), reads=("data_root",), lock="output_dir", create=True)
     require(args, output_dir="where the run is written", data_root="the CheXpert-v1.0-small folder")
     labels = resolve_labels(args.labels)
+    trained = parse_holdout(args.holdout_classes, labels)
+    seen = tuple(n for n, t in zip(labels, trained) if t)
     preset = get_preset(args.backbone, "vit", "--backbone")
     pretrained = bool(args.pretrained) and preset.has_pretrained_weights
     args.lr = resolve_lr(args, pretrained)
@@ -194,8 +198,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = find_root(args.data_root)
     table = load_table(root, "train.csv", labels, args.uncertain, args.views)
     table = sample_patients(table, args.sample_frac, args.seed)
+    check_holdout_positives(table, trained)
+    # The held-out columns leave the table here: no loss, split stratification or model selection sees them.
+    table = table.take_labels(np.flatnonzero(trained))
     torch.manual_seed(args.seed)
-    model = build_image_model(args.backbone, len(labels), rank=args.rank, pool=args.pool, dropout=args.dropout,
+    model = build_image_model(args.backbone, len(seen), rank=args.rank, pool=args.pool, dropout=args.dropout,
                               pretrained=pretrained)
     if args.lrf_variant != "none" and args.lrf_rank >= model.feature_dim:
         raise ConfigError("--lrf-rank", f"{args.lrf_rank} leaves no tail: {args.backbone} features are "
@@ -218,17 +225,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_trainable(table.take(train_idx), args.uncertain, "train-split ")
     log.info("train %d images, val %d images (%d patients)", len(train_idx), len(val_idx),
              len(np.unique(table.patients)))
-    settings = {"labels": list(labels), "uncertain": args.uncertain, "views": args.views,
+    settings = {"labels": list(labels), "holdout_classes": [n for n in labels if n not in seen],
+                "uncertain": args.uncertain, "views": args.views,
                 "sample_frac": args.sample_frac, "val_fraction": args.val_fraction, "skip_bad": args.skip_bad}
     meta = {"pipeline": "mavl_chexpert", "stage": "image", "preset": args.backbone,
-            "kwargs": {"backbone": args.backbone, "num_classes": len(labels), "rank": args.rank, "pool": args.pool,
+            "kwargs": {"backbone": args.backbone, "num_classes": len(seen), "rank": args.rank, "pool": args.pool,
                        "dropout": args.dropout},
-            "labels": list(labels),
+            "labels": list(seen), "holdout_classes": settings["holdout_classes"],
             "preprocessing": {"image_size": image_size, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
                               "channels": "grey x3", "resize": "pad to square, bilinear"},
             "data": {"root": str(root.resolve()), **settings}, "monitor": args.monitor,
             "lrf": {"variant": args.lrf_variant, "rank": args.lrf_rank, "weight": weight}}
-    common = dict(meta=meta, labels=labels, val_targets=table.targets[val_idx], val_mask=table.mask[val_idx],
+    common = dict(meta=meta, labels=seen, val_targets=table.targets[val_idx], val_mask=table.mask[val_idx],
                   variant=args.lrf_variant, rank=args.lrf_rank, weight=weight, threshold_rule=args.threshold_rule)
     if args.lrf_variant == "tail" and weight > 0:
         task = TailLRFTask(**common, train_images=images[train_idx],
