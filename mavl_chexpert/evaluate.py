@@ -3,12 +3,24 @@
 Example:
     python -m mavl_chexpert.evaluate --run-dir runs/mavl/fusion --split test
     python -m mavl_chexpert.evaluate --run-dir runs/mavl/fusion --test-csv /data/chexpert/test_labels.csv
+    python -m mavl_chexpert.evaluate --run-dir runs/mavl/fusion --unit image
+
+Units: ``study`` (default, CheXpert's protocol) scores each study by the maximum probability over its views and
+bootstraps studies; ``image`` scores every image on its own. A study is the ``Study`` column when the CSV has one,
+else the path's ``patientN/studyM`` folder; a study whose rows name two patients is refused. The official test
+labels (500 studies, ``Path`` ``test/patientN/studyM/viewK_frontal.jpg``, 0/1 labels, no view columns) are read as
+they are: a path's ``frontal`` decides the view when there is no ``Frontal/Lateral`` column.
 
 ``test`` is ``valid.csv`` of the run's data root (or ``--test-csv``); ``val`` is the run's own validation patients.
 The per-class thresholds are the ones chosen on validation during training (``best/model.json``).
 ``--oracle-thresholds`` re-tunes them on the evaluated set itself, as the seed (and several zero-shot papers) did;
-those numbers are optimistic by construction, go to ``oracle/`` and are labelled ORACLE. Diseases held out of a
-fusion run's training (``--holdout-classes``) are marked zero-shot.
+those numbers are optimistic by construction, go to ``oracle/`` and are labelled ORACLE.
+
+Diseases held out of every phase (``--holdout-classes``) are kept out of the macro averages and reported under
+``unseen`` in ``results.json`` (``unseen/<class>/auroc`` with its CI) with the control ``auroc_swapped``: the same
+model with the disease's description embeddings replaced by those of the seen disease whose descriptions are
+least similar (``swapped_with``; every other seen disease in ``auroc_swapped_each``). A score that comes from the
+descriptions falls towards 0.5 under the swap; one that comes from anything else would not.
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ from common.run_guard import guard_command
 from common.runs import load_run
 from mavl_chexpert.data import ChexpertDataset, label_key
 from mavl_chexpert.evaluate import _build, predict_proba
+from mavl_chexpert.model import AspectAttentionFusion
 from mavl_chexpert.text import DEFAULT_DESCRIPTIONS, descriptions_hash, load_descriptions
 
 
@@ -79,13 +80,19 @@ class ChexpertPredictor:
 
     @torch.no_grad()
     def best_aspects(self, image: np.ndarray) -> list[str]:
-        """Per finding, the description sentence whose projected embedding is closest to the image's."""
+        """Per finding, the description sentence whose projected embedding is closest to the image's (``mavl``
+        fusion: closest to what that sentence's query attended to in the image)."""
         model = self.model
         batch = ChexpertDataset(image[None], np.zeros((1, 1), np.float32), np.ones((1, 1), bool))[0]["image"][None]
-        embedding = model.image_model.embed(batch.to(self.device))
-        image_vec = F.normalize(model.image_projector(embedding), dim=-1)[0]
-        text = F.normalize(model.text_projector(model.aspects), dim=-1)
-        cosine = torch.einsum("d,cad->ca", image_vec, text).masked_fill(~model.aspect_mask, float("-inf"))
+        if isinstance(model, AspectAttentionFusion):
+            outputs, _, queries = model.attend(model.image_model.patch_tokens(batch.to(self.device)))
+            cosine = F.cosine_similarity(outputs[0], queries, dim=-1)
+        else:
+            embedding = model.image_model.embed(batch.to(self.device))
+            image_vec = F.normalize(model.image_projector(embedding), dim=-1)[0]
+            text = F.normalize(model.text_projector(model.aspects), dim=-1)
+            cosine = torch.einsum("d,cad->ca", image_vec, text)
+        cosine = cosine.masked_fill(~model.aspect_mask, float("-inf"))
         best = cosine.argmax(-1).cpu().tolist()
         return [self.sentences[c][a] if a < len(self.sentences[c]) else "" for c, a in enumerate(best)]
 

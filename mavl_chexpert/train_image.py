@@ -10,6 +10,11 @@ Example (CPU, phantom, tiny ViT; a T4/A6000 run uses the default ``--backbone vi
 per-class thresholds (max F1 on val, ``--threshold-rule``) are chosen there. ``valid.csv`` is the test set and is
 read only by ``python -m mavl_chexpert.evaluate``.
 
+``--holdout-classes Edema`` removes diseases from every phase: their columns leave the table before the split
+(no loss, no stratification, no model selection, no head output); the fusion phase inherits them and scores
+them from their descriptions alone (zero-shot). A held-out class needs positives in ``train.csv`` (checked, only
+counted) so that it can be scored at all.
+
 ``--lrf-variant tail`` (default) is LRFL's truncated nuclear norm of the training features beyond ``--lrf-rank``,
 with the basis of the whole training split recomputed at the start of every epoch; ``seed`` is the seed notebook's
 term (the batch's top singular values); ``none`` is plain BCE. ``--lr`` defaults to the seed's 2e-5 when the
