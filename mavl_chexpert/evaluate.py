@@ -33,7 +33,7 @@ from common.runs import load_run
 from common.splits import load_split_csv
 from common.tables import markdown_table, metrics_with_ci, write_results
 from mavl_chexpert.common_args import choose_thresholds, split_metrics
-from mavl_chexpert.data import ChexpertDataset, Table, decode_images, find_root, label_key, load_table
+from mavl_chexpert.data import Preprocessing, Table, find_root, label_key, load_table
 from mavl_chexpert.model import build_fusion_model, build_image_model
 
 log = logging.getLogger("medvl.mavl_chexpert")
@@ -75,9 +75,11 @@ def _build(meta: dict) -> torch.nn.Module:
 
 @torch.no_grad()
 def predict_proba(model: torch.nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 64,
-                  temperature: float = 1.0) -> np.ndarray:
-    """(N, C) probabilities of uint8 (N, H, W) images."""
-    dataset = ChexpertDataset(images, np.zeros((len(images), 1), np.float32), np.ones((len(images), 1), bool))
+                  temperature: float = 1.0, preprocessing: Preprocessing | None = None) -> np.ndarray:
+    """(N, C) probabilities of uint8 (N, H, W) images, normalised as the run recorded (``preprocessing``)."""
+    if preprocessing is None:
+        preprocessing = Preprocessing(int(images.shape[-1]))
+    dataset = preprocessing.dataset(images)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     model.eval()
     logits = torch.cat([model(batch["image"].to(device)).float().cpu() for batch in loader])
@@ -139,12 +141,13 @@ def evaluate_run(run_dir: Path, split: str = "test", data_root: Path | None = No
     run = load_run(run_dir, "mavl_chexpert", _build, device=torch_device)
     meta = run.meta
     table = evaluation_table(run_dir, meta, split, data_root, test_csv)
-    images, kept = decode_images(table, int(meta["preprocessing"]["image_size"]), skip_bad)
+    preprocessing = Preprocessing.from_record(meta["preprocessing"])
+    images, kept = preprocessing.decode(table, skip_bad)
     table = table.take(kept)
     labels = tuple(meta["labels"])
     keys = [label_key(n) for n in labels]
     temperature = 0.2 if meta.get("loss") == "contrastive" else 1.0
-    probs = predict_proba(run.model, images, torch_device, batch_size, temperature)
+    probs = predict_proba(run.model, images, torch_device, batch_size, temperature, preprocessing)
     if oracle:
         chosen = choose_thresholds(table.targets, probs, table.mask, labels, meta.get("threshold_rule", "f1"))
     else:
