@@ -174,5 +174,5 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["DEFAULT_DESCRIPTIONS", "CACHE_FILE", "TEXT_POOLINGS", "add_text_pooling_arg", "load_descriptions", "descriptions_hash", "embed_descriptions",
-           "write_cache"]
+__all__ = ["DEFAULT_DESCRIPTIONS", "CACHE_FILE", "TEXT_POOLINGS", "add_text_pooling_arg", "load_descriptions",
+           "descriptions_hash", "embed_descriptions", "write_cache"]
