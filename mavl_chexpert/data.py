@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from torch.utils.data import Dataset
 
 from common.checkpoint import read_csv
 from common.errors import ConfigError, DataError
-from common.images import imagenet_normalize, read_grey, square_resize
+from common.images import IMAGENET_MEAN, IMAGENET_STD, read_grey, square_resize
 from common.splits import group_split
 
 log = logging.getLogger("medvl.mavl_chexpert")
@@ -283,13 +284,28 @@ def split_patients(table: Table, val_fraction: float, seed: int) -> np.ndarray:
                        names=("train", "val"))
 
 
-def decode_images(table: Table, size: int, skip_bad: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 (N, size, size) images, indices kept): each JPG read once, padded to a square and resized.
+RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+              "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS,
+              "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
+"""timm ``pretrained_cfg`` interpolation names -> PIL filters (``random`` is not a preprocessing for inference)."""
+
+
+def resampling(name: str) -> Image.Resampling:
+    if name not in RESAMPLING:
+        raise ConfigError("interpolation", f"{name!r} is not one of {', '.join(RESAMPLING)}")
+    return RESAMPLING[name]
+
+
+def decode_images(table: Table, size: int, skip_bad: bool = False,
+                  interpolation: str = "bilinear") -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 (N, size, size) images, indices kept): each JPG read once, padded to a square and resized with the
+    weights' ``interpolation`` (runs recorded before it was recorded used bilinear).
 
     A missing, undecodable or blank (constant) image stops with its CSV line and file, or with ``skip_bad`` is
     skipped and counted.
     """
     images, kept = [], []
+    resample = resampling(interpolation)
     for i, (path, line) in enumerate(zip(table.paths, table.rows)):
         try:
             image = read_grey(path)
@@ -300,7 +316,7 @@ def decode_images(table: Table, size: int, skip_bad: bool = False) -> tuple[np.n
             if not skip_bad:
                 raise DataError(table.csv, f"line {line}: {path}: {err.message}") from err
             continue
-        images.append(square_resize(image, size, Image.Resampling.BILINEAR))
+        images.append(square_resize(image, size, resample))
         kept.append(i)
     skipped = len(table) - len(kept)
     if skipped:
@@ -310,6 +326,33 @@ def decode_images(table: Table, size: int, skip_bad: bool = False) -> tuple[np.n
     return np.stack(images), np.asarray(kept, dtype=np.int64)
 
 
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a run's images go through, read from its ``model.json`` (``preprocessing``)."""
+
+    image_size: int
+    interpolation: str = "bilinear"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    @classmethod
+    def from_record(cls, record: dict) -> Preprocessing:
+        """Runs recorded before interpolation was recorded resized bilinearly; their mean/std were ImageNet's."""
+        return cls(int(record["image_size"]), str(record.get("interpolation", "bilinear")),
+                   tuple(float(v) for v in record.get("mean", IMAGENET_MEAN)),
+                   tuple(float(v) for v in record.get("std", IMAGENET_STD)))
+
+    def decode(self, table: Table, skip_bad: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        return decode_images(table, self.image_size, skip_bad, self.interpolation)
+
+    def dataset(self, images: np.ndarray, targets: np.ndarray | None = None, mask: np.ndarray | None = None,
+                augment: bool = False) -> ChexpertDataset:
+        """A dataset normalised with these statistics (no targets: a placeholder column for inference)."""
+        if targets is None:
+            targets, mask = np.zeros((len(images), 1), np.float32), np.ones((len(images), 1), bool)
+        return ChexpertDataset(images, targets, mask, augment, mean=self.mean, std=self.std)
+
+
 class ChexpertDataset(Dataset):
     """``{"image", "target", "mask", "index"}`` per image; ``index`` is the row in this split (for LRF's basis).
 
@@ -317,8 +360,12 @@ class ChexpertDataset(Dataset):
     area, brightness/contrast jitter 0.1) and never flips: the heart belongs on the patient's left.
     """
 
-    def __init__(self, images: np.ndarray, targets: np.ndarray, mask: np.ndarray, augment: bool = False):
+    def __init__(self, images: np.ndarray, targets: np.ndarray, mask: np.ndarray, augment: bool = False,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         self.images, self.targets, self.mask, self.augment = images, targets, mask, augment
+        # grey x3 with the weights' mean/std (runs recorded before them used ImageNet's, the default)
+        self.mean = torch.tensor([float(v) for v in mean]).view(3, 1, 1)
+        self.std = torch.tensor([float(v) for v in std]).view(3, 1, 1)
         if augment:
             from torchvision.transforms import v2
 
@@ -336,11 +383,12 @@ class ChexpertDataset(Dataset):
         image = torch.from_numpy(self.images[i]).unsqueeze(0)
         if self.augment:
             image = self.transform(image)
-        return {"image": imagenet_normalize(image[0].numpy()), "target": torch.from_numpy(self.targets[i]),
+        grey = image[0].float().div(255.0).unsqueeze(0)
+        return {"image": (grey - self.mean) / self.std, "target": torch.from_numpy(self.targets[i]),
                 "mask": torch.from_numpy(self.mask[i]), "index": torch.tensor(i)}
 
 
 __all__ = ["STUDY_COLUMN", "study_ids", "ROOT_NAME", "OBSERVATIONS", "COMPETITION", "LABEL_SETS",
            "UNCERTAIN_POLICIES", "VIEWS", "Table", "label_key", "resolve_labels", "find_root", "encode_labels",
            "load_table", "check_duplicates", "check_trainable", "sample_patients", "split_patients", "decode_images",
-           "ChexpertDataset"]
+           "resampling", "Preprocessing", "ChexpertDataset"]

@@ -45,7 +45,7 @@ from common.runs import load_run
 from common.splits import load_split_csv
 from common.tables import json_safe, markdown_table, metrics_with_ci, write_results
 from mavl_chexpert.common_args import check_holdout_positives, choose_thresholds, split_metrics
-from mavl_chexpert.data import ChexpertDataset, Table, decode_images, find_root, label_key, load_table
+from mavl_chexpert.data import Preprocessing, Table, find_root, label_key, load_table
 from mavl_chexpert.model import build_fusion_model, build_image_model
 
 log = logging.getLogger("medvl.mavl_chexpert")
@@ -93,9 +93,11 @@ def _build(meta: dict) -> torch.nn.Module:
 
 @torch.no_grad()
 def predict_proba(model: torch.nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 64,
-                  temperature: float = 1.0) -> np.ndarray:
-    """(N, C) probabilities of uint8 (N, H, W) images."""
-    dataset = ChexpertDataset(images, np.zeros((len(images), 1), np.float32), np.ones((len(images), 1), bool))
+                  temperature: float = 1.0, preprocessing: Preprocessing | None = None) -> np.ndarray:
+    """(N, C) probabilities of uint8 (N, H, W) images, normalised as the run recorded (``preprocessing``)."""
+    if preprocessing is None:
+        preprocessing = Preprocessing(int(images.shape[-1]))
+    dataset = preprocessing.dataset(images)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     model.eval()
     logits = torch.cat([model(batch["image"].to(device)).float().cpu() for batch in loader])
@@ -189,14 +191,14 @@ def least_similar(aspects: torch.Tensor, aspect_mask: torch.Tensor, target: int,
 
 @torch.no_grad()
 def swapped_probs(model: torch.nn.Module, images: np.ndarray, device: torch.device, target: int, partner: int,
-                  batch_size: int, temperature: float) -> np.ndarray:
+                  batch_size: int, temperature: float, preprocessing: Preprocessing | None = None) -> np.ndarray:
     """Column ``target``'s probabilities when its description embeddings are replaced by ``partner``'s (the
     control: a score that comes from the descriptions must follow them)."""
     saved, saved_mask = model.aspects.clone(), model.aspect_mask.clone()
     try:
         model.aspects[target] = saved[partner]
         model.aspect_mask[target] = saved_mask[partner]
-        return predict_proba(model, images, device, batch_size, temperature)[:, target]
+        return predict_proba(model, images, device, batch_size, temperature, preprocessing)[:, target]
     finally:
         model.aspects.copy_(saved)
         model.aspect_mask.copy_(saved_mask)
@@ -231,16 +233,17 @@ def evaluate_run(run_dir: Path, split: str = "test", data_root: Path | None = No
     trained = np.array([n not in holdout for n in labels])
     table = evaluation_table(run_dir, meta, split, data_root, test_csv)
     check_holdout_positives(table, trained, "the run's holdout_classes")
-    images, kept = decode_images(table, int(meta["preprocessing"]["image_size"]), skip_bad)
+    preprocessing = Preprocessing.from_record(meta["preprocessing"])
+    images, kept = preprocessing.decode(table, skip_bad)
     table = table.take(kept)
     temperature = 0.2 if meta.get("loss") == "contrastive" else 1.0
-    probs = predict_proba(run.model, images, torch_device, batch_size, temperature)
+    probs = predict_proba(run.model, images, torch_device, batch_size, temperature, preprocessing)
     swaps: dict[str, list[tuple[str, np.ndarray]]] = {}
     for name in holdout:
         c = labels.index(name)
         order = least_similar(run.model.aspects, run.model.aspect_mask, c, list(np.flatnonzero(trained)))
-        swaps[name] = [(labels[p], swapped_probs(run.model, images, torch_device, c, p, batch_size, temperature))
-                       for p in order]
+        swaps[name] = [(labels[p], swapped_probs(run.model, images, torch_device, c, p, batch_size, temperature,
+                                                 preprocessing)) for p in order]
     if unit == "study":
         frame, targets, mask, probs_unit = study_units(table, probs)
         _, index = study_index(table)

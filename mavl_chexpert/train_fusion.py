@@ -39,7 +39,7 @@ from common.errors import ConfigError, DataError, cli_entry
 from common.run_guard import guard_command
 from common.runs import load_run, model_record, save_run_model
 from common.splits import load_split_csv, split_csv_text
-from common.text_encoders import text_presets
+from common.text_encoders import text_presets, weights_pooling
 from mavl_chexpert.common_args import (
     THRESHOLD_RULES,
     choose_thresholds,
@@ -50,9 +50,8 @@ from mavl_chexpert.common_args import (
     split_metrics,
 )
 from mavl_chexpert.data import (
-    ChexpertDataset,
+    Preprocessing,
     check_trainable,
-    decode_images,
     find_root,
     label_key,
     load_table,
@@ -67,6 +66,7 @@ from mavl_chexpert.model import (
 )
 from mavl_chexpert.text import (
     DEFAULT_DESCRIPTIONS,
+    add_text_pooling_arg,
     descriptions_hash,
     embed_descriptions,
     load_descriptions,
@@ -92,6 +92,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help=f"preset ({', '.join(text_presets())}) or a local Hugging Face directory")
     text.add_argument("--descriptions", type=Path, default=DEFAULT_DESCRIPTIONS,
                       help="JSON {disease: {definition, aspects: {name: sentence}}}")
+    add_text_pooling_arg(text)
     model = parser.add_argument_group("fusion")
     model.add_argument("--aggregation", choices=AGGREGATIONS, default="mean",
                        help="combine a disease's aspect similarities by their mean or by attention")
@@ -183,19 +184,21 @@ class FusionTask:
 
 
 @torch.no_grad()
-def embed_images(image_model, images: np.ndarray, device: torch.device, batch_size: int = 128) -> torch.Tensor:
-    """Phase-1 embeddings (eval mode, no augmentation) of uint8 images, on the CPU."""
+def embed_images(image_model, images: np.ndarray, device: torch.device, batch_size: int = 128,
+                 preprocessing: Preprocessing | None = None) -> torch.Tensor:
+    """Phase-1 embeddings (eval mode, no augmentation) of uint8 images, on the CPU, normalised as phase 1 was."""
     image_model.eval().to(device)
-    dataset = ChexpertDataset(images, np.zeros((len(images), 1), np.float32), np.ones((len(images), 1), bool))
+    dataset = (preprocessing or Preprocessing(int(images.shape[-1]))).dataset(images)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     return torch.cat([image_model.embed(batch["image"].to(device)).float().cpu() for batch in loader])
 
 
 @torch.no_grad()
-def patch_tokens(image_model, images: np.ndarray, device: torch.device, batch_size: int = 128) -> torch.Tensor:
+def patch_tokens(image_model, images: np.ndarray, device: torch.device, batch_size: int = 128,
+                 preprocessing: Preprocessing | None = None) -> torch.Tensor:
     """Phase-1 patch tokens (eval mode, no augmentation) of uint8 images, on the CPU in half precision."""
     image_model.eval().to(device)
-    dataset = ChexpertDataset(images, np.zeros((len(images), 1), np.float32), np.ones((len(images), 1), bool))
+    dataset = (preprocessing or Preprocessing(int(images.shape[-1]))).dataset(images)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     return torch.cat([image_model.patch_tokens(batch["image"].to(device)).half().cpu() for batch in loader])
 
@@ -239,15 +242,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise DataError(Path(args.image_run) / "split.csv", f"names none of the images of {table.csv}")
     table = hide_holdout(table.take(np.flatnonzero(in_split)), trained)
     assignments = np.array([where[p] for p in table.rel_paths])
-    image_size = int(meta_in["preprocessing"]["image_size"])
-    images, kept = decode_images(table, image_size, args.skip_bad)
+    preprocessing = Preprocessing.from_record(meta_in["preprocessing"])
+    images, kept = preprocessing.decode(table, args.skip_bad)
     table, assignments = table.take(kept), assignments[kept]
     train_idx, val_idx = np.flatnonzero(assignments == "train"), np.flatnonzero(assignments == "val")
     check_trainable(table.take(train_idx), settings["uncertain"], "train-split ", trained)
 
     aspects, aspect_mask, reused = embed_descriptions(sentences, args.text_encoder,
                                                       args.output_dir if args.resume else None, args.cache_dir,
-                                                      write=False)
+                                                      write=False, pooling=args.text_pooling)
     torch.manual_seed(args.seed)
     if args.fusion == "mavl":
         model = AspectAttentionFusion(image_run.model, aspects, aspect_mask, dropout=args.dropout,
@@ -256,14 +259,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = FusionModel(image_run.model, aspects, aspect_mask, aggregation=args.aggregation,
                             similarity=args.similarity, dropout=args.dropout, freeze_image=not args.finetune_backbone)
     if args.finetune_backbone:
-        train_set = ChexpertDataset(images[train_idx], table.targets[train_idx], table.mask[train_idx], augment=True)
-        val_set = ChexpertDataset(images[val_idx], table.targets[val_idx], table.mask[val_idx])
+        train_set = preprocessing.dataset(images[train_idx], table.targets[train_idx], table.mask[train_idx],
+                                          augment=True)
+        val_set = preprocessing.dataset(images[val_idx], table.targets[val_idx], table.mask[val_idx])
     else:
         key = "tokens" if args.fusion == "mavl" else "embedding"
-        cached = (patch_tokens if args.fusion == "mavl" else embed_images)(image_run.model, images, device)
+        cache = patch_tokens if args.fusion == "mavl" else embed_images
+        cached = cache(image_run.model, images, device, preprocessing=preprocessing)
         train_set = EmbeddingDataset(cached[train_idx], table.targets[train_idx], table.mask[train_idx], key)
         val_set = EmbeddingDataset(cached[val_idx], table.targets[val_idx], table.mask[val_idx], key)
     text_record = {"encoder": args.text_encoder, "descriptions_sha256": descriptions_hash(sentences),
+                   "pooling": weights_pooling(args.text_encoder, args.text_pooling),
                    "sentences": {label_key(k): len(v) for k, v in sentences.items()}}
     holdout = [n for n, t in zip(labels, trained) if not t]
     meta = {"pipeline": "mavl_chexpert", "stage": "fusion", "preset": meta_in["preset"],
@@ -285,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = fit(model, optimizer, train_set, val_set, task, config_from_args(args), args.output_dir,
                  run_files=run_files)
     if not reused:
-        write_cache(args.output_dir, aspects, aspect_mask, args.text_encoder, sentences)
+        write_cache(args.output_dir, aspects, aspect_mask, args.text_encoder, sentences, args.text_pooling)
     print(result.summary(args.monitor, args.output_dir))
     return 0
 
