@@ -92,7 +92,7 @@ _LATERAL_FRACTION = 0.4
 """Share of studies with a lateral view."""
 _EXPLICIT_NEGATIVE = 0.3
 """Share of absent findings written as 0.0 rather than left blank."""
-_DENSITY = {"dense": 0.34, "faint": 0.15}
+_DENSITY = {"dense": 0.4, "faint": 0.18}
 _FLUID_DENSITY = 0.3
 
 
@@ -116,9 +116,9 @@ def _lesion(image: np.ndarray, lung: np.ndarray, values: dict[str, str], strengt
     fraction = 0.25 if values["location"] == "upper" else 0.72
     centre_y = top + (bottom - top) * fraction + centre_jitter[0]
     if values["pattern"] == "round":
-        shape = _ellipse(size, centre_y, centre_x, 0.075 * rng.uniform(0.9, 1.1), 0.065 * rng.uniform(0.9, 1.1))
+        shape = _ellipse(size, centre_y, centre_x, 0.085 * rng.uniform(0.9, 1.1), 0.075 * rng.uniform(0.9, 1.1))
     else:
-        shape = _ellipse(size, centre_y, centre_x, 0.022, 0.13 * rng.uniform(0.9, 1.1),
+        shape = _ellipse(size, centre_y, centre_x, 0.028, 0.14 * rng.uniform(0.9, 1.1),
                          angle=rng.uniform(-0.15, 0.15))
     region = shape.astype(np.float32)
     if values["border"] == "blurred":
