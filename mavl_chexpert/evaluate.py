@@ -349,7 +349,7 @@ def reference_table(labels: tuple[str, ...], results: dict) -> str:
         key = label_key(name)
         rows.append({"finding": name, "ours (this data)": f"{results[f'auroc_{key}']:.3f}",
                      "CheXpert paper, real valid.csv": f"{REFERENCES[name]:.3f}",
-                     "LRFL": "per-class AUROC not published as text (mAUC only)"})
+                     "LRFL": "per-class values not retrieved (not guessed)"})
     return ("## Published per-class AUROC, for reference only (other data: real CheXpert, DenseNet-121 / ViT-B; "
             "not comparable with a phantom)\n\n" + markdown_table(rows))
 

@@ -41,8 +41,10 @@ def _no_consolidation(frame):
 def _mixed_study(frame, data):
     """Two patients' images under one Study: the maximum over its views would mix two people."""
     frame["Study"] = frame["Path"].str.extract(r"(patient\d+/study\d+)")[0]
-    frame.loc[1, "Study"] = frame.loc[0, "Study"]
-    return ["mixes patients", f"study {frame.loc[0, 'Study']}"]
+    patients = frame["Path"].str.extract(r"(patient\d+)")[0]
+    other = frame.index[(patients != patients[0]) & (frame["Frontal/Lateral"] == "Frontal")][0]
+    frame.loc[other, "Study"] = frame.loc[0, "Study"]
+    return ["mixes patients", f"study {frame.loc[0, 'Study']}", f"line {other + 2} is {patients[other]}"]
 
 
 def _evaluate_holdout_without_positives(tmp, data, image_run):
