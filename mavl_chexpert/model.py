@@ -79,7 +79,8 @@ def timm_architecture(name: str | Path) -> dict[str, Any]:
     if folder is None:
         return dict(get_preset(str(name), "vit", "--backbone").options)
     config = json.loads((folder / TIMM_CONFIG).read_text(encoding="utf-8"))
-    return {"model_name": config["architecture"], **dict(config.get("model_args") or {})}
+    options = {key: value for key, value in dict(config.get("model_args") or {}).items() if key != "num_classes"}
+    return {"model_name": config["architecture"], **options}
 
 
 def build_backbone(name: str | Path, pretrained: bool = False, cache_dir: str | Path | None = None,
