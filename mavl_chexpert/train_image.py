@@ -13,10 +13,10 @@ read only by ``python -m mavl_chexpert.evaluate``.
 ``--lrf-variant`` picks the low-rank term (the README lists every difference): ``tail`` (default) is the truncated
 nuclear norm of the un-augmented training features beyond ``--lrf-rank``, its basis recomputed before every epoch,
 scaled so that its weight means the same at any batch size; ``lrfl`` is LRFL's code (per-batch L1 of the tail
-diagonal, basis from the augmented loader, the product with Vh as written there; ``configs/mavl_chexpert/lrfl.yaml``
-is its second-stage recipe, run with ``--init-from`` a first-stage run); ``seed`` is the seed notebook's literal
-term (the batch's top singular directions); ``none`` is plain BCE. The basis U (N x k) is moved to the training
-device once per epoch; a step indexes it there.
+diagonal, basis from the augmented loader, the product with Vh as written there;
+``configs/mavl_chexpert/train_image.lrfl.yaml`` is its second-stage recipe, run with ``--init-from`` a first-stage
+run); ``seed`` is the seed notebook's literal term (the batch's top singular directions); ``none`` is plain BCE.
+The basis U (N x k) is moved to the training device once per epoch; a step indexes it there.
 
 Preprocessing (input size, mean/std, interpolation) comes from the backbone's timm ``pretrained_cfg`` and is
 recorded in ``model.json``; evaluation reads it from there. ``--backbone`` takes a ``vit`` preset or a local timm
