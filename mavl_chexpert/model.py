@@ -8,10 +8,11 @@ Dropout -> Linear(r -> C). The r-dimensional ReLU output is the image embedding 
 LRF (Low-Rank Feature learning, arXiv 2404.18933) penalises the truncated nuclear norm of the training features:
 the singular values of the (N x D) matrix of all training features beyond a rank. A batch of 16 has only 16
 singular values, so, as in LRFL's code, the decomposition F = U S V^T of the whole training split is computed
-once per epoch without gradient; batch b then adds sum_{j >= rank} diag(U[b]^T F_b V)_j, which is differentiable
-in F_b and sums over the batches of an epoch to sum_{j >= rank} S_j when F has not moved. ``seed`` reproduces
-the seed notebook's term instead: the sum of the *top* r singular values of the batch (it pushes the leading
-directions down, the opposite of LRF).
+once per epoch without gradient; batch b then adds its share diag(U[b]^T F_b V)_j for j >= rank, which is
+differentiable in F_b and sums over an epoch to sum_{j >= rank} S_j when F has not moved (``tail_term``).
+``lrfl_term`` is LRFL's code as written (the L1 of the shares per batch, and Vh where the algebra wants V);
+``seed_term`` is the seed notebook's formula (the sum of every entry of U_r^T F V_r^T over the batch's top-r
+singular directions), equal to theirs in value and gradient.
 
 Phase 3 projects the image embedding and every aspect-sentence embedding into a shared 256-d space, takes the
 cosine similarity of the image with each aspect of each disease, aggregates over a disease's aspects (mean, or
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
 from common.errors import ConfigError, DataError
 from common.images import IMAGENET_MEAN, IMAGENET_STD
@@ -99,7 +101,7 @@ def build_backbone(name: str | Path, pretrained: bool = False, cache_dir: str | 
     if folder is not None:
         try:
             return timm.create_model(f"local-dir:{folder.resolve()}", pretrained=pretrained, num_classes=0)
-        except (OSError, RuntimeError, ValueError, KeyError) as err:
+        except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as err:
             raise DataError(folder, f"timm cannot load these weights ({str(err).splitlines()[0][:160]})") from err
     options = timm_architecture(name)
     model_name = options.pop("model_name")

@@ -74,7 +74,7 @@ def test_train_and_evaluate_take_preprocessing_from_the_folder(timm_folder, chex
     folder, weights = timm_folder
     run = tmp_path / "run"
     assert train_image.main(["--data-root", str(chexpert_phantom), "--output-dir", str(run), "--backbone",
-                             str(folder), "--max-steps", "1", "--lr", "1e-12", *RUN_ARGS]) == 0
+                             str(folder), "--lr", "1e-12", *RUN_ARGS]) == 0
     meta = json.loads((run / "model.json").read_text())
     prep = meta["preprocessing"]
     assert (prep["mean"], prep["std"], prep["interpolation"], prep["image_size"]) == ([0.3] * 3, [0.2] * 3,
@@ -104,7 +104,7 @@ def test_train_and_evaluate_take_preprocessing_from_the_folder(timm_folder, chex
 def test_a_second_stage_starts_from_the_first_and_runs_lrfl(chexpert_phantom, image_run, tmp_path):
     run = tmp_path / "stage2"
     assert train_image.main(["--data-root", str(chexpert_phantom), "--output-dir", str(run), "--backbone",
-                             "vit-tiny", "--init-from", str(image_run), "--lrf-variant", "lrfl", "--max-steps", "1",
+                             "vit-tiny", "--init-from", str(image_run), "--lrf-variant", "lrfl",
                              "--lr", "1e-12", *RUN_ARGS]) == 0
     first, second = load_file(str(image_run / "model.safetensors")), load_file(str(run / "model.safetensors"))
     assert first.keys() == second.keys() and all(torch.allclose(first[k], second[k], atol=1e-6) for k in first)
