@@ -118,17 +118,20 @@ def build_backbone(name: str | Path, pretrained: bool = False, cache_dir: str | 
                                           "or a local timm folder as --backbone") from err
 
 
-def preprocessing_from_backbone(backbone: nn.Module) -> dict[str, Any]:
+def preprocessing_from_backbone(backbone: nn.Module, pretrained: bool = True) -> dict[str, Any]:
     """Input size, mean/std and interpolation from the backbone's timm ``pretrained_cfg`` (what its weights expect).
 
-    The size is the network's own (``patch_embed.img_size``: a tiny preset's 64 px, not its class's 224).
+    The size is the network's own (``patch_embed.img_size``: a tiny preset's 64 px, not its class's 224). A backbone
+    that loads no weights (a tiny preset, ``--no-pretrained``) has no such expectation and keeps ImageNet's
+    statistics and a bilinear resize, what every medvl run used before.
     """
-    cfg = dict(getattr(backbone, "pretrained_cfg", None) or {})
+    cfg = dict(getattr(backbone, "pretrained_cfg", None) or {}) if pretrained else {}
     mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
     interpolation = cfg.get("interpolation") or "bilinear"
+    source = ("timm pretrained_cfg" + (f" ({cfg['hf_hub_id']})" if cfg.get("hf_hub_id") else "")) if cfg else \
+        "no weights loaded: ImageNet statistics, bilinear"
     return {"image_size": int(backbone.patch_embed.img_size[0]), "mean": [float(v) for v in mean],
-            "std": [float(v) for v in std], "interpolation": str(interpolation),
-            "source": "timm pretrained_cfg" + (f" ({cfg['hf_hub_id']})" if cfg.get("hf_hub_id") else "")}
+            "std": [float(v) for v in std], "interpolation": str(interpolation), "source": source}
 
 
 class ImageModel(nn.Module):

@@ -58,6 +58,8 @@ def test_a_timm_folder_loads_its_weights_and_its_preprocessing(timm_folder):
     # The real preset's statistics are its weights' (timm's vit_base_patch16_224: 0.5, bicubic), not ImageNet's.
     preset = preprocessing_from_backbone(build_backbone("vit-b16", pretrained=False))
     assert (preset["mean"], preset["std"], preset["interpolation"]) == ([0.5] * 3, [0.5] * 3, "bicubic")
+    scratch = preprocessing_from_backbone(build_backbone("vit-tiny"), pretrained=False)  # no weights to follow
+    assert (scratch["mean"], scratch["interpolation"]) == ([0.485, 0.456, 0.406], "bilinear")
 
 
 def test_the_recorded_statistics_normalise_the_images():
