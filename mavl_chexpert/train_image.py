@@ -115,7 +115,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="mean of patch tokens, the CLS token (the seed's), or LRFL's mean of the last "
                             "block's patch tokens then a fresh LayerNorm (fc_norm) in place of the final norm")
     model.add_argument("--rank", type=positive_int, default=64, help="width r of the low-rank projection")
-    model.add_argument("--dropout", type=nonnegative_float, default=0.1)
+    model.add_argument("--dropout", type=nonnegative_float, default=0.1, help="dropout before the classifier")
     model.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                        help="rotation 10 degrees, resized crop 80-100%%, brightness/contrast 0.1 (no flips)")
     lrf = parser.add_argument_group("LRF")
