@@ -77,29 +77,29 @@ def test_train_and_evaluate_take_preprocessing_from_the_folder(timm_folder, chex
     run = tmp_path / "run"
     assert train_image.main(["--data-root", str(chexpert_phantom), "--output-dir", str(run), "--backbone",
                              str(folder), "--lr", "1e-12", *RUN_ARGS]) == 0
-    meta = json.loads((run / "model.json").read_text())
+    meta = json.loads((run / "best" / "model.json").read_text())
     prep = meta["preprocessing"]
     assert (prep["mean"], prep["std"], prep["interpolation"], prep["image_size"]) == ([0.3] * 3, [0.2] * 3,
                                                                                       "bicubic", 64)
-    trained = load_file(str(run / "model.safetensors"))
+    trained = load_file(str(run / "best" / "model.safetensors"))
     assert torch.allclose(trained["backbone.pos_embed"], weights["pos_embed"], atol=1e-6)  # started from the folder
     assert evaluate.main(["--run-dir", str(run), "--n-boot", "5"]) == 0
     first = pd.read_csv(run / "predictions" / "test.csv")
     # Other recorded statistics give other probabilities: evaluation reads them from model.json.
     other = Path(shutil.copytree(run, tmp_path / "other"))
     meta["preprocessing"].update(mean=[0.6] * 3, std=[0.1] * 3)
-    (other / "model.json").write_text(json.dumps(meta))
+    (other / "best" / "model.json").write_text(json.dumps(meta))
     assert evaluate.main(["--run-dir", str(other), "--n-boot", "5"]) == 0
     second = pd.read_csv(other / "predictions" / "test.csv")
     probs = [c for c in first.columns if c.startswith("prob_")]
     assert len(first) == len(second) and (first[probs] - second[probs]).abs().to_numpy().max() > 1e-3
     # A run recorded before interpolation/mean/std were recorded still evaluates (bilinear, ImageNet).
     old = Path(shutil.copytree(image_run, tmp_path / "old"))
-    old_meta = json.loads((old / "model.json").read_text())
+    old_meta = json.loads((old / "best" / "model.json").read_text())
     old_meta["preprocessing"] = {"image_size": 64, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
                                  "channels": "grey x3", "resize": "pad to square, bilinear"}
     old_meta["kwargs"].pop("architecture")
-    (old / "model.json").write_text(json.dumps(old_meta))
+    (old / "best" / "model.json").write_text(json.dumps(old_meta))
     assert evaluate.main(["--run-dir", str(old), "--n-boot", "5"]) == 0
 
 
@@ -108,9 +108,10 @@ def test_a_second_stage_starts_from_the_first_and_runs_lrfl(chexpert_phantom, im
     assert train_image.main(["--data-root", str(chexpert_phantom), "--output-dir", str(run), "--backbone",
                              "vit-tiny", "--init-from", str(image_run), "--lrf-variant", "lrfl",
                              "--lr", "1e-12", *RUN_ARGS]) == 0
-    first, second = load_file(str(image_run / "model.safetensors")), load_file(str(run / "model.safetensors"))
+    first = load_file(str(image_run / "best" / "model.safetensors"))
+    second = load_file(str(run / "best" / "model.safetensors"))
     assert first.keys() == second.keys() and all(torch.allclose(first[k], second[k], atol=1e-6) for k in first)
-    meta = json.loads((run / "model.json").read_text())
+    meta = json.loads((run / "best" / "model.json").read_text())
     assert meta["lrf"] == {"variant": "lrfl", "rank": 38, "weight": 0.005}
     basis = load_file(str(run / "checkpoints" / "last" / "task.safetensors"))
     assert basis["v_tail"].shape == (96, 96 - 38)  # LRFL's square Vh, its columns beyond the rank
@@ -189,5 +190,5 @@ def test_text_cli_records_and_keys_its_cache_on_the_pooling(cased_bert, tmp_path
 
 
 def test_a_fusion_run_records_its_text_pooling(fusion_run):
-    meta = json.loads((fusion_run / "model.json").read_text())
+    meta = json.loads((fusion_run / "best" / "model.json").read_text())
     assert meta["text"]["pooling"] == "mean"  # minilm: a sentence-transformers model, mean pooling
