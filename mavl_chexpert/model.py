@@ -8,10 +8,11 @@ Dropout -> Linear(r -> C). The r-dimensional ReLU output is the image embedding 
 LRF (Low-Rank Feature learning, arXiv 2404.18933) penalises the truncated nuclear norm of the training features:
 the singular values of the (N x D) matrix of all training features beyond a rank. A batch of 16 has only 16
 singular values, so, as in LRFL's code, the decomposition F = U S V^T of the whole training split is computed
-once per epoch without gradient; batch b then adds sum_{j >= rank} diag(U[b]^T F_b V)_j, which is differentiable
-in F_b and sums over the batches of an epoch to sum_{j >= rank} S_j when F has not moved. ``seed`` reproduces
-the seed notebook's term instead: the sum of the *top* r singular values of the batch (it pushes the leading
-directions down, the opposite of LRF).
+once per epoch without gradient; batch b then adds its share diag(U[b]^T F_b V)_j for j >= rank, which is
+differentiable in F_b and sums over an epoch to sum_{j >= rank} S_j when F has not moved (``tail_term``).
+``lrfl_term`` is LRFL's code as written (the L1 of the shares per batch, and Vh where the algebra wants V);
+``seed_term`` is the seed notebook's formula (the sum of every entry of U_r^T F V_r^T over the batch's top-r
+singular directions), equal to theirs in value and gradient.
 
 Phase 3 projects the image embedding and every aspect-sentence embedding into a shared 256-d space, takes the
 cosine similarity of the image with each aspect of each disease, aggregates over a disease's aspects (mean, or
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
 from common.errors import ConfigError, DataError
 from common.images import IMAGENET_MEAN, IMAGENET_STD
@@ -80,7 +82,8 @@ def timm_architecture(name: str | Path) -> dict[str, Any]:
     if folder is None:
         return dict(get_preset(str(name), "vit", "--backbone").options)
     config = json.loads((folder / TIMM_CONFIG).read_text(encoding="utf-8"))
-    return {"model_name": config["architecture"], **dict(config.get("model_args") or {})}
+    options = {key: value for key, value in dict(config.get("model_args") or {}).items() if key != "num_classes"}
+    return {"model_name": config["architecture"], **options}
 
 
 def build_backbone(name: str | Path, pretrained: bool = False, cache_dir: str | Path | None = None,
@@ -99,7 +102,7 @@ def build_backbone(name: str | Path, pretrained: bool = False, cache_dir: str | 
     if folder is not None:
         try:
             return timm.create_model(f"local-dir:{folder.resolve()}", pretrained=pretrained, num_classes=0)
-        except (OSError, RuntimeError, ValueError, KeyError) as err:
+        except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as err:
             raise DataError(folder, f"timm cannot load these weights ({str(err).splitlines()[0][:160]})") from err
     options = timm_architecture(name)
     model_name = options.pop("model_name")
@@ -116,17 +119,20 @@ def build_backbone(name: str | Path, pretrained: bool = False, cache_dir: str | 
                                           "or a local timm folder as --backbone") from err
 
 
-def preprocessing_from_backbone(backbone: nn.Module) -> dict[str, Any]:
+def preprocessing_from_backbone(backbone: nn.Module, pretrained: bool = True) -> dict[str, Any]:
     """Input size, mean/std and interpolation from the backbone's timm ``pretrained_cfg`` (what its weights expect).
 
-    The size is the network's own (``patch_embed.img_size``: a tiny preset's 64 px, not its class's 224).
+    The size is the network's own (``patch_embed.img_size``: a tiny preset's 64 px, not its class's 224). A backbone
+    that loads no weights (a tiny preset, ``--no-pretrained``) has no such expectation and keeps ImageNet's
+    statistics and a bilinear resize, what every medvl run used before.
     """
-    cfg = dict(getattr(backbone, "pretrained_cfg", None) or {})
+    cfg = dict(getattr(backbone, "pretrained_cfg", None) or {}) if pretrained else {}
     mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
     interpolation = cfg.get("interpolation") or "bilinear"
+    source = ("timm pretrained_cfg" + (f" ({cfg['hf_hub_id']})" if cfg.get("hf_hub_id") else "")) if cfg else \
+        "no weights loaded: ImageNet statistics, bilinear"
     return {"image_size": int(backbone.patch_embed.img_size[0]), "mean": [float(v) for v in mean],
-            "std": [float(v) for v in std], "interpolation": str(interpolation),
-            "source": "timm pretrained_cfg" + (f" ({cfg['hf_hub_id']})" if cfg.get("hf_hub_id") else "")}
+            "std": [float(v) for v in std], "interpolation": str(interpolation), "source": source}
 
 
 class ImageModel(nn.Module):

@@ -18,10 +18,10 @@ counted) so that it can be scored at all.
 ``--lrf-variant`` picks the low-rank term (the README lists every difference): ``tail`` (default) is the truncated
 nuclear norm of the un-augmented training features beyond ``--lrf-rank``, its basis recomputed before every epoch,
 scaled so that its weight means the same at any batch size; ``lrfl`` is LRFL's code (per-batch L1 of the tail
-diagonal, basis from the augmented loader, the product with Vh as written there; ``configs/mavl_chexpert/lrfl.yaml``
-is its second-stage recipe, run with ``--init-from`` a first-stage run); ``seed`` is the seed notebook's literal
-term (the batch's top singular directions); ``none`` is plain BCE. The basis U (N x k) is moved to the training
-device once per epoch; a step indexes it there.
+diagonal, basis from the augmented loader, the product with Vh as written there;
+``configs/mavl_chexpert/train_image.lrfl.yaml`` is its second-stage recipe, run with ``--init-from`` a first-stage
+run); ``seed`` is the seed notebook's literal term (the batch's top singular directions); ``none`` is plain BCE.
+The basis U (N x k) is moved to the training device once per epoch; a step indexes it there.
 
 Preprocessing (input size, mean/std, interpolation) comes from the backbone's timm ``pretrained_cfg`` and is
 recorded in ``model.json``; evaluation reads it from there. ``--backbone`` takes a ``vit`` preset or a local timm
@@ -94,9 +94,10 @@ from mavl_chexpert.model import (
 
 log = logging.getLogger("medvl.mavl_chexpert")
 
-LRF_DEFAULT_WEIGHT = {"tail": 0.01, "lrfl": 0.005, "seed": 1e-3, "none": 0.0}
-"""``tail``: the weight on the tail of the features' normalised spectrum (batch-size free; 0.01 is LRFL's 0.005 at
-its batch 512 on about 75k NIH images, rescaled); ``lrfl``: LRFL's ``tn_loss_factor`` default; ``seed``: its eta."""
+LRF_DEFAULT_WEIGHT = {"tail": 0.006, "lrfl": 0.005, "seed": 1e-3, "none": 0.0}
+"""``tail``: the weight on the tail of the features' normalised spectrum (batch-size free; 0.006 keeps the per-step
+strength medvl's unscaled 0.005 had at batch 32 on the phantom's 693 images; LRFL's 0.005 at its batch 512 on 75k
+NIH images would be 0.0093); ``lrfl``: LRFL's ``tn_loss_factor`` default; ``seed``: its eta."""
 SCRATCH_LR, FINETUNE_LR = 1e-3, 2e-5
 
 
@@ -131,7 +132,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     lrf.add_argument("--lrf-rank", type=positive_int, default=38,
                      help="singular directions left free (LRFL: 38 for ViT-B on NIH); the rest are penalised")
     lrf.add_argument("--lrf-weight", type=nonnegative_float, default=None,
-                     help="weight of the LRF term (default 0.01 for tail, batch-size free; 0.005 for lrfl as "
+                     help="weight of the LRF term (default 0.006 for tail, batch-size free; 0.005 for lrfl as "
                           "LRFL's default, which acts per batch; 1e-3 for seed as the seed)")
     parser.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default="f1",
                         help="per-class decision thresholds chosen on validation")
@@ -292,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if first_stage is not None:
         model.load_state_dict(first_stage.state_dict())
         log.info("starting from %s (second stage)", args.init_from)
-    preprocessing = preprocessing_from_backbone(model.backbone)
+    preprocessing = preprocessing_from_backbone(model.backbone, pretrained or first_stage is not None)
     if args.lrf_variant != "none" and args.lrf_rank >= model.feature_dim:
         raise ConfigError("--lrf-rank", f"{args.lrf_rank} leaves no tail: {args.backbone} features are "
                                         f"{model.feature_dim}-d")

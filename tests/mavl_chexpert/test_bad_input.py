@@ -161,6 +161,32 @@ def _real_backbone_offline(tmp, data, image_run):
         ["--pretrained", "not cached", "--no-pretrained"], None
 
 
+def _backbone_folder(files: dict[str, str | bytes], needle: str):
+    """--backbone names a folder that is not a timm weights folder (another library's layout, pickles only)."""
+    def case(tmp, data, image_run):
+        folder = tmp / "weights"
+        folder.mkdir()
+        for name, content in files.items():
+            (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+        return train_image, ["--data-root", str(data), "--output-dir", str(tmp / "out"), *TINY, "--backbone",
+                             str(folder)], [str(folder), needle], None
+    return case
+
+
+def _text_folder_without_config(tmp, data, image_run):
+    folder = tmp / "bert"
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n")
+    return _fusion("--text-encoder", str(folder), needles=[str(folder), "config.json"])(tmp, data, image_run)
+
+
+def _init_from(flag, value, needle):
+    def case(tmp, data, image_run):
+        return train_image, ["--data-root", str(data), "--output-dir", str(tmp / "out"), *TINY, "--init-from",
+                             str(image_run), flag, value], [flag, needle], image_run
+    return case
+
+
 def _fusion(*extra, needles, edit_descriptions=None, raw=None):
     def case(tmp, data, image_run):
         run = Path(shutil.copytree(image_run, tmp / "image_run"))
@@ -195,6 +221,13 @@ CASES = {
     "unknown label name": _image_flag("--labels", "Atelectasis,Effusion", "unknown label 'Effusion'"),
     "unknown backbone": _image_flag("--backbone", "vit-huge"),
     "real backbone weights offline": _real_backbone_offline,
+    "backbone folder without a timm config": _backbone_folder({"model.safetensors": b"x"}, "no config.json"),
+    "backbone folder of another library": _backbone_folder(
+        {"config.json": '{"model_type": "bert"}', "model.safetensors": b"x"}, "no 'architecture'"),
+    "backbone folder with pickled weights only": _backbone_folder(
+        {"config.json": '{"architecture": "vit_base_patch16_224"}', "pytorch_model.bin": b"x"}, "model.safetensors"),
+    "text encoder folder without a config": _text_folder_without_config,
+    "second stage of another rank": _init_from("--rank", "32", "differs from --init-from"),
     "lrf rank beyond the features": _image_flag("--lrf-rank", "96", "leaves no tail"),
     "negative lrf weight": _image_flag("--lrf-weight", "-1"),
     "bad uncertainty policy": _image_flag("--uncertain", "maybe"),
