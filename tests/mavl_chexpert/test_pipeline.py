@@ -214,4 +214,4 @@ def test_a_tampered_lrf_basis_is_one_line_on_resume(chexpert_phantom, tmp_path, 
     assert train_image.main([*argv, "--resume"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {run / 'checkpoints' / 'last' / 'task.safetensors'}: ")
-    assert "does not fit this run" in lines[0] and "u and v" in lines[0]
+    assert "does not fit this run" in lines[0] and "u_tail, v_tail" in lines[0]
