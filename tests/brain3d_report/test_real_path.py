@@ -1,0 +1,143 @@
+"""Real-path settings of brain3d_report training: gradient checkpointing of the encoder in stage 1, the volume size
+refused before any model loads, separate learning rates, and the seed's stage-1 trainables."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import pytest
+import torch
+
+from brain3d_report import train
+from brain3d_report.model import build_model, check_volume_fits, trainable_parameters
+from common.errors import ConfigError
+
+VOLUME = (4, 32, 32)  # siglip-tiny: (2, 16, 16) tubelets, a 2 x 2 x 2 token grid
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return build_model("siglip-tiny", "tiny-gemma3", seed=0)
+
+
+def _contrastive_gradients(model, checkpointing: bool) -> dict[str, torch.Tensor]:
+    """Gradients of one contrastive-stage loss (pooled visual vectors against fixed text targets) after
+    ``apply_gradient_checkpointing`` with ``on`` or ``off``."""
+    model.vision.gradient_checkpointing = False
+    trainable = trainable_parameters(model, "contrastive")
+    train.apply_gradient_checkpointing(model, "contrastive", "on" if checkpointing else "off", torch.device("cpu"))
+    assert model.vision.gradient_checkpointing is checkpointing
+    model.train()
+    model.zero_grad(set_to_none=True)
+    volumes = torch.rand(2, 1, *VOLUME, generator=torch.Generator().manual_seed(3))
+    text = torch.randn(2, model.text_center.shape[0], generator=torch.Generator().manual_seed(4))
+    pooled, projected, scale = model(volumes, text=text)
+    loss = train.info_nce(pooled, projected, scale, torch.tensor([1, 2]))
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in trainable.items() if p.grad is not None}
+    model.vision.gradient_checkpointing = False
+    return grads
+
+
+def test_gradient_checkpointing_of_the_encoder_gives_the_same_gradients(tiny_model):
+    plain = _contrastive_gradients(tiny_model, False)
+    checkpointed = _contrastive_gradients(tiny_model, True)
+    assert plain.keys() == checkpointed.keys()
+    encoder = [name for name in plain if name.startswith("vision.encoder.layers.")]
+    assert encoder and all(plain[name].abs().sum() > 0 for name in encoder)  # the layers do get gradients
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_gradient_checkpointing_saves_encoder_activations(tiny_model):
+    """With checkpointing the backward keeps only each layer's input: fewer saved bytes in the forward."""
+    def saved_bytes(checkpointing: bool) -> int:
+        tiny_model.vision.gradient_checkpointing = checkpointing
+        tiny_model.vision.train()
+        tiny_model.vision.requires_grad_(True)
+        total = 0
+
+        def pack(tensor):
+            nonlocal total
+            total += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            tiny_model.vision(torch.rand(1, 1, *VOLUME)).sum()
+        tiny_model.vision.gradient_checkpointing = False
+        return total
+
+    assert saved_bytes(True) < 0.5 * saved_bytes(False)
+
+
+def test_gradient_checkpointing_auto_is_on_only_on_cuda():
+    assert train.use_gradient_checkpointing("auto", torch.device("cuda"))
+    assert not train.use_gradient_checkpointing("auto", torch.device("cpu"))
+    assert train.use_gradient_checkpointing("on", torch.device("cpu"))
+    assert not train.use_gradient_checkpointing("off", torch.device("cuda"))
+
+
+def test_a_volume_size_the_patch_does_not_divide_is_refused_before_a_model_loads(tmp_path, capsys, monkeypatch):
+    with pytest.raises(ConfigError, match="14"):
+        check_volume_fits((64, 128, 128), "medsiglip-448", 2)
+    check_volume_fits((64, 126, 126), "medsiglip-448", 2)
+    with pytest.raises(ConfigError, match="depth"):
+        check_volume_fits((63, 126, 126), "medsiglip-448", 2)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built before the volume size was checked")
+
+    monkeypatch.setattr(train, "build_model", no_model)
+    monkeypatch.setattr(train, "load_stage_run", no_model)
+    (tmp_path / "data").mkdir()
+    start = time.perf_counter()
+    code = train.main(["--stage", "contrastive", "--data-root", str(tmp_path / "data"), "--output-dir",
+                       str(tmp_path / "run"), "--vision", "medsiglip-448", "--lm", "medgemma-4b", "--volume-size",
+                       "64", "128", "128", "--device", "cpu", "--no-progress"])
+    assert code == 2 and time.perf_counter() - start < 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --volume-size:") and "126" in err[0], err
+
+
+def _args(**overrides) -> argparse.Namespace:
+    return argparse.Namespace(**{"lr": 1e-3, "lr_projector": None, "lr_lora": None, "train_vision": "all",
+                                 **overrides})
+
+
+def test_separate_learning_rates_for_projector_and_lora(tiny_model):
+    train.add_lora(tiny_model, 4, 8, 0.0)
+    trainable = trainable_parameters(tiny_model, "lora")
+    groups = train.optimizer_groups(trainable, _args(lr_projector=2e-4, lr_lora=5e-5))
+    rate = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(trainable)
+    for name, param in trainable.items():
+        assert rate[id(param)] == (2e-4 if name.startswith("projector.") else 5e-5), name
+    assert len(train.optimizer_groups(trainable, _args())) == 1  # no flags: one rate, --lr
+    # one AdamW step moves a projector weight by its own rate (Adam's first step is lr * sign(grad))
+    optimizer = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.0)
+    for param in trainable.values():
+        param.grad = torch.ones_like(param)
+    before = {name: p.detach().clone() for name, p in trainable.items()}
+    optimizer.step()
+    for name, param in trainable.items():
+        step = (before[name] - param.detach()).abs().max().item()
+        assert step == pytest.approx(2e-4 if name.startswith("projector.") else 5e-5, rel=1e-3), name
+
+
+def test_the_seeds_stage_one_trains_the_tubelet_embedding_at_a_fifth_of_the_rate():
+    model = build_model("siglip-tiny", "tiny-gemma3", seed=0)
+    trainable = trainable_parameters(model, "contrastive", "seed")
+    vision = sorted(name for name in trainable if name.startswith("vision."))
+    assert vision == ["vision.patch_embed.bias", "vision.patch_embed.weight"]
+    assert {"logit_scale", "text_head.weight"} <= set(trainable)
+    groups = train.optimizer_groups(trainable, _args(train_vision="seed"))
+    rate = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert rate[id(trainable["vision.patch_embed.weight"])] == pytest.approx(train.SEED_PATCH_LR_SCALE * 1e-3)
+    assert rate[id(trainable["logit_scale"])] == pytest.approx(1e-3)
+
+
+def test_the_new_flags_reach_the_parser():
+    args = train.get_args_parser().parse_args(["--lr-projector", "2e-4", "--lr-lora", "5e-5", "--train-vision",
+                                               "seed"])
+    assert (args.lr_projector, args.lr_lora, args.train_vision) == (2e-4, 5e-5, "seed")
