@@ -75,7 +75,7 @@ HEALTHY_FOLDER = "healthy"
 PACKAGED_REPORTS = "textbrats"
 FLAIR_SUFFIXES = ("_flair.nii.gz", "_flair.nii", "-t2f.nii.gz", "-t2f.nii")
 REPORT_SUFFIX = "_flair_text.txt"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 """Bumped whenever the preprocessing changes in a way its settings do not show, to retire old caches."""
 
 HEALTHY_TEMPLATES = (
@@ -605,7 +605,20 @@ def cache_key(volume_size: Sequence[int], percentiles: Sequence[float] = PERCENT
 
 
 MIN_BRAIN_SHARE = 0.001
-"""A volume whose voxels above 0 are fewer than this share (and fewer than 64) holds no brain to report on."""
+"""A volume whose brain voxels (``brain_mask``) are fewer than this share (and fewer than 64) holds no brain."""
+
+
+def brain_mask(volume: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """The brain of a skull-stripped volume: every voxel above the volume's minimum.
+
+    Skull-stripped scans store the background as one constant that is also the smallest value: 0 in BraTS 2020 and
+    the healthy controls, a negative constant in z-scored volumes (BraTS 2015's ``*_subtrMeanDivStd``: the brain
+    has mean 0, the background sits below all of it). "Non-zero voxels" would keep the z-scored background and drop
+    half the brain; "above the minimum" is the brain in both conventions (on the six BraTS 2015 cases it equals their
+    ``brainmask.nii.gz`` voxel for voxel). A volume that is not skull-stripped (noise everywhere) keeps nearly every
+    voxel, as before."""
+    values = torch.as_tensor(np.asarray(volume) if not isinstance(volume, torch.Tensor) else volume)
+    return values > values.min()
 
 
 class BadVolume(ValueError):
@@ -616,8 +629,9 @@ def check_voxels(volume: torch.Tensor | np.ndarray) -> None:
     """Refuse voxel data that would be preprocessed into a meaningless input and still get a report.
 
     NaN or inf voxels turn the percentile scaling into NaN (and the training loss after it); an all-zero or constant
-    volume scales to a blank; a volume with (almost) no voxel above 0 has no brain under the skull-stripped convention
-    the scaling relies on. Each would be answered by the model with a fluent report of nothing.
+    volume scales to a blank; a volume with (almost) no voxel above its background (``brain_mask``) has no brain
+    under the skull-stripped convention the scaling relies on. Each would be answered by the model with a fluent
+    report of nothing.
 
     Raises:
         BadVolume: naming what is wrong, with counts.
@@ -634,10 +648,11 @@ def check_voxels(volume: torch.Tensor | np.ndarray) -> None:
         raise BadVolume(f"every one of the {total} voxels is 0 (an empty volume)")
     if low == high:
         raise BadVolume(f"every one of the {total} voxels is {low:g} (a constant volume holds no image)")
-    brain = int((values > 0).sum())
+    brain = int(brain_mask(values).sum())
     if brain < max(64, MIN_BRAIN_SHARE * total):
-        raise BadVolume(f"no brain: {brain} of {total} voxels are above 0 (a skull-stripped FLAIR with background 0 "
-                        "is expected)")
+        raise BadVolume(f"no brain: {brain} of {total} voxels are above the background value {low:g} (a "
+                        "skull-stripped FLAIR whose background is one constant, 0 or a z-scored negative, is "
+                        "expected)")
 
 
 def _checked(volume: torch.Tensor) -> torch.Tensor:
@@ -646,19 +661,21 @@ def _checked(volume: torch.Tensor) -> torch.Tensor:
 
 
 def scale_brain_percentiles(volume: torch.Tensor, percentiles: Sequence[float] = PERCENTILES) -> torch.Tensor:
-    """Map the p_low..p_high intensity range of the brain (non-zero voxels) to [0, 1], clipped; background stays 0.
+    """Map the p_low..p_high intensity range of the brain (``brain_mask``: the voxels above the background constant,
+    0 or z-scored negative) to [0, 1], clipped; the background becomes 0.
 
     Percentiles of the whole volume are dominated by background: with a small lesion, p99 falls in normal tissue and
     the lesion is clipped to the same 1.0 as the brightest normal tissue (the phantom lost the tumour side in a third
     of its cases that way). Computing them over the brain, as BraTS pipelines do, keeps a hyperintense lesion above
     normal tissue.
     """
-    values = volume[volume > 0]
+    brain = brain_mask(volume)
+    values = volume[brain]
     if values.numel() < 16:
         values = volume.reshape(-1)
     low, high = np.percentile(values.numpy(), [float(percentiles[0]), float(percentiles[1])])
     scaled = (volume - float(low)) / max(float(high - low), 1e-8)
-    return scaled.clamp(0, 1) * (volume > 0)
+    return scaled.clamp(0, 1) * brain
 
 
 def preprocess_transform(volume_size: Sequence[int] = DEFAULT_VOLUME_SIZE, percentiles: Sequence[float] = PERCENTILES):
@@ -943,7 +960,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 __all__ = ["Case", "Cases", "BrainVolumes", "load_cases", "report_side", "healthy_report", "official_split",
            "side_stratified_split", "save_split", "check_nifti", "find_flair", "check_volume_size",
            "parse_volume_size", "preprocess_transform", "cache_key", "make_dataset", "stack_volumes", "load_volume",
-           "split_volumes", "check_voxels", "BadVolume",
+           "split_volumes", "check_voxels", "BadVolume", "brain_mask",
            "add_data_args", "cases_from_args", "packaged_file", "mirror_report", "mirror_volumes",
            "LeftRightMirror", "DEFAULT_VOLUME_SIZE", "SIDES", "SPLITS",
            "HEALTHY_TEMPLATES"]
