@@ -141,3 +141,36 @@ def test_the_new_flags_reach_the_parser():
     args = train.get_args_parser().parse_args(["--lr-projector", "2e-4", "--lr-lora", "5e-5", "--train-vision",
                                                "seed"])
     assert (args.lr_projector, args.lr_lora, args.train_vision) == (2e-4, 5e-5, "seed")
+
+
+def test_the_slice_baseline_encodes_bounded_chunks_with_the_same_result():
+    """Slices encoded two at a time give the LM the same inputs (logits) and the same reports as one call over all
+    of them and as the VLM's own pixel path; the vision tower never sees more than a chunk."""
+    from brain3d_report.baselines import axial_slices, chunked_slice_inputs, generate_slice_reports, slice_conversation
+    from common.vlm import generate_reports, load_vlm
+
+    vlm = load_vlm("tiny-gemma3", "none", "cpu", "fp32", None, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # the twin's image projection starts at zero (Hugging Face's init): give it weights
+        for param in vlm.model.model.multi_modal_projector.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    volumes = torch.rand(2, 1, 8, 32, 32, generator=torch.Generator().manual_seed(0))
+    chats = [slice_conversation(axial_slices(v, 5, 32)) for v in volumes]
+    seen: list[int] = []
+    hook = vlm.model.model.vision_tower.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(len(kwargs.get("pixel_values", args[0] if args else None))),
+        with_kwargs=True)
+    try:
+        small, large = chunked_slice_inputs(vlm, chats, 2), chunked_slice_inputs(vlm, chats, 100)
+    finally:
+        hook.remove()
+    assert seen == [2, 2, 2, 2, 2, 10]  # 10 slices: five calls of two, then one of ten
+    vlm.processor.tokenizer.padding_side = "left"
+    pixel_path = vlm.processor.apply_chat_template(chats, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                                   return_tensors="pt", processor_kwargs={"padding": True})
+    with torch.no_grad():
+        logits = [vlm.model(**inputs).logits for inputs in (small, large, pixel_path)]
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[0], logits[2], rtol=1e-5, atol=1e-5)
+    assert (logits[0][0] - logits[0][1]).abs().max() > 1e-4  # the two volumes' slices do change the logits
+    assert generate_slice_reports(vlm, chats, 6, chunk=3) == generate_reports(vlm, chats, 6)
