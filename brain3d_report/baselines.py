@@ -226,8 +226,9 @@ def slice_reports(items: list[dict[str, Any]], dataset, out: Path, args: argpars
 
 # --- the table ---------------------------------------------------------------------------------------------------
 
-def method_entry(records: list[dict[str, Any]], scorer: TextScorer, bootstrap: dict[str, int]) -> dict[str, Any]:
-    groups = score_records(records, scorer, **bootstrap)
+def method_entry(records: list[dict[str, Any]], scorer: TextScorer, bootstrap: dict[str, int],
+                 meteor_seed: bool = False) -> dict[str, Any]:
+    groups = score_records(records, scorer, **bootstrap, meteor_seed=meteor_seed)
     return {"status": "ok", "n": len(records), "results": groups["all"].results,
             "groups": {name: scores.results for name, scores in groups.items()}, "notes": groups["all"].notes}
 
@@ -278,18 +279,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     methods: dict[str, dict[str, Any]] = {}
     with scorer:
-        methods["model"] = (method_entry(model_records, scorer, bootstrap) if model_records else
+        methods["model"] = (method_entry(model_records, scorer, bootstrap, args.meteor_seed) if model_records else
                             {"status": "skipped", "n": 0, "reason": f"no {model_path.relative_to(args.run_dir)}; run "
                                                                    "brain3d_report.generate first"})
         for name, chosen in records.items():
-            methods[name] = method_entry(chosen, scorer, bootstrap)
+            methods[name] = method_entry(chosen, scorer, bootstrap, args.meteor_seed)
         if args.vlm is None:
             methods["slices_2d"] = {"status": "skipped", "n": 0,
                                     "reason": "no --vlm given (e.g. --vlm medgemma-4b, the seed's)"}
         else:
             out = args.run_dir / PREDICTIONS_DIR / f"{args.split}_slices_2d.jsonl"
             slices = slice_reports(items, datasets["target"], out, args)
-            methods["slices_2d"] = {**method_entry(slices, scorer, bootstrap), "vlm": args.vlm,
+            methods["slices_2d"] = {**method_entry(slices, scorer, bootstrap, args.meteor_seed), "vlm": args.vlm,
                                     "slices": args.slices}
 
     summary = {"split": args.split, "methods": methods,

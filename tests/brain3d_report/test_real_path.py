@@ -174,3 +174,29 @@ def test_the_slice_baseline_encodes_bounded_chunks_with_the_same_result():
     torch.testing.assert_close(logits[0], logits[2], rtol=1e-5, atol=1e-5)
     assert (logits[0][0] - logits[0][1]).abs().max() > 1e-4  # the two volumes' slices do change the logits
     assert generate_slice_reports(vlm, chats, 6, chunk=3) == generate_reports(vlm, chats, 6)
+
+
+def test_meteor_seed_is_nltk_meteor_as_hand_computed():
+    """NLTK METEOR (alpha 0.9, beta 3, gamma 0.5) from its definition: Fmean = PR / (alpha P + (1 - alpha) R),
+    times 1 - gamma (chunks / matches)^beta. Exact matches only here (a WordNet without synonyms)."""
+    from brain3d_report.evaluate import _NoWordNet, score_records, seed_meteor
+    from common.metrics.text import TextScorer
+
+    reference = "The lesion is in the left frontal lobe"
+    candidates = ["the lesion is in the right frontal lobe", "the lesion is in the left frontal lobe"]
+    values, note = seed_meteor(candidates, [reference] * 2, wordnet=_NoWordNet())
+    # 7 of 8 tokens match in two chunks (left/right differ); the copy matches all 8 in one chunk
+    assert note is None and values == pytest.approx([7 / 8 * (1 - 0.5 * (2 / 7) ** 3), 1 - 0.5 * (1 / 8) ** 3])
+
+    records = [{"id": str(k), "reference": reference, "report": c, "healthy": False} for k, c in enumerate(candidates)]
+    with TextScorer(bertscore=None, meteor=False) as scorer:
+        scored = score_records(records, scorer, n_boot=20, n_boot_corpus=0, meteor_seed=True, wordnet=_NoWordNet())
+        assert scored["all"].results["meteor_seed"] == pytest.approx(sum(values) / 2)
+        missing = score_records(records, scorer, n_boot=20, n_boot_corpus=0, meteor_seed=True)
+    from nltk.corpus import wordnet
+
+    try:
+        wordnet.ensure_loaded()
+    except LookupError:  # the data are not in NLTK's wheel: the key is left out with the reason
+        assert "meteor_seed" not in missing["all"].results
+        assert "nltk.downloader wordnet" in missing["all"].notes["meteor_seed"]
