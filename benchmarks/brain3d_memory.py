@@ -35,6 +35,7 @@ Nothing here needs a GPU, the hub or real weights, and no run allocates more tha
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -83,13 +84,13 @@ def saved_bytes(step: Callable[[], object], parameters: Sequence[torch.Tensor] =
     Weights are not activations: parameters and autocast's bf16 copies of them (a saved bf16 tensor of a weight's
     shape) are left out and counted with the weights. The saved tensors live until the function returns."""
     weights = {p.untyped_storage().data_ptr() for p in parameters}
-    weight_shapes = {tuple(p.shape) for p in parameters if p.dim() >= 2}
+    weight_shapes = {tuple(sorted(p.shape)) for p in parameters if p.dim() >= 2}  # a matmul saves W or W.T
     seen: dict[int, int] = {}
     kept = []
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        copy_of_weight = tuple(tensor.shape) in weight_shapes and tensor.dtype == torch.bfloat16
+        copy_of_weight = tuple(sorted(tensor.shape)) in weight_shapes and tensor.dtype == torch.bfloat16
         if storage.data_ptr() not in weights and not copy_of_weight and storage.nbytes():
             seen[storage.data_ptr()] = storage.nbytes()
         kept.append(tensor)
@@ -109,7 +110,10 @@ def _autocast(precision: str):
 
 def layer_and_rest(measure: Callable[[int], int]) -> tuple[int, int]:
     """(bytes of one layer, bytes outside the layers) from ``measure(n_layers)`` at one and two layers."""
-    one, two = measure(1), measure(2)
+    one = measure(1)
+    gc.collect()  # the one-layer model goes before the two-layer one is built
+    two = measure(2)
+    gc.collect()
     return two - one, 2 * one - two
 
 
@@ -211,7 +215,12 @@ def lora_activations(config, batch: int, precision: str, checkpointing: bool, re
         small = config.__class__(**{**config.to_dict(), "num_hidden_layers": layers, "vocab_size": vocab,
                                     "layer_types": config.layer_types[:layers]})
         small._attn_implementation = "sdpa"
-        lm = Gemma3ForCausalLM(small).to(dtype)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # built in its compute dtype: no fp32 copy of the layers in memory
+        try:
+            lm = Gemma3ForCausalLM(small)
+        finally:
+            torch.set_default_dtype(previous)
         lm.requires_grad_(False)
         lm = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), lm)
@@ -234,7 +243,10 @@ def lora_activations(config, batch: int, precision: str, checkpointing: bool, re
 
     small_vocab, large_vocab = VOCAB_MEASURED
     layer, rest = layer_and_rest(lambda n: measure(n, small_vocab, False))
-    per_vocab = (measure(1, large_vocab, False) - measure(1, small_vocab, False)) / (large_vocab - small_vocab)
+    large = measure(1, large_vocab, False)
+    gc.collect()
+    per_vocab = (large - measure(1, small_vocab, False)) / (large_vocab - small_vocab)
+    gc.collect()
     rest_real = rest + per_vocab * (config.vocab_size - small_vocab)
     depth = config.num_hidden_layers
     out = {"sequence": sequence, "per_layer": layer, "outside_layers": rest_real}

@@ -200,3 +200,34 @@ def test_meteor_seed_is_nltk_meteor_as_hand_computed():
     except LookupError:  # the data are not in NLTK's wheel: the key is left out with the reason
         assert "meteor_seed" not in missing["all"].results
         assert "nltk.downloader wordnet" in missing["all"].notes["meteor_seed"]
+
+
+def test_the_memory_benchmark_counts_saved_activations_not_weights():
+    """``saved_bytes`` counts what autograd keeps for the backward: a linear layer keeps its input (not its weight),
+    exp keeps its output, a tensor saved twice counts once; one layer's share comes out of one- and two-layer runs."""
+    from benchmarks.brain3d_memory import layer_and_rest, saved_bytes
+
+    linear = torch.nn.Linear(16, 32)
+    x = torch.randn(4, 16, requires_grad=True)
+    assert saved_bytes(lambda: linear(x), list(linear.parameters())) == x.numel() * 4
+    assert saved_bytes(lambda: torch.exp(linear(x)), list(linear.parameters())) == (4 * 16 + 4 * 32) * 4
+    assert saved_bytes(lambda: x * x, []) == x.numel() * 4  # x saved twice, one storage
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's bf16 copy of the weight is not an activation
+        assert saved_bytes(lambda: linear(x), list(linear.parameters())) == x.numel() * 2
+
+    def stack(layers: int) -> int:
+        blocks = [torch.nn.Linear(16, 16) for _ in range(layers)]
+        head = torch.nn.Linear(16, 3)
+
+        def step():
+            hidden = x
+            for block in blocks:
+                hidden = torch.tanh(block(hidden))
+            return head(hidden)
+
+        return saved_bytes(step, [p for m in [*blocks, head] for p in m.parameters()])
+
+    per_layer, rest = layer_and_rest(stack)
+    # each block adds tanh's output (saved by tanh and by the next linear: one storage); the rest is x itself
+    assert (per_layer, rest) == (4 * 16 * 4, 4 * 16 * 4)
+    assert stack(5) == rest + 5 * per_layer
