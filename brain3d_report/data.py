@@ -608,17 +608,29 @@ MIN_BRAIN_SHARE = 0.001
 """A volume whose brain voxels (``brain_mask``) are fewer than this share (and fewer than 64) holds no brain."""
 
 
-def brain_mask(volume: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """The brain of a skull-stripped volume: every voxel above the volume's minimum.
+BACKGROUND_SHARE = 0.05
+"""The smallest share of voxels at the minimum for the minimum to be taken as the background constant."""
 
-    Skull-stripped scans store the background as one constant that is also the smallest value: 0 in BraTS 2020 and
-    the healthy controls, a negative constant in z-scored volumes (BraTS 2015's ``*_subtrMeanDivStd``: the brain
-    has mean 0, the background sits below all of it). "Non-zero voxels" would keep the z-scored background and drop
-    half the brain; "above the minimum" is the brain in both conventions (on the six BraTS 2015 cases it equals their
-    ``brainmask.nii.gz`` voxel for voxel). A volume that is not skull-stripped (noise everywhere) keeps nearly every
-    voxel, as before."""
+
+def background_value(volume: torch.Tensor | np.ndarray) -> float:
+    """The background constant of a skull-stripped volume: its minimum when at least ``BACKGROUND_SHARE`` of the
+    voxels hold it (0 in BraTS 2020 and the healthy controls, a negative constant in z-scored volumes such as BraTS
+    2015's ``*_subtrMeanDivStd``), else 0 (no constant background at the minimum: a few negative voxels from
+    resampling, or a volume that is not skull-stripped)."""
     values = torch.as_tensor(np.asarray(volume) if not isinstance(volume, torch.Tensor) else volume)
-    return values > values.min()
+    low = values.min()
+    return float(low) if int((values == low).sum()) >= BACKGROUND_SHARE * values.numel() else 0.0
+
+
+def brain_mask(volume: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """The brain of a skull-stripped volume: the voxels above its background constant (``background_value``).
+
+    "Non-zero voxels" would keep a z-scored volume's background and drop half its brain (the brain has mean 0);
+    "above the background constant" is the brain under both conventions: on the six z-scored BraTS 2015 cases it
+    equals their ``brainmask.nii.gz`` voxel for voxel, on a 0-background volume it is the non-zero voxels as before.
+    """
+    values = torch.as_tensor(np.asarray(volume) if not isinstance(volume, torch.Tensor) else volume)
+    return values > background_value(values)
 
 
 class BadVolume(ValueError):
@@ -648,9 +660,10 @@ def check_voxels(volume: torch.Tensor | np.ndarray) -> None:
         raise BadVolume(f"every one of the {total} voxels is 0 (an empty volume)")
     if low == high:
         raise BadVolume(f"every one of the {total} voxels is {low:g} (a constant volume holds no image)")
-    brain = int(brain_mask(values).sum())
+    background = background_value(values)
+    brain = int((values > background).sum())
     if brain < max(64, MIN_BRAIN_SHARE * total):
-        raise BadVolume(f"no brain: {brain} of {total} voxels are above the background value {low:g} (a "
+        raise BadVolume(f"no brain: {brain} of {total} voxels are above {background:g}, the background (a "
                         "skull-stripped FLAIR whose background is one constant, 0 or a z-scored negative, is "
                         "expected)")
 
@@ -960,7 +973,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 __all__ = ["Case", "Cases", "BrainVolumes", "load_cases", "report_side", "healthy_report", "official_split",
            "side_stratified_split", "save_split", "check_nifti", "find_flair", "check_volume_size",
            "parse_volume_size", "preprocess_transform", "cache_key", "make_dataset", "stack_volumes", "load_volume",
-           "split_volumes", "check_voxels", "BadVolume", "brain_mask",
+           "split_volumes", "check_voxels", "BadVolume", "brain_mask", "background_value",
            "add_data_args", "cases_from_args", "packaged_file", "mirror_report", "mirror_volumes",
            "LeftRightMirror", "DEFAULT_VOLUME_SIZE", "SIDES", "SPLITS",
            "HEALTHY_TEMPLATES"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -231,3 +232,26 @@ def test_the_memory_benchmark_counts_saved_activations_not_weights():
     # each block adds tanh's output (saved by tanh and by the next linear: one storage); the rest is x itself
     assert (per_layer, rest) == (4 * 16 * 4, 4 * 16 * 4)
     assert stack(5) == rest + 5 * per_layer
+
+
+def test_the_brain_is_above_the_background_constant_in_both_conventions():
+    """z-scored (constant negative background) and 0-background volumes: the same brain, the same model input."""
+    from brain3d_report.data import BadVolume, background_value, brain_mask, check_voxels, scale_brain_percentiles
+
+    rng = np.random.default_rng(0)
+    inside = np.zeros((12, 12, 12), dtype=bool)
+    inside[2:10, 3:9, 2:10] = True
+    zscored = np.where(inside, rng.normal(0, 1, inside.shape), -3.5).astype(np.float32)  # half the brain below 0
+    np.testing.assert_array_equal(brain_mask(zscored).numpy(), inside)
+    zero_background = zscored - zscored.min()  # the same scan with its background moved to 0
+    np.testing.assert_array_equal(brain_mask(zero_background).numpy(), inside)
+    torch.testing.assert_close(scale_brain_percentiles(torch.from_numpy(zscored)),
+                               scale_brain_percentiles(torch.from_numpy(zero_background)), rtol=0, atol=1e-6)
+    ringing = zero_background.copy()
+    ringing[0, 0, :3] = -0.01  # a few negative voxels from resampling are not the background
+    assert background_value(ringing) == 0.0
+    np.testing.assert_array_equal(brain_mask(ringing).numpy(), inside)
+    speck = np.full((12, 12, 12), -3.5, dtype=np.float32)
+    speck[5:7, 5:7, 5:7] = 1.0
+    with pytest.raises(BadVolume, match="no brain: 8 of 1728 voxels are above -3.5"):
+        check_voxels(speck)
