@@ -43,6 +43,7 @@ def _case_dirs(brats: Path) -> list[Path]:
     return sorted(p for p in brats.glob("*/*") if (p / FLAIR).is_file())
 
 
+@pytest.mark.slow  # twelve 36 MB gzipped NIfTI files read
 def test_the_brain_of_every_zscored_case_is_its_brain_mask(brats):
     """The background of a z-scored volume is a negative constant, not 0: the brain rule finds the brain mask."""
     cases = _case_dirs(brats)
