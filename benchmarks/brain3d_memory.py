@@ -35,6 +35,7 @@ Nothing here needs a GPU, the hub or real weights, and no run allocates more tha
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -119,6 +120,7 @@ def layer_and_rest(measure: Callable[[int], int]) -> tuple[int, int]:
 
 # --- stage 1 -----------------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=2)
 def vision_encoder(layers: int, depth_patch: int):
     """The 3D encoder and Perceiver of the report model around a random so400m tower of ``layers`` layers."""
     from transformers import SiglipVisionConfig, SiglipVisionModel
@@ -164,7 +166,7 @@ def contrastive_activations(volume_size: Sequence[int], depth_patch: int, batch:
 def vision_parameters() -> int:
     """Parameters of the 3D encoder (so400m, tubelet and depth embedding) and its Perceiver, counted on meta."""
     with torch.device("meta"):
-        encoder, compressor = vision_encoder(VISION_LAYERS, 2)
+        encoder, compressor = vision_encoder.__wrapped__(VISION_LAYERS, 2)
     return sum(p.numel() for p in [*encoder.parameters(), *compressor.parameters()])
 
 
@@ -198,6 +200,10 @@ def four_bit_lm_bytes(config) -> dict[str, float]:
     return {"linear_params": linear, "other_params": other, "bytes": linear * NF4_BYTES_PER_WEIGHT + other * 2}
 
 
+_SMALL_LMS: dict = {}
+"""One- and two-layer LMs of ``lora_activations``, built once per layer count, vocabulary and dtype."""
+
+
 def lora_activations(config, batch: int, precision: str, checkpointing: bool, report_tokens: int,
                      rank: int = 4) -> dict[str, float]:
     """Saved bytes of a stage-3 step (projector, LM with LoRA on q/k/v/o, caption loss over the report) at the LM's
@@ -210,24 +216,32 @@ def lora_activations(config, batch: int, precision: str, checkpointing: bool, re
     sequence = 32 + PROMPT_TOKENS + report_tokens
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
+    def build(layers: int, vocab: int):
+        key = (layers, vocab, dtype, rank)
+        if key not in _SMALL_LMS:
+            torch.manual_seed(0)
+            small = config.__class__(**{**config.to_dict(), "num_hidden_layers": layers, "vocab_size": vocab,
+                                        "layer_types": config.layer_types[:layers]})
+            small._attn_implementation = "sdpa"
+            previous = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)  # built in its compute dtype: no fp32 copy of the layers in memory
+            try:
+                lm = Gemma3ForCausalLM(small)
+            finally:
+                torch.set_default_dtype(previous)
+            lm.requires_grad_(False)
+            lm = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                                    target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), lm)
+            _SMALL_LMS[key] = (lm, Projector(1152, small.hidden_size))
+        return _SMALL_LMS[key]
+
     def measure(layers: int, vocab: int, checkpoint: bool) -> int:
-        torch.manual_seed(0)
-        small = config.__class__(**{**config.to_dict(), "num_hidden_layers": layers, "vocab_size": vocab,
-                                    "layer_types": config.layer_types[:layers]})
-        small._attn_implementation = "sdpa"
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)  # built in its compute dtype: no fp32 copy of the layers in memory
-        try:
-            lm = Gemma3ForCausalLM(small)
-        finally:
-            torch.set_default_dtype(previous)
-        lm.requires_grad_(False)
-        lm = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]), lm)
+        lm, projector = build(layers, vocab)
         if checkpoint:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_disable()
         lm.train()
-        projector = Projector(1152, small.hidden_size)
         tokens = torch.randn(batch, 32, 1152)
         text = torch.randint(0, vocab, (batch, PROMPT_TOKENS + report_tokens))
         labels = torch.cat([torch.full((batch, 32 + PROMPT_TOKENS), -100), text[:, PROMPT_TOKENS:]], dim=1)
