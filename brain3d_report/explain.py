@@ -46,12 +46,12 @@ import torch.nn.functional as F
 
 from brain3d_report.data import Case, check_nifti, load_volume, make_dataset
 from brain3d_report.generate import (
+    NO_REPEAT_NGRAM_SIZE,
     add_run_data_args,
     decoding_kwargs,
     generate_reports,
     load_report_run,
     nifti_id,
-    resolve_ngram_ban,
     run_cases,
     volume_cache_root,
 )
@@ -324,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         case = found[0]
         volume = make_dataset([case], volume_size, volume_cache_root(args))[0]["image"]
     if args.report:
-        decoding = decoding_kwargs(True, REPORT_TOKENS, no_repeat_ngram_size=resolve_ngram_ban("auto", meta))
+        decoding = decoding_kwargs(True, REPORT_TOKENS, no_repeat_ngram_size=NO_REPEAT_NGRAM_SIZE)
         phrase = generate_reports(model, volume[None], decoding)[0]
         if not phrase:
             raise DataError(loaded.directory, f"the model's report of {case.id} is empty; nothing to explain")

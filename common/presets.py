@@ -272,7 +272,7 @@ def _medgemma_4b() -> torch.nn.Module:
 
 
 def _tiny(name: str) -> Callable[..., Any]:
-    def build(seed: int = 0):
+    def build(seed: int = 0, cache_dir: Any = None):  # built in memory: nothing to cache
         from common import tiny
 
         return getattr(tiny, name)(seed=seed)
@@ -354,9 +354,6 @@ register_preset(Preset("medgemma-4b", "vlm", "google/medgemma-4b-it",
 register_preset(Preset("tiny-gemma3", "vlm", "tiny",
                        "2-layer Gemma3ForConditionalGeneration + 2-layer SigLIP, real Gemma3Processor",
                        build=_tiny("tiny_gemma3"), offline=True))
-register_preset(Preset("tiny-gemma3-brain", "vlm", "tiny",
-                       "tiny-gemma3 with a 1500-piece tokenizer learned from brain MRI reports",
-                       build=_tiny("tiny_gemma3_brain"), offline=True))
 
 
 MEDSIGLIP_448_CONFIG = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
