@@ -14,7 +14,10 @@ Example:
   for every case; with templated healthy controls it is one of their templates.
 - ``slices_2d``: only with ``--vlm``: ``--slices`` evenly spaced axial slices of the preprocessed volume (64 by
   default, as the seed's MedGemma baseline), each resized to ``--slice-size`` pixels and given to the VLM as images
-  of one chat turn with the seed's prompt; greedy decoding. Without ``--vlm`` it is listed as skipped.
+  of one chat turn with the seed's prompt; greedy decoding. Without ``--vlm`` it is listed as skipped. The VLM's
+  vision tower encodes the slices ``--slice-chunk`` images at a time and the LM gets the encoded slices
+  (``mm_encoder_outputs``), so the tower's memory does not grow with ``--slices`` or ``--batch-size`` (64 slices x
+  8 volumes in one call is 512 images, which fits no GPU); the LM's context still holds every slice's tokens.
 - ``model``: ``predictions/<split>.jsonl`` from ``brain3d_report.generate``, when it exists.
 
 Writes ``baselines.json`` (per method: status, cases, the all-case metrics with intervals, and every group) and
@@ -59,7 +62,7 @@ from brain3d_report.train import PROMPT
 from common.checkpoint import atomic_write_json, atomic_write_text, recover_results, result_set
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int, require
 from common.device import pick_device
-from common.errors import DataError, cli_entry
+from common.errors import ConfigError, DataError, cli_entry
 from common.metrics.text import TextScorer
 from common.retrieval import make_index, search
 from common.run_guard import guard_command
@@ -86,6 +89,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help=f"run it with this VLM ({', '.join(VLM_PRESETS)}, a folder or a hub id); default: skip")
     vlm.add_argument("--slices", type=positive_int, default=64, help="evenly spaced axial slices per volume")
     vlm.add_argument("--slice-size", type=positive_int, default=128, help="pixels of each slice image (square)")
+    vlm.add_argument("--slice-chunk", type=positive_int, default=8,
+                     help="slice images the VLM's vision tower encodes at a time (bounds its memory; the reports "
+                          "do not depend on it)")
     vlm.add_argument("--max-new-tokens", type=positive_int, default=256)
     vlm.add_argument("--overwrite", action="store_true", help="start the 2D-slice predictions again")
     add_scoring_args(parser, n_boot=200, n_boot_corpus=0)
@@ -158,9 +164,47 @@ def slice_conversation(images: list) -> list[dict[str, Any]]:
                                          {"type": "text", "text": text}]}]
 
 
+def chunked_slice_inputs(vlm, conversations: list[list[dict[str, Any]]], chunk: int) -> dict[str, Any]:
+    """The VLM's inputs for a batch of slice conversations with the images already encoded, ``chunk`` images per
+    vision-tower call (the same features as one call over all images, in the processor's order), handed to the
+    model as ``mm_encoder_outputs`` in place of ``pixel_values``.
+
+    Raises:
+        ConfigError: on ``--vlm``, for a model that cannot take pre-encoded images.
+    """
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    model, processor = vlm.model, vlm.processor
+    if not getattr(model, "_supports_mm_encoder_outputs", lambda: False)() or not hasattr(model, "get_image_features"):
+        raise ConfigError("--vlm", f"{type(model).__name__} cannot take pre-encoded images (mm_encoder_outputs); the "
+                                   "2D-slice baseline needs an image-text-to-text model such as Gemma 3")
+    processor.tokenizer.padding_side = "left"
+    inputs = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
+                                           return_dict=True, return_tensors="pt", processor_kwargs={"padding": True})
+    device = next(model.parameters()).device
+    pixels = inputs.pop("pixel_values")
+    with torch.no_grad():
+        features = torch.cat([model.get_image_features(pixels[start : start + chunk].to(device, model.dtype),
+                                                       return_dict=True).pooler_output
+                              for start in range(0, len(pixels), chunk)])
+    model_inputs = {key: value.to(device) for key, value in inputs.items()}
+    model_inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+    return model_inputs
+
+
+def generate_slice_reports(vlm, conversations: list[list[dict[str, Any]]], max_new_tokens: int, chunk: int,
+                           seed: int = 0) -> list[str]:
+    """Greedy replies to slice conversations, the slices encoded ``chunk`` at a time (``chunked_slice_inputs``)."""
+    inputs = chunked_slice_inputs(vlm, conversations, chunk)
+    torch.manual_seed(seed)
+    output = vlm.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    replies = vlm.processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [reply.strip() for reply in replies]
+
+
 def slice_reports(items: list[dict[str, Any]], dataset, out: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     """The 2D-slice baseline's records, generated into ``out`` resumably (a VLM over many cases takes long)."""
-    from common.vlm import generate_reports, load_vlm
+    from common.vlm import load_vlm
 
     settings = {"vlm": args.vlm, "slices": args.slices, "slice_size": args.slice_size,
                 "quantization": args.quantization, "max_new_tokens": args.max_new_tokens, "greedy": True,
@@ -174,7 +218,7 @@ def slice_reports(items: list[dict[str, Any]], dataset, out: Path, args: argpars
             batch = todo[start : start + args.batch_size]
             chats = [slice_conversation(axial_slices(dataset[i]["image"], args.slices, args.slice_size))
                      for i in batch]
-            replies = generate_reports(vlm, chats, args.max_new_tokens, seed=args.seed)
+            replies = generate_slice_reports(vlm, chats, args.max_new_tokens, args.slice_chunk, seed=args.seed)
             append_records(out, [{**items[i], "report": " ".join(r.split())} for i, r in zip(batch, replies)])
     by_id = {record["id"]: record for record in read_predictions(out)}
     return [by_id[item["id"]] for item in items]
@@ -182,8 +226,9 @@ def slice_reports(items: list[dict[str, Any]], dataset, out: Path, args: argpars
 
 # --- the table ---------------------------------------------------------------------------------------------------
 
-def method_entry(records: list[dict[str, Any]], scorer: TextScorer, bootstrap: dict[str, int]) -> dict[str, Any]:
-    groups = score_records(records, scorer, **bootstrap)
+def method_entry(records: list[dict[str, Any]], scorer: TextScorer, bootstrap: dict[str, int],
+                 meteor_seed: bool = False) -> dict[str, Any]:
+    groups = score_records(records, scorer, **bootstrap, meteor_seed=meteor_seed)
     return {"status": "ok", "n": len(records), "results": groups["all"].results,
             "groups": {name: scores.results for name, scores in groups.items()}, "notes": groups["all"].notes}
 
@@ -234,18 +279,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     methods: dict[str, dict[str, Any]] = {}
     with scorer:
-        methods["model"] = (method_entry(model_records, scorer, bootstrap) if model_records else
+        methods["model"] = (method_entry(model_records, scorer, bootstrap, args.meteor_seed) if model_records else
                             {"status": "skipped", "n": 0, "reason": f"no {model_path.relative_to(args.run_dir)}; run "
                                                                    "brain3d_report.generate first"})
         for name, chosen in records.items():
-            methods[name] = method_entry(chosen, scorer, bootstrap)
+            methods[name] = method_entry(chosen, scorer, bootstrap, args.meteor_seed)
         if args.vlm is None:
             methods["slices_2d"] = {"status": "skipped", "n": 0,
                                     "reason": "no --vlm given (e.g. --vlm medgemma-4b, the seed's)"}
         else:
             out = args.run_dir / PREDICTIONS_DIR / f"{args.split}_slices_2d.jsonl"
             slices = slice_reports(items, datasets["target"], out, args)
-            methods["slices_2d"] = {**method_entry(slices, scorer, bootstrap), "vlm": args.vlm,
+            methods["slices_2d"] = {**method_entry(slices, scorer, bootstrap, args.meteor_seed), "vlm": args.vlm,
                                     "slices": args.slices}
 
     summary = {"split": args.split, "methods": methods,
@@ -269,7 +314,7 @@ def _item(case: Case) -> dict[str, Any]:
 
 
 __all__ = ["METHODS", "pooled_embeddings", "nearest_neighbour_reports", "most_frequent_report", "axial_slices",
-           "slice_conversation", "baselines_table"]
+           "slice_conversation", "chunked_slice_inputs", "generate_slice_reports", "baselines_table"]
 
 
 if __name__ == "__main__":

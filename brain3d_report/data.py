@@ -75,7 +75,7 @@ HEALTHY_FOLDER = "healthy"
 PACKAGED_REPORTS = "textbrats"
 FLAIR_SUFFIXES = ("_flair.nii.gz", "_flair.nii", "-t2f.nii.gz", "-t2f.nii")
 REPORT_SUFFIX = "_flair_text.txt"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 """Bumped whenever the preprocessing changes in a way its settings do not show, to retire old caches."""
 
 HEALTHY_TEMPLATES = (
@@ -605,7 +605,32 @@ def cache_key(volume_size: Sequence[int], percentiles: Sequence[float] = PERCENT
 
 
 MIN_BRAIN_SHARE = 0.001
-"""A volume whose voxels above 0 are fewer than this share (and fewer than 64) holds no brain to report on."""
+"""A volume whose brain voxels (``brain_mask``) are fewer than this share (and fewer than 64) holds no brain."""
+
+
+BACKGROUND_SHARE = 0.05
+"""The smallest share of voxels at the minimum for the minimum to be taken as the background constant."""
+
+
+def background_value(volume: torch.Tensor | np.ndarray) -> float:
+    """The background constant of a skull-stripped volume: its minimum when at least ``BACKGROUND_SHARE`` of the
+    voxels hold it (0 in BraTS 2020 and the healthy controls, a negative constant in z-scored volumes such as BraTS
+    2015's ``*_subtrMeanDivStd``), else 0 (no constant background at the minimum: a few negative voxels from
+    resampling, or a volume that is not skull-stripped)."""
+    values = torch.as_tensor(np.asarray(volume) if not isinstance(volume, torch.Tensor) else volume)
+    low = values.min()
+    return float(low) if int((values == low).sum()) >= BACKGROUND_SHARE * values.numel() else 0.0
+
+
+def brain_mask(volume: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """The brain of a skull-stripped volume: the voxels above its background constant (``background_value``).
+
+    "Non-zero voxels" would keep a z-scored volume's background and drop half its brain (the brain has mean 0);
+    "above the background constant" is the brain under both conventions: on the six z-scored BraTS 2015 cases it
+    equals their ``brainmask.nii.gz`` voxel for voxel, on a 0-background volume it is the non-zero voxels as before.
+    """
+    values = torch.as_tensor(np.asarray(volume) if not isinstance(volume, torch.Tensor) else volume)
+    return values > background_value(values)
 
 
 class BadVolume(ValueError):
@@ -616,8 +641,9 @@ def check_voxels(volume: torch.Tensor | np.ndarray) -> None:
     """Refuse voxel data that would be preprocessed into a meaningless input and still get a report.
 
     NaN or inf voxels turn the percentile scaling into NaN (and the training loss after it); an all-zero or constant
-    volume scales to a blank; a volume with (almost) no voxel above 0 has no brain under the skull-stripped convention
-    the scaling relies on. Each would be answered by the model with a fluent report of nothing.
+    volume scales to a blank; a volume with (almost) no voxel above its background (``brain_mask``) has no brain
+    under the skull-stripped convention the scaling relies on. Each would be answered by the model with a fluent
+    report of nothing.
 
     Raises:
         BadVolume: naming what is wrong, with counts.
@@ -634,10 +660,12 @@ def check_voxels(volume: torch.Tensor | np.ndarray) -> None:
         raise BadVolume(f"every one of the {total} voxels is 0 (an empty volume)")
     if low == high:
         raise BadVolume(f"every one of the {total} voxels is {low:g} (a constant volume holds no image)")
-    brain = int((values > 0).sum())
+    background = background_value(values)
+    brain = int((values > background).sum())
     if brain < max(64, MIN_BRAIN_SHARE * total):
-        raise BadVolume(f"no brain: {brain} of {total} voxels are above 0 (a skull-stripped FLAIR with background 0 "
-                        "is expected)")
+        raise BadVolume(f"no brain: {brain} of {total} voxels are above {background:g}, the background (a "
+                        "skull-stripped FLAIR whose background is one constant, 0 or a z-scored negative, is "
+                        "expected)")
 
 
 def _checked(volume: torch.Tensor) -> torch.Tensor:
@@ -646,19 +674,21 @@ def _checked(volume: torch.Tensor) -> torch.Tensor:
 
 
 def scale_brain_percentiles(volume: torch.Tensor, percentiles: Sequence[float] = PERCENTILES) -> torch.Tensor:
-    """Map the p_low..p_high intensity range of the brain (non-zero voxels) to [0, 1], clipped; background stays 0.
+    """Map the p_low..p_high intensity range of the brain (``brain_mask``: the voxels above the background constant,
+    0 or z-scored negative) to [0, 1], clipped; the background becomes 0.
 
     Percentiles of the whole volume are dominated by background: with a small lesion, p99 falls in normal tissue and
     the lesion is clipped to the same 1.0 as the brightest normal tissue (the phantom lost the tumour side in a third
     of its cases that way). Computing them over the brain, as BraTS pipelines do, keeps a hyperintense lesion above
     normal tissue.
     """
-    values = volume[volume > 0]
+    brain = brain_mask(volume)
+    values = volume[brain]
     if values.numel() < 16:
         values = volume.reshape(-1)
     low, high = np.percentile(values.numpy(), [float(percentiles[0]), float(percentiles[1])])
     scaled = (volume - float(low)) / max(float(high - low), 1e-8)
-    return scaled.clamp(0, 1) * (volume > 0)
+    return scaled.clamp(0, 1) * brain
 
 
 def preprocess_transform(volume_size: Sequence[int] = DEFAULT_VOLUME_SIZE, percentiles: Sequence[float] = PERCENTILES):
@@ -943,7 +973,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 __all__ = ["Case", "Cases", "BrainVolumes", "load_cases", "report_side", "healthy_report", "official_split",
            "side_stratified_split", "save_split", "check_nifti", "find_flair", "check_volume_size",
            "parse_volume_size", "preprocess_transform", "cache_key", "make_dataset", "stack_volumes", "load_volume",
-           "split_volumes", "check_voxels", "BadVolume",
+           "split_volumes", "check_voxels", "BadVolume", "brain_mask", "background_value",
            "add_data_args", "cases_from_args", "packaged_file", "mirror_report", "mirror_volumes",
            "LeftRightMirror", "DEFAULT_VOLUME_SIZE", "SIDES", "SPLITS",
            "HEALTHY_TEMPLATES"]

@@ -57,7 +57,8 @@ CORPUS_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "cider")
 CLINICAL_KEYS = ("lat_f1", "anat_f1", "path_f1", "lat_f1_seed", "anat_f1_seed", "path_f1_seed")
 LESION_KEYS = ("healthy_specificity", "tumour_sensitivity")
 SEED_TEXT_KEYS = ("bleu1_seed", "bleu2_seed", "bleu3_seed", "bleu4_seed")
-KEY_ORDER = (*CORPUS_KEYS[:4], "meteor", "meteor_segment", "rougeL", "cider", *SEED_TEXT_KEYS, "bertscore",
+KEY_ORDER = (*CORPUS_KEYS[:4], "meteor", "meteor_segment", "meteor_seed", "rougeL", "cider", *SEED_TEXT_KEYS,
+             "bertscore",
              *CLINICAL_KEYS, *LESION_KEYS)
 """Table order; ``bertscore`` stands for the ``bertscore_f1_<model>`` key that names the model used."""
 REQUIRED_FIELDS = {"id": str, "reference": str, "report": str, "healthy": bool}
@@ -97,6 +98,39 @@ def add_scoring_args(parser: argparse.ArgumentParser, n_boot: int, n_boot_corpus
                        help="auto: roberta-base (the seed's) when cached, else the offline MiniLM; none: skip")
     group.add_argument("--meteor", action=argparse.BooleanOptionalAction, default=True,
                        help="METEOR (needs java; its paraphrase table takes ~15 s of CPU to load)")
+    group.add_argument("--meteor-seed", action=argparse.BooleanOptionalAction, default=True,
+                       help="meteor_seed: the seed's NLTK METEOR per report (needs NLTK's WordNet data: python -m "
+                            "nltk.downloader wordnet; without it the key is left out with a note)")
+
+
+class _NoWordNet:
+    """A WordNet with no synonyms, for ``seed_meteor(..., wordnet=_NoWordNet())``: exact and stem matches only."""
+
+    def synsets(self, *args, **kwargs) -> list:
+        return []
+
+
+def seed_meteor(candidates: Sequence[str], references: Sequence[str], wordnet: Any = None
+                ) -> tuple[list[float] | None, str | None]:
+    """(per-report NLTK METEOR as the seed computes it, note): ``nltk.translate.meteor_score`` of lowercased
+    whitespace tokens, one reference per report, NLTK's defaults (alpha 0.9, beta 3, gamma 0.5; exact, Porter stem
+    and WordNet synonym matches). This is not Java METEOR 1.5 (``meteor``): no paraphrase table, other weights, and
+    a mean of per-report scores rather than a corpus aggregate.
+
+    ``wordnet``: NLTK's WordNet corpus when None. Without its data (not in the wheel; ``python -m nltk.downloader
+    wordnet``) the scores are None and the note says why."""
+    from nltk.translate.meteor_score import meteor_score
+
+    if wordnet is None:
+        from nltk.corpus import wordnet as nltk_wordnet
+
+        try:
+            nltk_wordnet.ensure_loaded()
+        except LookupError:
+            return None, "skipped: NLTK's WordNet data is not installed (python -m nltk.downloader wordnet)"
+        wordnet = nltk_wordnet
+    return [float(meteor_score([reference.lower().split()], candidate.lower().split(), wordnet=wordnet))
+            for candidate, reference in zip(candidates, references)], None
 
 
 def make_scorer(args: argparse.Namespace) -> TextScorer:
@@ -229,7 +263,8 @@ def _interval(values: list[float]) -> tuple[float, float]:
 
 
 def score_records(records: Sequence[dict[str, Any]], scorer: TextScorer, *, n_boot: int = 1000,
-                  n_boot_corpus: int = 200, n_boot_meteor: int = 0, seed: int = 0) -> dict[str, GroupScores]:
+                  n_boot_corpus: int = 200, n_boot_meteor: int = 0, seed: int = 0, meteor_seed: bool = False,
+                  wordnet: Any = None) -> dict[str, GroupScores]:
     """Every metric with its 95% interval for all cases, the tumour cases and the healthy controls (groups without
     cases are left out); see the module docstring for the resampling.
 
@@ -246,6 +281,12 @@ def score_records(records: Sequence[dict[str, Any]], scorer: TextScorer, *, n_bo
     per_case["states_lesion"] = [states_lesion(c) for c in candidates]
     healthy = np.array([bool(r["healthy"]) for r in records], dtype=bool)
     notes = dict(text.notes)
+    if meteor_seed:
+        values, note = seed_meteor(candidates, references, wordnet)
+        if values is not None:
+            per_case["meteor_seed"] = values
+        else:
+            notes["meteor_seed"] = note
     notes["bootstrap"] = (f"per-case metrics {n_boot} resamples; corpus BLEU/CIDEr {n_boot_corpus}; corpus METEOR "
                           f"{n_boot_meteor if scorer.meteor_scorer is not None else 0}")
     out: dict[str, GroupScores] = {}
@@ -375,8 +416,9 @@ def _flat(groups: dict[str, GroupScores], suffix: str = "") -> dict[str, Any]:
 
 
 def evaluate_run(run_dir: Path, split: str, scorer: TextScorer, *, n_boot: int = 1000, n_boot_corpus: int = 200,
-                 n_boot_meteor: int = 0, seed: int = 0) -> dict[str, Any]:
-    """Score ``predictions/<split>.jsonl`` (and its shuffled control), write the result set, return the summary."""
+                 n_boot_meteor: int = 0, seed: int = 0, meteor_seed: bool = False) -> dict[str, Any]:
+    """Score ``predictions/<split>.jsonl`` (and its shuffled control), write the result set, return the summary
+    (``meteor_seed``: add the seed's NLTK METEOR, ``seed_meteor``)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DataError(run_dir, "run directory does not exist")
@@ -385,8 +427,8 @@ def evaluate_run(run_dir: Path, split: str, scorer: TextScorer, *, n_boot: int =
     shuffled_path = predictions_path(run_dir, f"{split}_shuffled")
     records, shuffled = read_run_predictions(run_dir, split)
     bootstrap = {"n_boot": n_boot, "n_boot_corpus": n_boot_corpus, "n_boot_meteor": n_boot_meteor, "seed": seed}
-    groups = score_records(records, scorer, **bootstrap)
-    groups_shuffled = score_records(shuffled, scorer, **bootstrap) if shuffled else None
+    groups = score_records(records, scorer, **bootstrap, meteor_seed=meteor_seed)
+    groups_shuffled = score_records(shuffled, scorer, **bootstrap, meteor_seed=meteor_seed) if shuffled else None
 
     summary: dict[str, Any] = {"split": split, "predictions": str(path.relative_to(run_dir)), **_flat(groups)}
     if groups_shuffled:
@@ -465,12 +507,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     read_run_predictions(args.run_dir, args.split)  # a bad file or control fails before any scorer loads
     with make_scorer(args) as scorer:
         summary = evaluate_run(args.run_dir, args.split, scorer, n_boot=args.n_boot,
-                               n_boot_corpus=args.n_boot_corpus, n_boot_meteor=args.n_boot_meteor, seed=args.seed)
+                               n_boot_corpus=args.n_boot_corpus, n_boot_meteor=args.n_boot_meteor, seed=args.seed,
+                               meteor_seed=args.meteor_seed)
     print(summary["markdown"])
     return 0
 
 
-__all__ = ["GROUPS", "CORPUS_KEYS", "CLINICAL_KEYS", "LESION_KEYS", "GroupScores", "read_predictions",
+__all__ = ["GROUPS", "CORPUS_KEYS", "CLINICAL_KEYS", "LESION_KEYS", "GroupScores", "read_predictions", "seed_meteor",
            "score_records", "per_case_frame", "check_control", "read_run_predictions", "comparison_table", "ci_text",
            "evaluate_run", "add_scoring_args", "make_scorer", "predictions_path"]
 

@@ -3,6 +3,10 @@
 Example:
     python -m brain3d_report.explain --run-dir runs/brain/r3 --case BraTS20_Training_003 --phrase "left frontal"
     python -m brain3d_report.explain --run-dir runs/brain/r3 --case BraTS20_Training_003 --report
+    python -m brain3d_report.explain --run-dir runs/brain/r3 --input FLAIR.nii.gz --phrase "left frontal"
+
+The volume is a case of the run's data (``--case``) or any FLAIR NIfTI (``--input``, preprocessed as the run's
+training volumes: checked, reoriented to RAS, scaled, resized to its volume size), as the seed's script takes one.
 
 LIME (Ribeiro et al. 2016) with supervoxels in place of superpixels:
 1. the preprocessed volume (the model's input grid) is cut into about ``--supervoxels`` SLIC supervoxels
@@ -40,13 +44,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from brain3d_report.data import make_dataset
+from brain3d_report.data import Case, check_nifti, load_volume, make_dataset
 from brain3d_report.generate import (
     NO_REPEAT_NGRAM_SIZE,
     add_run_data_args,
     decoding_kwargs,
     generate_reports,
     load_report_run,
+    nifti_id,
     run_cases,
     volume_cache_root,
 )
@@ -71,7 +76,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = MedvlArgumentParser(prog="python -m brain3d_report.explain", description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, default=None, help="a warmup or lora run (RUN/best/model.json)")
-    parser.add_argument("--case", default=None, help="id of a case of the run's data")
+    volume = parser.add_argument_group("volume (one of)")
+    volume.add_argument("--case", default=None, help="id of a case of the run's data")
+    volume.add_argument("--input", type=Path, default=None,
+                        help="a FLAIR NIfTI file (any scan; outputs named after the file)")
     target = parser.add_argument_group("target (one of)")
     target.add_argument("--phrase", default=None, help='text whose log-likelihood is explained, e.g. "left frontal"')
     target.add_argument("--report", action="store_true", help="explain the model's own greedy report of the case")
@@ -288,25 +296,33 @@ def figure(volume: np.ndarray, heat: np.ndarray, title: str, path: Path,
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
-    guard_command(args, writes=("run_dir",), reads=("data_root", "healthy_root", "volume_cache", "cache_dir"),
-                  lock="run_dir")
-    require(args, run_dir="the trained run to explain", case="the case whose volume is explained")
+    guard_command(args, writes=("run_dir",), reads=("data_root", "healthy_root", "volume_cache", "cache_dir",
+                                                    "input"), lock="run_dir")
+    require(args, run_dir="the trained run to explain")
+    if (args.case is None) == (args.input is None):
+        raise ConfigError("--case", "give either --case ID (a case of the run's data) or --input FILE (a NIfTI)")
     if (args.phrase is None) == (not args.report):
         raise ConfigError("--phrase", "give either --phrase TEXT or --report")
     if args.phrase is not None and not args.phrase.strip():
         raise ConfigError("--phrase", "is empty")
+    if args.input is not None:
+        check_nifti(args.input, voxels=True)  # a bad file is refused before the model loads
     device = pick_device(args.device)
     loaded = load_report_run(args.run_dir, device, args.cache_dir)
     model, meta = loaded.model, loaded.meta
-    cases = run_cases(meta, args.run_dir, args.data_root, args.healthy_root)
-    found = [c for c in cases if c.id == args.case]
-    if not found:
-        raise ConfigError("--case", f"{args.case!r} is not a case of the run's data ({cases.source}, {len(cases)} "
-                                    f"cases, e.g. {', '.join(cases.ids[:3])})")
-    case = found[0]
     phrase = args.phrase
     volume_size = meta["preprocessing"]["volume_size"]
-    volume = make_dataset([case], volume_size, volume_cache_root(args))[0]["image"]
+    if args.input is not None:
+        case = Case(nifti_id(args.input), Path(args.input), "", "unknown", False)
+        volume = load_volume(args.input, volume_size)
+    else:
+        cases = run_cases(meta, args.run_dir, args.data_root, args.healthy_root)
+        found = [c for c in cases if c.id == args.case]
+        if not found:
+            raise ConfigError("--case", f"{args.case!r} is not a case of the run's data ({cases.source}, "
+                                        f"{len(cases)} cases, e.g. {', '.join(cases.ids[:3])})")
+        case = found[0]
+        volume = make_dataset([case], volume_size, volume_cache_root(args))[0]["image"]
     if args.report:
         decoding = decoding_kwargs(True, REPORT_TOKENS, no_repeat_ngram_size=NO_REPEAT_NGRAM_SIZE)
         phrase = generate_reports(model, volume[None], decoding)[0]
@@ -321,7 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  alpha=args.ridge_alpha)
     stem = f"{case.id}_{'report' if args.report else slug(phrase)}"
     mass = explanation.hemisphere_mass()
-    record = {"case": case.id, "side": case.side, "healthy": case.healthy, "phrase": phrase,
+    from_run = args.input is None
+    record = {"case": case.id, "side": case.side if from_run else None, "healthy": case.healthy if from_run else None,
+              "phrase": phrase,
               "target": "log-likelihood of the phrase after [visual tokens; prompt]",
               "base_log_likelihood": float(explanation.targets[0]), "n_tokens": int(ids.shape[1]),
               "samples": args.samples, "supervoxels": int(len(explanation.weights)),

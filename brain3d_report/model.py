@@ -44,6 +44,8 @@ INFLATIONS = ("centre", "mean")
 POS_EMBS = ("pretrained+depth", "seed")
 COMPRESSORS = ("perceiver", "pool")
 STAGES = ("contrastive", "warmup", "lora")
+VISION_TRAINABLES = ("all", "embeddings", "seed")
+"""What of the vision encoder stage 1 trains (``trainable_parameters``)."""
 IGNORE_INDEX = -100
 CONTRASTIVE_TEMPERATURE = 0.07
 """Initial InfoNCE temperature (CLIP's, the seed's fixed value); ``logit_scale`` learns from log(1 / 0.07)."""
@@ -544,6 +546,38 @@ def load_vision_tower(name: str, *, pretrained: bool = True, device: torch.devic
     return hf.load_pretrained(SiglipVisionModel, source, dtype=torch.float32, device=device, cache_dir=cache_dir)
 
 
+def vision_patch_size(name: str, cache_dir: str | Path | None = None) -> int | None:
+    """The 2D patch size of ``--vision`` read from its preset or config alone (no weights), so a volume size the
+    patch does not divide is refused when the flags are parsed; None when the config cannot be read without the
+    weights (a hub id that is not cached: the check then happens after loading)."""
+    if name in VISION_PRESETS:
+        preset = get_preset(name, "vision-tower", "--vision")
+        if "patch_size" in preset.options:
+            return int(preset.options["patch_size"])
+        name = preset.source
+    try:
+        config = SiglipVisionConfig.from_pretrained(name, cache_dir=cache_dir)
+    except (OSError, ValueError):
+        return None
+    return int(config.patch_size)
+
+
+def check_volume_fits(volume_size: Sequence[int], vision: str, depth_patch: int,
+                      cache_dir: str | Path | None = None) -> None:
+    """Refuse a ``--volume-size`` that the tubelet (``depth_patch`` x patch x patch) does not divide, before any
+    model is loaded (ConfigError on ``--volume-size`` naming the nearest sizes that do)."""
+    patch = vision_patch_size(vision, cache_dir)
+    if patch is None:
+        return
+    size = tuple(int(n) for n in volume_size)
+    tubelet = (int(depth_patch), patch, patch)
+    if len(size) != 3 or any(n < k or n % k for n, k in zip(size, tubelet)):
+        lower, upper = _nearest_multiples(size, tubelet) if len(size) == 3 else ("", "")
+        hint = f"; use e.g. {lower} or {upper}" if lower else ""
+        raise ConfigError("--volume-size", f"{' '.join(map(str, size))} is not divisible by the vision patch "
+                                           f"{tubelet} (depth x height x width) of {vision}{hint}")
+
+
 def causal_lm_from_vlm(model: nn.Module) -> nn.Module:
     """The text half of an image-text-to-text model as a causal LM (with ``generate``), sharing its modules.
 
@@ -725,8 +759,9 @@ def model_from_config(config: Mapping[str, Any], source: str | Path = "model.jso
 def trainable_parameters(model: Brain3DReportModel, stage: str, vision: str = "all") -> dict[str, nn.Parameter]:
     """Unfreeze what ``stage`` trains, freeze the rest, and return the trainable parameters by name.
 
-    ``contrastive``: the vision encoder (``vision="embeddings"``: only its tubelet and position embeddings, as the
-    seed), the compressor, the text head and the temperature. ``warmup``: the projector (with ``vis_scale``) only, as
+    ``contrastive``: the vision encoder (``vision="embeddings"``: only its tubelet and position embeddings;
+    ``"seed"``: only the tubelet embedding, the seed's stage-1 choice), the compressor, the text head and the
+    temperature. ``warmup``: the projector (with ``vis_scale``) only, as
     the seed's README says; the vision encoder and compressor stay as stage 1 left them, so the token whitening
     fitted on their output at the start of the stage stays valid (training the compressor too, the warm-up taught it
     to give every volume the same tokens: teacher-forced side AUC 0.5 on the phantom, 0.84 frozen).
@@ -734,15 +769,16 @@ def trainable_parameters(model: Brain3DReportModel, stage: str, vision: str = "a
     """
     if stage not in STAGES:
         raise ConfigError("--stage", f"choose one of {', '.join(STAGES)}, not {stage!r}")
-    if vision not in ("all", "embeddings"):
-        raise ValueError(f"vision must be 'all' or 'embeddings', not {vision!r}")
+    if vision not in VISION_TRAINABLES:
+        raise ValueError(f"vision must be one of {', '.join(VISION_TRAINABLES)}, not {vision!r}")
     model.requires_grad_(False)
     if stage == "contrastive":
         if vision == "all":
             model.vision.requires_grad_(True)
         else:
+            names = ("patch_embed",) if vision == "seed" else ("patch_embed", "position_embedding", "depth_embedding")
             for name, param in model.vision.named_parameters():
-                param.requires_grad_(name.startswith(("patch_embed", "position_embedding", "depth_embedding")))
+                param.requires_grad_(name.startswith(names))
         for module in (model.compressor, model.text_head):
             module.requires_grad_(True)
         model.logit_scale.requires_grad_(True)
@@ -759,7 +795,8 @@ def trainable_parameters(model: Brain3DReportModel, stage: str, vision: str = "a
 
 
 __all__ = ["InflatedSiglip3D", "PerceiverResampler", "PoolCompressor", "Projector", "Brain3DReportModel",
-           "build_model", "model_from_config", "trainable_parameters", "load_vision_tower", "load_language_model",
+           "build_model", "model_from_config", "trainable_parameters", "vision_patch_size",
+           "check_volume_fits", "load_vision_tower", "load_language_model",
            "lm_tokenizer", "vision_pixel_norm", "INPUT_RANGES",
            "causal_lm_from_vlm", "inflate_patch_weight", "interpolate_position_grid",
            "seed_position_embedding", "VISION_PRESETS", "LM_PRESETS", "INFLATIONS", "POS_EMBS", "COMPRESSORS",

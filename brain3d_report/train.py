@@ -60,11 +60,14 @@ from brain3d_report.model import (
     POS_EMBS,
     STAGES,
     VISION_PRESETS,
+    VISION_TRAINABLES,
     Brain3DReportModel,
     build_model,
+    check_volume_fits,
     model_from_config,
     trainable_parameters,
 )
+from common.checkpoint import META_FILE, find_model_dir
 from common.cli import (
     MedvlArgumentParser,
     base_parser,
@@ -100,6 +103,8 @@ STAGE_DEFAULTS = {
 }
 """The seed's schedule per stage (contrastive batch 4 instead of its 1, which leaves InfoNCE without negatives)."""
 FLIP_MODES = ("both", "random", "off")
+SEED_PATCH_LR_SCALE = 0.2
+"""``--train-vision seed``: the seed's stage 1 trains its 3D patch embedding at 0.2 x the learning rate."""
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -142,19 +147,79 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "with probability 0.5 per epoch), off (the default, the seed's: no augmentation)")
     stage.add_argument("--queue-size", type=int, default=64,
                        help="past text embeddings kept as extra negatives (0: in-batch negatives only)")
-    stage.add_argument("--train-vision", choices=("all", "embeddings"), default="all",
-                       help="contrastive: train the whole vision encoder, or only its embeddings (the seed)")
+    stage.add_argument("--train-vision", choices=VISION_TRAINABLES, default="all",
+                       help="contrastive: train the whole vision encoder (all), only its tubelet and position "
+                            "embeddings (embeddings), or the seed's choice (seed: only the tubelet embedding, at "
+                            f"{SEED_PATCH_LR_SCALE} x --lr, beside the contrastive heads at --lr)")
+    stage.add_argument("--lr-projector", type=positive_float, default=None,
+                       help="warmup and lora: learning rate of the projector (default --lr; the seed's lora stage "
+                            "used 2e-4 here and 5e-5 for the adapters)")
+    stage.add_argument("--lr-lora", type=positive_float, default=None,
+                       help="lora: learning rate of the LoRA adapters (default --lr)")
     stage.add_argument("--max-text-len", type=positive_int, default=128, help="report tokens kept (the seed's 128)")
     stage.add_argument("--lora-r", type=positive_int, default=4)
     stage.add_argument("--lora-alpha", type=positive_int, default=8)
     stage.add_argument("--lora-dropout", type=nonnegative_float, default=0.05)
     stage.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), default="auto",
-                       help="recompute activations in the backward pass (auto: on CUDA)")
+                       help="recompute activations in the backward pass: the vision encoder's layers in the "
+                            "contrastive stage (the only one that trains it), the LM's in the others (auto: on "
+                            "CUDA, off on CPU)")
     add_train_args(parser, epochs=0, batch_size=0, lr=0.0, weight_decay=0.01, monitor="val_loss", mode="min")
     for action in parser._actions:  # stage-dependent defaults, filled in by stage_defaults()
         if action.dest in ("epochs", "batch_size", "lr", "grad_accum", "patience"):
             action.default = None
     return parser
+
+
+def init_vision(args: argparse.Namespace) -> tuple[str, int]:
+    """(vision tower, depth patch) of the run being built: the flags for a new contrastive run, the ``--init`` run's
+    ``model.json`` for the later stages (the flags when it cannot be read: loading the run later names the
+    problem)."""
+    if args.init is not None:
+        try:
+            config = json.loads((find_model_dir(Path(args.init)) / META_FILE).read_text())["kwargs"]["model"]
+            return str(config["vision"]), int(config["depth_patch"])
+        except (OSError, ValueError, KeyError, TypeError, DataError):
+            pass
+    return args.vision, args.depth_patch
+
+
+def use_gradient_checkpointing(choice: str, device: torch.device) -> bool:
+    """``--gradient-checkpointing``: on, off, or auto (on CUDA, where memory is what limits the batch)."""
+    return choice == "on" or (choice == "auto" and torch.device(device).type == "cuda")
+
+
+def apply_gradient_checkpointing(model: Brain3DReportModel, stage: str, choice: str, device: torch.device) -> bool:
+    """Turn on gradient checkpointing where the stage backpropagates through many activations: the vision encoder's
+    layers in the contrastive stage (thousands of tokens per volume: about 176 MiB saved per layer per volume at
+    64 x 126 x 126 for the so400m tower), the LM's layers in the warm-up and LoRA stages (the encoder is frozen
+    there and encoded once). Returns whether it is on."""
+    if not use_gradient_checkpointing(choice, device):
+        return False
+    if stage == "contrastive":
+        model.vision.gradient_checkpointing = True
+    else:
+        model.gradient_checkpointing_enable()
+    return True
+
+
+def optimizer_groups(trainable: dict[str, torch.nn.Parameter], args: argparse.Namespace) -> list[dict]:
+    """AdamW parameter groups with the learning rates the flags ask for: ``--lr-projector`` for the projector,
+    ``--lr-lora`` for the LoRA adapters (each --lr when not given), and with ``--train-vision seed`` the tubelet
+    embedding at ``SEED_PATCH_LR_SCALE`` x --lr, as the seed's stage 1. Every other parameter gets --lr."""
+    def rate(name: str) -> float:
+        if name.startswith("projector.") and getattr(args, "lr_projector", None) is not None:
+            return float(args.lr_projector)
+        if "lora_" in name and getattr(args, "lr_lora", None) is not None:
+            return float(args.lr_lora)
+        if getattr(args, "train_vision", "all") == "seed" and name.startswith("vision.patch_embed."):
+            return float(args.lr) * SEED_PATCH_LR_SCALE
+        return float(args.lr)
+
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for name, param in trainable.items():
+        groups.setdefault(rate(name), []).append(param)
+    return [{"params": params, "lr": lr} for lr, params in groups.items()]
 
 
 def stage_defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -488,6 +553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             data_root="the folder of case folders")
     if args.stage != "contrastive":
         require(args, init=f"the run the {args.stage} stage starts from")
+    check_volume_fits(args.volume_size, *init_vision(args), cache_dir=args.cache_dir)  # before any model loads
     args = stage_defaults(args)
     if args.queue_size < 0:
         raise ConfigError("--queue-size", f"must be 0 or more, not {args.queue_size}")
@@ -526,9 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout}
         add_lora(model, **{"rank": lora["r"], "alpha": lora["alpha"], "dropout": lora["dropout"]})
     trainable = trainable_parameters(model, args.stage, args.train_vision)
-    if args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and device.type == "cuda"):
-        if args.stage != "contrastive":
-            model.gradient_checkpointing_enable()
+    apply_gradient_checkpointing(model, args.stage, args.gradient_checkpointing, device)
     log.info("stage %s: %d trainable parameters", args.stage, sum(p.numel() for p in trainable.values()))
 
     flip = args.flip_augment
@@ -571,7 +635,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         task = CaptionTask(meta, prompt_tokens(model.tokenizer), keyword_weight)
     datasets = {name: stage_dataset(inputs[name], fields[name], flip, mirrored) if name == "train"
                 else stage_dataset(inputs[name], fields[name]) for name in parts}
-    optimizer = torch.optim.AdamW(list(trainable.values()), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(optimizer_groups(trainable, args), lr=args.lr, weight_decay=args.weight_decay)
     split_text = save_split_text(cases)
     run_files = {"config.yaml": config_text(args), "split.csv": split_text,
                  "data.json": json.dumps({"counts": cases.counts(), "skipped": cases.skipped}, indent=2,
