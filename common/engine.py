@@ -47,9 +47,17 @@ from common.checkpoint import (
     staged_dir,
     swap_dir,
 )
-from common.cli import nonnegative_float, nonnegative_int, positive_float, positive_int, unit_interval
+from common.cli import (
+    nonnegative_float,
+    nonnegative_int,
+    open_unit_interval,
+    positive_float,
+    positive_int,
+    unit_interval,
+)
 from common.device import mixed_precision, pick_device
 from common.device_data import EvalBatches, TrainBatches, default_num_workers, model_to_channels_last
+from common.ema import WeightEMA
 from common.errors import ConfigError, DataError
 from common.pipelines import FLOOR_OUTPUTS, matching_outputs
 from common.pipelines import run_outputs as pipeline_run_outputs
@@ -92,6 +100,8 @@ class TrainConfig:
     data_on_device: bool | None = None
     channels_last: bool = False
     compile: str = "none"
+    ema_decay: float | None = None
+    """Validate and save an exponential moving average of the weights (``common.ema``) instead of the weights."""
     cpu_bf16: bool = False
     """``--precision auto`` on a CPU with AMX-BF16 autocasts to bf16 (for models that gain from it, see
     ``common.device.mixed_precision``)."""
@@ -111,6 +121,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
                 raise ConfigError(f"--{name.replace('_', '-')}", f"expected an integer >= {low}, got {value!r}")
+        if self.ema_decay is not None and (isinstance(self.ema_decay, bool) or not isinstance(
+                self.ema_decay, int | float) or not 0 < self.ema_decay < 1):
+            raise ConfigError("--ema-decay", f"expected a number strictly between 0 and 1, got {self.ema_decay!r}")
         for name, low, high in (("clip_grad_norm", 0, math.inf), ("step_gamma", 0, math.inf),
                                 ("min_lr_ratio", 0, 1)):
             value = getattr(self, name)
@@ -315,8 +328,12 @@ def _clear_run(run_dir: Path, extra: tuple[str, ...] = ()) -> None:
             path.unlink()
 
 
+EMA_DIR = "ema"
+"""Subfolder of a checkpoint holding the averaged weights (``--ema-decay``)."""
+
+
 def _save_last(accelerator: Accelerator, model, optimizer, scheduler, state: _LoopState, run_dir: Path,
-               identity: dict[str, Any], task: TrainTask) -> None:
+               identity: dict[str, Any], task: TrainTask, ema: WeightEMA | None = None) -> None:
     """Write the resumable state into a fresh folder, then swap it in: a kill never leaves half a checkpoint."""
     last = run_dir / LAST_DIR
     tmp = last.with_name("last.tmp")
@@ -333,6 +350,9 @@ def _save_last(accelerator: Accelerator, model, optimizer, scheduler, state: _Lo
                                        "num_processes": accelerator.num_processes, "identity": identity})
         if hasattr(task, "task_tensors"):
             train_state.save_task_tensors(task.task_tensors(), tmp)
+        if ema is not None:
+            (tmp / EMA_DIR).mkdir()
+            train_state.save_model_state(ema.module, tmp / EMA_DIR)
     train_state.save_rng(tmp, accelerator.process_index)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -358,7 +378,7 @@ def _identity(config: TrainConfig, train_size: int, num_processes: int) -> dict[
     """The loop settings a resumed run must share with the interrupted one to end at the same weights."""
     keys = ("epochs", "batch_size", "grad_accum", "clip_grad_norm", "scheduler", "warmup_steps", "step_size_epochs",
             "step_gamma", "min_lr_ratio", "precision", "monitor", "mode", "patience", "eval_every", "seed",
-            "channels_last", "compile")
+            "channels_last", "compile", "ema_decay")
     return {**{k: getattr(config, k) for k in keys}, "train_size": train_size, "num_processes": num_processes}
 
 
@@ -520,11 +540,14 @@ def _fit(
         val_batches = EvalBatches(val_dataset, config.eval_batch_size or config.batch_size, accelerator.device,
                                   collate_fn=collate_fn, num_workers=workers, on_device=config.data_on_device)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
+    ema = WeightEMA(accelerator.unwrap_model(model), config.ema_decay) if config.ema_decay else None
 
     metrics_path = run_dir / "metrics.jsonl"
     history: list[dict[str, Any]] = []
     if config.resume:
         train_state.load_model_state(accelerator.unwrap_model(model), resume_dir)
+        if ema is not None:
+            train_state.load_model_state(ema.module, resume_dir / EMA_DIR)
         train_state.load_optimizer(optimizer, resume_dir)
         _match_parameter_layout(optimizer)
         try:
@@ -558,7 +581,7 @@ def _fit(
     log.info("training data: %s", train_batches.describe())
 
     def save_last() -> None:
-        _save_last(accelerator, model, optimizer, scheduler, state, run_dir, identity, task)
+        _save_last(accelerator, model, optimizer, scheduler, state, run_dir, identity, task, ema)
 
     def read_loss(loss_sum: torch.Tensor, epoch: int) -> float:
         """Read the device's running loss sum into the loop state (the loop's only wait for the device)."""
@@ -613,6 +636,8 @@ def _fit(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update(accelerator.unwrap_model(model))
                 state.global_step += 1
                 if state.global_step % config.log_every == 0:
                     mean = read_loss(loss_sum, epoch) / state.loss_count
@@ -640,7 +665,7 @@ def _fit(
                                   "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - start, 2)}
         evaluated = val_batches is not None and (epoch + 1) % config.eval_every == 0
         if evaluated:
-            record.update(_validate(accelerator, model, val_batches, task))
+            record.update(_validate(accelerator, ema.module if ema is not None else model, val_batches, task))
         if evaluated or val_batches is None:
             value = record.get(config.monitor)
             if value is None:
@@ -649,7 +674,8 @@ def _fit(
                 state.best_value, state.best_epoch, state.bad_evals = float(value), epoch + 1, 0
                 if accelerator.is_main_process:
                     with staged_dir(run_dir / BEST_DIR) as staged:
-                        task.save_best(accelerator.unwrap_model(model), record, staged)
+                        task.save_best(ema.module if ema is not None else accelerator.unwrap_model(model), record,
+                                       staged)
                 record["is_best"] = True
             else:
                 state.bad_evals += 1
@@ -758,6 +784,9 @@ def add_train_args(parser, *, epochs: int, batch_size: int, lr: float, monitor: 
     group.add_argument("--scheduler", choices=SCHEDULERS, default=scheduler)
     group.add_argument("--warmup-steps", type=nonnegative_int, default=0)
     group.add_argument("--min-lr-ratio", type=unit_interval, default=0.0)
+    group.add_argument("--ema-decay", type=open_unit_interval, default=None,
+                       help="validate, pick the best epoch by and save an exponential moving average of the weights "
+                            "with this decay per optimizer step (e.g. 0.99); off by default")
     group.add_argument("--monitor", default=monitor, help="validation metric that picks the best epoch")
     group.add_argument("--mode", choices=["min", "max"], default=mode)
     group.add_argument("--patience", type=positive_int, default=None,
