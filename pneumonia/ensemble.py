@@ -6,7 +6,8 @@ Example:
 The decision threshold is chosen on the validation split from the ensemble's own mean probabilities, by the
 members' threshold rule; ``acc_at_0.5`` is MedMNIST's protocol on the mean probability. Each member predicts
 with the test-time augmentation it was trained with. An ensemble is a different model from its members: report it
-apart from the single-model rows.
+apart from the single-model rows, which the same command summarises (``single_<metric>_mean`` and ``_sd`` over the
+members, each at its own validation threshold; per member in ``ensemble.json``).
 """
 
 from __future__ import annotations
@@ -46,9 +47,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SINGLE_METRICS = ("auroc", "acc", "acc_at_0.5")
+"""Metrics of each member alone (at its own validation threshold) summarised as mean and sample SD over members."""
+
+
 def ensemble_probabilities(run_dirs: Sequence[Path], data_root: Path | None, split: str,
                            device: str = "auto") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
-    """Per-split mean probabilities of the runs (validation and ``split``), the labels, and a description.
+    """Per-split mean probabilities of the runs (validation and ``split``), the labels, and a description with each
+    member's metrics on ``split`` alone.
 
     The runs must share the image size, the threshold rule and (unless ``data_root`` is given) the data file.
     """
@@ -73,16 +79,18 @@ def ensemble_probabilities(run_dirs: Sequence[Path], data_root: Path | None, spl
         raise ConfigError("--data-root", "not given, and the first run's model.json names no data root")
     splits = tuple(dict.fromkeys(("val", split)))
     data = load_medmnist(root, first["preprocessing"]["image_size"], splits=splits)
-    probabilities, labels = {}, {}
+    probabilities, labels, singles = {}, {}, []
     for name in splits:
         if len(data.labels[name]) == 0:
             raise DataError(data.path, f"the {name} split is empty")
-        probabilities[name] = np.mean([predict_proba(model, data.images[name], device=torch_device)
-                                       for model, _ in members], axis=0)
-        labels[name] = data.labels[name]
+        each = [predict_proba(model, data.images[name], device=torch_device) for model, _ in members]
+        probabilities[name], labels[name] = np.mean(each, axis=0), data.labels[name]
+        if name == split:
+            singles = [{k: v for k, v in scores_at(labels[name], p, float(meta["thresholds"]["decision"])).items()
+                        if k in SINGLE_METRICS} for p, (_, meta) in zip(each, members)]
     description = {"members": [str(Path(r).resolve()) for r in run_dirs], "data": str(data.path),
                    "threshold_rule": first.get("threshold_rule", "youden"),
-                   "tta": [meta["kwargs"].get("tta", "none") for _, meta in members]}
+                   "tta": [meta["kwargs"].get("tta", "none") for _, meta in members], "single_models": singles}
     return probabilities, labels, description
 
 
@@ -96,6 +104,10 @@ def evaluate_ensemble(run_dirs: Sequence[Path], output_dir: Path, split: str = "
                               {"label": truth, "score": scores}, keys=METRICS, n_boot=n_boot, seed=seed)
     results.update({"threshold": threshold, "n": int(len(truth)), "n_positive": int(truth.sum()), "split": split,
                     "n_members": len(run_dirs)})
+    for key in SINGLE_METRICS:  # the members alone: the single-model row beside the ensemble's
+        values = [single[key] for single in description["single_models"]]
+        results[f"single_{key}_mean"] = float(np.mean(values))
+        results[f"single_{key}_sd"] = float(np.std(values, ddof=1))
     frame = pd.DataFrame({"index": np.arange(len(truth)), "label": truth, "prob_pneumonia": scores,
                           "predicted": (scores >= threshold).astype(int)})
     output_dir.mkdir(parents=True, exist_ok=True)

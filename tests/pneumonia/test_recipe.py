@@ -187,8 +187,7 @@ def test_ensemble_scores_the_mean_probability(trained_pneumonia_run, second_run,
                           "--n-boot", "50"]) == 0
     arrays = np.load(npz)
     members = [load_trained(run)[0] for run in (first_run, second_run)]
-    mean = {split: np.mean([predict_proba(m, arrays[f"{split}_images"][..., 0] if arrays[f"{split}_images"].ndim == 4
-                                          else arrays[f"{split}_images"]) for m in members], axis=0)
+    mean = {split: np.mean([predict_proba(m, arrays[f"{split}_images"].reshape(-1, 28, 28)) for m in members], axis=0)
             for split in ("val", "test")}
     labels = {split: arrays[f"{split}_labels"].reshape(-1) for split in ("val", "test")}
     predictions = pd.read_csv(out / "predictions" / "test.csv")
@@ -203,6 +202,13 @@ def test_ensemble_scores_the_mean_probability(trained_pneumonia_run, second_run,
     assert results["auroc"] == pytest.approx(official.AUC, abs=1e-12)
     assert results["acc_at_0.5"] == pytest.approx(official.ACC, abs=1e-12)
     assert results["n_members"] == 2
+    singles = []
+    for run_dir, member in zip((first_run, second_run), members):
+        threshold = json.loads((run_dir / "best" / "model.json").read_text())["thresholds"]["decision"]
+        probs = predict_proba(member, arrays["test_images"].reshape(-1, 28, 28))
+        singles.append(((probs >= threshold) == labels["test"]).mean())
+    assert results["single_acc_mean"] == pytest.approx(np.mean(singles))
+    assert results["single_acc_sd"] == pytest.approx(np.std(singles, ddof=1))
 
 
 def test_ensemble_refuses_one_run(trained_pneumonia_run, tmp_path, capsys):
