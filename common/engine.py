@@ -102,6 +102,8 @@ class TrainConfig:
     compile: str = "none"
     ema_decay: float | None = None
     """Validate and save an exponential moving average of the weights (``common.ema``) instead of the weights."""
+    ema_warmup: bool = False
+    """Lower the EMA decay over the first steps (``common.ema.WeightEMA``)."""
     cpu_bf16: bool = False
     """``--precision auto`` on a CPU with AMX-BF16 autocasts to bf16 (for models that gain from it, see
     ``common.device.mixed_precision``)."""
@@ -378,7 +380,7 @@ def _identity(config: TrainConfig, train_size: int, num_processes: int) -> dict[
     """The loop settings a resumed run must share with the interrupted one to end at the same weights."""
     keys = ("epochs", "batch_size", "grad_accum", "clip_grad_norm", "scheduler", "warmup_steps", "step_size_epochs",
             "step_gamma", "min_lr_ratio", "precision", "monitor", "mode", "patience", "eval_every", "seed",
-            "channels_last", "compile", "ema_decay")
+            "channels_last", "compile", "ema_decay", "ema_warmup")
     return {**{k: getattr(config, k) for k in keys}, "train_size": train_size, "num_processes": num_processes}
 
 
@@ -540,7 +542,7 @@ def _fit(
         val_batches = EvalBatches(val_dataset, config.eval_batch_size or config.batch_size, accelerator.device,
                                   collate_fn=collate_fn, num_workers=workers, on_device=config.data_on_device)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
-    ema = WeightEMA(accelerator.unwrap_model(model), config.ema_decay) if config.ema_decay else None
+    ema = WeightEMA(accelerator.unwrap_model(model), config.ema_decay, config.ema_warmup) if config.ema_decay else None
 
     metrics_path = run_dir / "metrics.jsonl"
     history: list[dict[str, Any]] = []
@@ -636,9 +638,9 @@ def _fit(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update(accelerator.unwrap_model(model))
                 state.global_step += 1
+                if ema is not None:
+                    ema.update(accelerator.unwrap_model(model), state.global_step)
                 if state.global_step % config.log_every == 0:
                     mean = read_loss(loss_sum, epoch) / state.loss_count
                     bar.set_postfix(loss=f"{mean:.4f}")
@@ -787,6 +789,9 @@ def add_train_args(parser, *, epochs: int, batch_size: int, lr: float, monitor: 
     group.add_argument("--ema-decay", type=open_unit_interval, default=None,
                        help="validate, pick the best epoch by and save an exponential moving average of the weights "
                             "with this decay per optimizer step (e.g. 0.99); off by default")
+    group.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=False,
+                       help="use the decay min(d, (1 + t) / (10 + t)) at step t, so the average does not keep the "
+                            "random initialisation for hundreds of steps")
     group.add_argument("--monitor", default=monitor, help="validation metric that picks the best epoch")
     group.add_argument("--mode", choices=["min", "max"], default=mode)
     group.add_argument("--patience", type=positive_int, default=None,

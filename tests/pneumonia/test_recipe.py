@@ -21,14 +21,25 @@ from pneumonia.data import MEAN, STD
 from pneumonia.model import PneumoniaNet, load_trained, predict_proba, tta_views
 
 
-def test_weight_ema_is_the_closed_form_average():
-    """After k updates: decay^k w0 + sum_i (1 - decay) decay^(k - i) w_i, for weights and float buffers alike."""
+def _ema_after(decays, history):
+    """The closed form of k updates with decay d_t: prod(d) w0 + sum_i (1 - d_i) prod_{j > i} d_j w_i."""
+    total = torch.zeros_like(history[0])
+    for i, weights in enumerate(history):
+        later = float(np.prod(decays[i:]))  # decays[i] belongs to update i + 1
+        total += (later if i == 0 else (1 - decays[i - 1]) * later) * weights
+    return total
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_weight_ema_is_the_closed_form_average(warmup):
+    """For weights and float buffers alike; with warm-up the decay of update t is min(d, (1 + t) / (10 + t))."""
     model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
     decay = 0.8
-    ema = WeightEMA(model, decay)
+    ema = WeightEMA(model, decay, warmup=warmup)
     history = [{k: v.clone() for k, v in model.state_dict().items()}]
     generator = torch.Generator().manual_seed(0)
-    for _ in range(5):
+    steps = 40
+    for step in range(1, steps + 1):
         with torch.no_grad():
             for value in model.state_dict().values():
                 if value.dtype.is_floating_point:
@@ -36,13 +47,13 @@ def test_weight_ema_is_the_closed_form_average():
                 else:
                     value.add_(1)
         history.append({k: v.clone() for k, v in model.state_dict().items()})
-        ema.update(model)
-    k = len(history) - 1
+        ema.update(model, step)
+    decays = [min(decay, (1 + t) / (10 + t)) if warmup else decay for t in range(1, steps + 1)]
+    assert (decays[0] < 0.2) == warmup and decays[-1] == decay
     for name, value in ema.module.state_dict().items():
         if value.dtype.is_floating_point:
-            expected = decay**k * history[0][name] + sum(
-                (1 - decay) * decay ** (k - i) * history[i][name] for i in range(1, k + 1))
-            assert torch.allclose(value, expected, atol=1e-6), name
+            expected = _ema_after(decays, [h[name] for h in history])
+            assert torch.allclose(value, expected, atol=1e-5), name
         else:
             assert torch.equal(value, history[-1][name])  # the step counter is copied, not averaged
     assert not any(p.requires_grad for p in ema.module.parameters())
@@ -141,7 +152,7 @@ def test_shift_tta_averages_the_one_pixel_shifts():
 def _recipe_args(data_root, out, *extra):
     return ["--data-root", str(data_root), "--output-dir", str(out), "--arch", "resnet-tiny", "--width", "8",
             "--epochs", "2", "--train-limit", "96", "--batch-size", "16", "--no-progress", "--seed", "2",
-            "--device", "cpu", "--precision", "fp32", "--ema-decay", "0.9", "--mixup-alpha", "0.4",
+            "--device", "cpu", "--precision", "fp32", "--ema-decay", "0.9", "--ema-warmup", "--mixup-alpha", "0.4",
             "--cutmix-alpha", "1.0", "--label-smoothing", "0.1", "--class-weight", "balanced", "--tta", "shift",
             "--drop-path", "0.1", "--dropout", "0.1", "--monitor", "val_loss", "--mode", "min", *extra]
 
