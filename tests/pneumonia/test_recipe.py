@@ -157,6 +157,7 @@ def _recipe_args(data_root, out, *extra):
             "--drop-path", "0.1", "--dropout", "0.1", "--monitor", "val_loss", "--mode", "min", *extra]
 
 
+@pytest.mark.slow
 def test_recipe_run_saves_the_average_and_resumes_exactly(pneumonia_phantom, tmp_path):
     """The best model is the EMA (not the raw weights) and a run stopped mid-epoch, resumed, ends identically."""
     root = pneumonia_phantom.parent
@@ -191,6 +192,7 @@ def second_run(pneumonia_phantom, tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_ensemble_scores_the_mean_probability(trained_pneumonia_run, second_run, tmp_path):
     first_run, npz = trained_pneumonia_run
     out = tmp_path / "ensemble"
