@@ -26,10 +26,11 @@ from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.metrics.classification import best_threshold
 from common.run_guard import RUN_NEEDS, guard_command
+from common.runs import load_run
 from common.tables import metrics_with_ci, write_results
 from pneumonia.data import SPLITS, load_medmnist
 from pneumonia.evaluate import METRICS, scores_at
-from pneumonia.model import load_trained, predict_proba
+from pneumonia.model import build_from_record, predict_proba
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -63,7 +64,8 @@ def ensemble_probabilities(run_dirs: Sequence[Path], data_root: Path | None, spl
     if len(set(map(Path.resolve, map(Path, run_dirs)))) != len(run_dirs):
         raise ConfigError("--run-dirs", "the same run is named twice")
     torch_device = pick_device(device)
-    members = [load_trained(run_dir, torch_device) for run_dir in run_dirs]
+    members = [(loaded.model, loaded.meta) for loaded in (
+        load_run(run_dir, "pneumonia", build_from_record, stage="train", device=torch_device) for run_dir in run_dirs)]
     first = members[0][1]
     for run_dir, (_, meta) in zip(run_dirs, members):
         for what, value in (("image size", meta["preprocessing"]["image_size"]),

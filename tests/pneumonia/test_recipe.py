@@ -16,9 +16,10 @@ from common.ema import WeightEMA
 from common.engine import TrainConfig
 from common.errors import ConfigError
 from common.metrics.classification import best_threshold
+from common.runs import load_run
 from pneumonia import ensemble, train
 from pneumonia.data import MEAN, STD
-from pneumonia.model import PneumoniaNet, load_trained, predict_proba, tta_views
+from pneumonia.model import PneumoniaNet, build_from_record, predict_proba, tta_views
 
 
 def _ema_after(decays, history):
@@ -179,7 +180,7 @@ def test_recipe_run_saves_the_average_and_resumes_exactly(pneumonia_phantom, tmp
     assert not torch.equal(raw[key], averaged[key])
     if best_epoch == len(history):
         assert torch.equal(full[key], averaged[key])
-    model, _ = load_trained(tmp_path / "full")
+    model = load_run(tmp_path / "full", "pneumonia", build_from_record).model
     assert model.tta == "shift"
 
 
@@ -199,7 +200,7 @@ def test_ensemble_scores_the_mean_probability(trained_pneumonia_run, second_run,
     assert ensemble.main(["--run-dirs", str(first_run), str(second_run), "--output-dir", str(out),
                           "--n-boot", "50"]) == 0
     arrays = np.load(npz)
-    members = [load_trained(run)[0] for run in (first_run, second_run)]
+    members = [load_run(run, "pneumonia", build_from_record).model for run in (first_run, second_run)]
     mean = {split: np.mean([predict_proba(m, arrays[f"{split}_images"].reshape(-1, 28, 28)) for m in members], axis=0)
             for split in ("val", "test")}
     labels = {split: arrays[f"{split}_labels"].reshape(-1) for split in ("val", "test")}
