@@ -73,6 +73,7 @@ finite_float = _bounded(float, "a finite number", lambda v: True)
 positive_float = _bounded(float, "a number > 0", lambda v: v > 0)
 nonnegative_float = _bounded(float, "a number >= 0", lambda v: v >= 0)
 unit_interval = _bounded(float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
+open_unit_interval = _bounded(float, "a number strictly between 0 and 1", lambda v: 0 < v < 1)
 seed_int = _bounded(int, "a seed in 0..4294967295", lambda v: 0 <= v < 2**32)
 
 

@@ -33,9 +33,17 @@ from accelerate.utils import broadcast_object_list, send_to_device, set_seed
 from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
-from common.cli import nonnegative_float, nonnegative_int, positive_float, positive_int, unit_interval
+from common.cli import (
+    nonnegative_float,
+    nonnegative_int,
+    open_unit_interval,
+    positive_float,
+    positive_int,
+    unit_interval,
+)
 from common.device import mixed_precision, pick_device
 from common.device_data import EvalBatches, TrainBatches, default_num_workers, model_to_channels_last
+from common.ema import WeightEMA
 from common.errors import ConfigError, DataError
 from common.run_guard import run_lock
 from common.rundir import resume
@@ -107,6 +115,11 @@ class TrainConfig:
                                 group="speed")
     compile: str = _knob("none", "torch.compile the training steps with this mode", choices=COMPILE_MODES,
                          group="speed")
+    ema_decay: float | None = _knob(None, "validate, pick the best epoch by and save an exponential moving average "
+                                          "of the weights with this decay per optimizer step (e.g. 0.99; common.ema)",
+                                    type=open_unit_interval)
+    ema_warmup: bool = _knob(False, "--ema-decay: use min(decay, (1 + t) / (10 + t)) at step t, so the average does "
+                                    "not keep the random initialisation for hundreds of steps")
     cpu_bf16: bool = _knob(False, "--precision auto autocasts to bf16 on CPUs with AMX-BF16 (for models that gain "
                                   "from it; see common.device.mixed_precision)", group="speed")
 
@@ -417,6 +430,8 @@ class _Loop:
             self.val_batches = EvalBatches(val_dataset, config.eval_batch_size or config.batch_size,
                                            accelerator.device, num_workers=workers, on_device=config.data_on_device)
         self.scheduler = build_scheduler(self.optimizer, config, steps_per_epoch)
+        self.ema = (WeightEMA(accelerator.unwrap_model(self.model), config.ema_decay, config.ema_warmup)
+                    if config.ema_decay else None)
         self.metrics_path = run_dir / HISTORY_FILE
         self.history: list[dict[str, Any]] = []
         self.stopped_early = self.hit_max_steps = False
@@ -430,6 +445,8 @@ class _Loop:
         the history cut back to the checkpoint's step."""
         accelerator, state = self.accelerator, self.state
         resume.load_last_model(accelerator.unwrap_model(self.model), resume_dir)
+        if self.ema is not None:
+            resume.load_last_model(self.ema.module, resume_dir / resume.EMA_DIR)
         resume.load_optimizer(self.optimizer, resume_dir)
         _match_parameter_layout(self.optimizer)
         try:
@@ -484,9 +501,13 @@ class _Loop:
         return FitResult(state.best_value, state.best_epoch, state.global_step, self.stopped_early, self.history,
                          completed, self.epoch_seconds)
 
+    def evaluated_model(self) -> torch.nn.Module:
+        """What validation sees and ``best/`` holds: the weights' moving average under ``--ema-decay``."""
+        return self.ema.module if self.ema is not None else self.accelerator.unwrap_model(self.model)
+
     def save_last(self) -> None:
         save_last(self.accelerator, self.model, self.optimizer, self.scheduler, self.state, self.run_dir,
-                  self.identity, self.task)
+                  self.identity, self.task, self.ema.module if self.ema is not None else None)
 
     def read_loss(self, loss_sum: torch.Tensor, epoch: int) -> float:
         """Read the device's running loss sum into the loop state (the loop's only wait for the device)."""
@@ -538,6 +559,8 @@ class _Loop:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 state.global_step += 1
+                if self.ema is not None:
+                    self.ema.update(self.accelerator.unwrap_model(self.model), state.global_step)
                 if state.global_step % config.log_every == 0:
                     mean = self.read_loss(loss_sum, epoch) / state.loss_count
                     bar.set_postfix(loss=f"{mean:.4f}")
@@ -564,7 +587,7 @@ class _Loop:
                                   "elapsed_s": round(time.time() - self.start_time, 2)}
         evaluated = self.val_batches is not None and (epoch + 1) % config.eval_every == 0
         if evaluated:
-            record.update(_validate(accelerator, self.model, self.val_batches, self.task))
+            record.update(_validate(accelerator, self.evaluated_model(), self.val_batches, self.task))
         if evaluated or self.val_batches is None:
             value = record.get(config.monitor)
             if value is None:
@@ -573,7 +596,7 @@ class _Loop:
                 state.best_value, state.best_epoch, state.bad_evals = float(value), epoch + 1, 0
                 if accelerator.is_main_process:
                     with staged_dir(self.run_dir / BEST_DIR) as staged:
-                        self.task.save_best(accelerator.unwrap_model(self.model), record, staged)
+                        self.task.save_best(self.evaluated_model(), record, staged)
                 record["is_best"] = True
             else:
                 state.bad_evals += 1

@@ -5,10 +5,10 @@ from common.pipelines import Pipeline
 PIPELINE = Pipeline(
     name="pneumonia", title="Pneumonia",
     run_outputs=("split.csv", "data.json", "predictions", "figures", "results.json", "results.md", "results.csv",
-                 "reports", "retrieval"),
+                 "reports", "retrieval", "ensemble.json"),
     demo="pneumonia.demo:demo_section", app="pneumonia.app:APP",
     commands=("pneumonia.train", "pneumonia.evaluate", "pneumonia.explain", "pneumonia.report", "pneumonia.retrieval",
-              "pneumonia.predict"),
+              "pneumonia.predict", "pneumonia.ensemble"),
 )
 """What the floor knows of this pipeline (``common.pipelines``): ``run_outputs`` are the files and folders its
 commands write into a run directory, which ``--overwrite`` removes."""

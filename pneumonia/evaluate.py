@@ -63,7 +63,7 @@ def evaluate_run(run_dir: Path, split: str = "test", data_root: Path | None = No
     images, labels = data.images[split], data.labels[split]
     if len(labels) == 0:
         raise DataError(data.path, f"the {split} split is empty; nothing to evaluate")
-    scores = predict_proba(model, images, device=device)
+    scores = predict_proba(model, images, device=device)  # with the test-time views the run was trained with
     threshold = float(meta["thresholds"]["decision"])
     predicted = (scores >= threshold).astype(int)
     frame = pd.DataFrame({"index": np.arange(len(labels)), "label": labels, "prob_pneumonia": scores,

@@ -18,21 +18,34 @@ from torch import nn
 from common.errors import ConfigError
 from common.presets import get_preset, preset_names
 from common.runs import load_run
-from pneumonia.data import SIZES, SPLITS, MedMNISTSplits, load_medmnist, to_tensor
+from pneumonia.data import MEAN, SIZES, SPLITS, STD, MedMNISTSplits, load_medmnist, to_tensor
 
 ARCHS = tuple(preset_names("cnn"))
 """``--arch`` choices: the ``cnn`` presets of ``common.presets`` (resnet18, resnet50, resnet-tiny)."""
 
 
 class PneumoniaNet(nn.Module):
-    """timm ResNet with a small-image stem and one logit (sigmoid = P(pneumonia))."""
+    """timm ResNet with a small-image stem and one logit (sigmoid = P(pneumonia)).
 
-    def __init__(self, arch: str = "resnet18", in_chans: int = 1):
+    ``width`` is the channel count of the first residual stage (each later stage doubles it; ResNet's is 64): at
+    28 px the first stage runs at full resolution, so halving the width quarters most of the compute.
+    ``drop_rate`` is dropout before the classifier, ``drop_path_rate`` the stochastic depth of the last block.
+    ``tta`` is how ``probabilities`` (and so every tool's P(pneumonia)) averages over test-time views
+    (``TTA_MODES``); ``forward`` always sees the one image it is given.
+    """
+
+    def __init__(self, arch: str = "resnet18", in_chans: int = 1, width: int = 64, drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, tta: str = "none"):
         super().__init__()
+        if tta not in TTA_MODES:
+            raise ValueError(f"tta must be one of {TTA_MODES}, not {tta!r}")
+        self.tta = tta
         spec = dict(get_preset(arch, "cnn", "--arch").options)
         name = spec.pop("model_name")
         self.arch = arch
-        self.backbone = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **spec)
+        self.backbone = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans,
+                                          channels=tuple(width * 2**i for i in range(4)), drop_rate=drop_rate,
+                                          drop_path_rate=drop_path_rate, **spec)
         self.backbone.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
         self.backbone.maxpool = nn.Identity()
         self.head = nn.Linear(self.backbone.num_features, 1)
@@ -53,10 +66,33 @@ class PneumoniaNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(x)).squeeze(-1)
 
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """P(pneumonia) of normalised images (N, 1, H, W): the mean sigmoid over the ``tta`` views."""
+        views = tta_views(x, self.tta)
+        return torch.stack([torch.sigmoid(self(view).float()) for view in views]).mean(0)
 
-def build_model(arch: str = "resnet18") -> PneumoniaNet:
+
+TTA_MODES = ("none", "shift")
+"""Test-time augmentation: ``shift`` averages the image and its four one-pixel shifts (up, down, left, right).
+No flips: a mirrored radiograph puts the heart on the wrong side, which training never shows either."""
+
+
+def tta_views(images: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    """The views ``mode`` averages over; pixels shifted in from outside are black, as in training's augmentation."""
+    if mode == "none":
+        return [images]
+    black = (0.0 - MEAN) / STD
+    padded = torch.nn.functional.pad(images, (1, 1, 1, 1), value=black)
+    height, width = images.shape[-2:]
+    # Content moved by (dy, dx) = crop of the padded image starting at (1 - dy, 1 - dx).
+    return [images] + [padded[..., 1 - dy : 1 - dy + height, 1 - dx : 1 - dx + width].contiguous(
+        memory_format=torch.channels_last if images.is_contiguous(memory_format=torch.channels_last)
+        else torch.contiguous_format) for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1))]
+
+
+def build_model(arch: str = "resnet18", **kwargs: Any) -> PneumoniaNet:
     """Build an untrained network; it is size-agnostic (training records the image size in model.json)."""
-    return PneumoniaNet(arch)
+    return PneumoniaNet(arch, **kwargs)
 
 
 def preprocess(images: np.ndarray) -> torch.Tensor:
@@ -91,12 +127,12 @@ def load_run_and_data(run_dir: Path | str, data_root: Path | str | None = None, 
 @torch.no_grad()
 def predict_proba(model: PneumoniaNet, images: np.ndarray, batch_size: int = 256,
                   device: str | torch.device = "cpu") -> np.ndarray:
-    """P(pneumonia) for uint8 images (N, H, W)."""
+    """P(pneumonia) for uint8 images (N, H, W), averaged over the model's test-time views (``tta``)."""
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
         batch = preprocess(images[start : start + batch_size]).to(device)
-        out.append(torch.sigmoid(model(batch)).float().cpu().numpy())
+        out.append(model.probabilities(batch).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,12 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*/*.yam
 
 
 def _script(path: Path):
-    # <script>.yaml, <script>.<recipe>.yaml for the recipes of one script, or <models>.<stage>.yaml for the
-    # pipeline's train script when the first part names no script (brain3d_report's twin.warmup.yaml)
+    """The script a config file is for: the one its usage line (``# python -m <package>.<script> --config ...``)
+    names; else <script>.yaml or <script>.<recipe>.yaml; else the pipeline's train script for <models>.<stage>.yaml
+    (brain3d_report's twin.warmup.yaml)."""
+    usage = re.search(r"python -m (\S+) --config", path.read_text())
+    if usage:
+        return importlib.import_module(usage.group(1))
     first = path.stem.split(".")[0]
     if importlib.util.find_spec(f"{path.parent.name}.{first}") is None:
         first = "train"

@@ -203,8 +203,12 @@ def load_task_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 
+EMA_DIR = "ema"
+"""Subfolder of a checkpoint holding the averaged weights (``--ema-decay``, ``common.ema``)."""
+
+
 def save_last(accelerator, model, optimizer, scheduler, loop_state, run_dir: Path, identity: dict[str, Any],
-              task) -> None:
+              task, ema_model: torch.nn.Module | None = None) -> None:
     """Write the resumable state into a fresh folder, then swap it in: a kill never leaves half a checkpoint."""
     last = Path(run_dir) / LAST_DIR
     tmp = last.with_name("last.tmp")
@@ -221,6 +225,9 @@ def save_last(accelerator, model, optimizer, scheduler, loop_state, run_dir: Pat
                            "num_processes": accelerator.num_processes, "identity": identity})
         if hasattr(task, "task_tensors"):
             save_task_tensors(task.task_tensors(), tmp)
+        if ema_model is not None:
+            (tmp / EMA_DIR).mkdir()
+            save_last_model(ema_model, tmp / EMA_DIR)
     save_rng(tmp, accelerator.process_index)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -243,7 +250,7 @@ RESUMABLE_CHANGES = ("max_steps", "progress", "num_workers", "device", "cache_di
 
 IDENTITY_KEYS = ("epochs", "batch_size", "grad_accum", "clip_grad_norm", "scheduler", "warmup_steps",
                  "step_size_epochs", "step_gamma", "min_lr_ratio", "precision", "monitor", "mode", "patience",
-                 "eval_every", "seed", "channels_last", "compile")
+                 "eval_every", "seed", "channels_last", "compile", "ema_decay", "ema_warmup")
 """The loop settings a resumed run must share with the interrupted one to end at the same weights."""
 
 
