@@ -30,11 +30,14 @@ from transformers import AutoModelForCausalLM, SiglipVisionConfig, SiglipVisionM
 
 from common import hf
 from common.errors import ConfigError
+from common.lm import is_text_only_folder, load_causal_lm, load_lm_tokenizer
 from common.presets import get_preset, preset_names
 from common.vlm import VLM_PRESETS, load_vlm
 
 VISION_PRESETS = tuple(preset_names("vision-tower"))
-LM_PRESETS = VLM_PRESETS
+LM_KINDS = ("vlm", "lm")
+"""``--lm`` takes the text part of a vision-language preset (MedGemma) or a text-only causal LM (Gemma 3 270M)."""
+LM_PRESETS = (*VLM_PRESETS, *preset_names("lm"))
 INFLATIONS = ("centre", "mean")
 POS_EMBS = ("pretrained+depth", "seed")
 COMPRESSORS = ("perceiver", "pool")
@@ -563,11 +566,15 @@ def load_language_model(name: str, *, quantization: str = "none", pretrained: bo
     """(causal LM, tokenizer) for ``--lm``: the text part of a ``vlm`` preset, folder or hub id (see ``load_vlm``).
 
     ``pretrained=False`` builds a real preset's architecture with random weights and no tokenizer (for counting
-    parameters on the meta device).
+    parameters on the meta device). An ``lm`` preset or a folder holding a text-only model loads as a causal LM
+    (``common.lm``).
     """
-    if not pretrained and name in LM_PRESETS and get_preset(name, "vlm", "--lm").skeleton is not None:
+    if not pretrained and name in LM_PRESETS and get_preset(name, LM_KINDS, "--lm").skeleton is not None:
         with torch.device(device):
-            return causal_lm_from_vlm(get_preset(name, "vlm", "--lm").skeleton()), None
+            return causal_lm_from_vlm(get_preset(name, LM_KINDS, "--lm").skeleton()), None
+    if name in LM_PRESETS and get_preset(name, LM_KINDS, "--lm").kind == "lm" or is_text_only_folder(name):
+        return load_causal_lm(name, quantization=quantization, device=device, precision=precision,
+                              cache_dir=cache_dir, seed=seed)
     vlm = load_vlm(name, quantization=quantization, device=device, precision=precision,
                    cache_dir=Path(cache_dir) if cache_dir else None, seed=seed)
     return causal_lm_from_vlm(vlm.model), getattr(vlm.processor, "tokenizer", vlm.processor)
@@ -575,8 +582,10 @@ def load_language_model(name: str, *, quantization: str = "none", pretrained: bo
 
 def lm_tokenizer(name: str, cache_dir: str | Path | None = None) -> Any:
     """The tokenizer of ``--lm`` without loading the LM (to tokenize reports before the model exists)."""
+    if name in LM_PRESETS and get_preset(name, LM_KINDS, "--lm").kind == "lm" or is_text_only_folder(name):
+        return load_lm_tokenizer(name, cache_dir)
     if name in LM_PRESETS:
-        preset = get_preset(name, "vlm", "--lm")
+        preset = get_preset(name, LM_KINDS, "--lm")
         if preset.build is not None:
             return preset.build(seed=0)[1].tokenizer
         name = preset.source
@@ -596,7 +605,8 @@ def build_model(vision: str, lm: str, *, depth_patch: int = 2, inflation: str = 
 
     Args:
         vision: ``medsiglip-448`` or ``siglip-tiny`` (or a SigLIP checkpoint folder / hub id).
-        lm: ``medgemma-4b`` or ``tiny-gemma3`` (or a Gemma 3 checkpoint folder / hub id); its text part is used.
+        lm: ``medgemma-1.5-4b``, ``medgemma-4b``, ``gemma3-270m`` (a text-only causal LM) or a tiny twin (or a Gemma 3
+            checkpoint folder / hub id); the text part of a vision-language model is used.
         depth_patch, inflation, pos_emb: see ``InflatedSiglip3D``.
         compressor: ``perceiver`` or ``pool``; ``perceiver_layers`` and ``latents`` size it.
         max_depth_patches: rows of the learned depth embedding.
@@ -700,4 +710,4 @@ __all__ = ["InflatedSiglip3D", "PerceiverResampler", "PoolCompressor", "Projecto
            "build_model", "model_from_config", "trainable_parameters", "load_vision_tower", "load_language_model",
            "lm_tokenizer", "causal_lm_from_vlm", "inflate_patch_weight", "interpolate_position_grid",
            "seed_position_embedding", "VISION_PRESETS", "LM_PRESETS", "INFLATIONS", "POS_EMBS", "COMPRESSORS",
-           "STAGES", "IGNORE_INDEX"]
+           "STAGES", "IGNORE_INDEX", "LM_KINDS"]

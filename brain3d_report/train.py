@@ -52,6 +52,7 @@ from brain3d_report.lm_pretrain import DEFAULT_STEPS as DEFAULT_LM_PRETRAIN_STEP
 from brain3d_report.model import (
     COMPRESSORS,
     INFLATIONS,
+    LM_KINDS,
     LM_PRESETS,
     POS_EMBS,
     STAGES,
@@ -186,7 +187,7 @@ def random_tower(vision: str) -> bool:
 
 def tiny_lm(lm: str) -> bool:
     """True for an LM preset that is a random tiny twin (language-pre-trained by this pipeline), not MedGemma."""
-    return lm in LM_PRESETS and not get_preset(lm, "vlm", "--lm").has_pretrained_weights
+    return lm in LM_PRESETS and not get_preset(lm, LM_KINDS, "--lm").has_pretrained_weights
 
 
 def init_lm(init: Path | None) -> str | None:
