@@ -545,13 +545,17 @@ def text_dim_for(choice: str, cache_dir: Path | None) -> int | None:
     return int(load_text_encoder(choice, cache_dir=cache_dir).dim)
 
 
-def add_lora(model: Brain3DReportModel, rank: int, alpha: int, dropout: float) -> Brain3DReportModel:
-    """LoRA adapters (peft) on the LM's attention q/k/v/o projections; the base weights stay frozen."""
+def add_lora(model: Brain3DReportModel, rank: int, alpha: int, dropout: float, seed: int = 0) -> Brain3DReportModel:
+    """LoRA adapters (peft) on the LM's attention q/k/v/o projections; the base weights stay frozen. The adapters'
+    random initialisation draws from ``seed``, not from whatever the process drew before (two runs of the same
+    command in one process, or a run and its ``--resume``, start from the same adapters)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(LORA_TARGETS),
                         bias="none")
-    model.lm = inject_adapter_in_model(config, model.lm)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.lm = inject_adapter_in_model(config, model.lm)
     return model
 
 
@@ -640,7 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.stage == "lora" and lora is None:
         lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout}
-        add_lora(model, **{"rank": lora["r"], "alpha": lora["alpha"], "dropout": lora["dropout"]})
+        add_lora(model, **{"rank": lora["r"], "alpha": lora["alpha"], "dropout": lora["dropout"]}, seed=args.seed)
     trainable = trainable_parameters(model, args.stage, args.train_vision)
     if args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and device.type == "cuda"):
         if args.stage != "contrastive":

