@@ -32,9 +32,11 @@ PATHS = ("default", "avx2", "avx512")
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = MedvlArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=positive_int, default=1000)
+    parser.add_argument("--rows", type=positive_int, default=1000,
+                        help="rows of each simulated submission and its gold table")
     parser.add_argument("--accuracy", type=unit_interval, default=0.45, help="share of rows predicted right")
-    parser.add_argument("--seeds", type=nonnegative_int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=nonnegative_int, nargs="+", default=[0, 1, 2],
+                        help="seeds, one simulated case each")
     return parser
 
 

@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.checkpoint import atomic_write_text
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
 from common.errors import cli_entry
+from common.rundir import atomic_write_text
 from common.tables import markdown_table
 
 PATHS = ("streamed", "in_memory")
@@ -50,18 +50,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     parent = base_parser(device=True)
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=positive_int, nargs="+", default=[1000, 4000, 16000])
+    parser.add_argument("--sizes", type=positive_int, nargs="+", default=[1000, 4000, 16000],
+                        help="tile counts measured, one row each")
     parser.add_argument("--encoder", default="gigapath-tiny", help="gigapath-tiny (offline) or prov-gigapath")
-    parser.add_argument("--image-tokens", type=positive_int, default=5)
-    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--image-tokens", type=positive_int, default=5,
+                        help="class token + pooled patch grid (1 + g^2)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="tiles per encoder batch")
     parser.add_argument("--num-workers", type=int, default=None, help="streamed path (default: extract's)")
-    parser.add_argument("--paths", choices=PATHS, nargs="+", default=list(PATHS))
+    parser.add_argument("--paths", choices=PATHS, nargs="+", default=list(PATHS), help="extraction paths measured")
     parser.add_argument("--in-memory-max", type=positive_int, default=16000,
                         help="largest size the in-memory path is run at (it holds every feature)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch threads in each row's process (default: torch's own choice)")
-    parser.add_argument("--work-dir", type=Path, default=None)
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="where the phantom tiles are written once and reused")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     parser.add_argument("--row", nargs=2, metavar=("PATH", "TILES"), help=argparse.SUPPRESS)
     return parser
 

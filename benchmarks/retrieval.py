@@ -43,9 +43,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = MedvlArgumentParser("FAISS retrieval benchmark", parents=[parent])
     parser.add_argument("--sizes", type=positive_int, nargs="+", default=[10_000, 100_000], help="archive sizes")
     parser.add_argument("--data", nargs="+", choices=DATA_KINDS, default=list(DATA_KINDS), help="data kinds")
-    parser.add_argument("--dim", type=positive_int, default=512)
+    parser.add_argument("--dim", type=positive_int, default=512, help="embedding dimension")
     parser.add_argument("--queries", type=positive_int, default=1000, help="queries per measurement (one batch search)")
-    parser.add_argument("--k", type=positive_int, default=10)
+    parser.add_argument("--k", type=positive_int, default=10, help="neighbours retrieved per query")
     parser.add_argument("--repeats", type=positive_int, default=3,
                         help="time each batch search as the best of this many")
     parser.add_argument("--threads", type=positive_int, default=None, help="FAISS OpenMP threads (default: all cores)")
@@ -55,9 +55,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--indexes", nargs="+", choices=ANN_FAMILIES, default=list(ANN_FAMILIES),
                         help="ANN families to build beside the exact flat index (HNSW builds slowly on few cores)")
     parser.add_argument("--nlist", type=positive_int, default=None, help="IVF lists (default: 4 sqrt(N))")
-    parser.add_argument("--hnsw-m", type=positive_int, default=32)
-    parser.add_argument("--ef-construction", type=positive_int, default=64)
-    parser.add_argument("--target-recall", type=unit_interval, default=0.95)
+    parser.add_argument("--hnsw-m", type=positive_int, default=32, help="HNSW neighbours per node")
+    parser.add_argument("--ef-construction", type=positive_int, default=64, help="HNSW build breadth")
+    parser.add_argument("--target-recall", type=unit_interval, default=0.95,
+                        help="recall@k the fastest setting of each family must reach")
     parser.add_argument("--clusters", type=positive_int, default=100, help="mixture components of the clustered data")
     return parser
 

@@ -3,7 +3,7 @@
     python -m benchmarks.train_speed --device cpu --epochs 1 --train-limit 1000
     python -m benchmarks.train_speed --device cuda --epochs 10 --json speed.json     # both precisions, one run
 
-The medvl side is ``pneumonia.train`` with the defaults of ``configs/pneumonia/train.yaml`` (ResNet-18 with the
+The medvl side is ``pneumonia.train`` with the recipe ``configs/pneumonia/train.warmup.yaml`` (ResNet-18 with the
 small-image stem, fused AdamW, warm-up + cosine, channels-last, batch augmentation on the device, validation and a
 checkpoint every epoch), run through the same ``run(args)`` as ``python -m pneumonia.train``; ``--medvl-flags``
 adds flags to it (``"--no-channels-last"``, ``"--compile default"``). The reference is the loop a user writes in
@@ -42,17 +42,18 @@ import torch.nn.functional as F
 import torchvision
 from sklearn.metrics import roc_auc_score
 
-from common.checkpoint import atomic_write_text
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
 from common.device import mixed_precision, pick_device
 from common.errors import ConfigError, cli_entry
 from common.phantoms.cxr import write_medmnist
+from common.rundir import atomic_write_text
+from common.runs import load_run
 from pneumonia import train
 from pneumonia.data import SIZES, load_medmnist, npz_name, to_tensor
-from pneumonia.model import load_trained, predict_proba
+from pneumonia.model import build_from_record, predict_proba
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "pneumonia" / "train.yaml"
+CONFIG = REPO / "configs" / "pneumonia" / "train.warmup.yaml"
 DEFAULT_ROOTS = (REPO / "data" / "samples" / "medmnist", REPO.parent / "shared" / "data" / "medmnist")
 PHANTOM_SIZE = 5856  # as many images as PneumoniaMNIST
 REFERENCE_PRECISIONS = ("match", "fp32")
@@ -65,7 +66,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=positive_int, default=None, help="default: the config's (10)")
     parser.add_argument("--train-limit", type=positive_int, default=None, help="train on the first N images only")
-    parser.add_argument("--image-size", type=int, default=28, choices=SIZES)
+    parser.add_argument("--image-size", type=int, default=28, choices=SIZES, help="PneumoniaMNIST image side")
     parser.add_argument("--data-root", type=Path, default=None,
                         help="directory with pneumoniamnist[_SIZE].npz (default: the embedded PneumoniaMNIST, else "
                              "a phantom)")
@@ -222,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 walls[side].append(time.perf_counter() - start)
                 if side not in auroc:  # every repeat trains the same seeded run; evaluated once, untimed
                     if side == "medvl":
-                        model, _ = load_trained(out, device)
+                        model = load_run(out, "pneumonia", build_from_record, stage="train", device=device).model
                         scores = predict_proba(model, data.images["test"], device=device)
                     else:
                         scores = reference_scores(reference, data.images["test"], device)

@@ -27,11 +27,11 @@ import torch
 from transformers import Gemma3ForConditionalGeneration
 
 from common import hf
-from common.checkpoint import atomic_write_text
 from common.cli import MedvlArgumentParser, base_parser, parse_args
 from common.device import pick_device
 from common.errors import ConfigError, cli_entry
 from common.presets import get_preset, preset_names
+from common.rundir import atomic_write_text
 from common.tables import markdown_table
 
 ARCHS = tuple(preset_names("vlm"))
@@ -44,8 +44,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parent = base_parser(output_dir=True, seed=True, device=True)
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="medgemma-4b", choices=ARCHS)
-    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
+    parser.add_argument("--arch", default="medgemma-4b", choices=ARCHS,
+                        help="VLM architecture measured (random weights)")
+    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS),
+                        help="weight formats measured, one row each")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="where the temporary random checkpoint is written (default: the system temp dir)")
     return parser

@@ -36,6 +36,7 @@ import numpy as np
 from common.cli import MedvlArgumentParser
 from common.errors import ConfigError, DataError, MedvlError, cli_entry
 from common.pipelines import entry_point_values, load_declared
+from common.runs import read_run_record
 
 GROUP = "medvl.pipelines"
 TEXT_FIELDS = ("label", "class", "report", "caption", "side", "named_side", "note", "threshold")
@@ -80,10 +81,10 @@ def find_runs(root: Path, pipeline: str) -> list[Path]:
     runs = []
     for meta in sorted(Path(root).rglob("best/model.json")):
         try:
-            if json.loads(meta.read_text()).get("pipeline") == pipeline:
-                runs.append(meta.parent.parent)
-        except (OSError, json.JSONDecodeError, AttributeError):
+            read_run_record(meta.parent.parent, pipeline)
+        except DataError:  # another pipeline's run, or not a readable one
             continue
+        runs.append(meta.parent.parent)
     return runs
 
 
@@ -368,9 +369,9 @@ def launch(page, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
 def get_args_parser() -> argparse.ArgumentParser:
     parser = MedvlArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=Path("runs/demo"), help="folder searched for trained runs")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--host", default="127.0.0.1", help="address the web server listens on")
+    parser.add_argument("--port", type=int, default=7860, help="port the web server listens on")
+    parser.add_argument("--device", default="auto", help="device the models run on: auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--pipelines", nargs="+", default=None,
                         help=f"AppSpecs as module:attr (default: the {GROUP!r} entry points)")
     return parser

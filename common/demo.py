@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from common.checkpoint import atomic_write_text, git_sha
 from common.cli import MedvlArgumentParser
 from common.errors import ConfigError, cli_entry
 from common.pipelines import Pipeline, discover
+from common.rundir import atomic_write_text, git_sha
 
 
 def demo_pipelines() -> dict[str, Pipeline]:
@@ -34,7 +34,8 @@ def demo_pipelines() -> dict[str, Pipeline]:
 def get_args_parser() -> argparse.ArgumentParser:
     names = list(demo_pipelines())
     parser = MedvlArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/demo"),
+                        help="folder of REPORT.md, the runs and their figures")
     parser.add_argument("--only", nargs="+", default=names, help=f"subset of {', '.join(names)}")
     return parser
 

@@ -331,7 +331,10 @@ class SeededFetch(Dataset):
         np.random.seed(seed % (1 << 32))
         random.seed(seed)
         try:
-            return [self.dataset[index] for _, index in keys]
+            # The dataset's own batch fetch where it has one (it may read rows together or pad them to each other).
+            fetch = getattr(self.dataset, "__getitems__", None)
+            indices = [index for _, index in keys]
+            return fetch(indices) if fetch is not None else [self.dataset[index] for index in indices]
         finally:
             torch.set_rng_state(saved[0])
             np.random.set_state(saved[1])
@@ -344,29 +347,28 @@ class SeededFetch(Dataset):
 class TrainBatches:
     """The training split's batches, on the device and augmented, in the sampler's order for its current epoch.
 
-    Chooses the path once: the device-resident one when the dataset is held as tensors, no ``collate_fn`` is
-    given and it fits (or ``on_device`` forces it), else DataLoader workers (pinned memory on CUDA, persistent
+    Chooses the path once: the device-resident one when the dataset is held as tensors and it fits (or
+    ``on_device`` forces it), else DataLoader workers (pinned memory on CUDA, persistent
     workers). Iterating yields the batches of the sampler's epoch from its ``skip`` on.
     """
 
     def __init__(self, dataset: Dataset, sampler: EpochOrder, batch_size: int, device: torch.device, *,
-                 collate_fn: Callable | None = None, num_workers: int = 0, on_device: bool | None = None,
-                 channels_last: bool = False):
+                 num_workers: int = 0, on_device: bool | None = None, channels_last: bool = False):
         self.sampler, self.batch_size, self.device = sampler, batch_size, device
         self.channels_last = channels_last
         self.augment: BatchAugment | None = getattr(dataset, "batch_augment", None)
-        self.data = _device_copy(dataset, device, collate_fn, on_device, "training")
+        self.data = _device_copy(dataset, device, on_device, "training")
         self.loader = None
         if self.data is None:
             # Its own generator: starting an epoch draws a base seed, which must not come from the global stream.
             generator = torch.Generator().manual_seed(sampler.seed)
             pin = device.type == "cuda"
             if num_workers == 0:
-                self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
-                                         pin_memory=pin, generator=generator)
+                self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, pin_memory=pin,
+                                         generator=generator)
             else:
                 self.loader = DataLoader(SeededFetch(dataset), batch_sampler=SeededBatchSampler(sampler, batch_size),
-                                         num_workers=num_workers, collate_fn=collate_fn, pin_memory=pin,
+                                         num_workers=num_workers, pin_memory=pin,
                                          persistent_workers=True, generator=generator)
         self.on_device = self.data is not None
 
@@ -403,14 +405,14 @@ class EvalBatches:
     Has ``.dataset`` (the split as given) and ``len``, and can be iterated more than once.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, *, collate_fn: Callable | None = None,
-                 num_workers: int = 0, on_device: bool | None = None):
+    def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, *, num_workers: int = 0,
+                 on_device: bool | None = None):
         self.dataset, self.batch_size = dataset, batch_size
-        self.data = _device_copy(dataset, device, collate_fn, on_device, "validation")
+        self.data = _device_copy(dataset, device, on_device, "validation")
         self.loader = None
         if self.data is None:
             self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                     collate_fn=collate_fn, pin_memory=device.type == "cuda",
+                                     pin_memory=device.type == "cuda",
                                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(0))
 
     def __len__(self) -> int:
@@ -424,16 +426,15 @@ class EvalBatches:
             yield self.data.gather(slice(start, start + self.batch_size))
 
 
-def _device_copy(dataset: Dataset, device: torch.device, collate_fn: Callable | None, on_device: bool | None,
-                 role: str) -> TensorData | None:
+def _device_copy(dataset: Dataset, device: torch.device, on_device: bool | None, role: str) -> TensorData | None:
     """The dataset moved to ``device`` when the device-resident path applies to it, else None."""
-    data = as_tensor_data(dataset) if collate_fn is None else None
+    data = as_tensor_data(dataset)
     if on_device is False:
         return None
     if data is None:
         if on_device:
             raise ConfigError("--data-on-device", f"the {role} data of this pipeline is not held as tensors "
-                                                  "(TensorData or TensorDataset) with the default collate")
+                                                  "(TensorData or TensorDataset)")
         return None
     if on_device is None and not fits_on_device(data.nbytes, device):
         log.info("%s data (%.0f MiB) does not fit in %.0f%% of the free memory of %s; using DataLoader workers",

@@ -19,41 +19,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, send_to_device, set_seed
 from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
-from common import train_state
-from common.checkpoint import (
-    BEST_DIR,
-    LAST_DIR,
-    atomic_write_text,
-    committed_dir,
-    read_jsonl,
-    recover_results,
-    staged_dir,
-    swap_dir,
-)
 from common.cli import nonnegative_float, nonnegative_int, positive_float, positive_int, unit_interval
 from common.device import mixed_precision, pick_device
 from common.device_data import EvalBatches, TrainBatches, default_num_workers, model_to_channels_last
 from common.errors import ConfigError, DataError
-from common.pipelines import FLOOR_OUTPUTS, matching_outputs
-from common.pipelines import run_outputs as pipeline_run_outputs
-from common.run_guard import LOCK_FILE, run_lock
+from common.run_guard import run_lock
+from common.rundir import resume
+from common.rundir.files import atomic_write_text
+from common.rundir.layout import BEST_DIR, FLOOR_OUTPUTS, HISTORY_FILE, LOG_FILE, read_history, write_history
+from common.rundir.policy import check_output_dir, clear_run
+from common.rundir.resume import RESUMABLE_CHANGES, check_resume, find_resume_dir, identity, save_last
+from common.rundir.swap import recover_results, staged_dir
 
 log = logging.getLogger("medvl.engine")
 
@@ -61,64 +51,81 @@ SCHEDULERS = ("cosine", "step", "constant")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
+def _knob(default: Any, help: str, *, type: Callable[[Any], Any] | None = None,  # noqa: A002
+          choices: tuple[str, ...] | None = None, group: str | None = "training") -> Any:
+    """A ``TrainConfig`` field and its flag in one place: ``add_train_args`` makes the flag from this (``group``
+    None: the flag comes from ``common.cli.base_parser``), ``__post_init__`` checks values with the same ``type``."""
+    return field(default=default, metadata={"help": help, "type": type, "choices": choices, "group": group})
+
+
 @dataclass
 class TrainConfig:
-    """Knobs of the training loop; pipelines fill it from their argparse namespace."""
+    """Knobs of the training loop, each with its flag (``add_train_args``); pipelines fill it from their argparse
+    namespace with ``config_from_args``. A pipeline changes a default by passing it to ``add_train_args``."""
 
-    epochs: int = 10
-    batch_size: int = 32
-    eval_batch_size: int | None = None
-    grad_accum: int = 1
-    clip_grad_norm: float | None = None
-    scheduler: str = "cosine"
-    warmup_steps: int = 0
-    step_size_epochs: int = 10
-    step_gamma: float = 0.1
-    min_lr_ratio: float = 0.0
-    precision: str = "auto"
-    device: str = "auto"
-    monitor: str = "val_loss"
-    mode: str = "min"
-    patience: int | None = None
-    eval_every: int = 1
-    checkpoint_every: int | None = None
-    max_steps: int | None = None
-    seed: int = 0
-    resume: bool = False
-    overwrite: bool = False
-    num_workers: int | None = None
-    progress: bool = True
-    log_every: int = 50
-    data_on_device: bool | None = None
-    channels_last: bool = False
-    compile: str = "none"
-    cpu_bf16: bool = False
-    """``--precision auto`` on a CPU with AMX-BF16 autocasts to bf16 (for models that gain from it, see
-    ``common.device.mixed_precision``)."""
+    epochs: int = _knob(10, "passes over the training split (the schedule always spans them)", type=positive_int)
+    batch_size: int = _knob(32, "samples per micro-batch (per process)", type=positive_int)
+    eval_batch_size: int | None = _knob(None, "samples per validation batch (default: --batch-size)",
+                                        type=positive_int)
+    lr: float | None = _knob(1e-3, "peak learning rate of the optimizer the script builds", type=positive_float)
+    weight_decay: float = _knob(0.0, "decoupled weight decay of the optimizer the script builds",
+                                type=nonnegative_float)
+    grad_accum: int = _knob(1, "micro-batches per optimizer step", type=positive_int)
+    clip_grad_norm: float | None = _knob(None, "clip the gradient's global norm to this (default: no clipping)",
+                                         type=positive_float)
+    scheduler: str = _knob("cosine", "learning-rate schedule after the warm-up: cosine decay to --min-lr-ratio, "
+                                     "step decay (--step-size-epochs, --step-gamma) or constant", choices=SCHEDULERS)
+    warmup_steps: int = _knob(0, "optimizer steps of linear warm-up from 0 to --lr", type=nonnegative_int)
+    step_size_epochs: int = _knob(10, "--scheduler step: epochs between decays", type=positive_int)
+    step_gamma: float = _knob(0.1, "--scheduler step: factor the learning rate is multiplied by at each decay",
+                              type=positive_float)
+    min_lr_ratio: float = _knob(0.0, "--scheduler cosine: final learning rate as a fraction of --lr",
+                                type=unit_interval)
+    precision: str = _knob("auto", "autocast dtype", group=None)
+    device: str = _knob("auto", "training device", group=None)
+    monitor: str = _knob("val_loss", "validation metric that picks the best epoch")
+    mode: str = _knob("min", "whether a larger (max) or smaller (min) --monitor is better", choices=("min", "max"))
+    patience: int | None = _knob(None, "early stop after this many evals without gain", type=positive_int)
+    eval_every: int = _knob(1, "validate (and consider the epoch for the best model) after every N-th epoch",
+                            type=positive_int)
+    checkpoint_every: int | None = _knob(None, "also checkpoint every N optimizer steps", type=positive_int)
+    max_steps: int | None = _knob(None, "stop after this many optimizer steps (the schedule still spans --epochs)",
+                                  type=positive_int, group="resume")
+    seed: int = _knob(0, "seed of every random choice", group=None)
+    resume: bool = _knob(False, "continue from <output-dir>/checkpoints/last", group="resume")
+    overwrite: bool = _knob(False, "replace the run already in --output-dir (without it, a non-empty run dir is "
+                                   "refused)", group="resume")
+    num_workers: int | None = _knob(None, "DataLoader workers for data not held on the device (default: 0 on CPU, "
+                                          "else up to 4 per process)", type=nonnegative_int, group="speed")
+    progress: bool = _knob(True, "show a progress bar per epoch")
+    log_every: int = _knob(50, "optimizer steps between reads of the running training loss (each read waits for "
+                               "the device)", type=positive_int)
+    data_on_device: bool | None = _knob(None, "hold tensor datasets on the training device and gather batches there "
+                                              "(default: when the split fits in half the device's free memory)",
+                                        group="speed")
+    channels_last: bool = _knob(False, "convolution weights and image batches in channels-last layout",
+                                group="speed")
+    compile: str = _knob("none", "torch.compile the training steps with this mode", choices=COMPILE_MODES,
+                         group="speed")
+    cpu_bf16: bool = _knob(False, "--precision auto autocasts to bf16 on CPUs with AMX-BF16 (for models that gain "
+                                  "from it; see common.device.mixed_precision)", group="speed")
 
     def __post_init__(self) -> None:
-        """The same rules as the flags' converters, for code that builds a TrainConfig directly."""
-        if self.scheduler not in SCHEDULERS:
-            raise ConfigError("--scheduler", f"unknown scheduler {self.scheduler!r}; choose {', '.join(SCHEDULERS)}")
-        if self.mode not in ("min", "max"):
-            raise ConfigError("--mode", f"mode must be min or max, not {self.mode!r}")
-        if self.compile not in COMPILE_MODES:
-            raise ConfigError("--compile", f"unknown mode {self.compile!r}; choose {', '.join(COMPILE_MODES)}")
-        at_least = {"epochs": 1, "batch_size": 1, "grad_accum": 1, "eval_every": 1, "step_size_epochs": 1,
-                    "warmup_steps": 0, "num_workers": 0, "eval_batch_size": 1, "patience": 1, "checkpoint_every": 1,
-                    "max_steps": 1, "log_every": 1}
-        for name, low in at_least.items():
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-                raise ConfigError(f"--{name.replace('_', '-')}", f"expected an integer >= {low}, got {value!r}")
-        for name, low, high in (("clip_grad_norm", 0, math.inf), ("step_gamma", 0, math.inf),
-                                ("min_lr_ratio", 0, 1)):
-            value = getattr(self, name)
+        """The flags' own converters and choices, for code that builds a TrainConfig directly."""
+        for spec in fields(self):
+            value, flag = getattr(self, spec.name), f"--{spec.name.replace('_', '-')}"
+            convert, choices = spec.metadata["type"], spec.metadata["choices"]
             if value is None:
                 continue
-            if not isinstance(value, int | float) or not math.isfinite(value) or not low <= value <= high or (
-                    name != "min_lr_ratio" and value == 0):
-                raise ConfigError(f"--{name.replace('_', '-')}", f"out of range: {value!r}")
+            if choices is not None and value not in choices:
+                raise ConfigError(flag, f"unknown value {value!r}; choose {', '.join(choices)}")
+            if convert is not None:
+                if isinstance(value, bool | str):
+                    raise ConfigError(flag, f"expected a number, got {value!r}")
+                try:
+                    convert(value)
+                except argparse.ArgumentTypeError as err:
+                    raise ConfigError(flag, str(err)) from None
 
 
 class TrainTask(Protocol):
@@ -269,28 +276,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def check_output_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse a run directory that would lose work: a file, or a previous run without ``--resume``/``--overwrite``.
-
-    Reads only; nothing is written, so it can run before the data is loaded.
-    """
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError("--output-dir", f"{run_dir} is a file, not a directory")
-    if resume and overwrite:
-        raise ConfigError("--overwrite", "cannot be combined with --resume")
-    if resume:
-        find_resume_dir(run_dir)
-        return
-    if run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
-        if not overwrite:
-            raise ConfigError("--output-dir", f"{run_dir} already holds a run; pass --resume to continue it or "
-                                              "--overwrite to replace it")
-        if not any((run_dir / name).exists() for name in ("config.yaml", "metrics.jsonl", "checkpoints", "best")):
-            raise ConfigError("--overwrite", f"{run_dir} is not empty and is not a medvl run directory; choose a new "
-                                             "or empty --output-dir")
-
-
 def check_run_setup(config: TrainConfig, run_dir: Path) -> torch.device:
     """Everything about a training run that can be checked before its data is loaded: the device and precision
     exist here, and the run directory can be written without losing work. Returns the device."""
@@ -298,115 +283,6 @@ def check_run_setup(config: TrainConfig, run_dir: Path) -> torch.device:
     mixed_precision(config.precision, device, config.cpu_bf16)
     check_output_dir(run_dir, config.resume, config.overwrite)
     return device
-
-
-RUN_OUTPUTS = FLOOR_OUTPUTS
-"""What the loop itself writes; ``common.pipelines.run_outputs()`` adds what each declared pipeline writes."""
-
-
-def _clear_run(run_dir: Path, extra: tuple[str, ...] = ()) -> None:
-    """``--overwrite``: remove what an earlier run wrote (and only that), once the new run has been validated: the
-    loop's own outputs, ``extra`` (this run's ``run_files``) and every output a declared pipeline names
-    (``common.pipelines``), so no result of the earlier model stays beside the new one."""
-    for path in matching_outputs(run_dir, (*pipeline_run_outputs(), *extra)):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-
-
-def _save_last(accelerator: Accelerator, model, optimizer, scheduler, state: _LoopState, run_dir: Path,
-               identity: dict[str, Any], task: TrainTask) -> None:
-    """Write the resumable state into a fresh folder, then swap it in: a kill never leaves half a checkpoint."""
-    last = run_dir / LAST_DIR
-    tmp = last.with_name("last.tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        train_state.save_model_state(accelerator.unwrap_model(model), tmp)
-        train_state.save_optimizer(optimizer, tmp)
-        scaler = getattr(accelerator, "scaler", None)
-        train_state.save_trainer(tmp, {"loop": state.state_dict(), "scheduler": scheduler.state_dict(),
-                                       "scaler": scaler.state_dict() if scaler is not None else None,
-                                       "num_processes": accelerator.num_processes, "identity": identity})
-        if hasattr(task, "task_tensors"):
-            train_state.save_task_tensors(task.task_tensors(), tmp)
-    train_state.save_rng(tmp, accelerator.process_index)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        swap_dir(tmp, last)
-    accelerator.wait_for_everyone()
-
-
-def find_resume_dir(run_dir: Path) -> Path:
-    """The checkpoint ``--resume`` continues from; a missing one is a one-line error."""
-    last = committed_dir(Path(run_dir) / LAST_DIR)
-    if last.is_dir() and any(last.iterdir()):
-        return last
-    raise DataError(Path(run_dir) / LAST_DIR, "--resume given but there is no checkpoint to resume from (a run "
-                                              "stopped before its first checkpoint starts again with --overwrite)")
-
-
-RESUMABLE_CHANGES = ("max_steps", "progress", "num_workers", "device", "cache_dir", "checkpoint_every",
-                     "eval_batch_size", "output_dir", "log_every", "data_on_device")
-"""config.yaml keys ``--resume`` lets differ: they do not change which batches are drawn or how weights move."""
-
-
-def _identity(config: TrainConfig, train_size: int, num_processes: int) -> dict[str, Any]:
-    """The loop settings a resumed run must share with the interrupted one to end at the same weights."""
-    keys = ("epochs", "batch_size", "grad_accum", "clip_grad_norm", "scheduler", "warmup_steps", "step_size_epochs",
-            "step_gamma", "min_lr_ratio", "precision", "monitor", "mode", "patience", "eval_every", "seed",
-            "channels_last", "compile")
-    return {**{k: getattr(config, k) for k in keys}, "train_size": train_size, "num_processes": num_processes}
-
-
-def _check_resume(resume_dir: Path, saved: dict[str, Any], identity: dict[str, Any], run_dir: Path,
-                  run_files: dict[str, str]) -> None:
-    """Refuse a resume whose settings or data differ from the interrupted run's, naming what changed."""
-    before = saved.get("identity") or {}
-    fields = TrainConfig.__dataclass_fields__
-    # A key the checkpoint predates had its default then (channels_last and compile came later).
-    before = {k: before.get(k, fields[k].default if k in fields else None) for k in identity}
-    changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in identity.items() if before.get(k) != v]
-    for name, text in run_files.items():
-        path = run_dir / name
-        if not path.is_file():
-            raise DataError(path, "missing or not a file: the interrupted run's settings cannot be checked")
-        old = path.read_text(encoding="utf-8", errors="replace")
-        if name.endswith((".yaml", ".yml")):
-            try:
-                old_cfg, new_cfg = yaml.safe_load(old) or {}, yaml.safe_load(text) or {}
-            except yaml.YAMLError as err:
-                raise DataError(path, f"not valid YAML ({str(err).splitlines()[0]})") from err
-            if not isinstance(old_cfg, dict):
-                raise DataError(path, "not a mapping of settings")
-            keys = sorted((set(old_cfg) | set(new_cfg)) - set(RESUMABLE_CHANGES) - set(identity))
-            changed += [f"{k} {old_cfg.get(k)!r} -> {new_cfg.get(k)!r}" for k in keys
-                        if old_cfg.get(k) != new_cfg.get(k)]
-        elif old != text:
-            changed.append(f"{name} (the data or its split changed)")
-    if changed:
-        raise ConfigError("--resume", f"settings differ from the interrupted run in {run_dir}: {'; '.join(changed)}. "
-                                      "Resume with the original settings, or start a new run")
-
-
-def _read_history(path: Path) -> list[dict[str, Any]]:
-    """``metrics.jsonl`` records, each with an integer ``step`` (what resume truncates by)."""
-    if path.exists() and not path.is_file():
-        raise DataError(path, "is not a file")
-    records = read_jsonl(path) if path.is_file() else []
-    for number, record in enumerate(records, 1):
-        step = record.get("step")
-        if isinstance(step, bool) or not isinstance(step, int):
-            raise DataError(path, f"record {number} has no integer 'step'")
-    return records
-
-
-def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
-    """Rewrite ``metrics.jsonl`` whole (it is small): a kill never leaves a partial line."""
-    atomic_write_text(path, "".join(json.dumps(r, default=float) + "\n" for r in history))
 
 
 def _improved(value: float, best: float | None, mode: str) -> bool:
@@ -457,11 +333,11 @@ def check_monitor(config: TrainConfig, task: TrainTask, has_val: bool) -> None:
 
 def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_dataset: Dataset,
         val_dataset: Dataset | None, task: TrainTask, config: TrainConfig, run_dir: Path,
-        collate_fn: Callable | None = None, run_files: dict[str, str] | None = None) -> FitResult:
+        *, run_files: dict[str, str] | None = None) -> FitResult:
     """Train ``model`` and keep the best checkpoint by ``config.monitor`` (see ``_fit``), holding the run
     directory's lock (``common.run_guard``) throughout: one writer per run, also when called from code."""
     with run_lock(Path(run_dir), "--output-dir", create=True):
-        return _fit(model, optimizer, train_dataset, val_dataset, task, config, run_dir, collate_fn, run_files)
+        return _fit(model, optimizer, train_dataset, val_dataset, task, config, run_dir, run_files)
 
 
 def _fit(
@@ -472,7 +348,6 @@ def _fit(
     task: TrainTask,
     config: TrainConfig,
     run_dir: Path,
-    collate_fn: Callable | None = None,
     run_files: dict[str, str] | None = None,
 ) -> FitResult:
     """Train ``model`` and keep the best checkpoint by ``config.monitor``; see the module docstring.
@@ -491,115 +366,164 @@ def _fit(
     check_monitor(config, task, val_dataset is not None)
     device = check_run_setup(config, run_dir)
     accelerator = make_accelerator(device, mixed_precision(config.precision, device, config.cpu_bf16))
-    identity = _identity(config, len(train_dataset), accelerator.num_processes)
-    saved_state = None
+    run_identity = identity(config, len(train_dataset), accelerator.num_processes)
+    resume_dir = saved_state = None
     if config.resume:
         resume_dir = find_resume_dir(run_dir)
-        saved_state = train_state.load_trainer(resume_dir)
+        saved_state = resume.load_trainer(resume_dir)
         if saved_state["num_processes"] != accelerator.num_processes:
             raise ConfigError("--resume", f"the checkpoint was written by {saved_state['num_processes']} process(es), "
                                           f"this run has {accelerator.num_processes}; resume with the same number")
-        _check_resume(resume_dir, saved_state, identity, run_dir, run_files)
+        check_resume(resume_dir, saved_state, run_identity, run_dir, run_files,
+                     {spec.name: spec.default for spec in fields(TrainConfig)})
     set_seed(config.seed)
-    state = _LoopState()
-    sampler = EpochSampler(len(train_dataset), config.seed, True, accelerator.process_index, accelerator.num_processes)
-    batches_per_epoch = math.ceil(len(train_dataset) / accelerator.num_processes / config.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
-    if config.channels_last:
-        model_to_channels_last(model)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    # The compiled module runs the training steps only; validation, hooks and checkpoints use the eager model.
-    train_model = model if config.compile == "none" else torch.compile(model, mode=config.compile)
-    workers = config.num_workers if config.num_workers is not None else default_num_workers(
-        accelerator.device, accelerator.num_processes)
-    train_batches = TrainBatches(train_dataset, sampler, config.batch_size, accelerator.device,
-                                 collate_fn=collate_fn, num_workers=workers, on_device=config.data_on_device,
-                                 channels_last=config.channels_last)
-    val_batches = None
-    if val_dataset is not None:
-        val_batches = EvalBatches(val_dataset, config.eval_batch_size or config.batch_size, accelerator.device,
-                                  collate_fn=collate_fn, num_workers=workers, on_device=config.data_on_device)
-    scheduler = build_scheduler(optimizer, config, steps_per_epoch)
+    loop = _Loop(accelerator, model, optimizer, train_dataset, val_dataset, task, config, run_dir, run_identity)
+    if resume_dir is not None:
+        loop.restore(resume_dir, saved_state)
+    else:
+        loop.start(run_files)
+    accelerator.wait_for_everyone()
+    _attach_log_file(run_dir / LOG_FILE, accelerator.is_main_process)
+    log.info("training data: %s", loop.train_batches.describe())
+    return loop.run()
 
-    metrics_path = run_dir / "metrics.jsonl"
-    history: list[dict[str, Any]] = []
-    if config.resume:
-        train_state.load_model_state(accelerator.unwrap_model(model), resume_dir)
-        train_state.load_optimizer(optimizer, resume_dir)
-        _match_parameter_layout(optimizer)
+
+class _Loop:
+    """One call of ``fit`` once everything is checked: the prepared model, optimizer, batches and schedule, and the
+    loop's steps (``restore`` or ``start``, then ``run``: ``train_epoch`` and ``end_epoch`` per epoch)."""
+
+    def __init__(self, accelerator: Accelerator, model, optimizer, train_dataset: Dataset,
+                 val_dataset: Dataset | None, task: TrainTask, config: TrainConfig, run_dir: Path,
+                 run_identity: dict[str, Any]):
+        self.accelerator, self.task, self.config, self.run_dir = accelerator, task, config, run_dir
+        self.identity, self.train_size = run_identity, len(train_dataset)
+        self.state = _LoopState()
+        self.sampler = EpochSampler(len(train_dataset), config.seed, True, accelerator.process_index,
+                                    accelerator.num_processes)
+        self.batches_per_epoch = math.ceil(len(train_dataset) / accelerator.num_processes / config.batch_size)
+        steps_per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
+        if config.channels_last:
+            model_to_channels_last(model)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        # The compiled module runs the training steps only; validation, hooks and checkpoints use the eager model.
+        self.train_model = self.model if config.compile == "none" else torch.compile(self.model, mode=config.compile)
+        workers = config.num_workers if config.num_workers is not None else default_num_workers(
+            accelerator.device, accelerator.num_processes)
+        self.train_batches = TrainBatches(train_dataset, self.sampler, config.batch_size, accelerator.device,
+                                          num_workers=workers, on_device=config.data_on_device,
+                                          channels_last=config.channels_last)
+        self.val_batches = None
+        if val_dataset is not None:
+            self.val_batches = EvalBatches(val_dataset, config.eval_batch_size or config.batch_size,
+                                           accelerator.device, num_workers=workers, on_device=config.data_on_device)
+        self.scheduler = build_scheduler(self.optimizer, config, steps_per_epoch)
+        self.metrics_path = run_dir / HISTORY_FILE
+        self.history: list[dict[str, Any]] = []
+        self.stopped_early = self.hit_max_steps = False
+        self.epoch_seconds: list[float] = []
+        # float64 keeps the sum as exact as the per-batch Python floats it replaces; MPS has no float64.
+        self.sum_dtype = torch.float32 if accelerator.device.type == "mps" else torch.float64
+        self.start_time = time.time()
+
+    def restore(self, resume_dir: Path, saved_state: dict[str, Any]) -> None:
+        """``--resume``: model, optimizer, schedule, loop counters, scaler, RNG and task tensors as checkpointed, and
+        the history cut back to the checkpoint's step."""
+        accelerator, state = self.accelerator, self.state
+        resume.load_last_model(accelerator.unwrap_model(self.model), resume_dir)
+        resume.load_optimizer(self.optimizer, resume_dir)
+        _match_parameter_layout(self.optimizer)
         try:
-            scheduler.load_state_dict(saved_state["scheduler"])
+            self.scheduler.load_state_dict(saved_state["scheduler"])
             state.load_state_dict(saved_state["loop"])
             scaler = getattr(accelerator, "scaler", None)
             if scaler is not None and saved_state.get("scaler"):
                 scaler.load_state_dict(saved_state["scaler"])
         except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise DataError(resume_dir / train_state.TRAINER_JSON, f"does not load ({type(err).__name__}: {err})") \
+            raise DataError(resume_dir / resume.TRAINER_JSON, f"does not load ({type(err).__name__}: {err})") \
                 from err
-        train_state.load_rng(resume_dir, accelerator.process_index)
-        if hasattr(task, "load_task_tensors"):
+        resume.load_rng(resume_dir, accelerator.process_index)
+        if hasattr(self.task, "load_task_tensors"):
             try:
-                task.load_task_tensors(train_state.load_task_tensors(resume_dir))
+                self.task.load_task_tensors(resume.load_task_tensors(resume_dir))
             except (KeyError, TypeError, ValueError) as err:
-                raise DataError(resume_dir / train_state.TASK_TENSORS, f"does not fit this run ({err})") from err
-        history = [r for r in _read_history(metrics_path) if r["step"] <= state.global_step]
+                raise DataError(resume_dir / resume.TASK_TENSORS, f"does not fit this run ({err})") from err
+        self.history = [r for r in read_history(self.metrics_path) if r["step"] <= state.global_step]
         if accelerator.is_main_process:
-            recover_results(run_dir)
-            _write_history(metrics_path, history)
+            recover_results(self.run_dir)
+            write_history(self.metrics_path, self.history)
         log.info("resumed from %s at epoch %d, step %d", resume_dir, state.epoch, state.global_step)
-    elif accelerator.is_main_process:
-        if config.overwrite:
-            _clear_run(run_dir, tuple(run_files))
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for name, text in run_files.items():
-            atomic_write_text(run_dir / name, text)
-    accelerator.wait_for_everyone()
-    _attach_log_file(run_dir / "train.log", accelerator.is_main_process)
-    log.info("training data: %s", train_batches.describe())
 
-    def save_last() -> None:
-        _save_last(accelerator, model, optimizer, scheduler, state, run_dir, identity, task)
+    def start(self, run_files: dict[str, str]) -> None:
+        """A new run: an earlier one cleared (``--overwrite``), then the run's files written."""
+        if self.accelerator.is_main_process:
+            if self.config.overwrite:
+                clear_run(self.run_dir, tuple(run_files))
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            for name, text in run_files.items():
+                atomic_write_text(self.run_dir / name, text)
 
-    def read_loss(loss_sum: torch.Tensor, epoch: int) -> float:
+    def run(self) -> FitResult:
+        """Epochs until the last, an early stop or ``max_steps``; the result."""
+        state = self.state
+        while not state.finished and state.epoch < self.config.epochs:
+            epoch = state.epoch
+            self.train_epoch(epoch)
+            if self.hit_max_steps and state.batches_done < self.batches_per_epoch:
+                self.save_last()
+                log.info("stopped at --max-steps %d (epoch %d, batch %d); --resume continues", state.global_step,
+                         epoch + 1, state.batches_done)
+                break
+            self.end_epoch(epoch)
+            if self.hit_max_steps:
+                break
+        self.accelerator.wait_for_everyone()
+        completed = state.finished
+        if completed and state.best_value is None:
+            raise DataError(self.metrics_path, f"{self.config.monitor} was never a finite number, so no best model was "
+                                               "saved; check the validation data or choose another --monitor")
+        return FitResult(state.best_value, state.best_epoch, state.global_step, self.stopped_early, self.history,
+                         completed, self.epoch_seconds)
+
+    def save_last(self) -> None:
+        save_last(self.accelerator, self.model, self.optimizer, self.scheduler, self.state, self.run_dir,
+                  self.identity, self.task)
+
+    def read_loss(self, loss_sum: torch.Tensor, epoch: int) -> float:
         """Read the device's running loss sum into the loop state (the loop's only wait for the device)."""
         value = float(loss_sum)
         if not math.isfinite(value):
-            raise DataError(run_dir, f"training loss became {value} in epoch {epoch + 1} (by step "
-                                     f"{state.global_step}); lower --lr or check the data")
-        state.loss_sum = value
+            raise DataError(self.run_dir, f"training loss became {value} in epoch {epoch + 1} (by step "
+                                          f"{self.state.global_step}); lower --lr or check the data")
+        self.state.loss_sum = value
         return value
 
-    stopped_early = False
-    hit_max_steps = False
-    epoch_seconds: list[float] = []
-    start = time.time()
-    # float64 keeps the sum as exact as the per-batch Python floats it replaces; MPS has no float64.
-    sum_dtype = torch.float32 if accelerator.device.type == "mps" else torch.float64
-    while not state.finished and state.epoch < config.epochs:
-        epoch = state.epoch
-        sampler.set_epoch(epoch, skip=state.batches_done * config.batch_size)
-        if state.batches_done == 0 and hasattr(task, "start_epoch"):
-            _start_epoch(accelerator, model, task, epoch)
+    def train_epoch(self, epoch: int) -> None:
+        """The epoch's training batches from where the loop state stands (mid-epoch after a resume), with gradient
+        accumulation, clipping, the schedule, periodic checkpoints and ``max_steps``."""
+        accelerator, config, state, model = self.accelerator, self.config, self.state, self.model
+        self.sampler.set_epoch(epoch, skip=state.batches_done * config.batch_size)
+        if state.batches_done == 0 and hasattr(self.task, "start_epoch"):
+            _start_epoch(accelerator, model, self.task, epoch)
         model.train()
-        bar = tqdm(total=batches_per_epoch, initial=state.batches_done, desc=f"epoch {epoch + 1}/{config.epochs}",
+        bar = tqdm(total=self.batches_per_epoch, initial=state.batches_done, desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=not (config.progress and accelerator.is_local_main_process), leave=False)
         # The running sum lives on the device and continues the checkpointed one, so a resumed run adds the same
         # numbers in the same order as an uninterrupted one.
-        loss_sum = torch.tensor(state.loss_sum, dtype=sum_dtype, device=accelerator.device)
+        loss_sum = torch.tensor(state.loss_sum, dtype=self.sum_dtype, device=accelerator.device)
         epoch_start, paused = time.perf_counter(), 0.0
-        for batch in train_batches:
+        for batch in self.train_batches:
             index = state.batches_done
-            group_end = min(batches_per_epoch, (index // config.grad_accum + 1) * config.grad_accum)
+            group_end = min(self.batches_per_epoch, (index // config.grad_accum + 1) * config.grad_accum)
             group_size = group_end - (index // config.grad_accum) * config.grad_accum
             is_step = index + 1 == group_end
             context = accelerator.no_sync(model) if not is_step else contextlib.nullcontext()
             with context, accelerator.autocast():
                 try:
-                    loss = task.training_loss(train_model, batch)
+                    loss = self.task.training_loss(self.train_model, batch)
                 except ValueError as err:
                     if "Expected more than 1 value per channel" not in str(err):
                         raise
-                    raise ConfigError("--batch-size", f"{len(train_dataset)} training samples leave a last batch "
+                    raise ConfigError("--batch-size", f"{self.train_size} training samples leave a last batch "
                                                       "BatchNorm cannot train on (one sample); choose another "
                                                       "batch size") from err
             accelerator.backward(loss / group_size)
@@ -610,69 +534,60 @@ def _fit(
             if is_step:
                 if config.clip_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
                 state.global_step += 1
                 if state.global_step % config.log_every == 0:
-                    mean = read_loss(loss_sum, epoch) / state.loss_count
+                    mean = self.read_loss(loss_sum, epoch) / state.loss_count
                     bar.set_postfix(loss=f"{mean:.4f}")
                     log.debug("step %d: running train_loss %.4f", state.global_step, mean)
                 if config.max_steps is not None and state.global_step >= config.max_steps:
-                    hit_max_steps = True
+                    self.hit_max_steps = True
                     break
                 if config.checkpoint_every and state.global_step % config.checkpoint_every == 0:
-                    read_loss(loss_sum, epoch)
+                    self.read_loss(loss_sum, epoch)
                     saving = time.perf_counter()
-                    save_last()
+                    self.save_last()
                     paused += time.perf_counter() - saving
-        read_loss(loss_sum, epoch)
-        epoch_seconds.append(time.perf_counter() - epoch_start - paused)
+        self.read_loss(loss_sum, epoch)
+        self.epoch_seconds.append(time.perf_counter() - epoch_start - paused)
         bar.close()
-        if hit_max_steps and state.batches_done < batches_per_epoch:
-            save_last()
-            log.info("stopped at --max-steps %d (epoch %d, batch %d); --resume continues", state.global_step,
-                     epoch + 1, state.batches_done)
-            break
 
+    def end_epoch(self, epoch: int) -> None:
+        """Validate (every ``eval_every`` epochs), keep the best model, count towards early stopping, append the
+        epoch's record to the history and checkpoint."""
+        accelerator, config, state = self.accelerator, self.config, self.state
         record: dict[str, Any] = {"epoch": epoch + 1, "step": state.global_step,
                                   "train_loss": state.loss_sum / max(1, state.loss_count),
-                                  "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - start, 2)}
-        evaluated = val_batches is not None and (epoch + 1) % config.eval_every == 0
+                                  "lr": self.scheduler.get_last_lr()[0],
+                                  "elapsed_s": round(time.time() - self.start_time, 2)}
+        evaluated = self.val_batches is not None and (epoch + 1) % config.eval_every == 0
         if evaluated:
-            record.update(_validate(accelerator, model, val_batches, task))
-        if evaluated or val_batches is None:
+            record.update(_validate(accelerator, self.model, self.val_batches, self.task))
+        if evaluated or self.val_batches is None:
             value = record.get(config.monitor)
             if value is None:
                 raise ConfigError("--monitor", f"validation returned no {config.monitor!r} (has {sorted(record)})")
             if _improved(float(value), state.best_value, config.mode):
                 state.best_value, state.best_epoch, state.bad_evals = float(value), epoch + 1, 0
                 if accelerator.is_main_process:
-                    with staged_dir(run_dir / BEST_DIR) as staged:
-                        task.save_best(accelerator.unwrap_model(model), record, staged)
+                    with staged_dir(self.run_dir / BEST_DIR) as staged:
+                        self.task.save_best(accelerator.unwrap_model(self.model), record, staged)
                 record["is_best"] = True
             else:
                 state.bad_evals += 1
             if config.patience is not None and state.bad_evals >= config.patience:
-                stopped_early = True
+                self.stopped_early = True
         state.epoch, state.batches_done, state.loss_sum, state.loss_count = epoch + 1, 0, 0.0, 0
-        state.finished = stopped_early or state.epoch >= config.epochs
+        state.finished = self.stopped_early or state.epoch >= config.epochs
         if accelerator.is_main_process:
-            history.append(record)
-            _write_history(metrics_path, history)
+            self.history.append(record)
+            write_history(self.metrics_path, self.history)
             log.info("epoch %d: %s", epoch + 1, _format_record(record))
-        save_last()
-        if stopped_early:
+        self.save_last()
+        if self.stopped_early:
             log.info("early stop: %s has not improved for %d evaluations", config.monitor, config.patience)
-        if hit_max_steps:
-            break
-    accelerator.wait_for_everyone()
-    completed = state.finished
-    if completed and state.best_value is None:
-        raise DataError(metrics_path, f"{config.monitor} was never a finite number, so no best model was saved; "
-                                      "check the validation data or choose another --monitor")
-    return FitResult(state.best_value, state.best_epoch, state.global_step, stopped_early, history, completed,
-                     epoch_seconds)
 
 
 def _match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
@@ -734,59 +649,42 @@ def _attach_log_file(path: Path, main_process: bool) -> None:
 
 
 def config_from_args(args, **overrides: Any) -> TrainConfig:
-    """Build a TrainConfig from an argparse namespace that used ``add_train_args``."""
-    names = {f for f in TrainConfig.__dataclass_fields__}
-    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
-    values.update(overrides)
-    return TrainConfig(**values)
+    """Build a TrainConfig from an argparse namespace that used ``add_train_args`` (``overrides`` win)."""
+    values = {spec.name: getattr(args, spec.name) for spec in fields(TrainConfig) if hasattr(args, spec.name)}
+    return TrainConfig(**{**values, **overrides})
 
 
-def add_train_args(parser, *, epochs: int, batch_size: int, lr: float, monitor: str, mode: str,
-                   scheduler: str = "cosine", weight_decay: float = 0.0) -> None:
-    """Training and resume flags shared by all pipelines, with each pipeline's own defaults.
+def add_train_args(parser, **defaults: Any) -> None:
+    """The flags of every ``TrainConfig`` field (training, speed and resume groups), with this pipeline's defaults.
 
-    A training script's parent parser should opt into ``output_dir``, ``seed``, ``device`` and ``precision``.
+    ``defaults`` overrides a field's default by name (``epochs=30, monitor="val_auroc", mode="max"``). A training
+    script's parent parser opts into ``seed``, ``device`` and ``precision`` (``common.cli.base_parser``).
     """
-    group = parser.add_argument_group("training")
-    group.add_argument("--epochs", type=positive_int, default=epochs)
-    group.add_argument("--batch-size", type=positive_int, default=batch_size)
-    group.add_argument("--eval-batch-size", type=positive_int, default=None)
-    group.add_argument("--lr", type=positive_float, default=lr)
-    group.add_argument("--weight-decay", type=nonnegative_float, default=weight_decay)
-    group.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
-    group.add_argument("--clip-grad-norm", type=positive_float, default=None)
-    group.add_argument("--scheduler", choices=SCHEDULERS, default=scheduler)
-    group.add_argument("--warmup-steps", type=nonnegative_int, default=0)
-    group.add_argument("--min-lr-ratio", type=unit_interval, default=0.0)
-    group.add_argument("--monitor", default=monitor, help="validation metric that picks the best epoch")
-    group.add_argument("--mode", choices=["min", "max"], default=mode)
-    group.add_argument("--patience", type=positive_int, default=None,
-                       help="early stop after this many evals without gain")
-    group.add_argument("--checkpoint-every", type=positive_int, default=None,
-                       help="also checkpoint every N optimizer steps")
-    group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-    group.add_argument("--log-every", type=positive_int, default=50,
-                       help="optimizer steps between reads of the running training loss (each read waits for the "
-                            "device)")
-    group = parser.add_argument_group("speed")
-    group.add_argument("--data-on-device", action=argparse.BooleanOptionalAction, default=None,
-                       help="hold tensor datasets on the training device and gather batches there (default: when "
-                            "the split fits in half the device's free memory)")
-    group.add_argument("--num-workers", type=nonnegative_int, default=None,
-                       help="DataLoader workers for data not held on the device (default: 0 on CPU, else up to 4 "
-                            "per process)")
-    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
-                       help="convolution weights and image batches in channels-last layout")
-    group.add_argument("--compile", choices=COMPILE_MODES, default="none",
-                       help="torch.compile the training steps with this mode")
-    group = parser.add_argument_group("resume")
-    group.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoints/last")
-    group.add_argument("--overwrite", action="store_true",
-                       help="replace the run already in --output-dir (without it, a non-empty run dir is refused)")
-    group.add_argument("--max-steps", type=positive_int, default=None,
-                       help="stop after this many optimizer steps (the schedule still spans --epochs)")
+    known = {spec.name: spec for spec in fields(TrainConfig)}
+    unknown = sorted(set(defaults) - set(known))
+    if unknown:
+        raise TypeError(f"add_train_args: no TrainConfig field {', '.join(unknown)}")
+    groups: dict[str, Any] = {}
+    for name, spec in known.items():
+        group_name = spec.metadata["group"]
+        if group_name is None:
+            continue
+        if group_name not in groups:
+            groups[group_name] = parser.add_argument_group(group_name)
+        default = defaults.get(name, spec.default)
+        kwargs: dict[str, Any] = {"default": default, "help": spec.metadata["help"]}
+        if spec.type in ("bool", "bool | None"):
+            kwargs["action"] = "store_true" if name in ("resume", "overwrite") else argparse.BooleanOptionalAction
+        if spec.metadata["type"] is not None:
+            kwargs["type"] = spec.metadata["type"]
+        if spec.metadata["choices"] is not None:
+            kwargs["choices"] = spec.metadata["choices"]
+        groups[group_name].add_argument(f"--{name.replace('_', '-')}", **kwargs)
 
 
 __all__ = ["TrainConfig", "TrainTask", "EpochTask", "FitResult", "fit", "add_train_args", "config_from_args",
            "EpochSampler", "build_scheduler", "find_resume_dir", "check_output_dir", "check_run_setup", "check_monitor",
-           "DeviceBatches", "COMPILE_MODES"]
+           "DeviceBatches", "COMPILE_MODES", "RUN_OUTPUTS", "RESUMABLE_CHANGES"]
+
+RUN_OUTPUTS = FLOOR_OUTPUTS
+"""What the loop itself writes (``common.rundir.layout.FLOOR_OUTPUTS``, under its earlier name)."""

@@ -23,8 +23,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from common.checkpoint import atomic_write_bytes
 from common.errors import DataError
+from common.rundir import atomic_write_bytes
 
 SHARD_PATTERN = "shard-*.safetensors"
 CACHE_ENV = "MEDVL_CACHE_DIR"

@@ -31,14 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError
+from common.rundir.layout import FLOOR_OUTPUTS
 
 GROUP = "medvl.declarations"
-
-FLOOR_OUTPUTS = ("config.yaml", "metrics.jsonl", "train.log", "checkpoints", "best", "best.old", "best.tmp",
-                 ".pending", ".pending-*")
-"""What ``common.engine.fit`` itself writes into a run directory (the loop's history, log, checkpoints, best model,
-their swap siblings and result-set staging folders). ``.lock`` is not one: the running command holds it."""
-
 
 @dataclass(frozen=True)
 class Pipeline:

@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn import metrics as skm
 
-from common.checkpoint import atomic_save_figure
+from common.rundir import atomic_save_figure
 
 _LOSS_WORD = "loss"
 

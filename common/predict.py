@@ -22,11 +22,11 @@ from typing import Any, Protocol
 
 import pandas as pd
 
-from common.checkpoint import WEIGHTS_FILE, atomic_write_json, atomic_write_text, find_model_dir, read_jsonl
 from common.cli import MedvlArgumentParser, base_parser
 from common.errors import ConfigError, DataError, MedvlError
 from common.feature_cache import file_digest
 from common.reader import list_inputs
+from common.rundir import WEIGHTS_FILE, atomic_write_json, atomic_write_text, find_model_dir, read_jsonl
 
 JOURNAL, CSV, JSON, SETTINGS = "predictions.jsonl", "predictions.csv", "predictions.json", "predict.meta.json"
 FIGURES = "figures"

@@ -456,7 +456,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = MedvlArgumentParser(prog="python -m common.presets", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("pattern", nargs="?", default=None, help="show only names containing this text")
-    parser.add_argument("--kind", choices=KINDS, default=None)
+    parser.add_argument("--kind", choices=KINDS, default=None, help="list only the presets of this kind (default: all)")
     parser.add_argument("--count", action="store_true",
                         help="also build each real architecture on the meta device and print its parameter count")
     return parser

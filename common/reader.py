@@ -300,7 +300,7 @@ def volume_as_nifti(path: Path | str, scratch: Path) -> Path:
     """``path`` itself for a NIfTI file, else the DICOM series written as ``scratch/<folder>.nii.gz``."""
     import nibabel as nib
 
-    from common.checkpoint import atomic_write_bytes
+    from common.rundir import atomic_write_bytes
 
     path = Path(path)
     if file_kind(path) == "nifti":

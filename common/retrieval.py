@@ -19,8 +19,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from common.checkpoint import atomic_write_bytes, atomic_write_json
 from common.errors import ConfigError, DataError
+from common.rundir import atomic_write_bytes, atomic_write_json
 
 INDEXES = ("flat-l2", "cosine", "ivf-flat", "hnsw")
 EXACT_INDEXES = ("flat-l2", "cosine")

@@ -13,34 +13,37 @@
     monitor        the validation metric that chose this epoch
     data           where the training data came from ({"root": ..., ...}); tools default to it
     val_metrics    that epoch's validation numbers
-    git_sha, versions   provenance, added by ``common.checkpoint.save_model``
+    git_sha, versions   provenance, added by ``common.rundir.save_model``
 
 Pipelines may add keys of their own (one records its text encoder); these are the ones every
-tool can rely on. ``load_run`` checks them, rebuilds the model with the pipeline's builder and loads the weights,
-turning every way that can fail into one line naming the file.
+tool can rely on. ``read_run_record`` is the one reader of the file (checked); ``load_run`` the one loader of a
+trained model: it rebuilds the model with the pipeline's builder and loads the weights, turning every way that can
+fail into one line naming the file.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from common.checkpoint import (
+from common.errors import ConfigError, DataError
+from common.rundir import (
     META_FILE,
     WEIGHTS_FILE,
     find_model_dir,
-    load_model_files,
     load_model_state,
+    read_model_json,
+    read_weights,
     require_keys,
     save_model,
 )
-from common.errors import ConfigError, DataError
+from common.tables import ci_cell  # noqa: F401  (its earlier home)
 
 log = logging.getLogger("medvl.runs")
 
@@ -90,24 +93,37 @@ class LoadedRun:
     directory: Path
 
 
-def read_run_meta(run_dir: Path, pipeline: str, stage: str | None = None) -> tuple[dict[str, Any], dict, Path]:
-    """``(meta, weights, directory)`` of a run's best model, checked to be ``pipeline``'s (and ``stage``'s)."""
+def read_run_record(run_dir: Path, pipeline: str | None = None,
+                    stage: str | Sequence[str] | None = None) -> tuple[dict[str, Any], Path]:
+    """``(model.json, folder)`` of a run's best model (a run directory or its ``best/``), checked against the schema
+    and, when given, to be ``pipeline``'s and of ``stage`` (one stage or several). The one reader of ``model.json``.
+    """
     directory = find_model_dir(Path(run_dir))
-    state, meta = load_model_files(directory)
     path = directory / META_FILE
+    meta = read_model_json(directory)
     if isinstance(meta, dict) and "format" not in meta and ("arch" in meta or "kind" in meta):
         raise DataError(path, "written by an older medvl (no 'format' key); retrain to use it here")
     check_record(meta, path)
-    if meta["pipeline"] != pipeline:
+    if pipeline is not None and meta["pipeline"] != pipeline:
         raise DataError(path, f"pipeline is {meta['pipeline']!r}: not a {pipeline} model")
-    if stage is not None and meta["stage"] != stage:
-        raise DataError(path, f"stage is {meta['stage']!r}: this needs a {pipeline} {stage} model")
-    return meta, state, directory
+    stages = (stage,) if isinstance(stage, str) else tuple(stage or ())
+    if stages and meta["stage"] not in stages:
+        raise DataError(path, f"stage is {meta['stage']!r}: this needs a {pipeline or meta['pipeline']} "
+                              f"{' or '.join(stages)} model")
+    return meta, directory
+
+
+def read_run_meta(run_dir: Path, pipeline: str, stage: str | None = None) -> tuple[dict[str, Any], dict, Path]:
+    """``(meta, weights, directory)`` of a run's best model (``read_run_record`` and the raw weights, for code that
+    loads them into part of a model)."""
+    meta, directory = read_run_record(run_dir, pipeline, stage)
+    return meta, read_weights(directory), directory
 
 
 def load_run(run_dir: Path, pipeline: str, build: Callable[[dict[str, Any]], torch.nn.Module],
-             stage: str | None = None, device: str | torch.device = "cpu") -> LoadedRun:
-    """Rebuild a run's best model from ``model.json`` with ``build(meta)`` and load its weights.
+             stage: str | Sequence[str] | None = None, device: str | torch.device = "cpu") -> LoadedRun:
+    """Rebuild a run's best model from ``model.json`` with ``build(meta)`` and load its weights: the one loader of
+    a trained model, for every pipeline and stage (``stage``: the stages the caller accepts; default any).
 
     Raises:
         DataError: no model, a model of another pipeline or stage, a key missing or of the wrong type, a record
@@ -127,7 +143,7 @@ def load_run(run_dir: Path, pipeline: str, build: Callable[[dict[str, Any]], tor
 
 def run_state(run_dir: Path) -> str:
     """``done`` (finished, with a best model), ``partial`` (started: resume or redo) or ``new``."""
-    from common.checkpoint import BEST_DIR, LAST_DIR, committed_dir
+    from common.rundir import BEST_DIR, LAST_DIR, committed_dir
 
     run_dir = Path(run_dir)
     trainer = committed_dir(run_dir / LAST_DIR) / "trainer.json"
@@ -167,7 +183,7 @@ def train_or_resume(module, argv: list[str], run_dir: Path) -> None:
     """Run ``module.main(argv)`` for ``run_dir`` unless it finished with these settings: resumed when it has a
     checkpoint, redone (``--overwrite``) when it stopped before its first one or was trained with other settings
     (logged), so a driver of several runs (ablations) never mixes runs of old settings into a new table."""
-    from common.checkpoint import LAST_DIR
+    from common.rundir import LAST_DIR
 
     state = run_state(run_dir)
     changes = settings_changes(module, argv, run_dir) if state != "new" else []
@@ -183,13 +199,5 @@ def train_or_resume(module, argv: list[str], run_dir: Path) -> None:
         raise DataError(run_dir, f"{module.__name__} failed (exit {code}); see the line above")
 
 
-def ci_cell(results: dict[str, Any], key: str) -> str:
-    """``value [low, high]`` of a key of a result dict with bootstrap intervals (for comparison tables)."""
-    value, low, high = results.get(key), results.get(f"{key}_ci_low"), results.get(f"{key}_ci_high")
-    if value is None:
-        return "nan"
-    return f"{value:.3f} [{low:.3f}, {high:.3f}]" if low is not None and high is not None else f"{value:.3f}"
-
-
 __all__ = ["run_state", "settings_changes", "train_or_resume", "ci_cell", "MODEL_FORMAT", "SCHEMA", "model_record",
-           "save_run_model", "check_record", "read_run_meta", "load_run", "LoadedRun"]
+           "save_run_model", "check_record", "read_run_record", "read_run_meta", "load_run", "LoadedRun"]

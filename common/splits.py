@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.checkpoint import atomic_write_text, read_csv
 from common.errors import ConfigError, DataError
+from common.rundir import atomic_write_text, read_csv
 
 SPLIT_COLUMNS = ("id", "group", "split")
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from common.checkpoint import atomic_write_json, atomic_write_text
+from common.rundir import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("medvl.tables")
 
@@ -37,40 +37,22 @@ def bootstrap_ci(metric_fn: Callable[..., float], *arrays, n_boot: int = 1000, s
     """
     if not arrays:
         raise ValueError("bootstrap_ci needs at least one array")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
-    arrays = tuple(np.asarray(a) for a in arrays)
-    n = len(arrays[0])
-    if any(len(a) != n for a in arrays):
-        raise ValueError(f"arrays differ in length along axis 0: {[len(a) for a in arrays]}")
-    point = float(metric_fn(*arrays))
-    rng = np.random.default_rng(seed)
-    values = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for _ in range(n_boot):
-            idx = rng.integers(0, n, size=n)
-            try:
-                value = float(metric_fn(*(a[idx] for a in arrays)))
-            except ValueError:
-                continue
-            if math.isfinite(value):
-                values.append(value)
-    if not values:
-        return point, float("nan"), float("nan")
-    low, high = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return point, float(low), float(high)
+    names = [f"array{i}" for i in range(len(arrays))]
+    out = metrics_with_ci(lambda named: {"value": metric_fn(*(named[n] for n in names))}, dict(zip(names, arrays)),
+                          n_boot=n_boot, seed=seed, alpha=alpha, warn_undefined=False)
+    return out["value"], out["value" + CI_LOW], out["value" + CI_HIGH]
 
 
 def metrics_with_ci(metric_fn: Callable[[dict[str, np.ndarray]], dict[str, float]], arrays: Mapping[str, Any],
                     keys: Sequence[str] | None = None, n_boot: int = 1000, seed: int = 0,
-                    alpha: float = 0.05) -> dict[str, float]:
+                    alpha: float = 0.05, warn_undefined: bool = True) -> dict[str, float]:
     """Point values and paired percentile-bootstrap intervals of every key of a dict-valued metric.
 
     ``metric_fn`` receives the named per-sample arrays (resampled together along axis 0) and returns a flat dict,
     as the functions of ``common.metrics`` do; it runs once per resample for all keys, so every key sees the same
     resamples. A key whose point value is undefined (nan: AUROC on a one-class split) is reported as nan with
-    a warning, and resamples where a key is undefined are skipped for that key.
+    a warning, and resamples where a key is undefined are skipped for that key (every key, where the metric raises
+    ValueError). ``bootstrap_ci`` is this loop for one scalar metric.
 
     Returns:
         ``{key: point, key_ci_low: low, key_ci_high: high}`` for each of ``keys`` (default: every numeric key).
@@ -91,7 +73,10 @@ def metrics_with_ci(metric_fn: Callable[[dict[str, np.ndarray]], dict[str, float
         warnings.simplefilter("ignore")
         for _ in range(n_boot):
             idx = rng.integers(0, n, size=n)
-            values = metric_fn({name: a[idx] for name, a in arrays.items()})
+            try:
+                values = metric_fn({name: a[idx] for name, a in arrays.items()})
+            except ValueError:  # undefined on this resample (sklearn's single-class AUROC): skipped for every key
+                continue
             for key in keys:
                 value = float(values[key])
                 if math.isfinite(value):
@@ -99,12 +84,24 @@ def metrics_with_ci(metric_fn: Callable[[dict[str, np.ndarray]], dict[str, float
     out: dict[str, float] = {}
     for key in keys:
         value = float(point[key])
-        if not math.isfinite(value):
+        if not math.isfinite(value) and warn_undefined:
             log.warning("%s is undefined on this data (a split with one class?); reported as nan", key)
         low, high = (np.percentile(draws[key], [100 * alpha / 2, 100 * (1 - alpha / 2)]) if draws[key]
                      else (float("nan"), float("nan")))
         out[key], out[key + CI_LOW], out[key + CI_HIGH] = value, float(low), float(high)
     return out
+
+
+def ci_cell(results: Mapping[str, Any], key: str) -> str:
+    """``value [low, high]`` of a key of a result dict at 3 decimals (for comparison tables); ``nan`` for an undefined
+    or absent value; the value alone where no interval was drawn."""
+    value = results.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "nan"
+    low, high = results.get(key + CI_LOW), results.get(key + CI_HIGH)
+    if low is None or high is None or (isinstance(low, float) and math.isnan(low)):
+        return f"{value:.3f}"
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def _fmt(value: Any) -> str:

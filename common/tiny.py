@@ -348,7 +348,7 @@ def write_tokenizer_assets(retrain: bool = False) -> Path:
     A retrained tokenizer may number its pieces differently (see ``_frozen``), which changes every tiny model
     built on it, so the stored ones are kept unless asked.
     """
-    from common.checkpoint import atomic_write_json
+    from common.rundir import atomic_write_json
 
     stored = json.loads(TOKENIZER_ASSETS.read_text()) if TOKENIZER_ASSETS.is_file() and not retrain else {}
     models = {key: stored[key] if key in stored else train() for key, train in TOKENIZER_TRAINERS.items()}

@@ -26,7 +26,8 @@ def add_data_args(parser: argparse.ArgumentParser, projection: str) -> None:
     group.add_argument("--data-root", type=Path, default=None, help="directory in the IU X-ray layout")
     group.add_argument("--image-size", type=image_side, default=128,
                        help="side the images are padded and resized to (a multiple of 32, the U-Net's stride)")
-    group.add_argument("--projection", choices=PROJECTIONS, default=projection)
+    group.add_argument("--projection", choices=PROJECTIONS, default=projection,
+                       help="radiograph views used: Frontal, Lateral or all")
     group.add_argument("--split-level", choices=SPLIT_LEVELS, default="patient",
                        help="patient: all images of a uid in one split; image: the original per-image split")
     group.add_argument("--split-seed", type=seed_int, default=0, help="seed of the split (the same in both phases)")
@@ -41,7 +42,8 @@ def add_encoder_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--encoder", default="resnet34", help="segmentation-models-pytorch encoder name")
     group.add_argument("--encoder-weights", choices=ENCODER_WEIGHTS, default="imagenet",
                        help="initial encoder weights (imagenet needs the hub or its cache)")
-    group.add_argument("--decoder-channels", type=positive_int, nargs=5, default=list(DEFAULT_DECODER_CHANNELS))
+    group.add_argument("--decoder-channels", type=positive_int, nargs=5, default=list(DEFAULT_DECODER_CHANNELS),
+                       help="U-Net decoder widths, deepest first (five numbers)")
 
 
 def split_table(args: argparse.Namespace, with_masks: bool) -> tuple[pd.DataFrame, str]:

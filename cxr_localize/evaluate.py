@@ -35,10 +35,11 @@ from common.images import imagenet_normalize
 from common.metrics.segmentation import per_image_metrics
 from common.plots import mask_overlay, overlay_panels
 from common.run_guard import guard_command
+from common.runs import load_run
 from common.splits import load_split_csv
 from common.tables import metrics_with_ci, write_results
 from cxr_localize.data import load_iu, named_side, swap_left_right
-from cxr_localize.model import load_text_encoder, load_trained
+from cxr_localize.model import build_from_record, load_text_encoder
 
 CONDITIONS = ("report", "shuffled", "lr_swapped")
 
@@ -49,8 +50,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, required=True, help="phase-2 run directory")
     parser.add_argument("--data-root", type=Path, default=None, help="default: the run's data root")
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
-    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"],
+                        help="split scored (the test split is read once per finished run)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per inference batch")
     parser.add_argument("--n-figures", type=nonnegative_int, default=6, help="test images drawn in each figure")
     parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
     parser.add_argument("--skip-bad", action="store_true", help="skip and count bad rows instead of stopping")
@@ -120,7 +122,8 @@ def evaluate_run(run_dir: Path, split: str = "test", data_root: Path | None = No
     """
     run_dir = Path(run_dir)
     torch_device = pick_device(device)
-    model, meta = load_trained(run_dir, torch_device)
+    loaded = load_run(run_dir, "cxr_localize", build_from_record, stage="train", device=torch_device)
+    model, meta = loaded.model, loaded.meta
     data = meta["data"]
     root = data_root or data.get("root")
     if not isinstance(root, str | Path):

@@ -23,7 +23,7 @@ import torch.nn as nn
 from segmentation_models_pytorch.base import SegmentationHead
 
 from common.errors import ConfigError, DataError
-from common.runs import load_run, read_run_meta
+from common.runs import read_run_meta
 from common.text_encoders import TextEncoder, load_text_encoder, text_presets
 
 log = logging.getLogger("medvl.cxr_localize")
@@ -193,11 +193,5 @@ def build_from_record(meta: dict) -> ReportUNet:
     return ReportUNet(text_dim, meta["preset"], None, kwargs.get("fusion", "film"), channels)
 
 
-def load_trained(run_dir: Path, device: str | torch.device = "cpu") -> tuple[ReportUNet, dict]:
-    """The best phase-2 model of a run (eval mode) and its metadata, through ``common.runs.load_run``."""
-    loaded = load_run(Path(run_dir), "cxr_localize", build_from_record, stage="train", device=device)
-    return loaded.model, loaded.meta
-
-
 __all__ = ["TEXT_PRESETS", "FUSIONS", "TextEncoder", "load_text_encoder", "FiLMFusion", "ConcatFusion",
-           "ReportUNet", "build_unet", "load_encoder_init", "load_trained", "DEFAULT_DECODER_CHANNELS"]
+           "ReportUNet", "build_unet", "load_encoder_init", "build_from_record", "DEFAULT_DECODER_CHANNELS"]

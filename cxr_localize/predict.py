@@ -32,8 +32,9 @@ from common.images import imagenet_normalize, square_resize
 from common.predict import predict_parser, reports_for, run_predictions
 from common.reader import PICTURE, read_picture
 from common.run_guard import guard_command
+from common.runs import load_run
 from cxr_localize.data import named_side
-from cxr_localize.model import load_text_encoder, load_trained
+from cxr_localize.model import build_from_record, load_text_encoder
 
 
 def get_args_parser():
@@ -61,7 +62,8 @@ class LocalizePredictor:
 
     def __init__(self, run_dir: Path, device: str = "auto", cache_dir: Path | None = None):
         self.device = pick_device(device)
-        self.model, self.meta = load_trained(Path(run_dir), self.device)
+        loaded = load_run(Path(run_dir), "cxr_localize", build_from_record, stage="train", device=self.device)
+        self.model, self.meta = loaded.model, loaded.meta
         self.encoder = load_text_encoder(self.meta["text_encoder"], cache_dir=cache_dir, device=self.device)
         self.size = int(self.meta["preprocessing"]["image_size"])
         self.threshold = float(self.meta["thresholds"]["mask"])

@@ -40,6 +40,7 @@ from common.metrics.segmentation import per_image_metrics
 from common.plots import loss_curves
 from common.run_guard import guard_command
 from common.runs import model_record, save_run_model
+from common.splits import load_split_csv
 from cxr_localize.common_args import add_data_args, add_encoder_args, split_table
 from cxr_localize.data import MASK_DIR, TEXT_SOURCES, LocalizationDataset, load_iu, swap_left_right
 from cxr_localize.model import (
@@ -63,7 +64,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("report conditioning")
     group.add_argument("--text-encoder", default="clip-vit-b32",
                        help=f"preset ({', '.join(TEXT_PRESETS)}) or a local Hugging Face directory")
-    group.add_argument("--text-source", choices=TEXT_SOURCES, default="findings")
+    group.add_argument("--text-source", choices=TEXT_SOURCES, default="findings",
+                       help="report text the model reads: findings, or findings and impression")
     group.add_argument("--fusion", choices=FUSIONS, default="film", help="film, or concat (tile + concat + 1x1 conv)")
     group.add_argument("--text-whitening", choices=TEXT_WHITENINGS, default="zca",
                        help="standardisation of report embeddings fitted on the training reports")
@@ -74,7 +76,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--train-encoder", action=argparse.BooleanOptionalAction, default=False,
                        help="also train the image encoder (default: frozen, as in the original recipe)")
     group.add_argument("--pos-weight", type=nonnegative_float, default=3.0, help="BCE weight of lesion pixels")
-    group.add_argument("--dice-weight", type=nonnegative_float, default=1.0)
+    group.add_argument("--dice-weight", type=nonnegative_float, default=1.0,
+                       help="weight of the soft Dice term beside the pixel BCE")
     group.add_argument("--threshold", type=unit_interval, default=0.5, help="probability at which a pixel is lesion")
     add_train_args(parser, epochs=30, batch_size=16, lr=3e-3, weight_decay=1e-4, monitor="val_dice", mode="max")
     parser.set_defaults(patience=10)
@@ -124,7 +127,7 @@ def check_pretrain_leakage(encoder_init: Path, data_root: Path, split: pd.DataFr
     config = yaml.safe_load(config_path.read_text()) or {}
     if Path(str(config.get("data_root", ""))).resolve() != data_root.resolve():
         return
-    seen = pd.read_csv(split_path, dtype=str, keep_default_na=False)
+    seen = load_split_csv(split_path)
     if config.get("split_level") == "image":
         seen_uids = set(seen.loc[seen["split"] != "test", "id"].str.extract(r"^(\d+)_")[0].dropna())
     else:

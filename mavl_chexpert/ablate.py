@@ -21,8 +21,8 @@ from common.checkpoint import atomic_write_json, atomic_write_text, result_set
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int, require
 from common.errors import cli_entry
 from common.run_guard import guard_command
-from common.runs import ci_cell, train_or_resume
-from common.tables import markdown_table
+from common.runs import train_or_resume
+from common.tables import ci_cell, markdown_table
 from common.text_encoders import text_presets
 from mavl_chexpert import evaluate, train_fusion, train_image
 from mavl_chexpert.model import BACKBONES
@@ -38,7 +38,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", type=Path, default=None, help="the CheXpert-v1.0-small folder")
-    parser.add_argument("--backbone", default="vit-b16", choices=BACKBONES)
+    parser.add_argument("--backbone", default="vit-b16", choices=BACKBONES,
+                        help="image backbone preset of every image run")
     parser.add_argument("--text-encoder", default="bio-clinicalbert",
                         help=f"preset ({', '.join(text_presets())}) or a local Hugging Face directory")
     parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")

@@ -30,7 +30,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--uncertain", choices=UNCERTAIN_POLICIES, default="per-class",
                        help="uncertain (-1) labels: ones (the seed), zeros, ignore (masked out of loss and metrics) "
                             "or per-class (ones for Atelectasis and Edema, zeros otherwise; CheXpert's best)")
-    group.add_argument("--views", choices=VIEWS, default="frontal")
+    group.add_argument("--views", choices=VIEWS, default="frontal", help="frontal images only, or all views")
     group.add_argument("--sample-frac", type=unit_interval, default=1.0,
                        help="train on this fraction of train.csv's patients (the seed: 0.3)")
     group.add_argument("--val-fraction", type=unit_interval, default=0.15,

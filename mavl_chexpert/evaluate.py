@@ -31,7 +31,7 @@ from common.metrics.classification import binary_metrics
 from common.run_guard import guard_command
 from common.runs import load_run
 from common.splits import load_split_csv
-from common.tables import markdown_table, metrics_with_ci, write_results
+from common.tables import ci_cell, markdown_table, metrics_with_ci, write_results
 from mavl_chexpert.common_args import choose_thresholds, split_metrics
 from mavl_chexpert.data import ChexpertDataset, Table, decode_images, find_root, label_key, load_table
 from mavl_chexpert.model import build_fusion_model, build_image_model
@@ -49,14 +49,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, required=True, help="a train_image or train_fusion run")
-    parser.add_argument("--split", choices=SPLITS, default="test")
+    parser.add_argument("--split", choices=SPLITS, default="test",
+                        help="split scored (the test split is read once per finished run)")
     parser.add_argument("--data-root", type=Path, default=None, help="defaults to the data the run was trained on")
     parser.add_argument("--test-csv", type=Path, default=None,
                         help="CSV with Path + label columns (e.g. the official 500-image test set); default valid.csv")
     parser.add_argument("--oracle-thresholds", action="store_true",
                         help="tune thresholds on the evaluated set (optimistic; written to oracle/, labelled)")
     parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
-    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per inference batch")
     parser.add_argument("--skip-bad", action="store_true", help="skip rows whose image is missing or undecodable")
     return parser
 
@@ -173,9 +174,7 @@ def evaluate_run(run_dir: Path, split: str = "test", data_root: Path | None = No
         row = {"disease": name + (" (zero-shot)" if name in holdout else ""),
                "positives": int(table.targets[table.mask[:, j], j].sum())}
         for metric in PER_CLASS:
-            value = results[f"{metric}_{key}"]
-            low, high = results[f"{metric}_{key}_ci_low"], results[f"{metric}_{key}_ci_high"]
-            row[metric] = f"{value:.3f} [{low:.3f}, {high:.3f}]"
+            row[metric] = ci_cell(results, f"{metric}_{key}")
         row["threshold"] = float(thresholds[j])
         rows.append(row)
     title = (f"{'ORACLE thresholds - ' if oracle else ''}MAVL CheXpert {meta['stage']} ({meta['preset']}), "

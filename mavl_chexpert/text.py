@@ -133,7 +133,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text-encoder", default="bio-clinicalbert",
                         help=f"preset ({', '.join(text_presets())}) or a local Hugging Face directory")
-    parser.add_argument("--descriptions", type=Path, default=DEFAULT_DESCRIPTIONS)
+    parser.add_argument("--descriptions", type=Path, default=DEFAULT_DESCRIPTIONS,
+                        help="JSON {disease: {definition, aspects: {name: sentence}}}")
     parser.add_argument("--labels", default="all", help="competition, all, or comma-separated observation names")
     return parser
 

@@ -77,12 +77,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="combine a disease's aspect similarities by their mean or by attention")
     model.add_argument("--similarity", choices=SIMILARITIES, default="scaled",
                        help="scaled: learnable temperature and bias; seed: the raw cosine")
-    model.add_argument("--loss", choices=LOSSES, default="bce")
-    model.add_argument("--dropout", type=nonnegative_float, default=0.3)
+    model.add_argument("--loss", choices=LOSSES, default="bce",
+                       help="bce: per-class binary cross-entropy; contrastive: image-description contrastive loss")
+    model.add_argument("--dropout", type=nonnegative_float, default=0.3, help="dropout on the fused features")
     model.add_argument("--finetune-backbone", action="store_true", help="train the phase-1 model too")
     model.add_argument("--holdout-classes", default="",
                        help="comma-separated diseases left out of training (scored zero-shot from descriptions)")
-    parser.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default="f1")
+    parser.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default="f1",
+                        help="per-class decision thresholds chosen on validation")
     add_train_args(parser, epochs=60, batch_size=64, lr=5e-4, weight_decay=1e-4, monitor="val_auroc_macro",
                    mode="max")
     return parser

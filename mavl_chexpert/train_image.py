@@ -85,11 +85,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--pool", choices=POOLS, default="mean",
                        help="mean of patch tokens (LRFL's features) or the CLS token (the seed's)")
     model.add_argument("--rank", type=positive_int, default=64, help="width r of the low-rank projection")
-    model.add_argument("--dropout", type=nonnegative_float, default=0.1)
+    model.add_argument("--dropout", type=nonnegative_float, default=0.1, help="dropout before the classifier")
     model.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                        help="rotation 10 degrees, resized crop 80-100%%, brightness/contrast 0.1 (no flips)")
     lrf = parser.add_argument_group("LRF")
-    lrf.add_argument("--lrf-variant", choices=LRF_VARIANTS, default="tail")
+    lrf.add_argument("--lrf-variant", choices=LRF_VARIANTS, default="tail",
+                     help="low-rank feature penalty: tail (LRFL's, on the singular values past --lrf-rank), seed (the "
+                          "seed's), or none")
     lrf.add_argument("--lrf-rank", type=positive_int, default=38,
                      help="singular directions left free (LRFL: 38 for ViT-B on NIH); the rest are penalised")
     lrf.add_argument("--lrf-weight", type=nonnegative_float, default=None,

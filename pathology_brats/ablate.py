@@ -16,12 +16,12 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.checkpoint import atomic_write_json, atomic_write_text, result_set
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int, require
 from common.errors import cli_entry
 from common.run_guard import guard_command
-from common.runs import ci_cell, train_or_resume
-from common.tables import markdown_table
+from common.rundir import atomic_write_json, atomic_write_text, result_set
+from common.runs import train_or_resume
+from common.tables import ci_cell, markdown_table
 from pathology_brats import evaluate, train
 from pathology_brats.model import MODALITIES
 from pathology_brats.scoring import SCORER_KEYS
@@ -35,11 +35,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--labels-csv", type=Path, default=None,
                         help="CSV with 'Input Path, Ground-Truth' (default: the class folders under --data-root)")
     parser.add_argument("--captions", type=Path, default=None, help="captions JSONL (default: <data-root>/...)")
-    parser.add_argument("--schema", default="2025", choices=sorted(SCORER_KEYS))
-    parser.add_argument("--encoder", default="prov-gigapath")
-    parser.add_argument("--text-encoder", default="biolinkbert-large")
-    parser.add_argument("--feature-cache", type=Path, default=None)
-    parser.add_argument("--n-boot", type=positive_int, default=1000)
+    parser.add_argument("--schema", default="2025", choices=sorted(SCORER_KEYS),
+                        help="BraTS-Path edition (its class list and scorer)")
+    parser.add_argument("--encoder", default="prov-gigapath", help="tile encoder of every run")
+    parser.add_argument("--text-encoder", default="biolinkbert-large", help="caption encoder of every run")
+    parser.add_argument("--feature-cache", type=Path, default=None,
+                        help="folder of cached frozen features shared by the runs")
+    parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: extra flags for every training run")
     return parser
 

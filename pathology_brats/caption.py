@@ -63,19 +63,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     parent = base_parser(device=True, precision=True, cache_dir=True, quantization=True)
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", type=Path, required=True)
-    parser.add_argument("--labels-csv", type=Path, default=None)
-    parser.add_argument("--schema", choices=sorted(SCHEMAS), default="2025")
+    parser.add_argument("--data-root", type=Path, required=True, help="ROOT/<CLS>/*.jpg (the labelled tiles)")
+    parser.add_argument("--labels-csv", type=Path, default=None,
+                        help="CSV with 'Input Path, Ground-Truth' (default: the class folders under --data-root)")
+    parser.add_argument("--schema", choices=sorted(SCHEMAS), default="2025", help="BraTS-Path edition (its class list)")
     parser.add_argument("--vlm", default="medgemma-4b",
                         help=f"preset ({', '.join(VLM_PRESETS)}), a save_pretrained folder or a hub id")
     parser.add_argument("--out", type=Path, required=True, help="captions JSONL (appended to; reruns resume)")
-    parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--max-new-tokens", type=positive_int, default=200)
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="tiles per generation batch")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=200, help="longest caption generated, in tokens")
     parser.add_argument("--caption-prompt", choices=sorted(PROMPTS), default="medvl",
                         help="medvl: the features to describe, named; seed: the seed's prompt")
     parser.add_argument("--include-val", action=argparse.BooleanOptionalAction, default=True,
                         help="also caption <data-root>/val (the submission patches)")
-    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the VLM's own code from the hub (off by default)")
     return parser
 
 

@@ -22,9 +22,9 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from common.checkpoint import read_csv, read_jsonl
 from common.errors import DataError
 from common.feature_cache import CachedTensors, FeatureCache, text_digest
+from common.rundir import read_csv, read_jsonl
 from common.text_encoders import load_text_encoder
 
 log = logging.getLogger("medvl.pathology_brats")

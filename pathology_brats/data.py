@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.checkpoint import read_csv
 from common.errors import DataError
+from common.rundir import read_csv
 from common.splits import group_split
 from pathology_brats.schema import Schema
 

@@ -20,12 +20,12 @@ from pathlib import Path
 import pandas as pd
 
 from common import plots
-from common.checkpoint import atomic_write_text, recover_results, result_set
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
 from common.device import pick_device
 from common.errors import DataError, cli_entry
 from common.metrics.classification import binary_metrics
 from common.run_guard import guard_command
+from common.rundir import atomic_write_text, recover_results, result_set
 from common.runs import load_run
 from common.splits import load_split_csv
 from common.tables import markdown_table, metrics_with_ci, write_results
@@ -42,11 +42,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parent = base_parser(seed=True, device=True, cache_dir=True)
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", type=Path, required=True)
-    parser.add_argument("--split", choices=("test", "val"), default="test")
+    parser.add_argument("--run-dir", type=Path, required=True, help="run directory written by pathology_brats.train")
+    parser.add_argument("--split", choices=("test", "val"), default="test",
+                        help="split scored (the test split is read once per finished run)")
     parser.add_argument("--tta", type=int, choices=TTA_CHOICES, default=1,
                         help="8: average the probabilities over the 8 dihedral views of each tile (4 rotations x flip)")
-    parser.add_argument("--feature-cache", type=Path, default=None)
+    parser.add_argument("--feature-cache", type=Path, default=None,
+                        help="folder of cached frozen features (default: the run's)")
     parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
     return parser
 

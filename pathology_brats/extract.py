@@ -266,23 +266,24 @@ def get_args_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", type=Path, default=None, help="ROOT/<CLS>/*.jpg (the labelled tiles)")
     parser.add_argument("--labels-csv", type=Path, default=None, help="CSV with 'Input Path, Ground-Truth'")
-    parser.add_argument("--schema", default="2025")
+    parser.add_argument("--schema", default="2025", help="BraTS-Path edition (its class list)")
     parser.add_argument("--images", type=Path, default=None, help="a folder of unlabelled patches (submission)")
     parser.add_argument("--captions", type=Path, default=None,
                         help="captions JSONL whose token states to cache (with --text-encoder)")
     parser.add_argument("--encoder", default="prov-gigapath",
                         help=f"tile encoder preset ({', '.join(ENCODERS)}) or a timm model name")
-    parser.add_argument("--image-tokens", type=int, default=5)
+    parser.add_argument("--image-tokens", type=int, default=5, help="as the training run's --image-tokens (1 + g^2)")
     parser.add_argument("--normalize", choices=NORMALIZATIONS, default=DEFAULT_NORMALIZE,
                         help="as the training run's --normalize (config: the encoder's own mean/std)")
     parser.add_argument("--text-encoder", default=None, help="also cache the captions' token states with it")
-    parser.add_argument("--feature-cache", type=Path, default=None)
+    parser.add_argument("--feature-cache", type=Path, default=None,
+                        help="folder of cached frozen features (default: <cache-dir>/features or ~/.cache/medvl)")
     parser.add_argument("--tta", type=int, choices=(1, DIHEDRAL), default=1,
                         help="1: the tiles as they are; 8: all eight dihedral views, each cached on its own")
-    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="tiles per encoder batch")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="decoding workers per process (default: 1 on a CPU with 2+ cores, up to 8 on a GPU)")
-    parser.add_argument("--shard-tiles", type=positive_int, default=SHARD_TILES)
+    parser.add_argument("--shard-tiles", type=positive_int, default=SHARD_TILES, help="tiles per cache shard file")
     parser.add_argument("--skip-bad", action="store_true", help="skip (and count) tiles that do not decode")
     return parser
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
 from common.cli import positive_int, unit_interval
 from common.feature_cache import CachedTensors, default_cache_root
@@ -37,8 +37,9 @@ def add_input_args(parser: argparse.ArgumentParser) -> None:
                        help="CSV with 'Input Path, Ground-Truth' (default: the class folders under --data-root)")
     group.add_argument("--captions", type=Path, default=None,
                        help="captions JSONL (default: <data-root>/captions.jsonl)")
-    group.add_argument("--schema", choices=sorted(SCHEMAS), default="2025")
-    group.add_argument("--val-fraction", type=unit_interval, default=0.15)
+    group.add_argument("--schema", choices=sorted(SCHEMAS), default="2025", help="BraTS-Path edition (its class list)")
+    group.add_argument("--val-fraction", type=unit_interval, default=0.15,
+                       help="fraction of the tiles held out for validation")
     group.add_argument("--test-fraction", type=unit_interval, default=0.15,
                        help="held out for evaluate (the challenge's own sets are hidden)")
     group.add_argument("--skip-bad", action="store_true", help="skip (and count) tiles that do not decode")
@@ -93,7 +94,7 @@ class TileDataset(Dataset):
     crops (N, 3, H, W) go in as ``pixels`` and, with ``augment``, get histology-valid augmentation: flips, 90-degree
     rotations and a mild colour (stain) jitter. ``text`` is a padded tensor with its ``text_mask``, or a ragged
     ``CachedTensors`` (no mask): then a batch read through ``__getitems__`` (what a batched DataLoader calls) is
-    padded to its own longest caption, and ``collate`` pads rows fetched one by one the same way.
+    padded to its own longest caption (DataLoader workers call it too, through ``common.device_data.SeededFetch``).
     """
 
     def __init__(self, labels: np.ndarray, image: torch.Tensor | CachedTensors | None = None,
@@ -157,16 +158,6 @@ class TileDataset(Dataset):
                 row["text"], row["text_mask"] = self.text[i], self.text_mask[i]
             rows.append(row)
         return rows
-
-    @staticmethod
-    def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """The default collate, with captions of different lengths padded to the longest of the batch."""
-        if rows and "text" in rows[0] and len({len(r["text"]) for r in rows}) > 1:
-            longest = max(len(r["text"]) for r in rows)
-            rows = [{**r, "text": torch.nn.functional.pad(r["text"], (0, 0, 0, longest - len(r["text"]))),
-                     "text_mask": torch.nn.functional.pad(r["text_mask"], (0, longest - len(r["text_mask"])))}
-                    for r in rows]
-        return default_collate(rows)
 
 
 def forward(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -27,13 +27,13 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from common.checkpoint import atomic_save_figure
 from common.cli import parse_args
 from common.device import pick_device
 from common.errors import cli_entry
 from common.feature_cache import file_digest
 from common.predict import predict_parser, run_predictions
 from common.reader import PICTURE, file_kind, read_picture
+from common.rundir import atomic_save_figure
 from common.runs import load_run
 from pathology_brats.captions import match_captions, read_captions
 from pathology_brats.encoder import read_rgb

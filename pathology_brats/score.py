@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.checkpoint import atomic_write_json, read_csv
 from common.cli import MedvlArgumentParser, base_parser, parse_args
 from common.errors import EXIT_BAD_INPUT, DataError, cli_entry
 from common.run_guard import guard_command
+from common.rundir import atomic_write_json, read_csv
 from pathology_brats.schema import SCHEMAS, Schema, get_schema
 from pathology_brats.scoring import challenge_scores
 from pathology_brats.validate import SUBJECT_ID_PATTERNS, read_submission, submission_violations

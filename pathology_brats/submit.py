@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.checkpoint import atomic_write_text
 from common.cli import MedvlArgumentParser, base_parser, parse_args
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.run_guard import guard_command
+from common.rundir import atomic_write_text
 from common.runs import load_run
 from pathology_brats.captions import match_captions, read_captions
 from pathology_brats.data import unlabeled_images
@@ -45,13 +45,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parent = base_parser(device=True, cache_dir=True)
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument("--run-dir", type=Path, required=True, help="run directory written by pathology_brats.train")
     parser.add_argument("--images", type=Path, required=True, help="folder of patches (e.g. BraTSPath_Val*.jpg)")
     parser.add_argument("--out", type=Path, required=True, help="the submission CSV to write")
     parser.add_argument("--captions", type=Path, default=None, help="captions JSONL (default: the run's)")
     parser.add_argument("--tta", type=int, choices=TTA_CHOICES, default=1,
                         help="8: average the probabilities over the 8 dihedral views of each tile (4 rotations x flip)")
-    parser.add_argument("--feature-cache", type=Path, default=None)
+    parser.add_argument("--feature-cache", type=Path, default=None,
+                        help="folder of cached frozen features (default: the run's)")
     return parser
 
 

@@ -64,13 +64,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_input_args(parser)
     model = parser.add_argument_group("fusion model")
-    model.add_argument("--modality", choices=MODALITIES, default="fused")
+    model.add_argument("--modality", choices=MODALITIES, default="fused",
+                       help="streams the classifier reads: fused (tile and caption), image or text")
     model.add_argument("--fusion-direction", choices=DIRECTIONS, default="both",
                        help="both (default): the two directions concatenated; text-to-image: the seed's")
-    model.add_argument("--width", type=positive_int, default=512)
-    model.add_argument("--layers", type=positive_int, default=2)
+    model.add_argument("--width", type=positive_int, default=512, help="width of the fusion transformer")
+    model.add_argument("--layers", type=positive_int, default=2,
+                       help="cross-attention layers of the fusion transformer")
     model.add_argument("--heads", type=positive_int, default=3, help="classification heads, logits averaged (seed: 1)")
-    model.add_argument("--dropout", type=nonnegative_float, default=0.1)
+    model.add_argument("--dropout", type=nonnegative_float, default=0.1,
+                       help="dropout in the fusion transformer and heads")
     model.add_argument("--class-weights", choices=CLASS_WEIGHTS, default="balanced",
                        help="weight the loss by inverse class frequency (the seed sampled inversely instead)")
     add_train_args(parser, epochs=30, batch_size=32, lr=1e-4, weight_decay=1e-5, monitor="val_mcc", mode="max")
@@ -219,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          sort_keys=True) + "\n"}
     task = TileTask(meta, weights, schema)
     result = fit(model, optimizer, dataset(parts["train"], augment=True), dataset(parts["val"]), task,
-                 config_from_args(args), args.output_dir, collate_fn=TileDataset.collate, run_files=run_files)
+                 config_from_args(args), args.output_dir, run_files=run_files)
     print(result.summary(args.monitor, args.output_dir))
     return 0
 

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.checkpoint import read_csv
 from common.cli import MedvlArgumentParser, base_parser, parse_args
 from common.errors import EXIT_BAD_INPUT, DataError, cli_entry
+from common.rundir import read_csv
 from pathology_brats.schema import SCHEMAS, Schema, get_schema
 
 COLUMNS = ("SubjectID", "Prediction")

@@ -19,7 +19,8 @@ DEMO_EPOCHS = 3
 def demo_section(out_dir: Path, data_root: Path = EMBEDDED_DATA, epochs: int = DEMO_EPOCHS) -> str:
     """Train a short ResNet-18 run and return the Markdown sections of the pneumonia pipeline."""
     run_dir = Path(out_dir) / "pneumonia" / "run"
-    code = train.main(["--config", str(Path(__file__).resolve().parents[1] / "configs" / "pneumonia" / "train.yaml"),
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "pneumonia" / "train.warmup.yaml"
+    code = train.main(["--config", str(recipe),
                        "--data-root", str(data_root), "--output-dir", str(run_dir), "--epochs", str(epochs),
                        "--no-progress", "--overwrite"])
     if code != 0:
@@ -29,7 +30,8 @@ def demo_section(out_dir: Path, data_root: Path = EMBEDDED_DATA, epochs: int = D
     table = (run_dir / "results.md").read_text().split("\n", 1)[1]
     classifier = "\n".join([
         "## Pneumonia: ResNet-18 at 28x28", "",
-        f"`python -m pneumonia.train --config configs/pneumonia/train.yaml --data-root {data_root} --epochs {epochs}` "
+        "`python -m pneumonia.train --config configs/pneumonia/train.warmup.yaml "
+        f"--data-root {data_root} --epochs {epochs}` "
         f"then `python -m pneumonia.evaluate --run-dir RUN`. A {epochs}-epoch demo run (the full 10-epoch numbers are "
         "in the README); epoch and threshold chosen on validation, test read once.", "",
         f"Test AUROC {results['auroc']:.3f}, accuracy {results['acc']:.3f}.", "",

@@ -24,7 +24,7 @@ from common.metrics.classification import binary_metrics
 from common.run_guard import guard_command
 from common.tables import metrics_with_ci, write_results
 from pneumonia.data import SPLITS
-from pneumonia.model import load_run, predict_proba
+from pneumonia.model import load_run_and_data, predict_proba
 
 METRICS = ("auroc", "auprc", "acc", "acc_at_0.5", "precision", "recall", "specificity", "f1", "balanced_acc", "mcc")
 """``acc`` is at the run's validation threshold (ours); ``acc_at_0.5`` is MedMNIST's protocol (``score > 0.5``, as
@@ -41,8 +41,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parent = base_parser(seed=True, device=True)
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", type=Path, required=True)
-    parser.add_argument("--split", default="test", choices=SPLITS)
+    parser.add_argument("--run-dir", type=Path, required=True, help="run directory written by pneumonia.train")
+    parser.add_argument("--split", default="test", choices=SPLITS,
+                        help="split scored (the test split is read once per finished run)")
     parser.add_argument("--data-root", type=Path, default=None, help="defaults to the data the run was trained on")
     parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
     parser.add_argument("--gallery", type=nonnegative_int, default=10, help="how many confident failures to show")
@@ -58,7 +59,7 @@ def evaluate_run(run_dir: Path, split: str = "test", data_root: Path | None = No
     """
     run_dir = Path(run_dir)
     device = pick_device(device)
-    model, meta, data = load_run(run_dir, data_root, (split,), device)
+    model, meta, data = load_run_and_data(run_dir, data_root, (split,), device)
     images, labels = data.images[split], data.labels[split]
     if len(labels) == 0:
         raise DataError(data.path, f"the {split} split is empty; nothing to evaluate")

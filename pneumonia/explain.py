@@ -30,7 +30,7 @@ from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.run_guard import guard_command
 from pneumonia.data import SPLITS
-from pneumonia.model import load_run, predict_proba, preprocess
+from pneumonia.model import load_run_and_data, predict_proba, preprocess
 
 GROUPS = {"tp": "true positives", "fp": "false positives", "fn": "false negatives"}
 CASES_FILE = "gradcam_cases.csv"
@@ -41,7 +41,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, required=True, help="a trained pneumonia run (RUN/best/model.json)")
-    parser.add_argument("--split", default="test", choices=SPLITS)
+    parser.add_argument("--split", default="test", choices=SPLITS, help="split whose images are explained")
     parser.add_argument("--n", type=positive_int, default=8, help="cases per group")
     parser.add_argument("--data-root", type=Path, default=None, help="defaults to the data the run was trained on")
     return parser
@@ -75,7 +75,7 @@ def explain_run(run_dir: Path, split: str = "test", n: int = 8, data_root: Path 
     """Write the Grad-CAM figures and the case list for one split of a trained run; return the case list."""
     run_dir = Path(run_dir)
     torch_device = pick_device(device)
-    model, meta, data = load_run(run_dir, data_root, (split,), torch_device)
+    model, meta, data = load_run_and_data(run_dir, data_root, (split,), torch_device)
     images, labels = data.images[split], data.labels[split]
     if len(labels) == 0:
         raise DataError(data.path, f"the {split} split is empty")

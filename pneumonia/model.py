@@ -17,7 +17,7 @@ from torch import nn
 
 from common.errors import ConfigError
 from common.presets import get_preset, preset_names
-from common.runs import load_run as load_run_model
+from common.runs import load_run
 from pneumonia.data import SIZES, SPLITS, MedMNISTSplits, load_medmnist, to_tensor
 
 ARCHS = tuple(preset_names("cnn"))
@@ -76,16 +76,12 @@ def build_from_record(meta: dict[str, Any]) -> PneumoniaNet:
     return PneumoniaNet(meta["preset"], **meta["kwargs"])
 
 
-def load_trained(run_dir: Path | str, device: str | torch.device = "cpu") -> tuple[PneumoniaNet, dict[str, Any]]:
-    """Rebuild the best model of a run from ``best/model.safetensors`` and ``model.json`` (``common.runs``)."""
-    loaded = load_run_model(run_dir, "pneumonia", build_from_record, stage="train", device=device)
-    return loaded.model, loaded.meta
-
-
-def load_run(run_dir: Path | str, data_root: Path | str | None = None, splits: tuple[str, ...] = SPLITS,
-             device: str | torch.device = "cpu") -> tuple[PneumoniaNet, dict[str, Any], MedMNISTSplits]:
-    """A run's best model and the data it was trained on (or ``data_root``), the shared start of every tool."""
-    model, meta = load_trained(run_dir, device)
+def load_run_and_data(run_dir: Path | str, data_root: Path | str | None = None, splits: tuple[str, ...] = SPLITS,
+                      device: str | torch.device = "cpu") -> tuple[PneumoniaNet, dict[str, Any], MedMNISTSplits]:
+    """A run's best model (``common.runs.load_run``) and the data it was trained on (or ``data_root``), the shared
+    start of the tools that read a split."""
+    loaded = load_run(run_dir, "pneumonia", build_from_record, stage="train", device=device)
+    model, meta = loaded.model, loaded.meta
     root = data_root or meta["data"].get("root")
     if not isinstance(root, str | Path):
         raise ConfigError("--data-root", "not given, and the run's model.json names no data root")

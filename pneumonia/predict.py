@@ -38,8 +38,9 @@ from common.predict import predict_parser, run_predictions
 from common.reader import PICTURE, read_picture
 from common.retrieval import EXACT_INDEXES, available_indexes
 from common.run_guard import guard_command
+from common.runs import load_run
 from pneumonia.explain import gradcam_maps
-from pneumonia.model import embed_images, load_trained, predict_proba, preprocess
+from pneumonia.model import build_from_record, embed_images, predict_proba, preprocess
 
 N_NEIGHBOURS = 5
 
@@ -52,9 +53,12 @@ def get_args_parser():
     group = parser.add_argument_group("report (pneumonia.report's VLM)")
     group.add_argument("--vlm", default=None, metavar="PRESET",
                        help="add a VLM report: medgemma-4b, tiny-gemma3, a save_pretrained folder or a hub id")
-    group.add_argument("--prompt", default=VLM_PROMPTS[0], choices=VLM_PROMPTS)
-    group.add_argument("--max-new-tokens", type=positive_int, default=200)
-    group.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"])
+    group.add_argument("--prompt", default=VLM_PROMPTS[0], choices=VLM_PROMPTS,
+                       help="pneumonia.report's prompt for the VLM report")
+    group.add_argument("--max-new-tokens", type=positive_int, default=200,
+                       help="longest VLM report generated, in tokens")
+    group.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"],
+                       help="load the VLM in 4-bit NF4 or 8-bit (bitsandbytes)")
     group.add_argument("--seed", type=int, default=0, help="seed of the tiny preset's random weights")
     return parser
 
@@ -79,7 +83,8 @@ class PneumoniaPredictor:
                  max_new_tokens: int = 200, quantization: str = "none", cache_dir: Path | None = None, seed: int = 0):
         self.run_dir = Path(run_dir)
         self.device = pick_device(device)
-        self.model, self.meta = load_trained(self.run_dir, self.device)
+        loaded = load_run(self.run_dir, "pneumonia", build_from_record, stage="train", device=self.device)
+        self.model, self.meta = loaded.model, loaded.meta
         self.size = int(self.meta["preprocessing"]["image_size"])
         self.threshold = float(self.meta["thresholds"]["decision"])
         self.retrieval = self._retrieval()

@@ -37,7 +37,7 @@ from common.run_guard import guard_command
 from common.tables import json_safe, markdown_table
 from common.vlm import VLM_PRESETS, build_messages, generate_reports, load_vlm, processor_image_size, vlm_source
 from pneumonia.data import LABELS, SPLITS
-from pneumonia.model import load_run, predict_proba
+from pneumonia.model import load_run_and_data, predict_proba
 
 """``--vlm`` presets: the ``vlm`` kind of ``common.presets`` (medgemma-4b and its tiny twin)."""
 PROMPTS = ("zero-shot", "clinical-role", "context-aware")
@@ -59,11 +59,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vlm", default="medgemma-4b",
                         help=f"preset ({', '.join(VLM_PRESETS)}), a save_pretrained directory or a hub id owner/name")
     parser.add_argument("--prompt", default="all", help=f"{', '.join(PROMPTS)} or all")
-    parser.add_argument("--split", default="test", choices=SPLITS)
+    parser.add_argument("--split", default="test", choices=SPLITS, help="split whose images are reported on")
     parser.add_argument("--limit", type=positive_int, default=None,
                         help="report on this many images, alternating classes in index order (default: all)")
-    parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--max-new-tokens", type=positive_int, default=200)
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="images per generation batch")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=200, help="longest report generated, in tokens")
     parser.add_argument("--data-root", type=Path, default=None, help="defaults to the data the run was trained on")
     parser.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub checkpoint")
     return parser
@@ -273,7 +273,7 @@ def run_reports(run_dir: Path, vlm_name: str, prompts: Sequence[str], out_dir: P
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / REPORTS_DIR
     torch_device = pick_device(device)
-    cnn, meta, data = load_run(run_dir, data_root, (split,), torch_device)
+    cnn, meta, data = load_run_and_data(run_dir, data_root, (split,), torch_device)
     ids = select_ids(data.labels[split], limit)
     images, labels = data.images[split][ids], data.labels[split][ids]
     probs = predict_proba(cnn, images, device=torch_device)

@@ -66,7 +66,7 @@ from common.retrieval import (
 from common.run_guard import guard_command
 from common.tables import markdown_table, metrics_with_ci, write_results
 from pneumonia.data import SPLITS, MedMNISTSplits
-from pneumonia.model import PneumoniaNet, embed_images, load_run
+from pneumonia.model import PneumoniaNet, embed_images, load_run_and_data
 
 COMMANDS = ("build", "query", "evaluate")
 RETRIEVAL_DIR = "retrieval"
@@ -101,7 +101,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                            help="IVF lists (default round(sqrt(archive size)))")
     build_cmd.add_argument("--nprobe", type=positive_int, default=8, help="IVF lists searched by default")
     build_cmd.add_argument("--hnsw-m", type=positive_int, default=32, help="HNSW neighbours per node")
-    build_cmd.add_argument("--ef-construction", type=positive_int, default=64)
+    build_cmd.add_argument("--ef-construction", type=positive_int, default=64, help="HNSW build breadth")
     build_cmd.add_argument("--ef-search", type=positive_int, default=64, help="HNSW search breadth by default")
     query_cmd = commands.add_parser("query", parents=[shared, search], help="neighbours of some queries",
                                     description="Print (and write as CSV) the neighbours of the chosen queries.")
@@ -177,7 +177,7 @@ def open_run(run_dir: Path, data_root: Path | None = None, output_dir: Path | No
     run_dir = Path(run_dir)
     sha = model_sha256(run_dir)
     torch_device = pick_device(device)
-    model, meta, data = load_run(run_dir, data_root, device=torch_device)
+    model, meta, data = load_run_and_data(run_dir, data_root, device=torch_device)
     directory = Path(output_dir) if output_dir else run_dir / RETRIEVAL_DIR
     if directory.exists() and not directory.is_dir():
         raise ConfigError("--output-dir", f"{directory} is a file, not a directory")

@@ -39,16 +39,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", type=Path, default=None, help="directory with pneumoniamnist[_SIZE].npz")
-    parser.add_argument("--image-size", type=int, default=28, choices=SIZES)
-    parser.add_argument("--arch", default="resnet18", choices=sorted(ARCHS))
+    parser.add_argument("--image-size", type=int, default=28, choices=SIZES,
+                        help="PneumoniaMNIST image side (the npz file of that size is read)")
+    parser.add_argument("--arch", default="resnet18", choices=sorted(ARCHS),
+                        help="CNN preset (python -m common.presets --kind cnn)")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                         help="small random affine jitter on training images (no flips)")
     parser.add_argument("--threshold-rule", default="youden", choices=THRESHOLD_RULES,
                         help="how the decision threshold is picked on validation")
     parser.add_argument("--train-limit", type=positive_int, default=None, help="use only the first N training images")
-    add_train_args(parser, epochs=10, batch_size=64, lr=1e-3, weight_decay=1e-4, monitor="val_auroc", mode="max")
     # Channels-last convolutions: faster on CPU (oneDNN; benchmarks.train_speed), and the layout of GPU tensor cores.
-    parser.set_defaults(channels_last=True)
+    add_train_args(parser, epochs=10, batch_size=64, lr=1e-3, weight_decay=1e-4, monitor="val_auroc", mode="max",
+                   cpu_bf16=CPU_BF16, channels_last=True)
     return parser
 
 
@@ -114,7 +116,7 @@ def run(args: argparse.Namespace) -> FitResult:
     """Everything ``main`` does after parsing, but the summary line; returns the loop's result (its timings are
     what ``benchmarks.train_speed`` reads)."""
     require(args, output_dir="where the run is written")
-    check_run_setup(config_from_args(args, cpu_bf16=CPU_BF16), args.output_dir)
+    check_run_setup(config_from_args(args), args.output_dir)
     data = load_medmnist(args.data_root, args.image_size, splits=("train", "val"))
     train_images, train_labels = data.images["train"], data.labels["train"]
     if args.train_limit:
@@ -136,7 +138,7 @@ def run(args: argparse.Namespace) -> FitResult:
                                           {"train": train_labels, "val": data.labels["val"]})}
     return fit(model, optimizer, PneumoniaDataset(train_images, train_labels, augment=args.augment),
                PneumoniaDataset(data.images["val"], data.labels["val"]), task,
-               config_from_args(args, cpu_bf16=CPU_BF16), args.output_dir, run_files=run_files)
+               config_from_args(args), args.output_dir, run_files=run_files)
 
 
 @cli_entry

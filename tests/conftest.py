@@ -88,3 +88,30 @@ def histology_run(tmp_path_factory) -> tuple[Path, Path, Path]:
                        "--lr", "3e-3", "--feature-cache", str(cache), "--no-progress", "--device", "cpu",
                        "--precision", "fp32"]) == 0
     return run, root / "data", cache
+
+
+@pytest.fixture(scope="session")
+def brain_phantom(tmp_path_factory) -> tuple[Path, dict]:
+    """The brain phantom the data and phantom tests read (written once): 20 tumour cases and 4 healthy controls at
+    40 x 48 x 32 voxels, with its ``truth.json``."""
+    import json
+
+    from common.phantoms.brain import write_brain
+
+    root = tmp_path_factory.mktemp("brain_phantom")
+    return root, json.loads(write_brain(root, n=20, seed=3, size=(40, 48, 32), n_healthy=4).read_text())
+
+
+@pytest.fixture
+def assert_one_error_line(capsys):
+    """``check(needles)``: the command's stderr is one ``error: ...`` line, no traceback, naming every needle."""
+
+    def check(needles) -> None:
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+        assert "Traceback" not in captured.err
+        for needle in needles:
+            assert needle in lines[0], (needle, lines[0])
+
+    return check

@@ -1,4 +1,5 @@
-"""Every YAML file in configs/ loads with its own script's parser, in one key style, and each key takes effect."""
+"""Every YAML file in configs/ loads with its own script's parser, in one key style, each key takes effect, and no
+key repeats the parser's default: the parser's defaults are the defaults, a config holds only a recipe."""
 
 from __future__ import annotations
 
@@ -11,18 +12,31 @@ import yaml
 from common.cli import parse_args
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*/*.yaml"))
+RECIPES_NOT_YET = ("brain3d_report",)
+"""Config folders still holding copies of their parser's defaults (their stages' settings are being reworked)."""
 
 
-def test_there_are_configs_for_both_pipelines():
-    assert {p.parent.name for p in CONFIGS} >= {"pneumonia", "cxr_localize"}
+def _script(path: Path):
+    # <script>.yaml, or <script>.<recipe>.yaml for the recipes of one script (train.warmup.yaml)
+    return importlib.import_module(f"{path.parent.name}.{path.stem.split('.')[0]}")
+
+
+def test_there_are_configs():
+    assert {p.parent.name for p in CONFIGS} >= {"pneumonia"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_config_loads_with_its_script(path):
-    # <script>.yaml, or <script>.<variant>.yaml for several configs of one script (train.contrastive.yaml)
-    script = importlib.import_module(f"{path.parent.name}.{path.stem.split('.')[0]}")
     values = yaml.safe_load(path.read_text())
     assert values and all(key == key.lower() and "-" not in key for key in values), "keys must be snake_case"
-    args = parse_args(script.get_args_parser(), ["--config", str(path)])
+    args = parse_args(_script(path).get_args_parser(), ["--config", str(path)])
     for key, value in values.items():
         assert getattr(args, key) == value, key
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.parent.name not in RECIPES_NOT_YET],
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_config_repeats_no_default(path):
+    defaults = vars(parse_args(_script(path).get_args_parser(), []))
+    repeated = [key for key, value in yaml.safe_load(path.read_text()).items() if defaults.get(key) == value]
+    assert not repeated, f"{path.name} repeats the parser's defaults for {', '.join(repeated)}"

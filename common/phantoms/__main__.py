@@ -36,26 +36,30 @@ def get_args_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="kind", required=True, parser_class=MedvlArgumentParser)
     cxr = sub.add_parser("cxr", help="chest radiograph phantoms")
     cxr.add_argument("--format", required=True, help=f"one of {', '.join(FORMATS)}")
-    cxr.add_argument("--out", type=Path, required=True)
+    cxr.add_argument("--out", type=Path, required=True, help="directory the phantom data set is written into")
     cxr.add_argument("--n", type=positive_int, default=None,
                      help="number of images (medmnist) or training patients (iu, chexpert); default depends on the "
                           "format")
-    cxr.add_argument("--seed", type=seed_int, default=0)
+    cxr.add_argument("--seed", type=seed_int, default=0,
+                     help="seed of the generator (the same seed writes the same files)")
     cxr.add_argument("--size", type=positive_int, default=None,
                      help=f"image side in pixels (medmnist: one of {MEDMNIST_SIZES}; iu: at least {MIN_IU_SIZE}; "
                           f"chexpert: at least {MIN_CHEXPERT_SIZE})")
     histology = sub.add_parser("histology", help="BraTS-Path H&E tiles, labels CSV and captions")
-    histology.add_argument("--out", type=Path, required=True)
+    histology.add_argument("--out", type=Path, required=True, help="directory the phantom data set is written into")
     histology.add_argument("--n", type=positive_int, default=None, help="tiles per class (default 80)")
-    histology.add_argument("--seed", type=seed_int, default=0)
+    histology.add_argument("--seed", type=seed_int, default=0,
+                           help="seed of the generator (the same seed writes the same files)")
     histology.add_argument("--size", type=positive_int, default=None, help="tile side in pixels (default 128)")
-    histology.add_argument("--schema", choices=("2024", "2025", "2026"), default="2025")
+    histology.add_argument("--schema", choices=("2024", "2025", "2026"), default="2025",
+                           help="BraTS-Path edition whose class list the tiles use")
     brain = sub.add_parser("brain", help="BraTS 2020 FLAIR volumes with TextBraTS reports, healthy controls, truth")
-    brain.add_argument("--out", type=Path, required=True)
+    brain.add_argument("--out", type=Path, required=True, help="directory the phantom data set is written into")
     brain.add_argument("--n", type=positive_int, default=None, help="tumour cases (default 120)")
     brain.add_argument("--healthy", type=nonnegative_int, default=None,
                        help="healthy controls written to OUT/healthy (default: a fifth of --n, at least 1)")
-    brain.add_argument("--seed", type=seed_int, default=0)
+    brain.add_argument("--seed", type=seed_int, default=0,
+                       help="seed of the generator (the same seed writes the same files)")
     brain.add_argument("--size", type=positive_int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                        help="voxels left-right, back-front, down-up (default 64 64 48) over a fixed 240 x 240 x 180 "
                             "mm field of view")

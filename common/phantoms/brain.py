@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from common.checkpoint import atomic_write_bytes, atomic_write_text
+from common.rundir import atomic_write_bytes, atomic_write_text
 
 DEFAULT_N = 120
 """Tumour cases written by default; with ``n // 5`` healthy controls. 120 leaves 22 left/right test cases for the side

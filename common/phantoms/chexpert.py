@@ -36,8 +36,8 @@ import pandas as pd
 from PIL import Image
 from scipy import ndimage
 
-from common.checkpoint import atomic_write_bytes, atomic_write_text
 from common.phantoms.cxr import _ellipse, lung_zone_mask, radiograph
+from common.rundir import atomic_write_bytes, atomic_write_text
 
 DEFAULT_N = 500
 """Training patients written by default; validation patients are 40% more (as 200 of CheXpert's valid.csv)."""

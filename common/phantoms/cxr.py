@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from common.checkpoint import atomic_write_bytes
+from common.rundir import atomic_write_bytes
 
 ZONES = ("upper", "middle", "lower")
 MEDMNIST_SPLITS = {"train": 0.7, "val": 0.1, "test": 0.2}

@@ -36,7 +36,7 @@ import pandas as pd
 from PIL import Image
 from scipy import ndimage
 
-from common.checkpoint import atomic_write_bytes, atomic_write_text
+from common.rundir import atomic_write_bytes, atomic_write_text
 
 DEFAULT_N = 80
 """Tiles per class written by default; the validation folder gets half a class's worth of tiles in all."""

@@ -33,8 +33,8 @@ import pandas as pd
 from PIL import Image
 from scipy import ndimage
 
-from common.checkpoint import atomic_write_bytes, atomic_write_text
 from common.phantoms.cxr import ZONES, lung_zone_mask, radiograph
+from common.rundir import atomic_write_bytes, atomic_write_text
 
 DEFAULT_N = 200
 """Patients written by default (the real IU X-ray masks cover 239 images)."""

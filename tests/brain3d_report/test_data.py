@@ -31,19 +31,18 @@ from brain3d_report.data import (
     save_split,
 )
 from common.errors import ConfigError, DataError
-from common.phantoms.brain import nifti_bytes, write_brain
+from common.phantoms.brain import nifti_bytes
 from common.splits import load_split_csv
 
-SIZE = (32, 40, 32)
+SIZE = (40, 48, 32)  # the shared brain_phantom's (tests/conftest.py)
 VOLUME = (16, 24, 24)
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def phantom(tmp_path_factory) -> tuple[Path, dict]:
-    root = tmp_path_factory.mktemp("brain_data")
-    truth = json.loads(write_brain(root, n=20, seed=1, size=SIZE, n_healthy=4).read_text())["cases"]
-    return root, truth
+def phantom(brain_phantom) -> tuple[Path, dict]:
+    root, truth = brain_phantom
+    return root, truth["cases"]
 
 
 def _flair(root: Path, case_id: str) -> Path:

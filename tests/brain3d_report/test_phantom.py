@@ -14,14 +14,12 @@ from brain3d_report.data import report_side
 from common.phantoms import __main__ as phantoms
 from common.phantoms.brain import ARCHIVE_FILE, LOBE_BOXES_MM, LOBES, MIN_SIZE, report_archive, write_brain
 
-SIZE = (40, 48, 32)
+SIZE = (40, 48, 32)  # the shared brain_phantom's (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
-def phantom(tmp_path_factory) -> tuple[Path, dict]:
-    root = tmp_path_factory.mktemp("brain_phantom")
-    truth = json.loads(write_brain(root, n=20, seed=3, size=SIZE, n_healthy=4).read_text())
-    return root, truth
+def phantom(brain_phantom) -> tuple[Path, dict]:
+    return brain_phantom
 
 
 def _volume(root: Path, case_id: str, healthy: bool) -> nib.Nifti1Image:

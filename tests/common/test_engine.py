@@ -6,46 +6,13 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.utils.data import TensorDataset
 
-from common.checkpoint import load_model_files, save_model
+from common.checkpoint import load_model_files
 from common.engine import EpochSampler, TrainConfig, build_scheduler, fit
 from common.errors import ConfigError
+from tests.common.toy import ToyTask, toy_data, toy_model
 
-
-def _data(n=96, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 6, generator=gen)
-    return TensorDataset(x, (x[:, 0] - 0.5 * x[:, 1] > 0).float())
-
-
-class ToyTask:
-    """Logistic regression with dropout, so RNG state matters for exact resume."""
-
-    def __init__(self, scripted_metric=None):
-        self.scripted_metric, self.evals = scripted_metric, 0
-
-    def training_loss(self, model, batch):
-        x, y = batch
-        return F.binary_cross_entropy_with_logits(model(x).squeeze(-1), y)
-
-    def validate(self, model, loader, device):
-        self.evals += 1
-        losses = [F.binary_cross_entropy_with_logits(model(x).squeeze(-1), y, reduction="sum") for x, y in loader]
-        metrics = {"loss": float(sum(losses)) / len(loader.dataset)}
-        if self.scripted_metric is not None:
-            metrics["score"] = self.scripted_metric[self.evals - 1]
-        return metrics
-
-    def save_best(self, model, metrics, directory):
-        save_model(directory, model, {"metrics": metrics})
-
-
-def _model():
-    torch.manual_seed(1)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.3), torch.nn.Linear(16, 1))
-    return model, torch.optim.AdamW(model.parameters(), lr=5e-3)
+_data, _model = toy_data, toy_model
 
 
 def _history(run_dir):

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.utils.data import TensorDataset
 
-from common.checkpoint import read_jsonl, save_model
+from common.checkpoint import read_jsonl
 from common.engine import TrainConfig, fit
 from common.pipelines import FLOOR_OUTPUTS, Pipeline, discover, matching_outputs, run_outputs
+from tests.common.toy import ToyTask, toy_data
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINES = discover()
@@ -43,32 +42,12 @@ def test_run_outputs_is_the_union_and_matches_globs(tmp_path):
         ".pending-12-ab", "baselines.md", "metrics_full_test.json", "results_shuffled.md"]
 
 
-def _data(n=48):
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 5, generator=gen)
-    return TensorDataset(x, (x[:, 0] > 0).float())
-
-
-class _Task:
-    metric_names = ("loss",)
-
-    def training_loss(self, model, batch):
-        x, y = batch
-        return F.binary_cross_entropy_with_logits(model(x).squeeze(-1), y)
-
-    def validate(self, model, loader, device):
-        x, y = next(iter(loader))
-        return {"loss": float(F.binary_cross_entropy_with_logits(model(x).squeeze(-1), y))}
-
-    def save_best(self, model, metrics, directory):
-        save_model(directory, model, {"metrics": metrics})
-
-
 def _fit(run, **kw):
     torch.manual_seed(0)
     model = torch.nn.Linear(5, 1)
     config = TrainConfig(epochs=1, batch_size=16, device="cpu", precision="fp32", progress=False, **kw)
-    return fit(model, torch.optim.SGD(model.parameters(), lr=0.01), _data(), _data(16), _Task(), config, run)
+    return fit(model, torch.optim.SGD(model.parameters(), lr=0.01), toy_data(48, dim=5), toy_data(16, dim=5),
+               ToyTask(), config, run)
 
 
 def _plant(run: Path, name: str) -> None:

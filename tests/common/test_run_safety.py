@@ -9,11 +9,10 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.utils.data import TensorDataset
 
-from common import checkpoint, train_state
-from common.checkpoint import (
+from common.engine import TrainConfig, fit
+from common.errors import ConfigError, DataError
+from common.rundir import (
     committed_dir,
     find_model_dir,
     load_model_files,
@@ -22,10 +21,11 @@ from common.checkpoint import (
     result_set,
     save_model,
     staged_dir,
+    swap,
     swap_dir,
 )
-from common.engine import TrainConfig, fit
-from common.errors import ConfigError, DataError
+from common.rundir import resume as train_state
+from tests.common.toy import ToyTask, toy_data, toy_model
 
 
 class _Payload:
@@ -39,31 +39,14 @@ class _Payload:
 
 
 def _data(n=64):
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 5, generator=gen)
-    return TensorDataset(x, (x[:, 0] > 0).float())
-
-
-class _Task:
-    metric_names = ("loss",)
-
-    def training_loss(self, model, batch):
-        x, y = batch
-        return F.binary_cross_entropy_with_logits(model(x).squeeze(-1), y)
-
-    def validate(self, model, loader, device):
-        x, y = next(iter(loader))
-        assert x.device == next(model.parameters()).device  # the loop hands batches on the model's device
-        return {"loss": float(F.binary_cross_entropy_with_logits(model(x).squeeze(-1), y))}
-
-    def save_best(self, model, metrics, directory):
-        save_model(directory, model, {"metrics": metrics})
+    return toy_data(n, dim=5)
 
 
 def _model():
-    torch.manual_seed(3)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 1))
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return toy_model(dim=5, hidden=8, dropout=0.2, seed=3, lr=1e-2)
+
+
+_Task = ToyTask
 
 
 def _config(**kw):
@@ -235,10 +218,10 @@ def test_best_is_replaced_whole(tmp_path, monkeypatch):
     staged = tmp_path / "best.tmp"
     staged.mkdir()
     save_model(staged, torch.nn.Linear(2, 1), {"epoch": 3})
-    monkeypatch.setattr(checkpoint.os, "replace", dies_on_second_rename)
+    monkeypatch.setattr(swap.os, "replace", dies_on_second_rename)
     with pytest.raises(KeyboardInterrupt):
         swap_dir(staged, final)
-    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    monkeypatch.setattr(swap.os, "replace", real_replace)
     assert not final.exists() and committed_dir(final).name == "best.old"
     assert load_model_files(find_model_dir(tmp_path))[1]["epoch"] == 1  # readers see the old model, whole
     with staged_dir(final) as staged:
@@ -274,10 +257,10 @@ def test_result_set_is_old_or_new(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         real_replace(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "replace", dies_after_first_move)
+    monkeypatch.setattr(swap.os, "replace", dies_after_first_move)
     with pytest.raises(KeyboardInterrupt):
         _write_set(run, "new")
-    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    monkeypatch.setattr(swap.os, "replace", real_replace)
     recover_results(run)  # what every medvl tool does before it touches the run directory
     assert set(_set(run).values()) == {"new"} and not (run / ".pending").exists()
 

@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from common.checkpoint import atomic_write_text, read_jsonl, result_set
 from common.cli import MedvlArgumentParser, base_parser, config_text, parse_args, positive_int
 from common.engine import add_train_args, check_run_setup, config_from_args, fit
 from common.errors import DataError, cli_entry
 from common.metrics.classification import binary_metrics
+from common.rundir import atomic_write_text, read_jsonl, result_set
 from common.runs import load_run, model_record, save_run_model
 from common.tables import metrics_with_ci, write_results
 

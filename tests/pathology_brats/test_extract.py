@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import default_collate
 
+from common.device_data import SeededFetch
 from common.errors import DataError
 from common.feature_cache import FeatureCache
 from common.phantoms.histology import write_histology
@@ -101,8 +103,8 @@ def test_streamed_standardisation_and_predictions_equal_the_in_memory_ones(tmp_p
     before = predict(eager, TileDataset(labels, torch.stack(image_rows), padded, mask), batch_size=5)
     after = predict(lazy, TileDataset(labels, image, text), batch_size=5)
     assert np.allclose(before, after, atol=1e-5)
-    rows = [TileDataset(labels, image, text)[i] for i in (0, 1, 2)]  # one by one (DataLoader workers), then collated
-    batch = TileDataset.collate(rows)
+    # A DataLoader worker's batch (common.device_data.SeededFetch) is padded to its own longest caption.
+    batch = default_collate(SeededFetch(TileDataset(labels, image, text)).__getitems__([(7, 0), (7, 1), (7, 2)]))
     assert batch["text"].shape[1] == max(len(text_rows[i]) for i in (0, 1, 2))
     assert torch.equal(batch["text_mask"].sum(1), torch.tensor([len(text_rows[i]) for i in (0, 1, 2)]))
 

@@ -9,10 +9,11 @@ import pytest
 
 from common import hf
 from common.errors import ConfigError, DataError
+from common.runs import load_run
 from common.tables import json_safe
 from pneumonia import report
 from pneumonia.data import load_medmnist
-from pneumonia.model import load_trained, predict_proba
+from pneumonia.model import build_from_record, predict_proba
 
 VERDICT_CASES = [
     ("No evidence of pneumonia.", "normal"),
@@ -123,7 +124,8 @@ def test_end_to_end_tiny_gemma3(trained_pneumonia_run, tmp_path, capsys):
 
     data = load_medmnist(npz.parent, 28, splits=("test",))
     ids = report.select_ids(data.labels["test"], 5)
-    model, meta = load_trained(run_dir)
+    loaded = load_run(run_dir, "pneumonia", build_from_record)
+    model, meta = loaded.model, loaded.meta
     probs = predict_proba(model, data.images["test"][ids])
     summary = json.loads((out / "comparison.json").read_text())
     assert set(summary["prompts"]) == set(report.PROMPTS) and summary["n"] == 5

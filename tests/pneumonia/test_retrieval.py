@@ -13,9 +13,10 @@ import pandas as pd
 import pytest
 
 from common.metrics.retrieval import average_precision_at_k, relevant_counts
+from common.runs import load_run
 from pneumonia import retrieval
 from pneumonia.data import load_medmnist
-from pneumonia.model import embed_images, load_trained
+from pneumonia.model import build_from_record, embed_images
 from tests.common.test_retrieval_index import _numpy_knn
 
 
@@ -84,7 +85,7 @@ def test_build_evaluate_end_to_end(trained_pneumonia_run, built, tmp_path):
     assert sidecar["model_sha256"] == retrieval.model_sha256(run_dir)
 
     # Recompute flat-L2 P@5 and mAP@10 from scratch: numpy kNN of test embeddings in the train embeddings.
-    model, _ = load_trained(run_dir)
+    model = load_run(run_dir, "pneumonia", build_from_record).model
     data = load_medmnist(npz.parent)
     archive = np.load(out / "embeddings_train.npy")
     np.testing.assert_allclose(archive, embed_images(model, data.images["train"]), rtol=1e-5, atol=1e-5)
