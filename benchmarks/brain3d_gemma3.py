@@ -57,7 +57,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-args", default="",
                         help="further train flags for every stage, one shell-quoted string (e.g. '--grad-accum 2')")
     parser.add_argument("--cache-dir", type=Path, default=None, help="medvl / Hugging Face cache root")
-    parser.add_argument("--seed", type=nonnegative_int, default=0)
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the phantom, every stage and decoding")
     return parser
 
 
