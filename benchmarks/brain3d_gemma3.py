@@ -112,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check(train.main(argv_stage), stage)
         speed.append({"stage": stage, **stage_speed(run), "wall_s": round(time.perf_counter() - start, 1)})
         previous = run
-    runtime = ["--device", args.device] + (["--cache-dir", str(args.cache_dir)] if args.cache_dir else [])
+    runtime = ["--device", args.device, "--volume-cache", str(work / "volumes")] + (
+        ["--cache-dir", str(args.cache_dir)] if args.cache_dir else [])
     for shuffled in (False, True):
         _check(generate.main(["--run-dir", str(previous), "--split", args.split, "--greedy", "--overwrite",
                               "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed), *runtime,
