@@ -118,10 +118,10 @@ def test_lora_r4_on_the_real_attention_projections_trains_only_adapters(gemma3_f
 @pytest.mark.slow  # two stages through the real CLI
 def test_the_warmup_stage_lowers_the_caption_loss(gemma3_folder, brain, tmp_path):
     r1 = _contrastive(brain, tmp_path, "r1")
-    argv = _argv(brain, tmp_path, "warmup", "r2", "--init", str(r1), "--epochs", "3", "--lr", "3e-3")
+    argv = _argv(brain, tmp_path, "warmup", "r2", "--init", str(r1), "--epochs", "2", "--lr", "3e-3")
     assert train.main(argv) == 0
     rows = [row for row in _metrics(tmp_path / "r2") if "train_loss" in row]
-    assert len(rows) == 3 and rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.3, rows
+    assert len(rows) == 2 and rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.3, rows  # 5.72 -> 3.90 measured
     meta = json.loads((tmp_path / "r2" / "best" / "model.json").read_text())
     assert meta["kwargs"]["model"]["lm"] == "gemma3-270m" and meta["kwargs"]["keyword_weight"] == 1.0
     with safe_open(str(tmp_path / "r2" / "best" / "model.safetensors"), "pt") as handle:
@@ -129,13 +129,13 @@ def test_the_warmup_stage_lowers_the_caption_loss(gemma3_folder, brain, tmp_path
 
 
 @needs_extra
-@pytest.mark.slow  # four runs of the real CLI with a 4-bit LM
+@pytest.mark.slow  # four runs of the real CLI with a 4-bit LM (bitsandbytes on CPU: seconds per step)
 def test_nf4_lm_goes_through_fit_save_and_resume_exactly(gemma3_folder, brain, tmp_path):
     pytest.importorskip("bitsandbytes")
     r1 = _contrastive(brain, tmp_path, "r1", "--quantization", "4bit")
-    common = ["--init", str(r1), "--epochs", "2", "--lr", "1e-3", "--checkpoint-every", "1", "--seed", "3"]
-    assert train.main(_argv(brain, tmp_path, "lora", "whole", *common)) == 0
-    assert train.main(_argv(brain, tmp_path, "lora", "cut", *common, "--max-steps", "2")) == 0
+    common = ["--init", str(r1), "--epochs", "1", "--lr", "1e-3", "--checkpoint-every", "1", "--seed", "3"]
+    assert train.main(_argv(brain, tmp_path, "lora", "whole", *common)) == 0  # 3 steps
+    assert train.main(_argv(brain, tmp_path, "lora", "cut", *common, "--max-steps", "1")) == 0
     assert train.main(_argv(brain, tmp_path, "lora", "cut", *common, "--resume")) == 0
 
     def weights(run: str) -> dict[str, torch.Tensor]:
