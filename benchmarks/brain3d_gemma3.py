@@ -1,7 +1,7 @@
 """The three brain report stages with the real pretrained Gemma 3 270M (``--lm gemma3-270m``) on the brain phantom.
 
     # CPU, a short schedule (every code path of the real LM; the numbers say little at this length):
-    python -m benchmarks.brain3d_gemma3 --work-dir runs/bench/gemma3 --cases 10 --epochs 1 1 1 --max-steps 4
+    python -m benchmarks.brain3d_gemma3 --work-dir runs/bench/gemma3 --cases 12 --epochs 1 1 1 --max-steps 4
     # GPU, the full schedule (each stage's defaults; MedSigLIP needs the hub or its cache):
     python -m benchmarks.brain3d_gemma3 --work-dir runs/bench/gemma3-gpu --device cuda --cases 120 \\
         --volume-size 32 64 64 --epochs 8 10 15 --vision medsiglip-448
@@ -38,7 +38,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work-dir", type=Path, default=None, help="where the phantom, runs and predictions go")
     parser.add_argument("--data-root", type=Path, default=None,
                         help="an existing brain phantom or dataset (default: write a phantom into WORK_DIR/phantom)")
-    parser.add_argument("--cases", type=positive_int, default=10, help="tumour cases of the written phantom")
+    parser.add_argument("--cases", type=positive_int, default=12,
+                        help="tumour cases of the written phantom (12 or more: the 70/10/20 split needs a val case)")
     parser.add_argument("--phantom-size", type=positive_int, nargs=3, default=(32, 32, 32), metavar=("D", "H", "W"),
                         help="voxels of the written phantom")
     parser.add_argument("--volume-size", type=positive_int, nargs=3, default=(16, 32, 32), metavar=("D", "H", "W"),

@@ -257,3 +257,23 @@ def test_the_lm_twin_is_the_real_class_and_the_cache_root_follows_the_flag_then_
     monkeypatch.delenv("MEDVL_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert package_root("gemma3-270m") == tmp_path / "xdg" / "medvl" / "models" / "gemma3-270m"
+
+
+@pytest.mark.slow  # three stages, generation and scoring
+def test_the_benchmark_runs_the_three_stages_and_prints_both_tables(tmp_path, capsys):
+    """The GPU-ready benchmark end to end on CPU, with the preset's tiny twin (the real LM: same code path)."""
+    from benchmarks import brain3d_gemma3
+
+    argv = ["--work-dir", str(tmp_path / "bench"), "--lm", "tiny-gemma3-text", "--cases", "4", "--epochs", "1", "1",
+            "1", "--max-steps", "2", "--max-text-len", "24", "--max-new-tokens", "8", "--split", "val",
+            "--train-args", "--grad-accum 1 --val-fraction 0.3 --test-fraction 0.01 --latents 4"]
+    assert brain3d_gemma3.main(argv) == 0
+    out = capsys.readouterr().out
+    speed = out[out.index("seconds per optimizer step"):]
+    rows = [line.split("|")[1:-1] for line in speed.splitlines()[3:6]]
+    assert [r[0].strip() for r in rows] == ["contrastive", "warmup", "lora"]
+    assert all(0 < float(r[3]) < 60 for r in rows)  # s_per_step
+    table = out[out.index("laterality on the val split"):].splitlines()
+    assert table[1].split("|")[1].strip() == "lat_f1" and "lat_f1_shuffled" in table[1]
+    scores = json.loads((tmp_path / "bench" / "r3-lora" / "metrics_full_val.json").read_text())
+    assert float(table[3].split("|")[1]) == pytest.approx(scores["lat_f1"], abs=5e-4)
