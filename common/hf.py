@@ -107,7 +107,8 @@ def _call(loader, source: str, is_local: bool, **kwargs: Any):
 
 def load_pretrained(cls, name_or_path: str | Path, *, quantization: str = "none", dtype: torch.dtype | None = None,
                     device_map: Any = None, cache_dir: str | Path | None = None, trust_remote_code: bool = False,
-                    device: torch.device | str | None = None, **kwargs: Any):
+                    device: torch.device | str | None = None, refuse_missing_weights: bool = False,
+                    optional_weights: tuple[str, ...] = (), **kwargs: Any):
     """Load a model class (``Gemma3ForConditionalGeneration``, ``AutoModel`` ...) from a hub id or local directory.
 
     Args:
@@ -120,6 +121,9 @@ def load_pretrained(cls, name_or_path: str | Path, *, quantization: str = "none"
         cache_dir: Hugging Face cache directory.
         trust_remote_code: run code shipped with the checkpoint; only from an explicit user flag.
         device: where the model ends up (default CPU).
+        refuse_missing_weights: a checkpoint that lacks weights of ``cls`` (transformers would initialise them at
+            random and only log it: a folder of another model loads "successfully") is one DataError.
+        optional_weights: name prefixes that may be missing all the same (parts the caller never uses).
         **kwargs: further ``from_pretrained`` arguments.
 
     Returns:
@@ -142,8 +146,16 @@ def load_pretrained(cls, name_or_path: str | Path, *, quantization: str = "none"
         kwargs["dtype"] = dtype
     if device_map is not None:
         kwargs["device_map"] = device_map
+    if refuse_missing_weights:
+        kwargs["output_loading_info"] = True
     model = _call(cls.from_pretrained, source, is_local, cache_dir=cache_dir, trust_remote_code=trust_remote_code,
                   **kwargs)
+    if refuse_missing_weights:
+        model, info = model
+        missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(optional_weights))
+        if missing:
+            raise DataError(source, f"{len(missing)} weight(s) of {cls.__name__} are not in this checkpoint (first: "
+                                    f"{missing[0]}); it holds another model or another layout")
     return model.eval()
 
 

@@ -113,7 +113,8 @@ def load_text_encoder(spec: str, *, cache_dir: Path | None = None, device: str |
         else:
             is_clip = preset.options["pooling"] == "pooler"
         cls = CLIPTextModel if is_clip else AutoModel
-        model = hf.load_pretrained(cls, source, cache_dir=cache_dir)
+        model = hf.load_pretrained(cls, source, cache_dir=cache_dir, refuse_missing_weights=True,
+                                   optional_weights=("pooler.",))
         tokenizer = hf.load_processor(AutoTokenizer, source, cache_dir=cache_dir)
     except ConfigError as err:
         if preset is not None and not preset.offline:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.cli import positive_int, seed_int
+from common.cli import positive_float, positive_int, seed_int
 from common.splits import split_csv_text
 from cxr_localize.data import MASK_DIR, PROJECTIONS, SPLIT_LEVELS, read_tables, split_assignments
-from cxr_localize.model import DEFAULT_DECODER_CHANNELS, ENCODER_WEIGHTS
+from cxr_localize.model import DEFAULT_DECODER_CHANNELS
 
 
 def image_side(text) -> int:
@@ -21,7 +21,16 @@ def image_side(text) -> int:
     return value
 
 
-def add_data_args(parser: argparse.ArgumentParser, projection: str) -> None:
+def mask_threshold(text) -> float:
+    """A binarisation level for soft masks: above 0 (else every pixel is lesion) and at most 1."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
+    return value
+
+
+def add_data_args(parser: argparse.ArgumentParser, projection: str, masks: bool = False) -> None:
+    """The data flags of both phases; ``masks`` adds the ones about reading masks (phase 2)."""
     group = parser.add_argument_group("data")
     group.add_argument("--data-root", type=Path, default=None, help="directory in the IU X-ray layout")
     group.add_argument("--image-size", type=image_side, default=128,
@@ -35,13 +44,21 @@ def add_data_args(parser: argparse.ArgumentParser, projection: str) -> None:
     group.add_argument("--limit", type=positive_int, default=None, help="use at most this many images per split")
     group.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                        help="small shifts and contrast changes (never a flip)")
+    if masks:
+        group.add_argument(
+            "--mask-threshold", type=mask_threshold, default=None, metavar="T",
+            help="resize masks whose size differs from their image (bilinear, as the original notebook) and "
+                 "masks that are not strictly 0/1 or 0/255, and binarise them at T (a fraction of 255; 0.5 marks "
+                 "pixels at least half inside). Default: off, and such masks are an error")
 
 
 def add_encoder_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("image encoder")
     group.add_argument("--encoder", default="resnet34", help="segmentation-models-pytorch encoder name")
-    group.add_argument("--encoder-weights", choices=ENCODER_WEIGHTS, default="imagenet",
-                       help="initial encoder weights (imagenet needs the hub or its cache)")
+    group.add_argument("--encoder-weights", default="imagenet", metavar="imagenet|none|FOLDER",
+                       help="initial encoder weights: imagenet (the file smp downloads, from the hub or the Hugging "
+                            "Face cache, --cache-dir if given), none (random), or a local folder holding "
+                            "config.json + model.safetensors in smp's Hub layout or from smp's save_pretrained")
     group.add_argument("--decoder-channels", type=positive_int, nargs=5, default=list(DEFAULT_DECODER_CHANNELS),
                        help="U-Net decoder widths, deepest first (five numbers)")
 

@@ -12,6 +12,12 @@ templated normal sentences removed; when that leaves nothing the cleaned impress
 empty too the text is ``EMPTY_TEXT``. Images are padded to a square (centred, black) and resized; masks follow
 with nearest-neighbour resampling. Bad rows (a report-less uid, an image that does not decode or is blank, a mask of
 another size or with grey values) stop loading with the file named, or with ``skip_bad`` are skipped and counted.
+
+With ``mask_threshold`` (``--mask-threshold T``) a mask of another size than its image, or with values other than
+0/1 or 0/255, is read instead as a soft mask: resized to its image's size as the original notebook resized masks
+(PIL bilinear on the 8-bit mask, which is what torchvision's ``Resize`` does to a PIL image; a 0/1 mask is first
+scaled to 0/255), divided by 255, padded and resized with the image (bilinear), and binarised: lesion where the value
+is at least T. Masks that already match and are binary take the exact nearest-neighbour path either way.
 """
 
 from __future__ import annotations
@@ -192,17 +198,47 @@ def _open_image(path: Path) -> Image.Image:
     return image
 
 
-def load_mask(path: Path, image_size: tuple[int, int]) -> Image.Image:
-    """A mask must match its image's size and hold two values only (0 and 1, or 0 and 255)."""
+def _is_binary(values: np.ndarray) -> bool:
+    present = set(values.tolist())
+    return present <= {0, 1} or present <= {0, 255}
+
+
+def load_mask(path: Path, image_size: tuple[int, int], threshold: float | None = None) -> Image.Image:
+    """A mask at its image's size: 8-bit 0/255 (mode ``L``) when it is binary and of the image's size, else (with a
+    ``threshold``) soft values in [0, 1] (mode ``F``, see ``soft_mask``); without one, such a mask is a DataError."""
     mask = _open(path, "mask")
+    values = np.unique(np.asarray(mask))
+    if mask.size == image_size and _is_binary(values):
+        return mask.point(lambda v: 255 if v else 0)
+    if threshold is not None:
+        return soft_mask(mask, image_size)
     if mask.size != image_size:
         raise DataError(path, f"mask is {mask.size[0]}x{mask.size[1]} but its image is {image_size[0]}x"
-                              f"{image_size[1]}")
-    values = np.unique(np.asarray(mask))
-    if not (set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}):
-        raise DataError(path, f"mask is not binary (values {values[:6].tolist()}{'...' if len(values) > 6 else ''}; "
-                              "expected 0/1 or 0/255)")
-    return mask.point(lambda v: 255 if v else 0)
+                              f"{image_size[1]}; pass --mask-threshold T to resize and binarise such masks")
+    raise DataError(path, f"mask is not binary (values {values[:6].tolist()}{'...' if len(values) > 6 else ''}; "
+                          "expected 0/1 or 0/255); pass --mask-threshold T to binarise such masks")
+
+
+def soft_mask(mask: Image.Image, image_size: tuple[int, int]) -> Image.Image:
+    """An 8-bit mask as values in [0, 1] at ``image_size`` (mode ``F``), resized as the original notebook did.
+
+    The notebook's ``T.Resize`` + ``T.ToTensor`` on a mode-``L`` PIL mask is PIL's bilinear resize (antialiased
+    when shrinking) of the 8-bit values, divided by 255; this is the same call. A 0/1 mask is scaled to 0/255 first,
+    so that it keeps its resolution through the resize instead of rounding to 0.
+    """
+    if np.asarray(mask).max() <= 1:
+        mask = mask.point(lambda v: 255 * v)
+    if mask.size != image_size:
+        mask = mask.resize(image_size, Image.Resampling.BILINEAR)
+    return Image.fromarray(np.asarray(mask, dtype=np.float32) / 255.0, mode="F")
+
+
+def mask_to_grid(mask: Image.Image, image_size: int, threshold: float | None) -> np.ndarray:
+    """A loaded mask padded and resized with its image, as booleans: binary masks by nearest neighbour, soft ones
+    (mode ``F``) bilinearly and then at least ``threshold``."""
+    if mask.mode == "F":
+        return square_resize(mask, image_size, Image.Resampling.BILINEAR) >= threshold
+    return square_resize(mask, image_size, Image.Resampling.NEAREST) > 127
 
 
 @dataclass
@@ -231,7 +267,8 @@ class IUSamples:
 
 def load_iu(root: Path, *, image_size: int = 256, text_source: str = "findings", projection: str = "Frontal",
             with_masks: bool = True, splits: tuple[str, ...] | None = None, split_level: str = "patient",
-            seed: int = 0, skip_bad: bool = False, limit: int | None = None) -> IUSamples:
+            seed: int = 0, skip_bad: bool = False, limit: int | None = None,
+            mask_threshold: float | None = None) -> IUSamples:
     """Load the IU X-ray images (with masks: only the annotated ones) of the requested splits.
 
     Args:
@@ -245,6 +282,8 @@ def load_iu(root: Path, *, image_size: int = 256, text_source: str = "findings",
         seed: split seed.
         skip_bad: skip and count bad rows instead of stopping at the first.
         limit: load at most this many images (after the split filter), for quick runs.
+        mask_threshold: resize masks of another size than their image, or not strictly binary, and binarise them
+            at this value (see the module docstring); None refuses such masks.
     """
     root = Path(root)
     reports, projections = read_tables(root)
@@ -273,7 +312,7 @@ def load_iu(root: Path, *, image_size: int = 256, text_source: str = "findings",
             reason = "bad image"
             image = _open_image(root / IMAGE_DIR / row.filename)
             reason = "bad mask"
-            mask = load_mask(root / MASK_DIR / row.filename, image.size) if with_masks else None
+            mask = load_mask(root / MASK_DIR / row.filename, image.size, mask_threshold) if with_masks else None
         except DataError as err:
             if not skip_bad:
                 raise
@@ -287,7 +326,7 @@ def load_iu(root: Path, *, image_size: int = 256, text_source: str = "findings",
         split_names.append(str(assignment[row.filename]))
         images.append(square_resize(image, image_size, Image.Resampling.BILINEAR))
         if mask is not None:
-            masks.append(square_resize(mask, image_size, Image.Resampling.NEAREST) > 127)
+            masks.append(mask_to_grid(mask, image_size, mask_threshold))
         lung_path = lung_dir / row.filename
         if with_masks and lung_path.is_file():
             lungs.append(square_resize(_open(lung_path, "lung mask"), image_size, Image.Resampling.NEAREST))

@@ -133,7 +133,7 @@ def evaluate_run(run_dir: Path, split: str = "test", data_root: Path | None = No
     samples = load_iu(Path(root), image_size=image_size, text_source=meta["text_source"],
                       projection=data["projection"], with_masks=True, splits=(split,),
                       split_level=data["split_level"], seed=data["split_seed"], skip_bad=skip_bad,
-                      limit=data.get("limit"))
+                      limit=data.get("limit"), mask_threshold=data.get("mask_threshold"))
     listed = set(split_table.loc[split_table["split"] == split, "id"])
     if not set(samples.filenames) <= listed:
         first = sorted(set(samples.filenames) - listed)[0]

@@ -41,7 +41,7 @@ from common.engine import add_train_args, check_run_setup, config_from_args, fit
 from common.errors import ConfigError, cli_entry
 from common.images import IMAGENET_MEAN, IMAGENET_STD
 from common.plots import overlay_panels
-from common.run_guard import guard_command
+from common.run_guard import guard_command, path_values
 from common.runs import model_record, save_run_model
 from common.tables import metrics_with_ci, write_results
 from cxr_localize.common_args import add_data_args, add_encoder_args, split_table
@@ -60,7 +60,7 @@ def mask_ratio(text) -> float:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parent = base_parser(output_dir=True, seed=True, device=True, precision=True)
+    parent = base_parser(output_dir=True, seed=True, device=True, precision=True, cache_dir=True)
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(parser, projection="all")
@@ -163,7 +163,8 @@ class ReconstructionTask:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
-    guard_command(args, writes=("output_dir",), reads=("data_root",), lock="output_dir", create=True)
+    guard_command(args, writes=("output_dir",), reads=("data_root", "cache_dir"), lock="output_dir", create=True,
+                  extra_reads=path_values(args, "encoder_weights"))
     require(args, "output_dir", "data_root")
     run_dir = args.output_dir
     check_run_setup(config_from_args(args), run_dir)
@@ -174,7 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     train, val = samples.subset("train"), samples.subset("val")
     log.info("phase 1: %d training and %d validation images", len(train), len(val))
     torch.manual_seed(args.seed)
-    model = build_unet(args.encoder, args.encoder_weights, classes=1, decoder_channels=args.decoder_channels)
+    model = build_unet(args.encoder, args.encoder_weights, classes=1, decoder_channels=args.decoder_channels,
+                       cache_dir=args.cache_dir)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     meta = model_record(
         pipeline="cxr_localize", stage="pretrain", preset=args.encoder, kwargs={}, labels=[],

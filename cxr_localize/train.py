@@ -38,7 +38,7 @@ from common.errors import DataError, cli_entry
 from common.images import IMAGENET_MEAN, IMAGENET_STD
 from common.metrics.segmentation import per_image_metrics
 from common.plots import loss_curves
-from common.run_guard import guard_command
+from common.run_guard import guard_command, path_values
 from common.runs import model_record, save_run_model
 from common.splits import load_split_csv
 from cxr_localize.common_args import add_data_args, add_encoder_args, split_table
@@ -59,16 +59,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     parent = base_parser(output_dir=True, seed=True, device=True, precision=True, cache_dir=True)
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_args(parser, projection="Frontal")
+    add_data_args(parser, projection="Frontal", masks=True)
     add_encoder_args(parser)
     group = parser.add_argument_group("report conditioning")
     group.add_argument("--text-encoder", default="clip-vit-b32",
                        help=f"preset ({', '.join(TEXT_PRESETS)}) or a local Hugging Face directory")
     group.add_argument("--text-source", choices=TEXT_SOURCES, default="findings",
                        help="report text the model reads: findings, or findings and impression")
-    group.add_argument("--fusion", choices=FUSIONS, default="film", help="film, or concat (tile + concat + 1x1 conv)")
+    group.add_argument("--fusion", choices=FUSIONS, default="film",
+                       help="film; concat (tile + concat with two coordinate channels + 1x1 conv); or concat-seed, "
+                            "the original notebook's concat without coordinate channels (with --text-whitening "
+                            "none the bottleneck is the notebook's expression exactly)")
     group.add_argument("--text-whitening", choices=TEXT_WHITENINGS, default="zca",
-                       help="standardisation of report embeddings fitted on the training reports")
+                       help="standardisation of report embeddings fitted on the training reports (none: raw vectors, "
+                            "as the original notebook)")
     group.add_argument("--text-aware-flip", action="store_true",
                        help="flip half the training images horizontally and swap left/right in their reports")
     group = parser.add_argument_group("phase 2")
@@ -171,7 +175,7 @@ def build_datasets(args, samples, encoder) -> tuple[LocalizationDataset, Localiz
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
     guard_command(args, writes=("output_dir",), reads=("data_root", "cache_dir", "encoder_init"), lock="output_dir",
-                  create=True)
+                  create=True, extra_reads=path_values(args, "encoder_weights", "text_encoder"))
     require(args, "output_dir", "data_root")
     run_dir = args.output_dir
     check_run_setup(config_from_args(args), run_dir)
@@ -182,7 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_pretrain_leakage(args.encoder_init, args.data_root, split)
     samples = load_iu(args.data_root, image_size=args.image_size, text_source=args.text_source,
                       projection=args.projection, with_masks=True, splits=("train", "val"),
-                      split_level=args.split_level, seed=args.split_seed, skip_bad=args.skip_bad, limit=args.limit)
+                      split_level=args.split_level, seed=args.split_seed, skip_bad=args.skip_bad, limit=args.limit,
+                      mask_threshold=args.mask_threshold)
     encoder = load_text_encoder(args.text_encoder, cache_dir=args.cache_dir)
     train_set, val_set, train_table = build_datasets(args, samples, encoder)
     log.info("train %d, val %d images; %d distinct training reports; text encoder %s (%d-d)", len(train_set),
@@ -190,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     weights = None if args.encoder_init is not None else args.encoder_weights
     model = ReportUNet(encoder.dim, args.encoder, weights, args.fusion, args.decoder_channels,
-                       freeze_encoder=not args.train_encoder)
+                       freeze_encoder=not args.train_encoder, cache_dir=args.cache_dir)
     init_meta = None
     if args.encoder_init is not None:
         init_meta = load_encoder_init(model.unet.encoder, args.encoder_init, args.encoder)
@@ -206,7 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   "std": list(IMAGENET_STD), "channels": "grey x3"},
         thresholds={"mask": args.threshold}, monitor=args.monitor,
         data={"root": str(Path(args.data_root).resolve()), "projection": args.projection, "limit": args.limit,
-              "split_level": args.split_level, "split_seed": args.split_seed, "skipped": dict(samples.skipped)},
+              "split_level": args.split_level, "split_seed": args.split_seed, "skipped": dict(samples.skipped),
+              "mask_threshold": args.mask_threshold},
         text_encoder=args.text_encoder, text_source=args.text_source, text_whitening=args.text_whitening,
         encoder_init=None if init_meta is None else str(args.encoder_init))
     task = LocalizationTask(meta, args.pos_weight, args.dice_weight, args.threshold)

@@ -19,7 +19,7 @@ def _model(fusion: str, text_dim: int) -> ReportUNet:
     return ReportUNet(text_dim, encoder="resnet18", fusion=fusion, decoder_channels=(16, 16, 8, 8, 8)).eval()
 
 
-@pytest.mark.parametrize("fusion", ["film", "concat"])
+@pytest.mark.parametrize("fusion", ["film", "concat", "concat-seed"])
 def test_fusion_makes_the_mask_depend_on_the_text(fusion, tiny_clip):
     model = _model(fusion, tiny_clip.dim)
     texts = ["Nodule in the left upper lobe.", "Nodule in the right lower lobe."]
@@ -45,6 +45,39 @@ def test_film_starts_as_identity_of_the_image_path(tiny_clip):
     assert torch.allclose(fused, features[-1], atol=1e-6)
 
 
+def _notebook_forward(image, text_features, encoder, decoder, segmentation_head, fusion_conv):
+    """The original notebook's ``XrayMaskGenerator.forward`` written out literally (text already embedded)."""
+    enc_features = encoder(image)
+    bottleneck = enc_features[-1]
+    text_emb = text_features.unsqueeze(-1).unsqueeze(-1)
+    text_emb = text_emb.expand(-1, -1, bottleneck.size(2), bottleneck.size(3))
+    fused_features = torch.cat([bottleneck, text_emb], dim=1)
+    fused_features = fusion_conv(fused_features)
+    enc_features[-1] = fused_features
+    decoder_output = decoder(enc_features)
+    return segmentation_head(decoder_output)
+
+
+def test_concat_seed_is_the_notebook_fusion_exactly():
+    torch.manual_seed(0)
+    text_dim = 512  # CLIP ViT-B/32's pooled width, as in the notebook; ResNet18/34 bottlenecks are 512 wide too
+    model = ReportUNet(text_dim, encoder="resnet18", fusion="concat-seed", decoder_channels=(16, 16, 8, 8, 8)).eval()
+    texts = torch.randn(6, text_dim) * 3 + 1
+    model.set_text_statistics(texts, "none")
+    fusion_conv = torch.nn.Conv2d(512 + 512, 512, kernel_size=1)
+    assert {k: v.shape for k, v in fusion_conv.state_dict().items()} == \
+        {k: v.shape for k, v in model.fusion.mix.state_dict().items()}
+    fusion_conv.load_state_dict(model.fusion.mix.state_dict())
+    image = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        ours = model(image, texts[:3])
+        notebook = _notebook_forward(image, texts[:3], model.unet.encoder, model.unet.decoder,
+                                     model.unet.segmentation_head, fusion_conv)
+        other_text = model(image, texts[3:])
+    torch.testing.assert_close(ours, notebook, rtol=0, atol=0)
+    assert not torch.allclose(ours, other_text)
+
+
 def test_zca_whitening_lifts_a_weak_contrast():
     torch.manual_seed(0)
     n, dim = 40, 16
@@ -52,6 +85,8 @@ def test_zca_whitening_lifts_a_weak_contrast():
     weak = torch.randint(0, 2, (n, 1)).float() * 0.5
     embeddings = torch.cat([strong, weak, torch.randn(n, dim - 2) * 0.01], dim=1) + 3.0
     model = ReportUNet(dim, encoder="resnet18", decoder_channels=(16, 16, 8, 8, 8))
+    model.set_text_statistics(embeddings, "none")
+    assert torch.equal((embeddings - model.text_mean) @ model.text_transform, embeddings)
     for whitening, lifted in (("scale", False), ("zca", True)):
         model.set_text_statistics(embeddings, whitening)
         z = (embeddings - model.text_mean) @ model.text_transform
