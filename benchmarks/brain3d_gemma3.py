@@ -1,7 +1,7 @@
 """The three brain report stages with the real pretrained Gemma 3 270M (``--lm gemma3-270m``) on the brain phantom.
 
     # CPU, a short schedule (every code path of the real LM; the numbers say little at this length):
-    python -m benchmarks.brain3d_gemma3 --work-dir runs/bench/gemma3 --cases 12 --epochs 1 1 1 --max-steps 4
+    python -m benchmarks.brain3d_gemma3 --work-dir runs/bench/gemma3 --cases 12 --epochs 1 1 1
     # GPU, the full schedule (each stage's defaults; MedSigLIP needs the hub or its cache):
     python -m benchmarks.brain3d_gemma3 --work-dir runs/bench/gemma3-gpu --device cuda --cases 120 \\
         --volume-size 32 64 64 --epochs 8 10 15 --vision medsiglip-448
@@ -50,8 +50,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quantization", default="none", help="none, 4bit or 8bit for the LM")
     parser.add_argument("--epochs", type=positive_int, nargs=3, default=None, metavar=("C", "W", "L"),
                         help="epochs of the contrastive, warmup and lora stages (default: each stage's own)")
-    parser.add_argument("--max-steps", type=positive_int, default=None,
-                        help="stop every stage after this many optimizer steps (a short CPU run)")
     parser.add_argument("--max-text-len", type=positive_int, default=128, help="report tokens kept in training")
     parser.add_argument("--max-new-tokens", type=positive_int, default=96, help="tokens generated per report")
     parser.add_argument("--split", default="test", help="the split generated and scored (val while tuning)")
@@ -64,7 +62,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def stage_speed(run: Path) -> dict:
     """Steps, epochs and seconds per optimizer step of a finished run, from its ``metrics.jsonl``."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    path = run / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     rows = [row for row in rows if "step" in row and "elapsed_s" in row]
     if not rows:
         return {"epochs": 0, "steps": 0, "s_per_step": float("nan")}
@@ -97,14 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
               "--volume-cache", str(work / "volumes"), *shlex.split(args.train_args)]
     if args.cache_dir is not None:
         common += ["--cache-dir", str(args.cache_dir)]
-    if args.max_steps is not None:
-        common += ["--max-steps", str(args.max_steps)]
     speed, previous = [], None
     for number, stage in enumerate(STAGES):
         run = work / f"r{number + 1}-{stage}"
         argv_stage = ["--stage", stage, "--output-dir", str(run), *common]
         if args.epochs is not None:
-            argv_stage += ["--epochs", str(args.epochs[number])]
+            argv_stage += ["--epochs", str(args.epochs[number])]  # whole epochs: a later stage starts from the best
         if previous is None:
             argv_stage += ["--vision", args.vision, "--lm", args.lm, "--quantization", args.quantization]
         else:

@@ -265,7 +265,7 @@ def test_the_benchmark_runs_the_three_stages_and_prints_both_tables(tmp_path, ca
     from benchmarks import brain3d_gemma3
 
     argv = ["--work-dir", str(tmp_path / "bench"), "--lm", "tiny-gemma3-text", "--cases", "4", "--epochs", "1", "1",
-            "1", "--max-steps", "2", "--max-text-len", "24", "--max-new-tokens", "8", "--split", "val",
+            "1", "--max-text-len", "24", "--max-new-tokens", "8", "--split", "val",
             "--train-args", "--grad-accum 1 --val-fraction 0.3 --test-fraction 0.01 --latents 4"]
     assert brain3d_gemma3.main(argv) == 0
     out = capsys.readouterr().out
