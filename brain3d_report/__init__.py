@@ -10,7 +10,7 @@ PIPELINE = Pipeline(
     commands=("brain3d_report.data", "brain3d_report.train", "brain3d_report.generate",
               "brain3d_report.evaluate", "brain3d_report.baselines", "brain3d_report.probe", "brain3d_report.explain",
               "brain3d_report.predict"),
-    tokenizer_corpora={"brain": "brain3d_report.lm_pretrain:pretraining_corpus"},
+    tokenizer_corpora={"brain": "brain3d_report.lm_twin:tokenizer_corpus"},
 )
 """What the floor knows of this pipeline (``common.pipelines``): ``run_outputs`` are the files and folders its
 commands write into a run directory, which ``--overwrite`` removes."""

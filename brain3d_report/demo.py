@@ -4,9 +4,10 @@ baselines and one 3D LIME map, on CPU with the tiny twins.
 Example:
     python -m common.demo --only brain3d_report
 
-A shortened run (a 40-case phantom, volumes of 32 x 64 x 64, a few epochs per stage) so that it fits a few
-minutes on two CPU cores; the tiny Gemma 3 is random, so its reports are not meant to read well: the section shows
-that every step runs and what each table holds. The default-size run is reported in the README.
+A shortened run of the twins' config files (a 40-case phantom, volumes of 32 x 64 x 64, a few epochs per stage) so
+that it fits a few minutes on two CPU cores (plus about two minutes the first time the language-pre-trained LM twin
+is built and cached); its reports are not meant to read well: the section shows that every step runs and what each
+table holds. The default-size run is reported in the README.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from pathlib import Path
 import pandas as pd
 
 from brain3d_report import baselines, evaluate, explain, generate, probe, train
+from brain3d_report.lm_twin import TWIN
 from common.phantoms.brain import write_brain
 
 DEMO_CASES = 40
 DEMO_SIZE = ("32", "64", "64")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "brain3d_report"
 
 
 def _run(module, argv: list[str]) -> None:
@@ -39,17 +42,16 @@ def demo_section(out_dir: Path) -> str:
         write_brain(data, n=DEMO_CASES, seed=0)
     shared = ["--data-root", str(data), "--volume-size", *DEMO_SIZE, "--volume-cache", str(cache), "--no-progress",
               "--device", "cpu"]
-    stages = [("contrastive", ["--vision", "siglip-tiny", "--lm", "tiny-gemma3-brain", "--epochs", "6",
-                               "--lr", "1e-3"]),
-              ("warmup", ["--epochs", "3", "--grad-accum", "4", "--max-text-len", "96",
-                          "--lm-pretrain-steps", "200"]),
+    stages = [("contrastive", ["--epochs", "6"]),
+              ("warmup", ["--epochs", "3", "--grad-accum", "4", "--max-text-len", "96"]),
               ("lora", ["--epochs", "2", "--grad-accum", "4", "--max-text-len", "96"])]
     previous = None
     for stage, extra in stages:
         run = runs / stage
         if not (run / "best" / "model.json").is_file():
             init = ["--init", str(previous)] if previous else []
-            _run(train, ["--stage", stage, *shared, "--output-dir", str(run), "--overwrite", *init, *extra])
+            _run(train, ["--config", str(CONFIGS / f"twin.{stage}.yaml"), *shared, "--output-dir", str(run),
+                         "--overwrite", *init, *extra])
         previous = run
     r1, r3 = runs / "contrastive", runs / "lora"
     _run(probe, ["--run-dir", str(r1), "--volume-cache", str(cache), "--device", "cpu"])
@@ -79,10 +81,10 @@ def demo_section(out_dir: Path) -> str:
     table = (r3 / "baselines.md").read_text().split("\n", 1)[1] if (r3 / "baselines.md").is_file() else ""
     return "\n".join([
         "## 3D brain MRI reports: inflated SigLIP, Perceiver, Gemma 3 (tiny twins)", "",
-        f"Brain phantom ({DEMO_CASES} tumour cases + controls, volumes {'x'.join(DEMO_SIZE)}), stages contrastive "
-        "(6 epochs) -> warm-up (3, after 200 steps of language pre-training on the phantom's report archive) -> LoRA "
-        "(2) with `siglip-tiny` and the random `tiny-gemma3-brain`, stages 2 and 3 on each training case as written "
-        "and mirrored left-right; greedy reports of the test cases. A shortened run; "
+        f"Brain phantom ({DEMO_CASES} tumour cases + controls, volumes {'x'.join(DEMO_SIZE)}), the twins' config "
+        "files (`configs/brain3d_report/twin.<stage>.yaml`) cut to contrastive (6 epochs) -> warm-up (3) -> LoRA (2), "
+        f"with `siglip-tiny` and `{TWIN}` (language-pre-trained when the preset is built), stages 2 and 3 on each "
+        "training case as written and mirrored left-right; greedy reports of the test cases. A shortened run; "
         "the default-size run is in the README.", "",
         f"Side probe on the stage-1 pooled tokens (test cases): accuracy {probe_result['side_acc']:.3f}, with "
         f"shuffled sides {probe_result['side_acc_shuffled']:.3f} (n = {probe_result['n_eval']}).", "",

@@ -416,6 +416,7 @@ def evaluate_run(run_dir: Path, split: str, scorer: TextScorer, *, n_boot: int =
     with result_set(run_dir) as staging:
         atomic_write_json(staging / f"metrics_full{stem}.json", json_safe(summary))
         atomic_write_text(staging / f"results{stem}.md", markdown)
+        atomic_write_json(staging / f"results{stem}.json", json_safe(headline(summary)))
         atomic_write_text(staging / PREDICTIONS_DIR / f"{split}_per_case.csv",
                           per_case_frame(records, groups["all"]).to_csv(index=False))
         if groups_shuffled:
@@ -423,6 +424,24 @@ def evaluate_run(run_dir: Path, split: str, scorer: TextScorer, *, n_boot: int =
                               per_case_frame(shuffled, groups_shuffled["all"]).to_csv(index=False))
     summary["markdown"] = markdown
     return summary
+
+
+HEADLINE_KEYS = ("lat_f1", "lat_f1_shuffled", "healthy_specificity", "healthy_specificity_shuffled",
+                 "tumour_sensitivity", "lat_f1_seed", "bleu4", "cider")
+
+
+def headline(summary: dict[str, Any]) -> dict[str, Any]:
+    """``results.json``: the split, its case counts and the headline numbers of all cases (corrected laterality F1,
+    with shuffled volumes when that control was generated, healthy specificity), each with its 95% interval."""
+    out: dict[str, Any] = {"split": summary["split"], "n": summary.get("n"), "n_tumour": summary.get("n_tumour"),
+                           "n_healthy": summary.get("n_healthy")}
+    for key in HEADLINE_KEYS:
+        if key in summary:
+            out[key] = summary[key]
+            low, high = summary.get(f"{key}{CI_LOW}"), summary.get(f"{key}{CI_HIGH}")
+            if low is not None and high is not None:
+                out[f"{key}_ci"] = [low, high]
+    return out
 
 
 def _split_size(run_dir: Path, split: str) -> int | None:

@@ -42,11 +42,11 @@ import torch.nn.functional as F
 
 from brain3d_report.data import make_dataset
 from brain3d_report.generate import (
+    NO_REPEAT_NGRAM_SIZE,
     add_run_data_args,
     decoding_kwargs,
     generate_reports,
     load_report_run,
-    resolve_ngram_ban,
     run_cases,
     volume_cache_root,
 )
@@ -308,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     volume_size = meta["preprocessing"]["volume_size"]
     volume = make_dataset([case], volume_size, volume_cache_root(args))[0]["image"]
     if args.report:
-        decoding = decoding_kwargs(True, REPORT_TOKENS, no_repeat_ngram_size=resolve_ngram_ban("auto", meta))
+        decoding = decoding_kwargs(True, REPORT_TOKENS, no_repeat_ngram_size=NO_REPEAT_NGRAM_SIZE)
         phrase = generate_reports(model, volume[None], decoding)[0]
         if not phrase:
             raise DataError(loaded.directory, f"the model's report of {case.id} is empty; nothing to explain")

@@ -10,7 +10,7 @@ on, or ``--data-root``); ``--input`` one FLAIR NIfTI; ``--input-dir`` the NIfTI 
 none, its BraTS case folders (with their TextBraTS reports as references when present).
 
 Decoding is the seed's (BrainGemma3D): sampling at temperature 0.1 with top-p 0.9, repetition penalty 1.2, no
-repeated 3-grams (for a pretrained LM; see ``resolve_ngram_ban`` for the tiny twin), at most 256 new tokens, after
+repeated 3-grams (``--no-repeat-ngram-size``, default ``NO_REPEAT_NGRAM_SIZE``), at most 256 new tokens, after
 [32 visual tokens; the seed's prompt] with no chat template. Every
 batch is drawn under a seed derived from ``--seed`` and the batch's position, so a run is repeatable; ``--greedy``
 drops sampling (keeping the penalties) for outputs that do not depend on the random state at all. The prompt is
@@ -51,11 +51,12 @@ from brain3d_report.data import (
     make_dataset,
     report_side,
 )
-from brain3d_report.train import PIPELINE, PROMPT, load_stage_run, prompt_tokens, steps_or_auto, tiny_lm
+from brain3d_report.train import PIPELINE, PROMPT, load_stage_run, prompt_tokens
 from common.checkpoint import META_FILE, WEIGHTS_FILE, atomic_write_json, find_model_dir, read_jsonl, recover_results
 from common.cli import (
     MedvlArgumentParser,
     base_parser,
+    nonnegative_int,
     parse_args,
     positive_float,
     positive_int,
@@ -72,6 +73,10 @@ log = logging.getLogger("medvl.brain3d_report")
 PREDICTIONS_DIR = "predictions"
 INPUTS_NAME = "inputs"
 SEED_DECODING = {"temperature": 0.1, "top_p": 0.9, "repetition_penalty": 1.2, "no_repeat_ngram_size": 3}
+NO_REPEAT_NGRAM_SIZE = 3
+"""``--no-repeat-ngram-size`` by default, for every LM (explain and predict use it too). The seed bans repeated
+3-grams, which forbids saying "in the left" twice: 89% of the TextBraTS reports and every phantom report do. The
+seed's 3 until the validation comparison of 0 and 3 (README, "Offline numbers") has chosen."""
 """The seed's sampling settings (``braingemma3d_evaluation.py``)."""
 MAX_NEW_TOKENS = 256
 QUICK_CASES, QUICK_TOKENS = 4, 48
@@ -96,10 +101,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                           help="greedy decoding (with the seed's penalties) instead of the seed's sampling")
     decoding.add_argument("--repetition-penalty", type=positive_float, default=SEED_DECODING["repetition_penalty"],
                           help="penalty on the logits of tokens already generated (1 = none; default the seed's)")
-    decoding.add_argument("--no-repeat-ngram-size", type=steps_or_auto, default="auto",
-                          help="ban every n-gram of this length from recurring (0 = no ban); auto: the seed's 3 for a "
-                               "pretrained LM, 0 for a tiny LM twin (a 3-gram ban forbids saying 'in the left' twice, "
-                               "and the twin knows no other wording)")
+    decoding.add_argument("--no-repeat-ngram-size", type=nonnegative_int, default=NO_REPEAT_NGRAM_SIZE,
+                          help=f"ban every n-gram of this length from recurring (0 = no ban; default "
+                               f"{NO_REPEAT_NGRAM_SIZE}, the seed's)")
     decoding.add_argument("--max-new-tokens", type=positive_int, default=None,
                           help=f"tokens generated at most (default {MAX_NEW_TOKENS}, the seed's; {QUICK_TOKENS} with "
                                "--quick)")
@@ -180,18 +184,6 @@ def derangement(n: int, seed: int) -> np.ndarray:
 def batch_seed(seed: int, batch_index: int) -> int:
     """The torch seed of one batch: fixed by ``--seed`` and the batch's position, so a resumed run draws the same."""
     return int(np.random.SeedSequence([seed, batch_index]).generate_state(1)[0])
-
-
-def resolve_ngram_ban(value: str | int, meta: dict) -> int:
-    """``--no-repeat-ngram-size``: a size, or ``auto`` (the seed's 3; 0 for a run on a tiny LM twin).
-
-    89% of the TextBraTS reports repeat a 3-gram holding a side ("in the right"), and every phantom report does. A
-    pretrained LM rewords a banned phrase; a twin pre-trained on one grammar cannot, and writes the other side
-    instead (on the phantom, 21 of 25 tumour reports then named both sides).
-    """
-    if value != "auto":
-        return int(value)
-    return 0 if tiny_lm(meta["kwargs"]["model"]["lm"]) else SEED_DECODING["no_repeat_ngram_size"]
 
 
 def decoding_kwargs(greedy: bool, max_new_tokens: int,
@@ -402,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = {"model_sha256": file_digest(model_dir / WEIGHTS_FILE), "stage": meta["stage"],
                 "prompt": PROMPT, "greedy": args.greedy, "max_new_tokens": max_new_tokens,
                 "decoding": decoding_kwargs(args.greedy, max_new_tokens, args.repetition_penalty,
-                                            resolve_ngram_ban(args.no_repeat_ngram_size, meta)), "seed": args.seed,
+                                            args.no_repeat_ngram_size), "seed": args.seed,
                 "batch_size": args.batch_size, "volume_size": list(volume_size),
                 "shuffled": args.shuffle_volumes}
     done = prepare_output(out, settings, args.overwrite)

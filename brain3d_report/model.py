@@ -18,7 +18,7 @@ volume gives 32 x H' x W' tokens and every size must divide by the tubelet.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -28,16 +28,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
+import brain3d_report.lm_twin  # noqa: F401 - registers the offline LM twin, tiny-gemma3-brain
 from common import hf
 from common.errors import ConfigError
 from common.lm import is_text_only_folder, load_causal_lm, load_lm_tokenizer
 from common.presets import get_preset, preset_names
-from common.vlm import VLM_PRESETS, load_vlm
+from common.vlm import load_vlm
 
 VISION_PRESETS = tuple(preset_names("vision-tower"))
 LM_KINDS = ("vlm", "lm")
 """``--lm`` takes the text part of a vision-language preset (MedGemma) or a text-only causal LM (Gemma 3 270M)."""
-LM_PRESETS = (*VLM_PRESETS, *preset_names("lm"))
+LM_PRESETS = (*preset_names("vlm"), *preset_names("lm"))
+INPUT_RANGES = ("processor", "unit")
+"""``--input-range``: ``processor`` normalises the [0, 1] volumes with the vision tower's 2D image processor (SigLIP,
+MedSigLIP: mean 0.5, std 0.5, so [-1, 1], the range the pretrained patch embedding saw); ``unit`` feeds [0, 1] as
+the seed does."""
 INFLATIONS = ("centre", "mean")
 POS_EMBS = ("pretrained+depth", "seed")
 COMPRESSORS = ("perceiver", "pool")
@@ -47,7 +52,7 @@ CONTRASTIVE_TEMPERATURE = 0.07
 """Initial InfoNCE temperature (CLIP's, the seed's fixed value); ``logit_scale`` learns from log(1 / 0.07)."""
 CONFIG_KEYS = ("vision", "lm", "depth_patch", "inflation", "pos_emb", "compressor", "perceiver_layers", "latents",
                "max_depth_patches", "text_dim", "text_whiten", "quantization", "pretrained", "seed",
-               "lm_pretrain")
+               "lm_pretrain", "input_range")
 
 
 # --- vision encoder ----------------------------------------------------------------------------------------------
@@ -119,11 +124,17 @@ class InflatedSiglip3D(nn.Module):
             learned depth embedding that starts at zero, so a constant-depth volume first sees exactly the 2D
             model's inputs) or ``seed`` (the seed's fixed linspace).
         max_depth_patches: rows of the depth embedding, the most tubelets along depth.
+        pixel_mean, pixel_std: a [0, 1] volume is fed as (volume - pixel_mean) / pixel_std, as the tower's 2D
+            image processor prepares an image (``vision_pixel_norm``); 0 and 1 feed it unchanged.
     """
 
     def __init__(self, tower: SiglipVisionModel, depth_patch: int = 2, inflation: str = "centre",
-                 pos_emb: str = "pretrained+depth", max_depth_patches: int = 64):
+                 pos_emb: str = "pretrained+depth", max_depth_patches: int = 64, pixel_mean: float = 0.0,
+                 pixel_std: float = 1.0):
         super().__init__()
+        if not pixel_std > 0:
+            raise ValueError(f"pixel_std must be positive, not {pixel_std}")
+        self.pixel_mean, self.pixel_std = float(pixel_mean), float(pixel_std)
         if depth_patch < 1:
             raise ConfigError("--depth-patch", f"must be at least 1, not {depth_patch}")
         if pos_emb not in POS_EMBS:
@@ -179,7 +190,8 @@ class InflatedSiglip3D(nn.Module):
         if volume.ndim != 5 or volume.shape[1] != 1:
             raise ValueError(f"expected a volume (B, 1, D, H, W), got shape {tuple(volume.shape)}")
         grid = self.token_grid(volume.shape[-3:])
-        tokens = self.patch_embed(volume.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
+        volume = (volume.to(self.patch_embed.weight.dtype) - self.pixel_mean) / self.pixel_std
+        tokens = self.patch_embed(volume).flatten(2).transpose(1, 2)
         return tokens + self.position(grid).to(tokens.dtype)
 
     def forward(self, volume: torch.Tensor) -> torch.Tensor:
@@ -560,15 +572,50 @@ def causal_lm_from_vlm(model: nn.Module) -> nn.Module:
     return causal
 
 
+def vision_pixel_norm(vision: str) -> tuple[float, float]:
+    """(mean, std) with which the vision tower's 2D image processor normalises a grey image: a save_pretrained folder's
+    ``preprocessor_config.json`` when it has one, else ``SiglipImageProcessor``'s own (SigLIP's, and MedSigLIP's
+    published config: mean 0.5, std 0.5 on every channel). A grey volume is one channel: the processor's channels
+    must agree."""
+    import json
+
+    from transformers import SiglipImageProcessor
+
+    folder = Path(vision).expanduser()
+    stored = {}
+    if vision not in VISION_PRESETS and (folder / "preprocessor_config.json").is_file():
+        stored = json.loads((folder / "preprocessor_config.json").read_text())
+    processor = SiglipImageProcessor(**{k: stored[k] for k in ("image_mean", "image_std") if k in stored})
+    means, stds = list(processor.image_mean), list(processor.image_std)
+    if len(set(means)) != 1 or len(set(stds)) != 1:
+        raise ConfigError("--vision", f"the image processor normalises channels differently (mean {means}, std "
+                                      f"{stds}); a grey volume needs one mean and std")
+    return float(means[0]), float(stds[0])
+
+
 def load_language_model(name: str, *, quantization: str = "none", pretrained: bool = True,
                         device: torch.device | str = "cpu", precision: str = "auto",
-                        cache_dir: str | Path | None = None, seed: int = 0) -> tuple[nn.Module, Any]:
+                        cache_dir: str | Path | None = None, seed: int = 0, exclude: Sequence[str] = (),
+                        pretrain_weights: bool = True) -> tuple[nn.Module, Any]:
     """(causal LM, tokenizer) for ``--lm``: the text part of a ``vlm`` preset, folder or hub id (see ``load_vlm``).
 
     ``pretrained=False`` builds a real preset's architecture with random weights and no tokenizer (for counting
-    parameters on the meta device). An ``lm`` preset or a folder holding a text-only model loads as a causal LM
-    (``common.lm``).
+    parameters on the meta device). A preset that is language-pre-trained when built (it declares
+    ``options["pretraining_corpus"]``, e.g. ``tiny-gemma3-brain``) leaves the texts of ``exclude`` out of its corpus;
+    ``pretrain_weights=False`` skips its pre-training (a run that saved the pre-trained weights loads them). An ``lm``
+    preset or a folder holding a text-only model loads as a causal LM (``common.lm``).
     """
+    preset = get_preset(name, LM_KINDS, "--lm") if name in LM_PRESETS else None
+    if preset is not None and "pretraining_corpus" in preset.options and quantization == "none":
+        from common.device import compute_dtype
+
+        model, processor = preset.build(seed=seed, cache_dir=cache_dir, exclude=exclude,
+                                        pretrain_weights=pretrain_weights)
+        dtype = {"auto": compute_dtype(torch.device(device)), "fp32": torch.float32, "bf16": torch.bfloat16,
+                 "fp16": torch.float16}[precision]
+        causal = causal_lm_from_vlm(model.to(device=device, dtype=dtype))
+        causal.pretraining = model.pretraining
+        return causal, processor.tokenizer
     if not pretrained and name in LM_PRESETS and get_preset(name, LM_KINDS, "--lm").skeleton is not None:
         with torch.device(device):
             return causal_lm_from_vlm(get_preset(name, LM_KINDS, "--lm").skeleton()), None
@@ -577,7 +624,9 @@ def load_language_model(name: str, *, quantization: str = "none", pretrained: bo
                               cache_dir=cache_dir, seed=seed)
     vlm = load_vlm(name, quantization=quantization, device=device, precision=precision,
                    cache_dir=Path(cache_dir) if cache_dir else None, seed=seed)
-    return causal_lm_from_vlm(vlm.model), getattr(vlm.processor, "tokenizer", vlm.processor)
+    causal = causal_lm_from_vlm(vlm.model)
+    causal.pretraining = getattr(vlm.model, "pretraining", None)  # a preset language-pre-trained when built
+    return causal, getattr(vlm.processor, "tokenizer", vlm.processor)
 
 
 def lm_tokenizer(name: str, cache_dir: str | Path | None = None) -> Any:
@@ -586,6 +635,8 @@ def lm_tokenizer(name: str, cache_dir: str | Path | None = None) -> Any:
         return load_lm_tokenizer(name, cache_dir)
     if name in LM_PRESETS:
         preset = get_preset(name, LM_KINDS, "--lm")
+        if "tokenizer" in preset.options:  # a preset whose build trains: its tokenizer alone
+            return preset.options["tokenizer"]()
         if preset.build is not None:
             return preset.build(seed=0)[1].tokenizer
         name = preset.source
@@ -597,7 +648,8 @@ def lm_tokenizer(name: str, cache_dir: str | Path | None = None) -> Any:
 def build_model(vision: str, lm: str, *, depth_patch: int = 2, inflation: str = "centre",
                 pos_emb: str = "pretrained+depth", compressor: str = "perceiver", perceiver_layers: int = 2,
                 latents: int = 32, max_depth_patches: int = 64, text_dim: int | None = None, text_whiten: int = 0,
-                lm_pretrain: Mapping[str, Any] | None = None, quantization: str = "none", pretrained: bool = True,
+                lm_pretrain: Mapping[str, Any] | None = None, input_range: str = "unit", quantization: str = "none",
+                pretrained: bool = True, lm_exclude: Sequence[str] = (),
                 seed: int = 0,
                 device: torch.device | str = "cpu", precision: str = "auto",
                 cache_dir: str | Path | None = None) -> Brain3DReportModel:
@@ -612,8 +664,12 @@ def build_model(vision: str, lm: str, *, depth_patch: int = 2, inflation: str = 
         max_depth_patches: rows of the learned depth embedding.
         text_dim: width of the contrastive text embeddings (default: the LM's width).
         text_whiten: PCA-whiten the centred text embeddings onto this many components (0: centring only).
-        lm_pretrain: the record of a language pre-training of the LM in this project (``lm_pretrain.py``); the LM's
-            weights then come from the run, not from its preset.
+        lm_pretrain: the record of a language pre-training of the LM in this project (a preset that pre-trains when
+            built, ``lm_twin.py``, records it itself); the LM's weights are then saved with the run, and a run that
+            has the record is rebuilt without pre-training (its saved weights replace the LM's).
+        lm_exclude: texts a language pre-training at build time must leave out (a new run's held-out reports).
+        input_range: ``processor`` or ``unit`` (``INPUT_RANGES``). The default here, ``unit``, is what a run whose
+            ``model.json`` predates the setting was trained with; ``--input-range`` defaults to ``processor``.
         quantization: ``none``, ``4bit`` or ``8bit`` for the LM (through ``common.hf``).
         pretrained: load real weights; False builds real architectures with random weights.
         seed: fixes every randomly initialised weight (tiny towers, compressor, projector, heads).
@@ -634,20 +690,26 @@ def build_model(vision: str, lm: str, *, depth_patch: int = 2, inflation: str = 
     if vision not in VISION_PRESETS and not Path(vision).expanduser().exists() and vision.count("/") != 1:
         raise ConfigError("--vision", f"unknown vision tower {vision!r}; choose one of {', '.join(VISION_PRESETS)}, "
                                       "a save_pretrained directory or a hub id owner/name")
+    if input_range not in INPUT_RANGES:
+        raise ConfigError("--input-range", f"choose one of {', '.join(INPUT_RANGES)}, not {input_range!r}")
     device = torch.device(device)
     config = {"vision": vision, "lm": lm, "depth_patch": depth_patch, "inflation": inflation, "pos_emb": pos_emb,
               "compressor": compressor, "perceiver_layers": perceiver_layers, "latents": latents,
               "max_depth_patches": max_depth_patches, "text_dim": text_dim, "text_whiten": text_whiten,
-              "lm_pretrain": dict(lm_pretrain) if lm_pretrain else None,
+              "lm_pretrain": dict(lm_pretrain) if lm_pretrain else None, "input_range": input_range,
               "quantization": quantization,
               "pretrained": pretrained, "seed": seed}
     language_model, tokenizer = load_language_model(lm, quantization=quantization, pretrained=pretrained,
-                                                    device=device, precision=precision, cache_dir=cache_dir, seed=seed)
+                                                    device=device, precision=precision, cache_dir=cache_dir, seed=seed,
+                                                    exclude=lm_exclude, pretrain_weights=not lm_pretrain)
+    if not config["lm_pretrain"] and getattr(language_model, "pretraining", None):
+        config["lm_pretrain"] = dict(language_model.pretraining)
     lm_dim = language_model.get_input_embeddings().embedding_dim
+    pixel_mean, pixel_std = vision_pixel_norm(vision) if input_range == "processor" else (0.0, 1.0)
     with torch.random.fork_rng(devices=[]), (torch.device("meta") if device.type == "meta" else nullcontext()):
         torch.manual_seed(seed)
         tower = load_vision_tower(vision, pretrained=pretrained, device=device, cache_dir=cache_dir)
-        encoder = InflatedSiglip3D(tower, depth_patch, inflation, pos_emb, max_depth_patches)
+        encoder = InflatedSiglip3D(tower, depth_patch, inflation, pos_emb, max_depth_patches, pixel_mean, pixel_std)
         dim = encoder.hidden_size
         squeeze = (PerceiverResampler(dim, latents, perceiver_layers, heads=tower.config.num_attention_heads)
                    if compressor == "perceiver" else PoolCompressor(latents))
@@ -708,6 +770,7 @@ def trainable_parameters(model: Brain3DReportModel, stage: str, vision: str = "a
 
 __all__ = ["InflatedSiglip3D", "PerceiverResampler", "PoolCompressor", "Projector", "Brain3DReportModel",
            "build_model", "model_from_config", "trainable_parameters", "load_vision_tower", "load_language_model",
-           "lm_tokenizer", "causal_lm_from_vlm", "inflate_patch_weight", "interpolate_position_grid",
+           "lm_tokenizer", "vision_pixel_norm", "INPUT_RANGES",
+           "causal_lm_from_vlm", "inflate_patch_weight", "interpolate_position_grid",
            "seed_position_embedding", "VISION_PRESETS", "LM_PRESETS", "INFLATIONS", "POS_EMBS", "COMPRESSORS",
            "STAGES", "IGNORE_INDEX", "LM_KINDS"]

@@ -36,10 +36,10 @@ from brain3d_report import explain as lime
 from brain3d_report.data import load_volume, report_side
 from brain3d_report.generate import (
     MAX_NEW_TOKENS,
+    NO_REPEAT_NGRAM_SIZE,
     decoding_kwargs,
     generate_reports,
     load_report_run,
-    resolve_ngram_ban,
 )
 from common.checkpoint import atomic_save_figure, atomic_write_bytes
 from common.cli import parse_args, positive_int
@@ -91,7 +91,7 @@ class ReportPredictor:
         self.run = load_report_run(Path(run_dir), pick_device(device), cache_dir)
         self.volume_size = tuple(self.run.meta["preprocessing"]["volume_size"])
         self.decoding = decoding_kwargs(not sample, max_new_tokens,
-                                        no_repeat_ngram_size=resolve_ngram_ban("auto", self.run.meta))
+                                        no_repeat_ngram_size=NO_REPEAT_NGRAM_SIZE)
         self.seed, self.scratch = seed, Path(out) / "volumes"
         self.explain, self.explain_samples, self.supervoxels = explain, explain_samples, supervoxels
         if explain is not None:

@@ -1,13 +1,17 @@
 """Train the 3D brain MRI report model in three stages, each a run of the one training loop.
 
-Example (CPU, phantom, tiny twins):
+Example (CPU, phantom, the offline twins; each stage's schedule is in its config file):
     python -m common.phantoms brain --out data/brain_phantom
-    python -m brain3d_report.train --stage contrastive --data-root data/brain_phantom --output-dir runs/brain/r1 \\
-        --vision siglip-tiny --lm tiny-gemma3
-    python -m brain3d_report.train --stage warmup --data-root data/brain_phantom --init runs/brain/r1 \\
-        --output-dir runs/brain/r2
-    python -m brain3d_report.train --stage lora --data-root data/brain_phantom --init runs/brain/r2 \\
-        --output-dir runs/brain/r3
+    python -m brain3d_report.train --config configs/brain3d_report/twin.contrastive.yaml \\
+        --data-root data/brain_phantom --output-dir runs/brain/r1
+    python -m brain3d_report.train --config configs/brain3d_report/twin.warmup.yaml \\
+        --data-root data/brain_phantom --init runs/brain/r1 --output-dir runs/brain/r2
+    python -m brain3d_report.train --config configs/brain3d_report/twin.lora.yaml \\
+        --data-root data/brain_phantom --init runs/brain/r2 --output-dir runs/brain/r3
+
+Every setting is a flag with one default (the seed's where it has one), whatever the models are; a run records
+them in ``model.json``. The twins' settings live in ``configs/brain3d_report/twin.<stage>.yaml``, MedSigLIP and
+MedGemma's in ``configs/brain3d_report/medgemma.<stage>.yaml``.
 
 1. ``contrastive``: symmetric InfoNCE between the pooled visual tokens and the frozen text embedding of each report
    (``--text-embedding lm``: the mean of the LM's last hidden states, as the seed; or a text-encoder preset), with a
@@ -28,7 +32,7 @@ import argparse
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -36,6 +40,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from brain3d_report.data import (
+    HEALTHY_TEMPLATES,
     MIRRORED,
     PERCENTILES,
     Cases,
@@ -47,11 +52,10 @@ from brain3d_report.data import (
     save_split,
     split_volumes,
 )
-from brain3d_report.lm_pretrain import ARCHIVE_FILE, load_report_archive, pretrain_language_model, pretraining_corpus
-from brain3d_report.lm_pretrain import DEFAULT_STEPS as DEFAULT_LM_PRETRAIN_STEPS
 from brain3d_report.model import (
     COMPRESSORS,
     INFLATIONS,
+    INPUT_RANGES,
     LM_KINDS,
     LM_PRESETS,
     POS_EMBS,
@@ -62,7 +66,6 @@ from brain3d_report.model import (
     model_from_config,
     trainable_parameters,
 )
-from common.checkpoint import META_FILE, find_model_dir
 from common.cli import (
     MedvlArgumentParser,
     base_parser,
@@ -70,6 +73,7 @@ from common.cli import (
     nonnegative_float,
     nonnegative_int,
     parse_args,
+    positive_float,
     positive_int,
     require,
 )
@@ -96,28 +100,7 @@ STAGE_DEFAULTS = {
     "lora": (15, 1, 8, 5e-5, 5),
 }
 """The seed's schedule per stage (contrastive batch 4 instead of its 1, which leaves InfoNCE without negatives)."""
-RANDOM_TOWER_CONTRASTIVE = (30, 4, 1, 1e-3, None)
-"""Stage 1 of a randomly initialised vision twin (``siglip-tiny``), which learns from scratch instead of adapting a
-pretrained tower: at the seed's 8 epochs and 5e-4 its side probe on the 60-case phantom stayed at chance (0.50),
-at 30 epochs and 1e-3 it reached 0.91 on the 120-case phantom (22 test cases)."""
-TINY_LM_WARMUP = (20, 1, 8, 2e-3, None)
-"""Warm-up of a projector into the tiny LM twin (language-pre-trained here). Teacher-forced side test on the phantom
-(does "... in the left" or "... in the right" get the higher likelihood; AUC over the 22 left/right test volumes):
-at the seed's 2e-4 it stayed at chance after 10 epochs (0.49), at 2e-3 it reached 0.79 after 10 and 0.90 after 20
-(with the keyword weight below and the token whitening)."""
-TINY_LM_LORA = (15, 1, 8, 3e-4, 5)
-"""LoRA on the tiny LM twin: at the seed's 5e-5 the validation caption loss hardly moved (3.35 -> 3.23 after 15
-epochs), at 1e-3 it fell to 2.08 but the side test dropped to 0.61; at 3e-4 it fell from 3.33 to 2.65 with the side
-test at 0.84."""
-KEYWORD_WEIGHT_TINY = 5.0
-"""``--keyword-weight auto`` for a tiny LM twin: the caption loss of a report's clinical words (side, lobe,
-findings: ``common.metrics.clinical.keyword_spans``) counts five times. With plain cross-entropy (the seed's, and
-``auto`` for a pretrained LM) the side of the tumour, one token in a hundred, never moved a projector into the tiny
-LM far enough: after 10 warm-up epochs on the phantom the teacher-forced side test had AUC 0.84 but accuracy 0.59
-(one side was preferred for almost every volume); with 5, AUC 0.91 and accuracy 0.86."""
-
-
-FLIP_MODES = ("auto", "both", "random", "off")
+FLIP_MODES = ("both", "random", "off")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -140,29 +123,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--compressor", choices=COMPRESSORS, default="perceiver")
     model.add_argument("--perceiver-layers", type=positive_int, default=2)
     model.add_argument("--latents", type=positive_int, default=32)
+    model.add_argument("--input-range", choices=INPUT_RANGES, default="processor",
+                       help="processor: normalise the [0, 1] volumes as the vision tower's 2D image processor does "
+                            "(SigLIP, MedSigLIP: mean 0.5, std 0.5, i.e. [-1, 1]); unit: feed [0, 1] (the seed's)")
     stage = parser.add_argument_group("stages")
-    stage.add_argument("--text-embedding", default="auto",
-                       help=f"contrastive targets: lm (the seed's mean LM state), {', '.join(text_presets())}, or "
-                            "auto: lm for a pretrained LM, minilm for a tiny random twin (whose states mean nothing)")
+    stage.add_argument("--text-embedding", default="lm",
+                       help=f"contrastive targets: lm (the seed's: the mean of the LM's last hidden states) or a text "
+                            f"encoder preset ({', '.join(text_presets())}); a random LM twin's states mean nothing, "
+                            "so the twin's config uses minilm")
     stage.add_argument("--text-whiten", type=nonnegative_int, default=0,
                        help="PCA-whiten the centred report embeddings onto this many components fitted on the training "
                             "reports (0, the default: centring only)")
-    stage.add_argument("--lm-pretrain-steps", type=steps_or_auto, default="auto",
-                       help="warm-up stage: language pre-training steps for a random tiny LM on report text before "
-                            f"it is frozen (lm_pretrain.py); auto: {DEFAULT_LM_PRETRAIN_STEPS} for a tiny twin, 0 "
-                            "for a pretrained LM")
-    stage.add_argument("--lm-corpus", default="auto",
-                       help="the text of that pre-training: a JSON list of reports, 'packaged' (the TextBraTS "
-                            f"training fold), or auto: DATA_ROOT/{ARCHIVE_FILE} when there is one, else packaged")
-    stage.add_argument("--keyword-weight", type=weight_or_auto, default="auto",
-                       help="warmup and lora: weight of the clinical words' tokens (side, lobe, findings) in the "
-                            "caption loss; 1 is the seed's plain cross-entropy; auto: 5 for a tiny LM twin, else 1")
-    stage.add_argument("--flip-augment", choices=FLIP_MODES, default="auto",
+    stage.add_argument("--keyword-weight", type=positive_float, default=1.0,
+                       help="warmup and lora: weight of the clinical words' tokens (side, lobe, findings, negation) "
+                            "in the caption loss; 1, the default, is the seed's plain cross-entropy")
+    stage.add_argument("--flip-augment", choices=FLIP_MODES, default="off",
                        help="left-right mirroring of the training cases, 'left' and 'right' swapped in the report: "
                             "both (every epoch sees each case as written and mirrored), random (each case mirrored "
-                            "with probability 0.5 per epoch), off; auto: both for the warmup and lora stages of a "
-                            "tiny LM twin, random for the contrastive stage of a random vision twin, off otherwise "
-                            "(the seed's: no augmentation)")
+                            "with probability 0.5 per epoch), off (the default, the seed's: no augmentation)")
     stage.add_argument("--queue-size", type=int, default=64,
                        help="past text embeddings kept as extra negatives (0: in-batch negatives only)")
     stage.add_argument("--train-vision", choices=("all", "embeddings"), default="all",
@@ -180,42 +158,40 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def random_tower(vision: str) -> bool:
-    """True for a vision preset whose weights are random (a tiny twin), not a pretrained tower."""
-    return vision in VISION_PRESETS and not get_preset(vision, "vision-tower", "--vision").has_pretrained_weights
-
-
-def tiny_lm(lm: str) -> bool:
-    """True for an LM preset that is a random tiny twin (language-pre-trained by this pipeline), not MedGemma."""
-    return lm in LM_PRESETS and not get_preset(lm, LM_KINDS, "--lm").has_pretrained_weights
-
-
-def init_lm(init: Path | None) -> str | None:
-    """The LM preset of the ``--init`` run from its ``model.json`` alone (None when it cannot be read: loading the
-    run later names the problem)."""
-    if init is None:
-        return None
-    try:
-        return json.loads((find_model_dir(Path(init)) / META_FILE).read_text())["kwargs"]["model"]["lm"]
-    except (OSError, ValueError, KeyError, TypeError, DataError):
-        return None
-
-
-def stage_defaults(args: argparse.Namespace, lm: str | None = None) -> argparse.Namespace:
-    """Fill the flags left unset with the stage's schedule: a longer stage 1 for a random vision twin, faster
-    stages 2 and 3 for a tiny LM twin (``lm``: the run's LM, from ``--init`` for the later stages)."""
+def stage_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the schedule flags left unset with the seed's schedule for the stage (``STAGE_DEFAULTS``), whatever the
+    models; the twins' schedules are in their config files."""
     epochs, batch, accum, lr, patience = STAGE_DEFAULTS[args.stage]
-    if args.stage == "contrastive" and args.init is None and random_tower(args.vision):
-        epochs, batch, accum, lr, patience = RANDOM_TOWER_CONTRASTIVE
-    if args.stage == "warmup" and tiny_lm(lm or args.lm):
-        epochs, batch, accum, lr, patience = TINY_LM_WARMUP
-    if args.stage == "lora" and tiny_lm(lm or args.lm):
-        epochs, batch, accum, lr, patience = TINY_LM_LORA
     for name, value in (("epochs", epochs), ("batch_size", batch), ("grad_accum", accum), ("lr", lr),
                         ("patience", patience)):
         if getattr(args, name) is None:
             setattr(args, name, value)
     return args
+
+
+def held_out_reports(cases: Cases) -> list[str]:
+    """The run's validation and test reports: text no language pre-training of its LM may hold."""
+    return [c.report for name in ("val", "test") for c in cases.split(name)]
+
+
+def check_pretraining_corpus(model_config: dict, cases: Cases) -> None:
+    """Refuse a run whose LM was language-pre-trained (when its preset was built) on text holding one of the run's
+    validation or test reports: its numbers would not be held out. The preset declares its corpus
+    (``options["pretraining_corpus"]``) and the build leaves the run's held-out reports out of it; this checks that
+    the LM's record (``lm_pretrain``) is of that corpus. Healthy templates, the same for every control, stay."""
+    lm, record = model_config["lm"], model_config.get("lm_pretrain")
+    corpus = get_preset(lm, LM_KINDS, "--lm").options.get("pretraining_corpus") if lm in LM_PRESETS else None
+    if corpus is None or not record or "corpus_sha256" not in record:
+        return
+    from brain3d_report.lm_twin import corpus_digest, corpus_overlap
+
+    held_out = held_out_reports(cases)
+    left_out = set(held_out) - set(HEALTHY_TEMPLATES)
+    used = [text for text in corpus() if text not in left_out]
+    if corpus_overlap(held_out, used) or record["corpus_sha256"] != corpus_digest(used):
+        raise DataError("--lm", f"{lm} was language-pre-trained on a corpus that is not its own less this run's "
+                                f"{len(held_out)} validation and test reports; start from a contrastive run of this "
+                                "split")
 
 
 def text_key(text: str) -> int:
@@ -442,82 +418,6 @@ def text_embeddings(model: Brain3DReportModel, reports: list[str], choice: str, 
     return encoder.encode(reports).float().cpu()
 
 
-def resolve_text_embedding(choice: str, lm: str) -> str:
-    """``auto``: the LM's own states when it is pretrained (the seed), the real MiniLM when the LM is a random twin."""
-    if choice != "auto":
-        return choice
-    return "minilm" if tiny_lm(lm) else "lm"
-
-
-def auto_or_number(convert: Callable[[str], float], valid: Callable[[float], bool], expected: str
-                   ) -> Callable[[str], str | float]:
-    """An argparse type: ``auto``, or a number ``convert`` reads and ``valid`` accepts (otherwise the flag's one-line
-    error says ``expected``)."""
-    def parse(value: str) -> str | float:
-        if value == "auto":
-            return value
-        try:
-            number = convert(value)
-        except ValueError:
-            number = None
-        if number is None or not valid(number):
-            raise argparse.ArgumentTypeError(f"give auto or {expected}, not {value!r}")
-        return number
-
-    return parse
-
-
-steps_or_auto = auto_or_number(int, lambda steps: steps >= 0, "a count >= 0")
-"""The type of ``--lm-pretrain-steps`` (checked when the flags are parsed)."""
-weight_or_auto = auto_or_number(float, lambda weight: 0 < weight < float("inf"), "a finite weight > 0")
-"""The type of ``--keyword-weight`` (checked when the flags are parsed)."""
-
-
-def lm_corpus(choice: str, data_root: Path) -> tuple[str, list[str] | None]:
-    """``--lm-corpus``: (what it was, the archive's reports or None for the packaged TextBraTS text)."""
-    if choice == "packaged":
-        return "packaged TextBraTS training fold", None
-    path = data_root / ARCHIVE_FILE if choice == "auto" else Path(choice)
-    if choice == "auto" and not path.is_file():
-        return "packaged TextBraTS training fold", None
-    if not path.is_file():
-        raise ConfigError("--lm-corpus", f"{path} is not a file (give a JSON list of reports, packaged or auto)")
-    return str(path.resolve()), load_report_archive(path)
-
-
-def resolve_lm_pretrain_steps(value: str | int, lm: str) -> int:
-    """``--lm-pretrain-steps``: a count, or ``auto`` (the default steps for a random tiny twin, none otherwise)."""
-    if value == "auto":
-        return DEFAULT_LM_PRETRAIN_STEPS if tiny_lm(lm) else 0
-    return int(value)
-
-
-def resolve_keyword_weight(value: str | float, lm: str) -> float:
-    """``--keyword-weight``: a weight, or ``auto`` (``KEYWORD_WEIGHT_TINY`` for a tiny LM twin, 1.0 otherwise)."""
-    if value == "auto":
-        return KEYWORD_WEIGHT_TINY if tiny_lm(lm) else 1.0
-    return float(value)
-
-
-def resolve_flip_augment(value: str, stage: str, lm: str, vision: str | None = None) -> str:
-    """``--flip-augment``: ``both``, ``random`` or ``off``; ``auto`` is ``both`` for stages 2 and 3 of a tiny LM twin,
-    ``random`` for stage 1 of a random vision twin, and ``off`` for a pretrained tower and LM (the seed's: no
-    augmentation).
-
-    Stages 2 and 3 from one stage-1 run of the default phantom (side probe 0.773), test split, the seed's sampling:
-    laterality F1 of the generated reports 0.720 without mirroring (0.520 with shuffled volumes; the teacher-forced
-    side test gave AUC 1.00 on the training volumes, 0.88 on the test volumes: the cases were learned by heart),
-    0.800 (0.400) with ``random``, 0.960 (0.347) with ``both``, healthy specificity 1.000 (0.000 without). ``both``
-    takes twice the steps per epoch: cut to 14 warm-up epochs it gave 0.787 (0.627). Stage 1 decides how well the
-    later stages can read the side: with ``--seed 1`` its probe gave 0.682 and the reports 0.773; with ``random``
-    in stage 1 (as many steps as none), 0.773 and 0.840."""
-    if value != "auto":
-        return value
-    if stage == "contrastive":
-        return "random" if vision is not None and random_tower(vision) else "off"
-    return "both" if tiny_lm(lm) else "off"
-
-
 def keyword_token_mask(tokenizer, reports: list[str], max_len: int) -> torch.Tensor:
     """(N, L) booleans aligned with ``report_tokens``: True on the tokens that overlap a clinical word of the report
     (``common.metrics.clinical.keyword_spans``); False on the others, on EOS and on padding."""
@@ -593,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             data_root="the folder of case folders")
     if args.stage != "contrastive":
         require(args, init=f"the run the {args.stage} stage starts from")
-    args = stage_defaults(args, init_lm(args.init))
+    args = stage_defaults(args)
     if args.queue_size < 0:
         raise ConfigError("--queue-size", f"must be 0 or more, not {args.queue_size}")
     config = config_from_args(args)
@@ -604,11 +504,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.init is None:
         if args.stage != "contrastive":
             raise ConfigError("--init", f"the {args.stage} stage starts from an earlier run")
-        text_choice = resolve_text_embedding(args.text_embedding, args.lm)
+        text_choice = args.text_embedding
         text_dim = text_dim_for(text_choice, args.cache_dir)
         model = build_model(args.vision, args.lm, depth_patch=args.depth_patch, inflation=args.inflation,
                             pos_emb=args.pos_emb, compressor=args.compressor, perceiver_layers=args.perceiver_layers,
                             latents=args.latents, text_dim=text_dim, text_whiten=args.text_whiten,
+                            input_range=args.input_range, lm_exclude=held_out_reports(cases),
                             quantization=args.quantization, seed=args.seed,
                             device=device, precision=args.precision, cache_dir=args.cache_dir)
         lora = None
@@ -618,30 +519,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         lora = init_meta["kwargs"].get("lora")
         text_choice = init_meta["kwargs"].get("text_embedding", "lm")
     model.vision.token_grid(args.volume_size)
-    lm_steps = resolve_lm_pretrain_steps(args.lm_pretrain_steps, model.model_config["lm"])
-    keyword_weight = resolve_keyword_weight(args.keyword_weight, model.model_config["lm"])
-    if lm_steps and model.model_config.get("quantization", "none") != "none":  # 4/8-bit weights do not train
-        if args.lm_pretrain_steps != "auto":
-            raise ConfigError("--lm-pretrain-steps", "a quantized LM cannot be pre-trained; pass 0")
-        lm_steps = 0
+    check_pretraining_corpus(model.model_config, cases)
+    keyword_weight = args.keyword_weight
     inputs = split_volumes(cases, ("train", "val"), args.volume_size, cache_root, args.skip_bad)
     parts = {name: cases.split(name) for name in ("train", "val")}
     for name, part in parts.items():
         if not part:
             raise DataError(cases.source, f"the {name} split is empty ({len(cases)} cases, {len(cases.skipped)} "
                                           "skipped); use more data")
-    if args.stage == "warmup" and lm_steps and not model.model_config.get("lm_pretrain"):
-        source, archive = lm_corpus(args.lm_corpus, Path(args.data_root))
-        healthy_share = sum(c.healthy for c in parts["train"]) / len(parts["train"])
-        corpus = pretraining_corpus(archive, healthy_share)
-        losses = pretrain_language_model(model.lm, model.tokenizer, corpus, steps=lm_steps,
-                                         max_len=args.max_text_len, seed=args.seed,
-                                         prompt=prompt_tokens(model.tokenizer))
-        model.model_config["lm_pretrain"] = {
-            "steps": lm_steps, "texts": len(corpus), "corpus": source, "healthy_share": round(healthy_share, 4),
-            "max_len": args.max_text_len, "seed": args.seed, "after_prompt": True,
-            "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4)}
-
     if args.stage == "lora" and lora is None:
         lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout}
         add_lora(model, **{"rank": lora["r"], "alpha": lora["alpha"], "dropout": lora["dropout"]}, seed=args.seed)
@@ -651,7 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model.gradient_checkpointing_enable()
     log.info("stage %s: %d trainable parameters", args.stage, sum(p.numel() for p in trainable.values()))
 
-    flip = resolve_flip_augment(args.flip_augment, args.stage, model.model_config["lm"], model.model_config["vision"])
+    flip = args.flip_augment
     mirrored = mirror_volumes(inputs["train"]) if flip != "off" else None
     if args.stage != "contrastive":  # the encoder is frozen from here on: each volume is encoded once
         inputs = {name: encode_frozen(model, volumes, device) for name, volumes in inputs.items()}
@@ -665,8 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              for name in parts}
     meta = {"pipeline": PIPELINE, "stage": args.stage, "preset": model.model_config["vision"],
             "kwargs": {"model": model.model_config, "lora": lora, "text_embedding": text_choice,
-                       "flip_augment": flip,
-                       **({} if args.stage == "contrastive" else {"keyword_weight": keyword_weight})},
+                       "flip_augment": flip, "keyword_weight": keyword_weight},
             "labels": [], "preprocessing": {"volume_size": list(args.volume_size), "percentiles": list(PERCENTILES),
                                             "orientation": "RAS", "prompt": PROMPT,
                                             "max_text_len": args.max_text_len},
@@ -713,7 +597,7 @@ def save_split_text(cases: Cases) -> str:
 
 __all__ = ["STAGES", "PROMPT", "info_nce", "ContrastiveTask", "CaptionTask", "report_tokens", "prompt_tokens",
            "text_embeddings", "add_lora", "build_run_model", "load_stage_run", "text_key", "keyword_token_mask",
-           "resolve_keyword_weight", "stage_defaults"]
+           "stage_defaults", "check_pretraining_corpus", "FLIP_MODES"]
 
 
 if __name__ == "__main__":

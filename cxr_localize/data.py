@@ -34,9 +34,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from common.checkpoint import read_csv
 from common.errors import DataError
 from common.images import imagenet_normalize, read_grey, square_resize
+from common.rundir import read_csv
 from common.splits import group_split
 
 log = logging.getLogger("medvl.cxr_localize")

@@ -27,7 +27,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common.checkpoint import atomic_write_text, result_set
 from common.cli import MedvlArgumentParser, base_parser, nonnegative_int, parse_args, positive_int
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
@@ -35,6 +34,7 @@ from common.images import imagenet_normalize
 from common.metrics.segmentation import per_image_metrics
 from common.plots import mask_overlay, overlay_panels
 from common.run_guard import guard_command
+from common.rundir import atomic_write_text, result_set
 from common.runs import load_run
 from common.splits import load_split_csv
 from common.tables import metrics_with_ci, write_results

@@ -24,7 +24,6 @@ import torch
 from PIL import Image
 
 from common import plots
-from common.checkpoint import atomic_write_bytes
 from common.cli import parse_args
 from common.device import pick_device
 from common.errors import DataError, cli_entry
@@ -32,6 +31,7 @@ from common.images import imagenet_normalize, square_resize
 from common.predict import predict_parser, reports_for, run_predictions
 from common.reader import PICTURE, read_picture
 from common.run_guard import guard_command
+from common.rundir import atomic_write_bytes
 from common.runs import load_run
 from cxr_localize.data import named_side
 from cxr_localize.model import build_from_record, load_text_encoder

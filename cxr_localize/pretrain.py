@@ -25,7 +25,6 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch.utils.data import DataLoader
 
-from common.checkpoint import result_set
 from common.cli import (
     MedvlArgumentParser,
     base_parser,
@@ -42,6 +41,7 @@ from common.errors import ConfigError, cli_entry
 from common.images import IMAGENET_MEAN, IMAGENET_STD
 from common.plots import overlay_panels
 from common.run_guard import guard_command, path_values
+from common.rundir import result_set
 from common.runs import model_record, save_run_model
 from common.tables import metrics_with_ci, write_results
 from cxr_localize.common_args import add_data_args, add_encoder_args, split_table

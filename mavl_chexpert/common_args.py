@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from common.cli import unit_interval
+from common.errors import ConfigError, DataError
 from common.metrics.classification import best_threshold, multilabel_metrics
-from mavl_chexpert.data import UNCERTAIN_POLICIES, VIEWS, Table, label_key
+from mavl_chexpert.data import UNCERTAIN_POLICIES, VIEWS, Table, label_key, resolve_labels
 
 log = logging.getLogger("medvl.mavl_chexpert")
 
@@ -35,8 +36,49 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                        help="train on this fraction of train.csv's patients (the seed: 0.3)")
     group.add_argument("--val-fraction", type=unit_interval, default=0.15,
                        help="share of train.csv's patients held out for validation (best epoch, thresholds)")
+    group.add_argument("--holdout-classes", default="",
+                       help="comma-separated labels left out of every phase (their labels reach no loss and no model "
+                            "selection); the fusion scores them from their descriptions alone (zero-shot)")
     group.add_argument("--skip-bad", action="store_true",
                        help="skip (and count) rows whose image is missing or does not decode, instead of stopping")
+
+
+def parse_holdout(spec: str, labels: tuple[str, ...]) -> np.ndarray:
+    """Boolean mask of the trained (seen) labels; an unknown name, one outside ``labels`` or all of them is refused."""
+    if not spec.strip():
+        return np.ones(len(labels), dtype=bool)
+    try:
+        held = resolve_labels(spec)
+    except ConfigError as err:
+        raise ConfigError("--holdout-classes", err.message) from err
+    outside = [n for n in held if n not in labels]
+    if outside:
+        raise ConfigError("--holdout-classes", f"{', '.join(outside)} not among the labels ({', '.join(labels)})")
+    trained = np.array([n not in held for n in labels])
+    if not trained.any():
+        raise ConfigError("--holdout-classes", "holds out every class; at least one must be trained")
+    return trained
+
+
+def check_holdout_positives(table: Table, trained: np.ndarray, flag: str = "--holdout-classes") -> None:
+    """A held-out class needs positive and negative images in ``table``: otherwise there is nothing to recognise and
+    its AUROC is undefined (only counts are read; the labels reach no loss)."""
+    for j, name in enumerate(table.labels):
+        if trained[j]:
+            continue
+        known = table.targets[table.mask[:, j], j]
+        positives = int(known.sum())
+        if positives == 0 or positives == len(known):
+            raise DataError(table.csv, f"held-out class {name} ({flag}) has {positives} positive and "
+                                       f"{len(known) - positives} negative rows here; it cannot be scored")
+
+
+def hide_holdout(table: Table, trained: np.ndarray) -> Table:
+    """The table with the held-out columns unobserved (targets 0, mask False): no loss or metric can read them."""
+    from dataclasses import replace
+
+    return replace(table, targets=np.where(trained[None, :], table.targets, 0.0).astype(np.float32),
+                   mask=table.mask & trained[None, :])
 
 
 def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
@@ -78,4 +120,5 @@ def split_metrics(targets: np.ndarray, probs: np.ndarray, mask: np.ndarray, labe
     return multilabel_metrics(targets, probs, thresholds, [label_key(n) for n in labels], mask=mask)
 
 
-__all__ = ["THRESHOLD_RULES", "add_data_args", "masked_bce", "data_record", "choose_thresholds", "split_metrics"]
+__all__ = ["THRESHOLD_RULES", "add_data_args", "parse_holdout", "check_holdout_positives", "hide_holdout",
+           "masked_bce", "data_record", "choose_thresholds", "split_metrics"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from torch.utils.data import Dataset
 
 from common.checkpoint import read_csv
 from common.errors import ConfigError, DataError
-from common.images import imagenet_normalize, read_grey, square_resize
+from common.images import IMAGENET_MEAN, IMAGENET_STD, read_grey, square_resize
 from common.splits import group_split
 
 log = logging.getLogger("medvl.mavl_chexpert")
@@ -48,6 +49,9 @@ PER_CLASS_ONES = ("Atelectasis", "Edema")
 """Observations whose uncertain label becomes 1 under ``per-class`` (Irvin et al. 2019, Table 2)."""
 VIEWS = ("frontal", "all")
 _PATIENT = re.compile(r"(patient\d+)")
+_STUDY = re.compile(r"(patient\d+/study\d+)")
+STUDY_COLUMN = "Study"
+"""Optional CSV column naming each row's study; without it the study is the path's ``patientN/studyM`` folder."""
 
 
 def label_key(name: str) -> str:
@@ -110,6 +114,8 @@ class Table:
     rows: np.ndarray
     """1-based line numbers in the CSV (header = line 1), for error messages."""
     patients: np.ndarray
+    studies: np.ndarray
+    """Study of each row (``patientN/studyM``): CheXpert scores a study by the maximum over its views."""
     raw: np.ndarray
     labels: tuple[str, ...]
     targets: np.ndarray
@@ -121,8 +127,15 @@ class Table:
     def take(self, index: np.ndarray) -> Table:
         index = np.asarray(index)
         return replace(self, rel_paths=self.rel_paths[index], paths=[self.paths[i] for i in index],
-                       rows=self.rows[index], patients=self.patients[index], raw=self.raw[index],
+                       rows=self.rows[index], patients=self.patients[index], studies=self.studies[index],
+                       raw=self.raw[index],
                        targets=self.targets[index], mask=self.mask[index])
+
+    def take_labels(self, columns: np.ndarray) -> Table:
+        """The same rows with only the label ``columns`` (indices into ``labels``)."""
+        columns = np.asarray(columns)
+        return replace(self, raw=self.raw[:, columns], labels=tuple(self.labels[j] for j in columns),
+                       targets=self.targets[:, columns], mask=self.mask[:, columns])
 
     def __repr__(self) -> str:
         return f"Table({self.csv.name}: {len(self)} images, {len(np.unique(self.patients))} patients)"
@@ -183,8 +196,28 @@ def load_table(data_root: Path, csv_name: str | Path, labels: tuple[str, ...] | 
     paths = _resolve_all(root, frame["Path"], csv, lines)
     patients = np.array([(m.group(1) if (m := _PATIENT.search(str(v))) else str(Path(str(v)).parent))
                          for v in frame["Path"]], dtype=object)
+    studies = study_ids(frame, patients, lines, csv)
     targets, mask = encode_labels(raw, labels, uncertain)
-    return Table(csv, frame["Path"].astype(str).to_numpy(), paths, lines, patients, raw, labels, targets, mask)
+    return Table(csv, frame["Path"].astype(str).to_numpy(), paths, lines, patients, studies, raw, labels, targets,
+                 mask)
+
+
+def study_ids(frame: pd.DataFrame, patients: np.ndarray, lines: np.ndarray, csv: Path) -> np.ndarray:
+    """Each row's study: the ``Study`` column when the CSV has one, else the path's ``patientN/studyM`` (an image
+    outside such a folder is its own study). A study whose rows belong to two patients is refused, naming both
+    lines: the maximum over its views would mix two people's images."""
+    if STUDY_COLUMN in frame.columns:
+        studies = frame[STUDY_COLUMN].astype(str).str.replace("\\", "/", regex=False).to_numpy(dtype=object)
+    else:
+        paths = frame["Path"].astype(str).str.replace("\\", "/", regex=False)
+        studies = np.array([(m.group(1) if (m := _STUDY.search(p)) else p) for p in paths], dtype=object)
+    owner: dict[str, tuple[str, int]] = {}
+    for study, patient, line in zip(studies, patients, lines):
+        first = owner.setdefault(study, (patient, line))
+        if first[0] != patient:
+            raise DataError(csv, f"study {study} mixes patients: line {first[1]} is {first[0]}, line {line} is "
+                                 f"{patient}; every view of a study must come from one patient")
+    return studies
 
 
 def check_duplicates(paths: pd.Series, raw: np.ndarray, labels: tuple[str, ...], lines: np.ndarray,
@@ -251,13 +284,28 @@ def split_patients(table: Table, val_fraction: float, seed: int) -> np.ndarray:
                        names=("train", "val"))
 
 
-def decode_images(table: Table, size: int, skip_bad: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 (N, size, size) images, indices kept): each JPG read once, padded to a square and resized.
+RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+              "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS,
+              "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
+"""timm ``pretrained_cfg`` interpolation names -> PIL filters (``random`` is not a preprocessing for inference)."""
+
+
+def resampling(name: str) -> Image.Resampling:
+    if name not in RESAMPLING:
+        raise ConfigError("interpolation", f"{name!r} is not one of {', '.join(RESAMPLING)}")
+    return RESAMPLING[name]
+
+
+def decode_images(table: Table, size: int, skip_bad: bool = False,
+                  interpolation: str = "bilinear") -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 (N, size, size) images, indices kept): each JPG read once, padded to a square and resized with the
+    weights' ``interpolation`` (runs recorded before it was recorded used bilinear).
 
     A missing, undecodable or blank (constant) image stops with its CSV line and file, or with ``skip_bad`` is
     skipped and counted.
     """
     images, kept = [], []
+    resample = resampling(interpolation)
     for i, (path, line) in enumerate(zip(table.paths, table.rows)):
         try:
             image = read_grey(path)
@@ -268,7 +316,7 @@ def decode_images(table: Table, size: int, skip_bad: bool = False) -> tuple[np.n
             if not skip_bad:
                 raise DataError(table.csv, f"line {line}: {path}: {err.message}") from err
             continue
-        images.append(square_resize(image, size, Image.Resampling.BILINEAR))
+        images.append(square_resize(image, size, resample))
         kept.append(i)
     skipped = len(table) - len(kept)
     if skipped:
@@ -278,6 +326,33 @@ def decode_images(table: Table, size: int, skip_bad: bool = False) -> tuple[np.n
     return np.stack(images), np.asarray(kept, dtype=np.int64)
 
 
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a run's images go through, read from its ``model.json`` (``preprocessing``)."""
+
+    image_size: int
+    interpolation: str = "bilinear"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    @classmethod
+    def from_record(cls, record: dict) -> Preprocessing:
+        """Runs recorded before interpolation was recorded resized bilinearly; their mean/std were ImageNet's."""
+        return cls(int(record["image_size"]), str(record.get("interpolation", "bilinear")),
+                   tuple(float(v) for v in record.get("mean", IMAGENET_MEAN)),
+                   tuple(float(v) for v in record.get("std", IMAGENET_STD)))
+
+    def decode(self, table: Table, skip_bad: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        return decode_images(table, self.image_size, skip_bad, self.interpolation)
+
+    def dataset(self, images: np.ndarray, targets: np.ndarray | None = None, mask: np.ndarray | None = None,
+                augment: bool = False) -> ChexpertDataset:
+        """A dataset normalised with these statistics (no targets: a placeholder column for inference)."""
+        if targets is None:
+            targets, mask = np.zeros((len(images), 1), np.float32), np.ones((len(images), 1), bool)
+        return ChexpertDataset(images, targets, mask, augment, mean=self.mean, std=self.std)
+
+
 class ChexpertDataset(Dataset):
     """``{"image", "target", "mask", "index"}`` per image; ``index`` is the row in this split (for LRF's basis).
 
@@ -285,8 +360,12 @@ class ChexpertDataset(Dataset):
     area, brightness/contrast jitter 0.1) and never flips: the heart belongs on the patient's left.
     """
 
-    def __init__(self, images: np.ndarray, targets: np.ndarray, mask: np.ndarray, augment: bool = False):
+    def __init__(self, images: np.ndarray, targets: np.ndarray, mask: np.ndarray, augment: bool = False,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         self.images, self.targets, self.mask, self.augment = images, targets, mask, augment
+        # grey x3 with the weights' mean/std (runs recorded before them used ImageNet's, the default)
+        self.mean = torch.tensor([float(v) for v in mean]).view(3, 1, 1)
+        self.std = torch.tensor([float(v) for v in std]).view(3, 1, 1)
         if augment:
             from torchvision.transforms import v2
 
@@ -304,11 +383,12 @@ class ChexpertDataset(Dataset):
         image = torch.from_numpy(self.images[i]).unsqueeze(0)
         if self.augment:
             image = self.transform(image)
-        return {"image": imagenet_normalize(image[0].numpy()), "target": torch.from_numpy(self.targets[i]),
+        grey = image[0].float().div(255.0).unsqueeze(0)
+        return {"image": (grey - self.mean) / self.std, "target": torch.from_numpy(self.targets[i]),
                 "mask": torch.from_numpy(self.mask[i]), "index": torch.tensor(i)}
 
 
-__all__ = ["ROOT_NAME", "OBSERVATIONS", "COMPETITION", "LABEL_SETS", "UNCERTAIN_POLICIES", "VIEWS", "Table",
-           "label_key", "resolve_labels", "find_root", "encode_labels", "load_table", "check_duplicates",
-           "check_trainable", "sample_patients",
-           "split_patients", "decode_images", "ChexpertDataset"]
+__all__ = ["STUDY_COLUMN", "study_ids", "ROOT_NAME", "OBSERVATIONS", "COMPETITION", "LABEL_SETS",
+           "UNCERTAIN_POLICIES", "VIEWS", "Table", "label_key", "resolve_labels", "find_root", "encode_labels",
+           "load_table", "check_duplicates", "check_trainable", "sample_patients", "split_patients", "decode_images",
+           "resampling", "Preprocessing", "ChexpertDataset"]

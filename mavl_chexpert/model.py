@@ -8,10 +8,11 @@ Dropout -> Linear(r -> C). The r-dimensional ReLU output is the image embedding 
 LRF (Low-Rank Feature learning, arXiv 2404.18933) penalises the truncated nuclear norm of the training features:
 the singular values of the (N x D) matrix of all training features beyond a rank. A batch of 16 has only 16
 singular values, so, as in LRFL's code, the decomposition F = U S V^T of the whole training split is computed
-once per epoch without gradient; batch b then adds sum_{j >= rank} diag(U[b]^T F_b V)_j, which is differentiable
-in F_b and sums over the batches of an epoch to sum_{j >= rank} S_j when F has not moved. ``seed`` reproduces
-the seed notebook's term instead: the sum of the *top* r singular values of the batch (it pushes the leading
-directions down, the opposite of LRF).
+once per epoch without gradient; batch b then adds its share diag(U[b]^T F_b V)_j for j >= rank, which is
+differentiable in F_b and sums over an epoch to sum_{j >= rank} S_j when F has not moved (``tail_term``).
+``lrfl_term`` is LRFL's code as written (the L1 of the shares per batch, and Vh where the algebra wants V);
+``seed_term`` is the seed notebook's formula (the sum of every entry of U_r^T F V_r^T over the batch's top-r
+singular directions), equal to theirs in value and gradient.
 
 Phase 3 projects the image embedding and every aspect-sentence embedding into a shared 256-d space, takes the
 cosine similarity of the image with each aspect of each disease, aggregates over a disease's aspects (mean, or
@@ -20,53 +21,137 @@ attention), and scales by a learnable temperature plus a bias (the seed used the
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
-from common.errors import ConfigError
+from common.errors import ConfigError, DataError
+from common.images import IMAGENET_MEAN, IMAGENET_STD
 from common.presets import get_preset, preset_names
 
 BACKBONES = tuple(preset_names("vit"))
-POOLS = ("cls", "mean")
-LRF_VARIANTS = ("tail", "seed", "none")
+POOLS = ("cls", "mean", "mean-fc-norm")
+LRF_VARIANTS = ("tail", "lrfl", "seed", "none")
 AGGREGATIONS = ("mean", "attention")
+FUSIONS = ("similarity", "mavl")
 SIMILARITIES = ("scaled", "seed")
 SHARED_DIM = 256
 HIDDEN_DIM = 128
 
 
-def build_backbone(name: str, pretrained: bool = False) -> nn.Module:
-    """A timm ViT from a ``vit`` preset (no classifier head); ``pretrained`` fetches timm's ImageNet weights."""
+TIMM_CONFIG = "config.json"
+TIMM_WEIGHTS = "model.safetensors"
+
+
+def local_backbone_dir(name: str | Path) -> Path | None:
+    """``name`` as a local timm folder (``config.json`` + ``model.safetensors``, timm's hub layout), or None when it
+    names a preset. A folder in another layout is one DataError naming it."""
+    if str(name) in BACKBONES:
+        return None
+    folder = Path(name).expanduser()
+    if not folder.exists():
+        raise ConfigError("--backbone", f"{name!r} is neither a vit preset ({', '.join(BACKBONES)}) nor a folder")
+    if not folder.is_dir():
+        raise DataError(folder, "expected a timm weights folder (config.json + model.safetensors), got a file")
+    config_file = folder / TIMM_CONFIG
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise DataError(folder, "not a timm weights folder: no config.json (save with "
+                                "timm.models.save_for_hf, or pass a vit preset)") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(config_file, f"not valid JSON ({err})") from err
+    if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
+        raise DataError(config_file, "not a timm config: no 'architecture' (a Hugging Face transformers folder is "
+                                     "not a timm ViT)")
+    if not (folder / TIMM_WEIGHTS).is_file():
+        raise DataError(folder, f"no {TIMM_WEIGHTS} (timm's layout; pickled checkpoints are never loaded)")
+    return folder
+
+
+def timm_architecture(name: str | Path) -> dict[str, Any]:
+    """``{"model_name", **timm kwargs}`` that rebuild ``name``'s network without its weights (stored in model.json,
+    so evaluating a run never needs the folder it started from)."""
+    folder = local_backbone_dir(name)
+    if folder is None:
+        return dict(get_preset(str(name), "vit", "--backbone").options)
+    config = json.loads((folder / TIMM_CONFIG).read_text(encoding="utf-8"))
+    options = {key: value for key, value in dict(config.get("model_args") or {}).items() if key != "num_classes"}
+    return {"model_name": config["architecture"], **options}
+
+
+def build_backbone(name: str | Path, pretrained: bool = False, cache_dir: str | Path | None = None,
+                   architecture: dict[str, Any] | None = None) -> nn.Module:
+    """A timm ViT (no classifier head) from a ``vit`` preset or a local timm folder.
+
+    ``pretrained`` loads the weights: a preset's from timm's hub cache (``cache_dir`` overrides its location), a
+    folder's own ``model.safetensors``. ``architecture`` (from ``timm_architecture``) rebuilds without weights.
+    """
     import timm
 
-    preset = get_preset(name, "vit", "--backbone")
-    options = dict(preset.options)
+    if architecture is not None and not pretrained:
+        options = dict(architecture)
+        return timm.create_model(options.pop("model_name"), pretrained=False, num_classes=0, **options)
+    folder = local_backbone_dir(name)
+    if folder is not None:
+        try:
+            return timm.create_model(f"local-dir:{folder.resolve()}", pretrained=pretrained, num_classes=0)
+        except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as err:
+            raise DataError(folder, f"timm cannot load these weights ({str(err).splitlines()[0][:160]})") from err
+    options = timm_architecture(name)
     model_name = options.pop("model_name")
     try:
-        return timm.create_model(model_name, pretrained=pretrained, num_classes=0, **options)
+        return timm.create_model(model_name, pretrained=pretrained, num_classes=0,
+                                 cache_dir=None if cache_dir is None else str(cache_dir), **options)
     except (OSError, RuntimeError, ValueError) as err:
         if not pretrained:
             raise
         first = str(err).splitlines()[0][:160]
-        raise ConfigError("--pretrained", f"ImageNet weights of {model_name} are not cached and the hub is "
-                                          f"unreachable ({first}); pass --no-pretrained to train from scratch") from err
+        where = f"in --cache-dir {cache_dir}" if cache_dir is not None else "cached"
+        raise ConfigError("--pretrained", f"ImageNet weights of {model_name} are not {where} and the hub is "
+                                          f"unreachable ({first}); pass --no-pretrained to train from scratch, "
+                                          "or a local timm folder as --backbone") from err
+
+
+def preprocessing_from_backbone(backbone: nn.Module, pretrained: bool = True) -> dict[str, Any]:
+    """Input size, mean/std and interpolation from the backbone's timm ``pretrained_cfg`` (what its weights expect).
+
+    The size is the network's own (``patch_embed.img_size``: a tiny preset's 64 px, not its class's 224). A backbone
+    that loads no weights (a tiny preset, ``--no-pretrained``) has no such expectation and keeps ImageNet's
+    statistics and a bilinear resize, what every medvl run used before.
+    """
+    cfg = dict(getattr(backbone, "pretrained_cfg", None) or {}) if pretrained else {}
+    mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
+    interpolation = cfg.get("interpolation") or "bilinear"
+    source = ("timm pretrained_cfg" + (f" ({cfg['hf_hub_id']})" if cfg.get("hf_hub_id") else "")) if cfg else \
+        "no weights loaded: ImageNet statistics, bilinear"
+    return {"image_size": int(backbone.patch_embed.img_size[0]), "mean": [float(v) for v in mean],
+            "std": [float(v) for v in std], "interpolation": str(interpolation), "source": source}
 
 
 class ImageModel(nn.Module):
     """ViT -> pooled feature -> LayerNorm -> low-rank projection (ReLU) -> dropout -> linear head."""
 
     def __init__(self, backbone: str, num_classes: int, rank: int = 64, pool: str = "cls", dropout: float = 0.1,
-                 pretrained: bool = False):
+                 pretrained: bool = False, cache_dir: str | Path | None = None,
+                 architecture: dict[str, Any] | None = None):
         super().__init__()
         if pool not in POOLS:
             raise ConfigError("--pool", f"choose one of {', '.join(POOLS)}, not {pool!r}")
-        self.backbone = build_backbone(backbone, pretrained)
+        self.backbone = build_backbone(backbone, pretrained, cache_dir, architecture)
         self.pool = pool
         dim = int(self.backbone.embed_dim)
+        if pool == "mean-fc-norm":
+            # LRFL (MAE fine-tuning's global pool): the last block's patch tokens are averaged, then a fresh
+            # LayerNorm (fc_norm) replaces the encoder's final norm.
+            self.backbone.norm = nn.Identity()
+            self.fc_norm = nn.LayerNorm(dim, eps=1e-6)
         self.feature_dim, self.rank, self.num_classes = dim, rank, num_classes
         self.norm = nn.LayerNorm(dim)
         self.project = nn.Linear(dim, rank, bias=False)
@@ -81,7 +166,15 @@ class ImageModel(nn.Module):
         """(B, D) pooled ViT features: what the LRF term decomposes."""
         tokens = self.backbone.forward_features(images)
         prefix = int(getattr(self.backbone, "num_prefix_tokens", 1))
-        return tokens[:, 0] if self.pool == "cls" else tokens[:, prefix:].mean(1)
+        if self.pool == "cls":
+            return tokens[:, 0]
+        pooled = tokens[:, prefix:].mean(1)
+        return self.fc_norm(pooled) if self.pool == "mean-fc-norm" else pooled
+
+    def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, P, D) the ViT's final patch tokens (prefix tokens dropped): what MAVL's aspect queries attend over."""
+        tokens = self.backbone.forward_features(images)
+        return tokens[:, int(getattr(self.backbone, "num_prefix_tokens", 1)):]
 
     def embed_features(self, features: torch.Tensor) -> torch.Tensor:
         """(B, r) low-rank image embedding (phase 3's input)."""
@@ -110,7 +203,7 @@ def feature_basis(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 def tail_term(u_batch: torch.Tensor, features: torch.Tensor, v: torch.Tensor, rank: int) -> torch.Tensor:
-    """sum_{j >= rank} diag(U[b]^T F_b V)_j: this batch's share of the truncated nuclear norm (LRFL).
+    """sum_{j >= rank} diag(U[b]^T F_b V)_j: this batch's share of the truncated nuclear norm (medvl's ``tail``).
 
     Args:
         u_batch: rows of the epoch's U for the batch's samples, (B, k).
@@ -120,17 +213,38 @@ def tail_term(u_batch: torch.Tensor, features: torch.Tensor, v: torch.Tensor, ra
     """
     if rank >= v.shape[1]:
         return features.sum() * 0.0
-    projected = features.float() @ v[:, rank:]
-    return (u_batch[:, rank:] * projected).sum()
+    return tail_shares(u_batch[:, rank:], features, v[:, rank:]).sum()
+
+
+def tail_shares(u_tail: torch.Tensor, features: torch.Tensor, v_tail: torch.Tensor) -> torch.Tensor:
+    """(k - rank,) per-direction shares diag(U_tail[b]^T F_b V_tail) of one batch, computed without forming the
+    (k, k) product: column j is sum_i U[i, j] (F_b V_tail)[i, j]."""
+    return (u_tail * (features.float() @ v_tail)).sum(0)
+
+
+def lrfl_term(u_tail: torch.Tensor, features: torch.Tensor, vh_cols_tail: torch.Tensor) -> torch.Tensor:
+    """LRFL's ``trucated_nuclear_loss`` as its code computes it: || diag(U[b]^T F_b Vh)[rank:] ||_1.
+
+    The L1 is taken per batch (absolute value of each direction's batch share), and the product is with ``Vh``
+    (scipy's right factor, rows = singular vectors) as the code writes it, not with ``Vh^T``: ``vh_cols_tail`` is
+    ``Vh[:, rank:]``, which needs the square ``Vh`` of N >= D training features.
+    """
+    return tail_shares(u_tail, features, vh_cols_tail).abs().sum()
 
 
 def seed_term(features: torch.Tensor, rank: int) -> torch.Tensor:
-    """The seed's term: the sum of the batch's top-``rank`` singular values, with no gradient through the SVD."""
+    """The seed's ``torch.sum((U.T @ features) @ V.T)`` with U, V = the batch's top-``rank`` singular vectors.
+
+    The SVD is taken without gradient in the features' float precision as the seed's ``compute_uv`` does; every
+    entry of the (r, r) matrix is summed, so the value is the sum of the top singular values (the off-diagonal
+    entries are zero) while the gradient is the rank-1 (U_r 1)(V_r^T 1)^T, which depends on the SVD's signs.
+    """
     with torch.no_grad():
-        u, _, vh = torch.linalg.svd(features.detach().double(), full_matrices=False)
+        u, _, vh = torch.linalg.svd(features.detach().float(), full_matrices=False)
     r = min(rank, u.shape[1])
-    projected = features.double() @ vh[:r].T
-    return (u[:, :r] * projected).sum().float()
+    u_r, v_r = u[:, :r], vh[:r]
+    # sum_{a,b} (U_r^T F V_r^T)_{ab} = (U_r 1)^T F (V_r^T 1): the same sum without the (r, D) intermediate.
+    return u_r.sum(1) @ features.float() @ v_r.sum(0)
 
 
 # --- phase 3 ------------------------------------------------------------------------------------------------------
@@ -207,14 +321,81 @@ class FusionModel(nn.Module):
         return self.logits_from_embedding(embedding)
 
 
-def build_fusion_model(meta_kwargs: dict[str, Any]) -> FusionModel:
+class AspectAttentionFusion(nn.Module):
+    """MAVL's fusion: every aspect sentence of every disease is a query that cross-attends over the image's patch
+    tokens; the attended outputs of a disease's aspects are concatenated and one head, shared by all diseases, turns
+    them into that disease's logit.
+
+    The attention of aspect slot a is ``softmax_p(exp(t_a) * cos(q, k_p))`` with one learnable temperature per
+    aspect (a location sentence may need a sharp, local look, a texture sentence a broad one). The head sees each
+    output gated by its own query (``out * q``), so it judges "does what this sentence describes appear here"; as
+    it has no per-disease weights, a disease held out of training is scored through its own sentences alone.
+    Slot a means the same aspect for every disease (the descriptions list aspects in one order).
+    """
+
+    def __init__(self, image_model: ImageModel, aspects: torch.Tensor, aspect_mask: torch.Tensor,
+                 dropout: float = 0.3, freeze_image: bool = True, dim: int = HIDDEN_DIM,
+                 init_temperature: float = 0.07):
+        super().__init__()
+        self.image_model = image_model
+        self.freeze_image = freeze_image
+        if freeze_image:
+            image_model.requires_grad_(False)
+        image_model.head.requires_grad_(False)
+        self.register_buffer("aspects", aspects.float().clone())
+        self.register_buffer("aspect_mask", aspect_mask.bool().clone())
+        self.patch_projector = nn.Sequential(nn.LayerNorm(image_model.feature_dim),
+                                             nn.Linear(image_model.feature_dim, dim))
+        self.query_projector = nn.Sequential(nn.Linear(aspects.shape[-1], HIDDEN_DIM), nn.LayerNorm(HIDDEN_DIM),
+                                             nn.ReLU(), nn.Dropout(dropout), nn.Linear(HIDDEN_DIM, dim))
+        self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.aspect_log_scale = nn.Parameter(torch.full((aspects.shape[1],), math.log(1.0 / init_temperature)))
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(aspects.shape[1] * dim, HIDDEN_DIM), nn.ReLU(),
+                                  nn.Linear(HIDDEN_DIM, 1))
+
+    def train(self, mode: bool = True) -> AspectAttentionFusion:
+        super().train(mode)
+        if self.freeze_image:
+            self.image_model.eval()
+        return self
+
+    def attend(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(outputs (B, C, A, d), attention (B, C, A, P), queries (C, A, d)) of patch tokens (B, P, D)."""
+        patches = self.patch_projector(tokens.float())
+        keys = F.normalize(self.key(patches), dim=-1)
+        values = self.value(patches)
+        queries = self.query_projector(self.aspects)
+        scale = self.aspect_log_scale.exp().clamp(max=100.0).view(1, 1, -1, 1)
+        attention = (torch.einsum("cad,bpd->bcap", F.normalize(queries, dim=-1), keys) * scale).softmax(-1)
+        return torch.einsum("bcap,bpd->bcad", attention, values), attention, queries
+
+    def logits_from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        outputs, _, queries = self.attend(tokens)
+        gated = outputs * queries.unsqueeze(0) * self.aspect_mask[None, :, :, None]
+        return self.head(gated.flatten(2)).squeeze(-1)
+
+    def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, C) from images, or from precomputed phase-1 patch tokens (frozen backbone)."""
+        if tokens is None:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_image):
+                tokens = self.image_model.patch_tokens(images)
+        return self.logits_from_tokens(tokens)
+
+
+def build_fusion_model(meta_kwargs: dict[str, Any]) -> nn.Module:
     """Rebuild a phase-3 model from ``model.json`` kwargs (weights and aspect buffers come from the safetensors)."""
     image = build_image_model(**meta_kwargs["image"])
     shape = meta_kwargs["aspects_shape"]
-    return FusionModel(image, torch.zeros(shape), torch.ones(shape[:2], dtype=torch.bool),
-                       aggregation=meta_kwargs["aggregation"], similarity=meta_kwargs["similarity"],
-                       dropout=meta_kwargs["dropout"], freeze_image=meta_kwargs["freeze_image"])
+    aspects, mask = torch.zeros(shape), torch.ones(shape[:2], dtype=torch.bool)
+    if meta_kwargs.get("fusion", "similarity") == "mavl":
+        return AspectAttentionFusion(image, aspects, mask, dropout=meta_kwargs["dropout"],
+                                     freeze_image=meta_kwargs["freeze_image"])
+    return FusionModel(image, aspects, mask, aggregation=meta_kwargs["aggregation"],
+                       similarity=meta_kwargs["similarity"], dropout=meta_kwargs["dropout"],
+                       freeze_image=meta_kwargs["freeze_image"])
 
 
-__all__ = ["BACKBONES", "POOLS", "LRF_VARIANTS", "AGGREGATIONS", "SIMILARITIES", "ImageModel", "FusionModel",
-           "build_backbone", "build_image_model", "build_fusion_model", "feature_basis", "tail_term", "seed_term"]
+__all__ = ["BACKBONES", "POOLS", "LRF_VARIANTS", "AGGREGATIONS", "SIMILARITIES", "FUSIONS", "ImageModel",
+           "FusionModel", "AspectAttentionFusion", "build_backbone", "build_image_model", "build_fusion_model",
+           "feature_basis", "tail_term", "tail_shares", "lrfl_term", "seed_term", "local_backbone_dir",
+           "timm_architecture", "preprocessing_from_backbone"]

@@ -4,12 +4,12 @@ Example:
     python -m mavl_chexpert.predict --run-dir runs/mavl/fusion --input cxr.jpg --out preds/
     python -m mavl_chexpert.predict --run-dir runs/mavl/fusion --input folder/ --out preds/
 
-The image goes through the run's recorded preprocessing (grey, padded to a centred square, resized bilinearly to
-``preprocessing.image_size``, ImageNet statistics; ``mavl_chexpert.data``), and the probabilities are the ones
-``evaluate`` computes (``evaluate.predict_proba``, with its temperature for contrastive runs). Labels use the
-per-finding thresholds chosen on validation. For a fusion run, ``aspect_<finding>`` is the sentence of the packaged
-descriptions (definition or aspect) whose projected text embedding is closest to the image's; it is left empty when
-the run was trained on other descriptions than the packaged ones (their SHA-256 differs). Writes
+The image goes through the run's recorded preprocessing (grey, padded to a centred square, resized to
+``preprocessing.image_size`` with its interpolation, its mean/std; ``mavl_chexpert.data``), and the probabilities
+are the ones ``evaluate`` computes (``evaluate.predict_proba``, with its temperature for contrastive runs). Labels
+use the per-finding thresholds chosen on validation. For a fusion run, ``aspect_<finding>`` is the sentence of the
+packaged descriptions (definition or aspect) whose projected text embedding is closest to the image's; it is left empty
+when the run was trained on other descriptions than the packaged ones (their SHA-256 differs). Writes
 ``OUT/predictions.csv`` + ``.json`` (``file, prob_<finding>, label_<finding>[, aspect_<finding>]``) and per file
 ``OUT/figures/<name>/findings.png`` (probability bars with the thresholds).
 """
@@ -35,8 +35,9 @@ from common.predict import predict_parser, run_predictions
 from common.reader import PICTURE, read_picture
 from common.run_guard import guard_command
 from common.runs import load_run
-from mavl_chexpert.data import ChexpertDataset, label_key
+from mavl_chexpert.data import Preprocessing, label_key, resampling
 from mavl_chexpert.evaluate import _build, predict_proba
+from mavl_chexpert.model import AspectAttentionFusion
 from mavl_chexpert.text import DEFAULT_DESCRIPTIONS, descriptions_hash, load_descriptions
 
 
@@ -68,7 +69,8 @@ class ChexpertPredictor:
         self.model, self.meta = run.model, run.meta
         self.labels = list(self.meta["labels"])
         self.keys = [label_key(n) for n in self.labels]
-        self.size = int(self.meta["preprocessing"]["image_size"])
+        self.preprocessing = Preprocessing.from_record(self.meta["preprocessing"])
+        self.size = self.preprocessing.image_size
         self.thresholds = [float(self.meta["thresholds"].get(k, 0.5)) for k in self.keys]
         self.temperature = 0.2 if self.meta.get("loss") == "contrastive" else 1.0
         self.sentences = None
@@ -79,13 +81,19 @@ class ChexpertPredictor:
 
     @torch.no_grad()
     def best_aspects(self, image: np.ndarray) -> list[str]:
-        """Per finding, the description sentence whose projected embedding is closest to the image's."""
+        """Per finding, the description sentence whose projected embedding is closest to the image's (``mavl``
+        fusion: closest to what that sentence's query attended to in the image)."""
         model = self.model
-        batch = ChexpertDataset(image[None], np.zeros((1, 1), np.float32), np.ones((1, 1), bool))[0]["image"][None]
-        embedding = model.image_model.embed(batch.to(self.device))
-        image_vec = F.normalize(model.image_projector(embedding), dim=-1)[0]
-        text = F.normalize(model.text_projector(model.aspects), dim=-1)
-        cosine = torch.einsum("d,cad->ca", image_vec, text).masked_fill(~model.aspect_mask, float("-inf"))
+        batch = self.preprocessing.dataset(image[None])[0]["image"][None]
+        if isinstance(model, AspectAttentionFusion):
+            outputs, _, queries = model.attend(model.image_model.patch_tokens(batch.to(self.device)))
+            cosine = F.cosine_similarity(outputs[0], queries, dim=-1)
+        else:
+            embedding = model.image_model.embed(batch.to(self.device))
+            image_vec = F.normalize(model.image_projector(embedding), dim=-1)[0]
+            text = F.normalize(model.text_projector(model.aspects), dim=-1)
+            cosine = torch.einsum("d,cad->ca", image_vec, text)
+        cosine = cosine.masked_fill(~model.aspect_mask, float("-inf"))
         best = cosine.argmax(-1).cpu().tolist()
         return [self.sentences[c][a] if a < len(self.sentences[c]) else "" for c, a in enumerate(best)]
 
@@ -93,8 +101,8 @@ class ChexpertPredictor:
         grey = read_picture(path, "grey")
         if grey.min() == grey.max():
             raise DataError(path, f"image is blank (every pixel is {grey.min()})")
-        image = np.array(square_resize(Image.fromarray(grey), self.size, Image.Resampling.BILINEAR))
-        probs = predict_proba(self.model, image[None], self.device, 1, self.temperature)[0]
+        image = np.array(square_resize(Image.fromarray(grey), self.size, resampling(self.preprocessing.interpolation)))
+        probs = predict_proba(self.model, image[None], self.device, 1, self.temperature, self.preprocessing)[0]
         row: dict[str, Any] = {}
         for key, prob, threshold in zip(self.keys, probs, self.thresholds):
             row[f"prob_{key}"] = float(prob)

@@ -5,7 +5,8 @@
 ``descriptions.json`` (ours, written for medvl) holds, for each of the 14 CheXpert observations, a one-line
 definition and eight aspect sentences (opacity, shape, location, border, texture, fluid, patterns, other), as MAVL
 decomposes a disease into visual aspects. Every sentence is embedded on its own (MAVL: [CLS] of Bio_ClinicalBERT
-per sentence) rather than the seed's one embedding of all sentences concatenated. Embeddings are cached as
+per sentence) rather than the seed's one embedding of all sentences concatenated; the pooling is the weights'
+(``--text-pooling`` overrides it, and fusion runs record it in ``model.json``). Embeddings are cached as
 ``text_embeddings.safetensors`` with the encoder name and a hash of the descriptions, so a changed description or
 encoder re-embeds and an unchanged one does not.
 """
@@ -27,12 +28,13 @@ from common.checkpoint import atomic_write_bytes
 from common.cli import MedvlArgumentParser, base_parser, parse_args, require
 from common.errors import DataError, cli_entry
 from common.run_guard import guard_command
-from common.text_encoders import load_text_encoder, text_presets
+from common.text_encoders import load_text_encoder, text_presets, weights_pooling
 
 log = logging.getLogger("medvl.mavl_chexpert")
 
 DEFAULT_DESCRIPTIONS = Path(__file__).with_name("descriptions.json")
 CACHE_FILE = "text_embeddings.safetensors"
+TEXT_POOLINGS = ("cls", "mean")
 
 
 def load_descriptions(path: Path, diseases: Sequence[str]) -> dict[str, list[str]]:
@@ -90,21 +92,26 @@ def _pack(sentences: dict[str, list[str]], vectors: torch.Tensor) -> tuple[torch
 
 
 def write_cache(directory: Path, aspects: torch.Tensor, mask: torch.Tensor, encoder_name: str,
-                sentences: dict[str, list[str]]) -> Path:
+                sentences: dict[str, list[str]], pooling: str | None = None) -> Path:
+    pooling = weights_pooling(encoder_name, pooling)
     data = save({"aspects": aspects.contiguous(), "mask": mask.to(torch.uint8)},
                 metadata={"encoder": encoder_name, "descriptions_sha256": descriptions_hash(sentences),
-                          "diseases": json.dumps(list(sentences))})
+                          "diseases": json.dumps(list(sentences)), "pooling": pooling})
     return atomic_write_bytes(Path(directory) / CACHE_FILE, data)
 
 
 def embed_descriptions(sentences: dict[str, list[str]], encoder_name: str, cache_dir: Path | None = None,
-                       hub_cache: Path | None = None, write: bool = True) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(aspects (C, A, D), mask (C, A), reused): from ``cache_dir``'s cache when encoder and text match.
+                       hub_cache: Path | None = None, write: bool = True,
+                       pooling: str | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(aspects (C, A, D), mask (C, A), reused): from ``cache_dir``'s cache when encoder, pooling and text match.
+
+    ``pooling`` overrides the weights' own (``common.text_encoders.weights_pooling`` says which that is).
 
     With ``write``, fresh embeddings are cached in ``cache_dir``; a training script passes ``write=False`` and
     writes the cache itself once the run directory has been validated.
     """
     digest = descriptions_hash(sentences)
+    pooling = weights_pooling(encoder_name, pooling)
     cache = Path(cache_dir) / CACHE_FILE if cache_dir is not None else None
     if cache is not None and cache.is_file():
         try:
@@ -112,19 +119,27 @@ def embed_descriptions(sentences: dict[str, list[str]], encoder_name: str, cache
 
             with safe_open(str(cache), "pt") as handle:
                 meta = handle.metadata() or {}
-            if meta.get("encoder") == encoder_name and meta.get("descriptions_sha256") == digest:
+            if (meta.get("encoder") == encoder_name and meta.get("descriptions_sha256") == digest
+                    and meta.get("pooling") == pooling):
                 tensors = load_file(str(cache))
                 return tensors["aspects"], tensors["mask"].bool(), True
-            log.info("%s: encoder or descriptions changed; embedding again", cache)
+            log.info("%s: encoder, pooling or descriptions changed; embedding again", cache)
         except (SafetensorError, OSError, KeyError) as err:
             log.warning("%s: unreadable cache (%s); embedding again", cache, err)
-    encoder = load_text_encoder(encoder_name, cache_dir=hub_cache)
+    encoder = load_text_encoder(encoder_name, cache_dir=hub_cache, pooling=pooling)
     flat = [s for group in sentences.values() for s in group]
     vectors = encoder.encode(flat)
     aspects, mask = _pack(sentences, vectors)
     if cache_dir is not None and write:
-        write_cache(cache_dir, aspects, mask, encoder_name, sentences)
+        write_cache(cache_dir, aspects, mask, encoder_name, sentences, pooling)
     return aspects, mask, False
+
+
+def add_text_pooling_arg(parser) -> None:
+    """``--text-pooling``: how sentence embeddings pool the encoder's token states (a property of the weights)."""
+    parser.add_argument("--text-pooling", choices=TEXT_POOLINGS, default=None,
+                        help="[CLS] state or mean of token states; default: what the weights were made for (the "
+                             "preset's, or a local folder's sentence-transformers config / hub-cache preset)")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -136,6 +151,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--descriptions", type=Path, default=DEFAULT_DESCRIPTIONS,
                         help="JSON {disease: {definition, aspects: {name: sentence}}}")
     parser.add_argument("--labels", default="all", help="competition, all, or comma-separated observation names")
+    add_text_pooling_arg(parser)
     return parser
 
 
@@ -147,9 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     guard_command(args, writes=("output_dir",), reads=("descriptions", "cache_dir"), lock="output_dir", create=True)
     require(args, output_dir="where text_embeddings.safetensors is written")
     sentences = load_descriptions(args.descriptions, resolve_labels(args.labels))
-    aspects, mask, reused = embed_descriptions(sentences, args.text_encoder, args.output_dir, args.cache_dir)
+    aspects, mask, reused = embed_descriptions(sentences, args.text_encoder, args.output_dir, args.cache_dir,
+                                               pooling=args.text_pooling)
+    pooling = weights_pooling(args.text_encoder, args.text_pooling)
     print(f"{'reused' if reused else 'wrote'} {Path(args.output_dir) / CACHE_FILE}: {aspects.shape[0]} diseases, "
-          f"{int(mask.sum())} sentences, {aspects.shape[-1]}-d ({args.text_encoder})")
+          f"{int(mask.sum())} sentences, {aspects.shape[-1]}-d ({args.text_encoder}, {pooling} pooling)")
     return 0
 
 
@@ -157,5 +175,5 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["DEFAULT_DESCRIPTIONS", "CACHE_FILE", "load_descriptions", "descriptions_hash", "embed_descriptions",
-           "write_cache"]
+__all__ = ["DEFAULT_DESCRIPTIONS", "CACHE_FILE", "TEXT_POOLINGS", "add_text_pooling_arg", "load_descriptions",
+           "descriptions_hash", "embed_descriptions", "write_cache"]

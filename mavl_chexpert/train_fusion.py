@@ -10,8 +10,14 @@ training and validation images are computed once and phase 3 trains on them in s
 trains through the ViT instead. The logit of disease c is ``exp(t) * agg_a cos(img, aspect_ca) + b`` with a
 learnable temperature t and bias b (``--similarity seed``: the raw cosine, as the seed). ``--loss contrastive``
 is the seed's variant: softmax over diseases at temperature 0.2 with one positive label drawn per image.
-``--holdout-classes`` leaves diseases out of the loss (and of model selection): their scores come from their
-descriptions alone, so ``evaluate`` reports zero-shot AUROCs for them.
+``--fusion mavl`` is MAVL's own fusion instead: each aspect sentence cross-attends over phase 1's patch tokens
+(one temperature per aspect) and a head shared by all diseases reads the concatenated aspect outputs
+(``model.AspectAttentionFusion``).
+
+Held-out diseases come from the image run (``train_image --holdout-classes``): phase 1 never trained on them,
+and here their columns are unobserved (no loss, no model selection, no threshold); their scores come from their
+descriptions alone, so ``evaluate`` reports them as unseen. ``--holdout-classes`` may repeat the image run's
+set; naming another set is refused (a disease phase 1 trained on cannot be zero-shot).
 """
 
 from __future__ import annotations
@@ -33,20 +39,34 @@ from common.errors import ConfigError, DataError, cli_entry
 from common.run_guard import guard_command
 from common.runs import load_run, model_record, save_run_model
 from common.splits import load_split_csv, split_csv_text
-from common.text_encoders import text_presets
-from mavl_chexpert.common_args import THRESHOLD_RULES, choose_thresholds, data_record, masked_bce, split_metrics
+from common.text_encoders import text_presets, weights_pooling
+from mavl_chexpert.common_args import (
+    THRESHOLD_RULES,
+    choose_thresholds,
+    data_record,
+    hide_holdout,
+    masked_bce,
+    parse_holdout,
+    split_metrics,
+)
 from mavl_chexpert.data import (
-    ChexpertDataset,
+    Preprocessing,
     check_trainable,
-    decode_images,
     find_root,
     label_key,
     load_table,
-    resolve_labels,
 )
-from mavl_chexpert.model import AGGREGATIONS, SIMILARITIES, FusionModel, build_image_model
+from mavl_chexpert.model import (
+    AGGREGATIONS,
+    FUSIONS,
+    SIMILARITIES,
+    AspectAttentionFusion,
+    FusionModel,
+    build_image_model,
+)
 from mavl_chexpert.text import (
     DEFAULT_DESCRIPTIONS,
+    add_text_pooling_arg,
     descriptions_hash,
     embed_descriptions,
     load_descriptions,
@@ -72,6 +92,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help=f"preset ({', '.join(text_presets())}) or a local Hugging Face directory")
     text.add_argument("--descriptions", type=Path, default=DEFAULT_DESCRIPTIONS,
                       help="JSON {disease: {definition, aspects: {name: sentence}}}")
+    add_text_pooling_arg(text)
     model = parser.add_argument_group("fusion")
     model.add_argument("--aggregation", choices=AGGREGATIONS, default="mean",
                        help="combine a disease's aspect similarities by their mean or by attention")
@@ -81,8 +102,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="bce: per-class binary cross-entropy; contrastive: image-description contrastive loss")
     model.add_argument("--dropout", type=nonnegative_float, default=0.3, help="dropout on the fused features")
     model.add_argument("--finetune-backbone", action="store_true", help="train the phase-1 model too")
-    model.add_argument("--holdout-classes", default="",
-                       help="comma-separated diseases left out of training (scored zero-shot from descriptions)")
+    model.add_argument("--holdout-classes", default=None,
+                       help="the image run's held-out diseases (default: the same); they reach no loss and are "
+                            "scored from their descriptions alone")
+    model.add_argument("--fusion", choices=FUSIONS, default="similarity",
+                       help="similarity: cosine of the r-d image embedding with each aspect sentence; mavl: aspect "
+                            "queries cross-attend over the patch tokens, one shared head per disease")
     parser.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default="f1",
                         help="per-class decision thresholds chosen on validation")
     add_train_args(parser, epochs=60, batch_size=64, lr=5e-4, weight_decay=1e-4, monitor="val_auroc_macro",
@@ -93,19 +118,22 @@ def get_args_parser() -> argparse.ArgumentParser:
 class EmbeddingDataset(Dataset):
     """Frozen phase-1 embeddings with targets and masks (what phase 3 trains on when the backbone is frozen)."""
 
-    def __init__(self, embeddings: torch.Tensor, targets: np.ndarray, mask: np.ndarray):
+    def __init__(self, embeddings: torch.Tensor, targets: np.ndarray, mask: np.ndarray, key: str = "embedding"):
         self.embeddings, self.targets, self.mask = embeddings, torch.from_numpy(targets), torch.from_numpy(mask)
+        self.key = key
 
     def __len__(self) -> int:
         return len(self.embeddings)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"embedding": self.embeddings[i], "target": self.targets[i], "mask": self.mask[i]}
+        return {self.key: self.embeddings[i].float(), "target": self.targets[i], "mask": self.mask[i]}
 
 
 def _logits(model, batch) -> torch.Tensor:
     if "embedding" in batch:
         return model(embedding=batch["embedding"])
+    if "tokens" in batch:
+        return model(tokens=batch["tokens"])
     return model(batch["image"])
 
 
@@ -118,9 +146,7 @@ class FusionTask:
         self.trained = torch.from_numpy(trained)
         self.val_targets, self.val_mask = val_targets, val_mask
         self.seen = [n for n, t in zip(labels, trained) if t]
-        self.metric_names = ("auroc_macro", "f1_macro", "loss", *(f"auroc_{label_key(n)}" for n in labels))
-        if not trained.all():
-            self.metric_names += ("auroc_macro_unseen",)
+        self.metric_names = ("auroc_macro", "f1_macro", "loss", *(f"auroc_{label_key(n)}" for n in self.seen))
         self.last_probs: np.ndarray | None = None
 
     def training_loss(self, model, batch) -> torch.Tensor:
@@ -144,47 +170,55 @@ class FusionTask:
         seen = self.trained.numpy()
         metrics = split_metrics(self.val_targets[:, seen], probs[:, seen], self.val_mask[:, seen],
                                 tuple(self.seen), 0.5)
-        everything = split_metrics(self.val_targets, probs, self.val_mask, self.labels, 0.5)
-        metrics.update({k: v for k, v in everything.items() if k.startswith("auroc_") and k not in metrics})
-        if not seen.all():
-            unseen = [everything[f"auroc_{label_key(n)}"] for n, t in zip(self.labels, seen) if not t]
-            metrics["auroc_macro_unseen"] = float(np.nanmean(unseen)) if np.isfinite(unseen).any() else float("nan")
         metrics["loss"] = masked_bce(logits, torch.from_numpy(self.val_targets), torch.from_numpy(self.val_mask),
                                      self.trained).item()
         return metrics
 
     def save_best(self, model, metrics, directory: Path) -> None:
-        thresholds = choose_thresholds(self.val_targets, self.last_probs, self.val_mask, self.labels,
-                                       self.threshold_rule)
+        seen = self.trained.numpy()
+        thresholds = choose_thresholds(self.val_targets[:, seen], self.last_probs[:, seen], self.val_mask[:, seen],
+                                       tuple(self.seen), self.threshold_rule)
+        # A held-out disease has no validation labels to tune on: 0.5, and only its AUROC is reported.
+        thresholds.update({label_key(n): 0.5 for n, t in zip(self.labels, seen) if not t})
         record = model_record(**self.meta, thresholds=thresholds, val_metrics=metrics,
                               threshold_rule=self.threshold_rule)
         save_run_model(directory, model, record)
 
 
 @torch.no_grad()
-def embed_images(image_model, images: np.ndarray, device: torch.device, batch_size: int = 128) -> torch.Tensor:
-    """Phase-1 embeddings (eval mode, no augmentation) of uint8 images, on the CPU."""
+def embed_images(image_model, images: np.ndarray, device: torch.device, batch_size: int = 128,
+                 preprocessing: Preprocessing | None = None) -> torch.Tensor:
+    """Phase-1 embeddings (eval mode, no augmentation) of uint8 images, on the CPU, normalised as phase 1 was."""
     image_model.eval().to(device)
-    dataset = ChexpertDataset(images, np.zeros((len(images), 1), np.float32), np.ones((len(images), 1), bool))
+    dataset = (preprocessing or Preprocessing(int(images.shape[-1]))).dataset(images)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     return torch.cat([image_model.embed(batch["image"].to(device)).float().cpu() for batch in loader])
 
 
-def parse_holdout(spec: str, labels: tuple[str, ...]) -> np.ndarray:
-    """Boolean mask of trained diseases; naming every disease (or an unknown one) is refused."""
-    if not spec.strip():
-        return np.ones(len(labels), dtype=bool)
-    try:
-        held = resolve_labels(spec)
-    except ConfigError as err:
-        raise ConfigError("--holdout-classes", err.message) from err
-    outside = [n for n in held if n not in labels]
-    if outside:
-        raise ConfigError("--holdout-classes", f"{', '.join(outside)} not among the trained labels "
-                                               f"({', '.join(labels)})")
-    trained = np.array([n not in held for n in labels])
-    if not trained.any():
-        raise ConfigError("--holdout-classes", "holds out every class; at least one must be trained")
+@torch.no_grad()
+def patch_tokens(image_model, images: np.ndarray, device: torch.device, batch_size: int = 128,
+                 preprocessing: Preprocessing | None = None) -> torch.Tensor:
+    """Phase-1 patch tokens (eval mode, no augmentation) of uint8 images, on the CPU in half precision."""
+    image_model.eval().to(device)
+    dataset = (preprocessing or Preprocessing(int(images.shape[-1]))).dataset(images)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    return torch.cat([image_model.patch_tokens(batch["image"].to(device)).half().cpu() for batch in loader])
+
+
+def resolve_holdout(spec: str | None, labels: tuple[str, ...], image_holdout: list[str]) -> np.ndarray:
+    """The trained mask: the image run's held-out diseases, which ``spec`` (when given) must name exactly."""
+    image_trained = np.array([n not in image_holdout for n in labels])
+    if spec is None:
+        return image_trained
+    trained = parse_holdout(spec, labels)
+    seen_by_phase1 = [n for n, t, t1 in zip(labels, trained, image_trained) if not t and t1]
+    if seen_by_phase1:
+        raise ConfigError("--holdout-classes", f"{', '.join(seen_by_phase1)} trained phase 1 (--image-run), so it "
+                                               "cannot be zero-shot here; hold it out in train_image too")
+    missing = [n for n, t, t1 in zip(labels, trained, image_trained) if t and not t1]
+    if missing:
+        raise ConfigError("--holdout-classes", f"the image run held out {', '.join(missing)}; the fusion must "
+                                               "hold it out as well (leave the flag out to inherit)")
     return trained
 
 
@@ -197,9 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = check_run_setup(config_from_args(args), args.output_dir)
     image_run = load_run(args.image_run, "mavl_chexpert", lambda m: build_image_model(**m["kwargs"]), stage="image")
     meta_in = image_run.meta
-    labels = tuple(meta_in["labels"])
-    trained = parse_holdout(args.holdout_classes, labels)
     settings = dict(meta_in["data"])
+    labels = tuple(settings.get("labels") or meta_in["labels"])
+    trained = resolve_holdout(args.holdout_classes, labels, list(meta_in.get("holdout_classes") or []))
     root = find_root(args.data_root or Path(settings["root"]))
     sentences = load_descriptions(args.descriptions, labels)
     split = load_split_csv(Path(args.image_run) / "split.csv")
@@ -208,32 +242,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     in_split = np.array([p in where for p in table.rel_paths])
     if not in_split.any():
         raise DataError(Path(args.image_run) / "split.csv", f"names none of the images of {table.csv}")
-    table = table.take(np.flatnonzero(in_split))
+    table = hide_holdout(table.take(np.flatnonzero(in_split)), trained)
     assignments = np.array([where[p] for p in table.rel_paths])
-    image_size = int(meta_in["preprocessing"]["image_size"])
-    images, kept = decode_images(table, image_size, args.skip_bad)
+    preprocessing = Preprocessing.from_record(meta_in["preprocessing"])
+    images, kept = preprocessing.decode(table, args.skip_bad)
     table, assignments = table.take(kept), assignments[kept]
     train_idx, val_idx = np.flatnonzero(assignments == "train"), np.flatnonzero(assignments == "val")
     check_trainable(table.take(train_idx), settings["uncertain"], "train-split ", trained)
 
     aspects, aspect_mask, reused = embed_descriptions(sentences, args.text_encoder,
                                                       args.output_dir if args.resume else None, args.cache_dir,
-                                                      write=False)
+                                                      write=False, pooling=args.text_pooling)
     torch.manual_seed(args.seed)
-    model = FusionModel(image_run.model, aspects, aspect_mask, aggregation=args.aggregation,
-                        similarity=args.similarity, dropout=args.dropout, freeze_image=not args.finetune_backbone)
-    if args.finetune_backbone:
-        train_set = ChexpertDataset(images[train_idx], table.targets[train_idx], table.mask[train_idx], augment=True)
-        val_set = ChexpertDataset(images[val_idx], table.targets[val_idx], table.mask[val_idx])
+    if args.fusion == "mavl":
+        model = AspectAttentionFusion(image_run.model, aspects, aspect_mask, dropout=args.dropout,
+                                      freeze_image=not args.finetune_backbone)
     else:
-        embeddings = embed_images(image_run.model, images, device)
-        train_set = EmbeddingDataset(embeddings[train_idx], table.targets[train_idx], table.mask[train_idx])
-        val_set = EmbeddingDataset(embeddings[val_idx], table.targets[val_idx], table.mask[val_idx])
+        model = FusionModel(image_run.model, aspects, aspect_mask, aggregation=args.aggregation,
+                            similarity=args.similarity, dropout=args.dropout, freeze_image=not args.finetune_backbone)
+    if args.finetune_backbone:
+        train_set = preprocessing.dataset(images[train_idx], table.targets[train_idx], table.mask[train_idx],
+                                          augment=True)
+        val_set = preprocessing.dataset(images[val_idx], table.targets[val_idx], table.mask[val_idx])
+    else:
+        key = "tokens" if args.fusion == "mavl" else "embedding"
+        cache = patch_tokens if args.fusion == "mavl" else embed_images
+        cached = cache(image_run.model, images, device, preprocessing=preprocessing)
+        train_set = EmbeddingDataset(cached[train_idx], table.targets[train_idx], table.mask[train_idx], key)
+        val_set = EmbeddingDataset(cached[val_idx], table.targets[val_idx], table.mask[val_idx], key)
     text_record = {"encoder": args.text_encoder, "descriptions_sha256": descriptions_hash(sentences),
+                   "pooling": weights_pooling(args.text_encoder, args.text_pooling),
                    "sentences": {label_key(k): len(v) for k, v in sentences.items()}}
     holdout = [n for n, t in zip(labels, trained) if not t]
     meta = {"pipeline": "mavl_chexpert", "stage": "fusion", "preset": meta_in["preset"],
-            "kwargs": {"image": meta_in["kwargs"], "aspects_shape": list(aspects.shape),
+            "kwargs": {"image": meta_in["kwargs"], "aspects_shape": list(aspects.shape), "fusion": args.fusion,
                        "aggregation": args.aggregation, "similarity": args.similarity, "dropout": args.dropout,
                        "freeze_image": not args.finetune_backbone},
             "labels": list(labels), "preprocessing": meta_in["preprocessing"],
@@ -251,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = fit(model, optimizer, train_set, val_set, task, config_from_args(args), args.output_dir,
                  run_files=run_files)
     if not reused:
-        write_cache(args.output_dir, aspects, aspect_mask, args.text_encoder, sentences)
+        write_cache(args.output_dir, aspects, aspect_mask, args.text_encoder, sentences, args.text_pooling)
     print(result.summary(args.monitor, args.output_dir))
     return 0
 

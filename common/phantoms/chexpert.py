@@ -1,4 +1,4 @@
-"""CheXpert-v1.0-small phantom: radiographs whose five competition findings each have their own visual signature.
+"""CheXpert-v1.0-small phantom whose findings are combinations of shared visual aspects, in studies of several views.
 
     python -m common.phantoms cxr --format chexpert --out data/chexpert_phantom --n 500 --seed 0
 
@@ -6,29 +6,30 @@ Layout written (as the Kaggle copy of CheXpert-v1.0-small)::
 
     train.csv    Path, Sex, Age, Frontal/Lateral, AP/PA + the 14 observations (1.0, 0.0, -1.0 or blank)
     valid.csv    the same columns, other patients, labels 0/1 only (as the radiologist-consensus validation set)
-    train/patient00001/study1/view1_frontal.jpg   8-bit grey JPGs; some studies add view2_lateral.jpg
-    valid/patient64541/study1/view1_frontal.jpg
-    phantom_truth.csv   per image: the strength of each drawn signature (phantom only)
+    train/patient00001/study1/view1_frontal.jpg   8-bit grey JPGs; a study may add view2_frontal.jpg and a
+    valid/patient64541/study1/view1_frontal.jpg   lateral view (viewN_lateral.jpg); every view of a study shows
+                                                  the same findings and carries the same labels
+    descriptions.json   each finding's aspects in words: {finding: {definition, aspects: {aspect: sentence}}}
+    phantom_truth.csv   per image: the strength of each drawn finding (phantom only)
 
 ``Path`` values start with ``CheXpert-v1.0-small/`` as in the real CSVs, whatever ``--out`` is called.
 
-Signatures on ``common.phantoms.cxr.radiograph`` (the patient's left is the image's right):
-    Cardiomegaly        a wide heart (cardiothoracic ratio above one half)
-    Pleural Effusion    fluid at a lung base whose upper edge rises laterally (a meniscus), blunting the angle
-    Edema               bilateral perihilar haze fading towards the periphery ("bat wing")
-    Consolidation       a dense, homogeneous opacity filling one lung zone, with dark air bronchograms
-    Atelectasis         a plate-like band opacity and volume loss (an elevated hemidiaphragm) in one lung
+Every one of the five competition findings is drawn by one renderer from six aspect values (``FINDINGS``):
+location (upper or lower lung zone), opacity (dense or faint), pattern (round patch or thin horizontal band),
+border (sharp or blurred), extent (one lung or both) and fluid (a basal fluid meniscus or none). Each value is
+shared by at least two findings and every finding differs from every other in at least two aspects, so a finding
+left out of training can still be recognised from the sentences of its aspects, each of which describes values
+seen on other findings. ``descriptions.json`` states exactly the drawn values, one fixed sentence per value.
 
-Several findings occur together (cardiomegaly raises the chance of edema and effusion). A label of -1 (uncertain)
-means the signature is drawn faintly; a blank means the finding was not mentioned (no signature). The other nine
-columns are filled plausibly (No Finding when nothing is present, Lung Opacity with any parenchymal finding,
-Enlarged Cardiomediastinum with some cardiomegaly, Support Devices drawn as a line-like tube); only the five
-competition findings are meant to be learned.
+A label of -1 (uncertain) means the finding is drawn faintly; a blank means the finding was not mentioned (no
+drawing). The other nine columns are filled plausibly (No Finding when nothing is present, Lung Opacity with any
+parenchymal finding, Support Devices drawn as a line-like tube); only the five competition findings are drawn.
 """
 
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ import pandas as pd
 from PIL import Image
 from scipy import ndimage
 
-from common.phantoms.cxr import _ellipse, lung_zone_mask, radiograph
+from common.phantoms.cxr import _ellipse, radiograph
 from common.rundir import atomic_write_bytes, atomic_write_text
 
 DEFAULT_N = 500
@@ -51,94 +52,98 @@ OBSERVATIONS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lun
 COMPETITION = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 META_COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA")
 
-_PREVALENCE = {"Atelectasis": 0.28, "Cardiomegaly": 0.25, "Consolidation": 0.22, "Edema": 0.25,
-               "Pleural Effusion": 0.28}
+ASPECT_SENTENCES: dict[str, dict[str, str]] = {
+    "location": {"upper": "The opacity lies in the upper zone of the lung, below the apex.",
+                 "lower": "The opacity lies in the lower zone of the lung, just above the diaphragm."},
+    "opacity": {"dense": "It is dense and bright, as white as soft tissue.",
+                "faint": "It is faint and hazy, a ground glass density through which the lung still shows."},
+    "pattern": {"round": "It forms a rounded patch.",
+                "linear": "It forms a thin horizontal line, a flat band across the lung."},
+    "border": {"sharp": "Its borders are sharp and well defined.",
+               "blurred": "Its borders are blurred and fade gradually into the surrounding lung."},
+    "extent": {"one lung": "Only one lung is involved.",
+               "both lungs": "Both lungs are involved, symmetrically."},
+    "fluid": {"fluid": "Fluid layers at the lung base with a meniscus, blunting the costophrenic angle.",
+              "none": "There is no fluid; the costophrenic angles stay sharp."},
+}
+"""One sentence per aspect value: a finding's description is the sentences of its values."""
+
+FINDINGS: dict[str, dict[str, str]] = {
+    "Atelectasis": {"location": "lower", "opacity": "dense", "pattern": "linear", "border": "sharp",
+                    "extent": "one lung", "fluid": "none"},
+    "Cardiomegaly": {"location": "lower", "opacity": "dense", "pattern": "round", "border": "sharp",
+                     "extent": "both lungs", "fluid": "none"},
+    "Consolidation": {"location": "upper", "opacity": "dense", "pattern": "round", "border": "blurred",
+                      "extent": "one lung", "fluid": "none"},
+    "Edema": {"location": "upper", "opacity": "faint", "pattern": "round", "border": "blurred",
+              "extent": "both lungs", "fluid": "fluid"},
+    "Pleural Effusion": {"location": "lower", "opacity": "faint", "pattern": "linear", "border": "sharp",
+                         "extent": "one lung", "fluid": "fluid"},
+}
+"""Each competition finding as a combination of aspect values (every value is shared with another finding)."""
+
+_PREVALENCE = {"Atelectasis": 0.25, "Cardiomegaly": 0.25, "Consolidation": 0.25, "Edema": 0.25,
+               "Pleural Effusion": 0.25}
 _UNCERTAIN = 0.1
 """Share of training findings whose label is -1 (drawn faintly)."""
-_LATERAL_FRACTION = 0.15
+_SECOND_FRONTAL = 0.2
+"""Share of studies with a second frontal view."""
+_LATERAL_FRACTION = 0.4
+"""Share of studies with a lateral view."""
 _EXPLICIT_NEGATIVE = 0.3
 """Share of absent findings written as 0.0 rather than left blank."""
+_DENSITY = {"dense": 0.4, "faint": 0.18}
+_FLUID_DENSITY = 0.3
 
 
-def _cardiomegaly(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+def describe(finding: str) -> dict:
+    """``{definition, aspects}`` of one finding: the sentences of its aspect values (``descriptions.json``)."""
+    values = FINDINGS[finding]
+    definition = (f"A {values['opacity']} {values['pattern']} opacity in the {values['location']} zone of "
+                  f"{'one lung' if values['extent'] == 'one lung' else 'both lungs'}, with {values['border']} "
+                  f"borders and {'a basal fluid meniscus' if values['fluid'] == 'fluid' else 'no fluid'}.")
+    return {"definition": definition, "aspects": {a: ASPECT_SENTENCES[a][v] for a, v in values.items()}}
+
+
+def _lesion(image: np.ndarray, lung: np.ndarray, values: dict[str, str], strength: float, centre_jitter: tuple,
+            rng: np.random.Generator) -> np.ndarray:
+    """One lung's share of a finding: a patch or band in the named zone, dense or faint, sharp or blurred."""
     size = image.shape[0]
-    width = 0.15 + 0.09 * strength + rng.normal(0, 0.006)
-    heart = _ellipse(size, 0.63 + rng.normal(0, 0.01), 0.55 + rng.normal(0, 0.01), 0.15 + 0.03 * strength, width)
-    out = image.copy()
-    out[heart] = np.maximum(out[heart], 0.66 + rng.normal(0, 0.02))
-    return out
-
-
-def _effusion(image: np.ndarray, lungs: dict[str, np.ndarray], strength: float, rng: np.random.Generator):
-    size = image.shape[0]
-    out = image.copy()
-    sides = [s for s in ("left", "right") if rng.uniform() < 0.6] or [str(rng.choice(["left", "right"]))]
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    for side in sides:
-        lung = lungs[side]
-        rows = np.flatnonzero(lung.any(axis=1))
-        cols = np.flatnonzero(lung.any(axis=0))
-        bottom, height = rows.max() / size, (rows.max() - rows.min()) / size
-        lateral_x = cols.min() / size if side == "right" else cols.max() / size
-        depth = height * (0.12 + 0.22 * strength) * rng.uniform(0.85, 1.15)
-        # The fluid's upper edge climbs towards the lateral chest wall (the meniscus sign).
-        rise = 0.9 * depth * np.clip(1 - np.abs(xx - lateral_x) / 0.15, 0, 1) ** 2
-        fluid = lung & (yy >= bottom - depth - rise)
-        out = out + np.where(fluid, 0.34 * (0.45 + 0.55 * strength), 0.0).astype(np.float32)
-    return np.clip(ndimage.gaussian_filter(out, sigma=size / 256), 0, 1)
-
-
-def _edema(image: np.ndarray, lungs: dict[str, np.ndarray], strength: float, rng: np.random.Generator):
-    size = image.shape[0]
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    haze = np.zeros_like(image)
-    for cx in (0.39, 0.61):
-        cy = 0.5 + rng.normal(0, 0.015)
-        haze += np.exp(-(((yy - cy) / 0.13) ** 2 + ((xx - cx) / 0.09) ** 2))
-    texture = ndimage.gaussian_filter(rng.normal(0, 1, image.shape), sigma=size / 64)
-    haze *= 1 + 0.3 * texture / (np.abs(texture).max() + 1e-6)
-    lung_any = lungs["left"] | lungs["right"]
-    haze = ndimage.gaussian_filter(haze * lung_any, sigma=size / 80)
-    return np.clip(image + (0.1 + 0.18 * strength) * haze.astype(np.float32), 0, 1)
-
-
-def _consolidation(image: np.ndarray, lungs: dict[str, np.ndarray], strength: float, rng: np.random.Generator):
-    size = image.shape[0]
-    side = str(rng.choice(["left", "right"]))
-    zone = str(rng.choice(["upper", "middle", "lower"], p=[0.4, 0.35, 0.25]))
-    region = lung_zone_mask(lungs[side], zone).astype(np.float32)
-    region = ndimage.gaussian_filter(region, sigma=size / 70)
-    bronchi = np.zeros_like(image)
-    coords = np.argwhere(region > 0.5)
-    for _ in range(3 if len(coords) else 0):
-        y0, x0 = coords[rng.integers(len(coords))]
-        angle = rng.uniform(-0.6, 0.6) + np.pi / 2
-        for t in np.linspace(0, size * 0.08, 12):
-            y, x = int(y0 + t * np.sin(angle)), int(x0 + t * np.cos(angle) * 0.5)
-            if 0 <= y < size and 0 <= x < size:
-                bronchi[y, x] = 1.0
-    bronchi = ndimage.gaussian_filter(bronchi, sigma=size / 200) * region
-    density = (0.26 + 0.24 * strength) * region - 0.12 * strength * bronchi / (bronchi.max() + 1e-6)
-    return np.clip(image + density.astype(np.float32), 0, 1)
-
-
-def _atelectasis(image: np.ndarray, lungs: dict[str, np.ndarray], strength: float, rng: np.random.Generator):
-    size = image.shape[0]
-    side = str(rng.choice(["left", "right"]))
-    lung = lungs[side]
     rows = np.flatnonzero(lung.any(axis=1))
     cols = np.flatnonzero(lung.any(axis=0))
     top, bottom = rows.min() / size, rows.max() / size
-    centre_x = cols.mean() / size
-    out = image.copy()
-    # Volume loss: the hemidiaphragm rises, soft tissue replaces the lowest part of that lung.
-    yy = np.mgrid[0:size, 0:size][0].astype(np.float32) / size
-    lift = (bottom - top) * (0.06 + 0.1 * strength)
-    out = np.where(lung & (yy >= bottom - lift), np.maximum(out, 0.56), out)
-    band_y = top + (bottom - top) * rng.uniform(0.55, 0.72)
-    band = _ellipse(size, band_y, centre_x + rng.normal(0, 0.015), 0.04, 0.14, angle=rng.uniform(-0.25, 0.25))
-    band = ndimage.gaussian_filter((band & lung).astype(np.float32), sigma=size / 220)
-    return np.clip(out + (0.3 + 0.26 * strength) * band, 0, 1)
+    centre_x = cols.mean() / size + centre_jitter[1]
+    fraction = 0.25 if values["location"] == "upper" else 0.72
+    centre_y = top + (bottom - top) * fraction + centre_jitter[0]
+    if values["pattern"] == "round":
+        shape = _ellipse(size, centre_y, centre_x, 0.085 * rng.uniform(0.9, 1.1), 0.075 * rng.uniform(0.9, 1.1))
+    else:
+        shape = _ellipse(size, centre_y, centre_x, 0.028, 0.14 * rng.uniform(0.9, 1.1),
+                         angle=rng.uniform(-0.15, 0.15))
+    region = shape.astype(np.float32)
+    if values["border"] == "blurred":
+        grown = ndimage.binary_dilation(shape, iterations=max(1, size // 64))
+        region = ndimage.gaussian_filter(grown.astype(np.float32), sigma=size / 28)
+        region = region / max(float(region.max()), 1e-6)
+    else:
+        region = ndimage.gaussian_filter(region, sigma=size / 256)
+    region = region * ndimage.gaussian_filter(lung.astype(np.float32), sigma=size / 128)
+    density = _DENSITY[values["opacity"]] * (0.45 + 0.55 * strength)
+    return image + density * region.astype(np.float32)
+
+
+def _fluid(image: np.ndarray, lung: np.ndarray, strength: float, lateral_at_left: bool) -> np.ndarray:
+    """A basal fluid layer whose upper edge climbs towards the lateral chest wall (the meniscus sign)."""
+    size = image.shape[0]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    rows = np.flatnonzero(lung.any(axis=1))
+    cols = np.flatnonzero(lung.any(axis=0))
+    bottom, height = rows.max() / size, (rows.max() - rows.min()) / size
+    lateral_x = cols.min() / size if lateral_at_left else cols.max() / size
+    depth = height * (0.08 + 0.1 * strength)
+    rise = 0.9 * depth * np.clip(1 - np.abs(xx - lateral_x) / 0.15, 0, 1) ** 2
+    fluid = lung & (yy >= bottom - depth - rise)
+    return image + np.where(fluid, _FLUID_DENSITY * (0.45 + 0.55 * strength), 0.0).astype(np.float32)
 
 
 def _support_device(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -150,29 +155,40 @@ def _support_device(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def _lateral(size: int, rng: np.random.Generator) -> np.ndarray:
+def _lateral(size: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A lateral view look-alike and its one lung field (both lungs project onto it)."""
     body = _ellipse(size, 0.55, 0.5 + rng.normal(0, 0.01), 0.5, 0.3 + rng.normal(0, 0.01))
     image = np.where(body, 0.6, 0.08).astype(np.float32)
     lung = _ellipse(size, 0.45, 0.5, 0.3, 0.2 + rng.normal(0, 0.01))
     image[lung] = 0.3
     image = ndimage.gaussian_filter(image, sigma=size / 100) + rng.normal(0, 0.025, image.shape).astype(np.float32)
-    return np.clip(image, 0, 1)
+    return np.clip(image, 0, 1), {"lateral": lung}
 
 
-def draw_findings(size: int, strengths: dict[str, float], support_device: bool,
-                  rng: np.random.Generator) -> np.ndarray:
-    """A frontal radiograph with each finding of ``strengths`` (0 absent, ~0.3 faint, 1 clear) drawn on it."""
-    image, lungs = radiograph(size, rng)
-    if strengths.get("Cardiomegaly", 0) > 0:
-        image = _cardiomegaly(image, strengths["Cardiomegaly"], rng)
-    if strengths.get("Atelectasis", 0) > 0:
-        image = _atelectasis(image, lungs, strengths["Atelectasis"], rng)
-    if strengths.get("Consolidation", 0) > 0:
-        image = _consolidation(image, lungs, strengths["Consolidation"], rng)
-    if strengths.get("Edema", 0) > 0:
-        image = _edema(image, lungs, strengths["Edema"], rng)
-    if strengths.get("Pleural Effusion", 0) > 0:
-        image = _effusion(image, lungs, strengths["Pleural Effusion"], rng)
+def draw_findings(size: int, strengths: dict[str, float], support_device: bool, rng: np.random.Generator,
+                  sides: dict[str, str] | None = None, lateral: bool = False) -> np.ndarray:
+    """A radiograph with each finding of ``strengths`` (0 absent, ~0.3 faint, 1 clear) drawn from its aspects.
+
+    ``sides`` fixes the lung (``left``/``right``) of one-lung findings, so the views of one study agree; a lateral
+    view has one lung field, onto which both lungs project.
+    """
+    image, lungs = _lateral(size, rng) if lateral else radiograph(size, rng)
+    for name, values in FINDINGS.items():
+        strength = strengths.get(name, 0.0)
+        if strength <= 0:
+            continue
+        if lateral:
+            chosen = ["lateral"]
+        elif values["extent"] == "both lungs":
+            chosen = ["left", "right"]
+        else:
+            chosen = [(sides or {}).get(name) or str(rng.choice(["left", "right"]))]
+        jitter = (rng.normal(0, 0.015), rng.normal(0, 0.012))
+        for side in chosen:
+            image = _lesion(image, lungs[side], values, strength, jitter, rng)
+            if values["fluid"] == "fluid":
+                image = _fluid(image, lungs[side], strength, lateral_at_left=side in ("right", "lateral"))
+    image = np.clip(image, 0, 1)
     if support_device:
         image = _support_device(image, rng)
     return image
@@ -182,10 +198,8 @@ def _draw_labels(rng: np.random.Generator, uncertain: bool) -> tuple[dict[str, f
     """(labels of the 14 observations with NaN for blank, signature strengths of the 5 findings)."""
     labels: dict[str, float] = {}
     strengths: dict[str, float] = {}
-    cardio = rng.uniform() < _PREVALENCE["Cardiomegaly"]
-    for name in COMPETITION:
-        p = _PREVALENCE[name] * (1.6 if cardio and name in ("Edema", "Pleural Effusion") else 1.0)
-        present = cardio if name == "Cardiomegaly" else rng.uniform() < p
+    for name in COMPETITION:  # independent findings: no one finding gives another away
+        present = rng.uniform() < _PREVALENCE[name]
         if present and uncertain and rng.uniform() < _UNCERTAIN:
             labels[name], strengths[name] = -1.0, rng.uniform(0.2, 0.4)
         elif present:
@@ -197,7 +211,8 @@ def _draw_labels(rng: np.random.Generator, uncertain: bool) -> tuple[dict[str, f
     labels["Lung Opacity"] = 1.0 if parenchymal else (0.0 if not uncertain else np.nan)
     labels["Pneumonia"] = (-1.0 if uncertain and rng.uniform() < 0.5 else 1.0) if (
         labels["Consolidation"] == 1 and rng.uniform() < 0.4) else (0.0 if not uncertain else np.nan)
-    labels["Enlarged Cardiomediastinum"] = 1.0 if cardio and rng.uniform() < 0.3 else (0.0 if not uncertain else np.nan)
+    enlarged = labels["Cardiomegaly"] == 1 and rng.uniform() < 0.3
+    labels["Enlarged Cardiomediastinum"] = 1.0 if enlarged else (0.0 if not uncertain else np.nan)
     for name, p in (("Lung Lesion", 0.04), ("Pneumothorax", 0.05), ("Pleural Other", 0.02), ("Fracture", 0.03)):
         labels[name] = 1.0 if rng.uniform() < p else (0.0 if not uncertain else np.nan)
     labels["Support Devices"] = 1.0 if rng.uniform() < 0.3 else (0.0 if not uncertain else np.nan)
@@ -226,21 +241,22 @@ def _write_split(out_dir: Path, split: str, first_patient: int, patients: int, s
         for study in range(1, studies + 1):
             labels, strengths = _draw_labels(rng, uncertain=training)
             device = labels["Support Devices"] == 1
+            sides = {name: str(rng.choice(["left", "right"])) for name in COMPETITION}
             views = [("frontal", "Frontal")]
+            if rng.uniform() < _SECOND_FRONTAL:
+                views.append(("frontal", "Frontal"))
             if rng.uniform() < _LATERAL_FRACTION:
                 views.append(("lateral", "Lateral"))
             for view_index, (view, kind) in enumerate(views, start=1):
                 rel = Path(split) / patient / f"study{study}" / f"view{view_index}_{view}.jpg"
-                if kind == "Frontal":
-                    image = draw_findings(size, strengths, device, rng)
-                else:
-                    image = _lateral(size, rng)
+                image = draw_findings(size, strengths, device and kind == "Frontal", rng, sides,
+                                      lateral=kind == "Lateral")
                 atomic_write_bytes(out_dir / rel, _jpg(image))
                 projection = str(rng.choice(["AP", "PA"], p=[0.7, 0.3])) if kind == "Frontal" else np.nan
                 rows.append({"Path": f"{ROOT_NAME}/{rel.as_posix()}", "Sex": sex, "Age": age,
                              "Frontal/Lateral": kind, "AP/PA": projection, **labels})
                 truth.append({"Path": f"{ROOT_NAME}/{rel.as_posix()}", "view": kind,
-                              **{f"strength_{n}": (strengths[n] if kind == "Frontal" else 0.0) for n in COMPETITION}})
+                              **{f"strength_{n}": strengths[n] for n in COMPETITION}})
     return rows, truth
 
 
@@ -258,8 +274,10 @@ def write_chexpert(out_dir: Path, n: int = DEFAULT_N, seed: int = 0, size: int =
     valid_rows, valid_truth = _write_split(out_dir, "valid", 64541, valid_patients, size, rng)
     atomic_write_text(out_dir / "valid.csv", _csv(valid_rows, columns))
     atomic_write_text(out_dir / "phantom_truth.csv", pd.DataFrame(train_truth + valid_truth).to_csv(index=False))
+    atomic_write_text(out_dir / "descriptions.json",
+                      json.dumps({name: describe(name) for name in COMPETITION}, indent=2) + "\n")
     return atomic_write_text(out_dir / "train.csv", _csv(train_rows, columns))
 
 
-__all__ = ["write_chexpert", "draw_findings", "OBSERVATIONS", "COMPETITION", "META_COLUMNS", "ROOT_NAME", "DEFAULT_N",
-           "DEFAULT_SIZE"]
+__all__ = ["write_chexpert", "draw_findings", "describe", "FINDINGS", "ASPECT_SENTENCES", "OBSERVATIONS",
+           "COMPETITION", "META_COLUMNS", "ROOT_NAME", "DEFAULT_N", "DEFAULT_SIZE"]

@@ -44,8 +44,7 @@ def tiny_run_dirs(tmp_path_factory) -> dict[str, Path]:
     assert train.main(["--stage", "contrastive", "--output-dir", str(dirs["r1"]), "--vision", "siglip-tiny", "--lm",
                        "tiny-gemma3", "--text-embedding", "lm", *common]) == 0
     assert train.main(["--stage", "warmup", "--output-dir", str(dirs["r2"]), "--init", str(dirs["r1"]),
-                       "--max-text-len", "48", "--batch-size", "4", "--grad-accum", "1", "--lm-pretrain-steps", "20",
-                       *common]) == 0
+                       "--max-text-len", "48", "--batch-size", "4", "--grad-accum", "1", *common]) == 0
     (base / "DONE").touch()
     return dirs
 
@@ -68,13 +67,6 @@ def _gen(run: Path, tiny_run: dict, *extra: str) -> list[str]:
 
 def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def test_the_ngram_ban_is_the_seeds_for_a_pretrained_lm_and_off_for_a_tiny_twin():
-    meta = {"kwargs": {"model": {"lm": "medgemma-4b"}}}
-    assert generate.resolve_ngram_ban("auto", meta) == 3
-    assert generate.resolve_ngram_ban("auto", {"kwargs": {"model": {"lm": "tiny-gemma3-brain"}}}) == 0
-    assert generate.resolve_ngram_ban(5, meta) == 5
 
 
 def test_derangement_moves_every_item_and_is_fixed_by_the_seed():
@@ -109,7 +101,8 @@ def test_generation_resumes_after_a_kill_as_if_uninterrupted(run, tiny_run, monk
 
     decoding = json.loads((run / "predictions" / "test.meta.json").read_text())["settings"]["decoding"]
     assert decoding == {"do_sample": True, "temperature": 0.1, "top_p": 0.9, "repetition_penalty": 1.2,
-                        "no_repeat_ngram_size": 0, "max_new_tokens": 8}  # the seed's sampling, no 3-gram ban (tiny)
+                        "no_repeat_ngram_size": generate.NO_REPEAT_NGRAM_SIZE, "max_new_tokens": 8}  # one default
+    # for every LM: the run's LM (tiny-gemma3 here) changes no decoding setting
     capsys.readouterr()
     assert generate.main([*argv, "--greedy"]) == 2  # other settings than the file was made with
     err = capsys.readouterr().err.strip().splitlines()
@@ -228,6 +221,11 @@ def test_evaluation_equals_the_metric_functions_called_directly(tmp_path, capsys
     check(shuffled, result["groups_shuffled"]["all"])
     assert result["lat_f1_shuffled"] == result["groups_shuffled"]["all"]["lat_f1"]
     assert result["healthy_specificity"] == pytest.approx(2 / 3)
+    headline = json.loads((run / "results.json").read_text())  # the headline numbers, as in metrics_full.json
+    assert headline["split"] == "test" and headline["n"] == len(records)
+    for key in ("lat_f1", "lat_f1_shuffled", "healthy_specificity"):
+        assert headline[key] == result[key]
+        assert headline[f"{key}_ci"] == [result[f"{key}_ci_low"], result[f"{key}_ci_high"]]
 
     # Corpus BLEU intervals: corpus_scores on the resamples of the same seeded sequence.
     cands, refs = [r["report"] for r in records], [r["reference"] for r in records]

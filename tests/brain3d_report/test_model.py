@@ -46,21 +46,52 @@ def volumes(n: int = 2, size=VOLUME, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("depth_patch", [2, 3])
 @pytest.mark.parametrize("inflation", ["centre", "mean"])
-def test_constant_depth_volume_gives_the_2d_patch_embedding_of_its_slice(inflation, depth_patch):
+def test_constant_depth_volume_gives_the_2d_model_on_its_slice_as_the_2d_processor_prepares_it(inflation, depth_patch):
+    import numpy as np
+    from transformers import SiglipImageProcessor
+
+    from brain3d_report.model import vision_pixel_norm
+
     tower = tiny_tower()
-    encoder = InflatedSiglip3D(tower, depth_patch=depth_patch, inflation=inflation)
-    grey = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    encoder = InflatedSiglip3D(tower, depth_patch=depth_patch, inflation=inflation,
+                               **dict(zip(("pixel_mean", "pixel_std"), vision_pixel_norm("siglip-tiny"))))
+    grey = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(1))  # the pipeline's [0, 1] slices
     volume = grey.unsqueeze(2).repeat(1, 1, 2 * depth_patch, 1, 1)  # two tubelets deep, constant along depth
-    rgb = grey.expand(-1, 3, -1, -1)  # the slice as a 2D model sees a grey image: three equal channels
+    # The slice as the 2D model's own processor prepares a grey image: three equal channels, SigLIP's mean and std
+    # (already at the model's size and in [0, 1], so no resize and no 1/255 rescale).
+    processor = SiglipImageProcessor(do_resize=False, do_rescale=False)
+    images = [np.repeat(g[0].numpy()[..., None], 3, axis=-1) for g in grey]
+    rgb = processor(images=images, return_tensors="pt")["pixel_values"]
+    assert rgb.min() < -0.9 and rgb.max() > 0.9  # [-1, 1], not the [0, 1] the volumes arrive in
     with torch.no_grad():
-        inflated = encoder.patch_embed(volume)  # (B, D, 2, 4, 4)
-        flat = tower.embeddings.patch_embedding(rgb)  # (B, D, 4, 4)
         embedded = encoder.embed(volume).reshape(2, 2, 16, -1)
         reference = tower.embeddings(rgb)  # 2D patches + the pretrained positions at their native grid
     for d in range(2):
-        torch.testing.assert_close(inflated[:, :, d], flat, rtol=1e-5, atol=1e-5)
         # The depth embedding starts at zero, so each depth sees exactly the 2D model's input tokens.
         torch.testing.assert_close(embedded[:, d], reference, rtol=1e-5, atol=1e-5)
+
+
+def test_the_input_range_comes_from_the_processor_and_the_seeds_unit_range_is_a_flag(tmp_path):
+    from brain3d_report.model import vision_pixel_norm
+
+    assert vision_pixel_norm("siglip-tiny") == (0.5, 0.5)  # SigLIP's processor, MedSigLIP's published config
+    assert vision_pixel_norm("medsiglip-448") == (0.5, 0.5)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.4] * 3, "image_std": [0.2] * 3}))
+    assert vision_pixel_norm(str(tmp_path)) == (0.4, 0.2)  # a local tower's own processor config
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.4, 0.5, 0.6]}))
+    with pytest.raises(ConfigError, match="--vision"):
+        vision_pixel_norm(str(tmp_path))
+    volume = volumes(1)
+    unit = build_model("siglip-tiny", "tiny-gemma3", seed=0, input_range="unit")
+    processor = build_model("siglip-tiny", "tiny-gemma3", seed=0, input_range="processor")
+    with torch.no_grad():
+        torch.testing.assert_close(processor.vision.embed(volume), unit.vision.embed(2 * volume - 1))
+    assert processor.model_config["input_range"] == "processor"
+    # A run whose model.json predates the setting was trained on [0, 1] and rebuilds so.
+    old = {k: v for k, v in processor.model_config.items() if k != "input_range"}
+    assert model_from_config(old).vision.pixel_std == 1.0
+    with pytest.raises(ConfigError, match="--input-range"):
+        build_model("siglip-tiny", "tiny-gemma3", input_range="minus-one")
 
 
 def test_centre_and_mean_inflation_differ_on_a_volume_that_varies_along_depth():

@@ -82,19 +82,19 @@ def test_resume_after_a_kill_restores_the_queue_exactly(brain, tmp_path):
 
 def test_three_stages_chain_and_save_only_what_they_train(brain, tmp_path):
     r1 = _argv(brain, tmp_path, "contrastive", "r1", "--vision", "siglip-tiny", "--lm", "tiny-gemma3",
-               "--epochs", "1")
+               "--epochs", "1", "--flip-augment", "random")
     assert train.main(r1) == 0
     with safe_open(str(tmp_path / "r1" / "best" / "model.safetensors"), "pt") as handle:
         assert not any(k.startswith("lm.") for k in handle.keys())  # the random twin is rebuilt from its seed
     assert train.main(_argv(brain, tmp_path, "warmup", "r2", "--init", str(tmp_path / "r1"), "--epochs", "2",
-                            "--grad-accum", "2", "--max-text-len", "48", "--lm-pretrain-steps", "10")) == 0
+                            "--grad-accum", "2", "--max-text-len", "48", "--flip-augment", "both",
+                            "--keyword-weight", "5")) == 0
     assert train.main(_argv(brain, tmp_path, "lora", "r3", "--init", str(tmp_path / "r2"), "--epochs", "1",
                             "--grad-accum", "2", "--max-text-len", "48")) == 0
     with safe_open(str(tmp_path / "r3" / "best" / "model.safetensors"), "pt") as handle:
         keys = list(handle.keys())
     assert any("lora_A" in k for k in keys) and any(k.startswith("projector.") for k in keys)
-    # The LM was language-pre-trained in stage 2, so its weights belong to the run and are saved from then on.
-    assert "lm.model.embed_tokens.weight" in keys
+    assert "lm.model.embed_tokens.weight" not in keys  # the frozen LM is rebuilt from its preset
     assert (tmp_path / "r3" / "split.csv").read_text() == (tmp_path / "r1" / "split.csv").read_text()
     loaded = train.load_stage_run(tmp_path / "r3", torch.device("cpu"))
     r2 = train.load_stage_run(tmp_path / "r2", torch.device("cpu"))
@@ -103,23 +103,15 @@ def test_three_stages_chain_and_save_only_what_they_train(brain, tmp_path):
         assert torch.equal(a, b), name
     for (name, a), (_, b) in zip(loaded.model.lm.get_input_embeddings().state_dict().items(),
                                  r2.model.lm.get_input_embeddings().state_dict().items()):
-        assert torch.equal(a, b), name  # the pre-trained LM reloads as stage 2 left it
-    assert "lm.lm_head.weight" not in keys  # tied to the input embedding: saved once, loaded into both
-    assert torch.equal(loaded.model.lm.lm_head.weight, r2.model.lm.get_input_embeddings().weight)
-    fresh = train.build_run_model(json.loads((tmp_path / "r1" / "best" / "model.json").read_text()))
-    assert not torch.equal(fresh.lm.get_input_embeddings().weight, r2.model.lm.get_input_embeddings().weight)
+        assert torch.equal(a, b), name  # the frozen LM rebuilds the same from its preset
     meta = json.loads((tmp_path / "r3" / "best" / "model.json").read_text())
     assert meta["kwargs"]["lora"] == {"r": 4, "alpha": 8, "dropout": 0.05}
-    pretrained = meta["kwargs"]["model"]["lm_pretrain"]
-    assert pretrained["steps"] == 10 and pretrained["after_prompt"]
-    assert pretrained["corpus"] == str((brain / "report_archive.json").resolve())  # the phantom's archive, found
+    assert meta["kwargs"]["model"]["lm_pretrain"] is None and meta["kwargs"]["model"]["input_range"] == "processor"
     split = [line.split(",") for line in (tmp_path / "r1" / "split.csv").read_text().splitlines()[1:]]
-    train_ids = [row[0] for row in split if row[-1] == "train"]
-    assert pretrained["healthy_share"] == pytest.approx(sum(i.startswith("sub-") for i in train_ids) / len(train_ids),
-                                                        abs=1e-4)
-    assert meta["kwargs"]["keyword_weight"] == train.KEYWORD_WEIGHT_TINY  # auto, for the tiny LM twin
-    for run, flip in (("r1", "random"), ("r2", "both"), ("r3", "both")):  # auto, for the random twins
-        assert json.loads((tmp_path / run / "best" / "model.json").read_text())["kwargs"]["flip_augment"] == flip
+    # Every setting is recorded as given, or as its one default (no setting depends on which models run).
+    for run, flip, weight in (("r1", "random", 1.0), ("r2", "both", 5.0), ("r3", "off", 1.0)):
+        kwargs = json.loads((tmp_path / run / "best" / "model.json").read_text())["kwargs"]
+        assert (kwargs["flip_augment"], kwargs["keyword_weight"], kwargs["text_embedding"]) == (flip, weight, "lm")
     n_train = sum(row[-1] == "train" for row in split)
     first = json.loads((tmp_path / "r2" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["step"] == -(-2 * n_train // 2)  # each case as written and mirrored; batch 1, grad-accum 2
@@ -129,8 +121,8 @@ def test_three_stages_chain_and_save_only_what_they_train(brain, tmp_path):
         assert torch.equal(a, b), name
     assert not torch.equal(r2.model.token_whitening, torch.eye(r2.model.token_whitening.shape[0]))
     assert torch.equal(loaded.model.token_whitening, r2.model.token_whitening)
-    assert "lr: 0.002" in (tmp_path / "r2" / "config.yaml").read_text()  # the tiny-LM warm-up schedule
-    assert "lr: 0.0003" in (tmp_path / "r3" / "config.yaml").read_text()  # the tiny-LM LoRA schedule
+    assert "lr: 0.0002" in (tmp_path / "r2" / "config.yaml").read_text()  # the seed's warm-up schedule
+    assert "lr: 5.0e-05" in (tmp_path / "r3" / "config.yaml").read_text()  # the seed's LoRA schedule
     val = [json.loads(line) for line in (tmp_path / "r2" / "metrics.jsonl").read_text().splitlines()]
     assert all(row["val_keyword_loss"] > 0 for row in val if "val_keyword_loss" in row)
 
@@ -154,63 +146,6 @@ def test_side_probe_separates_and_the_shuffled_control_does_not():
     assert 0.2 <= result["side_acc_shuffled"] <= 0.8
 
 
-def test_language_pretraining_teaches_the_random_twin_report_text_reproducibly():
-    from brain3d_report.lm_pretrain import pretrain_language_model, pretraining_corpus
-    from brain3d_report.model import load_language_model
-
-    corpus = pretraining_corpus()
-    assert len(corpus) == 220 + 7  # the official training fold and the healthy templates, no test report
-    archive = [f"A mass lesion is seen in the left frontal lobe, case {i}." for i in range(90)]
-    mixed = pretraining_corpus(archive, healthy_share=0.25)
-    assert mixed[:90] == archive and len(mixed) == 90 + 28  # templates at a quarter: 30 wanted, 4 x 7 given
-    assert pretraining_corpus(archive, 0.0)[90:] == pretraining_corpus()[220:]  # each template at least once
-    with pytest.raises(ValueError):
-        pretraining_corpus(archive, 1.0)
-    held_out = [corpus[0].replace("right", "left"), "No focal lesion is seen. The ventricles are normal."]
-
-    def nll(lm, tokenizer) -> float:
-        ids, mask = train.report_tokens(tokenizer, held_out, 64)
-        with torch.no_grad():
-            logits = lm(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100).item()
-
-    runs = []
-    for _ in range(2):
-        lm, tokenizer = load_language_model("tiny-gemma3", device="cpu", precision="fp32")
-        before = nll(lm, tokenizer)
-        losses = pretrain_language_model(lm, tokenizer, corpus, steps=40, max_len=64)
-        runs.append((lm, losses))
-    assert before > 6.0  # a random LM over a 700-token vocabulary: about ln(700)
-    assert losses[-1] < losses[0] - 2.0
-    assert nll(lm, tokenizer) < before - 1.5
-    assert not any(p.requires_grad for p in lm.parameters()) and not lm.training  # frozen again for the stages
-    assert runs[0][1] == runs[1][1]
-    assert all(torch.equal(a, b) for a, b in zip(runs[0][0].state_dict().values(), runs[1][0].state_dict().values()))
-
-
-def test_language_pretraining_after_a_prompt_counts_the_text_tokens_only():
-    from brain3d_report.lm_pretrain import pretrain_language_model
-    from brain3d_report.model import load_language_model
-
-    lm, tokenizer = load_language_model("tiny-gemma3-brain", device="cpu", precision="fp32")
-    texts = ["A mass lesion is seen in the left frontal lobe.", "No focal lesion is seen."]
-    prompt = train.prompt_tokens(tokenizer)
-    ids, mask = train.report_tokens(tokenizer, texts, 32)
-    full = torch.cat([prompt.expand(2, -1), ids], dim=1)
-    with torch.no_grad():
-        logits = lm(input_ids=full, attention_mask=torch.cat([torch.ones(2, prompt.shape[1], dtype=mask.dtype),
-                                                              mask], dim=1)).logits
-    start = prompt.shape[1] - 1  # the last prompt token predicts the first report token
-    text_logits = logits[:, start:-1]
-    labels = ids.masked_fill(mask == 0, -100)
-    per_text = [torch.nn.functional.cross_entropy(text_logits[i], labels[i], ignore_index=-100, reduction="sum")
-                for i in range(2)]
-    losses = pretrain_language_model(lm, tokenizer, texts, steps=1, batch_size=1, lr=0.0, prompt=prompt, seed=0)
-    row = int(torch.randint(2, (1,), generator=torch.Generator().manual_seed(0)))
-    assert losses[0] == pytest.approx(per_text[row].item() / int(mask[row].sum()), rel=1e-4)
-
-
 def test_text_whitening_gives_unit_variance_components_fitted_on_training_reports():
     from brain3d_report.model import build_model
 
@@ -228,40 +163,15 @@ def test_text_whitening_gives_unit_variance_components_fitted_on_training_report
     assert torch.allclose(projected, model.text_head(whitened[:3]), atol=1e-5)
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--lm-pretrain-steps", "many"), ("--lm-pretrain-steps", "-3"),
-                                           ("--keyword-weight", "heavy"), ("--keyword-weight", "0"),
+@pytest.mark.parametrize(("flag", "value"), [("--keyword-weight", "heavy"), ("--keyword-weight", "0"),
                                            ("--keyword-weight", "-1"), ("--keyword-weight", "inf"),
                                            ("--keyword-weight", "nan")])
-def test_a_bad_auto_or_number_flag_is_one_line(brain, tmp_path, capsys, flag, value):
+def test_a_bad_number_flag_is_one_line(brain, tmp_path, capsys, flag, value):
     argv = _argv(brain, tmp_path, "contrastive", "r1", "--vision", "siglip-tiny", "--lm", "tiny-gemma3", flag, value)
     assert train.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and flag in err[0] and value in err[0]
     assert not (tmp_path / "r1" / "best").exists()
-
-
-def test_lm_corpus_finds_the_archive_and_refuses_a_bad_one(tmp_path):
-    from common.errors import ConfigError, DataError
-
-    assert train.lm_corpus("auto", tmp_path) == ("packaged TextBraTS training fold", None)
-    (tmp_path / "report_archive.json").write_text(json.dumps(["No focal lesion.", "A left frontal mass."]))
-    assert train.lm_corpus("auto", tmp_path)[1] == ["No focal lesion.", "A left frontal mass."]
-    assert train.lm_corpus("packaged", tmp_path)[1] is None
-    for bad in ('{"a": 1}', "[]", '["ok", ""]', "not json"):
-        (tmp_path / "bad.json").write_text(bad)
-        with pytest.raises(DataError, match="bad.json"):
-            train.lm_corpus(str(tmp_path / "bad.json"), tmp_path)
-    with pytest.raises(ConfigError, match="--lm-corpus"):
-        train.lm_corpus(str(tmp_path / "missing.json"), tmp_path)
-
-
-def test_flip_augment_auto_mirrors_only_for_the_random_twins():
-    assert train.resolve_flip_augment("auto", "warmup", "tiny-gemma3-brain") == "both"
-    assert train.resolve_flip_augment("auto", "lora", "tiny-gemma3", "medsiglip-448") == "both"
-    assert train.resolve_flip_augment("auto", "contrastive", "tiny-gemma3", "siglip-tiny") == "random"
-    assert train.resolve_flip_augment("auto", "contrastive", "tiny-gemma3", "medsiglip-448") == "off"
-    assert train.resolve_flip_augment("auto", "warmup", "medgemma-4b") == "off"  # the seed: no augmentation
-    assert train.resolve_flip_augment("random", "contrastive", "medgemma-4b", "medsiglip-448") == "random"
 
 
 def _mirror_fixture():
@@ -333,12 +243,6 @@ def test_caption_stages_train_on_frozen_encodings_with_the_loss_of_the_volumes()
     assert torch.allclose(from_volumes, from_encodings, atol=1e-5) and from_volumes > 1.0
 
 
-def test_keyword_weight_auto_is_the_seeds_plain_loss_for_a_pretrained_lm():
-    assert train.resolve_keyword_weight("auto", "tiny-gemma3") == train.KEYWORD_WEIGHT_TINY
-    assert train.resolve_keyword_weight("auto", "medgemma-4b") == 1.0
-    assert train.resolve_keyword_weight(2.5, "medgemma-4b") == 2.5
-
-
 def test_keyword_token_mask_marks_the_tokens_of_the_clinical_words():
     from brain3d_report.model import lm_tokenizer
 
@@ -358,3 +262,20 @@ def test_keyword_token_mask_marks_the_tokens_of_the_clinical_words():
     assert not keyword[0, int(mask[0].sum()) - 1]  # EOS is not a clinical word
     short = train.keyword_token_mask(tokenizer, reports, 8)
     assert short.shape[1] == 8 and torch.equal(short[0], keyword[0, :8] & (torch.arange(8) < 7))
+
+
+@pytest.mark.parametrize("stage", ["contrastive", "warmup", "lora"])
+def test_every_default_is_the_same_whatever_the_models(stage):
+    """No setting depends on which presets run: the twins and the real models get the same defaults."""
+    from common.cli import parse_args
+
+    def defaults(*models: str) -> dict:
+        args = train.stage_defaults(parse_args(train.get_args_parser(), ["--stage", stage, *models]))
+        return {k: v for k, v in vars(args).items() if k not in ("vision", "lm")}
+
+    twins = defaults("--vision", "siglip-tiny", "--lm", "tiny-gemma3-brain")
+    assert twins == defaults("--vision", "medsiglip-448", "--lm", "medgemma-4b")
+    assert (twins["flip_augment"], twins["keyword_weight"], twins["text_embedding"], twins["input_range"]) == (
+        "off", 1.0, "lm", "processor")
+    epochs, _, _, lr, _ = train.STAGE_DEFAULTS[stage]
+    assert (twins["epochs"], twins["lr"]) == (epochs, lr)  # the seed's schedule

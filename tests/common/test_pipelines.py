@@ -106,11 +106,11 @@ def test_the_floor_imports_and_names_no_pipeline():
 
 
 def test_a_tokenizer_corpus_a_pipeline_declares_is_found_without_the_floor_naming_it():
-    from brain3d_report.lm_pretrain import pretraining_corpus
+    from brain3d_report.lm_twin import tokenizer_corpus
     from common import tiny
     from common.errors import ConfigError
 
-    assert tiny._corpus("brain") == pretraining_corpus() and len(pretraining_corpus()) > 200
+    assert tiny._corpus("brain") == tokenizer_corpus() and len(tokenizer_corpus()) > 200
     assert tiny._corpus("radiology") == tiny.radiology_corpus()
     with pytest.raises(ConfigError, match="no declared pipeline provides a corpus named 'x-ray'"):
         tiny._corpus("x-ray")

@@ -138,3 +138,14 @@ def test_markdown_table():
         "| b\\|c |  |  | 1.5000 |",
     ]
     assert markdown_table([{"x": 1, "y": 2}], columns=["y"]).splitlines()[2] == "| 2 |"
+
+
+def test_ci_cell_formats_a_value_with_its_interval():
+    from common.tables import ci_cell
+
+    results = {"auroc": 0.91234, "auroc_ci_low": 0.8, "auroc_ci_high": 0.95, "acc": 0.5, "f1": float("nan"),
+               "mcc": 0.25, "mcc_ci_low": float("nan"), "mcc_ci_high": float("nan")}
+    assert ci_cell(results, "auroc") == "0.912 [0.800, 0.950]"
+    assert ci_cell(results, "acc") == "0.500"  # no interval drawn
+    assert ci_cell(results, "mcc") == "0.250"  # an interval that could not be drawn
+    assert ci_cell(results, "f1") == ci_cell(results, "missing") == "nan"

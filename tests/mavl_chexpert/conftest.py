@@ -38,3 +38,30 @@ def fusion_run(tmp_path_factory, chexpert_phantom, image_run) -> Path:
                               str(run), "--text-encoder", "minilm", "--no-progress",
                               "--device", "cpu", "--precision", "fp32"]) == 0
     return run
+
+
+HOLDOUT = "Consolidation"
+
+
+@pytest.fixture(scope="session")
+def holdout_image_run(tmp_path_factory, chexpert_phantom) -> Path:
+    """Phase 1 with Consolidation held out (its labels reach no loss; the head has four outputs)."""
+    from mavl_chexpert import train_image
+
+    run = tmp_path_factory.mktemp("mavl_holdout_image") / "run"
+    assert train_image.main(["--data-root", str(chexpert_phantom), "--output-dir", str(run), *IMAGE_ARGS,
+                             "--holdout-classes", HOLDOUT]) == 0
+    return run
+
+
+@pytest.fixture(scope="session")
+def holdout_fusion_run(tmp_path_factory, chexpert_phantom, holdout_image_run) -> Path:
+    """MAVL's fusion over it, with the phantom's own aspect descriptions."""
+    from mavl_chexpert import train_fusion
+
+    run = tmp_path_factory.mktemp("mavl_holdout_fusion") / "run"
+    assert train_fusion.main(["--data-root", str(chexpert_phantom), "--image-run", str(holdout_image_run),
+                              "--output-dir", str(run), "--text-encoder", "minilm", "--fusion", "mavl",
+                              "--descriptions", str(chexpert_phantom / "descriptions.json"), "--epochs", "20",
+                              "--no-progress", "--device", "cpu", "--precision", "fp32"]) == 0
+    return run

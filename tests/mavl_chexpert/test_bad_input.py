@@ -23,14 +23,42 @@ def _snapshot(folder: Path | None) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _edit_csv(edit):
+def _edit_csv(edit, *extra):
     def case(tmp, data, image_run):
         frame = pd.read_csv(data / "train.csv")
         needle = edit(frame)
         frame.to_csv(data / "train.csv", index=False)
-        return train_image, ["--data-root", str(data), "--output-dir", str(tmp / "out"), *TINY], \
+        return train_image, ["--data-root", str(data), "--output-dir", str(tmp / "out"), *TINY, *extra], \
             [str(data / "train.csv"), needle], None
     return case
+
+
+def _no_consolidation(frame):
+    frame["Consolidation"] = 0.0
+    return "held-out class Consolidation (--holdout-classes) has 0 positive"
+
+
+def _mixed_study(frame, data):
+    """Two patients' images under one Study: the maximum over its views would mix two people."""
+    frame["Study"] = frame["Path"].str.extract(r"(patient\d+/study\d+)")[0]
+    patients = frame["Path"].str.extract(r"(patient\d+)")[0]
+    other = frame.index[(patients != patients[0]) & (frame["Frontal/Lateral"] == "Frontal")][0]
+    frame.loc[other, "Study"] = frame.loc[0, "Study"]
+    return ["mixes patients", f"study {frame.loc[0, 'Study']}", f"line {other + 2} is {patients[other]}"]
+
+
+def _evaluate_holdout_without_positives(tmp, data, image_run):
+    """A fusion run whose held-out disease has no positive in the test set: nothing to score, nothing written."""
+    run = Path(shutil.copytree(image_run, tmp / "run"))
+    meta_path = run / "best" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["holdout_classes"] = ["Edema"]
+    meta_path.write_text(json.dumps(meta))
+    frame = pd.read_csv(data / "valid.csv")
+    frame["Edema"] = 0.0
+    frame.to_csv(data / "valid.csv", index=False)
+    return evaluate, ["--run-dir", str(run), "--data-root", str(data), "--n-boot", "5"], \
+        [str(data / "valid.csv"), "held-out class Edema", "0 positive"], run
 
 
 def _drop_path(frame):
@@ -133,6 +161,32 @@ def _real_backbone_offline(tmp, data, image_run):
         ["--pretrained", "not cached", "--no-pretrained"], None
 
 
+def _backbone_folder(files: dict[str, str | bytes], needle: str):
+    """--backbone names a folder that is not a timm weights folder (another library's layout, pickles only)."""
+    def case(tmp, data, image_run):
+        folder = tmp / "weights"
+        folder.mkdir()
+        for name, content in files.items():
+            (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+        return train_image, ["--data-root", str(data), "--output-dir", str(tmp / "out"), *TINY, "--backbone",
+                             str(folder)], [str(folder), needle], None
+    return case
+
+
+def _text_folder_without_config(tmp, data, image_run):
+    folder = tmp / "bert"
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n")
+    return _fusion("--text-encoder", str(folder), needles=[str(folder), "config.json"])(tmp, data, image_run)
+
+
+def _init_from(flag, value, needle):
+    def case(tmp, data, image_run):
+        return train_image, ["--data-root", str(data), "--output-dir", str(tmp / "out"), *TINY, "--init-from",
+                             str(image_run), flag, value], [flag, needle], image_run
+    return case
+
+
 def _fusion(*extra, needles, edit_descriptions=None, raw=None):
     def case(tmp, data, image_run):
         run = Path(shutil.copytree(image_run, tmp / "image_run"))
@@ -167,6 +221,13 @@ CASES = {
     "unknown label name": _image_flag("--labels", "Atelectasis,Effusion", "unknown label 'Effusion'"),
     "unknown backbone": _image_flag("--backbone", "vit-huge"),
     "real backbone weights offline": _real_backbone_offline,
+    "backbone folder without a timm config": _backbone_folder({"model.safetensors": b"x"}, "no config.json"),
+    "backbone folder of another library": _backbone_folder(
+        {"config.json": '{"model_type": "bert"}', "model.safetensors": b"x"}, "no 'architecture'"),
+    "backbone folder with pickled weights only": _backbone_folder(
+        {"config.json": '{"architecture": "vit_base_patch16_224"}', "pytorch_model.bin": b"x"}, "model.safetensors"),
+    "text encoder folder without a config": _text_folder_without_config,
+    "second stage of another rank": _init_from("--rank", "32", "differs from --init-from"),
     "lrf rank beyond the features": _image_flag("--lrf-rank", "96", "leaves no tail"),
     "negative lrf weight": _image_flag("--lrf-weight", "-1"),
     "bad uncertainty policy": _image_flag("--uncertain", "maybe"),
@@ -175,7 +236,13 @@ CASES = {
     "holdout of every class": _fusion("--holdout-classes", "competition", needles=["--holdout-classes",
                                                                                    "every class"]),
     "holdout of an unknown class": _fusion("--holdout-classes", "Fracture", needles=["--holdout-classes",
-                                                                                     "not among the trained"]),
+                                                                                     "not among the labels"]),
+    "fusion holdout that phase 1 trained on": _fusion("--holdout-classes", "Edema",
+                                                      needles=["--holdout-classes", "Edema trained phase 1"]),
+    "phase-1 holdout outside the labels": _image_flag("--holdout-classes", "Fracture", "not among the labels"),
+    "phase-1 holdout without positives": _edit_csv(_no_consolidation, "--holdout-classes", "Consolidation"),
+    "test study that mixes patients": _evaluate_edit(_mixed_study),
+    "held-out class without test positives": _evaluate_holdout_without_positives,
     "unknown text encoder": _fusion("--text-encoder", "gpt-9", needles=["--text-encoder"]),
     "undecodable test image": _evaluate_undecodable,
     "run of an unknown stage": _unknown_stage,

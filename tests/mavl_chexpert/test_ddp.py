@@ -35,7 +35,9 @@ def test_phases_run_under_ddp(chexpert_phantom, tmp_path):
     from safetensors.torch import load_file
 
     basis = load_file(str(tmp_path / "img" / "checkpoints" / "last" / "task.safetensors"))
-    assert basis["u"].shape[0] > 100 and basis["v"].shape == (96, 96)  # the whole split's basis, not a shard's
+    # the whole split's basis (not a shard's), its tail beyond the default rank 38 of the 96-d features
+    assert basis["u_tail"].shape[0] > 100 and basis["v_tail"].shape == (96, 96 - 38)
+    assert int(basis["count"]) == basis["u_tail"].shape[0]
     # Fine-tuning through the ViT with attention over aspects: every trainable parameter must get a gradient.
     launch("mavl_chexpert.train_fusion", "--image-run", str(tmp_path / "img"), "--output-dir", str(tmp_path / "fus"),
            "--text-encoder", "tiny-bert", "--epochs", "1", "--finetune-backbone", "--aggregation", "attention")

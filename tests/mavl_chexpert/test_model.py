@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mavl_chexpert.model import FusionModel, build_image_model
+from mavl_chexpert.model import AspectAttentionFusion, FusionModel, build_image_model
 from mavl_chexpert.train_fusion import FusionTask
 
 
@@ -78,3 +78,54 @@ def test_contrastive_loss_uses_one_positive_of_the_trained_classes():
     # out) takes no part in the softmax despite its large logit.
     expected = torch.nn.functional.cross_entropy(torch.tensor([[5.0, -5.0]]) / 0.2, torch.tensor([0]))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def _mavl() -> AspectAttentionFusion:
+    torch.manual_seed(0)
+    image = build_image_model("vit-tiny", 3, rank=16)
+    aspects = torch.randn(3, 4, 24)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[2, 3] = False
+    return AspectAttentionFusion(image, aspects, mask).eval()
+
+
+def test_mavl_fusion_has_no_per_disease_weights_so_a_disease_is_its_descriptions():
+    model = _mavl()
+    tokens = torch.randn(5, 64, 96)
+    before = model(tokens=tokens)
+    # Giving disease 0 the sentences of disease 1 gives it exactly disease 1's logit: nothing else tells them apart,
+    # which is what lets a disease held out of training be scored from its own sentences.
+    model.aspects[0] = model.aspects[1].clone()
+    after = model(tokens=tokens)
+    assert torch.allclose(after[:, 0], before[:, 1], atol=1e-5)
+    assert torch.allclose(after[:, 1:], before[:, 1:], atol=1e-5)
+    assert not torch.allclose(before[:, 0], before[:, 1], atol=1e-3)
+    # A padded slot does not count; a real one does.
+    model.aspects[2, 3] = torch.randn(24) * 100
+    assert torch.allclose(model(tokens=tokens)[:, 2], before[:, 2], atol=1e-5)
+    model.aspects[2, 2] = torch.randn(24) * 100
+    assert not torch.allclose(model(tokens=tokens)[:, 2], before[:, 2], atol=1e-4)
+
+
+def test_mavl_attention_sharpens_with_each_aspects_own_temperature():
+    model = _mavl()
+    tokens = torch.randn(2, 64, 96)
+    entropy = lambda a: -(a * a.clamp_min(1e-12).log()).sum(-1)  # noqa: E731
+    _, attention, _ = model.attend(tokens)
+    assert torch.allclose(attention.sum(-1), torch.ones_like(attention.sum(-1)), atol=1e-5)
+    with torch.no_grad():
+        model.aspect_log_scale[1] += 3.0  # only aspect slot 1 gets a colder softmax
+    _, sharper, _ = model.attend(tokens)
+    assert (entropy(sharper[:, :, 1]) < entropy(attention[:, :, 1])).all()
+    assert torch.allclose(sharper[:, :, [0, 2, 3]], attention[:, :, [0, 2, 3]], atol=1e-6)
+
+
+def test_mavl_images_and_cached_tokens_give_the_same_logits_and_the_frozen_vit_no_gradient():
+    model = _mavl()
+    images = torch.randn(2, 3, 64, 64)
+    from_images = model(images)
+    assert torch.allclose(from_images, model(tokens=model.image_model.patch_tokens(images)), atol=1e-5)
+    model.train()
+    model(images).sum().backward()
+    assert all(p.grad is None for p in model.image_model.parameters())
+    assert model.key.weight.grad is not None and model.aspect_log_scale.grad is not None
