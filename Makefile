@@ -15,7 +15,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev,offline]"
+	$(BIN)/python -m pip install -q -e ".[dev,offline,gemma3]"
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -31,11 +31,14 @@ from transformers import AutoModelForCausalLM, SiglipVisionConfig, SiglipVisionM
 import brain3d_report.lm_twin  # noqa: F401 - registers the offline LM twin, tiny-gemma3-brain
 from common import hf
 from common.errors import ConfigError
+from common.lm import is_text_only_folder, load_causal_lm, load_lm_tokenizer
 from common.presets import get_preset, preset_names
 from common.vlm import load_vlm
 
 VISION_PRESETS = tuple(preset_names("vision-tower"))
-LM_PRESETS = tuple(preset_names("vlm"))
+LM_KINDS = ("vlm", "lm")
+"""``--lm`` takes the text part of a vision-language preset (MedGemma) or a text-only causal LM (Gemma 3 270M)."""
+LM_PRESETS = (*preset_names("vlm"), *preset_names("lm"))
 INPUT_RANGES = ("processor", "unit")
 """``--input-range``: ``processor`` normalises the [0, 1] volumes with the vision tower's 2D image processor (SigLIP,
 MedSigLIP: mean 0.5, std 0.5, so [-1, 1], the range the pretrained patch embedding saw); ``unit`` feeds [0, 1] as
@@ -633,9 +636,10 @@ def load_language_model(name: str, *, quantization: str = "none", pretrained: bo
     ``pretrained=False`` builds a real preset's architecture with random weights and no tokenizer (for counting
     parameters on the meta device). A preset that is language-pre-trained when built (it declares
     ``options["pretraining_corpus"]``, e.g. ``tiny-gemma3-brain``) leaves the texts of ``exclude`` out of its corpus;
-    ``pretrain_weights=False`` skips its pre-training (a run that saved the pre-trained weights loads them).
+    ``pretrain_weights=False`` skips its pre-training (a run that saved the pre-trained weights loads them). An ``lm``
+    preset or a folder holding a text-only model loads as a causal LM (``common.lm``).
     """
-    preset = get_preset(name, "vlm", "--lm") if name in LM_PRESETS else None
+    preset = get_preset(name, LM_KINDS, "--lm") if name in LM_PRESETS else None
     if preset is not None and "pretraining_corpus" in preset.options and quantization == "none":
         from common.device import compute_dtype
 
@@ -646,9 +650,12 @@ def load_language_model(name: str, *, quantization: str = "none", pretrained: bo
         causal = causal_lm_from_vlm(model.to(device=device, dtype=dtype))
         causal.pretraining = model.pretraining
         return causal, processor.tokenizer
-    if not pretrained and name in LM_PRESETS and get_preset(name, "vlm", "--lm").skeleton is not None:
+    if not pretrained and name in LM_PRESETS and get_preset(name, LM_KINDS, "--lm").skeleton is not None:
         with torch.device(device):
-            return causal_lm_from_vlm(get_preset(name, "vlm", "--lm").skeleton()), None
+            return causal_lm_from_vlm(get_preset(name, LM_KINDS, "--lm").skeleton()), None
+    if name in LM_PRESETS and get_preset(name, LM_KINDS, "--lm").kind == "lm" or is_text_only_folder(name):
+        return load_causal_lm(name, quantization=quantization, device=device, precision=precision,
+                              cache_dir=cache_dir, seed=seed)
     vlm = load_vlm(name, quantization=quantization, device=device, precision=precision,
                    cache_dir=Path(cache_dir) if cache_dir else None, seed=seed)
     causal = causal_lm_from_vlm(vlm.model)
@@ -658,8 +665,10 @@ def load_language_model(name: str, *, quantization: str = "none", pretrained: bo
 
 def lm_tokenizer(name: str, cache_dir: str | Path | None = None) -> Any:
     """The tokenizer of ``--lm`` without loading the LM (to tokenize reports before the model exists)."""
+    if name in LM_PRESETS and get_preset(name, LM_KINDS, "--lm").kind == "lm" or is_text_only_folder(name):
+        return load_lm_tokenizer(name, cache_dir)
     if name in LM_PRESETS:
-        preset = get_preset(name, "vlm", "--lm")
+        preset = get_preset(name, LM_KINDS, "--lm")
         if "tokenizer" in preset.options:  # a preset whose build trains: its tokenizer alone
             return preset.options["tokenizer"]()
         if preset.build is not None:
@@ -682,7 +691,8 @@ def build_model(vision: str, lm: str, *, depth_patch: int = 2, inflation: str = 
 
     Args:
         vision: ``medsiglip-448`` or ``siglip-tiny`` (or a SigLIP checkpoint folder / hub id).
-        lm: ``medgemma-4b`` or ``tiny-gemma3`` (or a Gemma 3 checkpoint folder / hub id); its text part is used.
+        lm: ``medgemma-1.5-4b``, ``medgemma-4b``, ``gemma3-270m`` (a text-only causal LM) or a tiny twin (or a Gemma 3
+            checkpoint folder / hub id); the text part of a vision-language model is used.
         depth_patch, inflation, pos_emb: see ``InflatedSiglip3D``.
         compressor: ``perceiver`` or ``pool``; ``perceiver_layers`` and ``latents`` size it.
         max_depth_patches: rows of the learned depth embedding.
@@ -800,4 +810,4 @@ __all__ = ["InflatedSiglip3D", "PerceiverResampler", "PoolCompressor", "Projecto
            "lm_tokenizer", "vision_pixel_norm", "INPUT_RANGES",
            "causal_lm_from_vlm", "inflate_patch_weight", "interpolate_position_grid",
            "seed_position_embedding", "VISION_PRESETS", "LM_PRESETS", "INFLATIONS", "POS_EMBS", "COMPRESSORS",
-           "STAGES", "IGNORE_INDEX"]
+           "STAGES", "IGNORE_INDEX", "LM_KINDS"]

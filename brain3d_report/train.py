@@ -56,6 +56,7 @@ from brain3d_report.model import (
     COMPRESSORS,
     INFLATIONS,
     INPUT_RANGES,
+    LM_KINDS,
     LM_PRESETS,
     POS_EMBS,
     STAGES,
@@ -244,7 +245,7 @@ def check_pretraining_corpus(model_config: dict, cases: Cases) -> None:
     (``options["pretraining_corpus"]``) and the build leaves the run's held-out reports out of it; this checks that
     the LM's record (``lm_pretrain``) is of that corpus. Healthy templates, the same for every control, stay."""
     lm, record = model_config["lm"], model_config.get("lm_pretrain")
-    corpus = get_preset(lm, "vlm", "--lm").options.get("pretraining_corpus") if lm in LM_PRESETS else None
+    corpus = get_preset(lm, LM_KINDS, "--lm").options.get("pretraining_corpus") if lm in LM_PRESETS else None
     if corpus is None or not record or "corpus_sha256" not in record:
         return
     from brain3d_report.lm_twin import corpus_digest, corpus_overlap
@@ -509,13 +510,17 @@ def text_dim_for(choice: str, cache_dir: Path | None) -> int | None:
     return int(load_text_encoder(choice, cache_dir=cache_dir).dim)
 
 
-def add_lora(model: Brain3DReportModel, rank: int, alpha: int, dropout: float) -> Brain3DReportModel:
-    """LoRA adapters (peft) on the LM's attention q/k/v/o projections; the base weights stay frozen."""
+def add_lora(model: Brain3DReportModel, rank: int, alpha: int, dropout: float, seed: int = 0) -> Brain3DReportModel:
+    """LoRA adapters (peft) on the LM's attention q/k/v/o projections; the base weights stay frozen. The adapters'
+    random initialisation draws from ``seed``, not from whatever the process drew before (two runs of the same
+    command in one process, or a run and its ``--resume``, start from the same adapters)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(LORA_TARGETS),
                         bias="none")
-    model.lm = inject_adapter_in_model(config, model.lm)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.lm = inject_adapter_in_model(config, model.lm)
     return model
 
 
@@ -590,7 +595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           "skipped); use more data")
     if args.stage == "lora" and lora is None:
         lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout}
-        add_lora(model, **{"rank": lora["r"], "alpha": lora["alpha"], "dropout": lora["dropout"]})
+        add_lora(model, **{"rank": lora["r"], "alpha": lora["alpha"], "dropout": lora["dropout"]}, seed=args.seed)
     trainable = trainable_parameters(model, args.stage, args.train_vision)
     apply_gradient_checkpointing(model, args.stage, args.gradient_checkpointing, device)
     log.info("stage %s: %d trainable parameters", args.stage, sum(p.numel() for p in trainable.values()))

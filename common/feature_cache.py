@@ -27,13 +27,18 @@ from common.errors import DataError
 from common.rundir import atomic_write_bytes
 
 SHARD_PATTERN = "shard-*.safetensors"
+CACHE_ENV = "MEDVL_CACHE_DIR"
+"""Environment variable that moves medvl's cache root (what ``--cache-dir`` does for one command)."""
 
 
 def default_cache_root(cache_dir: Path | None, name: str) -> Path:
-    """``<--cache-dir>/<name>``, else ``$XDG_CACHE_HOME/medvl/<name>`` (``~/.cache/medvl/<name>``): where derived
-    tensors (tile features, preprocessed volumes) live between runs."""
+    """``<--cache-dir>/<name>``, else ``$MEDVL_CACHE_DIR/<name>``, else ``$XDG_CACHE_HOME/medvl/<name>``
+    (``~/.cache/medvl/<name>``): where derived files (tile features, preprocessed volumes, converted models) live
+    between runs."""
     if cache_dir is not None:
         return Path(cache_dir) / name
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]) / name
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medvl" / name
 
 

