@@ -47,7 +47,7 @@ from common.errors import ConfigError, DataError, cli_entry
 from common.metrics.clinical import clinical_per_case, states_lesion
 from common.metrics.text import TextScorer, TokenizedPairs, corpus_scores
 from common.run_guard import guard_command
-from common.tables import CI_HIGH, CI_LOW, json_safe, markdown_table, metrics_with_ci
+from common.tables import CI_HIGH, CI_LOW, ci_cell, json_safe, markdown_table, metrics_with_ci
 
 log = logging.getLogger("medvl.brain3d_report")
 
@@ -381,15 +381,7 @@ def per_case_frame(records: Sequence[dict[str, Any]], scores: GroupScores) -> pd
 
 # --- tables ------------------------------------------------------------------------------------------------------
 
-def ci_text(results: dict[str, Any], key: str) -> str:
-    """``value [low, high]`` at 3 decimals; ``nan`` for an undefined value; no interval where none was drawn."""
-    value = results.get(key)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "nan"
-    low, high = results.get(key + CI_LOW), results.get(key + CI_HIGH)
-    if low is None or high is None or (isinstance(low, float) and math.isnan(low)):
-        return f"{value:.3f}"
-    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+ci_text = ci_cell  # the floor's one CI-cell formatter, under the name this module's importers use
 
 
 def metric_names(*results: dict[str, Any]) -> list[str]:
