@@ -92,7 +92,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     vlm.add_argument("--slice-chunk", type=positive_int, default=8,
                      help="slice images the VLM's vision tower encodes at a time (bounds its memory; the reports "
                           "do not depend on it)")
-    vlm.add_argument("--max-new-tokens", type=positive_int, default=256)
+    vlm.add_argument("--max-new-tokens", type=positive_int, default=256,
+                     help="longest report each baseline writes, in tokens")
     vlm.add_argument("--overwrite", action="store_true", help="start the 2D-slice predictions again")
     add_scoring_args(parser, n_boot=200, n_boot_corpus=0)
     return parser

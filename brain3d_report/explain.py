@@ -88,8 +88,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     lime.add_argument("--supervoxels", type=positive_int, default=64, help="SLIC supervoxels asked for")
     lime.add_argument("--compactness", type=positive_float, default=0.1,
                       help="SLIC compactness (intensities are in [0, 1]; larger: more cube-like supervoxels)")
-    lime.add_argument("--kernel-width", type=positive_float, default=KERNEL_WIDTH)
-    lime.add_argument("--ridge-alpha", type=positive_float, default=1.0)
+    lime.add_argument("--kernel-width", type=positive_float, default=KERNEL_WIDTH,
+                      help="width of LIME's exponential kernel over the distance between a perturbation's "
+                           "supervoxel mask and the whole volume's")
+    lime.add_argument("--ridge-alpha", type=positive_float, default=1.0,
+                      help="L2 weight of the ridge regression that fits the supervoxels' effects")
     lime.add_argument("--batch-size", type=positive_int, default=8, help="perturbed volumes per LM forward")
     add_run_data_args(parser)
     return parser

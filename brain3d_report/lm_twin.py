@@ -257,12 +257,16 @@ register_preset(Preset(TWIN, "vlm", "tiny",
                        offline=True))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m brain3d_report.lm_twin", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0, help="the twin's seed (random weights and pre-training)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="cache root (default: ~/.cache/medvl)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     vlm, _ = build_twin(args.seed, args.cache_dir)
     print(json.dumps(vlm.pretraining, indent=2, sort_keys=True))

@@ -56,7 +56,8 @@ def get_args_parser():
     parser = predict_parser(__doc__)
     parser.add_argument("--sample", action="store_true", help="the seed's sampling instead of greedy decoding")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=MAX_NEW_TOKENS)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=MAX_NEW_TOKENS,
+                        help="longest report to write, in tokens")
     group = parser.add_argument_group("explanation (brain3d_report.explain's LIME)")
     group.add_argument("--explain", default=None, metavar="PHRASE",
                        help='LIME map of this phrase\'s log-likelihood, e.g. "left frontal"')

@@ -37,8 +37,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, default=None, help="a brain3d_report run (any stage)")
     parser.add_argument("--data-root", type=Path, default=None, help="default: the run's data root")
-    parser.add_argument("--volume-cache", type=Path, default=None)
-    parser.add_argument("--eval-split", default="test", choices=("val", "test"))
+    parser.add_argument("--volume-cache", type=Path, default=None,
+                        help="folder of preprocessed volumes (default: CACHE_DIR/volumes)")
+    parser.add_argument("--eval-split", default="test", choices=("val", "test"),
+                        help="the split the side probe is scored on (it is fitted on the training split)")
     return parser
 
 

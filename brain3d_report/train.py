@@ -122,12 +122,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model (a new contrastive run; later stages take them from --init)")
     model.add_argument("--vision", default="medsiglip-448", help=f"vision tower: {', '.join(VISION_PRESETS)}")
     model.add_argument("--lm", default="medgemma-4b", help=f"language model: {', '.join(LM_PRESETS)}")
-    model.add_argument("--depth-patch", type=positive_int, default=2)
-    model.add_argument("--inflation", choices=INFLATIONS, default="centre")
-    model.add_argument("--pos-emb", choices=POS_EMBS, default="pretrained+depth")
-    model.add_argument("--compressor", choices=COMPRESSORS, default="perceiver")
-    model.add_argument("--perceiver-layers", type=positive_int, default=2)
-    model.add_argument("--latents", type=positive_int, default=32)
+    model.add_argument("--depth-patch", type=positive_int, default=2,
+                       help="slices per 3D patch (the 2D patch inflated over this depth)")
+    model.add_argument("--inflation", choices=INFLATIONS, default="centre",
+                       help="2D patch weights into 3D: centre (the middle slice holds them, others zero) or mean "
+                            "(spread evenly over the depth)")
+    model.add_argument("--pos-emb", choices=POS_EMBS, default="pretrained+depth",
+                       help="position embedding: the 2D one plus a learned depth term, or the seed's")
+    model.add_argument("--compressor", choices=COMPRESSORS, default="perceiver",
+                       help="how the volume's tokens become the LM's visual tokens: a Perceiver or pooling")
+    model.add_argument("--perceiver-layers", type=positive_int, default=2,
+                       help="cross-attention layers of the Perceiver")
+    model.add_argument("--latents", type=positive_int, default=32,
+                       help="visual tokens handed to the LM (the Perceiver's latents)")
     model.add_argument("--input-range", choices=INPUT_RANGES, default="processor",
                        help="processor: normalise the [0, 1] volumes as the vision tower's 2D image processor does "
                             "(SigLIP, MedSigLIP: mean 0.5, std 0.5, i.e. [-1, 1]); unit: feed [0, 1] (the seed's)")
@@ -158,9 +165,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     stage.add_argument("--lr-lora", type=positive_float, default=None,
                        help="lora: learning rate of the LoRA adapters (default --lr)")
     stage.add_argument("--max-text-len", type=positive_int, default=128, help="report tokens kept (the seed's 128)")
-    stage.add_argument("--lora-r", type=positive_int, default=4)
-    stage.add_argument("--lora-alpha", type=positive_int, default=8)
-    stage.add_argument("--lora-dropout", type=nonnegative_float, default=0.05)
+    stage.add_argument("--lora-r", type=positive_int, default=4, help="rank of the LoRA adapters (stage 3)")
+    stage.add_argument("--lora-alpha", type=positive_int, default=8,
+                       help="LoRA scaling numerator (the update is scaled by alpha / r)")
+    stage.add_argument("--lora-dropout", type=nonnegative_float, default=0.05,
+                       help="dropout on the LoRA adapters' input")
     stage.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), default="auto",
                        help="recompute activations in the backward pass: the vision encoder's layers in the "
                             "contrastive stage (the only one that trains it), the LM's in the others (auto: on "

@@ -41,7 +41,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="trained pneumonia runs whose probabilities are averaged (two or more)")
     parser.add_argument("--output-dir", type=Path, required=True,
                         help="where results.json, results.md and predictions/<split>.csv are written")
-    parser.add_argument("--split", default="test", choices=SPLITS)
+    parser.add_argument("--split", default="test", choices=SPLITS,
+                        help="the split whose averaged predictions are scored (the threshold comes from val)")
     parser.add_argument("--data-root", type=Path, default=None,
                         help="defaults to the data the first run was trained on")
     parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
