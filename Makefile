@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export MPLBACKEND ?= Agg
 
-.PHONY: demo app test test-heavy lint install clean
+.PHONY: demo app test lint install clean
 
 install: $(STAMP)
 
@@ -27,10 +27,6 @@ app: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
-
-# Also the tests that train the real Gemma 3 270M on the CPU (minutes each; not timed on idle cores yet).
-test-heavy: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider --run-heavy
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

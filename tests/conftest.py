@@ -20,22 +20,14 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-def pytest_addoption(parser):
-    parser.addoption("--run-heavy", action="store_true",
-                     help="also run tests marked heavy (real pretrained LMs trained on the CPU: minutes each; "
-                          "`make test-heavy`)")
-
-
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` run only where CUDA is present, tests marked ``heavy`` only with ``--run-heavy`` (they
-    would take the suite past its 10-minute budget on 2 cores); elsewhere they are reported as skipped."""
-    skip_gpu = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA device")
-    skip_heavy = None if config.getoption("--run-heavy") else pytest.mark.skip(reason="heavy: run with --run-heavy")
+    """Tests marked ``gpu`` run only where CUDA is present; elsewhere they are reported as skipped."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if skip_gpu is not None and "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
-        if skip_heavy is not None and "heavy" in item.keywords:
-            item.add_marker(skip_heavy)
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -115,7 +115,7 @@ def test_lora_r4_on_the_real_attention_projections_trains_only_adapters(gemma3_f
 
 
 @needs_extra
-@pytest.mark.heavy  # two stages of the real 270M LM through the real CLI
+@pytest.mark.slow  # two stages through the real CLI
 def test_the_warmup_stage_lowers_the_caption_loss(gemma3_folder, brain, tmp_path):
     r1 = _contrastive(brain, tmp_path, "r1")
     argv = _argv(brain, tmp_path, "warmup", "r2", "--init", str(r1), "--epochs", "2", "--lr", "3e-3")
@@ -129,7 +129,7 @@ def test_the_warmup_stage_lowers_the_caption_loss(gemma3_folder, brain, tmp_path
 
 
 @needs_extra
-@pytest.mark.heavy  # four runs of the real CLI with the real LM in 4 bits (bitsandbytes on CPU: seconds per step)
+@pytest.mark.slow  # four runs of the real CLI with a 4-bit LM (bitsandbytes on CPU: seconds per step)
 def test_nf4_lm_goes_through_fit_save_and_resume_exactly(gemma3_folder, brain, tmp_path):
     pytest.importorskip("bitsandbytes")
     r1 = _contrastive(brain, tmp_path, "r1", "--quantization", "4bit")
