@@ -118,10 +118,15 @@ def test_lora_r4_on_the_real_attention_projections_trains_only_adapters(gemma3_f
 @pytest.mark.slow  # two stages through the real CLI
 def test_the_warmup_stage_lowers_the_caption_loss(gemma3_folder, brain, tmp_path):
     r1 = _contrastive(brain, tmp_path, "r1")
-    argv = _argv(brain, tmp_path, "warmup", "r2", "--init", str(r1), "--epochs", "2", "--lr", "3e-3")
+    argv = _argv(brain, tmp_path, "warmup", "r2", "--init", str(r1), "--epochs", "4", "--lr", "2e-2")
     assert train.main(argv) == 0
+    # the same stage at a vanishing learning rate: the caption loss of the untrained projector on the same cases
+    untrained = _argv(brain, tmp_path, "warmup", "r2_untrained", "--init", str(r1), "--epochs", "1", "--lr", "1e-12")
+    assert train.main(untrained) == 0
     rows = [row for row in _metrics(tmp_path / "r2") if "train_loss" in row]
-    assert len(rows) == 2 and rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.3, rows  # 5.72 -> 3.90 measured
+    before = [row for row in _metrics(tmp_path / "r2_untrained") if "train_loss" in row][0]
+    # on the training cases (the one validation case is too few to move by a margin): 3.90 -> 3.38 measured
+    assert len(rows) == 4 and rows[-1]["train_loss"] < before["train_loss"] - 0.3, (before, rows)
     meta = json.loads((tmp_path / "r2" / "best" / "model.json").read_text())
     assert meta["kwargs"]["model"]["lm"] == "gemma3-270m" and meta["kwargs"]["keyword_weight"] == 1.0
     with safe_open(str(tmp_path / "r2" / "best" / "model.safetensors"), "pt") as handle:
