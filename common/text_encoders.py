@@ -161,10 +161,11 @@ def folder_pooling(folder: Path, is_clip: bool) -> str:
             return "mean"
     for part in folder.resolve().parts:
         if part.startswith("models--"):
-            hub_id = part[len("models--"):].replace("--", "/")
-            for preset in list_presets("text-encoder"):
-                if preset.source == hub_id:
-                    return preset.options["pooling"]
+            # a Hugging Face cache folder: the weights of the text-encoder preset published under that hub id
+            by_hub_id = {preset.source: preset for preset in list_presets("text-encoder")}
+            stands_in_for = by_hub_id.get(part[len("models--"):].replace("--", "/"))
+            if stands_in_for is not None:
+                return stands_in_for.options["pooling"]
     log.warning("%s: pooling not stated by the folder; using the mean of token states (pass the pooling its "
                 "weights were trained for, e.g. --text-pooling cls for a Bio_ClinicalBERT copy)", folder)
     return "mean"

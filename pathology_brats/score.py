@@ -123,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         joined = join_submission(submission, gold, schema)
     except DataError as err:
-        raise DataError(args.gold if err.source == GOLD else args.submission, err.message) from err
+        files = {GOLD: args.gold, SUBMISSION: args.submission}  # the file each named input came from
+        raise DataError(files.get(err.source, args.submission), err.message) from err
     scores = challenge_scores(joined["Target"].to_numpy(), joined["Prediction"].to_numpy(), schema)
     missing = int(joined["missing"].sum())
     print(f"{len(joined)} gold rows, {missing} without a prediction (scored as {schema.penalty}), "
