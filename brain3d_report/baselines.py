@@ -59,13 +59,13 @@ from brain3d_report.generate import (
     volume_cache_root,
 )
 from brain3d_report.train import PROMPT
-from common.checkpoint import atomic_write_json, atomic_write_text, recover_results, result_set
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int, require
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.metrics.text import TextScorer
 from common.retrieval import make_index, search
 from common.run_guard import guard_command
+from common.rundir import atomic_write_json, atomic_write_text, recover_results, result_set
 from common.tables import json_safe, markdown_table
 from common.vlm import VLM_PRESETS
 

@@ -56,11 +56,11 @@ from brain3d_report.generate import (
     volume_cache_root,
 )
 from brain3d_report.train import prompt_tokens
-from common.checkpoint import atomic_save_figure, atomic_write_bytes, atomic_write_json, result_set
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_float, positive_int, require
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.run_guard import guard_command
+from common.rundir import atomic_save_figure, atomic_write_bytes, atomic_write_json, result_set
 from common.tables import json_safe
 
 log = logging.getLogger("medvl.brain3d_report")

@@ -52,7 +52,6 @@ from brain3d_report.data import (
     report_side,
 )
 from brain3d_report.train import PIPELINE, PROMPT, load_stage_run, prompt_tokens
-from common.checkpoint import META_FILE, WEIGHTS_FILE, atomic_write_json, find_model_dir, read_jsonl, recover_results
 from common.cli import (
     MedvlArgumentParser,
     base_parser,
@@ -66,6 +65,7 @@ from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.feature_cache import default_cache_root, file_digest
 from common.run_guard import guard_command
+from common.rundir import META_FILE, WEIGHTS_FILE, atomic_write_json, find_model_dir, read_jsonl, recover_results
 from common.runs import LoadedRun, check_record
 
 log = logging.getLogger("medvl.brain3d_report")

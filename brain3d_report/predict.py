@@ -41,13 +41,13 @@ from brain3d_report.generate import (
     generate_reports,
     load_report_run,
 )
-from common.checkpoint import atomic_save_figure, atomic_write_bytes
 from common.cli import parse_args, positive_int
 from common.device import pick_device
 from common.errors import ConfigError, cli_entry
 from common.predict import predict_parser, run_predictions
 from common.reader import VOLUME, volume_as_nifti
 from common.run_guard import guard_command
+from common.rundir import atomic_save_figure, atomic_write_bytes
 
 EXPLAIN_SAMPLES = 200
 

@@ -21,12 +21,12 @@ import torch
 
 from brain3d_report.data import load_cases, make_dataset
 from brain3d_report.train import load_stage_run
-from common.checkpoint import atomic_write_json
 from common.cli import MedvlArgumentParser, base_parser, parse_args, require
 from common.device import pick_device
 from common.errors import DataError, cli_entry
 from common.feature_cache import default_cache_root
 from common.run_guard import guard_command
+from common.rundir import atomic_write_json
 
 SIDES = ("left", "right")
 

@@ -68,7 +68,6 @@ from brain3d_report.model import (
     model_from_config,
     trainable_parameters,
 )
-from common.checkpoint import META_FILE, find_model_dir
 from common.cli import (
     MedvlArgumentParser,
     base_parser,
@@ -87,6 +86,7 @@ from common.feature_cache import default_cache_root
 from common.metrics.clinical import keyword_spans
 from common.presets import get_preset
 from common.run_guard import guard_command, path_values
+from common.rundir import META_FILE, find_model_dir
 from common.runs import load_run, model_record, save_run_model
 from common.text_encoders import text_presets
 
