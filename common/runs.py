@@ -43,7 +43,6 @@ from common.rundir import (
     require_keys,
     save_model,
 )
-from common.tables import ci_cell  # noqa: F401  (its earlier home)
 
 log = logging.getLogger("medvl.runs")
 
@@ -162,7 +161,7 @@ def settings_changes(module, argv: list[str], run_dir: Path) -> list[str]:
     import yaml
 
     from common.cli import config_text, parse_args
-    from common.engine import RESUMABLE_CHANGES
+    from common.rundir import RESUMABLE_CHANGES
 
     path = Path(run_dir) / "config.yaml"
     try:
@@ -198,5 +197,5 @@ def train_or_resume(module, argv: list[str], run_dir: Path) -> None:
         raise DataError(run_dir, f"{module.__name__} failed (exit {code}); see the line above")
 
 
-__all__ = ["run_state", "settings_changes", "train_or_resume", "ci_cell", "MODEL_FORMAT", "SCHEMA", "model_record",
+__all__ = ["run_state", "settings_changes", "train_or_resume", "MODEL_FORMAT", "SCHEMA", "model_record",
            "save_run_model", "check_record", "read_run_record", "load_run", "LoadedRun"]
