@@ -16,12 +16,12 @@ from common.errors import DataError
 from common.feature_cache import FeatureCache
 from common.phantoms.histology import write_histology
 from pathology_brats import extract
-from pathology_brats.captions import pad_tokens, text_cache
+from pathology_brats.caption_files import pad_tokens, text_cache
 from pathology_brats.encoder import load_tile_encoder, preprocess, read_rgb
 from pathology_brats.extract import DIHEDRAL, dihedral, encode_tiles, view_cache, view_features
 from pathology_brats.inference import predict
-from pathology_brats.inputs import TileDataset
 from pathology_brats.model import TileCaptionClassifier
+from pathology_brats.shared import TileDataset
 
 CPU = torch.device("cpu")
 

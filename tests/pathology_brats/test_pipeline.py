@@ -13,11 +13,11 @@ from common.errors import ConfigError, DataError
 from common.feature_cache import FeatureCache
 from common.phantoms.histology import write_histology
 from pathology_brats import evaluate, train
-from pathology_brats.captions import read_captions
+from pathology_brats.caption_files import read_captions
+from pathology_brats.challenge_metrics import challenge_scores
 from pathology_brats.encoder import cache_for, check_image_tokens, load_tile_encoder, preprocess
 from pathology_brats.extract import encode_tiles
 from pathology_brats.model import TileCaptionClassifier
-from pathology_brats.scoring import challenge_scores
 
 
 @pytest.fixture(scope="module")
@@ -336,8 +336,8 @@ def test_tta_averages_the_eight_dihedral_views(histology, tmp_path):
     from common.runs import load_run
     from pathology_brats import inference
     from pathology_brats.extract import dihedral
-    from pathology_brats.inputs import TileDataset
     from pathology_brats.model import build_run_model
+    from pathology_brats.shared import TileDataset
 
     run = tmp_path / "run"
     assert train.main([*_small(histology, tmp_path), "--modality", "image", "--output-dir", str(run)]) == 0
