@@ -109,7 +109,7 @@ def explain_run(run_dir: Path, split: str = "test", n: int = 8, data_root: Path 
     return frame
 
 
-def demo_section(run_dir: Path, out_dir: Path) -> str:
+def run_section(run_dir: Path, out_dir: Path) -> str:
     """Grad-CAM on the test split of a trained run, as the Markdown section of the demo report."""
     frame = explain_run(Path(run_dir), "test", n=6)
     lines = ["## Pneumonia: Grad-CAM", "",

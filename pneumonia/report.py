@@ -314,7 +314,7 @@ def run_reports(run_dir: Path, vlm_name: str, prompts: Sequence[str], out_dir: P
     return summary
 
 
-def demo_section(run_dir: Path, out_dir: Path, limit: int = 8) -> str:
+def run_section(run_dir: Path, out_dir: Path, limit: int = 8) -> str:
     """tiny-gemma3 reports for the three prompts on ``limit`` test images, as a Markdown section of the demo."""
     reports = Path(out_dir) / "pneumonia_reports"
     summary = run_reports(Path(run_dir), "tiny-gemma3", PROMPTS, reports, limit=limit, batch_size=limit,

@@ -386,7 +386,7 @@ def retrieval_gallery(query_images: np.ndarray, query_labels: np.ndarray, query_
     return path
 
 
-def demo_section(run_dir: Path, out_dir: Path) -> str:
+def run_section(run_dir: Path, out_dir: Path) -> str:
     """Build every index for a trained run, evaluate it, and return the Markdown section of the demo report."""
     ctx = open_run(run_dir)
     build(ctx, INDEXES)
