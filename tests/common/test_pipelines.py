@@ -166,5 +166,9 @@ def test_evaluate_without_predictions_asks_for_the_predicting_command(pipeline, 
     assert f"python -m {pipeline.predicts}" in err
 
 
-def test_architecture_states_the_stage_convention_of_every_pipeline():
+def test_architecture_and_each_readme_state_the_stage_convention():
     assert stage_table() in (REPO / "ARCHITECTURE.md").read_text()
+    for pipeline in PIPELINES:
+        readme = REPO / pipeline.name / "README.md"
+        readme = readme if readme.is_file() else REPO / "README.md"
+        assert stage_table([pipeline]) in readme.read_text(), readme
