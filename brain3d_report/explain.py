@@ -47,14 +47,13 @@ import torch.nn.functional as F
 from brain3d_report.data import Case, check_nifti, load_volume, make_dataset
 from brain3d_report.generate import (
     NO_REPEAT_NGRAM_SIZE,
-    add_run_data_args,
     decoding_kwargs,
     generate_reports,
     load_report_run,
     nifti_id,
     run_cases,
-    volume_cache_root,
 )
+from brain3d_report.shared import add_run_data_args, volume_cache_root
 from brain3d_report.train import prompt_tokens
 from common.checkpoint import atomic_save_figure, atomic_write_bytes, atomic_write_json, result_set
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_float, positive_int, require

@@ -45,8 +45,6 @@ from brain3d_report.data import (
     PERCENTILES,
     Cases,
     LeftRightMirror,
-    add_data_args,
-    cases_from_args,
     mirror_report,
     mirror_volumes,
     save_split,
@@ -68,6 +66,7 @@ from brain3d_report.model import (
     model_from_config,
     trainable_parameters,
 )
+from brain3d_report.shared import add_data_args, cases_from_args
 from common.checkpoint import META_FILE, find_model_dir
 from common.cli import (
     MedvlArgumentParser,
