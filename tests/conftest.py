@@ -139,7 +139,7 @@ def brain_tiny_runs(tmp_path_factory, small_brain_phantom) -> dict[str, Path]:
     assert train.main(["--stage", "contrastive", "--output-dir", str(dirs["r1"]), "--vision", "siglip-tiny", "--lm",
                        "tiny-gemma3", "--text-embedding", "lm", *common]) == 0
     assert train.main(["--stage", "warmup", "--output-dir", str(dirs["r2"]), "--init", str(dirs["r1"]),
-                       "--max-text-len", "48", "--batch-size", "4", "--grad-accum", "1", *common]) == 0
+                       "--max-text-len", "48", "--batch-size", "4", "--grad-accum", "1", "--lr", "2e-4", *common]) == 0
     return dirs
 
 

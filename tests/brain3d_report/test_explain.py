@@ -26,6 +26,7 @@ import torch
 
 from brain3d_report import explain, train
 from brain3d_report.data import load_cases, load_volume, make_dataset
+from common.runs import load_run
 
 
 def _blob_volume(shape=(16, 32, 32), seed: int = 0) -> torch.Tensor:
@@ -110,7 +111,7 @@ def test_preprocessed_affine_maps_voxels_to_world_coordinates(tmp_path, lps):
 
 
 def test_phrase_log_likelihood_is_the_caption_loss_times_the_tokens(brain_tiny_runs):
-    loaded = train.load_stage_run(brain_tiny_runs["r2"], torch.device("cpu"))
+    loaded = load_run(brain_tiny_runs["r2"], train.PIPELINE, train.model_builder())
     model = loaded.model
     case = load_cases(brain_tiny_runs["data"], split=brain_tiny_runs["r2"] / "split.csv").split("test")[0]
     volume = load_volume(case.flair, loaded.meta["preprocessing"]["volume_size"])[None]
@@ -143,7 +144,7 @@ def test_explain_cli_writes_the_heat_map_on_the_original_scan(brain_tiny_runs, t
     weights = np.asarray(record["weights"])
     np.testing.assert_allclose(np.asarray(image.dataobj), np.where(labels >= 0, weights[labels.clip(0)], 0),
                                rtol=1e-6, atol=1e-7)
-    model = train.load_stage_run(run, torch.device("cpu")).model
+    model = load_run(run, train.PIPELINE, train.model_builder()).model
     direct = explain.phrase_log_likelihood(model, volume[None], explain.phrase_ids(model.tokenizer, "left frontal"))
     assert record["base_log_likelihood"] == pytest.approx(float(direct[0]), rel=1e-5)
     png = stem.with_suffix(".png").read_bytes()

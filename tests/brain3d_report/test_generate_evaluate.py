@@ -23,6 +23,7 @@ from brain3d_report import baselines, evaluate, generate, train
 from brain3d_report.data import HEALTHY_TEMPLATES, load_cases, load_volume, make_dataset, packaged_file
 from common.metrics.clinical import clinical_f1, clinical_per_case, lesion_detection
 from common.metrics.text import TextScorer, corpus_scores
+from common.runs import load_run
 
 SCORING = ["--bertscore", "none", "--no-meteor"]
 
@@ -96,7 +97,7 @@ def test_greedy_reports_equal_direct_generation_and_the_shuffled_control_uses_an
         assert record["reference"] == plain[record["id"]]["reference"]
         assert record["report"] == plain[record["volume_id"]]["report"]
 
-    loaded = train.load_stage_run(run, torch.device("cpu"))
+    loaded = load_run(run, train.PIPELINE, train.model_builder())
     model = loaded.model
     case = load_cases(brain_tiny_runs["data"], split=run / "split.csv").split("test")[0]
     volume = load_volume(case.flair, loaded.meta["preprocessing"]["volume_size"])[None]
@@ -256,7 +257,7 @@ def test_baselines_table_beside_the_model(run, brain_tiny_runs, capsys):
 
     cases = load_cases(brain_tiny_runs["data"], split=run / "split.csv")
     train_cases, test_cases = cases.split("train"), cases.split("test")
-    loaded = train.load_stage_run(run, torch.device("cpu"))
+    loaded = load_run(run, train.PIPELINE, train.model_builder())
     size = loaded.meta["preprocessing"]["volume_size"]
     centre = getattr(loaded.model, "image_center", torch.zeros(()))
     with torch.no_grad():
