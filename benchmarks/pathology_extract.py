@@ -127,7 +127,7 @@ def former_encode_tiles(encoder, paths, cache, device, normalize="imagenet", bat
 
 def _read_back(model, features, batch_size: int) -> float:
     """What training reads: the standardisation fit, then one shuffled epoch of batches."""
-    from pathology_brats.inputs import TileDataset
+    from pathology_brats.shared import TileDataset
 
     model.fit_standardization(features)
     dataset = TileDataset(np.zeros(len(features)), features)

@@ -10,7 +10,11 @@ PIPELINE = Pipeline(
     commands=("brain3d_report.data", "brain3d_report.train", "brain3d_report.generate",
               "brain3d_report.evaluate", "brain3d_report.baselines", "brain3d_report.probe", "brain3d_report.explain",
               "brain3d_report.predict"),
+    stages=(("contrastive", "brain3d_report.train"), ("warmup", "brain3d_report.train"),
+            ("lora", "brain3d_report.train")),
+    predicts="brain3d_report.generate", scores="brain3d_report.evaluate",
     tokenizer_corpora={"brain": "brain3d_report.lm_twin:tokenizer_corpus"},
 )
 """What the floor knows of this pipeline (``common.pipelines``): ``run_outputs`` are the files and folders its
-commands write into a run directory, which ``--overwrite`` removes."""
+commands write into a run directory, which ``--overwrite`` removes; ``stages`` its training in order, ``predicts``
+and ``scores`` the commands that write a run's predictions and score them."""

@@ -41,7 +41,6 @@ import torch
 
 from brain3d_report.data import SPLITS, Case, make_dataset
 from brain3d_report.evaluate import (
-    add_scoring_args,
     ci_text,
     make_scorer,
     metric_names,
@@ -51,12 +50,11 @@ from brain3d_report.evaluate import (
 )
 from brain3d_report.generate import (
     PREDICTIONS_DIR,
-    add_run_data_args,
     append_records,
     prepare_output,
     run_cases,
-    volume_cache_root,
 )
+from brain3d_report.shared import add_run_data_args, add_scoring_args, volume_cache_root
 from brain3d_report.train import PIPELINE, PROMPT, model_builder
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int, require
 from common.device import pick_device

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int, require, unit_interval
+from common.cli import MedvlArgumentParser, base_parser, parse_args
 from common.errors import ConfigError, DataError, cli_entry
 from common.run_guard import guard_command, path_values
 from common.splits import group_split, load_split_csv, save_split_csv
@@ -921,47 +921,11 @@ def load_volume(path: Path, volume_size: Sequence[int] = DEFAULT_VOLUME_SIZE) ->
 
 # --- command line --------------------------------------------------------------------------------------------------
 
-def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The data flags shared by the brain3d_report scripts."""
-    group = parser.add_argument_group("data")
-    group.add_argument("--data-root", type=Path, default=None,
-                       help="folder of case folders <ID>/<ID>_flair.nii[.gz] or <ID>/<ID>-t2f.nii.gz")
-    group.add_argument("--reports", default=None,
-                       help="reports: a {case_id: text} JSON, a TextBraTS folder <ID>/<ID>_flair_text.txt, or "
-                            "'textbrats' (the packaged 369 reports); default: the text files beside the volumes")
-    group.add_argument("--healthy-root", type=Path, default=None,
-                       help="folder of healthy controls sub-*.nii[.gz] (default DATA_ROOT/healthy when present)")
-    group.add_argument("--split", default="stratified",
-                       help="stratified (by lesion side, 70/10/20 by default), official (TextBraTS Train/Test.json) "
-                            "or a split.csv written by an earlier run")
-    group.add_argument("--val-fraction", type=unit_interval, default=DEFAULT_FRACTIONS[1],
-                       help="share of cases in val (stratified split)")
-    group.add_argument("--test-fraction", type=unit_interval, default=DEFAULT_FRACTIONS[2],
-                       help="share of cases in test (stratified split)")
-    group.add_argument("--split-seed", type=int, default=DEFAULT_SPLIT_SEED, help="seed of the stratified split")
-    group.add_argument("--skip-bad", action="store_true",
-                       help="skip and count cases with a missing FLAIR, a bad NIfTI, a missing/empty report or "
-                            "(when training) voxels that are NaN, all zero, constant or hold no brain")
-    group.add_argument("--volume-size", type=positive_int, nargs=3, default=list(DEFAULT_VOLUME_SIZE),
-                       metavar=("D", "H", "W"), help="preprocessed volume size (default 64 128 128, the seed's)")
-    return parser
-
-
-def cases_from_args(args: argparse.Namespace) -> Cases:
-    """``load_cases`` with the flags of ``add_data_args``."""
-    require(args, data_root="the folder of case folders")
-    if args.val_fraction + args.test_fraction >= 1:
-        raise ConfigError("--val-fraction", f"val {args.val_fraction} + test {args.test_fraction} leaves no training "
-                                            "cases")
-    parse_volume_size(args.volume_size)
-    fractions = (1 - args.val_fraction - args.test_fraction, args.val_fraction, args.test_fraction)
-    return load_cases(args.data_root, reports=args.reports, healthy_root=args.healthy_root, split=args.split,
-                      fractions=fractions, seed=args.split_seed, skip_bad=args.skip_bad)
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     parser = MedvlArgumentParser(prog="python -m brain3d_report.data", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter, parents=[base_parser()])
+    from brain3d_report.shared import add_data_args  # shared.py builds on this module
+
     add_data_args(parser)
     parser.add_argument("--write-split", type=Path, default=None, help="write the split as this split.csv")
     return parser
@@ -972,6 +936,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(get_args_parser(), argv)
     guard_command(args, writes=("write_split",), beside=("data_root", "healthy_root"),
                   extra_reads=path_values(args, "split", "reports"))
+    from brain3d_report.shared import cases_from_args
+
     cases = cases_from_args(args)
     for split, sides in cases.counts().items():
         print(f"{split:>6}: {sum(sides.values()):4d} cases  " + "  ".join(f"{k} {v}" for k, v in sides.items()))
@@ -990,7 +956,7 @@ __all__ = ["Case", "Cases", "BrainVolumes", "load_cases", "report_side", "health
            "side_stratified_split", "save_split", "check_nifti", "find_flair", "check_volume_size",
            "parse_volume_size", "preprocess_transform", "cache_key", "make_dataset", "stack_volumes", "load_volume",
            "split_volumes", "check_voxels", "BadVolume", "brain_mask", "background_value",
-           "add_data_args", "cases_from_args", "packaged_file", "mirror_report", "mirror_volumes",
+           "packaged_file", "mirror_report", "mirror_volumes",
            "LeftRightMirror", "DEFAULT_VOLUME_SIZE", "SIDES", "SPLITS",
            "HEALTHY_TEMPLATES"]
 

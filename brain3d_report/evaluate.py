@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from common.cli import MedvlArgumentParser, base_parser, nonnegative_int, parse_args, require
+from brain3d_report.shared import add_scoring_args
+from common.cli import MedvlArgumentParser, base_parser, parse_args, require
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.metrics.clinical import clinical_per_case, states_lesion
@@ -62,7 +63,6 @@ KEY_ORDER = (*CORPUS_KEYS[:4], "meteor", "meteor_segment", "meteor_seed", "rouge
              *CLINICAL_KEYS, *LESION_KEYS)
 """Table order; ``bertscore`` stands for the ``bertscore_f1_<model>`` key that names the model used."""
 REQUIRED_FIELDS = {"id": str, "reference": str, "report": str, "healthy": bool}
-BERTSCORE_FLAG = ("auto", "minilm", "roberta-base", "none")
 
 
 @dataclass
@@ -83,24 +83,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="name of the predictions file: test (default), val, test_quick ...")
     add_scoring_args(parser, n_boot=1000, n_boot_corpus=200)
     return parser
-
-
-def add_scoring_args(parser: argparse.ArgumentParser, n_boot: int, n_boot_corpus: int) -> None:
-    """Flags shared with ``brain3d_report.baselines``: bootstrap sizes, BERTScore model, METEOR."""
-    group = parser.add_argument_group("scoring")
-    group.add_argument("--n-boot", type=nonnegative_int, default=n_boot,
-                       help="bootstrap resamples of the per-case metrics (95%% intervals)")
-    group.add_argument("--n-boot-corpus", type=nonnegative_int, default=n_boot_corpus,
-                       help="bootstrap resamples of corpus BLEU and CIDEr (recomputed per resample)")
-    group.add_argument("--n-boot-meteor", type=nonnegative_int, default=0,
-                       help="bootstrap resamples of corpus METEOR (a Java METEOR pass each; 0: no interval)")
-    group.add_argument("--bertscore", choices=BERTSCORE_FLAG, default="auto",
-                       help="auto: roberta-base (the seed's) when cached, else the offline MiniLM; none: skip")
-    group.add_argument("--meteor", action=argparse.BooleanOptionalAction, default=True,
-                       help="METEOR (needs java; its paraphrase table takes ~15 s of CPU to load)")
-    group.add_argument("--meteor-seed", action=argparse.BooleanOptionalAction, default=True,
-                       help="meteor_seed: the seed's NLTK METEOR per report (needs NLTK's WordNet data: python -m "
-                            "nltk.downloader wordnet; without it the key is left out with a note)")
 
 
 class _NoWordNet:
@@ -507,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 __all__ = ["GROUPS", "CORPUS_KEYS", "CLINICAL_KEYS", "LESION_KEYS", "GroupScores", "read_predictions", "seed_meteor",
            "score_records", "per_case_frame", "check_control", "read_run_predictions", "comparison_table", "ci_text",
-           "evaluate_run", "add_scoring_args", "make_scorer", "predictions_path"]
+           "evaluate_run", "make_scorer", "predictions_path"]
 
 
 if __name__ == "__main__":

@@ -48,13 +48,12 @@ from brain3d_report.data import Case, check_nifti, load_volume, make_dataset
 from brain3d_report.generate import (
     CAPTION_STAGES,
     NO_REPEAT_NGRAM_SIZE,
-    add_run_data_args,
     decoding_kwargs,
     generate_reports,
     nifti_id,
     run_cases,
-    volume_cache_root,
 )
+from brain3d_report.shared import add_run_data_args, volume_cache_root
 from brain3d_report.train import PIPELINE, model_builder, prompt_tokens
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_float, positive_int, require
 from common.device import pick_device

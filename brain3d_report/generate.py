@@ -51,6 +51,7 @@ from brain3d_report.data import (
     make_dataset,
     report_side,
 )
+from brain3d_report.shared import add_run_data_args, volume_cache_root
 from brain3d_report.train import PIPELINE, PROMPT, model_builder, prompt_tokens
 from common.cli import (
     MedvlArgumentParser,
@@ -63,7 +64,7 @@ from common.cli import (
 )
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
-from common.feature_cache import default_cache_root, file_digest
+from common.feature_cache import file_digest
 from common.run_guard import guard_command
 from common.rundir import WEIGHTS_FILE, atomic_write_json, read_jsonl, recover_results
 from common.runs import load_run, read_run_record
@@ -118,16 +119,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_run_data_args(parser: argparse.ArgumentParser) -> None:
-    """Where a run's data is when it has moved since training, and where preprocessed volumes are cached."""
-    group = parser.add_argument_group("data (default: what the run was trained on)")
-    group.add_argument("--data-root", type=Path, default=None, help="the run's data root, if it has moved")
-    group.add_argument("--healthy-root", type=Path, default=None,
-                       help="healthy controls, if the run used --healthy-root (default DATA_ROOT/healthy)")
-    group.add_argument("--volume-cache", type=Path, default=None,
-                       help="folder of preprocessed volumes (default: <cache-dir>/volumes or ~/.cache/medvl/volumes)")
-
-
 def run_cases(meta: dict, run_dir: Path, data_root: Path | None = None, healthy_root: Path | None = None) -> Cases:
     """The cases of a run with the split it trained on (its ``split.csv``), under its data root or ``data_root``."""
     split_csv = Path(run_dir) / "split.csv"
@@ -135,10 +126,6 @@ def run_cases(meta: dict, run_dir: Path, data_root: Path | None = None, healthy_
         raise DataError(split_csv, "the run has no split.csv (is it a brain3d_report run?)")
     root = Path(data_root) if data_root is not None else Path(meta["data"]["root"])
     return load_cases(root, reports=meta["data"].get("reports"), healthy_root=healthy_root, split=split_csv)
-
-
-def volume_cache_root(args: argparse.Namespace) -> Path:
-    return args.volume_cache or default_cache_root(args.cache_dir, "volumes")
 
 
 def derangement(n: int, seed: int) -> np.ndarray:
@@ -397,7 +384,7 @@ def _volume_reader(flairs: list[Path], volume_size: tuple[int, ...], args: argpa
 
 __all__ = ["SEED_DECODING", "MAX_NEW_TOKENS", "PREDICTIONS_DIR", "FIELDS", "CAPTION_STAGES", "run_cases",
            "derangement", "batch_seed", "decoding_kwargs", "generate_reports", "write_predictions", "prepare_output",
-           "append_records", "complete_lines", "done_ids", "meta_path", "add_run_data_args", "volume_cache_root"]
+           "append_records", "complete_lines", "done_ids", "meta_path"]
 
 
 if __name__ == "__main__":

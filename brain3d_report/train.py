@@ -48,8 +48,6 @@ from brain3d_report.data import (
     Cases,
     LeftRightMirror,
     MirroredPairs,
-    add_data_args,
-    cases_from_args,
     mirror_report,
     mirror_volumes,
     save_split,
@@ -71,6 +69,7 @@ from brain3d_report.model import (
     model_from_config,
     trainable_parameters,
 )
+from brain3d_report.shared import add_data_args, cases_from_args
 from common.cli import (
     MedvlArgumentParser,
     base_parser,

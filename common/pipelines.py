@@ -11,6 +11,11 @@ the declarations here and nowhere names a pipeline:
     app           ``"module:attr"`` of its ``common.app.AppSpec`` (the web app's tab)
     commands      the modules its command lines run (``python -m <module>``), for documentation and the
                   entry-point tests
+    stages        its training, in order: ``(stage, command module)`` pairs; a run of a stage writes ``"stage":
+                  <stage>`` into ``model.json``, and a command that trains several stages takes ``--stage <stage>``
+    predicts      the command that writes a trained run's ``predictions/``
+    scores        the command that scores those predictions into the run's results: always ``<package>.evaluate``,
+                  which also predicts unless ``predicts`` names another command (then it asks for that one first)
     tokenizer_corpora  ``{name: "module:function"}``: text corpora a tiny tokenizer of ``common.tiny`` may be
                   trained on (only called to rebuild ``common/assets/tiny_tokenizers.json``)
 
@@ -45,6 +50,9 @@ class Pipeline:
     demo: str = ""
     app: str = ""
     commands: tuple[str, ...] = field(default=())
+    stages: tuple[tuple[str, str], ...] = ()
+    predicts: str = ""
+    scores: str = ""
     tokenizer_corpora: dict[str, str] = field(default_factory=dict)
 
     def demo_section(self) -> Callable[[Path], str]:
@@ -54,6 +62,25 @@ class Pipeline:
     def app_spec(self) -> Any:
         """The pipeline's ``AppSpec``."""
         return _attr(self.app, "APP")
+
+    def stage_commands(self) -> dict[str, str]:
+        """``{stage: command module}`` in training order."""
+        return dict(self.stages)
+
+
+def stage_table(pipelines: Iterable[Pipeline] | None = None) -> str:
+    """The Markdown table of each pipeline's stages, predicting and scoring commands (ARCHITECTURE.md holds it)."""
+    rows = ["| pipeline | training stages, in order: `stage` (command) | predicts | scores |", "|---|---|---|---|"]
+    for pipeline in discover() if pipelines is None else pipelines:
+        stages = " → ".join(f"`{stage}` (`{module}" + (f" --stage {stage}" if _shared(pipeline, module) else "") + "`)"
+                            for stage, module in pipeline.stages)
+        rows.append(f"| {pipeline.name} | {stages} | `{pipeline.predicts}` | `{pipeline.scores}` |")
+    return "\n".join(rows) + "\n"
+
+
+def _shared(pipeline: Pipeline, module: str) -> bool:
+    """Whether ``module`` trains more than one of ``pipeline``'s stages (it then takes ``--stage``)."""
+    return sum(m == module for _, m in pipeline.stages) > 1
 
 
 def _attr(value: str, default: str) -> Any:
@@ -128,5 +155,5 @@ def matching_outputs(run_dir: Path, patterns: Iterable[str]) -> list[Path]:
 
 
 __all__ = ["GROUP", "FLOOR_OUTPUTS", "Pipeline", "entry_point_values", "load_declared", "load", "discover",
-           "tokenizer_corpus",
+           "tokenizer_corpus", "stage_table",
            "run_outputs", "matching_outputs"]

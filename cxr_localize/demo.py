@@ -15,6 +15,7 @@ from pathlib import Path
 from common.phantoms.iu import DEFAULT_N, write_iu
 from cxr_localize import evaluate, pretrain, train
 
+DEMO_PATIENTS = DEFAULT_N
 DEMO_IMAGE_SIZE = 96
 DEMO_EPOCHS = 25
 DEMO_TEXT_ENCODER = "minilm"
@@ -26,27 +27,28 @@ def _run(main, argv: list[str]) -> None:
         raise SystemExit(code)
 
 
-def demo_section(out_dir: Path, n: int = DEFAULT_N, image_size: int = DEMO_IMAGE_SIZE, epochs: int = DEMO_EPOCHS,
-                 text_encoder: str = DEMO_TEXT_ENCODER) -> str:
+def demo_section(out_dir: Path) -> str:
     """Run the pipeline under ``out_dir/cxr_localize`` and return its Markdown section (links relative to out_dir)."""
     out_dir = Path(out_dir)
     root = out_dir / "cxr_localize"
     data, phase1, run_dir = root / "phantom", root / "pretrain", root / "train"
-    write_iu(data, n=n, seed=0)
-    size = ["--image-size", str(image_size)]
+    write_iu(data, n=DEMO_PATIENTS, seed=0)
+    size = ["--image-size", str(DEMO_IMAGE_SIZE)]
     _run(pretrain.main, ["--data-root", str(data), "--output-dir", str(phase1), "--encoder-weights", "none",
                          "--epochs", "1", "--no-progress", "--overwrite", *size])
-    _run(train.main, ["--data-root", str(data), "--encoder-init", str(phase1), "--text-encoder", text_encoder,
-                      "--output-dir", str(run_dir), "--epochs", str(epochs), "--no-progress", "--overwrite", *size])
+    _run(train.main, ["--data-root", str(data), "--encoder-init", str(phase1), "--text-encoder", DEMO_TEXT_ENCODER,
+                      "--output-dir", str(run_dir), "--epochs", str(DEMO_EPOCHS), "--no-progress", "--overwrite",
+                      *size])
     results = evaluate.evaluate_run(run_dir)
     link = lambda path: os.path.relpath(path, out_dir)  # noqa: E731
     table = (run_dir / "results.md").read_text().split("\n", 1)[1]
     table = table.replace("](figures/", f"]({link(run_dir / 'figures')}/")
     return "\n".join([
         "## Chest X-ray localisation: report-conditioned U-Net", "",
-        f"IU X-ray-format phantom ({n} patients; each image holds two opacities, the report names one), "
+        f"IU X-ray-format phantom ({DEMO_PATIENTS} patients; each image holds two opacities, the report names one), "
         f"`python -m cxr_localize.pretrain` (1 masked-reconstruction epoch), `python -m cxr_localize.train "
-        f"--text-encoder {text_encoder}` ({epochs} epochs, {image_size} px, frozen ResNet34 encoder, FiLM fusion) and "
+        f"--text-encoder {DEMO_TEXT_ENCODER}` ({DEMO_EPOCHS} epochs, {DEMO_IMAGE_SIZE} px, frozen ResNet34 encoder, "
+        "FiLM fusion) and "
         "`python -m cxr_localize.evaluate`. A shortened run; the full default run is reported in "
         "cxr_localize/README.md.", "",
         f"Dice {results['dice']:.3f} with the reports, {results['dice_shuffled']:.3f} with reports shuffled across "

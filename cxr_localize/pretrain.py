@@ -44,9 +44,9 @@ from common.run_guard import guard_command, path_values
 from common.rundir import result_set
 from common.runs import model_record, save_run_model
 from common.tables import metrics_with_ci, write_results
-from cxr_localize.common_args import add_data_args, add_encoder_args, split_table
 from cxr_localize.data import ImageDataset, load_iu
 from cxr_localize.model import build_unet
+from cxr_localize.shared import add_data_args, add_encoder_args, split_table
 
 log = logging.getLogger("medvl.cxr_localize")
 

@@ -41,7 +41,6 @@ from common.plots import loss_curves
 from common.run_guard import guard_command, path_values
 from common.runs import model_record, save_run_model
 from common.splits import load_split_csv
-from cxr_localize.common_args import add_data_args, add_encoder_args, split_table
 from cxr_localize.data import MASK_DIR, TEXT_SOURCES, LocalizationDataset, load_iu, swap_left_right
 from cxr_localize.model import (
     FUSIONS,
@@ -51,6 +50,7 @@ from cxr_localize.model import (
     load_encoder_init,
     load_text_encoder,
 )
+from cxr_localize.shared import add_data_args, add_encoder_args, split_table
 
 log = logging.getLogger("medvl.cxr_localize")
 

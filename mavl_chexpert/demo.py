@@ -20,16 +20,15 @@ DEMO_EPOCHS = 15
 DEMO_TEXT_ENCODER = "minilm"
 
 
-def demo_section(out_dir: Path, n: int = DEMO_PATIENTS, epochs: int = DEMO_EPOCHS,
-                 text_encoder: str = DEMO_TEXT_ENCODER) -> str:
+def demo_section(out_dir: Path) -> str:
     """Run the ablation under ``out_dir/mavl_chexpert`` and return its Markdown section (links relative to out_dir)."""
     out_dir = Path(out_dir)
     root = out_dir / "mavl_chexpert"
     data, runs = root / "CheXpert-v1.0-small", root / "ablation"
     if not (data / "train.csv").is_file():
-        write_chexpert(data, n=n, seed=0)
+        write_chexpert(data, n=DEMO_PATIENTS, seed=0)
     code = ablate.main(["--data-root", str(data), "--output-dir", str(runs), "--backbone", "vit-tiny",
-                        "--text-encoder", text_encoder, "--", "--epochs", str(epochs)])
+                        "--text-encoder", DEMO_TEXT_ENCODER, "--", "--epochs", str(DEMO_EPOCHS)])
     if code != 0:
         raise SystemExit(code)
     fusion = runs / "fusion_tail"
@@ -40,9 +39,10 @@ def demo_section(out_dir: Path, n: int = DEMO_PATIENTS, epochs: int = DEMO_EPOCH
     per_disease = per_disease.replace("](figures/", f"]({link(fusion / 'figures')}/")
     return "\n".join([
         "## MAVL on CheXpert: ViT + LRF, aspect descriptions, similarity fusion", "",
-        f"CheXpert-v1.0-small-format phantom ({n} training patients; each of the five findings drawn from six "
-        "shared aspect values, studies of one to three views), "
-        f"`python -m mavl_chexpert.ablate --backbone vit-tiny --text-encoder {text_encoder} -- --epochs {epochs}`: "
+        f"CheXpert-v1.0-small-format phantom ({DEMO_PATIENTS} training patients; each of the five findings drawn "
+        "from six shared aspect values, studies of one to three views), "
+        f"`python -m mavl_chexpert.ablate --backbone vit-tiny --text-encoder {DEMO_TEXT_ENCODER} "
+        f"-- --epochs {DEMO_EPOCHS}`: "
         "phase 1 with BCE only, with LRFL's tail term, with the seed's top-r term, and phase 3 fusion over the tail "
         "run; test set = valid.csv scored by study (the most suspicious view), thresholds chosen on the validation "
         "patients. A shortened run; the full default "

@@ -44,9 +44,9 @@ from common.rundir import atomic_write_json, atomic_write_text, recover_results,
 from common.runs import load_run
 from common.splits import load_split_csv
 from common.tables import ci_cell, json_safe, markdown_table, metrics_with_ci, write_results
-from mavl_chexpert.common_args import check_holdout_positives, choose_thresholds, split_metrics
 from mavl_chexpert.data import Preprocessing, Table, find_root, label_key, load_table
 from mavl_chexpert.model import build_fusion_model, build_image_model
+from mavl_chexpert.shared import check_holdout_positives, choose_thresholds, split_metrics
 
 log = logging.getLogger("medvl.mavl_chexpert")
 

@@ -40,15 +40,6 @@ from common.run_guard import guard_command
 from common.runs import load_run, model_record, save_run_model
 from common.splits import load_split_csv, split_csv_text
 from common.text_encoders import text_presets, weights_pooling
-from mavl_chexpert.common_args import (
-    THRESHOLD_RULES,
-    choose_thresholds,
-    data_record,
-    hide_holdout,
-    masked_bce,
-    parse_holdout,
-    split_metrics,
-)
 from mavl_chexpert.data import (
     Preprocessing,
     check_trainable,
@@ -63,6 +54,15 @@ from mavl_chexpert.model import (
     AspectAttentionFusion,
     FusionModel,
     build_image_model,
+)
+from mavl_chexpert.shared import (
+    THRESHOLD_RULES,
+    choose_thresholds,
+    data_record,
+    hide_holdout,
+    masked_bce,
+    parse_holdout,
+    split_metrics,
 )
 from mavl_chexpert.text import (
     DEFAULT_DESCRIPTIONS,

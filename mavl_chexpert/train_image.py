@@ -57,16 +57,6 @@ from common.presets import get_preset
 from common.run_guard import guard_command
 from common.runs import load_run, model_record, save_run_model
 from common.splits import split_csv_text
-from mavl_chexpert.common_args import (
-    THRESHOLD_RULES,
-    add_data_args,
-    check_holdout_positives,
-    choose_thresholds,
-    data_record,
-    masked_bce,
-    parse_holdout,
-    split_metrics,
-)
 from mavl_chexpert.data import (
     ChexpertDataset,
     check_trainable,
@@ -90,6 +80,16 @@ from mavl_chexpert.model import (
     seed_term,
     tail_shares,
     timm_architecture,
+)
+from mavl_chexpert.shared import (
+    THRESHOLD_RULES,
+    add_data_args,
+    check_holdout_positives,
+    choose_thresholds,
+    data_record,
+    masked_bce,
+    parse_holdout,
+    split_metrics,
 )
 
 log = logging.getLogger("medvl.mavl_chexpert")

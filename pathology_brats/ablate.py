@@ -23,8 +23,8 @@ from common.rundir import atomic_write_json, atomic_write_text, result_set
 from common.runs import train_or_resume
 from common.tables import ci_cell, markdown_table
 from pathology_brats import evaluate, train
+from pathology_brats.challenge_metrics import SCORER_KEYS
 from pathology_brats.model import MODALITIES
-from pathology_brats.scoring import SCORER_KEYS
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -26,7 +26,7 @@ from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.run_guard import guard_command
 from common.vlm import VLM_PRESETS, build_messages, generate_reports, load_vlm, processor_image_size
-from pathology_brats.captions import match_captions, read_captions
+from pathology_brats.caption_files import match_captions, read_captions
 from pathology_brats.data import VAL_FOLDER, load_tiles, tile_id
 from pathology_brats.encoder import read_rgb
 from pathology_brats.schema import SCHEMAS, get_schema

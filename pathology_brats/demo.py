@@ -23,7 +23,7 @@ DEMO_EPOCHS = 15
 DEMO_ENCODER, DEMO_TEXT_ENCODER = "gigapath-tiny", "minilm"
 
 
-def demo_section(out_dir: Path, epochs: int = DEMO_EPOCHS) -> str:
+def demo_section(out_dir: Path) -> str:
     """Run the ablation and a submission under ``out_dir/pathology_brats``; return the Markdown section."""
     out_dir = Path(out_dir)
     root = out_dir / "pathology_brats"
@@ -32,7 +32,8 @@ def demo_section(out_dir: Path, epochs: int = DEMO_EPOCHS) -> str:
         write_histology(data, seed=0)
     shared = ["--encoder", DEMO_ENCODER, "--text-encoder", DEMO_TEXT_ENCODER,
               "--feature-cache", str(root / "features")]
-    code = ablate.main(["--data-root", str(data), "--output-dir", str(runs), *shared, "--", "--epochs", str(epochs)])
+    code = ablate.main(["--data-root", str(data), "--output-dir", str(runs), *shared,
+                        "--", "--epochs", str(DEMO_EPOCHS)])
     if code == 0:
         code = submit.main(["--run-dir", str(runs / "fused"), "--images", str(data / "val"), "--out",
                             str(root / "submission.csv"), "--feature-cache", str(root / "features")])
@@ -57,8 +58,8 @@ def demo_section(out_dir: Path, epochs: int = DEMO_EPOCHS) -> str:
         "## BraTS-Path: tile encoder + captions, cross-attention fusion", "",
         f"Histology phantom (80 tiles per class, 9 classes of the 2025 schema; look-alike pairs the image barely "
         f"separates, captions wrong for a quarter of the tiles), `python -m pathology_brats.ablate --encoder "
-        f"{DEMO_ENCODER} --text-encoder {DEMO_TEXT_ENCODER} -- --epochs {epochs}`: the same split and seed for each "
-        "row, test tiles held out (70/15/15). A shortened run; the full default run is in the README.", "",
+        f"{DEMO_ENCODER} --text-encoder {DEMO_TEXT_ENCODER} -- --epochs {DEMO_EPOCHS}`: the same split and seed "
+        "for each row, test tiles held out (70/15/15). A shortened run; the full default run is in the README.", "",
         table, "",
         "Fused model, per class (95% bootstrap CI):" if per_class else "", "",
         per_class.strip(), "",

@@ -29,12 +29,12 @@ from common.rundir import atomic_write_text, recover_results, result_set
 from common.runs import load_run
 from common.splits import load_split_csv
 from common.tables import markdown_table, metrics_with_ci, write_results
+from pathology_brats.challenge_metrics import SCORER_KEYS, challenge_scores
 from pathology_brats.data import Tiles, load_tiles
 from pathology_brats.inference import TTA_CHOICES, tile_probabilities
-from pathology_brats.inputs import default_feature_cache
 from pathology_brats.model import build_run_model
 from pathology_brats.schema import get_schema
-from pathology_brats.scoring import SCORER_KEYS, challenge_scores
+from pathology_brats.shared import default_feature_cache
 from pathology_brats.train import caption_texts, known_images
 
 

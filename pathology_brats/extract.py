@@ -312,8 +312,8 @@ def _inputs(args: argparse.Namespace) -> tuple[list[Path], list[str], list[bool]
 def main(argv: Sequence[str] | None = None) -> int:
     from accelerate import PartialState
 
-    from pathology_brats.captions import caption_tokens, match_captions, read_captions
-    from pathology_brats.inputs import default_feature_cache
+    from pathology_brats.caption_files import caption_tokens, match_captions, read_captions
+    from pathology_brats.shared import default_feature_cache
 
     args = parse_args(get_args_parser(), argv)
     guard_command(args, writes=("feature_cache",), reads=("data_root", "labels_csv", "images", "captions"))

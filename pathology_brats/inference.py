@@ -22,7 +22,7 @@ import torch
 
 from common.errors import ConfigError
 from pathology_brats.extract import DIHEDRAL, dihedral
-from pathology_brats.inputs import TileDataset, forward, image_inputs, text_inputs
+from pathology_brats.shared import TileDataset, forward, image_inputs, text_inputs
 
 
 @torch.no_grad()

@@ -35,11 +35,11 @@ from common.predict import predict_parser, run_predictions
 from common.reader import PICTURE, file_kind, read_picture
 from common.rundir import atomic_save_figure
 from common.runs import load_run
-from pathology_brats.captions import match_captions, read_captions
+from pathology_brats.caption_files import match_captions, read_captions
 from pathology_brats.encoder import read_rgb
 from pathology_brats.inference import TTA_CHOICES, tile_probabilities
-from pathology_brats.inputs import default_feature_cache
 from pathology_brats.model import build_run_model
+from pathology_brats.shared import default_feature_cache
 
 NO_CAPTION = "no caption for this file: an empty caption was used"
 

@@ -17,7 +17,7 @@ GaNDLF's ``generate-metrics``:
    without a gold row is ignored; two submission rows that name one gold id are refused (GaNDLF refuses
    duplicate ids);
 5. torchmetrics on hard labels with ``num_classes`` = classes + 1 and GaNDLF's averages
-   (``pathology_brats.scoring``), keeping the organisers' keys of the year.
+   (``pathology_brats.challenge_metrics``), keeping the organisers' keys of the year.
 
 For 2026 ``auroc_per_class_weighted`` is the organisers' computation (float32 ``softmax(one_hot)``), whose
 near-ties are broken by rounding that differs between CPUs, so it matches the leaderboard only on a machine that
@@ -38,8 +38,8 @@ from common.cli import MedvlArgumentParser, base_parser, parse_args
 from common.errors import EXIT_BAD_INPUT, DataError, cli_entry
 from common.run_guard import guard_command
 from common.rundir import atomic_write_json, read_csv
+from pathology_brats.challenge_metrics import challenge_scores
 from pathology_brats.schema import SCHEMAS, Schema, get_schema
-from pathology_brats.scoring import challenge_scores
 from pathology_brats.validate import SUBJECT_ID_PATTERNS, read_submission, submission_violations
 
 GOLD_COLUMNS = {"2024": ("SubjectID", "Target"), "2025": ("SubjectID", "Target"), "2026": ("Name", "GT")}
@@ -103,7 +103,7 @@ def join_submission(submission_frame: pd.DataFrame, gold_frame: pd.DataFrame, sc
 
 def score_submission(submission_frame: pd.DataFrame, gold_frame: pd.DataFrame,
                      schema: Schema | str) -> dict[str, float]:
-    """The year's scorer keys (``pathology_brats.scoring.SCORER_KEYS``) of a submission against the gold frame."""
+    """The year's scorer keys (``challenge_metrics.SCORER_KEYS``) of a submission against the gold frame."""
     joined = join_submission(submission_frame, gold_frame, schema)
     return challenge_scores(joined["Target"].to_numpy(), joined["Prediction"].to_numpy(), schema)
 

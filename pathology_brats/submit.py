@@ -29,13 +29,13 @@ from common.errors import ConfigError, DataError, cli_entry
 from common.run_guard import guard_command
 from common.rundir import atomic_write_text
 from common.runs import load_run
-from pathology_brats.captions import match_captions, read_captions
+from pathology_brats.caption_files import match_captions, read_captions
 from pathology_brats.data import unlabeled_images
 from pathology_brats.encoder import read_rgb
 from pathology_brats.inference import TTA_CHOICES, tile_probabilities
-from pathology_brats.inputs import default_feature_cache
 from pathology_brats.model import build_run_model
 from pathology_brats.schema import get_schema
+from pathology_brats.shared import default_feature_cache
 from pathology_brats.validate import submission_violations
 
 log = logging.getLogger("medvl.pathology_brats")

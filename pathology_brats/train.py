@@ -39,10 +39,12 @@ from common.metrics.gandlf import AVERAGES, gandlf_metrics
 from common.run_guard import guard_command
 from common.runs import model_record, save_run_model
 from common.splits import group_split, split_csv_text
-from pathology_brats.captions import check_captions, read_captions
+from pathology_brats.caption_files import check_captions, read_captions
 from pathology_brats.data import VAL_FOLDER, load_tiles
 from pathology_brats.encoder import add_lora, check_image_tokens, encoder_preprocessing, load_tile_encoder
-from pathology_brats.inputs import (
+from pathology_brats.model import DIRECTIONS, MODALITIES, EncoderClassifier, TileCaptionClassifier
+from pathology_brats.schema import get_schema
+from pathology_brats.shared import (
     TileDataset,
     add_input_args,
     default_feature_cache,
@@ -50,8 +52,6 @@ from pathology_brats.inputs import (
     image_inputs,
     text_inputs,
 )
-from pathology_brats.model import DIRECTIONS, MODALITIES, EncoderClassifier, TileCaptionClassifier
-from pathology_brats.schema import get_schema
 
 log = logging.getLogger("medvl.pathology_brats")
 

@@ -16,12 +16,12 @@ EMBEDDED_DATA = Path(__file__).resolve().parents[1] / "data" / "samples" / "medm
 DEMO_EPOCHS = 3
 
 
-def demo_section(out_dir: Path, data_root: Path = EMBEDDED_DATA, epochs: int = DEMO_EPOCHS) -> str:
+def demo_section(out_dir: Path) -> str:
     """Train a short ResNet-18 run and return the Markdown sections of the pneumonia pipeline."""
     run_dir = Path(out_dir) / "pneumonia" / "run"
     recipe = Path(__file__).resolve().parents[1] / "configs" / "pneumonia" / "train.warmup.yaml"
     code = train.main(["--config", str(recipe),
-                       "--data-root", str(data_root), "--output-dir", str(run_dir), "--epochs", str(epochs),
+                       "--data-root", str(EMBEDDED_DATA), "--output-dir", str(run_dir), "--epochs", str(DEMO_EPOCHS),
                        "--no-progress", "--overwrite"])
     if code != 0:
         raise SystemExit(code)
@@ -31,11 +31,11 @@ def demo_section(out_dir: Path, data_root: Path = EMBEDDED_DATA, epochs: int = D
     classifier = "\n".join([
         "## Pneumonia: ResNet-18 at 28x28", "",
         "`python -m pneumonia.train --config configs/pneumonia/train.warmup.yaml "
-        f"--data-root {data_root} --epochs {epochs}` "
-        f"then `python -m pneumonia.evaluate --run-dir RUN`. A {epochs}-epoch demo run (the full 10-epoch numbers are "
-        "in the README); epoch and threshold chosen on validation, test read once.", "",
+        f"--data-root {EMBEDDED_DATA} --epochs {DEMO_EPOCHS}` "
+        f"then `python -m pneumonia.evaluate --run-dir RUN`. A {DEMO_EPOCHS}-epoch demo run (the full 10-epoch "
+        "numbers are in the README); epoch and threshold chosen on validation, test read once.", "",
         f"Test AUROC {results['auroc']:.3f}, accuracy {results['acc']:.3f}.", "",
         table.replace("figures/", link("figures") + "/"), "",
         f"![loss curves]({link('figures/loss_curves.png')})", ""])
-    return "\n".join([classifier, report.demo_section(run_dir, out_dir), retrieval.demo_section(run_dir, out_dir),
-                      explain.demo_section(run_dir, out_dir)])
+    return "\n".join([classifier, report.run_section(run_dir, out_dir), retrieval.run_section(run_dir, out_dir),
+                      explain.run_section(run_dir, out_dir)])

@@ -25,6 +25,7 @@ from common.rundir import atomic_write_text, read_jsonl, result_set
 from common.tables import metrics_with_ci, write_results
 from pneumonia.data import SPLITS
 from pneumonia.model import load_run_and_data, predict_proba
+from pneumonia.shared import add_run_args
 
 METRICS = ("auroc", "auprc", "acc", "acc_at_0.5", "precision", "recall", "specificity", "f1", "balanced_acc", "mcc")
 """``acc`` is at the run's validation threshold (ours); ``acc_at_0.5`` is MedMNIST's protocol (``score > 0.5``, as
@@ -41,10 +42,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parent = base_parser(seed=True, device=True)
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", type=Path, required=True, help="run directory written by pneumonia.train")
+    add_run_args(parser)
     parser.add_argument("--split", default="test", choices=SPLITS,
                         help="split scored (the test split is read once per finished run)")
-    parser.add_argument("--data-root", type=Path, default=None, help="defaults to the data the run was trained on")
     parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
     parser.add_argument("--gallery", type=nonnegative_int, default=10, help="how many confident failures to show")
     return parser

@@ -31,6 +31,7 @@ from common.run_guard import guard_command
 from common.rundir import atomic_write_text, result_set
 from pneumonia.data import SPLITS
 from pneumonia.model import load_run_and_data, predict_proba, preprocess
+from pneumonia.shared import add_run_args
 
 GROUPS = {"tp": "true positives", "fp": "false positives", "fn": "false negatives"}
 CASES_FILE = "gradcam_cases.csv"
@@ -40,10 +41,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parent = base_parser(device=True)
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", type=Path, required=True, help="a trained pneumonia run (RUN/best/model.json)")
+    add_run_args(parser)
     parser.add_argument("--split", default="test", choices=SPLITS, help="split whose images are explained")
     parser.add_argument("--n", type=positive_int, default=8, help="cases per group")
-    parser.add_argument("--data-root", type=Path, default=None, help="defaults to the data the run was trained on")
     return parser
 
 
@@ -109,7 +109,7 @@ def explain_run(run_dir: Path, split: str = "test", n: int = 8, data_root: Path 
     return frame
 
 
-def demo_section(run_dir: Path, out_dir: Path) -> str:
+def run_section(run_dir: Path, out_dir: Path) -> str:
     """Grad-CAM on the test split of a trained run, as the Markdown section of the demo report."""
     frame = explain_run(Path(run_dir), "test", n=6)
     lines = ["## Pneumonia: Grad-CAM", "",

@@ -38,6 +38,7 @@ from common.tables import json_safe, markdown_table
 from common.vlm import VLM_PRESETS, build_messages, generate_reports, load_vlm, processor_image_size, vlm_source
 from pneumonia.data import LABELS, SPLITS
 from pneumonia.model import load_run_and_data, predict_proba
+from pneumonia.shared import add_run_args
 
 """``--vlm`` presets: the ``vlm`` kind of ``common.presets`` (medgemma-4b and its tiny twin)."""
 PROMPTS = ("zero-shot", "clinical-role", "context-aware")
@@ -55,7 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parent = base_parser(output_dir=True, seed=True, device=True, precision=True, cache_dir=True, quantization=True)
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", type=Path, required=True, help="a trained pneumonia run (RUN/best/model.json)")
+    add_run_args(parser)
     parser.add_argument("--vlm", default="medgemma-4b",
                         help=f"preset ({', '.join(VLM_PRESETS)}), a save_pretrained directory or a hub id owner/name")
     parser.add_argument("--prompt", default="all", help=f"{', '.join(PROMPTS)} or all")
@@ -64,7 +65,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="report on this many images, alternating classes in index order (default: all)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="images per generation batch")
     parser.add_argument("--max-new-tokens", type=positive_int, default=200, help="longest report generated, in tokens")
-    parser.add_argument("--data-root", type=Path, default=None, help="defaults to the data the run was trained on")
     parser.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub checkpoint")
     return parser
 
@@ -314,7 +314,7 @@ def run_reports(run_dir: Path, vlm_name: str, prompts: Sequence[str], out_dir: P
     return summary
 
 
-def demo_section(run_dir: Path, out_dir: Path, limit: int = 8) -> str:
+def run_section(run_dir: Path, out_dir: Path, limit: int = 8) -> str:
     """tiny-gemma3 reports for the three prompts on ``limit`` test images, as a Markdown section of the demo."""
     reports = Path(out_dir) / "pneumonia_reports"
     summary = run_reports(Path(run_dir), "tiny-gemma3", PROMPTS, reports, limit=limit, batch_size=limit,

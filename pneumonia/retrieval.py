@@ -67,6 +67,7 @@ from common.rundir import (
 from common.tables import markdown_table, metrics_with_ci, write_results
 from pneumonia.data import SPLITS, MedMNISTSplits
 from pneumonia.model import PneumoniaNet, embed_images, load_run_and_data
+from pneumonia.shared import add_run_args
 
 COMMANDS = ("build", "query", "evaluate")
 RETRIEVAL_DIR = "retrieval"
@@ -77,8 +78,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = MedvlArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=MedvlArgumentParser)
     shared = base_parser(output_dir=True, device=True)
-    shared.add_argument("--run-dir", type=Path, required=True, help="a trained pneumonia run (RUN/best/model.json)")
-    shared.add_argument("--data-root", type=Path, default=None, help="defaults to the data the run was trained on")
+    add_run_args(shared)
     shared.add_argument("--index", default="all", choices=(*INDEXES, "all"),
                         help="which index; 'all' builds every kind, or uses every one built for query/evaluate")
     shared.add_argument("--batch-size", type=positive_int, default=256, help="images per embedding batch")
@@ -386,7 +386,7 @@ def retrieval_gallery(query_images: np.ndarray, query_labels: np.ndarray, query_
     return path
 
 
-def demo_section(run_dir: Path, out_dir: Path) -> str:
+def run_section(run_dir: Path, out_dir: Path) -> str:
     """Build every index for a trained run, evaluate it, and return the Markdown section of the demo report."""
     ctx = open_run(run_dir)
     build(ctx, INDEXES)

@@ -73,21 +73,34 @@ def iu_copy(small_iu, tmp_path) -> Path:
     return Path(shutil.copytree(small_iu, tmp_path / "iu"))
 
 
+HISTOLOGY_TILES_PER_CLASS = 16
+
+
 @pytest.fixture(scope="session")
-def histology_run(tmp_path_factory) -> tuple[Path, Path, Path]:
+def histology_phantom(tmp_path_factory) -> Path:
+    """The BraTS-Path phantom every pathology test reads (written once): ``HISTOLOGY_TILES_PER_CLASS`` tiles per
+    class of the 2025 schema at 64 px, ``labels.csv``, captions and unlabelled ``val/`` tiles. Read-only: a test
+    that breaks it works on a copy."""
+    from common.phantoms.histology import write_histology
+
+    root = tmp_path_factory.mktemp("histology_phantom")
+    write_histology(root, n=HISTOLOGY_TILES_PER_CLASS, seed=1, size=64)
+    return root
+
+
+@pytest.fixture(scope="session")
+def histology_run(tmp_path_factory, histology_phantom) -> tuple[Path, Path, Path]:
     """A small fused BraTS-Path run (frozen gigapath-tiny + MiniLM captions) trained on the histology phantom through
     the real CLI: (run_dir, phantom root, feature cache)."""
-    from common.phantoms.histology import write_histology
     from pathology_brats import train
 
     root = tmp_path_factory.mktemp("histology_run")
-    write_histology(root / "data", n=8, seed=1, size=64)
     run, cache = root / "run", root / "cache"
-    assert train.main(["--data-root", str(root / "data"), "--output-dir", str(run), "--encoder", "gigapath-tiny",
+    assert train.main(["--data-root", str(histology_phantom), "--output-dir", str(run), "--encoder", "gigapath-tiny",
                        "--encoder-mode", "frozen", "--text-encoder", "minilm", "--width", "32", "--epochs", "3",
                        "--lr", "3e-3", "--feature-cache", str(cache), "--no-progress", "--device", "cpu",
                        "--precision", "fp32"]) == 0
-    return run, root / "data", cache
+    return run, histology_phantom, cache
 
 
 @pytest.fixture(scope="session")
@@ -100,6 +113,34 @@ def brain_phantom(tmp_path_factory) -> tuple[Path, dict]:
 
     root = tmp_path_factory.mktemp("brain_phantom")
     return root, json.loads(write_brain(root, n=20, seed=3, size=(40, 48, 32), n_healthy=4).read_text())
+
+
+@pytest.fixture(scope="session")
+def small_brain_phantom(tmp_path_factory) -> Path:
+    """12 tumour cases and 2 healthy controls at 32 x 32 x 32 voxels (written once), the data of the training tests
+    and of ``brain_tiny_runs``. Read-only."""
+    from common.phantoms.brain import write_brain
+
+    root = tmp_path_factory.mktemp("brain_small")
+    write_brain(root, n=12, seed=2, size=(32, 32, 32))
+    return root
+
+
+@pytest.fixture(scope="session")
+def brain_tiny_runs(tmp_path_factory, small_brain_phantom) -> dict[str, Path]:
+    """A one-epoch contrastive run (``r1``) and a warmup run from it (``r2``) on ``small_brain_phantom``, trained
+    once per session through the real CLI: ``{"data", "r1", "r2", "cache"}``. Read-only: copy a run to write in it."""
+    from brain3d_report import train
+
+    base = tmp_path_factory.mktemp("brain_tiny_runs")
+    dirs = {"data": small_brain_phantom, "r1": base / "r1", "r2": base / "r2", "cache": base / "cache"}
+    common = ["--data-root", str(dirs["data"]), "--volume-size", "16", "32", "32", "--volume-cache",
+              str(dirs["cache"]), "--no-progress", "--device", "cpu", "--precision", "fp32", "--epochs", "1"]
+    assert train.main(["--stage", "contrastive", "--output-dir", str(dirs["r1"]), "--vision", "siglip-tiny", "--lm",
+                       "tiny-gemma3", "--text-embedding", "lm", *common]) == 0
+    assert train.main(["--stage", "warmup", "--output-dir", str(dirs["r2"]), "--init", str(dirs["r1"]),
+                       "--max-text-len", "48", "--batch-size", "4", "--grad-accum", "1", "--lr", "2e-4", *common]) == 0
+    return dirs
 
 
 @pytest.fixture

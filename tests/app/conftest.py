@@ -15,18 +15,15 @@ PIPELINES = ["pneumonia.app:APP", "cxr_localize.app:APP", "mavl_chexpert.app:APP
 CPU = ("--no-progress", "--device", "cpu", "--precision", "fp32")
 
 
-def tiny_runs(root: Path, tmp_path_factory, pneumonia_run: Path, histology_run: Path) -> Path:
+def tiny_runs(root: Path, pneumonia_run: Path, histology_run: Path, brain_run: Path, iu: Path) -> Path:
     """``root/<pipeline>/run`` for all five, each trained for a moment on its phantom through the real CLI (the
     pneumonia, BraTS-Path and brain3d runs are the session's shared ones, copied)."""
     from common.phantoms.chexpert import write_chexpert
-    from common.phantoms.iu import write_iu
     from cxr_localize import train as localize_train
     from mavl_chexpert import train_image
-    from tests.brain3d_report.test_generate_evaluate import tiny_run_dirs
 
     data = root.parent / "data"
     shutil.copytree(pneumonia_run, root / "pneumonia" / "run")
-    iu = write_iu(data / "iu", n=24, seed=1, size=64)
     assert localize_train.main(["--data-root", str(iu), "--encoder-weights", "none", "--encoder", "resnet18",
                                 "--decoder-channels", "16", "16", "8", "8", "8", "--image-size", "32", "--epochs", "1",
                                 "--batch-size", "4", "--limit", "12", "--text-encoder", "tiny-clip", "--output-dir",
@@ -36,7 +33,7 @@ def tiny_runs(root: Path, tmp_path_factory, pneumonia_run: Path, histology_run: 
     assert train_image.main(["--data-root", str(chexpert), "--output-dir", str(root / "mavl_chexpert" / "run"),
                              "--backbone", "vit-tiny", "--epochs", "1", "--batch-size", "16", "--seed", "0", *CPU]) == 0
     shutil.copytree(histology_run, root / "pathology_brats" / "run")
-    shutil.copytree(tiny_run_dirs(tmp_path_factory)["r2"], root / "brain3d_report" / "run")
+    shutil.copytree(brain_run, root / "brain3d_report" / "run")
     return root
 
 
@@ -47,9 +44,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def app_runs(tmp_path_factory, trained_pneumonia_run, histology_run) -> Path:
-    return tiny_runs(tmp_path_factory.mktemp("app") / "runs", tmp_path_factory, trained_pneumonia_run[0],
-                     histology_run[0])
+def app_runs(tmp_path_factory, trained_pneumonia_run, histology_run, brain_tiny_runs, small_iu) -> Path:
+    return tiny_runs(tmp_path_factory.mktemp("app") / "runs", trained_pneumonia_run[0], histology_run[0],
+                     brain_tiny_runs["r2"], small_iu)
 
 
 @pytest.fixture(scope="session")

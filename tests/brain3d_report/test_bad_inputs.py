@@ -21,7 +21,6 @@ import torch
 from brain3d_report import evaluate, generate, train
 from brain3d_report.data import load_cases, make_dataset, split_volumes
 from common.errors import DataError
-from tests.brain3d_report.test_generate_evaluate import tiny_run_dirs
 
 SHAPE = (12, 12, 12)
 REPORTS = {"left": "A mass lesion is seen in the left frontal lobe with surrounding edema.",
@@ -246,11 +245,6 @@ def test_a_damaged_cache_entry_is_recomputed_with_a_warning_not_blamed_on_the_fl
 
 # --- brain3d_report.generate ---------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> dict[str, Path]:
-    return tiny_run_dirs(tmp_path_factory)
-
-
 def _input(make: Callable[[Path], None], words: str):
     def case(run: Path, tiny: dict, tmp: Path):
         path = tmp / "scan.nii.gz"
@@ -320,12 +314,12 @@ GENERATE_CASES = {
 
 
 @pytest.mark.parametrize("name", list(GENERATE_CASES))
-def test_generate_bad_input_is_one_line_naming_the_file(name, tiny_run, tmp_path, capsys):
-    run = Path(shutil.copytree(tiny_run["r2"], tmp_path / "run"))
+def test_generate_bad_input_is_one_line_naming_the_file(name, brain_tiny_runs, tmp_path, capsys):
+    run = Path(shutil.copytree(brain_tiny_runs["r2"], tmp_path / "run"))
     predictions = run / "predictions"
     predictions.mkdir(exist_ok=True)
     (predictions / "earlier.jsonl").write_text('{"id": "x"}\n')
-    extra, needles = GENERATE_CASES[name](run, tiny_run, tmp_path)
+    extra, needles = GENERATE_CASES[name](run, brain_tiny_runs, tmp_path)
     before = {k: v for k, v in _snapshot(run).items() if k != "split.csv"}
     argv = ["--run-dir", str(run), "--device", "cpu", "--volume-cache", str(tmp_path / "cache"), "--max-new-tokens",
             "4", *extra]

@@ -27,12 +27,6 @@ import torch
 from brain3d_report import explain, train
 from brain3d_report.data import load_cases, load_volume, make_dataset
 from common.runs import load_run
-from tests.brain3d_report.test_generate_evaluate import tiny_run_dirs
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> dict[str, Path]:
-    return tiny_run_dirs(tmp_path_factory)
 
 
 def _blob_volume(shape=(16, 32, 32), seed: int = 0) -> torch.Tensor:
@@ -72,10 +66,10 @@ def _mirror_lesion(batch: torch.Tensor) -> torch.Tensor:
     return torch.relu(batch - batch.flip(3) - 0.2).flatten(1).sum(1)
 
 
-def test_lime_heat_lies_in_the_phantom_tumour_hemisphere(tiny_run):
-    truth = json.loads((tiny_run["data"] / "truth.json").read_text())["cases"]
-    cases = [c for c in load_cases(tiny_run["data"], split=None) if truth[c.id]["side"] in ("left", "right")]
-    volumes = make_dataset(cases, (16, 32, 32), tiny_run["cache"])
+def test_lime_heat_lies_in_the_phantom_tumour_hemisphere(brain_tiny_runs):
+    truth = json.loads((brain_tiny_runs["data"] / "truth.json").read_text())["cases"]
+    cases = [c for c in load_cases(brain_tiny_runs["data"], split=None) if truth[c.id]["side"] in ("left", "right")]
+    volumes = make_dataset(cases, (16, 32, 32), brain_tiny_runs["cache"])
     fractions, stored = [], set()
     for k, case in enumerate(cases):
         found = explain.explain_volume(volumes[k]["image"], _mirror_lesion, n_samples=100, n_segments=64,
@@ -116,10 +110,10 @@ def test_preprocessed_affine_maps_voxels_to_world_coordinates(tmp_path, lps):
     assert centre[1] < size[1] / 2  # left of the midline in the preprocessed grid, as the model sees it
 
 
-def test_phrase_log_likelihood_is_the_caption_loss_times_the_tokens(tiny_run):
-    loaded = load_run(tiny_run["r2"], train.PIPELINE, train.model_builder())
+def test_phrase_log_likelihood_is_the_caption_loss_times_the_tokens(brain_tiny_runs):
+    loaded = load_run(brain_tiny_runs["r2"], train.PIPELINE, train.model_builder())
     model = loaded.model
-    case = load_cases(tiny_run["data"], split=tiny_run["r2"] / "split.csv").split("test")[0]
+    case = load_cases(brain_tiny_runs["data"], split=brain_tiny_runs["r2"] / "split.csv").split("test")[0]
     volume = load_volume(case.flair, loaded.meta["preprocessing"]["volume_size"])[None]
     ids = explain.phrase_ids(model.tokenizer, "left frontal")
     with torch.no_grad():
@@ -128,13 +122,14 @@ def test_phrase_log_likelihood_is_the_caption_loss_times_the_tokens(tiny_run):
     assert value.tolist() == pytest.approx([-loss.item() * ids.shape[1]] * 2, rel=1e-4)
 
 
-def test_explain_cli_writes_the_heat_map_on_the_original_scan(tiny_run, tmp_path, capsys):
+def test_explain_cli_writes_the_heat_map_on_the_original_scan(brain_tiny_runs, tmp_path, capsys):
     import shutil
 
-    run = Path(shutil.copytree(tiny_run["r2"], tmp_path / "run"))
-    case = load_cases(tiny_run["data"], split=run / "split.csv").split("test")[0]
+    run = Path(shutil.copytree(brain_tiny_runs["r2"], tmp_path / "run"))
+    case = load_cases(brain_tiny_runs["data"], split=run / "split.csv").split("test")[0]
     argv = ["--run-dir", str(run), "--case", case.id, "--phrase", "left frontal", "--samples", "12",
-            "--supervoxels", "12", "--batch-size", "6", "--device", "cpu", "--volume-cache", str(tiny_run["cache"])]
+            "--supervoxels", "12", "--batch-size", "6", "--device", "cpu",
+            "--volume-cache", str(brain_tiny_runs["cache"])]
     assert explain.main(argv) == 0
     assert "base log-likelihood" in capsys.readouterr().out
     stem = run / "explain" / f"{case.id}_left-frontal"
@@ -144,7 +139,7 @@ def test_explain_cli_writes_the_heat_map_on_the_original_scan(tiny_run, tmp_path
     assert image.shape == tuple(size)
     np.testing.assert_allclose(image.affine, explain.preprocessed_affine(case.flair, size), atol=1e-5)
 
-    volume = make_dataset([case], size, tiny_run["cache"])[0]["image"]
+    volume = make_dataset([case], size, brain_tiny_runs["cache"])[0]["image"]
     labels = explain.supervoxels(volume[0].numpy(), 12, 0.1)
     weights = np.asarray(record["weights"])
     np.testing.assert_allclose(np.asarray(image.dataobj), np.where(labels >= 0, weights[labels.clip(0)], 0),
@@ -158,7 +153,7 @@ def test_explain_cli_writes_the_heat_map_on_the_original_scan(tiny_run, tmp_path
 
 @pytest.mark.parametrize("extra, flag", [(["--case", "BraTS20_Training_999", "--phrase", "left"], "--case"),
                                          (["--case", "BraTS20_Training_001", "--phrase", "  "], "--phrase")])
-def test_bad_explain_inputs_end_in_one_line_and_exit_2(tiny_run, capsys, extra, flag):
-    assert explain.main(["--run-dir", str(tiny_run["r2"]), "--device", "cpu", *extra]) == 2
+def test_bad_explain_inputs_end_in_one_line_and_exit_2(brain_tiny_runs, capsys, extra, flag):
+    assert explain.main(["--run-dir", str(brain_tiny_runs["r2"]), "--device", "cpu", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {flag}:"), err

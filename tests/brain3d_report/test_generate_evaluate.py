@@ -23,46 +23,19 @@ from brain3d_report import baselines, evaluate, generate, train
 from brain3d_report.data import HEALTHY_TEMPLATES, load_cases, load_volume, make_dataset, packaged_file
 from common.metrics.clinical import clinical_f1, clinical_per_case, lesion_detection
 from common.metrics.text import TextScorer, corpus_scores
-from common.phantoms.brain import write_brain
 from common.runs import load_run
 
 SCORING = ["--bertscore", "none", "--no-meteor"]
 
 
-def tiny_run_dirs(tmp_path_factory) -> dict[str, Path]:
-    """A phantom (12 tumour cases, 2 controls), a one-epoch contrastive run (r1) and a warmup run from it (r2).
-
-    Built once per session under the base temporary folder, so the LIME tests reuse it.
-    """
-    base = tmp_path_factory.getbasetemp() / "brain3d_reporting"
-    dirs = {"data": base / "data", "r1": base / "r1", "r2": base / "r2", "cache": base / "cache"}
-    if (base / "DONE").is_file():
-        return dirs
-    shutil.rmtree(base, ignore_errors=True)
-    write_brain(dirs["data"], n=12, seed=2, size=(32, 32, 32))
-    common = ["--data-root", str(dirs["data"]), "--volume-size", "16", "32", "32", "--volume-cache",
-              str(dirs["cache"]), "--no-progress", "--device", "cpu", "--precision", "fp32", "--epochs", "1"]
-    assert train.main(["--stage", "contrastive", "--output-dir", str(dirs["r1"]), "--vision", "siglip-tiny", "--lm",
-                       "tiny-gemma3", "--text-embedding", "lm", *common]) == 0
-    assert train.main(["--stage", "warmup", "--output-dir", str(dirs["r2"]), "--init", str(dirs["r1"]),
-                       "--max-text-len", "48", "--batch-size", "4", "--grad-accum", "1", "--lr", "2e-4", *common]) == 0
-    (base / "DONE").touch()
-    return dirs
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> dict[str, Path]:
-    return tiny_run_dirs(tmp_path_factory)
-
-
 @pytest.fixture
-def run(tiny_run, tmp_path) -> Path:
+def run(brain_tiny_runs, tmp_path) -> Path:
     """A private copy of the warmup run that a test may write predictions into."""
-    return Path(shutil.copytree(tiny_run["r2"], tmp_path / "run"))
+    return Path(shutil.copytree(brain_tiny_runs["r2"], tmp_path / "run"))
 
 
-def _gen(run: Path, tiny_run: dict, *extra: str) -> list[str]:
-    return ["--run-dir", str(run), "--device", "cpu", "--volume-cache", str(tiny_run["cache"]), "--max-new-tokens",
+def _gen(run: Path, tiny_runs: dict, *extra: str) -> list[str]:
+    return ["--run-dir", str(run), "--device", "cpu", "--volume-cache", str(tiny_runs["cache"]), "--max-new-tokens",
             "8", *extra]
 
 
@@ -79,12 +52,12 @@ def test_derangement_moves_every_item_and_is_fixed_by_the_seed():
     assert generate.derangement(12, 0).tolist() != generate.derangement(12, 1).tolist()
 
 
-def test_generation_resumes_after_a_kill_as_if_uninterrupted(run, tiny_run, monkeypatch, capsys):
-    argv = _gen(run, tiny_run, "--split", "test", "--batch-size", "1")
+def test_generation_resumes_after_a_kill_as_if_uninterrupted(run, brain_tiny_runs, monkeypatch, capsys):
+    argv = _gen(run, brain_tiny_runs, "--split", "test", "--batch-size", "1")
     assert generate.main(argv) == 0
     path = run / "predictions" / "test.jsonl"
     whole = path.read_text().splitlines()
-    cases = load_cases(tiny_run["data"], split=run / "split.csv").split("test")
+    cases = load_cases(brain_tiny_runs["data"], split=run / "split.csv").split("test")
     assert [(r["id"], r["reference"], r["healthy"], r["side"]) for r in map(json.loads, whole)] == [
         (c.id, c.report, c.healthy, c.side) for c in cases]
     assert all(json.loads(line)["seconds"] > 0 for line in whole)
@@ -112,9 +85,9 @@ def test_generation_resumes_after_a_kill_as_if_uninterrupted(run, tiny_run, monk
 
 
 @pytest.mark.filterwarnings("ignore:Passing `(repetition_penalty|no_repeat_ngram_size)`")
-def test_greedy_reports_equal_direct_generation_and_the_shuffled_control_uses_another_volume(run, tiny_run):
-    assert generate.main(_gen(run, tiny_run, "--split", "test", "--greedy", "--batch-size", "1")) == 0
-    assert generate.main(_gen(run, tiny_run, "--split", "test", "--greedy", "--batch-size", "1",
+def test_greedy_reports_equal_direct_generation_and_the_shuffled_control_uses_another_volume(run, brain_tiny_runs):
+    assert generate.main(_gen(run, brain_tiny_runs, "--split", "test", "--greedy", "--batch-size", "1")) == 0
+    assert generate.main(_gen(run, brain_tiny_runs, "--split", "test", "--greedy", "--batch-size", "1",
                               "--shuffle-volumes")) == 0
     plain = {r["id"]: r for r in _records(run / "predictions" / "test.jsonl")}
     shuffled = _records(run / "predictions" / "test_shuffled.jsonl")
@@ -126,7 +99,7 @@ def test_greedy_reports_equal_direct_generation_and_the_shuffled_control_uses_an
 
     loaded = load_run(run, train.PIPELINE, train.model_builder())
     model = loaded.model
-    case = load_cases(tiny_run["data"], split=run / "split.csv").split("test")[0]
+    case = load_cases(brain_tiny_runs["data"], split=run / "split.csv").split("test")[0]
     volume = load_volume(case.flair, loaded.meta["preprocessing"]["volume_size"])[None]
     with torch.no_grad():
         embeds, mask = model.inputs_embeds(volume, train.prompt_tokens(model.tokenizer))
@@ -136,8 +109,8 @@ def test_greedy_reports_equal_direct_generation_and_the_shuffled_control_uses_an
     assert plain[case.id]["report"] == direct
     # The seed's 3-gram ban asked for, without its repetition penalty.
     out = run / "predictions" / "test_ban.jsonl"
-    assert generate.main(_gen(run, tiny_run, "--split", "test", "--greedy", "--batch-size", "1", "--out", str(out),
-                              "--repetition-penalty", "1", "--no-repeat-ngram-size", "3")) == 0
+    assert generate.main(_gen(run, brain_tiny_runs, "--split", "test", "--greedy", "--batch-size", "1", "--out",
+                              str(out), "--repetition-penalty", "1", "--no-repeat-ngram-size", "3")) == 0
     settings = json.loads(out.with_suffix(".meta.json").read_text())["settings"]["decoding"]
     assert settings["repetition_penalty"] == 1.0 and settings["no_repeat_ngram_size"] == 3
     with torch.no_grad():
@@ -147,26 +120,27 @@ def test_greedy_reports_equal_direct_generation_and_the_shuffled_control_uses_an
         model.tokenizer.decode(ids[0], skip_special_tokens=True).split())
 
 
-def test_generation_on_a_nifti_file_and_a_quick_smoke_run(run, tiny_run, capsys):
-    flair = tiny_run["data"] / "BraTS20_Training_001" / "BraTS20_Training_001_flair.nii.gz"
-    assert generate.main(_gen(run, tiny_run, "--input", str(flair), "--greedy")) == 0
+def test_generation_on_a_nifti_file_and_a_quick_smoke_run(run, brain_tiny_runs, capsys):
+    flair = brain_tiny_runs["data"] / "BraTS20_Training_001" / "BraTS20_Training_001_flair.nii.gz"
+    assert generate.main(_gen(run, brain_tiny_runs, "--input", str(flair), "--greedy")) == 0
     (record,) = _records(run / "predictions" / "inputs.jsonl")
     assert record["id"] == "BraTS20_Training_001_flair" and record["reference"] == "" and record["healthy"] is None
     assert record["report"] in capsys.readouterr().out
 
     assert generate.quick_subset(9) == [0, 3, 5, 8] and generate.quick_subset(3) == [0, 1, 2]
-    assert generate.main(_gen(run, tiny_run, "--split", "train", "--quick", "--max-new-tokens", "3")) == 0
-    train_ids = [c.id for c in load_cases(tiny_run["data"], split=run / "split.csv").split("train")]
+    assert generate.main(_gen(run, brain_tiny_runs, "--split", "train", "--quick", "--max-new-tokens", "3")) == 0
+    train_ids = [c.id for c in load_cases(brain_tiny_runs["data"], split=run / "split.csv").split("train")]
     assert [r["id"] for r in _records(run / "predictions" / "train_quick.jsonl")] == [
         train_ids[i] for i in generate.quick_subset(len(train_ids))]
     assert not (run / "predictions" / "train.jsonl").exists()  # a smoke run leaves the real predictions alone
 
 
-def test_generation_on_the_real_brats_case(run, tiny_run, shared_data):
+def test_generation_on_the_real_brats_case(run, brain_tiny_runs, shared_data):
     folder = shared_data / "brats"
     if not folder.is_dir():
         pytest.skip("no BraTS case in ../shared/data")
-    assert generate.main(_gen(run, tiny_run, "--input-dir", str(folder), "--greedy", "--max-new-tokens", "8")) == 0
+    assert generate.main(_gen(run, brain_tiny_runs, "--input-dir", str(folder), "--greedy",
+                              "--max-new-tokens", "8")) == 0
     records = _records(run / "predictions" / "inputs.jsonl")
     assert [r["id"] for r in records] == sorted(p.name for p in folder.iterdir() if p.is_dir())
     assert all(isinstance(r["report"], str) and r["seconds"] > 0 for r in records)
@@ -268,10 +242,10 @@ def test_axial_slices_show_anterior_up_and_the_patients_left_on_the_right():
     assert image[:2, 6:].min() == 255 and image.sum() == 255 * 4
 
 
-def test_baselines_table_beside_the_model(run, tiny_run, capsys):
+def test_baselines_table_beside_the_model(run, brain_tiny_runs, capsys):
     records, _ = _write_predictions(run)
     (run / "predictions" / "test_shuffled.jsonl").unlink()
-    argv = ["--run-dir", str(run), "--device", "cpu", "--volume-cache", str(tiny_run["cache"]), *SCORING,
+    argv = ["--run-dir", str(run), "--device", "cpu", "--volume-cache", str(brain_tiny_runs["cache"]), *SCORING,
             "--n-boot", "10"]
     assert baselines.main(argv) == 0
     assert "| metric | model | nearest_neighbour | most_frequent |" in capsys.readouterr().out
@@ -281,14 +255,14 @@ def test_baselines_table_beside_the_model(run, tiny_run, capsys):
     cands, refs = [r["report"] for r in records], [r["reference"] for r in records]
     assert methods["model"]["results"]["lat_f1"] == pytest.approx(clinical_f1(cands, refs)["lat_f1"])
 
-    cases = load_cases(tiny_run["data"], split=run / "split.csv")
+    cases = load_cases(brain_tiny_runs["data"], split=run / "split.csv")
     train_cases, test_cases = cases.split("train"), cases.split("test")
     loaded = load_run(run, train.PIPELINE, train.model_builder())
     size = loaded.meta["preprocessing"]["volume_size"]
     centre = getattr(loaded.model, "image_center", torch.zeros(()))
     with torch.no_grad():
         pooled = {name: torch.nn.functional.normalize(loaded.model.pooled(torch.stack(
-            [item["image"] for item in make_dataset(part, size, tiny_run["cache"])])) - centre, dim=-1)
+            [item["image"] for item in make_dataset(part, size, brain_tiny_runs["cache"])])) - centre, dim=-1)
                   for name, part in (("train", train_cases), ("test", test_cases))}
     cosine = pooled["test"] @ pooled["train"].T
     neighbours = _records(run / "predictions" / "test_nearest_neighbour.jsonl")
@@ -306,7 +280,7 @@ def test_baselines_table_beside_the_model(run, tiny_run, capsys):
                                                     "--max-new-tokens", "4", "--device", "cpu"])
     items = [{"id": c.id, "reference": c.report, "healthy": c.healthy, "side": c.side} for c in test_cases]
     out = run / "predictions" / "test_slices_2d.jsonl"
-    slices = baselines.slice_reports(items, make_dataset(test_cases, size, tiny_run["cache"]), out, args)
+    slices = baselines.slice_reports(items, make_dataset(test_cases, size, brain_tiny_runs["cache"]), out, args)
     assert [r["id"] for r in slices] == [c.id for c in test_cases] and all(isinstance(r["report"], str)
                                                                            for r in slices)
     before = out.read_bytes()
@@ -351,11 +325,11 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
-def test_bad_inputs_end_in_one_line_and_exit_2(name, run, tiny_run, tmp_path, capsys):
+def test_bad_inputs_end_in_one_line_and_exit_2(name, run, brain_tiny_runs, tmp_path, capsys):
     module, argv, expected = BAD_INPUTS[name]
     (tmp_path / "empty").mkdir()
     (run / "metrics_full.json").write_text("{}\n")
-    assert module.main(argv(run, tiny_run, tmp_path)) == 2
+    assert module.main(argv(run, brain_tiny_runs, tmp_path)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and expected in err[0], err
     assert (run / "metrics_full.json").read_text() == "{}\n"  # no result lost

@@ -7,13 +7,12 @@ import pandas as pd
 
 from brain3d_report import predict
 from common.reader import Volume, read_volume, write_dicom_series
-from tests.brain3d_report.test_generate_evaluate import tiny_run_dirs
 
 BRATS_FLAIR = "brats2015/test/brats_2013_pat0001_1/Flair_subtrMeanDivStd.nii.gz"
 
 
-def test_nifti_and_dicom_series_of_one_volume(tmp_path_factory, shared_data, tmp_path):
-    run = tiny_run_dirs(tmp_path_factory)["r2"]
+def test_nifti_and_dicom_series_of_one_volume(shared_data, brain_tiny_runs, tmp_path):
+    run = brain_tiny_runs["r2"]
     volume = read_volume(shared_data / BRATS_FLAIR)
     series = tmp_path / "in" / "pat0001_series"
     write_dicom_series(Volume(volume.data, volume.affine), series)
@@ -29,13 +28,13 @@ def test_nifti_and_dicom_series_of_one_volume(tmp_path_factory, shared_data, tmp
     np.testing.assert_allclose(converted.affine, volume.affine, atol=1e-4)
 
 
-def test_explain_phrase_writes_the_lime_overlay_on_an_arbitrary_volume(tmp_path_factory, shared_data, tmp_path,
+def test_explain_phrase_writes_the_lime_overlay_on_an_arbitrary_volume(shared_data, brain_tiny_runs, tmp_path,
                                                                        capsys):
     """``--explain`` runs brain3d_report.explain's LIME (tiny: 12 samples) on a volume outside the run's data."""
     import json
 
     import nibabel as nib
-    run = tiny_run_dirs(tmp_path_factory)["r2"]
+    run = brain_tiny_runs["r2"]
     out = tmp_path / "out"
     args = ["--run-dir", str(run), "--input", str(shared_data / BRATS_FLAIR), "--out", str(out), "--device", "cpu",
             "--max-new-tokens", "4", "--explain", "left frontal", "--explain-samples", "12", "--supervoxels", "16"]

@@ -16,7 +16,6 @@ import torch
 
 from brain3d_report import explain, generate
 from brain3d_report.data import brain_mask, check_voxels, load_volume
-from tests.brain3d_report.test_generate_evaluate import tiny_run_dirs
 
 FLAIR = "Flair_subtrMeanDivStd.nii.gz"
 SIZE = (16, 32, 32)  # the tiny run's volume size
@@ -24,11 +23,6 @@ CHECK_SIZE = (32, 64, 64)
 """Volume size of the side and orientation checks: a 240 x 240 x 155 scan resizes (anti-aliased) in about 6 s at
 this size on a shared CPU core, 11 s at SIZE, whose Gaussian is wider."""
 CASES = ("test/brats_2013_pat0001_1", "test/brats_2013_pat0002_1")  # tumour in the right / left hemisphere
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> dict[str, Path]:
-    return tiny_run_dirs(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +108,9 @@ def test_another_storage_orientation_preprocesses_to_the_same_tensor(brats, tmp_
 
 
 @pytest.mark.slow  # a real scan preprocessed twice, generation and 10 LIME samples (about 25 s)
-def test_generate_and_explain_take_a_real_zscored_volume(brats, tiny_run, tmp_path, capsys):
+def test_generate_and_explain_take_a_real_zscored_volume(brats, brain_tiny_runs, tmp_path, capsys):
     flair = brats / CASES[1] / FLAIR
-    run = Path(shutil.copytree(tiny_run["r2"], tmp_path / "run"))
+    run = Path(shutil.copytree(brain_tiny_runs["r2"], tmp_path / "run"))
     assert generate.main(["--run-dir", str(run), "--input", str(flair), "--device", "cpu", "--greedy",
                           "--max-new-tokens", "8"]) == 0
     records = [json.loads(line) for line in (run / "predictions" / "inputs.jsonl").read_text().splitlines()]
@@ -160,9 +154,9 @@ def _bad_file(kind: str, folder: Path) -> tuple[Path, str]:
 
 @pytest.mark.parametrize("kind", ["4d", "zero-affine", "no-brain"])
 @pytest.mark.parametrize("tool", ["generate", "explain"])
-def test_bad_real_inputs_end_in_one_line_and_exit_2(tiny_run, tmp_path, capsys, kind, tool):
+def test_bad_real_inputs_end_in_one_line_and_exit_2(brain_tiny_runs, tmp_path, capsys, kind, tool):
     path, words = _bad_file(kind, tmp_path)
-    run = Path(shutil.copytree(tiny_run["r2"], tmp_path / "run"))
+    run = Path(shutil.copytree(brain_tiny_runs["r2"], tmp_path / "run"))
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
     argv = ["--run-dir", str(run), "--input", str(path), "--device", "cpu"]
     module = generate if tool == "generate" else explain

@@ -10,16 +10,14 @@ import torch
 from safetensors import safe_open
 
 from brain3d_report import probe, train
-from common.phantoms.brain import write_brain
 from common.runs import load_run
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "brain3d_report"
 
-@pytest.fixture(scope="module")
-def brain(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("brain_small")
-    write_brain(root, n=12, seed=2, size=(32, 32, 32))
-    return root
+@pytest.fixture
+def brain(small_brain_phantom) -> Path:
+    """The session's small brain phantom (tests/conftest.py), which the tiny report runs train on too."""
+    return small_brain_phantom
 
 
 def _argv(brain: Path, tmp_path: Path, stage: str, out: str, *extra: str) -> list[str]:

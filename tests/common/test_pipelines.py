@@ -3,7 +3,10 @@ output a pipeline declares, so no result of an earlier run stays beside the new 
 
 from __future__ import annotations
 
+import argparse
 import ast
+import importlib
+import inspect
 import re
 from pathlib import Path
 
@@ -11,7 +14,7 @@ import pytest
 import torch
 
 from common.engine import TrainConfig, fit
-from common.pipelines import FLOOR_OUTPUTS, Pipeline, discover, matching_outputs, run_outputs
+from common.pipelines import FLOOR_OUTPUTS, Pipeline, discover, matching_outputs, run_outputs, stage_table
 from common.rundir import read_jsonl
 from tests.common.toy import ToyTask, toy_data
 
@@ -27,7 +30,7 @@ def test_every_pipeline_package_is_declared():
     for pipeline in PIPELINES:
         assert isinstance(pipeline, Pipeline) and pipeline.run_outputs
         assert pipeline.app_spec().name == pipeline.name
-        assert callable(pipeline.demo_section())
+        assert list(inspect.signature(pipeline.demo_section()).parameters) == ["out_dir"]  # one signature
         for module in pipeline.commands:
             assert (REPO / (module.replace(".", "/") + ".py")).is_file(), module
 
@@ -114,3 +117,58 @@ def test_a_tokenizer_corpus_a_pipeline_declares_is_found_without_the_floor_namin
     assert tiny._corpus("radiology") == tiny.radiology_corpus()
     with pytest.raises(ConfigError, match="no declared pipeline provides a corpus named 'x-ray'"):
         tiny._corpus("x-ray")
+
+
+def _writes_stage(module_name: str, stage: str) -> bool:
+    """Whether the module's source writes ``stage`` as a run's stage: ``"stage": "<stage>"`` or ``stage="<stage>"``."""
+    tree = ast.parse((REPO / (module_name.replace(".", "/") + ".py")).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Dict) and any(
+                isinstance(k, ast.Constant) and k.value == "stage" and isinstance(v, ast.Constant) and v.value == stage
+                for k, v in zip(node.keys, node.values)):
+            return True
+        if isinstance(node, ast.keyword) and node.arg == "stage" and isinstance(node.value, ast.Constant) \
+                and node.value.value == stage:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: p.name)
+def test_stages_predicting_and_scoring_commands_are_declared_and_run(pipeline, capsys):
+    """One multi-stage convention: each stage names the command that trains it (a command training several stages
+    takes them as ``--stage`` choices, one stage's command writes its name into ``model.json``); ``evaluate``
+    scores in every pipeline, and predicts too unless the pipeline names another predicting command."""
+    stages = [stage for stage, _ in pipeline.stages]
+    assert stages and len(set(stages)) == len(stages)
+    assert pipeline.scores == f"{pipeline.name}.evaluate"
+    for module_name in {*pipeline.stage_commands().values(), pipeline.predicts, pipeline.scores}:
+        assert module_name in pipeline.commands, module_name
+        module = importlib.import_module(module_name)
+        assert callable(module.main) and isinstance(module.get_args_parser(), argparse.ArgumentParser)
+        with pytest.raises(SystemExit) as info:
+            module.main(["--help"])
+        assert info.value.code == 0 and capsys.readouterr().out.startswith("usage:")
+    for module_name in set(pipeline.stage_commands().values()):
+        own = [stage for stage, m in pipeline.stages if m == module_name]
+        flags = [a for a in importlib.import_module(module_name).get_args_parser()._actions
+                 if "--stage" in a.option_strings]
+        if len(own) > 1:
+            assert flags and list(flags[0].choices) == own, (module_name, own)
+        else:
+            assert _writes_stage(module_name, own[0]), (module_name, own[0])
+
+
+@pytest.mark.parametrize("pipeline", [p for p in PIPELINES if p.predicts != p.scores], ids=lambda p: p.name)
+def test_evaluate_without_predictions_asks_for_the_predicting_command(pipeline, tmp_path, capsys):
+    code = importlib.import_module(pipeline.scores).main(["--run-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err
+    assert f"python -m {pipeline.predicts}" in err
+
+
+def test_architecture_and_each_readme_state_the_stage_convention():
+    assert stage_table() in (REPO / "ARCHITECTURE.md").read_text()
+    for pipeline in PIPELINES:
+        readme = REPO / pipeline.name / "README.md"
+        readme = readme if readme.is_file() else REPO / "README.md"
+        assert stage_table([pipeline]) in readme.read_text(), readme

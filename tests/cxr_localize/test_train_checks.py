@@ -14,10 +14,10 @@ from common.cli import config_text, parse_args
 from common.errors import DataError
 from common.images import imagenet_normalize
 from cxr_localize import pretrain, train
-from cxr_localize.common_args import split_table
 from cxr_localize.data import load_iu, named_side, swap_left_right
 from cxr_localize.evaluate import lung_mass
 from cxr_localize.model import load_text_encoder
+from cxr_localize.shared import split_table
 
 
 def _phase1_files(directory, data_root, *flags):

@@ -9,8 +9,8 @@ import torch
 
 from common.errors import DataError
 from mavl_chexpert import text
-from mavl_chexpert.common_args import masked_bce
 from mavl_chexpert.data import OBSERVATIONS
+from mavl_chexpert.shared import masked_bce
 
 
 def test_every_observation_has_a_definition_and_eight_aspects():

@@ -9,16 +9,8 @@ from pathlib import Path
 import pytest
 
 from common.feature_cache import FeatureCache
-from common.phantoms.histology import write_histology
 from pathology_brats import submit, train
 from pathology_brats.encoder import cache_for, load_tile_encoder
-
-
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("histology_bad")
-    write_histology(root, n=6, seed=3, size=64)
-    return root
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -65,8 +57,8 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_train_bad_input(name, phantom, tmp_path, capsys):
-    root = Path(shutil.copytree(phantom, tmp_path / "data"))
+def test_train_bad_input(name, histology_phantom, tmp_path, capsys):
+    root = Path(shutil.copytree(histology_phantom, tmp_path / "data"))
     extra, needle = CASES[name](root, tmp_path)
     (tmp_path / "cache").mkdir(exist_ok=True)
     before = _snapshot(tmp_path / "cache")
@@ -80,9 +72,9 @@ def test_train_bad_input(name, phantom, tmp_path, capsys):
     assert {k: v for k, v in after.items() if k in before} == before  # cached features are never lost
 
 
-def test_submit_refuses_an_empty_folder_and_a_missing_run(phantom, tmp_path, capsys):
+def test_submit_refuses_an_empty_folder_and_a_missing_run(histology_phantom, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    assert submit.main(["--run-dir", str(tmp_path / "no_run"), "--images", str(phantom / "val"), "--out",
+    assert submit.main(["--run-dir", str(tmp_path / "no_run"), "--images", str(histology_phantom / "val"), "--out",
                         str(tmp_path / "s.csv")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no_run" in err[0]

@@ -239,12 +239,10 @@ def test_bad_local_folders_are_one_data_error_naming_them(tmp_path):
         load_tile_encoder(str(folder))
 
 
-def test_the_cli_reports_a_bad_encoder_folder_in_one_line(tmp_path, capsys):
-    from common.phantoms.histology import write_histology
+def test_the_cli_reports_a_bad_encoder_folder_in_one_line(histology_phantom, tmp_path, capsys):
     from pathology_brats import train
 
-    root = tmp_path / "data"
-    write_histology(root, n=4, seed=1, size=32)
+    root = histology_phantom
     (tmp_path / "enc").mkdir()
     code = train.main(["--data-root", str(root), "--output-dir", str(tmp_path / "run"), "--encoder",
                        str(tmp_path / "enc"), "--modality", "image", "--device", "cpu", "--no-progress",

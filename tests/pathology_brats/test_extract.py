@@ -14,23 +14,15 @@ from torch.utils.data import default_collate
 from common.device_data import SeededFetch
 from common.errors import DataError
 from common.feature_cache import FeatureCache
-from common.phantoms.histology import write_histology
 from pathology_brats import extract
-from pathology_brats.captions import pad_tokens, text_cache
+from pathology_brats.caption_files import pad_tokens, text_cache
 from pathology_brats.encoder import load_tile_encoder, preprocess, read_rgb
 from pathology_brats.extract import DIHEDRAL, dihedral, encode_tiles, view_cache, view_features
 from pathology_brats.inference import predict
-from pathology_brats.inputs import TileDataset
 from pathology_brats.model import TileCaptionClassifier
+from pathology_brats.shared import TileDataset
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def tiles(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("histology_extract")
-    write_histology(root, n=2, seed=3, size=64)
-    return root
 
 
 def _paths(root: Path) -> list[Path]:
@@ -60,9 +52,9 @@ def test_dihedral_views_compose_as_the_group_does():
         dihedral(x, 8)
 
 
-def test_lazy_features_equal_the_in_memory_path_and_views_are_cached_apart(tiles, tmp_path):
+def test_lazy_features_equal_the_in_memory_path_and_views_are_cached_apart(histology_phantom, tmp_path):
     encoder = load_tile_encoder("gigapath-tiny", image_tokens=5)
-    paths = _paths(tiles)[:5]
+    paths = _paths(histology_phantom)[:5]
     lazy, kept = view_features(encoder, paths, tmp_path, CPU, num_workers=1, batch_size=2)
     assert kept.tolist() == list(range(5)) and lazy.shape == (5, 5, 64)
     eager = _in_memory(encoder, paths)
@@ -109,9 +101,9 @@ def test_streamed_standardisation_and_predictions_equal_the_in_memory_ones(tmp_p
     assert torch.equal(batch["text_mask"].sum(1), torch.tensor([len(text_rows[i]) for i in (0, 1, 2)]))
 
 
-def test_a_killed_extraction_leaves_whole_shards_and_a_rerun_fills_the_rest(tiles, tmp_path, monkeypatch):
+def test_a_killed_extraction_leaves_whole_shards_and_a_rerun_fills_the_rest(histology_phantom, tmp_path, monkeypatch):
     encoder = load_tile_encoder("gigapath-tiny", image_tokens=2)
-    paths = _paths(tiles)[:7]
+    paths = _paths(histology_phantom)[:7]
     calls: list[int] = []
     original = encoder.forward
 
@@ -156,10 +148,11 @@ ACCELERATE = Path(sys.executable).parent / "accelerate"
 
 @pytest.mark.slow  # end-to-end; `pytest -m "not slow"` skips it
 @pytest.mark.skipif(not ACCELERATE.is_file(), reason="no accelerate launcher beside python")
-def test_two_process_extraction_equals_one_process(tiles, tmp_path):
+def test_two_process_extraction_equals_one_process(histology_phantom, tmp_path):
     from tests.common.test_ddp import _launch
 
-    args = ["--data-root", str(tiles), "--images", str(tiles / "val"), "--encoder", "gigapath-tiny",
+    args = ["--data-root", str(histology_phantom), "--images", str(histology_phantom / "val"),
+            "--encoder", "gigapath-tiny",
             "--text-encoder", "minilm", "--device", "cpu", "--num-workers", "0", "--batch-size", "4",
             "--shard-tiles", "4"]
     _launch(tmp_path, "pathology_brats.extract", [*args, "--feature-cache", str(tmp_path / "two")])

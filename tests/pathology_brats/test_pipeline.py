@@ -11,20 +11,12 @@ import torch
 
 from common.errors import ConfigError, DataError
 from common.feature_cache import FeatureCache
-from common.phantoms.histology import write_histology
 from pathology_brats import evaluate, train
-from pathology_brats.captions import read_captions
+from pathology_brats.caption_files import read_captions
+from pathology_brats.challenge_metrics import challenge_scores
 from pathology_brats.encoder import cache_for, check_image_tokens, load_tile_encoder, preprocess
 from pathology_brats.extract import encode_tiles
 from pathology_brats.model import TileCaptionClassifier
-from pathology_brats.scoring import challenge_scores
-
-
-@pytest.fixture(scope="module")
-def histology(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("histology_small")
-    write_histology(root, n=16, seed=1, size=64)
-    return root
 
 
 def test_image_tokens_are_class_token_plus_pooled_grid():
@@ -52,9 +44,9 @@ def test_preprocessing_normalises_as_the_encoder_expects():
     assert torch.allclose(seed[:, 0, 0], torch.tensor([124, 116, 104]) / 255.0)
 
 
-def test_features_are_cached_and_a_rerun_encodes_only_what_is_missing(histology, tmp_path, monkeypatch):
+def test_features_are_cached_and_a_rerun_encodes_only_what_is_missing(histology_phantom, tmp_path, monkeypatch):
     encoder = load_tile_encoder("gigapath-tiny", image_tokens=2)
-    paths = sorted((histology / "CT").glob("*.jpg"))[:6]
+    paths = sorted((histology_phantom / "CT").glob("*.jpg"))[:6]
     cache = cache_for(encoder, tmp_path, "imagenet")
     first, kept = encode_tiles(encoder, paths[:4], cache, torch.device("cpu"))
     assert first.shape == (4, 2, 64) and kept.tolist() == [0, 1, 2, 3]
@@ -101,9 +93,9 @@ def test_classifier_uses_the_streams_it_claims(modality, direction):
     assert (not torch.allclose(base, changed_text)) == (modality != "image")
 
 
-def test_small_run_trains_and_evaluates_with_the_scorer_keys(histology, tmp_path):
+def test_small_run_trains_and_evaluates_with_the_scorer_keys(histology_phantom, tmp_path):
     run = tmp_path / "run"
-    argv = ["--data-root", str(histology), "--output-dir", str(run), "--encoder", "gigapath-tiny",
+    argv = ["--data-root", str(histology_phantom), "--output-dir", str(run), "--encoder", "gigapath-tiny",
             "--encoder-mode", "frozen", "--text-encoder", "minilm", "--width", "32", "--epochs", "12", "--lr", "3e-3",
             "--feature-cache", str(tmp_path / "cache"), "--no-progress", "--device", "cpu", "--precision", "fp32"]
     assert train.main(argv) == 0
@@ -121,13 +113,13 @@ def test_small_run_trains_and_evaluates_with_the_scorer_keys(histology, tmp_path
     assert np.isfinite(results["specificity_global"])
 
 
-def _small(histology: Path, tmp_path: Path) -> list[str]:
-    return ["--data-root", str(histology), "--encoder", "gigapath-tiny", "--encoder-mode", "frozen",
+def _small(histology_phantom: Path, tmp_path: Path) -> list[str]:
+    return ["--data-root", str(histology_phantom), "--encoder", "gigapath-tiny", "--encoder-mode", "frozen",
             "--text-encoder", "minilm", "--width", "32", "--epochs", "3", "--lr", "3e-3", "--feature-cache",
             str(tmp_path / "cache"), "--no-progress", "--device", "cpu", "--precision", "fp32"]
 
 
-def test_submission_leaves_unreadable_images_out_and_passes_the_organisers_rules(histology, tmp_path):
+def test_submission_leaves_unreadable_images_out_and_passes_the_organisers_rules(histology_phantom, tmp_path):
     import shutil
 
     import pandas as pd
@@ -135,8 +127,8 @@ def test_submission_leaves_unreadable_images_out_and_passes_the_organisers_rules
     from pathology_brats import submit, validate
 
     run = tmp_path / "run"
-    assert train.main([*_small(histology, tmp_path), "--output-dir", str(run)]) == 0
-    images = Path(shutil.copytree(histology / "val", tmp_path / "val"))
+    assert train.main([*_small(histology_phantom, tmp_path), "--output-dir", str(run)]) == 0
+    images = Path(shutil.copytree(histology_phantom / "val", tmp_path / "val"))
     names = sorted(p.name for p in images.iterdir())
     (images / names[0]).write_bytes(b"\xff\xd8 not a whole jpeg")
     out = tmp_path / "submission.csv"
@@ -161,7 +153,7 @@ def test_submission_leaves_unreadable_images_out_and_passes_the_organisers_rules
     assert json.loads((run / "best" / "model.json").read_text())["pipeline"] == "pathology_brats"
 
 
-def test_submit_predicts_what_evaluate_predicts_on_the_same_tiles_from_a_cold_cache(histology, tmp_path):
+def test_submit_predicts_what_evaluate_predicts_on_the_same_tiles_from_a_cold_cache(histology_phantom, tmp_path):
     import shutil
 
     import pandas as pd
@@ -169,16 +161,16 @@ def test_submit_predicts_what_evaluate_predicts_on_the_same_tiles_from_a_cold_ca
     from pathology_brats import submit
 
     run = tmp_path / "run"
-    assert train.main([*_small(histology, tmp_path), "--output-dir", str(run)]) == 0
+    assert train.main([*_small(histology_phantom, tmp_path), "--output-dir", str(run)]) == 0
     evaluate.evaluate_run(run, n_boot=10, device="cpu", feature_cache=tmp_path / "cache")
     scored = pd.read_csv(run / "predictions" / "test.csv")
     labelled = tmp_path / "labelled"
     labelled.mkdir()
     names = [f"BraTSPath_Val_{i:07d}.jpg" for i in range(len(scored))]  # a name the year's rules accept
-    captions = read_captions(histology / "captions.jsonl")
+    captions = read_captions(histology_phantom / "captions.jsonl")
     lines = []
     for tile, name in zip(scored["image"], names):
-        shutil.copy(histology / tile, labelled / name)
+        shutil.copy(histology_phantom / tile, labelled / name)
         lines.append(json.dumps({"image": f"labelled/{name}", "caption": captions[Path(tile).name]}))
     (tmp_path / "captions.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "submission.csv"
@@ -197,12 +189,12 @@ def test_submit_predicts_what_evaluate_predicts_on_the_same_tiles_from_a_cold_ca
                                atol=1e-4)
 
 
-def test_ablation_writes_image_text_and_fused(histology, tmp_path):
+def test_ablation_writes_image_text_and_fused(histology_phantom, tmp_path):
     from pathology_brats import ablate
 
     out = tmp_path / "ablation"
-    small = _small(histology, tmp_path)
-    argv = ["--data-root", str(histology), "--output-dir", str(out), "--encoder", "gigapath-tiny",
+    small = _small(histology_phantom, tmp_path)
+    argv = ["--data-root", str(histology_phantom), "--output-dir", str(out), "--encoder", "gigapath-tiny",
             "--text-encoder", "minilm", "--feature-cache", str(tmp_path / "cache"), "--n-boot", "10",
             "--device", "cpu", "--", *small[small.index("--encoder-mode"):small.index("--feature-cache")]]
     assert ablate.main(argv) == 0
@@ -218,10 +210,10 @@ def test_ablation_writes_image_text_and_fused(histology, tmp_path):
     assert all(yaml.safe_load((out / m / "config.yaml").read_text())["width"] == 16 for m in summary)
 
 
-def test_captions_resume_after_a_kill_without_redoing_finished_images(histology, tmp_path, monkeypatch):
+def test_captions_resume_after_a_kill_without_redoing_finished_images(histology_phantom, tmp_path, monkeypatch):
     from pathology_brats import caption
 
-    paths = sorted((histology / "PN").glob("*.jpg"))[:5]
+    paths = sorted((histology_phantom / "PN").glob("*.jpg"))[:5]
     out = tmp_path / "captions.jsonl"
     assert caption.caption_images(paths[:3], out, "tiny-gemma3", device="cpu", batch_size=2, max_new_tokens=4) == 3
     lines = out.read_text().splitlines()
@@ -331,18 +323,18 @@ def test_real_csv_rows_with_copies_in_two_folders_never_straddle_splits(shared_d
     assert pd.read_csv(run / "predictions" / "test.csv")["image"].tolist() == test_ids
 
 
-def test_tta_averages_the_eight_dihedral_views(histology, tmp_path):
+def test_tta_averages_the_eight_dihedral_views(histology_phantom, tmp_path):
     """``--tta 8`` = the mean of the probabilities of the 8 views, each from features of the rotated tile."""
     from common.runs import load_run
     from pathology_brats import inference
     from pathology_brats.extract import dihedral
-    from pathology_brats.inputs import TileDataset
     from pathology_brats.model import build_run_model
+    from pathology_brats.shared import TileDataset
 
     run = tmp_path / "run"
-    assert train.main([*_small(histology, tmp_path), "--modality", "image", "--output-dir", str(run)]) == 0
+    assert train.main([*_small(histology_phantom, tmp_path), "--modality", "image", "--output-dir", str(run)]) == 0
     loaded = load_run(run, "pathology_brats", build_run_model)
-    tiles = sorted((histology / "CT").glob("*.jpg"))[:4]
+    tiles = sorted((histology_phantom / "CT").glob("*.jpg"))[:4]
     cpu, cache = torch.device("cpu"), tmp_path / "cache"
     averaged, kept = inference.tile_probabilities(loaded, tiles, None, cpu, cache, None, tta=8)
     # An independent path: rotate the crops by hand and run the encoder and the classifier on them.

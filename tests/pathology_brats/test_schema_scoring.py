@@ -7,8 +7,8 @@ import pytest
 from sklearn import metrics as skm
 
 from common.errors import ConfigError
+from pathology_brats.challenge_metrics import SCORER_KEYS, challenge_scores
 from pathology_brats.schema import get_schema
-from pathology_brats.scoring import SCORER_KEYS, challenge_scores
 
 
 @pytest.mark.parametrize("year, code, label, penalty, count", [

@@ -13,9 +13,9 @@ import torch
 from sklearn import metrics as skm
 
 from pathology_brats import score, validate
+from pathology_brats.challenge_metrics import ORGANISERS_KEYS, SCORER_KEYS, challenge_scores
 from pathology_brats.schema import get_schema
 from pathology_brats.score import join_submission, score_submission
-from pathology_brats.scoring import ORGANISERS_KEYS, SCORER_KEYS, challenge_scores
 from pathology_brats.validate import submission_violations
 
 # restated from the organisers' workflows (wf-pathology/validation-phase.cwl of each year), not imported

@@ -97,7 +97,7 @@ def test_explain_cli_on_phantom_run(trained_pneumonia_run, capsys):
     for group in set(cases["group"]):
         assert (run_dir / "figures" / f"gradcam_{group}.png").stat().st_size > 5000
     assert (cases["group"] == "tp").sum() == 3  # the phantom run finds pneumonia: three true positives to show
-    section = explain.demo_section(run_dir, run_dir)
+    section = explain.run_section(run_dir, run_dir)
     assert "## Pneumonia: Grad-CAM" in section and "](figures/gradcam_tp.png)" in section
 
 

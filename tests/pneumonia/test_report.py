@@ -140,9 +140,9 @@ def test_end_to_end_tiny_gemma3(trained_pneumonia_run, tmp_path, capsys):
     assert (out / "comparison.md").read_text().startswith("# VLM reports vs CNN")
 
 
-def test_demo_section_says_weights_are_random(trained_pneumonia_run, tmp_path):
+def test_run_section_says_weights_are_random(trained_pneumonia_run, tmp_path):
     run_dir, _ = trained_pneumonia_run
-    section = report.demo_section(run_dir, tmp_path, limit=2)
+    section = report.run_section(run_dir, tmp_path, limit=2)
     assert "random weights" in section and section.startswith("## Pneumonia: VLM reports")
     assert len(report.read_jsonl(tmp_path / "pneumonia_reports" / "context-aware.jsonl")) == 2
 

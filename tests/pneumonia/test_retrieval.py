@@ -134,9 +134,9 @@ def test_test_archive_excludes_each_query(trained_pneumonia_run, tmp_path):
     assert results["flat-l2/map_at_10"] == pytest.approx(expected_map)
 
 
-def test_demo_section(trained_pneumonia_run):
+def test_run_section(trained_pneumonia_run):
     run_dir, _ = trained_pneumonia_run
-    section = retrieval.demo_section(run_dir, run_dir.parent)
+    section = retrieval.run_section(run_dir, run_dir.parent)
     assert section.startswith("## Pneumonia: case retrieval")
     assert f"]({run_dir.name}/retrieval/gallery_flat-l2.png)" in section
     assert "| cosine |" in section and "| ivf-flat |" in section

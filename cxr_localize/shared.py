@@ -1,4 +1,5 @@
-"""Flags and helpers shared by the two training phases (data, split, encoder), so both read the data alike."""
+"""What this pipeline's commands share: the data and encoder flags of both training phases and the split they
+derive, so both phases read the data alike."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Caption files and their cached text-token states.
 
-    python -c "from pathology_brats.captions import read_captions; print(len(read_captions('d/captions.jsonl')))"
+    python -c "from pathology_brats.caption_files import read_captions; print(len(read_captions('d/captions.jsonl')))"
 
 Two formats: medvl's JSONL (one ``{"image", "caption"}`` per tile) and the seed's CSV (columns ``image, response``).
 ``image`` is a path as the writer knew it (relative to the data root, a file name, or someone else's absolute path);

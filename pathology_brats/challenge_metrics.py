@@ -1,6 +1,6 @@
 """The BraTS-Path challenge scores, as the organisers' scorer (GaNDLF on torchmetrics) computes them.
 
-    python -c "from pathology_brats.scoring import challenge_scores; print(challenge_scores([0, 1], [0, 9], '2025'))"
+    python -c "from pathology_brats.challenge_metrics import challenge_scores as s; print(s([0, 1], [0, 9], '2025'))"
 
 2024/2025 rank on micro averages (``f1_global`` = ``recall_global`` = ``accuracy_global`` for single-label
 predictions) and MCC; 2026 on macro F1 and recall, support-weighted specificity and AUROC (from one-hot hard

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from common.errors import DataError
-from pathology_brats.captions import check_captions, match_captions, read_captions
+from pathology_brats.caption_files import check_captions, match_captions, read_captions
 
 
 def test_the_seeds_csv_reads_like_our_jsonl(tmp_path):

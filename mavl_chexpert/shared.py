@@ -1,4 +1,5 @@
-"""What both training phases share: data flags, the run's data record, masked BCE, validation and thresholds."""
+"""What this pipeline's commands share: the data flags of both training phases, the run's data record, masked
+BCE, validation metrics and thresholds."""
 
 from __future__ import annotations
 

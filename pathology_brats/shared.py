@@ -1,4 +1,5 @@
-"""What train, evaluate, submit and ablate share: the run's input settings, cached features, the tensor dataset."""
+"""What this pipeline's commands share (train, evaluate, submit, ablate): the data and encoder flags, cached
+features, the tensor dataset."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch.utils.data import Dataset
 from common.cli import positive_int, unit_interval
 from common.feature_cache import CachedTensors, default_cache_root
 from common.text_encoders import text_presets
-from pathology_brats.captions import caption_tokens, pad_tokens
+from pathology_brats.caption_files import caption_tokens, pad_tokens
 from pathology_brats.encoder import (
     DEFAULT_NORMALIZE,
     ENCODERS,
