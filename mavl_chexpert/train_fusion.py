@@ -12,7 +12,9 @@ learnable temperature t and bias b (``--similarity seed``: the raw cosine, as th
 is the seed's variant: softmax over diseases at temperature 0.2 with one positive label drawn per image.
 ``--fusion mavl`` is MAVL's own fusion instead: each aspect sentence cross-attends over phase 1's patch tokens
 (one temperature per aspect) and a head shared by all diseases reads the concatenated aspect outputs
-(``model.AspectAttentionFusion``).
+(``model.AspectAttentionFusion``); ``--aspect-combine all`` scores each aspect sentence with one shared detector
+instead and a disease as the mean log-probability that every aspect it states is shown, which is what lets an
+unseen combination of seen aspects be recognised (README: zero-shot).
 
 Held-out diseases come from the image run (``train_image --holdout-classes``): phase 1 never trained on them,
 and here their columns are unobserved (no loss, no model selection, no threshold); their scores come from their
