@@ -45,6 +45,7 @@ from brain3d_report.data import (
     PERCENTILES,
     Cases,
     LeftRightMirror,
+    MirroredPairs,
     add_data_args,
     cases_from_args,
     mirror_report,
@@ -103,7 +104,7 @@ STAGE_DEFAULTS = {
     "lora": (15, 1, 8, 5e-5, 5),
 }
 """The seed's schedule per stage (contrastive batch 4 instead of its 1, which leaves InfoNCE without negatives)."""
-FLIP_MODES = ("both", "random", "off")
+FLIP_MODES = ("both", "random", "pairs", "off")
 SEED_PATCH_LR_SCALE = 0.2
 """``--train-vision seed``: the seed's stage 1 trains its 3D patch embedding at 0.2 x the learning rate."""
 
@@ -152,7 +153,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     stage.add_argument("--flip-augment", choices=FLIP_MODES, default="off",
                        help="left-right mirroring of the training cases, 'left' and 'right' swapped in the report: "
                             "both (every epoch sees each case as written and mirrored), random (each case mirrored "
-                            "with probability 0.5 per epoch), off (the default, the seed's: no augmentation)")
+                            "with probability 0.5 per epoch), pairs (each batch of B cases also holds their B "
+                            "mirrored copies: in the contrastive stage a case's own mirror image is one of its "
+                            "negatives), off (the default, the seed's: no augmentation)")
     stage.add_argument("--queue-size", type=int, default=64,
                        help="past text embeddings kept as extra negatives (0: in-batch negatives only)")
     stage.add_argument("--train-vision", choices=VISION_TRAINABLES, default="all",
@@ -295,7 +298,8 @@ def stage_dataset(inputs: torch.Tensor, fields: dict[str, torch.Tensor], flip: s
     With ``flip`` ``both`` or ``random``, ``mirrored`` holds the N mirrored inputs and every field 2N rows, the N
     mirrored reports after the N reports as written. ``both``: 2N samples, each case as written and mirrored.
     ``random``: N samples, each case mirrored with probability 0.5 each epoch (``LeftRightMirror``, through the
-    training loop's batch augmentation).
+    training loop's batch augmentation). ``pairs``: N samples, each batch followed by its mirrored copies
+    (``MirroredPairs``: batches of twice the size).
     """
     if flip == "off":
         return VolumeSet(inputs, **fields)
@@ -308,8 +312,9 @@ def stage_dataset(inputs: torch.Tensor, fields: dict[str, torch.Tensor], flip: s
     if flip == "both":
         return VolumeSet(torch.cat([inputs, mirrored]), **fields)
     halves = {"volume": (inputs, mirrored), **{k: (v[:n], v[n:]) for k, v in fields.items()}}
+    augment = MirroredPairs() if flip == "pairs" else LeftRightMirror(list(halves))
     return TensorData({**{k: v[0] for k, v in halves.items()}, **{MIRRORED + k: v[1] for k, v in halves.items()}},
-                      batch_augment=LeftRightMirror(list(halves)))
+                      batch_augment=augment)
 
 
 @torch.no_grad()

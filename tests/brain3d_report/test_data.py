@@ -18,6 +18,7 @@ from brain3d_report import data
 from brain3d_report.data import (
     HEALTHY_TEMPLATES,
     LeftRightMirror,
+    MirroredPairs,
     check_volume_size,
     healthy_report,
     load_cases,
@@ -253,6 +254,18 @@ def test_left_right_mirror_takes_the_mirrored_fields_of_the_drawn_cases():
         assert torch.equal(out["volume"][k], volumes[k].flip(-2) if flip else volumes[k])
         assert torch.equal(out["target"][k], batch["mirrored_target" if flip else "target"][k])
     assert torch.equal(out["key"], batch["key"])  # a field not named is kept as written
+
+
+def test_mirrored_pairs_follow_each_case_with_its_mirror_image():
+    volumes = torch.rand(3, 1, 2, 6, 3)
+    batch = {"volume": volumes, "mirrored_volume": mirror_volumes(volumes),
+             "key": torch.tensor([5, 6, 7]), "mirrored_key": torch.tensor([-5, -6, -7]), "weight": torch.ones(3)}
+    out = MirroredPairs()(batch, torch.rand(3, 1))
+    assert set(out) == {"volume", "key", "weight"}
+    assert out["key"].tolist() == [5, 6, 7, -5, -6, -7]
+    for k in range(3):
+        assert torch.equal(out["volume"][3 + k], volumes[k].flip(-2)) and torch.equal(out["volume"][k], volumes[k])
+    assert out["weight"].tolist() == [1.0] * 6  # a field with no mirrored counterpart is repeated, rows stay aligned
 
 
 def test_ras_and_lps_files_of_one_volume_preprocess_alike(phantom, tmp_path):
