@@ -137,7 +137,7 @@ def test_unseen_disease_is_reported_with_its_swapped_description_control(holdout
     assert unseen["auroc_ci_low"] <= unseen["auroc"] <= unseen["auroc_ci_high"]
     # The fusion has no per-disease weights: with another disease's sentences the held-out column *is* that
     # disease's column, and the swap partner is the disease whose sentences differ most (the phantom's Effusion
-    # shares one aspect value with Consolidation).
+    # shares no aspect value with Consolidation).
     partner = unseen["swapped_with"]
     assert partner == "Pleural Effusion"
     assert np.allclose(predictions["prob_swapped_consolidation"], predictions["prob_pleural_effusion"], atol=1e-5)
