@@ -2,7 +2,8 @@
 
     # CPU, a short schedule (every code path of the real LM; the numbers say little at this length):
     python -m benchmarks.brain3d_gemma3 --work-dir runs/bench/gemma3 --cases 12 --epochs 1 1 1
-    # GPU, the full schedule (each stage's defaults; MedSigLIP needs the hub or its cache):
+    # GPU, the full schedule (each stage's seed recipe, configs/brain3d_report/medgemma.<stage>.yaml; MedSigLIP
+    # needs the hub or its cache):
     python -m benchmarks.brain3d_gemma3 --work-dir runs/bench/gemma3-gpu --device cuda --cases 120 \\
         --volume-size 32 64 64 --epochs 8 10 15 --vision medsiglip-448
 
@@ -28,6 +29,8 @@ from common.errors import ConfigError, cli_entry
 from common.tables import markdown_table
 
 STAGES = ("contrastive", "warmup", "lora")
+SEED_RECIPES = Path(__file__).resolve().parents[1] / "configs" / "brain3d_report"
+"""Each stage's seed schedule, `medgemma.<stage>.yaml` (the real models' settings in it are overridden here)."""
 LATERALITY_KEYS = ("lat_f1", "lat_f1_shuffled", "lat_f1_seed", "healthy_specificity", "tumour_sensitivity",
                    "anat_f1", "path_f1")
 
@@ -49,7 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lm", default="gemma3-270m", help="language model preset")
     parser.add_argument("--quantization", default="none", help="none, 4bit or 8bit for the LM")
     parser.add_argument("--epochs", type=positive_int, nargs=3, default=None, metavar=("C", "W", "L"),
-                        help="epochs of the contrastive, warmup and lora stages (default: each stage's own)")
+                        help="epochs of the contrastive, warmup and lora stages (default: each stage's seed recipe)")
     parser.add_argument("--max-text-len", type=positive_int, default=128, help="report tokens kept in training")
     parser.add_argument("--max-new-tokens", type=positive_int, default=96, help="tokens generated per report")
     parser.add_argument("--split", default="test", help="the split generated and scored (val while tuning)")
@@ -99,7 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     speed, previous = [], None
     for number, stage in enumerate(STAGES):
         run = work / f"r{number + 1}-{stage}"
-        argv_stage = ["--stage", stage, "--output-dir", str(run), *common]
+        # the seed's schedule of the stage (its recipe); the flags here and --train-args override it
+        argv_stage = ["--config", str(SEED_RECIPES / f"medgemma.{stage}.yaml"), "--stage", stage, "--output-dir",
+                      str(run), *common]
         if args.epochs is not None:
             argv_stage += ["--epochs", str(args.epochs[number])]  # whole epochs: a later stage starts from the best
         if previous is None:

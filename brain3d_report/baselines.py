@@ -53,19 +53,19 @@ from brain3d_report.generate import (
     PREDICTIONS_DIR,
     add_run_data_args,
     append_records,
-    load_report_run,
     prepare_output,
     run_cases,
     volume_cache_root,
 )
-from brain3d_report.train import PROMPT
-from common.checkpoint import atomic_write_json, atomic_write_text, recover_results, result_set
+from brain3d_report.train import PIPELINE, PROMPT, model_builder
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int, require
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.metrics.text import TextScorer
 from common.retrieval import make_index, search
 from common.run_guard import guard_command
+from common.rundir import atomic_write_json, atomic_write_text, recover_results, result_set
+from common.runs import load_run
 from common.tables import json_safe, markdown_table
 from common.vlm import VLM_PRESETS
 
@@ -253,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     require(args, run_dir="the run whose stage-1 embedding and split the baselines use")
     recover_results(args.run_dir)
     device = pick_device(args.device)
-    loaded = load_report_run(args.run_dir, device, args.cache_dir, stages=("contrastive", "warmup", "lora"))
+    loaded = load_run(args.run_dir, PIPELINE, model_builder(device, args.cache_dir), device=device)
     cases = run_cases(loaded.meta, args.run_dir, args.data_root, args.healthy_root)
     train, target = cases.split("train"), cases.split(args.split)
     for name, part in (("train", train), (args.split, target)):

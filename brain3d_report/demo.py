@@ -42,7 +42,7 @@ def demo_section(out_dir: Path) -> str:
         write_brain(data, n=DEMO_CASES, seed=0)
     shared = ["--data-root", str(data), "--volume-size", *DEMO_SIZE, "--volume-cache", str(cache), "--no-progress",
               "--device", "cpu"]
-    stages = [("contrastive", ["--epochs", "6"]),
+    stages = [("contrastive", ["--epochs", "3"]),  # batches of cases and their mirror images: 6 epochs of compute
               ("warmup", ["--epochs", "3", "--grad-accum", "4", "--max-text-len", "96"]),
               ("lora", ["--epochs", "2", "--grad-accum", "4", "--max-text-len", "96"])]
     previous = None
@@ -82,7 +82,8 @@ def demo_section(out_dir: Path) -> str:
     return "\n".join([
         "## 3D brain MRI reports: inflated SigLIP, Perceiver, Gemma 3 (tiny twins)", "",
         f"Brain phantom ({DEMO_CASES} tumour cases + controls, volumes {'x'.join(DEMO_SIZE)}), the twins' config "
-        "files (`configs/brain3d_report/twin.<stage>.yaml`) cut to contrastive (6 epochs) -> warm-up (3) -> LoRA (2), "
+        "files (`configs/brain3d_report/twin.<stage>.yaml`) cut to contrastive (3 epochs of cases and their mirror "
+        "images) -> warm-up (3) -> LoRA (2), "
         f"with `siglip-tiny` and `{TWIN}` (language-pre-trained when the preset is built), stages 2 and 3 on each "
         "training case as written and mirrored left-right; greedy reports of the test cases. A shortened run; "
         "the default-size run is in the README.", "",

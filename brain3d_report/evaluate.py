@@ -40,13 +40,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from common.checkpoint import atomic_write_json, atomic_write_text, read_jsonl, recover_results, result_set
 from common.cli import MedvlArgumentParser, base_parser, nonnegative_int, parse_args, require
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.metrics.clinical import clinical_per_case, states_lesion
 from common.metrics.text import TextScorer, TokenizedPairs, corpus_scores
 from common.run_guard import guard_command
+from common.rundir import atomic_write_json, atomic_write_text, read_jsonl, recover_results, result_set
 from common.tables import CI_HIGH, CI_LOW, ci_cell, json_safe, markdown_table, metrics_with_ci
 
 log = logging.getLogger("medvl.brain3d_report")

@@ -46,21 +46,22 @@ import torch.nn.functional as F
 
 from brain3d_report.data import Case, check_nifti, load_volume, make_dataset
 from brain3d_report.generate import (
+    CAPTION_STAGES,
     NO_REPEAT_NGRAM_SIZE,
     add_run_data_args,
     decoding_kwargs,
     generate_reports,
-    load_report_run,
     nifti_id,
     run_cases,
     volume_cache_root,
 )
-from brain3d_report.train import prompt_tokens
-from common.checkpoint import atomic_save_figure, atomic_write_bytes, atomic_write_json, result_set
+from brain3d_report.train import PIPELINE, model_builder, prompt_tokens
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_float, positive_int, require
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.run_guard import guard_command
+from common.rundir import atomic_save_figure, atomic_write_bytes, atomic_write_json, result_set
+from common.runs import load_run
 from common.tables import json_safe
 
 log = logging.getLogger("medvl.brain3d_report")
@@ -311,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.input is not None:
         check_nifti(args.input, voxels=True)  # a bad file is refused before the model loads
     device = pick_device(args.device)
-    loaded = load_report_run(args.run_dir, device, args.cache_dir)
+    loaded = load_run(args.run_dir, PIPELINE, model_builder(device, args.cache_dir), CAPTION_STAGES, device)
     model, meta = loaded.model, loaded.meta
     phrase = args.phrase
     volume_size = meta["preprocessing"]["volume_size"]

@@ -51,8 +51,7 @@ from brain3d_report.data import (
     make_dataset,
     report_side,
 )
-from brain3d_report.train import PIPELINE, PROMPT, load_stage_run, prompt_tokens
-from common.checkpoint import META_FILE, WEIGHTS_FILE, atomic_write_json, find_model_dir, read_jsonl, recover_results
+from brain3d_report.train import PIPELINE, PROMPT, model_builder, prompt_tokens
 from common.cli import (
     MedvlArgumentParser,
     base_parser,
@@ -66,7 +65,8 @@ from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.feature_cache import default_cache_root, file_digest
 from common.run_guard import guard_command
-from common.runs import LoadedRun, check_record
+from common.rundir import WEIGHTS_FILE, atomic_write_json, read_jsonl, recover_results
+from common.runs import load_run, read_run_record
 
 log = logging.getLogger("medvl.brain3d_report")
 
@@ -126,34 +126,6 @@ def add_run_data_args(parser: argparse.ArgumentParser) -> None:
                        help="healthy controls, if the run used --healthy-root (default DATA_ROOT/healthy)")
     group.add_argument("--volume-cache", type=Path, default=None,
                        help="folder of preprocessed volumes (default: <cache-dir>/volumes or ~/.cache/medvl/volumes)")
-
-
-def run_record(run_dir: Path, stages: Sequence[str] = CAPTION_STAGES) -> tuple[dict, Path]:
-    """(``model.json``, its folder) of a run's best model, checked without building the model, so that a finished
-    or mismatched job is answered before a 4-billion-parameter LM loads. A stage not in ``stages`` is refused."""
-    directory = find_model_dir(Path(run_dir))
-    path = directory / META_FILE
-    for required in (path, directory / WEIGHTS_FILE):
-        if not required.is_file():
-            raise DataError(required, "no trained model here (run training first, or pass the run directory)")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(path, f"not valid JSON ({type(err).__name__})") from err
-    check_record(meta, path)
-    if meta["pipeline"] != PIPELINE:
-        raise DataError(path, f"pipeline is {meta['pipeline']!r}: not a {PIPELINE} model")
-    if meta["stage"] not in stages:
-        raise DataError(path, f"stage is {meta['stage']!r}: this needs a {' or '.join(stages)} run (a contrastive "
-                              "run has no trained projector or adapters)")
-    return meta, directory
-
-
-def load_report_run(run_dir: Path, device: torch.device, cache_dir: Path | None = None,
-                    stages: Sequence[str] = CAPTION_STAGES) -> LoadedRun:
-    """A run's best model, refused (one line naming its ``model.json``) unless its stage is one of ``stages``."""
-    run_record(run_dir, stages)
-    return load_stage_run(Path(run_dir), device, cache_dir)
 
 
 def run_cases(meta: dict, run_dir: Path, data_root: Path | None = None, healthy_root: Path | None = None) -> Cases:
@@ -370,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError("--shuffle-volumes", "needs --split (the references of the run's cases)")
     items = None if args.split is not None else input_items(args.input, args.input_dir)
     recover_results(args.run_dir)
-    meta, model_dir = run_record(args.run_dir)
+    meta, model_dir = read_run_record(args.run_dir, PIPELINE, CAPTION_STAGES)
     volume_size = tuple(meta["preprocessing"]["volume_size"])
     if items is None:
         items = split_items(run_cases(meta, args.run_dir, args.data_root, args.healthy_root), args.split)
@@ -400,7 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     done = prepare_output(out, settings, args.overwrite)
     written = 0
     if any(item["id"] not in done for item in items):
-        model = load_report_run(args.run_dir, pick_device(args.device), args.cache_dir).model
+        device = pick_device(args.device)
+        model = load_run(args.run_dir, PIPELINE, model_builder(device, args.cache_dir), CAPTION_STAGES, device).model
         volume = _volume_reader([flairs[s] for s in sources], volume_size, args)
         written = write_predictions(model, items, volume, out, settings["decoding"], args.batch_size, args.seed,
                                     done)
@@ -422,7 +395,7 @@ def _volume_reader(flairs: list[Path], volume_size: tuple[int, ...], args: argpa
     return lambda i: load_volume(flairs[i], volume_size)
 
 
-__all__ = ["SEED_DECODING", "MAX_NEW_TOKENS", "PREDICTIONS_DIR", "FIELDS", "load_report_run", "run_cases",
+__all__ = ["SEED_DECODING", "MAX_NEW_TOKENS", "PREDICTIONS_DIR", "FIELDS", "CAPTION_STAGES", "run_cases",
            "derangement", "batch_seed", "decoding_kwargs", "generate_reports", "write_predictions", "prepare_output",
            "append_records", "complete_lines", "done_ids", "meta_path", "add_run_data_args", "volume_cache_root"]
 

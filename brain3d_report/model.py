@@ -32,7 +32,7 @@ import brain3d_report.lm_twin  # noqa: F401 - registers the offline LM twin, tin
 from common import hf
 from common.errors import ConfigError
 from common.lm import is_text_only_folder, load_causal_lm, load_lm_tokenizer
-from common.presets import get_preset, preset_names
+from common.presets import build_vision_tower, get_preset, preset_names
 from common.vlm import load_vlm
 
 VISION_PRESETS = tuple(preset_names("vision-tower"))
@@ -542,7 +542,7 @@ def load_vision_tower(name: str, *, pretrained: bool = True, device: torch.devic
     if name in VISION_PRESETS:
         preset = get_preset(name, "vision-tower", "--vision")
         if not preset.has_pretrained_weights or not pretrained:
-            return SiglipVisionModel(SiglipVisionConfig(**preset.options)).to(device).eval()
+            return build_vision_tower(preset.options).to(device).eval()
         source = preset.source
     else:
         source = name

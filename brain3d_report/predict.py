@@ -35,19 +35,21 @@ from matplotlib.figure import Figure
 from brain3d_report import explain as lime
 from brain3d_report.data import load_volume, report_side
 from brain3d_report.generate import (
+    CAPTION_STAGES,
     MAX_NEW_TOKENS,
     NO_REPEAT_NGRAM_SIZE,
     decoding_kwargs,
     generate_reports,
-    load_report_run,
 )
-from common.checkpoint import atomic_save_figure, atomic_write_bytes
+from brain3d_report.train import PIPELINE, model_builder
 from common.cli import parse_args, positive_int
 from common.device import pick_device
 from common.errors import ConfigError, cli_entry
 from common.predict import predict_parser, run_predictions
 from common.reader import VOLUME, volume_as_nifti
 from common.run_guard import guard_command
+from common.rundir import atomic_save_figure, atomic_write_bytes
+from common.runs import load_run
 
 EXPLAIN_SAMPLES = 200
 
@@ -89,7 +91,9 @@ class ReportPredictor:
                  explain: str | None = None, explain_samples: int = EXPLAIN_SAMPLES, supervoxels: int = 64):
         if explain is not None and not explain.strip():
             raise ConfigError("--explain", "the phrase is empty")
-        self.run = load_report_run(Path(run_dir), pick_device(device), cache_dir)
+        torch_device = pick_device(device)
+        self.run = load_run(Path(run_dir), PIPELINE, model_builder(torch_device, cache_dir), CAPTION_STAGES,
+                            torch_device)
         self.volume_size = tuple(self.run.meta["preprocessing"]["volume_size"])
         self.decoding = decoding_kwargs(not sample, max_new_tokens,
                                         no_repeat_ngram_size=NO_REPEAT_NGRAM_SIZE)

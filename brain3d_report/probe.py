@@ -20,13 +20,14 @@ import numpy as np
 import torch
 
 from brain3d_report.data import load_cases, make_dataset
-from brain3d_report.train import load_stage_run
-from common.checkpoint import atomic_write_json
+from brain3d_report.train import PIPELINE, model_builder
 from common.cli import MedvlArgumentParser, base_parser, parse_args, require
 from common.device import pick_device
 from common.errors import DataError, cli_entry
 from common.feature_cache import default_cache_root
 from common.run_guard import guard_command
+from common.rundir import atomic_write_json
+from common.runs import load_run
 
 SIDES = ("left", "right")
 
@@ -85,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     guard_command(args, writes=("run_dir",), reads=("data_root", "volume_cache", "cache_dir"), lock="run_dir")
     require(args, run_dir="the run to probe")
     device = pick_device(args.device)
-    loaded = load_stage_run(args.run_dir, device, args.cache_dir)
+    loaded = load_run(args.run_dir, PIPELINE, model_builder(device, args.cache_dir), device=device)
     meta = loaded.meta
     data_root = args.data_root or Path(meta["data"]["root"])
     split_csv = Path(args.run_dir) / "split.csv"

@@ -9,9 +9,10 @@ Example (CPU, phantom, the offline twins; each stage's schedule is in its config
     python -m brain3d_report.train --config configs/brain3d_report/twin.lora.yaml \\
         --data-root data/brain_phantom --init runs/brain/r2 --output-dir runs/brain/r3
 
-Every setting is a flag with one default (the seed's where it has one), whatever the models are; a run records
-them in ``model.json``. The twins' settings live in ``configs/brain3d_report/twin.<stage>.yaml``, MedSigLIP and
-MedGemma's in ``configs/brain3d_report/medgemma.<stage>.yaml``.
+Every setting is a flag with one default (the seed's where it has one; the schedule's are the seed's contrastive
+stage), whatever the models and the stage are; a run records them in ``model.json``. A stage's schedule is a recipe:
+the twins' in ``configs/brain3d_report/twin.<stage>.yaml``, the seed's (MedSigLIP and MedGemma) in
+``configs/brain3d_report/medgemma.<stage>.yaml``; pass one with ``--config``.
 
 1. ``contrastive``: symmetric InfoNCE between the pooled visual tokens and the frozen text embedding of each report
    (``--text-embedding lm``: the mean of the LM's last hidden states, as the seed; or a text-encoder preset), with a
@@ -29,10 +30,11 @@ the vision encoder, compressor, projector and adapters, not the 4-billion-parame
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -69,7 +71,6 @@ from brain3d_report.model import (
     model_from_config,
     trainable_parameters,
 )
-from common.checkpoint import META_FILE, find_model_dir
 from common.cli import (
     MedvlArgumentParser,
     base_parser,
@@ -88,7 +89,7 @@ from common.feature_cache import default_cache_root
 from common.metrics.clinical import keyword_spans
 from common.presets import get_preset
 from common.run_guard import guard_command, path_values
-from common.runs import load_run, model_record, save_run_model
+from common.runs import load_run, model_record, read_run_record, save_run_model
 from common.text_encoders import text_presets
 
 log = logging.getLogger("medvl.brain3d_report")
@@ -97,13 +98,6 @@ PIPELINE = "brain3d_report"
 PROMPT = "Generate a radiology report for this brain MRI FLAIR scan. \n"
 """The seed's prompt (no chat template), kept so that numbers compare with its paper."""
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-STAGE_DEFAULTS = {
-    # epochs, batch size, grad accumulation, lr, patience
-    "contrastive": (8, 4, 1, 5e-4, None),
-    "warmup": (10, 1, 8, 2e-4, None),
-    "lora": (15, 1, 8, 5e-5, 5),
-}
-"""The seed's schedule per stage (contrastive batch 4 instead of its 1, which leaves InfoNCE without negatives)."""
 FLIP_MODES = ("both", "random", "pairs", "off")
 SEED_PATCH_LR_SCALE = 0.2
 """``--train-vision seed``: the seed's stage 1 trains its 3D patch embedding at 0.2 x the learning rate."""
@@ -177,10 +171,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="recompute activations in the backward pass: the vision encoder's layers in the "
                             "contrastive stage (the only one that trains it), the LM's in the others (auto: on "
                             "CUDA, off on CPU)")
-    add_train_args(parser, epochs=0, batch_size=0, lr=0.0, weight_decay=0.01, monitor="val_loss", mode="min")
-    for action in parser._actions:  # stage-dependent defaults, filled in by stage_defaults()
-        if action.dest in ("epochs", "batch_size", "lr", "grad_accum", "patience"):
-            action.default = None
+    # The schedule's defaults are the seed's contrastive stage (batch 4 instead of its 1, which leaves InfoNCE without
+    # negatives); the warm-up's and LoRA's are recipes: configs/brain3d_report/<models>.<stage>.yaml.
+    add_train_args(parser, epochs=8, batch_size=4, lr=5e-4, weight_decay=0.01, monitor="val_loss", mode="min")
     return parser
 
 
@@ -190,9 +183,9 @@ def init_vision(args: argparse.Namespace) -> tuple[str, int]:
     problem)."""
     if args.init is not None:
         try:
-            config = json.loads((find_model_dir(Path(args.init)) / META_FILE).read_text())["kwargs"]["model"]
+            config = read_run_record(Path(args.init), PIPELINE)[0]["kwargs"]["model"]
             return str(config["vision"]), int(config["depth_patch"])
-        except (OSError, ValueError, KeyError, TypeError, DataError):
+        except (ValueError, KeyError, TypeError, DataError):
             pass
     return args.vision, args.depth_patch
 
@@ -233,17 +226,6 @@ def optimizer_groups(trainable: dict[str, torch.nn.Parameter], args: argparse.Na
     for name, param in trainable.items():
         groups.setdefault(rate(name), []).append(param)
     return [{"params": params, "lr": lr} for lr, params in groups.items()]
-
-
-def stage_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the schedule flags left unset with the seed's schedule for the stage (``STAGE_DEFAULTS``), whatever the
-    models; the twins' schedules are in their config files."""
-    epochs, batch, accum, lr, patience = STAGE_DEFAULTS[args.stage]
-    for name, value in (("epochs", epochs), ("batch_size", batch), ("grad_accum", accum), ("lr", lr),
-                        ("patience", patience)):
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    return args
 
 
 def held_out_reports(cases: Cases) -> list[str]:
@@ -548,10 +530,11 @@ def build_run_model(meta: dict, device: str | torch.device = "cpu", cache_dir: P
     return model
 
 
-def load_stage_run(run_dir: Path, device: torch.device, cache_dir: Path | None = None, stage: str | None = None):
-    """A finished stage's best model and ``model.json`` (the LM rebuilt from its source, then the saved weights)."""
-    return load_run(run_dir, PIPELINE, lambda meta: build_run_model(meta, device, cache_dir), stage=stage,
-                    device=device)
+def model_builder(device: str | torch.device = "cpu", cache_dir: Path | None = None
+                  ) -> Callable[[dict], Brain3DReportModel]:
+    """``build_run_model`` on ``device`` with ``cache_dir``: the builder handed to ``common.runs.load_run`` (the LM
+    rebuilt from its source, then the run's weights loaded into it)."""
+    return functools.partial(build_run_model, device=device, cache_dir=cache_dir)
 
 
 def _cases(args: argparse.Namespace) -> Cases:
@@ -573,7 +556,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.stage != "contrastive":
         require(args, init=f"the run the {args.stage} stage starts from")
     check_volume_fits(args.volume_size, *init_vision(args), cache_dir=args.cache_dir)  # before any model loads
-    args = stage_defaults(args)
     if args.queue_size < 0:
         raise ConfigError("--queue-size", f"must be 0 or more, not {args.queue_size}")
     config = config_from_args(args)
@@ -594,7 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             device=device, precision=args.precision, cache_dir=args.cache_dir)
         lora = None
     else:
-        loaded = load_stage_run(args.init, device, args.cache_dir)
+        loaded = load_run(args.init, PIPELINE, model_builder(device, args.cache_dir), device=device)
         model, init_meta = loaded.model, loaded.meta
         lora = init_meta["kwargs"].get("lora")
         text_choice = init_meta["kwargs"].get("text_embedding", "lm")
@@ -674,8 +656,8 @@ def save_split_text(cases: Cases) -> str:
 
 
 __all__ = ["STAGES", "PROMPT", "info_nce", "ContrastiveTask", "CaptionTask", "report_tokens", "prompt_tokens",
-           "text_embeddings", "add_lora", "build_run_model", "load_stage_run", "text_key", "keyword_token_mask",
-           "stage_defaults", "check_pretraining_corpus", "FLIP_MODES"]
+           "text_embeddings", "add_lora", "build_run_model", "model_builder", "text_key", "keyword_token_mask",
+           "check_pretraining_corpus", "FLIP_MODES"]
 
 
 if __name__ == "__main__":

@@ -48,9 +48,9 @@ from common.errors import ConfigError, DataError
 from common.run_guard import run_lock
 from common.rundir import resume
 from common.rundir.files import atomic_write_text
-from common.rundir.layout import BEST_DIR, FLOOR_OUTPUTS, HISTORY_FILE, LOG_FILE, read_history, write_history
+from common.rundir.layout import BEST_DIR, HISTORY_FILE, LOG_FILE, read_history, write_history
 from common.rundir.policy import check_output_dir, clear_run
-from common.rundir.resume import RESUMABLE_CHANGES, check_resume, find_resume_dir, identity, save_last
+from common.rundir.resume import check_resume, find_resume_dir, identity, save_last
 from common.rundir.swap import recover_results, staged_dir
 
 log = logging.getLogger("medvl.engine")
@@ -706,8 +706,4 @@ def add_train_args(parser, **defaults: Any) -> None:
 
 
 __all__ = ["TrainConfig", "TrainTask", "EpochTask", "FitResult", "fit", "add_train_args", "config_from_args",
-           "EpochSampler", "build_scheduler", "find_resume_dir", "check_output_dir", "check_run_setup", "check_monitor",
-           "DeviceBatches", "COMPILE_MODES", "RUN_OUTPUTS", "RESUMABLE_CHANGES"]
-
-RUN_OUTPUTS = FLOOR_OUTPUTS
-"""What the loop itself writes (``common.rundir.layout.FLOOR_OUTPUTS``, under its earlier name)."""
+           "EpochSampler", "build_scheduler", "check_run_setup", "check_monitor", "DeviceBatches", "COMPILE_MODES"]

@@ -17,6 +17,7 @@ import argparse
 import difflib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -40,7 +41,9 @@ class Preset:
         published_params: parameter count the model's authors published (None for tiny twins).
         tiny: name of the tiny twin preset (same class, test size), or None for a tiny preset.
         options: what the pipeline's builder reads (timm kwargs, pooling, ...).
-        skeleton: builds the real architecture without weights (called on the meta device) to count parameters.
+        skeleton: builds the real architecture with random weights through the same builder the pipelines call
+            for it (``build_timm``, ``build_tile_backbone``, ``build_vision_tower``, a transformers config): the
+            suite counts it on the meta device against ``published_params``.
         build: for tiny presets, builds ``(model, tokenizer_or_processor)`` offline from a seed.
         offline: True when nothing has to come from the hub (tiny twins, packaged weights, architectures
             trained from scratch).
@@ -123,13 +126,18 @@ def skeleton_parameters(preset: Preset) -> int:
 
 # --- the presets ------------------------------------------------------------------------------------------------
 
+def build_timm(options: Mapping[str, Any], **overrides: Any) -> torch.nn.Module:
+    """A ``cnn``/``vit`` preset's timm model with random weights from its options (``model_name`` and timm kwargs)
+    and the caller's ``overrides`` (``num_classes=0``, ``in_chans``, ...): the one builder of these architectures,
+    used by the pipelines that train them and by the registry's ``skeleton`` (what the suite counts)."""
+    import timm
+
+    kwargs = {**options, **overrides}
+    return timm.create_model(kwargs.pop("model_name"), pretrained=False, **kwargs)
+
+
 def _timm(model_name: str, **kwargs: Any) -> Callable[[], torch.nn.Module]:
-    def skeleton() -> torch.nn.Module:
-        import timm
-
-        return timm.create_model(model_name, pretrained=False, **kwargs)
-
-    return skeleton
+    return partial(build_timm, {"model_name": model_name, **kwargs})
 
 
 def _clip_b32_text() -> torch.nn.Module:
@@ -197,23 +205,19 @@ def timm_arguments(options: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     return options["architecture"], kwargs
 
 
-def _timm_tile(options: Mapping[str, Any]) -> Callable[[], torch.nn.Module]:
-    def skeleton() -> torch.nn.Module:
-        import timm
-
-        architecture, kwargs = timm_arguments(options)
-        return timm.create_model(architecture, pretrained=False, **kwargs)
-
-    return skeleton
-
-
-def _dinov2(config: Mapping[str, Any]) -> Callable[[], torch.nn.Module]:
-    def skeleton() -> torch.nn.Module:
+def build_tile_backbone(options: Mapping[str, Any]) -> torch.nn.Module:
+    """A ``tile-encoder`` preset's backbone with random weights from its options: timm (``architecture``,
+    ``model_args``, ``layers``) or transformers' Dinov2Model (``backend: transformers``, ``config``). The one builder
+    of these architectures: the tile encoder's loader calls it for random weights, and it is the real presets'
+    ``skeleton`` (what the suite counts)."""
+    if options.get("backend") == "transformers":
         from transformers import Dinov2Config, Dinov2Model
 
-        return Dinov2Model(Dinov2Config(**config))
+        return Dinov2Model(Dinov2Config(**options["config"]))
+    import timm
 
-    return skeleton
+    architecture, kwargs = timm_arguments(options)
+    return timm.create_model(architecture, pretrained=False, **kwargs)
 
 
 GIGAPATH_OPTIONS = {"architecture": "vit_giant_patch14_dinov2",
@@ -335,34 +339,35 @@ register_preset(Preset("prov-gigapath", "tile-encoder", "timm:hf_hub:prov-gigapa
                        "Prov-GigaPath tile encoder, ViT-g/16 1536-d, gated on the hub (Xu et al. 2024: 1.13B)",
                        1_130_000_000, "gigapath-tiny",
                        {**GIGAPATH_OPTIONS, "hub": "hf_hub:prov-gigapath/prov-gigapath"},
-                       _timm_tile(GIGAPATH_OPTIONS)))
+                       partial(build_tile_backbone, GIGAPATH_OPTIONS)))
 register_preset(Preset("gigapath-tiny", "tile-encoder", "tiny",
                        "timm vit_giant_patch14_dinov2 class at 224 px, patch 16, width 64, 2 blocks (tests, CPU)",
                        options=_tiny_tile(GIGAPATH_OPTIONS, mlp_ratio=4.0), offline=True))
 register_preset(Preset("uni", "tile-encoder", "timm:hf_hub:MahmoodLab/UNI",
                        "UNI tile encoder, ViT-L/16 1024-d, gated on the hub (Chen et al. 2024; model card: 303M)",
                        303_000_000, "uni-tiny", {**UNI_OPTIONS, "hub": "hf_hub:MahmoodLab/UNI"},
-                       _timm_tile(UNI_OPTIONS)))
+                       partial(build_tile_backbone, UNI_OPTIONS)))
 register_preset(Preset("uni-tiny", "tile-encoder", "tiny",
                        "timm vit_large_patch16_224 class with LayerScale, width 64, 2 blocks (tests, CPU)",
                        options=_tiny_tile(UNI_OPTIONS), offline=True))
 register_preset(Preset("virchow2", "tile-encoder", "timm:hf_hub:paige-ai/Virchow2",
                        "Virchow2, ViT-H/14 + 4 registers, SwiGLU; class token + mean patch token 2560-d, gated "
                        "(Zimmermann et al. 2024: 632M)", 632_000_000, "virchow2-tiny",
-                       {**VIRCHOW2_OPTIONS, "hub": "hf_hub:paige-ai/Virchow2"}, _timm_tile(VIRCHOW2_OPTIONS)))
+                       {**VIRCHOW2_OPTIONS, "hub": "hf_hub:paige-ai/Virchow2"},
+                       partial(build_tile_backbone, VIRCHOW2_OPTIONS)))
 register_preset(Preset("virchow2-tiny", "tile-encoder", "tiny",
                        "timm vit_huge_patch14_224 class, SwiGLU-packed, SiLU, 4 registers, width 64, 2 blocks",
                        options=_tiny_tile(VIRCHOW2_OPTIONS, mlp_ratio=4.0), offline=True))
 register_preset(Preset("h-optimus-0", "tile-encoder", "timm:hf_hub:bioptimus/H-optimus-0",
                        "H-optimus-0, ViT-g/14 + 4 registers 1536-d, H&E mean/std (Bioptimus 2024: 1.1B, rounded)",
                        1_100_000_000, "h-optimus-tiny", {**H_OPTIMUS_0_OPTIONS, "hub": "hf_hub:bioptimus/H-optimus-0"},
-                       _timm_tile(H_OPTIMUS_0_OPTIONS), params_tolerance=0.04))
+                       partial(build_tile_backbone, H_OPTIMUS_0_OPTIONS), params_tolerance=0.04))
 register_preset(Preset("h-optimus-tiny", "tile-encoder", "tiny",
                        "timm vit_giant_patch14_reg4_dinov2 class, 4 registers, H&E mean/std, width 64, 2 blocks",
                        options=_tiny_tile(H_OPTIMUS_0_OPTIONS, mlp_ratio=4.0), offline=True))
 register_preset(Preset("phikon-v2", "tile-encoder", "owkin/phikon-v2",
                        "Phikon-v2, transformers Dinov2Model ViT-L/16 1024-d, open (Filiot et al. 2024: 300M, rounded)",
-                       300_000_000, "phikon-tiny", PHIKON_V2_OPTIONS, _dinov2(PHIKON_V2_CONFIG),
+                       300_000_000, "phikon-tiny", PHIKON_V2_OPTIONS, partial(build_tile_backbone, PHIKON_V2_OPTIONS),
                        params_tolerance=0.02))
 register_preset(Preset("phikon-tiny", "tile-encoder", "tiny",
                        "transformers Dinov2Model at 224 px, patch 16, width 64, 2 layers (tests, CPU)",
@@ -411,20 +416,20 @@ MEDSIGLIP_448_CONFIG = {"hidden_size": 1152, "intermediate_size": 4304, "num_hid
 16 heads) at 448 px, with its attention-pooling head."""
 
 
-def _siglip_vision(**config: Any) -> Callable[[], torch.nn.Module]:
-    def skeleton() -> torch.nn.Module:
-        from transformers import SiglipVisionConfig, SiglipVisionModel
+def build_vision_tower(options: Mapping[str, Any]) -> torch.nn.Module:
+    """A ``vision-tower`` preset's SiglipVisionModel with random weights (its options are the SiglipVisionConfig):
+    the one builder, called by the pipelines for random weights and the real preset's ``skeleton``."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
 
-        return SiglipVisionModel(SiglipVisionConfig(**config))
-
-    return skeleton
+    return SiglipVisionModel(SiglipVisionConfig(**options))
 
 
 # ``options`` of a vision-tower preset are its SiglipVisionConfig. MedSigLIP's model card rounds the tower to 400M;
 # the so400m/14 geometry at 448 px counts 428.6M with its pooling head, hence the wider tolerance.
 register_preset(Preset("medsiglip-448", "vision-tower", "google/medsiglip-448",
                        "MedSigLIP vision tower, SigLIP so400m/14 at 448 px, 1152-d (model card: 400M, rounded)",
-                       400_000_000, "siglip-tiny", MEDSIGLIP_448_CONFIG, _siglip_vision(**MEDSIGLIP_448_CONFIG),
+                       400_000_000, "siglip-tiny", MEDSIGLIP_448_CONFIG,
+                       partial(build_vision_tower, MEDSIGLIP_448_CONFIG),
                        params_tolerance=0.08))
 register_preset(Preset("siglip-tiny", "vision-tower", "tiny",
                        "SiglipVisionModel at 64 px: patch 16, width 64, 2 layers (tests, CPU)",
@@ -480,4 +485,5 @@ if __name__ == "__main__":
 
 
 __all__ = ["Preset", "KINDS", "register_preset", "get_preset", "list_presets", "preset_names", "count_parameters",
-           "skeleton_parameters", "minilm_dir", "timm_arguments", "TIMM_LAYERS"]
+           "skeleton_parameters", "minilm_dir", "timm_arguments", "TIMM_LAYERS", "build_timm", "build_tile_backbone",
+           "build_vision_tower"]

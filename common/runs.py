@@ -43,7 +43,6 @@ from common.rundir import (
     require_keys,
     save_model,
 )
-from common.tables import ci_cell  # noqa: F401  (its earlier home)
 
 log = logging.getLogger("medvl.runs")
 
@@ -95,11 +94,15 @@ class LoadedRun:
 
 def read_run_record(run_dir: Path, pipeline: str | None = None,
                     stage: str | Sequence[str] | None = None) -> tuple[dict[str, Any], Path]:
-    """``(model.json, folder)`` of a run's best model (a run directory or its ``best/``), checked against the schema
-    and, when given, to be ``pipeline``'s and of ``stage`` (one stage or several). The one reader of ``model.json``.
+    """``(model.json, folder)`` of a run's best model (a run directory or its ``best/``), checked against the schema,
+    its weights file present and, when given, to be ``pipeline``'s and of ``stage`` (one stage or several). The one
+    reader of ``model.json``: a tool answers a finished or mismatched job from it before any model is built.
     """
     directory = find_model_dir(Path(run_dir))
     path = directory / META_FILE
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise DataError(weights, "no trained model here (run training first, or pass the run directory)")
     meta = read_model_json(directory)
     if isinstance(meta, dict) and "format" not in meta and ("arch" in meta or "kind" in meta):
         raise DataError(path, "written by an older medvl (no 'format' key); retrain to use it here")
@@ -113,23 +116,18 @@ def read_run_record(run_dir: Path, pipeline: str | None = None,
     return meta, directory
 
 
-def read_run_meta(run_dir: Path, pipeline: str, stage: str | None = None) -> tuple[dict[str, Any], dict, Path]:
-    """``(meta, weights, directory)`` of a run's best model (``read_run_record`` and the raw weights, for code that
-    loads them into part of a model)."""
-    meta, directory = read_run_record(run_dir, pipeline, stage)
-    return meta, read_weights(directory), directory
-
-
 def load_run(run_dir: Path, pipeline: str, build: Callable[[dict[str, Any]], torch.nn.Module],
              stage: str | Sequence[str] | None = None, device: str | torch.device = "cpu") -> LoadedRun:
     """Rebuild a run's best model from ``model.json`` with ``build(meta)`` and load its weights: the one loader of
-    a trained model, for every pipeline and stage (``stage``: the stages the caller accepts; default any).
+    a trained model, for every pipeline and stage (``stage``: the stages the caller accepts; default any). A builder
+    may return part of a larger model (a pre-training stage's encoder, loaded into the model that trains next).
 
     Raises:
         DataError: no model, a model of another pipeline or stage, a key missing or of the wrong type, a record
             the builder rejects, or weights that do not fit the rebuilt model; each names the file.
     """
-    meta, state, directory = read_run_meta(run_dir, pipeline, stage)
+    meta, directory = read_run_record(run_dir, pipeline, stage)
+    state = read_weights(directory)
     try:
         model = build(meta)
     except TypeError as err:
@@ -163,7 +161,7 @@ def settings_changes(module, argv: list[str], run_dir: Path) -> list[str]:
     import yaml
 
     from common.cli import config_text, parse_args
-    from common.engine import RESUMABLE_CHANGES
+    from common.rundir import RESUMABLE_CHANGES
 
     path = Path(run_dir) / "config.yaml"
     try:
@@ -199,5 +197,5 @@ def train_or_resume(module, argv: list[str], run_dir: Path) -> None:
         raise DataError(run_dir, f"{module.__name__} failed (exit {code}); see the line above")
 
 
-__all__ = ["run_state", "settings_changes", "train_or_resume", "ci_cell", "MODEL_FORMAT", "SCHEMA", "model_record",
-           "save_run_model", "check_record", "read_run_record", "read_run_meta", "load_run", "LoadedRun"]
+__all__ = ["run_state", "settings_changes", "train_or_resume", "MODEL_FORMAT", "SCHEMA", "model_record",
+           "save_run_model", "check_record", "read_run_record", "load_run", "LoadedRun"]

@@ -29,7 +29,7 @@ from segmentation_models_pytorch.base import SegmentationHead
 
 from common.errors import ConfigError, DataError
 from common.hf import refuse_pickled_weights
-from common.runs import read_run_meta
+from common.runs import load_run, read_run_record
 from common.text_encoders import TextEncoder, load_text_encoder, text_presets
 
 log = logging.getLogger("medvl.cxr_localize")
@@ -269,15 +269,13 @@ def _hub_encoder_state(encoder: str, weights: str, settings: dict, cache_dir: Pa
 
 def load_encoder_init(model_encoder: nn.Module, run_dir: Path, encoder: str) -> dict:
     """Copy a phase-1 encoder (``cxr_localize.pretrain`` run) into ``model_encoder``; returns its metadata."""
-    meta, state, directory = read_run_meta(Path(run_dir), "cxr_localize", stage="pretrain")
+    meta, _ = read_run_record(Path(run_dir), "cxr_localize", stage="pretrain")
     if meta["preset"] != encoder:
         raise ConfigError("--encoder", f"phase-1 run has a {meta['preset']} encoder, not {encoder}")
-    try:
-        model_encoder.load_state_dict(state)
-    except RuntimeError as err:
-        raise DataError(directory / "model.safetensors", f"encoder weights do not fit "
-                                                         f"({' '.join(str(err).split())[:160]})") from err
-    return meta
+    training = model_encoder.training
+    loaded = load_run(Path(run_dir), "cxr_localize", lambda _meta: model_encoder, stage="pretrain")
+    model_encoder.train(training)  # the loader hands models back in eval mode; this one goes on training
+    return loaded.meta
 
 
 UNET_RECORD = {"text_encoder": str, "text_source": str, "text_whitening": str}

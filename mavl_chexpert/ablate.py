@@ -17,10 +17,10 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.checkpoint import atomic_write_json, atomic_write_text, result_set
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int, require
 from common.errors import cli_entry
 from common.run_guard import guard_command
+from common.rundir import atomic_write_json, atomic_write_text, result_set
 from common.runs import train_or_resume
 from common.tables import ci_cell, markdown_table
 from common.text_encoders import text_presets

@@ -31,9 +31,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from common.checkpoint import read_csv
 from common.errors import ConfigError, DataError
 from common.images import IMAGENET_MEAN, IMAGENET_STD, read_grey, square_resize
+from common.rundir import read_csv
 from common.splits import group_split
 
 log = logging.getLogger("medvl.mavl_chexpert")

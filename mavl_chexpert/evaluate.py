@@ -35,12 +35,12 @@ import pandas as pd
 import torch
 
 from common import plots
-from common.checkpoint import atomic_write_json, atomic_write_text, recover_results, result_set
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.metrics.classification import binary_metrics
 from common.run_guard import guard_command
+from common.rundir import atomic_write_json, atomic_write_text, recover_results, result_set
 from common.runs import load_run
 from common.splits import load_split_csv
 from common.tables import ci_cell, json_safe, markdown_table, metrics_with_ci, write_results

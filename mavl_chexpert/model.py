@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 
 from common.errors import ConfigError, DataError
 from common.images import IMAGENET_MEAN, IMAGENET_STD
-from common.presets import get_preset, preset_names
+from common.presets import build_timm, get_preset, preset_names
 
 BACKBONES = tuple(preset_names("vit"))
 POOLS = ("cls", "mean", "mean-fc-norm")
@@ -97,8 +97,7 @@ def build_backbone(name: str | Path, pretrained: bool = False, cache_dir: str | 
     import timm
 
     if architecture is not None and not pretrained:
-        options = dict(architecture)
-        return timm.create_model(options.pop("model_name"), pretrained=False, num_classes=0, **options)
+        return build_timm(architecture, num_classes=0)
     folder = local_backbone_dir(name)
     if folder is not None:
         try:
@@ -106,6 +105,8 @@ def build_backbone(name: str | Path, pretrained: bool = False, cache_dir: str | 
         except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as err:
             raise DataError(folder, f"timm cannot load these weights ({str(err).splitlines()[0][:160]})") from err
     options = timm_architecture(name)
+    if not pretrained:  # a preset at random weights: the registry's builder (what its parameter count counts)
+        return build_timm(options, num_classes=0)
     model_name = options.pop("model_name")
     try:
         return timm.create_model(model_name, pretrained=pretrained, num_classes=0,

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from PIL import Image
 
-from common.checkpoint import atomic_save_figure
 from common.cli import parse_args
 from common.device import pick_device
 from common.errors import DataError, cli_entry
@@ -34,6 +33,7 @@ from common.images import square_resize
 from common.predict import predict_parser, run_predictions
 from common.reader import PICTURE, read_picture
 from common.run_guard import guard_command
+from common.rundir import atomic_save_figure
 from common.runs import load_run
 from mavl_chexpert.data import Preprocessing, label_key, resampling
 from mavl_chexpert.evaluate import _build, predict_proba

@@ -24,10 +24,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from common.checkpoint import atomic_write_bytes
 from common.cli import MedvlArgumentParser, base_parser, parse_args, require
 from common.errors import DataError, cli_entry
 from common.run_guard import guard_command
+from common.rundir import atomic_write_bytes
 from common.text_encoders import load_text_encoder, text_presets, weights_pooling
 
 log = logging.getLogger("medvl.mavl_chexpert")

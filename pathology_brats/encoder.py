@@ -42,7 +42,7 @@ from common.errors import ConfigError, DataError
 from common.feature_cache import FeatureCache
 from common.images import IMAGENET_MEAN, IMAGENET_STD
 from common.images import read_rgb as read_image_rgb
-from common.presets import get_preset, preset_names, timm_arguments
+from common.presets import build_tile_backbone, get_preset, preset_names, timm_arguments
 
 log = logging.getLogger("medvl.pathology_brats")
 
@@ -373,15 +373,20 @@ def load_tile_encoder(name: str, image_tokens: int = 5, pretrained: bool = True,
     else:
         options, use_weights, tokens, preprocessing = {}, pretrained, "cls", None
     try:
-        if options.get("backend") == "transformers":
-            backbone = _build_dinov2(options, use_weights, seed)
+        if options and not use_weights:
+            backbone = _seeded(lambda: build_tile_backbone(options), seed)
+            if options.get("backend") == "transformers":
+                backbone = HFDinov2Backbone(backbone)
+        elif options.get("backend") == "transformers":
+            from transformers import Dinov2Model
+
+            from common.hf import load_pretrained
+
+            backbone = HFDinov2Backbone(load_pretrained(Dinov2Model, options["hf"]))
         elif options:
-            architecture, kwargs = timm_arguments(options)
-            if use_weights:
-                layers = {k: v for k, v in kwargs.items() if k in options.get("layers", {})}
-                backbone = timm.create_model(options["hub"], pretrained=True, num_classes=0, **layers)
-            else:
-                backbone = _seeded(lambda: timm.create_model(architecture, pretrained=False, **kwargs), seed)
+            _, kwargs = timm_arguments(options)
+            layers = {k: v for k, v in kwargs.items() if k in options.get("layers", {})}
+            backbone = timm.create_model(options["hub"], pretrained=True, num_classes=0, **layers)
         elif use_weights:
             backbone = timm.create_model(name, pretrained=True, num_classes=0)
         else:
@@ -398,16 +403,6 @@ def load_tile_encoder(name: str, image_tokens: int = 5, pretrained: bool = True,
         preprocessing = TilePreprocessing.from_timm(dict(getattr(backbone, "pretrained_cfg", None) or {}))
     return TileEncoder(backbone.eval(), name, image_tokens, pretrained=use_weights, preprocessing=preprocessing,
                        tokens=tokens, seed=None if use_weights else seed)
-
-
-def _build_dinov2(options: dict, use_weights: bool, seed: int) -> HFDinov2Backbone:
-    from transformers import Dinov2Config, Dinov2Model
-
-    if use_weights:
-        from common.hf import load_pretrained
-
-        return HFDinov2Backbone(load_pretrained(Dinov2Model, options["hf"]))
-    return HFDinov2Backbone(_seeded(lambda: Dinov2Model(Dinov2Config(**options["config"])), seed))
 
 
 LORA_TARGETS = r".*blocks\.\d+\.attn\.(qkv|proj)"

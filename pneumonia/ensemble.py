@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.checkpoint import atomic_write_text, result_set
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.metrics.classification import best_threshold
 from common.run_guard import RUN_NEEDS, guard_command
+from common.rundir import atomic_write_text, result_set
 from common.runs import load_run
 from common.tables import metrics_with_ci, write_results
 from pneumonia.data import SPLITS, load_medmnist

@@ -16,12 +16,12 @@ import numpy as np
 import pandas as pd
 
 from common import plots
-from common.checkpoint import atomic_write_text, read_jsonl, result_set
 from common.cli import MedvlArgumentParser, base_parser, nonnegative_int, parse_args, positive_int
 from common.device import pick_device
 from common.errors import DataError, cli_entry
 from common.metrics.classification import binary_metrics
 from common.run_guard import guard_command
+from common.rundir import atomic_write_text, read_jsonl, result_set
 from common.tables import metrics_with_ci, write_results
 from pneumonia.data import SPLITS
 from pneumonia.model import load_run_and_data, predict_proba
@@ -54,7 +54,7 @@ def evaluate_run(run_dir: Path, split: str = "test", data_root: Path | None = No
                  gallery: int = 10, device: str = "auto", seed: int = 0) -> dict:
     """Predict ``split`` with the run's best model and write predictions, results and figures into the run dir.
 
-    The files are written as one result set (``common.checkpoint.result_set``): a failure or a kill leaves the
+    The files are written as one result set (``common.rundir.result_set``): a failure or a kill leaves the
     previous evaluation's files as they were, or the new set complete.
     """
     run_dir = Path(run_dir)

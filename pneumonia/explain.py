@@ -24,11 +24,11 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 
 from common import plots
-from common.checkpoint import atomic_write_text, result_set
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.run_guard import guard_command
+from common.rundir import atomic_write_text, result_set
 from pneumonia.data import SPLITS
 from pneumonia.model import load_run_and_data, predict_proba, preprocess
 

@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import timm
 import torch
 from torch import nn
 
 from common.errors import ConfigError
-from common.presets import get_preset, preset_names
+from common.presets import build_timm, get_preset, preset_names
 from common.runs import load_run
 from pneumonia.data import MEAN, SIZES, SPLITS, STD, MedMNISTSplits, load_medmnist, to_tensor
 
@@ -40,12 +39,10 @@ class PneumoniaNet(nn.Module):
         if tta not in TTA_MODES:
             raise ValueError(f"tta must be one of {TTA_MODES}, not {tta!r}")
         self.tta = tta
-        spec = dict(get_preset(arch, "cnn", "--arch").options)
-        name = spec.pop("model_name")
         self.arch = arch
-        self.backbone = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans,
-                                          channels=tuple(width * 2**i for i in range(4)), drop_rate=drop_rate,
-                                          drop_path_rate=drop_path_rate, **spec)
+        self.backbone = build_timm(get_preset(arch, "cnn", "--arch").options, num_classes=0, in_chans=in_chans,
+                                   channels=tuple(width * 2**i for i in range(4)), drop_rate=drop_rate,
+                                   drop_path_rate=drop_path_rate)
         self.backbone.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
         self.backbone.maxpool = nn.Identity()
         self.head = nn.Linear(self.backbone.num_features, 1)

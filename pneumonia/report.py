@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from common.checkpoint import atomic_write_json, atomic_write_text, result_set
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.run_guard import guard_command
+from common.rundir import atomic_write_json, atomic_write_text, result_set
 from common.tables import json_safe, markdown_table
 from common.vlm import VLM_PRESETS, build_messages, generate_reports, load_vlm, processor_image_size, vlm_source
 from pneumonia.data import LABELS, SPLITS

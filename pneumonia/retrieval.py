@@ -33,15 +33,6 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from common.checkpoint import (
-    WEIGHTS_FILE,
-    atomic_save_figure,
-    atomic_write_bytes,
-    atomic_write_text,
-    find_model_dir,
-    recover_results,
-    result_set,
-)
 from common.cli import MedvlArgumentParser, base_parser, nonnegative_int, parse_args, positive_int, seed_int
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
@@ -64,6 +55,15 @@ from common.retrieval import (
     set_search_params,
 )
 from common.run_guard import guard_command
+from common.rundir import (
+    WEIGHTS_FILE,
+    atomic_save_figure,
+    atomic_write_bytes,
+    atomic_write_text,
+    find_model_dir,
+    recover_results,
+    result_set,
+)
 from common.tables import markdown_table, metrics_with_ci, write_results
 from pneumonia.data import SPLITS, MedMNISTSplits
 from pneumonia.model import PneumoniaNet, embed_images, load_run_and_data

@@ -75,9 +75,14 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], pat
     absent."""
     rebuilt = _skipped_keys(model)
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:
         raise DataError(path, f"weights do not fit this model ({' '.join(str(err).split())[:200]})") from err
+    if result is None:  # an override that drops torch's answer (smp's encoders): compare the keys here
+        own = set(model.state_dict())
+        missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
+    else:
+        missing, unexpected = result
     missing = sorted(set(missing) - rebuilt)
     if missing or unexpected:
         kind, keys = ("missing", missing) if missing else ("unexpected", list(unexpected))

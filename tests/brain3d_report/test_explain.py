@@ -26,6 +26,7 @@ import torch
 
 from brain3d_report import explain, train
 from brain3d_report.data import load_cases, load_volume, make_dataset
+from common.runs import load_run
 from tests.brain3d_report.test_generate_evaluate import tiny_run_dirs
 
 
@@ -116,7 +117,7 @@ def test_preprocessed_affine_maps_voxels_to_world_coordinates(tmp_path, lps):
 
 
 def test_phrase_log_likelihood_is_the_caption_loss_times_the_tokens(tiny_run):
-    loaded = train.load_stage_run(tiny_run["r2"], torch.device("cpu"))
+    loaded = load_run(tiny_run["r2"], train.PIPELINE, train.model_builder())
     model = loaded.model
     case = load_cases(tiny_run["data"], split=tiny_run["r2"] / "split.csv").split("test")[0]
     volume = load_volume(case.flair, loaded.meta["preprocessing"]["volume_size"])[None]
@@ -148,7 +149,7 @@ def test_explain_cli_writes_the_heat_map_on_the_original_scan(tiny_run, tmp_path
     weights = np.asarray(record["weights"])
     np.testing.assert_allclose(np.asarray(image.dataobj), np.where(labels >= 0, weights[labels.clip(0)], 0),
                                rtol=1e-6, atol=1e-7)
-    model = train.load_stage_run(run, torch.device("cpu")).model
+    model = load_run(run, train.PIPELINE, train.model_builder()).model
     direct = explain.phrase_log_likelihood(model, volume[None], explain.phrase_ids(model.tokenizer, "left frontal"))
     assert record["base_log_likelihood"] == pytest.approx(float(direct[0]), rel=1e-5)
     png = stem.with_suffix(".png").read_bytes()

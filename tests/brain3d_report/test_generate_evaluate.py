@@ -24,6 +24,7 @@ from brain3d_report.data import HEALTHY_TEMPLATES, load_cases, load_volume, make
 from common.metrics.clinical import clinical_f1, clinical_per_case, lesion_detection
 from common.metrics.text import TextScorer, corpus_scores
 from common.phantoms.brain import write_brain
+from common.runs import load_run
 
 SCORING = ["--bertscore", "none", "--no-meteor"]
 
@@ -44,7 +45,7 @@ def tiny_run_dirs(tmp_path_factory) -> dict[str, Path]:
     assert train.main(["--stage", "contrastive", "--output-dir", str(dirs["r1"]), "--vision", "siglip-tiny", "--lm",
                        "tiny-gemma3", "--text-embedding", "lm", *common]) == 0
     assert train.main(["--stage", "warmup", "--output-dir", str(dirs["r2"]), "--init", str(dirs["r1"]),
-                       "--max-text-len", "48", "--batch-size", "4", "--grad-accum", "1", *common]) == 0
+                       "--max-text-len", "48", "--batch-size", "4", "--grad-accum", "1", "--lr", "2e-4", *common]) == 0
     (base / "DONE").touch()
     return dirs
 
@@ -123,7 +124,7 @@ def test_greedy_reports_equal_direct_generation_and_the_shuffled_control_uses_an
         assert record["reference"] == plain[record["id"]]["reference"]
         assert record["report"] == plain[record["volume_id"]]["report"]
 
-    loaded = train.load_stage_run(run, torch.device("cpu"))
+    loaded = load_run(run, train.PIPELINE, train.model_builder())
     model = loaded.model
     case = load_cases(tiny_run["data"], split=run / "split.csv").split("test")[0]
     volume = load_volume(case.flair, loaded.meta["preprocessing"]["volume_size"])[None]
@@ -282,7 +283,7 @@ def test_baselines_table_beside_the_model(run, tiny_run, capsys):
 
     cases = load_cases(tiny_run["data"], split=run / "split.csv")
     train_cases, test_cases = cases.split("train"), cases.split("test")
-    loaded = train.load_stage_run(run, torch.device("cpu"))
+    loaded = load_run(run, train.PIPELINE, train.model_builder())
     size = loaded.meta["preprocessing"]["volume_size"]
     centre = getattr(loaded.model, "image_center", torch.zeros(()))
     with torch.no_grad():

@@ -90,7 +90,7 @@ def test_a_volume_size_the_patch_does_not_divide_is_refused_before_a_model_loads
         raise AssertionError("a model was built before the volume size was checked")
 
     monkeypatch.setattr(train, "build_model", no_model)
-    monkeypatch.setattr(train, "load_stage_run", no_model)
+    monkeypatch.setattr(train, "build_run_model", no_model)
     (tmp_path / "data").mkdir()
     start = time.perf_counter()
     code = train.main(["--stage", "contrastive", "--data-root", str(tmp_path / "data"), "--output-dir",

@@ -11,7 +11,9 @@ from safetensors import safe_open
 
 from brain3d_report import probe, train
 from common.phantoms.brain import write_brain
+from common.runs import load_run
 
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "brain3d_report"
 
 @pytest.fixture(scope="module")
 def brain(tmp_path_factory) -> Path:
@@ -86,18 +88,20 @@ def test_three_stages_chain_and_save_only_what_they_train(brain, tmp_path):
     assert train.main(r1) == 0
     with safe_open(str(tmp_path / "r1" / "best" / "model.safetensors"), "pt") as handle:
         assert not any(k.startswith("lm.") for k in handle.keys())  # the random twin is rebuilt from its seed
-    assert train.main(_argv(brain, tmp_path, "warmup", "r2", "--init", str(tmp_path / "r1"), "--epochs", "2",
-                            "--grad-accum", "2", "--max-text-len", "48", "--flip-augment", "both",
-                            "--keyword-weight", "5")) == 0
-    assert train.main(_argv(brain, tmp_path, "lora", "r3", "--init", str(tmp_path / "r2"), "--epochs", "1",
-                            "--grad-accum", "2", "--max-text-len", "48")) == 0
+    # Stages 2 and 3 take the seed's schedules from their recipes, the flags given here over them.
+    assert train.main(_argv(brain, tmp_path, "warmup", "r2", "--config", str(CONFIGS / "medgemma.warmup.yaml"),
+                            "--init", str(tmp_path / "r1"), "--epochs", "2", "--grad-accum", "2",
+                            "--max-text-len", "48", "--flip-augment", "both", "--keyword-weight", "5")) == 0
+    assert train.main(_argv(brain, tmp_path, "lora", "r3", "--config", str(CONFIGS / "medgemma.lora.yaml"),
+                            "--init", str(tmp_path / "r2"), "--epochs", "1", "--grad-accum", "2",
+                            "--max-text-len", "48")) == 0
     with safe_open(str(tmp_path / "r3" / "best" / "model.safetensors"), "pt") as handle:
         keys = list(handle.keys())
     assert any("lora_A" in k for k in keys) and any(k.startswith("projector.") for k in keys)
     assert "lm.model.embed_tokens.weight" not in keys  # the frozen LM is rebuilt from its preset
     assert (tmp_path / "r3" / "split.csv").read_text() == (tmp_path / "r1" / "split.csv").read_text()
-    loaded = train.load_stage_run(tmp_path / "r3", torch.device("cpu"))
-    r2 = train.load_stage_run(tmp_path / "r2", torch.device("cpu"))
+    loaded = load_run(tmp_path / "r3", train.PIPELINE, train.model_builder())
+    r2 = load_run(tmp_path / "r2", train.PIPELINE, train.model_builder())
     # Stage 3 started from stage 2: the vision encoder (frozen after stage 1) is the same in both.
     for (name, a), (_, b) in zip(loaded.model.vision.state_dict().items(), r2.model.vision.state_dict().items()):
         assert torch.equal(a, b), name
@@ -116,7 +120,7 @@ def test_three_stages_chain_and_save_only_what_they_train(brain, tmp_path):
     first = json.loads((tmp_path / "r2" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["step"] == -(-2 * n_train // 2)  # each case as written and mirrored; batch 1, grad-accum 2
     # The warm-up trains the projector only: the compressor is stage 1's, and the whitening fitted on its tokens.
-    r1 = train.load_stage_run(tmp_path / "r1", torch.device("cpu"))
+    r1 = load_run(tmp_path / "r1", train.PIPELINE, train.model_builder())
     for (name, a), (_, b) in zip(r1.model.compressor.state_dict().items(), r2.model.compressor.state_dict().items()):
         assert torch.equal(a, b), name
     assert not torch.equal(r2.model.token_whitening, torch.eye(r2.model.token_whitening.shape[0]))
@@ -264,18 +268,27 @@ def test_keyword_token_mask_marks_the_tokens_of_the_clinical_words():
     assert short.shape[1] == 8 and torch.equal(short[0], keyword[0, :8] & (torch.arange(8) < 7))
 
 
+SEED_SCHEDULES = {  # the seed's per stage: epochs, batch size, grad accumulation, lr, patience
+    "contrastive": (8, 4, 1, 5e-4, None),  # batch 4 instead of its 1, which leaves InfoNCE without negatives
+    "warmup": (10, 1, 8, 2e-4, None),
+    "lora": (15, 1, 8, 5e-5, 5),
+}
+
+
 @pytest.mark.parametrize("stage", ["contrastive", "warmup", "lora"])
-def test_every_default_is_the_same_whatever_the_models(stage):
-    """No setting depends on which presets run: the twins and the real models get the same defaults."""
+def test_every_default_is_the_same_whatever_the_models_and_each_seed_recipe_holds_its_schedule(stage):
+    """No setting depends on which presets run or which stage: the parser's defaults are the defaults, and the
+    seed's schedule of each stage is its ``medgemma.<stage>.yaml`` recipe (over those defaults)."""
     from common.cli import parse_args
 
-    def defaults(*models: str) -> dict:
-        args = train.stage_defaults(parse_args(train.get_args_parser(), ["--stage", stage, *models]))
-        return {k: v for k, v in vars(args).items() if k not in ("vision", "lm")}
+    def settings(*argv: str) -> dict:
+        args = vars(parse_args(train.get_args_parser(), ["--stage", stage, *argv]))
+        return {k: v for k, v in args.items() if k not in ("vision", "lm", "config")}
 
-    twins = defaults("--vision", "siglip-tiny", "--lm", "tiny-gemma3-brain")
-    assert twins == defaults("--vision", "medsiglip-448", "--lm", "medgemma-4b")
+    twins = settings("--vision", "siglip-tiny", "--lm", "tiny-gemma3-brain")
+    assert twins == settings("--vision", "medsiglip-448", "--lm", "medgemma-4b")
     assert (twins["flip_augment"], twins["keyword_weight"], twins["text_embedding"], twins["input_range"]) == (
         "off", 1.0, "lm", "processor")
-    epochs, _, _, lr, _ = train.STAGE_DEFAULTS[stage]
-    assert (twins["epochs"], twins["lr"]) == (epochs, lr)  # the seed's schedule
+    recipe = settings("--config", str(CONFIGS / f"medgemma.{stage}.yaml"))
+    schedule = tuple(recipe[k] for k in ("epochs", "batch_size", "grad_accum", "lr", "patience"))
+    assert schedule == SEED_SCHEDULES[stage]

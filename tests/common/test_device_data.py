@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from common import device_data
-from common.checkpoint import save_model
 from common.device_data import (
     Compose,
     EvalBatches,
@@ -23,6 +22,7 @@ from common.device_data import (
 )
 from common.engine import EpochSampler, TrainConfig, fit
 from common.errors import ConfigError, DataError
+from common.rundir import save_model
 
 CPU = torch.device("cpu")
 

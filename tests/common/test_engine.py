@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from common.checkpoint import load_model_files
 from common.engine import EpochSampler, TrainConfig, build_scheduler, fit
 from common.errors import ConfigError
+from common.rundir import load_model_files
 from tests.common.toy import ToyTask, toy_data, toy_model
 
 _data, _model = toy_data, toy_model

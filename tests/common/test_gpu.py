@@ -14,8 +14,8 @@ from torch.utils.data import TensorDataset
 from transformers import AutoProcessor, Gemma3ForConditionalGeneration
 
 from common import hf
-from common.checkpoint import load_model_files, read_jsonl, save_model
 from common.engine import TrainConfig, fit
+from common.rundir import load_model_files, read_jsonl, save_model
 from common.tiny import save_tiny_gemma3
 
 pytestmark = pytest.mark.gpu

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.checkpoint import read_jsonl
 from common.engine import TrainConfig, fit
 from common.pipelines import FLOOR_OUTPUTS, Pipeline, discover, matching_outputs, run_outputs
+from common.rundir import read_jsonl
 from tests.common.toy import ToyTask, toy_data
 
 REPO = Path(__file__).resolve().parents[2]

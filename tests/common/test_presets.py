@@ -17,6 +17,39 @@ def test_real_architecture_matches_published_parameter_count(preset):
         preset.name, count)
 
 
+def _trained_model(name: str):
+    """What the pipeline that trains preset ``name`` builds from it at random weights (its own loader)."""
+    if name == "vit-b16":
+        from mavl_chexpert.model import build_backbone
+
+        return build_backbone(name, pretrained=False)
+    if name == "medsiglip-448":
+        from brain3d_report.model import load_vision_tower
+
+        return load_vision_tower(name, pretrained=False, device="meta")
+    from pathology_brats.encoder import load_tile_encoder
+
+    backbone = load_tile_encoder(name, pretrained=False).backbone
+    return getattr(backbone, "model", backbone)  # Phikon-v2's Dinov2Model sits behind the timm-style adapter
+
+
+@pytest.mark.parametrize("name", ["vit-b16", "medsiglip-448", "prov-gigapath", "uni", "virchow2", "h-optimus-0",
+                                  "phikon-v2"])
+def test_the_counted_architecture_is_the_model_that_trains(name):
+    """The pipelines build these presets through the registry's builder, so the parameter count above counts the
+    model they train (the ViT without the ImageNet classifier its published count includes)."""
+    import torch
+
+    preset = presets.get_preset(name)
+    with torch.device("meta"):
+        trained, skeleton = _trained_model(name), preset.skeleton()
+    assert type(trained) is type(skeleton)
+    head = presets.count_parameters(skeleton.get_classifier()) if name == "vit-b16" else 0
+    assert presets.count_parameters(trained) == presets.count_parameters(skeleton) - head > 0
+    assert [tuple(p.shape) for p in trained.parameters()] == [
+        tuple(p.shape) for n, p in skeleton.named_parameters() if not (head and n.startswith("head."))]
+
+
 def test_every_real_preset_has_a_tiny_twin_of_its_kind():
     real = [p for p in presets.list_presets() if p.source != "tiny"]
     assert {p.kind for p in real} == set(presets.KINDS)

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from common.checkpoint import pending_dirs, result_set
 from common.errors import ConfigError, DataError
 from common.run_guard import LOCK_FILE, check_not_inputs, run_lock
+from common.rundir import pending_dirs, result_set
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -226,7 +226,7 @@ def test_the_lock_is_released_when_the_command_ends_and_the_holder_is_recorded(t
 _WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from common.checkpoint import result_set
+    from common.rundir import result_set
     from common.errors import MedvlError
     try:
         with result_set(Path(sys.argv[1])) as staging:
@@ -255,7 +255,7 @@ def test_two_writers_of_one_result_set_never_share_staging(tmp_path):
     second = _writer(run, "second")
     out, _ = second.communicate(timeout=60)
     assert out.startswith(f"refused {run}") and f"pid {first.pid}" in out, out
-    reader = subprocess.run([sys.executable, "-c", "import sys; from common.checkpoint import recover_results; "
+    reader = subprocess.run([sys.executable, "-c", "import sys; from common.rundir import recover_results; "
                              "recover_results(sys.argv[1])", str(run)], cwd=REPO, capture_output=True, timeout=60)
     assert reader.returncode == 0 and (run / staging_name).is_dir()  # a reader leaves a live writer's set alone
     go.touch()

@@ -255,7 +255,7 @@ def test_standardisation_uses_training_statistics_and_ignores_text_padding():
 
 
 def test_lora_trains_only_adapters_and_a_run_saves_only_what_trained():
-    from common.checkpoint import load_model_state, model_state
+    from common.rundir import load_model_state, model_state
     from pathology_brats.encoder import add_lora
     from pathology_brats.model import EncoderClassifier
 

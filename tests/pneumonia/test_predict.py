@@ -91,7 +91,7 @@ def test_bad_inputs_exit_2_and_keep_out(trained_pneumonia_run, tmp_path, capsys)
 
 
 def test_run_of_another_pipeline_is_refused(tmp_path, capsys):
-    from common.checkpoint import META_FILE
+    from common.rundir import META_FILE
 
     best = tmp_path / "run" / "best"
     best.mkdir(parents=True)

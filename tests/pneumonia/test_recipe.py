@@ -11,11 +11,11 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from common.checkpoint import load_model_files
 from common.ema import WeightEMA
 from common.engine import TrainConfig
 from common.errors import ConfigError
 from common.metrics.classification import best_threshold
+from common.rundir import load_model_files
 from common.runs import load_run
 from pneumonia import ensemble, train
 from pneumonia.data import MEAN, STD

@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from common.checkpoint import load_model_files
+from common.rundir import load_model_files
 from pneumonia import train
 
 
