@@ -26,8 +26,9 @@ only beside the opposite of another would be learnt as that combination: the net
 lower" where "dense" was meant); and no other finding can be drawn with all of its values (it is told apart). The
 second needs some findings to leave one aspect free: Atelectasis's location, Cardiomegaly's border and
 Consolidation's pattern are drawn at random per study and described as varying. Five findings over four binary
-aspects cannot satisfy all three for every finding held out: for Cardiomegaly no finding is lower and round, and
-Edema and Pleural Effusion, the only faint and fluid findings, are each other's only partners for those values.
+aspects cannot meet all three for every finding (an exhaustive search over tables fixing two to four of them per
+finding, fluid aside, meets them for at most four); here Cardiomegaly misses the second (no other finding is
+lower and round), and Edema and Pleural Effusion, the only faint findings with fluid, miss it for those values.
 
 A label of -1 (uncertain) means the finding is drawn faintly; a blank means the finding was not mentioned (no
 drawing). The other nine columns are filled plausibly (No Finding when nothing is present, Lung Opacity with any
