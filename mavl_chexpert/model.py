@@ -40,6 +40,7 @@ POOLS = ("cls", "mean", "mean-fc-norm")
 LRF_VARIANTS = ("tail", "lrfl", "seed", "none")
 AGGREGATIONS = ("mean", "attention")
 FUSIONS = ("similarity", "mavl")
+ASPECT_COMBINES = ("concat", "all")
 SIMILARITIES = ("scaled", "seed")
 SHARED_DIM = 256
 HIDDEN_DIM = 128
@@ -332,12 +333,22 @@ class AspectAttentionFusion(nn.Module):
     output gated by its own query (``out * q``), so it judges "does what this sentence describes appear here"; as
     it has no per-disease weights, a disease held out of training is scored through its own sentences alone.
     Slot a means the same aspect for every disease (the descriptions list aspects in one order).
+
+    ``combine`` ``all`` replaces the head over the concatenation: one detector, shared by every sentence, scores
+    each gated aspect output, and a disease's logit is ``exp(s) * mean_a log sigmoid(z_a) + b`` over its aspect
+    sentences (slot 0, the definition, a sentence of one disease only, is left out): the log-probability that every
+    aspect it states is there. A head over the concatenation can learn each seen disease's combination of queries as
+    a whole; this one scores a combination only through its sentences, so an unseen combination of seen aspects is
+    scored as its parts are, and a negative image pushes down the aspects that are absent, not the ones it shows.
     """
 
     def __init__(self, image_model: ImageModel, aspects: torch.Tensor, aspect_mask: torch.Tensor,
                  dropout: float = 0.3, freeze_image: bool = True, dim: int = HIDDEN_DIM,
-                 init_temperature: float = 0.07):
+                 init_temperature: float = 0.07, combine: str = "concat"):
         super().__init__()
+        if combine not in ASPECT_COMBINES:
+            raise ConfigError("--aspect-combine", f"choose one of {', '.join(ASPECT_COMBINES)}, not {combine!r}")
+        self.combine = combine
         self.image_model = image_model
         self.freeze_image = freeze_image
         if freeze_image:
@@ -351,8 +362,15 @@ class AspectAttentionFusion(nn.Module):
                                              nn.ReLU(), nn.Dropout(dropout), nn.Linear(HIDDEN_DIM, dim))
         self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.aspect_log_scale = nn.Parameter(torch.full((aspects.shape[1],), math.log(1.0 / init_temperature)))
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(aspects.shape[1] * dim, HIDDEN_DIM), nn.ReLU(),
-                                  nn.Linear(HIDDEN_DIM, 1))
+        if combine == "concat":
+            self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(aspects.shape[1] * dim, HIDDEN_DIM), nn.ReLU(),
+                                      nn.Linear(HIDDEN_DIM, 1))
+        else:
+            self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, HIDDEN_DIM), nn.ReLU(),
+                                      nn.Linear(HIDDEN_DIM, 1))
+            # exp(s) * mean log-probability + b starts near a 20% prior when every aspect is at 0.5.
+            self.log_scale = nn.Parameter(torch.tensor(math.log(5.0)))
+            self.bias = nn.Parameter(torch.tensor(2.0))
 
     def train(self, mode: bool = True) -> AspectAttentionFusion:
         super().train(mode)
@@ -370,7 +388,18 @@ class AspectAttentionFusion(nn.Module):
         attention = (torch.einsum("cad,bpd->bcap", F.normalize(queries, dim=-1), keys) * scale).softmax(-1)
         return torch.einsum("bcap,bpd->bcad", attention, values), attention, queries
 
+    def aspect_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, C, A) ``combine=all``: the shared detector's logit that aspect sentence a of disease c is shown."""
+        outputs, _, queries = self.attend(tokens)
+        return self.head(outputs * queries.unsqueeze(0)).squeeze(-1)
+
     def logits_from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.combine == "all":
+            stated = self.aspect_mask.clone()
+            stated[:, 0] = False  # the definition: one disease's own sentence, not a shared aspect
+            weights = stated.float().unsqueeze(0)
+            present = (F.logsigmoid(self.aspect_logits(tokens)) * weights).sum(-1) / weights.sum(-1).clamp_min(1)
+            return present * self.log_scale.exp().clamp(max=100.0) + self.bias
         outputs, _, queries = self.attend(tokens)
         gated = outputs * queries.unsqueeze(0) * self.aspect_mask[None, :, :, None]
         return self.head(gated.flatten(2)).squeeze(-1)
@@ -390,13 +419,15 @@ def build_fusion_model(meta_kwargs: dict[str, Any]) -> nn.Module:
     aspects, mask = torch.zeros(shape), torch.ones(shape[:2], dtype=torch.bool)
     if meta_kwargs.get("fusion", "similarity") == "mavl":
         return AspectAttentionFusion(image, aspects, mask, dropout=meta_kwargs["dropout"],
-                                     freeze_image=meta_kwargs["freeze_image"])
+                                     freeze_image=meta_kwargs["freeze_image"],
+                                     combine=meta_kwargs.get("aspect_combine", "concat"))
     return FusionModel(image, aspects, mask, aggregation=meta_kwargs["aggregation"],
                        similarity=meta_kwargs["similarity"], dropout=meta_kwargs["dropout"],
                        freeze_image=meta_kwargs["freeze_image"])
 
 
-__all__ = ["BACKBONES", "POOLS", "LRF_VARIANTS", "AGGREGATIONS", "SIMILARITIES", "FUSIONS", "ImageModel",
+__all__ = ["BACKBONES", "POOLS", "LRF_VARIANTS", "AGGREGATIONS", "SIMILARITIES", "FUSIONS", "ASPECT_COMBINES",
+           "ImageModel",
            "FusionModel", "AspectAttentionFusion", "build_backbone", "build_image_model", "build_fusion_model",
            "feature_basis", "tail_term", "tail_shares", "lrfl_term", "seed_term", "local_backbone_dir",
            "timm_architecture", "preprocessing_from_backbone"]

@@ -12,7 +12,9 @@ learnable temperature t and bias b (``--similarity seed``: the raw cosine, as th
 is the seed's variant: softmax over diseases at temperature 0.2 with one positive label drawn per image.
 ``--fusion mavl`` is MAVL's own fusion instead: each aspect sentence cross-attends over phase 1's patch tokens
 (one temperature per aspect) and a head shared by all diseases reads the concatenated aspect outputs
-(``model.AspectAttentionFusion``).
+(``model.AspectAttentionFusion``); ``--aspect-combine all`` scores each aspect sentence with one shared detector
+instead and a disease as the mean log-probability that every aspect it states is shown, which is what lets an
+unseen combination of seen aspects be recognised (README: zero-shot).
 
 Held-out diseases come from the image run (``train_image --holdout-classes``): phase 1 never trained on them,
 and here their columns are unobserved (no loss, no model selection, no threshold); their scores come from their
@@ -49,6 +51,7 @@ from mavl_chexpert.data import (
 )
 from mavl_chexpert.model import (
     AGGREGATIONS,
+    ASPECT_COMBINES,
     FUSIONS,
     SIMILARITIES,
     AspectAttentionFusion,
@@ -108,6 +111,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--fusion", choices=FUSIONS, default="similarity",
                        help="similarity: cosine of the r-d image embedding with each aspect sentence; mavl: aspect "
                             "queries cross-attend over the patch tokens, one shared head per disease")
+    model.add_argument("--aspect-combine", choices=ASPECT_COMBINES, default="concat",
+                       help="--fusion mavl: concat (MAVL's head over a disease's concatenated aspect outputs) or "
+                            "all (one detector per aspect sentence, shared; the disease's logit is the mean "
+                            "log-probability that each aspect it states is shown: unseen combinations of seen "
+                            "aspects are scored through their parts)")
     parser.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default="f1",
                         help="per-class decision thresholds chosen on validation")
     add_train_args(parser, epochs=60, batch_size=64, lr=5e-4, weight_decay=1e-4, monitor="val_auroc_macro",
@@ -228,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     guard_command(args, writes=("output_dir",), reads=("data_root", "image_run", "cache_dir", "descriptions"),
                   lock="output_dir", create=True)
     require(args, output_dir="where the run is written", image_run="the run directory of mavl_chexpert.train_image")
+    if args.aspect_combine != "concat" and args.fusion != "mavl":
+        raise ConfigError("--aspect-combine", f"{args.aspect_combine} combines MAVL's aspect outputs; it needs "
+                                              f"--fusion mavl, not {args.fusion}")
     device = check_run_setup(config_from_args(args), args.output_dir)
     image_run = load_run(args.image_run, "mavl_chexpert", lambda m: build_image_model(**m["kwargs"]), stage="image")
     meta_in = image_run.meta
@@ -256,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     if args.fusion == "mavl":
         model = AspectAttentionFusion(image_run.model, aspects, aspect_mask, dropout=args.dropout,
-                                      freeze_image=not args.finetune_backbone)
+                                      freeze_image=not args.finetune_backbone, combine=args.aspect_combine)
     else:
         model = FusionModel(image_run.model, aspects, aspect_mask, aggregation=args.aggregation,
                             similarity=args.similarity, dropout=args.dropout, freeze_image=not args.finetune_backbone)
@@ -276,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     holdout = [n for n, t in zip(labels, trained) if not t]
     meta = {"pipeline": "mavl_chexpert", "stage": "fusion", "preset": meta_in["preset"],
             "kwargs": {"image": meta_in["kwargs"], "aspects_shape": list(aspects.shape), "fusion": args.fusion,
+                       "aspect_combine": args.aspect_combine,
                        "aggregation": args.aggregation, "similarity": args.similarity, "dropout": args.dropout,
                        "freeze_image": not args.finetune_backbone},
             "labels": list(labels), "preprocessing": meta_in["preprocessing"],

@@ -10,16 +10,25 @@ Layout written (as the Kaggle copy of CheXpert-v1.0-small)::
     valid/patient64541/study1/view1_frontal.jpg   lateral view (viewN_lateral.jpg); every view of a study shows
                                                   the same findings and carries the same labels
     descriptions.json   each finding's aspects in words: {finding: {definition, aspects: {aspect: sentence}}}
-    phantom_truth.csv   per image: the strength of each drawn finding (phantom only)
+    phantom_truth.csv   per image: the strength of each drawn finding and its varying aspects' values
+                        (location, pattern, border; phantom only)
 
 ``Path`` values start with ``CheXpert-v1.0-small/`` as in the real CSVs, whatever ``--out`` is called.
 
-Every one of the five competition findings is drawn by one renderer from six aspect values (``FINDINGS``):
-location (upper or lower lung zone), opacity (dense or faint), pattern (round patch or thin horizontal band),
-border (sharp or blurred), extent (one lung or both) and fluid (a basal fluid meniscus or none). Each value is
-shared by at least two findings and every finding differs from every other in at least two aspects, so a finding
-left out of training can still be recognised from the sentences of its aspects, each of which describes values
-seen on other findings. ``descriptions.json`` states exactly the drawn values, one fixed sentence per value.
+Every one of the five competition findings is drawn by one renderer from aspect values (``FINDINGS``): location
+(upper or lower lung zone), opacity (dense or faint), pattern (round patch or thin horizontal band), border (sharp
+or blurred), fluid (a basal fluid meniscus or none) and extent (one lung or both; drawn, not described).
+``descriptions.json`` states exactly what is drawn, one fixed sentence per value. For a finding held out of
+training to be recognisable from the sentences of its values, three things must hold, and for Consolidation and
+Atelectasis they all do (``tests/common/test_chexpert_phantom.py``): every value it states is stated by another
+finding (its sentences were trained); every pair of its values is drawn together on another finding (a value seen
+only beside the opposite of another would be learnt as that combination: the network would learn "dense and
+lower" where "dense" was meant); and no other finding can be drawn with all of its values (it is told apart). The
+second needs some findings to leave one aspect free: Atelectasis's location, Cardiomegaly's border and
+Consolidation's pattern are drawn at random per study and described as varying. Five findings over four binary
+aspects cannot meet all three for every finding (an exhaustive search over tables fixing two to four of them per
+finding, fluid aside, meets them for at most four); here Cardiomegaly misses the second (no other finding is
+lower and round), and Edema and Pleural Effusion, the only faint findings with fluid, miss it for those values.
 
 A label of -1 (uncertain) means the finding is drawn faintly; a blank means the finding was not mentioned (no
 drawing). The other nine columns are filled plausibly (No Finding when nothing is present, Lung Opacity with any
@@ -52,35 +61,40 @@ OBSERVATIONS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lun
 COMPETITION = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 META_COLUMNS = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA")
 
-ASPECT_SENTENCES: dict[str, dict[str, str]] = {
+ASPECT_SENTENCES: dict[str, dict[str | None, str]] = {
     "location": {"upper": "The opacity lies in the upper zone of the lung, below the apex.",
-                 "lower": "The opacity lies in the lower zone of the lung, just above the diaphragm."},
+                 "lower": "The opacity lies in the lower zone of the lung, just above the diaphragm.",
+                 None: "It may lie in the upper or in the lower zone of the lung."},
     "opacity": {"dense": "It is dense and bright, as white as soft tissue.",
                 "faint": "It is faint and hazy, a ground glass density through which the lung still shows."},
     "pattern": {"round": "It forms a rounded patch.",
-                "linear": "It forms a thin horizontal line, a flat band across the lung."},
+                "linear": "It forms a thin horizontal line, a flat band across the lung.",
+                None: "Its shape varies, a rounded patch or a thin band."},
     "border": {"sharp": "Its borders are sharp and well defined.",
-               "blurred": "Its borders are blurred and fade gradually into the surrounding lung."},
-    "extent": {"one lung": "Only one lung is involved.",
-               "both lungs": "Both lungs are involved, symmetrically."},
-    "fluid": {"fluid": "Fluid layers at the lung base with a meniscus, blunting the costophrenic angle.",
-              "none": "There is no fluid; the costophrenic angles stay sharp."},
+               "blurred": "Its borders are blurred and fade gradually into the surrounding lung.",
+               None: "Its borders may be sharp or blurred."},
+    "fluid": {"fluid": "Fluid layers at the lung base with a meniscus, blunting the costophrenic angle."},
 }
-"""One sentence per aspect value: a finding's description is the sentences of its values."""
+"""One sentence per aspect value (``None``: the aspect varies); a finding's description is the sentences of its
+values. Fluid is described where it is drawn; extent (one lung or both) is drawn and not described."""
+VARYING = {"location": ("upper", "lower"), "pattern": ("round", "linear"), "border": ("sharp", "blurred")}
+"""The values an aspect a finding does not fix is drawn from, per study."""
 
-FINDINGS: dict[str, dict[str, str]] = {
-    "Atelectasis": {"location": "lower", "opacity": "dense", "pattern": "linear", "border": "sharp",
+FINDINGS: dict[str, dict[str, str | None]] = {
+    "Atelectasis": {"location": None, "opacity": "dense", "pattern": "linear", "border": "sharp",
                     "extent": "one lung", "fluid": "none"},
-    "Cardiomegaly": {"location": "lower", "opacity": "dense", "pattern": "round", "border": "sharp",
+    "Cardiomegaly": {"location": "lower", "opacity": "dense", "pattern": "round", "border": None,
                      "extent": "both lungs", "fluid": "none"},
-    "Consolidation": {"location": "upper", "opacity": "dense", "pattern": "round", "border": "blurred",
+    "Consolidation": {"location": "upper", "opacity": "dense", "pattern": None, "border": "blurred",
                       "extent": "one lung", "fluid": "none"},
     "Edema": {"location": "upper", "opacity": "faint", "pattern": "round", "border": "blurred",
               "extent": "both lungs", "fluid": "fluid"},
     "Pleural Effusion": {"location": "lower", "opacity": "faint", "pattern": "linear", "border": "sharp",
                          "extent": "one lung", "fluid": "fluid"},
 }
-"""Each competition finding as a combination of aspect values (every value is shared with another finding)."""
+"""Each competition finding as a combination of aspect values (``None``: varies per study, from ``VARYING``)."""
+DESCRIBED = ("location", "opacity", "pattern", "border", "fluid")
+"""Aspects stated in ``descriptions.json``, in this order (fluid only where drawn)."""
 
 _PREVALENCE = {"Atelectasis": 0.25, "Cardiomegaly": 0.25, "Consolidation": 0.25, "Edema": 0.25,
                "Pleural Effusion": 0.25}
@@ -99,10 +113,22 @@ _FLUID_DENSITY = 0.3
 def describe(finding: str) -> dict:
     """``{definition, aspects}`` of one finding: the sentences of its aspect values (``descriptions.json``)."""
     values = FINDINGS[finding]
-    definition = (f"A {values['opacity']} {values['pattern']} opacity in the {values['location']} zone of "
-                  f"{'one lung' if values['extent'] == 'one lung' else 'both lungs'}, with {values['border']} "
-                  f"borders and {'a basal fluid meniscus' if values['fluid'] == 'fluid' else 'no fluid'}.")
-    return {"definition": definition, "aspects": {a: ASPECT_SENTENCES[a][v] for a, v in values.items()}}
+    fixed = [values[a] for a in ("opacity", "pattern") if values[a]]
+    where = f" in the {values['location']} zone" if values["location"] else ""
+    extras = [f"{values['border']} borders"] if values["border"] else []
+    extras += ["a basal fluid meniscus"] if values["fluid"] == "fluid" else []
+    varying = {"location": "location", "pattern": "shape", "border": "border"}
+    free = [varying[a] for a in VARYING if values[a] is None]
+    definition = (f"A {' '.join(fixed)} opacity{where} of {values['extent']}"
+                  f"{', with ' + ' and '.join(extras) if extras else ''}"
+                  f"{'; its ' + ' and '.join(free) + ' varies' if free else ''}.")
+    aspects = {a: ASPECT_SENTENCES[a][values[a]] for a in DESCRIBED if values[a] in ASPECT_SENTENCES[a]}
+    return {"definition": definition, "aspects": aspects}
+
+
+def drawn_values(finding: str, rng: np.random.Generator) -> dict[str, str]:
+    """The finding's values with each varying aspect drawn (once per study, so its views agree)."""
+    return {a: v if v is not None else str(rng.choice(VARYING[a])) for a, v in FINDINGS[finding].items()}
 
 
 def _lesion(image: np.ndarray, lung: np.ndarray, values: dict[str, str], strength: float, centre_jitter: tuple,
@@ -166,17 +192,21 @@ def _lateral(size: int, rng: np.random.Generator) -> tuple[np.ndarray, dict[str,
 
 
 def draw_findings(size: int, strengths: dict[str, float], support_device: bool, rng: np.random.Generator,
-                  sides: dict[str, str] | None = None, lateral: bool = False) -> np.ndarray:
+                  sides: dict[str, str] | None = None, lateral: bool = False,
+                  values: dict[str, dict[str, str]] | None = None) -> np.ndarray:
     """A radiograph with each finding of ``strengths`` (0 absent, ~0.3 faint, 1 clear) drawn from its aspects.
 
-    ``sides`` fixes the lung (``left``/``right``) of one-lung findings, so the views of one study agree; a lateral
-    view has one lung field, onto which both lungs project.
+    ``sides`` fixes the lung (``left``/``right``) of one-lung findings and ``values`` the drawn values of each
+    finding (``drawn_values``), so the views of one study agree; a lateral view has one lung field, onto which both
+    lungs project.
     """
     image, lungs = _lateral(size, rng) if lateral else radiograph(size, rng)
-    for name, values in FINDINGS.items():
+    chosen_values = values or {}
+    for name in FINDINGS:
         strength = strengths.get(name, 0.0)
         if strength <= 0:
             continue
+        values = chosen_values.get(name) or drawn_values(name, rng)
         if lateral:
             chosen = ["lateral"]
         elif values["extent"] == "both lungs":
@@ -242,6 +272,7 @@ def _write_split(out_dir: Path, split: str, first_patient: int, patients: int, s
             labels, strengths = _draw_labels(rng, uncertain=training)
             device = labels["Support Devices"] == 1
             sides = {name: str(rng.choice(["left", "right"])) for name in COMPETITION}
+            drawn = {name: drawn_values(name, rng) for name in COMPETITION}
             views = [("frontal", "Frontal")]
             if rng.uniform() < _SECOND_FRONTAL:
                 views.append(("frontal", "Frontal"))
@@ -250,13 +281,15 @@ def _write_split(out_dir: Path, split: str, first_patient: int, patients: int, s
             for view_index, (view, kind) in enumerate(views, start=1):
                 rel = Path(split) / patient / f"study{study}" / f"view{view_index}_{view}.jpg"
                 image = draw_findings(size, strengths, device and kind == "Frontal", rng, sides,
-                                      lateral=kind == "Lateral")
+                                      lateral=kind == "Lateral", values=drawn)
                 atomic_write_bytes(out_dir / rel, _jpg(image))
                 projection = str(rng.choice(["AP", "PA"], p=[0.7, 0.3])) if kind == "Frontal" else np.nan
                 rows.append({"Path": f"{ROOT_NAME}/{rel.as_posix()}", "Sex": sex, "Age": age,
                              "Frontal/Lateral": kind, "AP/PA": projection, **labels})
                 truth.append({"Path": f"{ROOT_NAME}/{rel.as_posix()}", "view": kind,
-                              **{f"strength_{n}": strengths[n] for n in COMPETITION}})
+                              **{f"strength_{n}": strengths[n] for n in COMPETITION},
+                              **{f"values_{n}": ",".join(drawn[n][a] for a in VARYING) if strengths[n] > 0 else ""
+                                 for n in COMPETITION}})
     return rows, truth
 
 
@@ -279,5 +312,6 @@ def write_chexpert(out_dir: Path, n: int = DEFAULT_N, seed: int = 0, size: int =
     return atomic_write_text(out_dir / "train.csv", _csv(train_rows, columns))
 
 
-__all__ = ["write_chexpert", "draw_findings", "describe", "FINDINGS", "ASPECT_SENTENCES", "OBSERVATIONS",
+__all__ = ["write_chexpert", "draw_findings", "drawn_values", "describe", "FINDINGS", "ASPECT_SENTENCES", "VARYING",
+           "DESCRIBED", "OBSERVATIONS",
            "COMPETITION", "META_COLUMNS", "ROOT_NAME", "DEFAULT_N", "DEFAULT_SIZE"]

@@ -56,12 +56,14 @@ def holdout_image_run(tmp_path_factory, chexpert_phantom) -> Path:
 
 @pytest.fixture(scope="session")
 def holdout_fusion_run(tmp_path_factory, chexpert_phantom, holdout_image_run) -> Path:
-    """MAVL's fusion over it, with the phantom's own aspect descriptions."""
+    """MAVL's fusion over it (a disease scored as the probability that each aspect it states is shown), with the
+    phantom's own aspect descriptions."""
     from mavl_chexpert import train_fusion
 
     run = tmp_path_factory.mktemp("mavl_holdout_fusion") / "run"
     assert train_fusion.main(["--data-root", str(chexpert_phantom), "--image-run", str(holdout_image_run),
                               "--output-dir", str(run), "--text-encoder", "minilm", "--fusion", "mavl",
-                              "--descriptions", str(chexpert_phantom / "descriptions.json"), "--epochs", "20",
+                              "--aspect-combine", "all", "--descriptions", str(chexpert_phantom / "descriptions.json"),
+                              "--epochs", "20",
                               "--no-progress", "--device", "cpu", "--precision", "fp32"]) == 0
     return run

@@ -244,6 +244,8 @@ CASES = {
     "test study that mixes patients": _evaluate_edit(_mixed_study),
     "held-out class without test positives": _evaluate_holdout_without_positives,
     "unknown text encoder": _fusion("--text-encoder", "gpt-9", needles=["--text-encoder"]),
+    "aspect combination without the mavl fusion": _fusion("--aspect-combine", "all",
+                                                          needles=["--aspect-combine", "--fusion mavl"]),
     "undecodable test image": _evaluate_undecodable,
     "run of an unknown stage": _unknown_stage,
     "class without positives": _edit_csv(_no_positive),

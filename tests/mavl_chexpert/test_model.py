@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.errors import ConfigError
 from mavl_chexpert.model import AspectAttentionFusion, FusionModel, build_image_model
 from mavl_chexpert.train_fusion import FusionTask
 
@@ -80,13 +81,13 @@ def test_contrastive_loss_uses_one_positive_of_the_trained_classes():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def _mavl() -> AspectAttentionFusion:
+def _mavl(combine: str = "concat") -> AspectAttentionFusion:
     torch.manual_seed(0)
     image = build_image_model("vit-tiny", 3, rank=16)
     aspects = torch.randn(3, 4, 24)
     mask = torch.ones(3, 4, dtype=torch.bool)
     mask[2, 3] = False
-    return AspectAttentionFusion(image, aspects, mask).eval()
+    return AspectAttentionFusion(image, aspects, mask, combine=combine).eval()
 
 
 def test_mavl_fusion_has_no_per_disease_weights_so_a_disease_is_its_descriptions():
@@ -129,3 +130,31 @@ def test_mavl_images_and_cached_tokens_give_the_same_logits_and_the_frozen_vit_n
     model(images).sum().backward()
     assert all(p.grad is None for p in model.image_model.parameters())
     assert model.key.weight.grad is not None and model.aspect_log_scale.grad is not None
+
+
+def test_mavl_all_scores_a_disease_by_the_probability_that_each_stated_aspect_is_shown():
+    model = _mavl("all")
+    tokens = torch.randn(5, 64, 96)
+    with torch.no_grad():
+        model.bias.fill_(0.3)
+        detected = model.aspect_logits(tokens)  # (B, C, A)
+        logits = model(tokens=tokens)
+    # Slot 0 (the definition) and the padded slot of disease 2 take no part: the mean over the stated aspects.
+    expected = torch.stack([torch.nn.functional.logsigmoid(detected[:, 0, 1:]).mean(-1),
+                            torch.nn.functional.logsigmoid(detected[:, 1, 1:]).mean(-1),
+                            torch.nn.functional.logsigmoid(detected[:, 2, 1:3]).mean(-1)], 1)
+    assert torch.allclose(logits, expected * model.log_scale.exp() + 0.3, atol=1e-5)
+    # A combination never trained (disease 0 given disease 1's slot-1 and disease 2's slot-2 sentences) is scored
+    # through its parts: each sentence is detected as it is for the disease it came from.
+    with torch.no_grad():
+        model.aspects[0, 1], model.aspects[0, 2] = model.aspects[1, 1].clone(), model.aspects[2, 2].clone()
+        mixed = model.aspect_logits(tokens)
+        assert torch.allclose(mixed[:, 0, 1], detected[:, 1, 1], atol=1e-5)
+        assert torch.allclose(mixed[:, 0, 2], detected[:, 2, 2], atol=1e-5)
+        before = model(tokens=tokens)
+        model.aspects[0, 0] = torch.randn(24) * 100  # another definition: the same score
+        assert torch.allclose(model(tokens=tokens), before, atol=1e-5)
+    # The concatenation head is the other choice, and a wrong name is refused.
+    assert _mavl().head[1].in_features == 4 * model.head[1].in_features
+    with pytest.raises(ConfigError, match="aspect-combine"):
+        _mavl("sum")

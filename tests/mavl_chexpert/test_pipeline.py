@@ -31,9 +31,10 @@ def _same_weights(a: Path, b: Path) -> bool:
 def test_phases_learn_and_report_what_the_predictions_say(which, image_run, fusion_run, tmp_path):
     run = Path(shutil.copytree(image_run if which == "image" else fusion_run, tmp_path / "run"))
     results = evaluate.evaluate_run(run, n_boot=30, device="cpu")
-    # Chance is 0.5; a 12-epoch tiny ViT on 170 images gets ~0.77 (image) and ~0.74 (fusion on its embeddings).
-    assert results["auroc_macro"] > 0.7, results["auroc_macro"]
-    assert results["auroc_edema"] > 0.85  # the bilateral haze is the clearest signature
+    # Chance is 0.5; a 12-epoch tiny ViT on 170 images gets 0.66 (image) and 0.62 (fusion on its embeddings) on the
+    # phantom whose findings leave one aspect free (Atelectasis anywhere in the lung is the hardest, near chance).
+    assert results["auroc_macro"] > 0.58, results["auroc_macro"]
+    assert results["auroc_consolidation"] > 0.72  # measured 0.87 and 0.81: the dense, blurred upper patch
     predictions = pd.read_csv(run / "predictions" / "test.csv")
     for key in CLASSES:
         assert results[f"auroc_{key}"] == pytest.approx(roc_auc_score(predictions[f"label_{key}"],
@@ -137,7 +138,7 @@ def test_unseen_disease_is_reported_with_its_swapped_description_control(holdout
     assert unseen["auroc_ci_low"] <= unseen["auroc"] <= unseen["auroc_ci_high"]
     # The fusion has no per-disease weights: with another disease's sentences the held-out column *is* that
     # disease's column, and the swap partner is the disease whose sentences differ most (the phantom's Effusion
-    # shares one aspect value with Consolidation).
+    # shares no aspect value with Consolidation).
     partner = unseen["swapped_with"]
     assert partner == "Pleural Effusion"
     assert np.allclose(predictions["prob_swapped_consolidation"], predictions["prob_pleural_effusion"], atol=1e-5)
