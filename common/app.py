@@ -35,6 +35,7 @@ import numpy as np
 
 from common.cli import MedvlArgumentParser
 from common.errors import ConfigError, DataError, MedvlError, cli_entry
+from common.pipelines import discover as discover_pipelines
 from common.pipelines import entry_point_values, load_declared
 from common.runs import read_run_record
 
@@ -63,9 +64,12 @@ def _load(value: str) -> AppSpec:
 
 
 def declared(pyproject: Path | None = None) -> list[str]:
-    """The ``medvl.pipelines`` entry points, sorted by name (the tabs' order whichever way they are found): the
-    installed ones, else those of this checkout's ``pyproject.toml``."""
-    return entry_point_values(GROUP, pyproject)
+    """The AppSpecs to show, sorted by pipeline name (the tabs' order whichever way they are found): the ``app`` of
+    every declared pipeline (``common.pipelines.discover``) and the ``medvl.pipelines`` entry points (the installed
+    ones, else those of this checkout's ``pyproject.toml``)."""
+    values = {p.name: p.app for p in discover_pipelines() if p.app}
+    values.update({v.partition(".")[0]: v for v in entry_point_values(GROUP, pyproject)})
+    return [values[name] for name in sorted(values)]
 
 
 def discover(names: Sequence[str] | None = None) -> list[AppSpec]:

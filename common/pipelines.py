@@ -1,8 +1,9 @@
 """Pipeline declarations: what each pipeline tells the floor about itself, found without naming it.
 
-Each pipeline package holds one ``PIPELINE = Pipeline(...)`` in its ``__init__.py`` and lists it in the
-``medvl.declarations`` entry-point group of ``pyproject.toml`` (``<name> = "<package>:PIPELINE"``). The floor reads
-the declarations here and nowhere names a pipeline:
+Each pipeline package holds one ``PIPELINE = Pipeline(...)`` in its ``__init__.py``. In a checkout that is all the
+floor needs (``checkout_pipelines`` finds the top-level packages that declare one); an installed distribution also
+lists it in the ``medvl.declarations`` entry-point group (``<name> = "<package>:PIPELINE"``). The floor reads the
+declarations here and nowhere names a pipeline:
 
     run_outputs   the files and folders (names or glob patterns, relative to the run directory) that the pipeline's
                   commands write into a run directory, beyond the training loop's own (``FLOOR_OUTPUTS``):
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -131,9 +133,34 @@ def tokenizer_corpus(name: str) -> Callable[[], list[str]]:
     raise ConfigError("tokenizer corpus", f"no declared pipeline provides a corpus named {name!r}")
 
 
-def discover(names: Sequence[str] | None = None) -> list[Pipeline]:
-    """The declared pipelines (those of ``names``, else of the ``medvl.declarations`` group), in name order."""
-    return [load(v) for v in (list(names) if names else entry_point_values(GROUP))]
+_DECLARATION = re.compile(r"^PIPELINE\s*=\s*Pipeline\(", re.MULTILINE)
+
+
+def checkout_pipelines(root: Path | None = None) -> list[str]:
+    """``package:PIPELINE`` for each top-level package of the checkout (``root``, default the folder holding
+    ``common/``) whose ``__init__.py`` assigns ``PIPELINE = Pipeline(...)``, sorted: a new pipeline in a checkout
+    is found from its own folder, without an entry in ``pyproject.toml``. The files are read as text, not imported."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+    found = []
+    for init in sorted(root.glob("*/__init__.py")):
+        package = init.parent.name
+        if package.isidentifier() and not package.startswith("_"):
+            try:
+                if _DECLARATION.search(init.read_text(encoding="utf-8")):
+                    found.append(f"{package}:PIPELINE")
+            except (OSError, UnicodeDecodeError):
+                continue
+    return found
+
+
+def discover(names: Sequence[str] | None = None, root: Path | None = None) -> list[Pipeline]:
+    """The declared pipelines, in name order: those of ``names``, else the ``medvl.declarations`` entry points (an
+    installed distribution) together with the packages of the checkout that declare one (``checkout_pipelines``)."""
+    if names:
+        return [load(v) for v in names]
+    values = {v.partition(":")[0]: v for v in checkout_pipelines(root)}
+    values.update({v.partition(":")[0]: v for v in entry_point_values(GROUP)})
+    return [load(values[package]) for package in sorted(values)]
 
 
 def run_outputs(pipelines: Iterable[Pipeline] | None = None) -> tuple[str, ...]:
@@ -155,5 +182,6 @@ def matching_outputs(run_dir: Path, patterns: Iterable[str]) -> list[Path]:
 
 
 __all__ = ["GROUP", "FLOOR_OUTPUTS", "Pipeline", "entry_point_values", "load_declared", "load", "discover",
+           "checkout_pipelines",
            "tokenizer_corpus", "stage_table",
            "run_outputs", "matching_outputs"]

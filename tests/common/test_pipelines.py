@@ -35,6 +35,30 @@ def test_every_pipeline_package_is_declared():
             assert (REPO / (module.replace(".", "/") + ".py")).is_file(), module
 
 
+def test_a_new_pipeline_is_found_from_its_own_folder_without_pyproject(tmp_path, monkeypatch):
+    """Adding a pipeline to a checkout is its folder: a top-level package whose ``__init__.py`` declares ``PIPELINE``
+    is discovered, its outputs join what ``--overwrite`` removes and its stages the stage table."""
+    from common.pipelines import checkout_pipelines
+
+    (tmp_path / "toyseg").mkdir()
+    (tmp_path / "toyseg" / "__init__.py").write_text(
+        'from common.pipelines import Pipeline\n\n'
+        'PIPELINE = Pipeline(name="toyseg", title="Toy segmentation", run_outputs=("toy_masks",),\n'
+        '                    commands=("toyseg.train",), stages=(("train", "toyseg.train"),),\n'
+        '                    predicts="toyseg.evaluate", scores="toyseg.evaluate")\n')
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "__init__.py").write_text("PIPELINES = []  # not a declaration\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert checkout_pipelines(tmp_path) == ["toyseg:PIPELINE"]
+    found = {p.name: p for p in discover(root=tmp_path)}
+    assert "toyseg" in found and {p.name for p in PIPELINES} <= set(found)  # the installed ones stay
+    assert "toy_masks" in run_outputs(found.values()) and "toy_masks" not in run_outputs()
+    assert "| toyseg | `train` (`toyseg.train`) | `toyseg.evaluate` | `toyseg.evaluate` |" in stage_table(
+        [found["toyseg"]])
+    (tmp_path / "run" / "toy_masks").mkdir(parents=True)
+    assert matching_outputs(tmp_path / "run", run_outputs(found.values())) == [tmp_path / "run" / "toy_masks"]
+
+
 def test_run_outputs_is_the_union_and_matches_globs(tmp_path):
     names = run_outputs()
     assert set(FLOOR_OUTPUTS) <= set(names)
