@@ -16,7 +16,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int, require
+from common.cli import MedvlArgumentParser, base_parser, parse_args, require
 from common.errors import cli_entry
 from common.run_guard import guard_command
 from common.rundir import atomic_write_json, atomic_write_text, result_set
@@ -25,23 +25,30 @@ from common.tables import ci_cell, markdown_table
 from pathology_brats import evaluate, train
 from pathology_brats.challenge_metrics import SCORER_KEYS
 from pathology_brats.model import MODALITIES
+from pathology_brats.shared import (
+    add_captions_arg,
+    add_data_root_arg,
+    add_encoder_arg,
+    add_feature_cache_arg,
+    add_labels_csv_arg,
+    add_n_boot_arg,
+    add_schema_arg,
+    add_text_encoder_arg,
+)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parent = base_parser(output_dir=True, seed=True, device=True, precision=True, cache_dir=True)
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", type=Path, default=None, help="ROOT/<CLS>/*.jpg, or the labels CSV's images")
-    parser.add_argument("--labels-csv", type=Path, default=None,
-                        help="CSV with 'Input Path, Ground-Truth' (default: the class folders under --data-root)")
-    parser.add_argument("--captions", type=Path, default=None, help="captions JSONL (default: <data-root>/...)")
-    parser.add_argument("--schema", default="2025", choices=sorted(SCORER_KEYS),
-                        help="BraTS-Path edition (its class list and scorer)")
-    parser.add_argument("--encoder", default="prov-gigapath", help="tile encoder of every run")
-    parser.add_argument("--text-encoder", default="biolinkbert-large", help="caption encoder of every run")
-    parser.add_argument("--feature-cache", type=Path, default=None,
-                        help="folder of cached frozen features shared by the runs")
-    parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    add_data_root_arg(parser, help="ROOT/<CLS>/*.jpg, or the labels CSV's images")
+    add_labels_csv_arg(parser)
+    add_captions_arg(parser, help="captions JSONL (default: <data-root>/captions.jsonl)")
+    add_schema_arg(parser)
+    add_encoder_arg(parser)
+    add_text_encoder_arg(parser, help="caption encoder of every run")
+    add_feature_cache_arg(parser)
+    add_n_boot_arg(parser)
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: extra flags for every training run")
     return parser
 

@@ -29,7 +29,8 @@ from common.vlm import VLM_PRESETS, build_messages, generate_reports, load_vlm, 
 from pathology_brats.caption_files import match_captions, read_captions
 from pathology_brats.data import VAL_FOLDER, load_tiles, tile_id
 from pathology_brats.encoder import read_rgb
-from pathology_brats.schema import SCHEMAS, get_schema
+from pathology_brats.schema import get_schema
+from pathology_brats.shared import add_data_root_arg, add_labels_csv_arg, add_schema_arg
 
 log = logging.getLogger("medvl.pathology_brats")
 
@@ -63,10 +64,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parent = base_parser(device=True, precision=True, cache_dir=True, quantization=True)
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", type=Path, required=True, help="ROOT/<CLS>/*.jpg (the labelled tiles)")
-    parser.add_argument("--labels-csv", type=Path, default=None,
-                        help="CSV with 'Input Path, Ground-Truth' (default: the class folders under --data-root)")
-    parser.add_argument("--schema", choices=sorted(SCHEMAS), default="2025", help="BraTS-Path edition (its class list)")
+    add_data_root_arg(parser, required=True)
+    add_labels_csv_arg(parser)
+    add_schema_arg(parser)
     parser.add_argument("--vlm", default="medgemma-4b",
                         help=f"preset ({', '.join(VLM_PRESETS)}), a save_pretrained folder or a hub id")
     parser.add_argument("--out", type=Path, required=True, help="captions JSONL (appended to; reruns resume)")

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from common import plots
-from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
+from common.cli import MedvlArgumentParser, base_parser, parse_args
 from common.device import pick_device
 from common.errors import DataError, cli_entry
 from common.metrics.classification import binary_metrics
@@ -31,10 +31,10 @@ from common.splits import load_split_csv
 from common.tables import markdown_table, metrics_with_ci, write_results
 from pathology_brats.challenge_metrics import SCORER_KEYS, challenge_scores
 from pathology_brats.data import Tiles, load_tiles
-from pathology_brats.inference import TTA_CHOICES, tile_probabilities
+from pathology_brats.inference import tile_probabilities
 from pathology_brats.model import build_run_model
 from pathology_brats.schema import get_schema
-from pathology_brats.shared import default_feature_cache
+from pathology_brats.shared import add_feature_cache_arg, add_n_boot_arg, add_tta_arg, default_feature_cache
 from pathology_brats.train import caption_texts, known_images
 
 
@@ -45,11 +45,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-dir", type=Path, required=True, help="run directory written by pathology_brats.train")
     parser.add_argument("--split", choices=("test", "val"), default="test",
                         help="split scored (the test split is read once per finished run)")
-    parser.add_argument("--tta", type=int, choices=TTA_CHOICES, default=1,
-                        help="8: average the probabilities over the 8 dihedral views of each tile (4 rotations x flip)")
-    parser.add_argument("--feature-cache", type=Path, default=None,
-                        help="folder of cached frozen features (default: the run's)")
-    parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    add_tta_arg(parser)
+    add_feature_cache_arg(parser)
+    add_n_boot_arg(parser)
     return parser
 
 

@@ -44,9 +44,6 @@ from common.errors import ConfigError, DataError, cli_entry
 from common.feature_cache import CachedTensors, FeatureCache, file_digest
 from common.run_guard import guard_command
 from pathology_brats.encoder import (
-    DEFAULT_NORMALIZE,
-    ENCODERS,
-    NORMALIZATIONS,
     PROV_GIGAPATH_PREPROCESSING,
     TileEncoder,
     TilePreprocessing,
@@ -261,30 +258,40 @@ def pixel_tiles(paths: list[Path], skip_bad: bool = False,
 # --- the command ---------------------------------------------------------------------------------------------------
 
 def get_args_parser() -> argparse.ArgumentParser:
+    from pathology_brats.shared import (  # shared.py builds on this module
+        add_captions_arg,
+        add_data_root_arg,
+        add_encoder_arg,
+        add_feature_cache_arg,
+        add_image_tokens_arg,
+        add_images_arg,
+        add_labels_csv_arg,
+        add_normalize_arg,
+        add_schema_arg,
+        add_skip_bad_arg,
+        add_text_encoder_arg,
+        add_tta_arg,
+    )
+
     parent = base_parser(device=True, cache_dir=True)
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", type=Path, default=None, help="ROOT/<CLS>/*.jpg (the labelled tiles)")
-    parser.add_argument("--labels-csv", type=Path, default=None, help="CSV with 'Input Path, Ground-Truth'")
-    parser.add_argument("--schema", default="2025", help="BraTS-Path edition (its class list)")
-    parser.add_argument("--images", type=Path, default=None, help="a folder of unlabelled patches (submission)")
-    parser.add_argument("--captions", type=Path, default=None,
-                        help="captions JSONL whose token states to cache (with --text-encoder)")
-    parser.add_argument("--encoder", default="prov-gigapath",
-                        help=f"tile encoder preset ({', '.join(ENCODERS)}) or a timm model name")
-    parser.add_argument("--image-tokens", type=int, default=5, help="as the training run's --image-tokens (1 + g^2)")
-    parser.add_argument("--normalize", choices=NORMALIZATIONS, default=DEFAULT_NORMALIZE,
-                        help="as the training run's --normalize (config: the encoder's own mean/std)")
-    parser.add_argument("--text-encoder", default=None, help="also cache the captions' token states with it")
-    parser.add_argument("--feature-cache", type=Path, default=None,
-                        help="folder of cached frozen features (default: <cache-dir>/features or ~/.cache/medvl)")
-    parser.add_argument("--tta", type=int, choices=(1, DIHEDRAL), default=1,
-                        help="1: the tiles as they are; 8: all eight dihedral views, each cached on its own")
+    add_data_root_arg(parser)
+    add_labels_csv_arg(parser)
+    add_schema_arg(parser)
+    add_images_arg(parser, help="a folder of unlabelled patches (submission)")
+    add_captions_arg(parser, help="captions JSONL whose token states to cache (with --text-encoder)")
+    add_encoder_arg(parser)
+    add_image_tokens_arg(parser)
+    add_normalize_arg(parser)
+    add_text_encoder_arg(parser, default=None, help="also cache the captions' token states with it")
+    add_feature_cache_arg(parser)
+    add_tta_arg(parser, help="1: the tiles as they are; 8: all eight dihedral views, each cached on its own")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="tiles per encoder batch")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="decoding workers per process (default: 1 on a CPU with 2+ cores, up to 8 on a GPU)")
     parser.add_argument("--shard-tiles", type=positive_int, default=SHARD_TILES, help="tiles per cache shard file")
-    parser.add_argument("--skip-bad", action="store_true", help="skip (and count) tiles that do not decode")
+    add_skip_bad_arg(parser)
     return parser
 
 

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from common.errors import ConfigError
-from pathology_brats.extract import DIHEDRAL, dihedral
-from pathology_brats.shared import TileDataset, forward, image_inputs, text_inputs
+from pathology_brats.extract import dihedral
+from pathology_brats.shared import TTA_CHOICES, TileDataset, forward, image_inputs, text_inputs
 
 
 @torch.no_grad()
@@ -38,7 +38,6 @@ def predict(model, dataset: TileDataset, batch_size: int = 128) -> np.ndarray:
     return torch.cat(rows).numpy()
 
 
-TTA_CHOICES = (1, DIHEDRAL)
 
 
 def run_inputs(meta: dict, paths: list[Path], texts: list[str] | None, device, cache_root: Path,

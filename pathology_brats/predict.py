@@ -37,20 +37,18 @@ from common.rundir import atomic_save_figure
 from common.runs import load_run
 from pathology_brats.caption_files import match_captions, read_captions
 from pathology_brats.encoder import read_rgb
-from pathology_brats.inference import TTA_CHOICES, tile_probabilities
+from pathology_brats.inference import tile_probabilities
 from pathology_brats.model import build_run_model
-from pathology_brats.shared import default_feature_cache
+from pathology_brats.shared import add_captions_arg, add_feature_cache_arg, add_tta_arg, default_feature_cache
 
 NO_CAPTION = "no caption for this file: an empty caption was used"
 
 
 def get_args_parser():
     parser = predict_parser(__doc__)
-    parser.add_argument("--tta", type=int, choices=TTA_CHOICES, default=1,
-                        help="8: average the probabilities over the 8 dihedral views of each tile (4 rotations x flip)")
-    parser.add_argument("--captions", type=Path, default=None,
-                        help="captions JSONL (image, caption) for runs that read captions; matched by path tail")
-    parser.add_argument("--feature-cache", type=Path, default=None, help="tile features (default: the cache dir's)")
+    add_tta_arg(parser)
+    add_captions_arg(parser, help="captions JSONL (image, caption) for runs that read captions; matched by path tail")
+    add_feature_cache_arg(parser)
     return parser
 
 

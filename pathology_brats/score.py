@@ -39,7 +39,8 @@ from common.errors import EXIT_BAD_INPUT, DataError, cli_entry
 from common.run_guard import guard_command
 from common.rundir import atomic_write_json, read_csv
 from pathology_brats.challenge_metrics import challenge_scores
-from pathology_brats.schema import SCHEMAS, Schema, get_schema
+from pathology_brats.schema import Schema, get_schema
+from pathology_brats.shared import add_schema_arg, add_submission_arg
 from pathology_brats.validate import SUBJECT_ID_PATTERNS, read_submission, submission_violations
 
 GOLD_COLUMNS = {"2024": ("SubjectID", "Target"), "2025": ("SubjectID", "Target"), "2026": ("Name", "GT")}
@@ -49,9 +50,9 @@ SUBMISSION, GOLD = "submission", "gold"
 def get_args_parser() -> argparse.ArgumentParser:
     parser = MedvlArgumentParser(description=__doc__, parents=[base_parser()],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--submission", type=Path, required=True, help="SubjectID,Prediction CSV")
+    add_submission_arg(parser)
     parser.add_argument("--gold", type=Path, required=True, help="the labels, in the year's gold layout")
-    parser.add_argument("--schema", choices=sorted(SCHEMAS), default="2025", help="the challenge year")
+    add_schema_arg(parser)
     parser.add_argument("--json", type=Path, default=None, help="write {key: value} here (atomically)")
     return parser
 

@@ -1,5 +1,6 @@
 """What this pipeline's commands share (train, evaluate, submit, ablate): the data and encoder flags, cached
-features, the tensor dataset."""
+features, the tensor dataset. Every flag that more than one command takes is defined here once (``add_*_arg``), so
+its name, type, choices and help agree across the commands."""
 
 from __future__ import annotations
 
@@ -21,47 +22,109 @@ from pathology_brats.encoder import (
     load_tile_encoder,
     run_preprocessing,
 )
-from pathology_brats.extract import encode_tiles, pixel_tiles, view_cache
+from pathology_brats.extract import DIHEDRAL, encode_tiles, pixel_tiles, view_cache
 from pathology_brats.schema import SCHEMAS
 
 ENCODER_MODES = ("frozen", "lora", "full")
+TTA_CHOICES = (1, DIHEDRAL)
 
 
 def default_feature_cache(cache_dir: Path | None) -> Path:
     return default_cache_root(cache_dir, "features")
 
 
+def add_data_root_arg(parser, help: str = "ROOT/<CLS>/*.jpg (the labelled tiles)",
+                      required: bool = False) -> None:
+    parser.add_argument("--data-root", type=Path, default=None, required=required, help=help)
+
+
+def add_labels_csv_arg(parser) -> None:
+    parser.add_argument("--labels-csv", type=Path, default=None,
+                        help="CSV with 'Input Path, Ground-Truth' (default: the class folders under --data-root)")
+
+
+def add_captions_arg(parser, help: str) -> None:
+    """``--captions``; where its default comes from differs per command, so each says it in ``help``."""
+    parser.add_argument("--captions", type=Path, default=None, help=help)
+
+
+def add_schema_arg(parser) -> None:
+    parser.add_argument("--schema", choices=sorted(SCHEMAS), default="2025",
+                        help="BraTS-Path edition (the challenge year: its class list, rules and scorer)")
+
+
+def add_images_arg(parser, help: str, required: bool = False) -> None:
+    """``--images``: a folder of unlabelled patches (what each command does with them is its ``help``)."""
+    parser.add_argument("--images", type=Path, default=None, required=required, help=help)
+
+
+def add_submission_arg(parser) -> None:
+    parser.add_argument("--submission", type=Path, required=True, help="the SubjectID,Prediction CSV")
+
+
+def add_skip_bad_arg(parser) -> None:
+    parser.add_argument("--skip-bad", action="store_true", help="skip (and count) tiles that do not decode")
+
+
+def add_feature_cache_arg(parser) -> None:
+    parser.add_argument("--feature-cache", type=Path, default=None,
+                        help="folder of cached frozen features (default: <cache-dir>/features or ~/.cache/medvl)")
+
+
+def add_tta_arg(parser, help: str = "8: average the probabilities over the 8 dihedral views of each tile "
+                                    "(4 rotations x flip)") -> None:
+    parser.add_argument("--tta", type=int, choices=TTA_CHOICES, default=1, help=help)
+
+
+def add_n_boot_arg(parser) -> None:
+    parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
+
+
+def add_encoder_arg(parser) -> None:
+    parser.add_argument("--encoder", default="prov-gigapath",
+                        help=f"tile encoder preset ({', '.join(ENCODERS)}), a timm model name, or a local folder "
+                             "with timm's config.json and model.safetensors")
+
+
+def add_image_tokens_arg(parser) -> None:
+    parser.add_argument("--image-tokens", type=int, default=5,
+                        help="class token + pooled patch grid: 1 (the seed), 2, 5, 10 ... (1 + g^2)")
+
+
+def add_normalize_arg(parser) -> None:
+    parser.add_argument("--normalize", choices=NORMALIZATIONS, default=DEFAULT_NORMALIZE,
+                        help="config: the encoder's own mean/std (default); imagenet: ImageNet mean/std (what runs "
+                             "recorded before per-encoder preprocessing); seed: divide by 255 only")
+
+
+def add_text_encoder_arg(parser, default: str | None = "biolinkbert-large", help: str | None = None) -> None:
+    """``--text-encoder``: the caption encoder (``extract`` defaults to none: it caches captions only when asked)."""
+    help = help or f"preset ({', '.join(text_presets())}) or a local Hugging Face directory"
+    parser.add_argument("--text-encoder", default=default, help=help)
+
+
 def add_input_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
-    group.add_argument("--data-root", type=Path, default=None, help="ROOT/<CLS>/*.jpg (and ROOT/val/ for submissions)")
-    group.add_argument("--labels-csv", type=Path, default=None,
-                       help="CSV with 'Input Path, Ground-Truth' (default: the class folders under --data-root)")
-    group.add_argument("--captions", type=Path, default=None,
-                       help="captions JSONL (default: <data-root>/captions.jsonl)")
-    group.add_argument("--schema", choices=sorted(SCHEMAS), default="2025", help="BraTS-Path edition (its class list)")
+    add_data_root_arg(group, help="ROOT/<CLS>/*.jpg (and ROOT/val/ for submissions)")
+    add_labels_csv_arg(group)
+    add_captions_arg(group, help="captions JSONL (default: <data-root>/captions.jsonl)")
+    add_schema_arg(group)
     group.add_argument("--val-fraction", type=unit_interval, default=0.15,
                        help="fraction of the tiles held out for validation")
     group.add_argument("--test-fraction", type=unit_interval, default=0.15,
                        help="held out for evaluate (the challenge's own sets are hidden)")
-    group.add_argument("--skip-bad", action="store_true", help="skip (and count) tiles that do not decode")
-    group.add_argument("--feature-cache", type=Path, default=None,
-                       help="folder of cached frozen features (default: <cache-dir>/features or ~/.cache/medvl)")
+    add_skip_bad_arg(group)
+    add_feature_cache_arg(group)
     model = parser.add_argument_group("encoders")
-    model.add_argument("--encoder", default="prov-gigapath",
-                       help=f"tile encoder preset ({', '.join(ENCODERS)}), a timm model name, or a local folder "
-                            "with timm's config.json and model.safetensors")
+    add_encoder_arg(model)
     model.add_argument("--encoder-mode", choices=ENCODER_MODES, default="frozen",
                        help="frozen: features computed once and cached (minutes on a T4); lora: LoRA adapters on the "
                             "attention qkv/proj layers train with the heads; full: the whole encoder trains")
     model.add_argument("--lora-r", type=positive_int, default=8, help="LoRA rank (--encoder-mode lora)")
     model.add_argument("--lora-alpha", type=positive_int, default=16, help="LoRA alpha (--encoder-mode lora)")
-    model.add_argument("--image-tokens", type=int, default=5,
-                       help="class token + pooled patch grid: 1 (the seed), 2, 5, 10 ... (1 + g^2)")
-    model.add_argument("--normalize", choices=NORMALIZATIONS, default=DEFAULT_NORMALIZE,
-                       help="config: the encoder's own mean/std (default); imagenet: ImageNet mean/std (what runs "
-                            "recorded before per-encoder preprocessing); seed: divide by 255 only")
-    model.add_argument("--text-encoder", default="biolinkbert-large",
-                       help=f"preset ({', '.join(text_presets())}) or a local Hugging Face directory")
+    add_image_tokens_arg(model)
+    add_normalize_arg(model)
+    add_text_encoder_arg(model)
 
 
 def image_inputs(paths: list[Path], settings: dict, device: torch.device, cache_root: Path,
@@ -166,5 +229,8 @@ def forward(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**streams)
 
 
-__all__ = ["ENCODER_MODES", "default_feature_cache", "add_input_args", "image_inputs",
+__all__ = ["ENCODER_MODES", "TTA_CHOICES", "default_feature_cache", "add_data_root_arg", "add_labels_csv_arg",
+           "add_captions_arg", "add_schema_arg", "add_images_arg", "add_submission_arg", "add_skip_bad_arg",
+           "add_feature_cache_arg", "add_tta_arg", "add_n_boot_arg", "add_encoder_arg", "add_image_tokens_arg",
+           "add_normalize_arg", "add_text_encoder_arg", "add_input_args", "image_inputs",
            "text_inputs", "TileDataset", "forward"]

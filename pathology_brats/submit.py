@@ -32,10 +32,16 @@ from common.runs import load_run
 from pathology_brats.caption_files import match_captions, read_captions
 from pathology_brats.data import unlabeled_images
 from pathology_brats.encoder import read_rgb
-from pathology_brats.inference import TTA_CHOICES, tile_probabilities
+from pathology_brats.inference import tile_probabilities
 from pathology_brats.model import build_run_model
 from pathology_brats.schema import get_schema
-from pathology_brats.shared import default_feature_cache
+from pathology_brats.shared import (
+    add_captions_arg,
+    add_feature_cache_arg,
+    add_images_arg,
+    add_tta_arg,
+    default_feature_cache,
+)
 from pathology_brats.validate import submission_violations
 
 log = logging.getLogger("medvl.pathology_brats")
@@ -46,13 +52,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, required=True, help="run directory written by pathology_brats.train")
-    parser.add_argument("--images", type=Path, required=True, help="folder of patches (e.g. BraTSPath_Val*.jpg)")
+    add_images_arg(parser, help="folder of patches (e.g. BraTSPath_Val*.jpg)", required=True)
     parser.add_argument("--out", type=Path, required=True, help="the submission CSV to write")
-    parser.add_argument("--captions", type=Path, default=None, help="captions JSONL (default: the run's)")
-    parser.add_argument("--tta", type=int, choices=TTA_CHOICES, default=1,
-                        help="8: average the probabilities over the 8 dihedral views of each tile (4 rotations x flip)")
-    parser.add_argument("--feature-cache", type=Path, default=None,
-                        help="folder of cached frozen features (default: the run's)")
+    add_captions_arg(parser, help="captions JSONL (default: the run's)")
+    add_tta_arg(parser)
+    add_feature_cache_arg(parser)
     return parser
 
 

@@ -36,7 +36,8 @@ import pandas as pd
 from common.cli import MedvlArgumentParser, base_parser, parse_args
 from common.errors import EXIT_BAD_INPUT, DataError, cli_entry
 from common.rundir import read_csv
-from pathology_brats.schema import SCHEMAS, Schema, get_schema
+from pathology_brats.schema import Schema, get_schema
+from pathology_brats.shared import add_images_arg, add_schema_arg, add_submission_arg
 
 COLUMNS = ("SubjectID", "Prediction")
 SUBJECT_ID_PATTERNS = {"2024": r"BraTSPath_Val.*png$", "2025": r"BraTSPath_Val.*jpg$", "2026": r"val_\w+"}
@@ -46,10 +47,9 @@ _INTEGER = re.compile(r"[+-]?\d+")
 def get_args_parser() -> argparse.ArgumentParser:
     parser = MedvlArgumentParser(description=__doc__, parents=[base_parser()],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--submission", type=Path, required=True, help="the CSV to check")
-    parser.add_argument("--schema", choices=sorted(SCHEMAS), default="2025", help="the challenge year's rules")
-    parser.add_argument("--images", type=Path, default=None,
-                        help="folder of the validation images: every SubjectID must name a file there")
+    add_submission_arg(parser)
+    add_schema_arg(parser)
+    add_images_arg(parser, help="folder of the validation images: every SubjectID must name a file there")
     return parser
 
 
