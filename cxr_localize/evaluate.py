@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common.cli import MedvlArgumentParser, base_parser, nonnegative_int, parse_args, positive_int
+from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.images import imagenet_normalize
@@ -40,6 +40,7 @@ from common.splits import load_split_csv
 from common.tables import metrics_with_ci, write_results
 from cxr_localize.data import load_iu, named_side, swap_left_right
 from cxr_localize.model import build_from_record, load_text_encoder
+from cxr_localize.shared import add_data_root_arg, add_n_figures_arg, add_skip_bad_arg
 
 CONDITIONS = ("report", "shuffled", "lr_swapped")
 
@@ -49,13 +50,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, required=True, help="phase-2 run directory")
-    parser.add_argument("--data-root", type=Path, default=None, help="default: the run's data root")
+    add_data_root_arg(parser, help="default: the run's data root")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"],
                         help="split scored (the test split is read once per finished run)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per inference batch")
-    parser.add_argument("--n-figures", type=nonnegative_int, default=6, help="test images drawn in each figure")
+    add_n_figures_arg(parser, default=6)
     parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
-    parser.add_argument("--skip-bad", action="store_true", help="skip and count bad rows instead of stopping")
+    add_skip_bad_arg(parser)
     return parser
 
 

@@ -31,7 +31,6 @@ from common.cli import (
     config_text,
     finite_float,
     nonnegative_float,
-    nonnegative_int,
     parse_args,
     positive_int,
     require,
@@ -46,7 +45,7 @@ from common.runs import model_record, save_run_model
 from common.tables import metrics_with_ci, write_results
 from cxr_localize.data import ImageDataset, load_iu
 from cxr_localize.model import build_unet
-from cxr_localize.shared import add_data_args, add_encoder_args, split_table
+from cxr_localize.shared import add_data_args, add_encoder_args, add_n_figures_arg, split_table
 
 log = logging.getLogger("medvl.cxr_localize")
 
@@ -70,7 +69,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--mask-patch", type=positive_int, default=8, help="patch side in pixels")
     group.add_argument("--ssim-weight", type=nonnegative_float, default=0.0,
                        help="add this times (1 - SSIM) to the MSE")
-    group.add_argument("--n-figures", type=nonnegative_int, default=4, help="validation reconstructions drawn")
+    add_n_figures_arg(group, default=4)
     add_train_args(parser, epochs=3, batch_size=16, lr=1e-3, weight_decay=1e-4, monitor="val_psnr", mode="max")
     return parser
 

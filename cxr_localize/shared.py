@@ -1,5 +1,6 @@
 """What this pipeline's commands share: the data and encoder flags of both training phases and the split they
-derive, so both phases read the data alike."""
+derive, so both phases read the data alike. A flag more than one command takes is defined here once
+(``add_*_arg``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.cli import positive_float, positive_int, seed_int
+from common.cli import nonnegative_int, positive_float, positive_int, seed_int
 from common.splits import split_csv_text
 from cxr_localize.data import MASK_DIR, PROJECTIONS, SPLIT_LEVELS, read_tables, split_assignments
 from cxr_localize.model import DEFAULT_DECODER_CHANNELS
@@ -30,10 +31,22 @@ def mask_threshold(text) -> float:
     return value
 
 
+def add_data_root_arg(parser, help: str = "directory in the IU X-ray layout") -> None:
+    parser.add_argument("--data-root", type=Path, default=None, help=help)
+
+
+def add_skip_bad_arg(parser) -> None:
+    parser.add_argument("--skip-bad", action="store_true", help="skip and count bad rows instead of stopping")
+
+
+def add_n_figures_arg(parser, default: int) -> None:
+    parser.add_argument("--n-figures", type=nonnegative_int, default=default, help="images drawn in each figure")
+
+
 def add_data_args(parser: argparse.ArgumentParser, projection: str, masks: bool = False) -> None:
     """The data flags of both phases; ``masks`` adds the ones about reading masks (phase 2)."""
     group = parser.add_argument_group("data")
-    group.add_argument("--data-root", type=Path, default=None, help="directory in the IU X-ray layout")
+    add_data_root_arg(group)
     group.add_argument("--image-size", type=image_side, default=128,
                        help="side the images are padded and resized to (a multiple of 32, the U-Net's stride)")
     group.add_argument("--projection", choices=PROJECTIONS, default=projection,
@@ -41,7 +54,7 @@ def add_data_args(parser: argparse.ArgumentParser, projection: str, masks: bool 
     group.add_argument("--split-level", choices=SPLIT_LEVELS, default="patient",
                        help="patient: all images of a uid in one split; image: the original per-image split")
     group.add_argument("--split-seed", type=seed_int, default=0, help="seed of the split (the same in both phases)")
-    group.add_argument("--skip-bad", action="store_true", help="skip and count bad rows instead of stopping")
+    add_skip_bad_arg(group)
     group.add_argument("--limit", type=positive_int, default=None, help="use at most this many images per split")
     group.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                        help="small shifts and contrast changes (never a flip)")

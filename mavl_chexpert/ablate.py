@@ -17,15 +17,14 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int, require
+from common.cli import MedvlArgumentParser, base_parser, parse_args, require
 from common.errors import cli_entry
 from common.run_guard import guard_command
 from common.rundir import atomic_write_json, atomic_write_text, result_set
 from common.runs import train_or_resume
 from common.tables import ci_cell, markdown_table
-from common.text_encoders import text_presets
 from mavl_chexpert import evaluate, train_fusion, train_image
-from mavl_chexpert.model import BACKBONES
+from mavl_chexpert.shared import add_backbone_arg, add_data_root_arg, add_n_boot_arg, add_text_encoder_arg
 
 ROWS = (("image_none", "phase 1: BCE only", "none"), ("image_tail", "phase 1: BCE + LRF tail (LRFL)", "tail"),
         ("image_seed", "phase 1: BCE + LRF seed (top singular values)", "seed"))
@@ -37,12 +36,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parent = base_parser(output_dir=True, seed=True, device=True, precision=True, cache_dir=True)
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", type=Path, default=None, help="the CheXpert-v1.0-small folder")
-    parser.add_argument("--backbone", default="vit-b16", choices=BACKBONES,
-                        help="image backbone preset of every image run")
-    parser.add_argument("--text-encoder", default="bio-clinicalbert",
-                        help=f"preset ({', '.join(text_presets())}) or a local Hugging Face directory")
-    parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    add_data_root_arg(parser, help="the CheXpert-v1.0-small folder")
+    add_backbone_arg(parser, presets_only=True)
+    add_text_encoder_arg(parser)
+    add_n_boot_arg(parser)
     parser.add_argument("--fusion-args", default="", help="extra flags for train_fusion, as one quoted string")
     parser.add_argument("image_args", nargs=argparse.REMAINDER,
                         help="after --: extra flags for every train_image run (e.g. -- --epochs 5)")

@@ -46,7 +46,14 @@ from common.splits import load_split_csv
 from common.tables import ci_cell, json_safe, markdown_table, metrics_with_ci, write_results
 from mavl_chexpert.data import Preprocessing, Table, find_root, label_key, load_table
 from mavl_chexpert.model import build_fusion_model, build_image_model
-from mavl_chexpert.shared import check_holdout_positives, choose_thresholds, split_metrics
+from mavl_chexpert.shared import (
+    add_data_root_arg,
+    add_n_boot_arg,
+    add_skip_bad_arg,
+    check_holdout_positives,
+    choose_thresholds,
+    split_metrics,
+)
 
 log = logging.getLogger("medvl.mavl_chexpert")
 
@@ -64,7 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-dir", type=Path, required=True, help="a train_image or train_fusion run")
     parser.add_argument("--split", choices=SPLITS, default="test",
                         help="split scored (the test split is read once per finished run)")
-    parser.add_argument("--data-root", type=Path, default=None, help="defaults to the data the run was trained on")
+    add_data_root_arg(parser, help="defaults to the data the run was trained on")
     parser.add_argument("--test-csv", type=Path, default=None,
                         help="CSV with Path + label columns, such as CheXpert's official 500-study test labels "
                              "(Path test/patientN/studyM/viewK_frontal.jpg, 0/1 labels; an optional Study column); "
@@ -74,9 +81,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "protocol); image: every image on its own")
     parser.add_argument("--oracle-thresholds", action="store_true",
                         help="tune thresholds on the evaluated set (optimistic; written to oracle/, labelled)")
-    parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    add_n_boot_arg(parser)
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per inference batch")
-    parser.add_argument("--skip-bad", action="store_true", help="skip rows whose image is missing or undecodable")
+    add_skip_bad_arg(parser)
     return parser
 
 

@@ -28,7 +28,7 @@ from common.cli import MedvlArgumentParser, base_parser, parse_args, require
 from common.errors import DataError, cli_entry
 from common.run_guard import guard_command
 from common.rundir import atomic_write_bytes
-from common.text_encoders import load_text_encoder, text_presets, weights_pooling
+from common.text_encoders import load_text_encoder, weights_pooling
 
 log = logging.getLogger("medvl.mavl_chexpert")
 
@@ -143,14 +143,14 @@ def add_text_pooling_arg(parser) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    from mavl_chexpert.shared import add_descriptions_arg, add_labels_arg, add_text_encoder_arg  # shared reads this
+
     parent = base_parser(output_dir=True, cache_dir=True)
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--text-encoder", default="bio-clinicalbert",
-                        help=f"preset ({', '.join(text_presets())}) or a local Hugging Face directory")
-    parser.add_argument("--descriptions", type=Path, default=DEFAULT_DESCRIPTIONS,
-                        help="JSON {disease: {definition, aspects: {name: sentence}}}")
-    parser.add_argument("--labels", default="all", help="competition, all, or comma-separated observation names")
+    add_text_encoder_arg(parser)
+    add_descriptions_arg(parser)
+    add_labels_arg(parser, default="all")
     add_text_pooling_arg(parser)
     return parser
 

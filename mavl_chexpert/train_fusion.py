@@ -35,13 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from common.cli import MedvlArgumentParser, base_parser, config_text, nonnegative_float, parse_args, require
+from common.cli import MedvlArgumentParser, base_parser, config_text, parse_args, require
 from common.engine import add_train_args, check_run_setup, config_from_args, fit
 from common.errors import ConfigError, DataError, cli_entry
 from common.run_guard import guard_command
 from common.runs import load_run, model_record, save_run_model
 from common.splits import load_split_csv, split_csv_text
-from common.text_encoders import text_presets, weights_pooling
+from common.text_encoders import weights_pooling
 from mavl_chexpert.data import (
     Preprocessing,
     check_trainable,
@@ -59,7 +59,13 @@ from mavl_chexpert.model import (
     build_image_model,
 )
 from mavl_chexpert.shared import (
-    THRESHOLD_RULES,
+    add_data_root_arg,
+    add_descriptions_arg,
+    add_dropout_arg,
+    add_holdout_classes_arg,
+    add_skip_bad_arg,
+    add_text_encoder_arg,
+    add_threshold_rule_arg,
     choose_thresholds,
     data_record,
     hide_holdout,
@@ -68,7 +74,6 @@ from mavl_chexpert.shared import (
     split_metrics,
 )
 from mavl_chexpert.text import (
-    DEFAULT_DESCRIPTIONS,
     add_text_pooling_arg,
     descriptions_hash,
     embed_descriptions,
@@ -86,15 +91,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parent = base_parser(output_dir=True, seed=True, device=True, precision=True, cache_dir=True)
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", type=Path, default=None,
-                        help="the CheXpert-v1.0-small folder (default: the image run's)")
+    add_data_root_arg(parser, help="the CheXpert-v1.0-small folder (default: the image run's)")
     parser.add_argument("--image-run", type=Path, default=None, help="run directory of mavl_chexpert.train_image")
-    parser.add_argument("--skip-bad", action="store_true", help="skip rows whose image is missing or undecodable")
+    add_skip_bad_arg(parser)
     text = parser.add_argument_group("text")
-    text.add_argument("--text-encoder", default="bio-clinicalbert",
-                      help=f"preset ({', '.join(text_presets())}) or a local Hugging Face directory")
-    text.add_argument("--descriptions", type=Path, default=DEFAULT_DESCRIPTIONS,
-                      help="JSON {disease: {definition, aspects: {name: sentence}}}")
+    add_text_encoder_arg(text)
+    add_descriptions_arg(text)
     add_text_pooling_arg(text)
     model = parser.add_argument_group("fusion")
     model.add_argument("--aggregation", choices=AGGREGATIONS, default="mean",
@@ -103,11 +105,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="scaled: learnable temperature and bias; seed: the raw cosine")
     model.add_argument("--loss", choices=LOSSES, default="bce",
                        help="bce: per-class binary cross-entropy; contrastive: image-description contrastive loss")
-    model.add_argument("--dropout", type=nonnegative_float, default=0.3, help="dropout on the fused features")
+    add_dropout_arg(model, default=0.3, help="dropout on the fused features")
     model.add_argument("--finetune-backbone", action="store_true", help="train the phase-1 model too")
-    model.add_argument("--holdout-classes", default=None,
-                       help="the image run's held-out diseases (default: the same); they reach no loss and are "
-                            "scored from their descriptions alone")
+    add_holdout_classes_arg(model, default=None,
+                            help="the image run's held-out diseases (default: the same); they reach no loss and are "
+                                 "scored from their descriptions alone")
     model.add_argument("--fusion", choices=FUSIONS, default="similarity",
                        help="similarity: cosine of the r-d image embedding with each aspect sentence; mavl: aspect "
                             "queries cross-attend over the patch tokens, one shared head per disease")
@@ -116,8 +118,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "all (one detector per aspect sentence, shared; the disease's logit is the mean "
                             "log-probability that each aspect it states is shown: unseen combinations of seen "
                             "aspects are scored through their parts)")
-    parser.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default="f1",
-                        help="per-class decision thresholds chosen on validation")
+    add_threshold_rule_arg(parser)
     add_train_args(parser, epochs=60, batch_size=64, lr=5e-4, weight_decay=1e-4, monitor="val_auroc_macro",
                    mode="max")
     return parser

@@ -69,7 +69,6 @@ from mavl_chexpert.data import (
     split_patients,
 )
 from mavl_chexpert.model import (
-    BACKBONES,
     LRF_VARIANTS,
     POOLS,
     build_image_model,
@@ -82,8 +81,10 @@ from mavl_chexpert.model import (
     timm_architecture,
 )
 from mavl_chexpert.shared import (
-    THRESHOLD_RULES,
+    add_backbone_arg,
     add_data_args,
+    add_dropout_arg,
+    add_threshold_rule_arg,
     check_holdout_positives,
     choose_thresholds,
     data_record,
@@ -107,9 +108,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(parser)
     model = parser.add_argument_group("model")
-    model.add_argument("--backbone", default="vit-b16",
-                       help=f"timm ViT preset ({', '.join(BACKBONES)}) or a local timm folder (config.json + "
-                            "model.safetensors, as timm.models.save_for_hf writes)")
+    add_backbone_arg(model)
     model.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                        help="start from the weights (a preset's ImageNet weights through timm's cache, or the "
                             "folder's); tiny presets start from scratch")
@@ -122,7 +121,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="mean of patch tokens, the CLS token (the seed's), or LRFL's mean of the last "
                             "block's patch tokens then a fresh LayerNorm (fc_norm) in place of the final norm")
     model.add_argument("--rank", type=positive_int, default=64, help="width r of the low-rank projection")
-    model.add_argument("--dropout", type=nonnegative_float, default=0.1, help="dropout before the classifier")
+    add_dropout_arg(model, default=0.1, help="dropout before the classifier")
     model.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                        help="rotation 10 degrees, resized crop 80-100%%, brightness/contrast 0.1 (no flips)")
     lrf = parser.add_argument_group("LRF")
@@ -134,8 +133,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     lrf.add_argument("--lrf-weight", type=nonnegative_float, default=None,
                      help="weight of the LRF term (default 0.006 for tail, batch-size free; 0.005 for lrfl as "
                           "LRFL's default, which acts per batch; 1e-3 for seed as the seed)")
-    parser.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default="f1",
-                        help="per-class decision thresholds chosen on validation")
+    add_threshold_rule_arg(parser)
     add_train_args(parser, epochs=30, batch_size=32, lr=None, weight_decay=0.05, monitor="val_auroc_macro",
                    mode="max")
     return parser
