@@ -54,7 +54,13 @@ from brain3d_report.generate import (
     prepare_output,
     run_cases,
 )
-from brain3d_report.shared import add_run_data_args, add_scoring_args, volume_cache_root
+from brain3d_report.shared import (
+    add_max_new_tokens_arg,
+    add_run_data_args,
+    add_scoring_args,
+    add_split_arg,
+    volume_cache_root,
+)
 from brain3d_report.train import PIPELINE, PROMPT, model_builder
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int, require
 from common.device import pick_device
@@ -79,7 +85,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = MedvlArgumentParser(prog="python -m brain3d_report.baselines", description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, default=None, help="a brain3d_report run (any stage)")
-    parser.add_argument("--split", default="test", choices=SPLITS, help="the cases the baselines report on")
+    add_split_arg(parser, default="test", choices=SPLITS, help="the cases the baselines report on")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="volumes embedded or read together")
     add_run_data_args(parser)
     vlm = parser.add_argument_group("2D-slice baseline")
@@ -90,8 +96,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     vlm.add_argument("--slice-chunk", type=positive_int, default=8,
                      help="slice images the VLM's vision tower encodes at a time (bounds its memory; the reports "
                           "do not depend on it)")
-    vlm.add_argument("--max-new-tokens", type=positive_int, default=256,
-                     help="longest report each baseline writes, in tokens")
+    add_max_new_tokens_arg(vlm, default=256)
     vlm.add_argument("--overwrite", action="store_true", help="start the 2D-slice predictions again")
     add_scoring_args(parser, n_boot=200, n_boot_corpus=0)
     return parser

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from brain3d_report.shared import add_scoring_args
+from brain3d_report.shared import add_scoring_args, add_split_arg
 from common.cli import MedvlArgumentParser, base_parser, parse_args, require
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
@@ -79,8 +79,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = MedvlArgumentParser(prog="python -m brain3d_report.evaluate", description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, default=None, help="the run whose predictions/<split>.jsonl to score")
-    parser.add_argument("--split", default="test",
-                        help="name of the predictions file: test (default), val, test_quick ...")
+    add_split_arg(parser, default="test", help="name of the predictions file: test (default), val, test_quick ...")
     add_scoring_args(parser, n_boot=1000, n_boot_corpus=200)
     return parser
 

@@ -53,7 +53,7 @@ from brain3d_report.generate import (
     nifti_id,
     run_cases,
 )
-from brain3d_report.shared import add_run_data_args, volume_cache_root
+from brain3d_report.shared import add_run_data_args, add_supervoxels_arg, volume_cache_root
 from brain3d_report.train import PIPELINE, model_builder, prompt_tokens
 from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_float, positive_int, require
 from common.device import pick_device
@@ -85,7 +85,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     target.add_argument("--report", action="store_true", help="explain the model's own greedy report of the case")
     lime = parser.add_argument_group("LIME")
     lime.add_argument("--samples", type=positive_int, default=200, help="perturbed volumes")
-    lime.add_argument("--supervoxels", type=positive_int, default=64, help="SLIC supervoxels asked for")
+    add_supervoxels_arg(lime)
     lime.add_argument("--compactness", type=positive_float, default=0.1,
                       help="SLIC compactness (intensities are in [0, 1]; larger: more cube-like supervoxels)")
     lime.add_argument("--kernel-width", type=positive_float, default=KERNEL_WIDTH,

@@ -51,7 +51,7 @@ from brain3d_report.data import (
     make_dataset,
     report_side,
 )
-from brain3d_report.shared import add_run_data_args, volume_cache_root
+from brain3d_report.shared import add_max_new_tokens_arg, add_run_data_args, add_split_arg, volume_cache_root
 from brain3d_report.train import PIPELINE, PROMPT, model_builder, prompt_tokens
 from common.cli import (
     MedvlArgumentParser,
@@ -92,7 +92,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, default=None, help="a warmup or lora run (RUN/best/model.json)")
     source = parser.add_argument_group("input (one of)")
-    source.add_argument("--split", default=None, help=f"a split of the run's split.csv: {', '.join(SPLITS)}")
+    add_split_arg(source, default=None, help=f"a split of the run's split.csv: {', '.join(SPLITS)}")
     source.add_argument("--input", type=Path, default=None, help="one FLAIR NIfTI file")
     source.add_argument("--input-dir", type=Path, default=None,
                         help="a folder of FLAIR NIfTI files, or of BraTS case folders <ID>/<ID>_flair.nii.gz")
@@ -105,9 +105,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     decoding.add_argument("--no-repeat-ngram-size", type=nonnegative_int, default=NO_REPEAT_NGRAM_SIZE,
                           help=f"ban every n-gram of this length from recurring (0 = no ban; default "
                                f"{NO_REPEAT_NGRAM_SIZE}, the seed's)")
-    decoding.add_argument("--max-new-tokens", type=positive_int, default=None,
-                          help=f"tokens generated at most (default {MAX_NEW_TOKENS}, the seed's; {QUICK_TOKENS} with "
-                               "--quick)")
+    add_max_new_tokens_arg(decoding, default=None,
+                           help=f"longest report written, in tokens (default {MAX_NEW_TOKENS}, the seed's; "
+                                f"{QUICK_TOKENS} with --quick)")
     decoding.add_argument("--batch-size", type=positive_int, default=4, help="volumes generated together")
     out = parser.add_argument_group("output")
     out.add_argument("--shuffle-volumes", action="store_true",

@@ -41,6 +41,7 @@ from brain3d_report.generate import (
     decoding_kwargs,
     generate_reports,
 )
+from brain3d_report.shared import add_max_new_tokens_arg, add_supervoxels_arg
 from brain3d_report.train import PIPELINE, model_builder
 from common.cli import parse_args, positive_int
 from common.device import pick_device
@@ -58,13 +59,12 @@ def get_args_parser():
     parser = predict_parser(__doc__)
     parser.add_argument("--sample", action="store_true", help="the seed's sampling instead of greedy decoding")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=MAX_NEW_TOKENS,
-                        help="longest report to write, in tokens")
+    add_max_new_tokens_arg(parser, default=MAX_NEW_TOKENS)
     group = parser.add_argument_group("explanation (brain3d_report.explain's LIME)")
     group.add_argument("--explain", default=None, metavar="PHRASE",
                        help='LIME map of this phrase\'s log-likelihood, e.g. "left frontal"')
     group.add_argument("--explain-samples", type=positive_int, default=EXPLAIN_SAMPLES, help="perturbed volumes")
-    group.add_argument("--supervoxels", type=positive_int, default=64, help="SLIC supervoxels asked for")
+    add_supervoxels_arg(group)
     return parser
 
 

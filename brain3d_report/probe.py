@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from brain3d_report.data import load_cases, make_dataset
+from brain3d_report.shared import add_data_root_arg, add_volume_cache_arg
 from brain3d_report.train import PIPELINE, model_builder
 from common.cli import MedvlArgumentParser, base_parser, parse_args, require
 from common.device import pick_device
@@ -37,9 +38,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, default=None, help="a brain3d_report run (any stage)")
-    parser.add_argument("--data-root", type=Path, default=None, help="default: the run's data root")
-    parser.add_argument("--volume-cache", type=Path, default=None,
-                        help="folder of preprocessed volumes (default: CACHE_DIR/volumes)")
+    add_data_root_arg(parser, help="default: the run's data root")
+    add_volume_cache_arg(parser)
     parser.add_argument("--eval-split", default="test", choices=("val", "test"),
                         help="the split the side probe is scored on (it is fitted on the training split)")
     return parser

@@ -1,6 +1,7 @@
 """What this pipeline's commands share: the data flags of ``train`` and ``data`` (and ``cases_from_args``, which
 reads them), where a trained run's data and preprocessed volumes are (``generate``, ``explain``, ``baselines``), and
-the scoring flags of ``evaluate`` and ``baselines``."""
+the scoring flags of ``evaluate`` and ``baselines``. A flag more than one command takes is defined here once
+(``add_*_arg``), so its name, type and help agree across the commands."""
 
 from __future__ import annotations
 
@@ -22,19 +23,42 @@ from common.feature_cache import default_cache_root
 BERTSCORE_FLAG = ("auto", "minilm", "roberta-base", "none")
 
 
+def add_data_root_arg(parser, help: str) -> None:
+    """``--data-root``: a training command's data, or where a trained run's data is now (each says which)."""
+    parser.add_argument("--data-root", type=Path, default=None, help=help)
+
+
+def add_volume_cache_arg(parser) -> None:
+    parser.add_argument("--volume-cache", type=Path, default=None,
+                        help="folder of preprocessed volumes (default: <cache-dir>/volumes or ~/.cache/medvl/volumes)")
+
+
+def add_split_arg(parser, default: str | None, help: str, choices: tuple[str, ...] | None = None) -> None:
+    """``--split``: which cases a command reads (a split strategy for ``train``, a split's name elsewhere)."""
+    parser.add_argument("--split", default=default, choices=choices, help=help)
+
+
+def add_max_new_tokens_arg(parser, default: int | None,
+                           help: str = "longest report written, in tokens") -> None:
+    parser.add_argument("--max-new-tokens", type=positive_int, default=default, help=help)
+
+
+def add_supervoxels_arg(parser) -> None:
+    parser.add_argument("--supervoxels", type=positive_int, default=64, help="SLIC supervoxels asked for")
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The data flags shared by the brain3d_report scripts."""
     group = parser.add_argument_group("data")
-    group.add_argument("--data-root", type=Path, default=None,
-                       help="folder of case folders <ID>/<ID>_flair.nii[.gz] or <ID>/<ID>-t2f.nii.gz")
+    add_data_root_arg(group, help="folder of case folders <ID>/<ID>_flair.nii[.gz] or <ID>/<ID>-t2f.nii.gz")
     group.add_argument("--reports", default=None,
                        help="reports: a {case_id: text} JSON, a TextBraTS folder <ID>/<ID>_flair_text.txt, or "
                             "'textbrats' (the packaged 369 reports); default: the text files beside the volumes")
     group.add_argument("--healthy-root", type=Path, default=None,
                        help="folder of healthy controls sub-*.nii[.gz] (default DATA_ROOT/healthy when present)")
-    group.add_argument("--split", default="stratified",
-                       help="stratified (by lesion side, 70/10/20 by default), official (TextBraTS Train/Test.json) "
-                            "or a split.csv written by an earlier run")
+    add_split_arg(group, default="stratified",
+                  help="stratified (by lesion side, 70/10/20 by default), official (TextBraTS Train/Test.json) "
+                       "or a split.csv written by an earlier run")
     group.add_argument("--val-fraction", type=unit_interval, default=DEFAULT_FRACTIONS[1],
                        help="share of cases in val (stratified split)")
     group.add_argument("--test-fraction", type=unit_interval, default=DEFAULT_FRACTIONS[2],
@@ -63,11 +87,10 @@ def cases_from_args(args: argparse.Namespace) -> Cases:
 def add_run_data_args(parser: argparse.ArgumentParser) -> None:
     """Where a run's data is when it has moved since training, and where preprocessed volumes are cached."""
     group = parser.add_argument_group("data (default: what the run was trained on)")
-    group.add_argument("--data-root", type=Path, default=None, help="the run's data root, if it has moved")
+    add_data_root_arg(group, help="the run's data root, if it has moved")
     group.add_argument("--healthy-root", type=Path, default=None,
                        help="healthy controls, if the run used --healthy-root (default DATA_ROOT/healthy)")
-    group.add_argument("--volume-cache", type=Path, default=None,
-                       help="folder of preprocessed volumes (default: <cache-dir>/volumes or ~/.cache/medvl/volumes)")
+    add_volume_cache_arg(group)
 
 
 def volume_cache_root(args: argparse.Namespace) -> Path:
@@ -92,5 +115,6 @@ def add_scoring_args(parser: argparse.ArgumentParser, n_boot: int, n_boot_corpus
                             "nltk.downloader wordnet; without it the key is left out with a note)")
 
 
-__all__ = ["BERTSCORE_FLAG", "add_data_args", "cases_from_args", "add_run_data_args", "volume_cache_root",
+__all__ = ["BERTSCORE_FLAG", "add_data_root_arg", "add_volume_cache_arg", "add_split_arg", "add_max_new_tokens_arg",
+           "add_supervoxels_arg", "add_data_args", "cases_from_args", "add_run_data_args", "volume_cache_root",
            "add_scoring_args"]

@@ -69,7 +69,7 @@ from brain3d_report.model import (
     model_from_config,
     trainable_parameters,
 )
-from brain3d_report.shared import add_data_args, cases_from_args
+from brain3d_report.shared import add_data_args, add_volume_cache_arg, cases_from_args
 from common.cli import (
     MedvlArgumentParser,
     base_parser,
@@ -111,8 +111,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="run whose best model this stage starts from (warmup: a contrastive run; lora: a warmup "
                              "run); its split and model settings are kept")
     add_data_args(parser)
-    parser.add_argument("--volume-cache", type=Path, default=None,
-                        help="folder of preprocessed volumes (default: <cache-dir>/volumes or ~/.cache/medvl/volumes)")
+    add_volume_cache_arg(parser)
     model = parser.add_argument_group("model (a new contrastive run; later stages take them from --init)")
     model.add_argument("--vision", default="medsiglip-448", help=f"vision tower: {', '.join(VISION_PRESETS)}")
     model.add_argument("--lm", default="medgemma-4b", help=f"language model: {', '.join(LM_PRESETS)}")

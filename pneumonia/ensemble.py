@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.cli import MedvlArgumentParser, base_parser, parse_args, positive_int
+from common.cli import MedvlArgumentParser, base_parser, parse_args
 from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.metrics.classification import best_threshold
@@ -28,9 +28,10 @@ from common.run_guard import RUN_NEEDS, guard_command
 from common.rundir import atomic_write_text, result_set
 from common.runs import load_run
 from common.tables import metrics_with_ci, write_results
-from pneumonia.data import SPLITS, load_medmnist
+from pneumonia.data import load_medmnist
 from pneumonia.evaluate import METRICS, scores_at
 from pneumonia.model import build_from_record, predict_proba
+from pneumonia.shared import add_data_root_arg, add_n_boot_arg, add_split_arg
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -41,11 +42,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="trained pneumonia runs whose probabilities are averaged (two or more)")
     parser.add_argument("--output-dir", type=Path, required=True,
                         help="where results.json, results.md and predictions/<split>.csv are written")
-    parser.add_argument("--split", default="test", choices=SPLITS,
-                        help="the split whose averaged predictions are scored (the threshold comes from val)")
-    parser.add_argument("--data-root", type=Path, default=None,
-                        help="defaults to the data the first run was trained on")
-    parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    add_split_arg(parser, help="the split whose averaged predictions are scored (the threshold comes from val)")
+    add_data_root_arg(parser, help="defaults to the data the first run was trained on")
+    add_n_boot_arg(parser)
     return parser
 
 

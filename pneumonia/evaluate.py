@@ -16,16 +16,15 @@ import numpy as np
 import pandas as pd
 
 from common import plots
-from common.cli import MedvlArgumentParser, base_parser, nonnegative_int, parse_args, positive_int
+from common.cli import MedvlArgumentParser, base_parser, nonnegative_int, parse_args
 from common.device import pick_device
 from common.errors import DataError, cli_entry
 from common.metrics.classification import binary_metrics
 from common.run_guard import guard_command
 from common.rundir import atomic_write_text, read_jsonl, result_set
 from common.tables import metrics_with_ci, write_results
-from pneumonia.data import SPLITS
 from pneumonia.model import load_run_and_data, predict_proba
-from pneumonia.shared import add_run_args
+from pneumonia.shared import add_n_boot_arg, add_run_args, add_split_arg
 
 METRICS = ("auroc", "auprc", "acc", "acc_at_0.5", "precision", "recall", "specificity", "f1", "balanced_acc", "mcc")
 """``acc`` is at the run's validation threshold (ours); ``acc_at_0.5`` is MedMNIST's protocol (``score > 0.5``, as
@@ -43,9 +42,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_args(parser)
-    parser.add_argument("--split", default="test", choices=SPLITS,
-                        help="split scored (the test split is read once per finished run)")
-    parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    add_split_arg(parser, help="split scored (the test split is read once per finished run)")
+    add_n_boot_arg(parser)
     parser.add_argument("--gallery", type=nonnegative_int, default=10, help="how many confident failures to show")
     return parser
 

@@ -29,9 +29,8 @@ from common.device import pick_device
 from common.errors import ConfigError, DataError, cli_entry
 from common.run_guard import guard_command
 from common.rundir import atomic_write_text, result_set
-from pneumonia.data import SPLITS
 from pneumonia.model import load_run_and_data, predict_proba, preprocess
-from pneumonia.shared import add_run_args
+from pneumonia.shared import add_run_args, add_split_arg
 
 GROUPS = {"tp": "true positives", "fp": "false positives", "fn": "false negatives"}
 CASES_FILE = "gradcam_cases.csv"
@@ -42,7 +41,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_args(parser)
-    parser.add_argument("--split", default="test", choices=SPLITS, help="split whose images are explained")
+    add_split_arg(parser, help="split whose images are explained")
     parser.add_argument("--n", type=positive_int, default=8, help="cases per group")
     return parser
 

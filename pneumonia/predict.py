@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from common import plots
-from common.cli import parse_args, positive_int
+from common.cli import parse_args
 from common.device import pick_device
 from common.errors import cli_entry
 from common.predict import predict_parser, run_predictions
@@ -41,6 +41,7 @@ from common.run_guard import guard_command
 from common.runs import load_run
 from pneumonia.explain import gradcam_maps
 from pneumonia.model import build_from_record, embed_images, predict_proba, preprocess
+from pneumonia.shared import add_max_new_tokens_arg, add_prompt_arg, add_vlm_arg
 
 N_NEIGHBOURS = 5
 
@@ -51,12 +52,10 @@ VLM_PROMPTS = ("clinical-role", "zero-shot")
 def get_args_parser():
     parser = predict_parser(__doc__)
     group = parser.add_argument_group("report (pneumonia.report's VLM)")
-    group.add_argument("--vlm", default=None, metavar="PRESET",
-                       help="add a VLM report: medgemma-4b, tiny-gemma3, a save_pretrained folder or a hub id")
-    group.add_argument("--prompt", default=VLM_PROMPTS[0], choices=VLM_PROMPTS,
-                       help="pneumonia.report's prompt for the VLM report")
-    group.add_argument("--max-new-tokens", type=positive_int, default=200,
-                       help="longest VLM report generated, in tokens")
+    add_vlm_arg(group, default=None)
+    add_prompt_arg(group, default=VLM_PROMPTS[0], choices=VLM_PROMPTS,
+                   help="pneumonia.report's prompt for the VLM report")
+    add_max_new_tokens_arg(group)
     group.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"],
                        help="load the VLM in 4-bit NF4 or 8-bit (bitsandbytes)")
     group.add_argument("--seed", type=int, default=0, help="seed of the tiny preset's random weights")

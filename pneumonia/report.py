@@ -35,10 +35,10 @@ from common.errors import ConfigError, DataError, cli_entry
 from common.run_guard import guard_command
 from common.rundir import atomic_write_json, atomic_write_text, result_set
 from common.tables import json_safe, markdown_table
-from common.vlm import VLM_PRESETS, build_messages, generate_reports, load_vlm, processor_image_size, vlm_source
-from pneumonia.data import LABELS, SPLITS
+from common.vlm import build_messages, generate_reports, load_vlm, processor_image_size, vlm_source
+from pneumonia.data import LABELS
 from pneumonia.model import load_run_and_data, predict_proba
-from pneumonia.shared import add_run_args
+from pneumonia.shared import add_max_new_tokens_arg, add_prompt_arg, add_run_args, add_split_arg, add_vlm_arg
 
 """``--vlm`` presets: the ``vlm`` kind of ``common.presets`` (medgemma-4b and its tiny twin)."""
 PROMPTS = ("zero-shot", "clinical-role", "context-aware")
@@ -57,14 +57,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_args(parser)
-    parser.add_argument("--vlm", default="medgemma-4b",
-                        help=f"preset ({', '.join(VLM_PRESETS)}), a save_pretrained directory or a hub id owner/name")
-    parser.add_argument("--prompt", default="all", help=f"{', '.join(PROMPTS)} or all")
-    parser.add_argument("--split", default="test", choices=SPLITS, help="split whose images are reported on")
+    add_vlm_arg(parser, default="medgemma-4b")
+    add_prompt_arg(parser, default="all", help=f"{', '.join(PROMPTS)} or all")
+    add_split_arg(parser, help="split whose images are reported on")
     parser.add_argument("--limit", type=positive_int, default=None,
                         help="report on this many images, alternating classes in index order (default: all)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="images per generation batch")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=200, help="longest report generated, in tokens")
+    add_max_new_tokens_arg(parser)
     parser.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub checkpoint")
     return parser
 

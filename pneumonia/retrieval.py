@@ -67,7 +67,7 @@ from common.rundir import (
 from common.tables import markdown_table, metrics_with_ci, write_results
 from pneumonia.data import SPLITS, MedMNISTSplits
 from pneumonia.model import PneumoniaNet, embed_images, load_run_and_data
-from pneumonia.shared import add_run_args
+from pneumonia.shared import add_n_boot_arg, add_run_args
 
 COMMANDS = ("build", "query", "evaluate")
 RETRIEVAL_DIR = "retrieval"
@@ -108,8 +108,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     query_cmd.add_argument("--n-queries", type=positive_int, default=5, help="how many first queries without --ids")
     evaluate_cmd = commands.add_parser("evaluate", parents=[shared, search, seeded], help="score every query",
                                        description="Score every query of the split: P@k, mAP@k, recall vs exact.")
-    evaluate_cmd.add_argument("--n-boot", type=positive_int, default=1000,
-                              help="bootstrap resamples for the 95%% intervals")
+    add_n_boot_arg(evaluate_cmd)
     evaluate_cmd.add_argument("--gallery-queries", type=positive_int, default=4, help="queries shown in the gallery")
     return parser
 

@@ -36,6 +36,7 @@ from common.run_guard import guard_command
 from common.runs import model_record, save_run_model
 from pneumonia.data import LABELS, MEAN, SIZES, STD, PneumoniaDataset, load_medmnist
 from pneumonia.model import ARCHS, TTA_MODES, build_model
+from pneumonia.shared import add_data_root_arg
 
 THRESHOLD_RULES = ("youden", "f1", "acc")
 CLASS_WEIGHTS = ("none", "balanced")
@@ -48,7 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parent = base_parser(output_dir=True, seed=True, device=True, precision=True)
     parser = MedvlArgumentParser(description=__doc__, parents=[parent],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", type=Path, default=None, help="directory with pneumoniamnist[_SIZE].npz")
+    add_data_root_arg(parser, help="directory with pneumoniamnist[_SIZE].npz")
     parser.add_argument("--image-size", type=int, default=28, choices=SIZES,
                         help="PneumoniaMNIST image side (the npz file of that size is read)")
     parser.add_argument("--arch", default="resnet18", choices=sorted(ARCHS),
