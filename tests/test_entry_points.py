@@ -100,3 +100,58 @@ def test_train_config_fields_and_flags_are_one_definition():
     assert (config.epochs, config.monitor, config.batch_size) == (3, "val_auroc", TrainConfig().batch_size)
     with pytest.raises(TypeError, match="no TrainConfig field"):
         add_train_args(base_parser(), epoch=3)
+
+
+def _floor_flags() -> set[str]:
+    """The flags of the floor's parsers (``common.cli.base_parser``, ``common.engine.add_train_args``,
+    ``common.predict.predict_parser``): a pipeline shares these through the floor, not its own ``shared.py``."""
+    from common.cli import base_parser
+    from common.engine import add_train_args
+    from common.predict import predict_parser
+
+    train = base_parser()
+    add_train_args(train)
+    parsers = (base_parser(output_dir=True, seed=True, device=True, precision=True, cache_dir=True,
+                           quantization=True), predict_parser(None, text=True), train)
+    return {flag for parser in parsers for action in parser._actions for flag in action.option_strings}
+
+
+def _flag_modules(package_dir: Path) -> dict[str, list[str]]:
+    """flag -> the modules of ``package_dir`` whose ``add_argument`` calls define it (an AST scan, not an import)."""
+    import ast
+
+    found: dict[str, set[str]] = {}
+    for path in sorted(package_dir.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "add_argument":
+                for arg in node.args:
+                    if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and arg.value.startswith("-"):
+                        found.setdefault(arg.value, set()).add(path.relative_to(package_dir).as_posix())
+    return {flag: sorted(modules) for flag, modules in found.items()}
+
+
+def repeated_flags(package_dir: Path, floor: set[str]) -> dict[str, list[str]]:
+    """The flags (other than the floor's) that two or more modules of a pipeline define: each belongs in one
+    ``add_*_arg`` function of the pipeline's ``shared.py``, which every command that takes it calls."""
+    return {flag: modules for flag, modules in _flag_modules(package_dir).items()
+            if len(modules) > 1 and flag not in floor}
+
+
+def test_repeated_flags_finds_a_flag_two_modules_define(tmp_path):
+    (tmp_path / "train.py").write_text('parser.add_argument("--schema", default="2025", help="edition")\n'
+                                       'parser.add_argument("--seed", type=int, help="seed")\n')
+    (tmp_path / "evaluate.py").write_text('group.add_argument("--schema", help="edition")\n'
+                                          'group.add_argument("--seed", type=int, help="seed")\n'
+                                          'group.add_argument("--only-here", help="x")\n')
+    (tmp_path / "shared.py").write_text('def add_x_arg(parser):\n    parser.add_argument("--x", help="x")\n')
+    assert repeated_flags(tmp_path, floor={"--seed"}) == {"--schema": ["evaluate.py", "train.py"]}
+
+
+@pytest.mark.parametrize("pipeline", [pipeline.name for pipeline in discover()])
+def test_a_pipeline_defines_each_flag_in_one_module(pipeline):
+    floor = _floor_flags()
+    assert {"--seed", "--batch-size", "--run-dir", "--cache-dir"} <= floor
+    repeated = repeated_flags(REPO / pipeline, floor)
+    assert not repeated, (f"{pipeline}: flags defined in more than one module (move each into an add_*_arg in "
+                          f"{pipeline}/shared.py): "
+                          + "; ".join(f"{flag} in {', '.join(modules)}" for flag, modules in sorted(repeated.items())))
