@@ -84,7 +84,7 @@ def test_unknown_names_suggest_close_ones():
 def test_pipelines_take_their_choices_from_the_registry():
     from cxr_localize.model import TEXT_PRESETS
     from pneumonia.model import ARCHS
-    from pneumonia.report import VLM_PRESETS
+    from pneumonia.shared import VLM_PRESETS
 
     assert set(ARCHS) == {"resnet18", "resnet50", "resnet-tiny"}
     assert {"clip-vit-b32", "minilm", "tiny-clip"} <= set(TEXT_PRESETS)
