@@ -138,9 +138,12 @@ _DECLARATION = re.compile(r"^PIPELINE\s*=\s*Pipeline\(", re.MULTILINE)
 
 def checkout_pipelines(root: Path | None = None) -> list[str]:
     """``package:PIPELINE`` for each top-level package of the checkout (``root``, default the folder holding
-    ``common/``) whose ``__init__.py`` assigns ``PIPELINE = Pipeline(...)``, sorted: a new pipeline in a checkout
-    is found from its own folder, without an entry in ``pyproject.toml``. The files are read as text, not imported."""
+    ``common/``, when it holds a ``pyproject.toml``) whose ``__init__.py`` assigns ``PIPELINE = Pipeline(...)``,
+    sorted: a new pipeline in a checkout is found from its own folder, without an entry in ``pyproject.toml``. The
+    files are read as text, not imported."""
     root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").is_file():  # an installed medvl (site-packages): its entry points say it all
+        return []
     found = []
     for init in sorted(root.glob("*/__init__.py")):
         package = init.parent.name

@@ -40,6 +40,8 @@ def test_a_new_pipeline_is_found_from_its_own_folder_without_pyproject(tmp_path,
     is discovered, its outputs join what ``--overwrite`` removes and its stages the stage table."""
     from common.pipelines import checkout_pipelines
 
+    assert checkout_pipelines(tmp_path) == []  # not a checkout: no pyproject.toml
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'medvl'\n")
     (tmp_path / "toyseg").mkdir()
     (tmp_path / "toyseg" / "__init__.py").write_text(
         'from common.pipelines import Pipeline\n\n'
