@@ -25,8 +25,11 @@ demo: $(STAMP)
 app: $(STAMP)
 	GRADIO_ANALYTICS_ENABLED=False $(BIN)/python -m common.app --runs runs/demo
 
+# The suite in TEST_WORKERS pytest-xdist processes, one core and one torch thread each (tests/conftest.py);
+# a test file stays on one worker so its session fixtures are built once. TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
