@@ -202,14 +202,15 @@ def swapped_probs(model: torch.nn.Module, images: np.ndarray, device: torch.devi
                   batch_size: int, temperature: float, preprocessing: Preprocessing | None = None) -> np.ndarray:
     """Column ``target``'s probabilities when its description embeddings are replaced by ``partner``'s (the
     control: a score that comes from the descriptions must follow them)."""
-    saved, saved_mask = model.aspects.clone(), model.aspect_mask.clone()
+    rows = [name for name in ("aspects", "aspect_mask", "aspect_shared") if hasattr(model, name)]
+    saved = {name: getattr(model, name).clone() for name in rows}
     try:
-        model.aspects[target] = saved[partner]
-        model.aspect_mask[target] = saved_mask[partner]
+        for name in rows:
+            getattr(model, name)[target] = saved[name][partner]
         return predict_proba(model, images, device, batch_size, temperature, preprocessing)[:, target]
     finally:
-        model.aspects.copy_(saved)
-        model.aspect_mask.copy_(saved_mask)
+        for name in rows:
+            getattr(model, name).copy_(saved[name])
 
 
 def _unseen_fn(arrays: dict[str, np.ndarray]) -> dict[str, float]:

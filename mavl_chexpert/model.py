@@ -40,7 +40,7 @@ POOLS = ("cls", "mean", "mean-fc-norm")
 LRF_VARIANTS = ("tail", "lrfl", "seed", "none")
 AGGREGATIONS = ("mean", "attention")
 FUSIONS = ("similarity", "mavl")
-ASPECT_COMBINES = ("concat", "all")
+ASPECT_COMBINES = ("concat", "all", "shared")
 SIMILARITIES = ("scaled", "seed")
 SHARED_DIM = 256
 HIDDEN_DIM = 128
@@ -340,6 +340,12 @@ class AspectAttentionFusion(nn.Module):
     aspect it states is there. A head over the concatenation can learn each seen disease's combination of queries as
     a whole; this one scores a combination only through its sentences, so an unseen combination of seen aspects is
     scored as its parts are, and a negative image pushes down the aspects that are absent, not the ones it shows.
+
+    ``combine`` ``shared`` is ``all`` over the sentences that describe more than one disease only (the same text,
+    hence the same embedding, in another disease's row; the definition is one disease's sentence by construction).
+    A sentence of one disease only cannot transfer to an unseen disease, and on a seen one it becomes a per-disease
+    detector through which the shared head can recognise the disease without the shared aspects becoming selective.
+    The mask is fixed from the training descriptions (buffer ``aspect_shared``) and moves with a disease's row.
     """
 
     def __init__(self, image_model: ImageModel, aspects: torch.Tensor, aspect_mask: torch.Tensor,
@@ -362,6 +368,8 @@ class AspectAttentionFusion(nn.Module):
                                              nn.ReLU(), nn.Dropout(dropout), nn.Linear(HIDDEN_DIM, dim))
         self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.aspect_log_scale = nn.Parameter(torch.full((aspects.shape[1],), math.log(1.0 / init_temperature)))
+        if combine == "shared":
+            self.register_buffer("aspect_shared", shared_sentences(aspects, aspect_mask))
         if combine == "concat":
             self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(aspects.shape[1] * dim, HIDDEN_DIM), nn.ReLU(),
                                       nn.Linear(HIDDEN_DIM, 1))
@@ -394,9 +402,11 @@ class AspectAttentionFusion(nn.Module):
         return self.head(outputs * queries.unsqueeze(0)).squeeze(-1)
 
     def logits_from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.combine == "all":
+        if self.combine in ("all", "shared"):
             stated = self.aspect_mask.clone()
             stated[:, 0] = False  # the definition: one disease's own sentence, not a shared aspect
+            if self.combine == "shared":
+                stated &= self.aspect_shared
             weights = stated.float().unsqueeze(0)
             present = (F.logsigmoid(self.aspect_logits(tokens)) * weights).sum(-1) / weights.sum(-1).clamp_min(1)
             return present * self.log_scale.exp().clamp(max=100.0) + self.bias
@@ -410,6 +420,17 @@ class AspectAttentionFusion(nn.Module):
             with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_image):
                 tokens = self.image_model.patch_tokens(images)
         return self.logits_from_tokens(tokens)
+
+
+def shared_sentences(aspects: torch.Tensor, aspect_mask: torch.Tensor, min_cosine: float = 0.9999) -> torch.Tensor:
+    """(C, A) bool: slot (c, a) holds a sentence that also describes another disease (an embedding within
+    ``min_cosine`` of a slot in another row; one sentence embeds alike up to float noise)."""
+    diseases, slots = aspect_mask.shape
+    flat = F.normalize(aspects.float().reshape(diseases * slots, -1), dim=-1)
+    same = (flat @ flat.T >= min_cosine) & aspect_mask.reshape(-1)[None, :] & aspect_mask.reshape(-1)[:, None]
+    row = torch.arange(diseases).repeat_interleave(slots)
+    other_row = row[None, :] != row[:, None]
+    return (same & other_row).any(1).reshape(diseases, slots)
 
 
 def build_fusion_model(meta_kwargs: dict[str, Any]) -> nn.Module:
@@ -429,5 +450,5 @@ def build_fusion_model(meta_kwargs: dict[str, Any]) -> nn.Module:
 __all__ = ["BACKBONES", "POOLS", "LRF_VARIANTS", "AGGREGATIONS", "SIMILARITIES", "FUSIONS", "ASPECT_COMBINES",
            "ImageModel",
            "FusionModel", "AspectAttentionFusion", "build_backbone", "build_image_model", "build_fusion_model",
-           "feature_basis", "tail_term", "tail_shares", "lrfl_term", "seed_term", "local_backbone_dir",
-           "timm_architecture", "preprocessing_from_backbone"]
+           "feature_basis", "shared_sentences", "tail_term", "tail_shares", "lrfl_term", "seed_term",
+           "local_backbone_dir", "timm_architecture", "preprocessing_from_backbone"]

@@ -117,7 +117,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="--fusion mavl: concat (MAVL's head over a disease's concatenated aspect outputs) or "
                             "all (one detector per aspect sentence, shared; the disease's logit is the mean "
                             "log-probability that each aspect it states is shown: unseen combinations of seen "
-                            "aspects are scored through their parts)")
+                            "aspects are scored through their parts) or shared (all over the sentences that "
+                            "describe more than one disease: one disease's own sentence cannot transfer)")
     add_threshold_rule_arg(parser)
     add_train_args(parser, epochs=60, batch_size=64, lr=5e-4, weight_decay=1e-4, monitor="val_auroc_macro",
                    mode="max")

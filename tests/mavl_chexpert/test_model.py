@@ -158,3 +158,54 @@ def test_mavl_all_scores_a_disease_by_the_probability_that_each_stated_aspect_is
     assert _mavl().head[1].in_features == 4 * model.head[1].in_features
     with pytest.raises(ConfigError, match="aspect-combine"):
         _mavl("sum")
+
+
+def test_mavl_shared_scores_a_disease_through_the_sentences_another_disease_also_states():
+    torch.manual_seed(0)
+    image = build_image_model("vit-tiny", 3, rank=16)
+    aspects = torch.randn(3, 4, 24)
+    aspects[1, 2] = aspects[0, 1]  # disease 1 states disease 0's second sentence
+    aspects[2, 1] = aspects[0, 2] * 1.0001  # the same sentence up to float noise of the encoder
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[2, 3] = False
+    model = AspectAttentionFusion(image, aspects, mask, combine="shared").eval()
+    expected_shared = torch.zeros(3, 4, dtype=torch.bool)
+    expected_shared[0, 1] = expected_shared[1, 2] = expected_shared[0, 2] = expected_shared[2, 1] = True
+    assert torch.equal(model.aspect_shared, expected_shared)
+    tokens = torch.randn(5, 64, 96)
+    with torch.no_grad():
+        detected = model.aspect_logits(tokens)
+        logits = model(tokens=tokens)
+    logp = torch.nn.functional.logsigmoid(detected)
+    # Disease 0 by its two shared sentences, 1 and 2 by their one each; one disease's own sentences take no part.
+    expected = torch.stack([logp[:, 0, 1:3].mean(-1), logp[:, 1, 2], logp[:, 2, 1]], 1)
+    assert torch.allclose(logits, expected * model.log_scale.exp() + model.bias, atol=1e-5)
+    with torch.no_grad():
+        model.aspects[1, 1] = torch.randn(24) * 100  # disease 1's own sentence: its score does not move
+        assert torch.allclose(model(tokens=tokens), logits, atol=1e-5)
+
+
+def test_the_swap_control_moves_the_shared_mask_with_the_descriptions(monkeypatch):
+    from mavl_chexpert import evaluate
+
+    torch.manual_seed(0)
+    image = build_image_model("vit-tiny", 3, rank=16)
+    aspects = torch.randn(3, 4, 24)
+    aspects[1, 2] = aspects[0, 1]
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    model = AspectAttentionFusion(image, aspects, mask, combine="shared").eval()
+    tokens = torch.randn(6, 64, 96)
+    seen: dict[str, torch.Tensor] = {}
+
+    def fake_predict(m, images, *args, **kwargs):
+        seen["shared"] = m.aspect_shared.clone()
+        with torch.no_grad():
+            return torch.sigmoid(m(tokens=tokens)).numpy()
+
+    monkeypatch.setattr(evaluate, "predict_proba", fake_predict)
+    swapped = evaluate.swapped_probs(model, np.zeros(1), torch.device("cpu"), 2, 1, 8, 1.0)
+    assert torch.equal(seen["shared"][2], model.aspect_shared[1])  # disease 2 took disease 1's sentences and mask
+    with torch.no_grad():
+        own = torch.sigmoid(model(tokens=tokens)).numpy()
+    assert np.allclose(swapped, own[:, 1], atol=1e-6)  # so it is scored exactly as disease 1
+    assert torch.equal(model.aspects, aspects) and not model.aspect_shared[2].any()  # and everything is restored
