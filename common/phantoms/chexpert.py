@@ -31,7 +31,7 @@ findings leave one aspect free, drawn at random per study and described as varyi
 Other's location, Cardiomegaly's border, Consolidation's pattern. Atelectasis, Consolidation, Pneumonia, Lung
 Lesion, Pneumothorax and Pleural Other meet all four; Cardiomegaly misses the second (no other finding is lower and
 round), and Edema and Pleural Effusion, the only faint findings with fluid, miss it for those values. A pipeline
-trains on the extra four by naming them (``mavl_chexpert --labels``); with the competition five only, they are
+trains on the extra four by naming them among its labels; with the competition five only, they are
 drawn but unlabelled for it.
 
 A label of -1 (uncertain) means the finding is drawn faintly; a blank means the finding was not mentioned (no
