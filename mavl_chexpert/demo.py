@@ -39,8 +39,9 @@ def demo_section(out_dir: Path) -> str:
     per_disease = per_disease.replace("](figures/", f"]({link(fusion / 'figures')}/")
     return "\n".join([
         "## MAVL on CheXpert: ViT + LRF, aspect descriptions, similarity fusion", "",
-        f"CheXpert-v1.0-small-format phantom ({DEMO_PATIENTS} training patients; each of the five findings drawn "
-        "from six shared aspect values, studies of one to three views), "
+        f"CheXpert-v1.0-small-format phantom ({DEMO_PATIENTS} training patients; nine findings drawn from shared "
+        "aspect values (location, opacity, pattern, border, fluid), the five competition ones labelled; studies of "
+        "one to three views), "
         f"`python -m mavl_chexpert.ablate --backbone vit-tiny --text-encoder {DEMO_TEXT_ENCODER} "
         f"-- --epochs {DEMO_EPOCHS}`: "
         "phase 1 with BCE only, with LRFL's tail term, with the seed's top-r term, and phase 3 fusion over the tail "
