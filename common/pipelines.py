@@ -65,10 +65,6 @@ class Pipeline:
         """The pipeline's ``AppSpec``."""
         return _attr(self.app, "APP")
 
-    def stage_commands(self) -> dict[str, str]:
-        """``{stage: command module}`` in training order."""
-        return dict(self.stages)
-
 
 def stage_table(pipelines: Iterable[Pipeline] | None = None) -> str:
     """The Markdown table of each pipeline's stages, predicting and scoring commands (ARCHITECTURE.md holds it)."""

@@ -46,7 +46,7 @@ from common.runs import load_run
 from common.splits import load_split_csv
 from common.tables import ci_cell, json_safe, markdown_table, metrics_with_ci, write_results
 from mavl_chexpert.data import Preprocessing, Table, find_root, label_key, load_table
-from mavl_chexpert.model import build_fusion_model, build_image_model
+from mavl_chexpert.model import build_fusion_model, build_image_model, same_sentences
 from mavl_chexpert.shared import (
     add_data_root_arg,
     add_n_boot_arg,
@@ -187,8 +187,7 @@ def study_units(table: Table, probs: np.ndarray) -> tuple[pd.DataFrame, np.ndarr
     return frame, targets.astype(np.float32), mask, study_max(unit, len(frame), probs)
 
 
-def least_similar(aspects: torch.Tensor, aspect_mask: torch.Tensor, target: int, candidates: list[int],
-                  min_cosine: float = 0.9999) -> list[int]:
+def least_similar(aspects: torch.Tensor, aspect_mask: torch.Tensor, target: int, candidates: list[int]) -> list[int]:
     """``candidates`` ordered from the least to the most similar description set to ``target``'s: first by how many
     of ``target``'s sentences they also state (the same text embeds alike), then by the cosine of their mean aspect
     embeddings. The first is the swap control's partner: a set that states none of the target's values, so a score
@@ -200,7 +199,7 @@ def least_similar(aspects: torch.Tensor, aspect_mask: torch.Tensor, target: int,
 
     def key(c: int) -> tuple[int, float]:
         rows = unit_rows(c)
-        in_common = int(((anchor @ rows.T) >= min_cosine).any(1).sum())
+        in_common = int(same_sentences(anchor, rows).any(1).sum())
         return in_common, float(torch.nn.functional.cosine_similarity(anchor.mean(0), rows.mean(0), dim=0))
 
     return sorted(candidates, key=key)

@@ -422,12 +422,20 @@ class AspectAttentionFusion(nn.Module):
         return self.logits_from_tokens(tokens)
 
 
-def shared_sentences(aspects: torch.Tensor, aspect_mask: torch.Tensor, min_cosine: float = 0.9999) -> torch.Tensor:
-    """(C, A) bool: slot (c, a) holds a sentence that also describes another disease (an embedding within
-    ``min_cosine`` of a slot in another row; one sentence embeds alike up to float noise)."""
+SAME_SENTENCE_COSINE = 0.9999
+"""Two sentence embeddings this close are one sentence (the same text embeds alike up to float noise)."""
+
+
+def same_sentences(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, M) bool: row n of ``a`` (N, D) and row m of ``b`` (M, D) embed the same sentence."""
+    return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T >= SAME_SENTENCE_COSINE
+
+
+def shared_sentences(aspects: torch.Tensor, aspect_mask: torch.Tensor) -> torch.Tensor:
+    """(C, A) bool: slot (c, a) holds a sentence that also describes another disease (``same_sentences``)."""
     diseases, slots = aspect_mask.shape
-    flat = F.normalize(aspects.float().reshape(diseases * slots, -1), dim=-1)
-    same = (flat @ flat.T >= min_cosine) & aspect_mask.reshape(-1)[None, :] & aspect_mask.reshape(-1)[:, None]
+    flat = aspects.reshape(diseases * slots, -1)
+    same = same_sentences(flat, flat) & aspect_mask.reshape(-1)[None, :] & aspect_mask.reshape(-1)[:, None]
     row = torch.arange(diseases).repeat_interleave(slots)
     other_row = row[None, :] != row[:, None]
     return (same & other_row).any(1).reshape(diseases, slots)
@@ -450,5 +458,5 @@ def build_fusion_model(meta_kwargs: dict[str, Any]) -> nn.Module:
 __all__ = ["BACKBONES", "POOLS", "LRF_VARIANTS", "AGGREGATIONS", "SIMILARITIES", "FUSIONS", "ASPECT_COMBINES",
            "ImageModel",
            "FusionModel", "AspectAttentionFusion", "build_backbone", "build_image_model", "build_fusion_model",
-           "feature_basis", "shared_sentences", "tail_term", "tail_shares", "lrfl_term", "seed_term",
+           "feature_basis", "same_sentences", "shared_sentences", "tail_term", "tail_shares", "lrfl_term", "seed_term",
            "local_backbone_dir", "timm_architecture", "preprocessing_from_backbone"]

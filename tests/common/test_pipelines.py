@@ -167,14 +167,14 @@ def test_stages_predicting_and_scoring_commands_are_declared_and_run(pipeline, c
     stages = [stage for stage, _ in pipeline.stages]
     assert stages and len(set(stages)) == len(stages)
     assert pipeline.scores == f"{pipeline.name}.evaluate"
-    for module_name in {*pipeline.stage_commands().values(), pipeline.predicts, pipeline.scores}:
+    for module_name in {*(module for _, module in pipeline.stages), pipeline.predicts, pipeline.scores}:
         assert module_name in pipeline.commands, module_name
         module = importlib.import_module(module_name)
         assert callable(module.main) and isinstance(module.get_args_parser(), argparse.ArgumentParser)
         with pytest.raises(SystemExit) as info:
             module.main(["--help"])
         assert info.value.code == 0 and capsys.readouterr().out.startswith("usage:")
-    for module_name in set(pipeline.stage_commands().values()):
+    for module_name in {module for _, module in pipeline.stages}:
         own = [stage for stage, m in pipeline.stages if m == module_name]
         flags = [a for a in importlib.import_module(module_name).get_args_parser()._actions
                  if "--stage" in a.option_strings]
